@@ -1,0 +1,224 @@
+"""A tiny MoE GPT on megatron-core's local (no Transformer Engine) spec, for tests and CPU runs.
+
+The config is megatron's own :class:`TransformerConfig` with the settings that run on CPU
+(see /work/shared/ENVIRONMENT.md): CPU initialization, fp32, every fusion off, no grouped GEMM, no
+linear biases, sequence parallelism whenever TP > 1, per-token loss. The architecture is a small
+modern MoE decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, top-k routed experts with the
+switch load-balancing (aux) loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.pipeline_parallel.utils import (
+    is_pp_first_stage,
+    is_pp_last_stage,
+    is_vp_first_stage,
+    is_vp_last_stage,
+)
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+__all__ = [
+    "TinyMoEConfig",
+    "build_gpt_moe_model",
+    "build_gpt_moe_model_chunks",
+    "build_transformer_config",
+    "causal_attention_mask",
+]
+
+
+@dataclass(kw_only=True, slots=True)
+class TinyMoEConfig:
+    """Shape of the tiny MoE GPT. Defaults: ~0.2 M parameters, a few ms per microbatch on one core."""
+
+    num_layers: int = 4
+    """Transformer layers (dense and MoE together)."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 128
+    """Hidden size of the dense SwiGLU MLP (layers marked 0 in ``moe_layer_freq``)."""
+    moe_ffn_hidden_size: int = 64
+    """Hidden size of each expert's SwiGLU MLP."""
+    num_attention_heads: int = 4
+    """Query heads; head dim = hidden_size / num_attention_heads."""
+    num_query_groups: int = 2
+    """Key/value heads (grouped-query attention)."""
+    num_moe_experts: int = 4
+    """Routed experts per MoE layer."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_layer_freq: list[int] = field(default_factory=lambda: [0, 1, 1, 1])
+    """Per layer: 1 = MoE, 0 = dense. A dense first layer is the DeepSeek-V3 / Moonlight layout."""
+    moe_aux_loss_coeff: float = 1e-2
+    """Weight of the switch load-balancing loss (Fedus et al. 2021, eq. 4)."""
+    vocab_size: int = 256
+    """Vocabulary size; must be divisible by the tensor-parallel size."""
+    seq_length: int = 32
+    """Tokens per sequence; must be divisible by the tensor-parallel size (sequence parallelism)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight init."""
+    rotary_base: int = 10000
+    """RoPE base (Su et al. 2021)."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the input embedding and the output layer."""
+
+
+def _require_divisible(numerator_name: str, numerator: int, denominator_name: str, denominator: int) -> None:
+    if numerator % denominator != 0:
+        raise ValueError(f"{denominator_name}={denominator} does not divide {numerator_name}={numerator}")
+
+
+def build_transformer_config(
+    cfg: TinyMoEConfig,
+    *,
+    tp: int,
+    pp: int,
+    ep: int,
+    etp: int | None = None,
+    vpp: int | None = None,
+) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` for ``cfg`` at the given parallel sizes, with CPU-friendly settings.
+
+    ``etp=None`` means expert tensor parallelism equal to ``tp``; ``vpp`` is the number of virtual
+    pipeline stages per pipeline rank (None: no interleaving). ``no_sync_func`` and
+    ``finalize_model_grads_func`` are set later, by :func:`megatron_muon.training.step.wrap_in_ddp`.
+    """
+    expert_tp = tp if etp is None else etp
+    if len(cfg.moe_layer_freq) != cfg.num_layers:
+        raise ValueError(f"moe_layer_freq={cfg.moe_layer_freq} has {len(cfg.moe_layer_freq)} entries, "
+                         f"expected num_layers={cfg.num_layers}")
+    _require_divisible("num_attention_heads", cfg.num_attention_heads, "tensor_parallel_size", tp)
+    _require_divisible("num_query_groups", cfg.num_query_groups, "tensor_parallel_size", tp)
+    _require_divisible("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_parallel_size", tp)
+    _require_divisible("vocab_size", cfg.vocab_size, "tensor_parallel_size", tp)
+    _require_divisible("seq_length", cfg.seq_length, "tensor_parallel_size", tp)
+    _require_divisible("num_moe_experts", cfg.num_moe_experts, "expert_parallel_size", ep)
+    _require_divisible("moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, "expert_tensor_parallel_size",
+                       expert_tp)
+    _require_divisible("num_layers", cfg.num_layers, "pipeline_parallel_size * (vpp or 1)", pp * (vpp or 1))
+
+    return TransformerConfig(
+        # Shape.
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        init_method_std=cfg.init_method_std,
+        # Architecture: RMSNorm, SwiGLU, no biases (the expert MLP's in-place bias add fails on CPU).
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # MoE.
+        num_moe_experts=cfg.num_moe_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_layer_freq=list(cfg.moe_layer_freq),
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,  # grouped GEMM needs Transformer Engine
+        # Parallelism. MoE with TP requires sequence parallelism.
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=expert_tp,
+        sequence_parallel=tp > 1,
+        pipeline_dtype=torch.float32,
+        # CPU: initialize on CPU in fp32, all fused kernels off.
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        bf16=False,
+        fp16=False,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        cross_entropy_loss_fusion=False,
+        # Loss: summed over tokens, divided by the global token count in finalize_model_grads.
+        # Must be set before the model is wrapped in DDP (DDP reads it to decide its own scaling).
+        calculate_per_token_loss=True,
+    )
+
+
+def _layer_spec(config: TransformerConfig, *, vp_stage: int | None, pp_rank: int):
+    return get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+    )
+
+
+def build_gpt_moe_model(
+    cfg: TinyMoEConfig,
+    config: TransformerConfig,
+    *,
+    pre_process: bool,
+    post_process: bool,
+    pg_collection: ProcessGroupCollection,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One megatron ``GPTModel`` chunk (the layers of this pipeline rank / virtual stage), local spec.
+
+    Weights come from the CPU default generator (``use_cpu_initialization``): seed it with
+    ``torch.manual_seed`` first. Every rank draws the full matrices and keeps its own slice, so the
+    initial model is the same at any tensor-parallel size.
+    """
+    pp_rank = pg_collection.pp.rank()
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(config, vp_stage=vp_stage, pp_rank=pp_rank),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+        pg_collection=pg_collection,
+        vp_stage=vp_stage,
+    )
+
+
+def build_gpt_moe_model_chunks(
+    cfg: TinyMoEConfig, config: TransformerConfig, pg_collection: ProcessGroupCollection
+) -> list[GPTModel]:
+    """The model chunks this rank holds: one per virtual pipeline stage (one without interleaving),
+    with ``pre_process`` / ``post_process`` set from the pipeline position."""
+    vp_size = config.virtual_pipeline_model_parallel_size
+    vp_stages: list[int | None] = [None] if vp_size is None else list(range(vp_size))
+    first_stage, last_stage = is_pp_first_stage(pg_collection.pp), is_pp_last_stage(pg_collection.pp)
+    return [
+        build_gpt_moe_model(
+            cfg,
+            config,
+            pre_process=first_stage and is_vp_first_stage(vp_stage or 0, vp_size),
+            post_process=last_stage and is_vp_last_stage(vp_stage or 0, vp_size),
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        for vp_stage in vp_stages
+    ]
+
+
+def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Megatron's causal mask, ``[1, 1, seq_length, seq_length]`` bool, True where attention is *blocked*.
+
+    Megatron's own default is built on ``"cuda"`` (transformer/utils.py ``get_default_causal_mask``),
+    so on CPU the mask must be passed explicitly."""
+    if seq_length < 1:
+        raise ValueError(f"seq_length={seq_length} must be >= 1")
+    blocked = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device).triu(diagonal=1)
+    return blocked.view(1, 1, seq_length, seq_length)

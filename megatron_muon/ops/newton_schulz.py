@@ -1,0 +1,282 @@
+"""Newton–Schulz orthogonalization: the polar factor U·Vᵀ of a matrix, approximately, from matmuls only.
+
+Muon (Keller Jordan, https://kellerjordan.github.io/posts/muon/) replaces a weight's momentum M = U·S·Vᵀ by
+its polar factor U·Vᵀ. An odd polynomial p(x) = a·x + b·x³ + c·x⁵ applied to a matrix acts on each singular
+value separately, p(X) = U·p(S)·Vᵀ, and is evaluated with matmuls as
+
+    A = X·Xᵀ            (k × k Gram on the small side k)
+    B = b·A + c·A·A
+    X ← a·X + B·X
+
+— the loop of Keller Jordan's ``zeropower_via_newtonschulz5``. Composing a few such polynomials after scaling
+X so that every singular value is ≤ 1 pushes all nonzero singular values towards 1.
+
+Math apart from communication: when ``all_reduce_sum`` is given, the input is one shard of a larger matrix
+split along its long dimension. The only quantity that needs the other shards is the k × k Gram, so the
+sharded iteration all-reduces A once per step and is otherwise the same code as the unsharded one
+(``all_reduce_sum=None``). The Frobenius norm comes from trace(A) of the first, unnormalized Gram, so
+normalization costs no extra collective.
+
+This module imports neither torch.distributed nor megatron.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "COEFFICIENT_SCHEDULES",
+    "NORMALIZATION_SAFETY",
+    "newton_schulz",
+    "newton_schulz_flops",
+    "orthogonality_error",
+    "resolve_coefficients",
+]
+
+CoefficientTriple = tuple[float, float, float]
+
+# Keller Jordan's Muon quintic (https://kellerjordan.github.io/posts/muon/, ``zeropower_via_newtonschulz5``).
+# The coefficients are tuned to maximize the slope p'(0) = a, so that tiny singular values grow fast, while
+# the iterates stay within a band around 1 instead of converging to 1: the scalar map sends any x in
+# [0.01, 1] into [0.68, 1.21] within 5 steps and then cycles within [0.68, 1.14] (measured; the post asks
+# for [1 - 0.3, 1 + 0.3]). Overshooting the convergent Newton–Schulz
+# polynomial (a = 15/8) buys far fewer steps; the spread of the singular values around 1 does not hurt
+# training (Keller Jordan's docstring: "S'_ii ~ Uniform(0.5, 1.5) ... not to hurt model performance").
+_QUINTIC: CoefficientTriple = (3.4445, -4.7750, 2.0315)
+
+# Amsel, Persson, Musco, Gower (2025), "The Polar Express: Optimal Matrix Sign Methods and Their Application
+# to the Muon Algorithm", arXiv:2505.16932, Algorithm 1: one polynomial per step, each optimal in the
+# minimax sense for the interval the previous steps left. After the 7th the polynomials equal the
+# convergent (15x - 10x³ + 3x⁵)/8 numerically, which is repeated for any further step.
+_POLAR_EXPRESS_PUBLISHED: tuple[CoefficientTriple, ...] = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+
+# Polar Express safety factor (Algorithm 1 and Section 4.4 of arXiv:2505.16932): in half precision a
+# singular value may land slightly above the interval a polynomial was designed for, where p grows fast.
+# The paper divides the normalized matrix by 1.01 and replaces p(x) by p(x / 1.01), i.e. divides (a, b, c)
+# by (1.01, 1.01³, 1.01⁵), for every polynomial but the last (convergent) one.
+_POLAR_EXPRESS_SAFETY = 1.01
+_POLAR_EXPRESS: tuple[CoefficientTriple, ...] = tuple(
+    (a / _POLAR_EXPRESS_SAFETY, b / _POLAR_EXPRESS_SAFETY**3, c / _POLAR_EXPRESS_SAFETY**5)
+    for a, b, c in _POLAR_EXPRESS_PUBLISHED[:-1]
+) + (_POLAR_EXPRESS_PUBLISHED[-1],)
+
+COEFFICIENT_SCHEDULES: dict[str, tuple[CoefficientTriple, ...]] = {
+    "quintic": (_QUINTIC,),
+    "polar_express": _POLAR_EXPRESS,
+}
+"""Named schedules. A schedule shorter than ``steps`` repeats its last triple."""
+
+NORMALIZATION_SAFETY: dict[str, float] = {"quintic": 1.0, "polar_express": _POLAR_EXPRESS_SAFETY}
+"""Factor the Frobenius norm is multiplied by before dividing, per named schedule (1.0 for explicit lists)."""
+
+
+def resolve_coefficients(
+    coefficients: str | Sequence[Sequence[float]], steps: int
+) -> tuple[CoefficientTriple, ...]:
+    """The (a, b, c) triple of each of ``steps`` iterations.
+
+    Args:
+        coefficients: a name in ``COEFFICIENT_SCHEDULES`` (its last triple repeats past its end), or an
+            explicit sequence of (a, b, c) triples whose length must equal ``steps``.
+        steps: number of Newton–Schulz iterations, ≥ 1.
+
+    Returns:
+        ``steps`` triples of floats.
+
+    Raises:
+        ValueError: unknown name, non-positive ``steps``, a list of the wrong length, or a malformed triple.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    if isinstance(coefficients, str):
+        if coefficients not in COEFFICIENT_SCHEDULES:
+            raise ValueError(
+                f"coefficients={coefficients!r} is not a known schedule; valid names: "
+                f"{sorted(COEFFICIENT_SCHEDULES)} (or pass an explicit list of (a, b, c) triples)"
+            )
+        schedule = COEFFICIENT_SCHEDULES[coefficients]
+        return schedule[:steps] + (schedule[-1],) * max(0, steps - len(schedule))
+    triples = list(coefficients)
+    if len(triples) != steps:
+        raise ValueError(
+            f"an explicit coefficient list needs one (a, b, c) triple per step: got {len(triples)} "
+            f"triples for steps={steps}"
+        )
+    resolved = []
+    for index, triple in enumerate(triples):
+        if len(triple) != 3:
+            raise ValueError(f"coefficients[{index}]={tuple(triple)!r} is not an (a, b, c) triple")
+        resolved.append((float(triple[0]), float(triple[1]), float(triple[2])))
+    return tuple(resolved)
+
+
+def newton_schulz_flops(m: int, n: int, steps: int) -> int:
+    """Floating-point operations of one ``newton_schulz`` call on one m × n matrix.
+
+    With k = min(m, n) and K = max(m, n), each step does three GEMMs, counted as 2 FLOPs per multiply-add:
+
+        A = X·Xᵀ     (k×K)·(K×k)   2·k·k·K
+        A·A          (k×k)·(k×k)   2·k·k·k
+        B·X          (k×k)·(k×K)   2·k·k·K
+
+    so ``steps · (4·k²·K + 2·k³)``. The elementwise work (scaling, the b·A and a·X terms fused into the GEMMs)
+    is O(k·K) per step and not counted. For a stack of matrices multiply by the number of matrices.
+    """
+    if m < 1 or n < 1 or steps < 1:
+        raise ValueError(f"m={m}, n={n}, steps={steps} must all be >= 1")
+    k, big = min(m, n), max(m, n)
+    return steps * (4 * k * k * big + 2 * k * k * k)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """X·Xᵀ for x of shape (..., k, K) -> (..., k, k)."""
+    return torch.matmul(x, x.mT)
+
+
+def _polynomial_step(x: torch.Tensor, gram: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """a·X + (b·A + c·A·A)·X with the scalars fused into the GEMMs (addmm / baddbmm: one pass each)."""
+    if x.ndim == 2:
+        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        return torch.addmm(x, polynomial, x, beta=a)
+    polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+    return torch.baddbmm(x, polynomial, x, beta=a)
+
+
+def newton_schulz(
+    x: torch.Tensor,
+    steps: int = 5,
+    coefficients: str | Sequence[Sequence[float]] = "quintic",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    eps: float = 1e-7,
+    *,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    transpose: bool | None = None,
+) -> torch.Tensor:
+    """Approximate polar factor U·Vᵀ of ``x`` (per matrix for a stack) by a Newton–Schulz iteration.
+
+    Each matrix is divided by (‖X‖_F · safety + eps) so that its spectral norm is ≤ 1, then ``steps``
+    polynomial steps X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ run in ``compute_dtype``. The Gram is formed on
+    the small side: a tall matrix is transposed once on entry and back on exit.
+
+    With the default ``"quintic"`` schedule the singular values of the result are not 1 but spread in a band
+    around it (within [0.68, 1.21] after 5 steps for singular values ≥ 0.01·‖X‖_F, see ``_QUINTIC``);
+    ``"polar_express"`` lands in [0.84, 1.13] after 5 steps for singular values ≥ 0.001·‖X‖_F (in exact
+    arithmetic) and converges to 1.
+
+    Args:
+        x: a matrix (m, n) or a stack (..., m, n) of matrices (e.g. the experts of an MoE layer), any floating
+            dtype. With ``all_reduce_sum`` it is this rank's shard of a larger matrix (or stack) split along
+            the matrix's long dimension.
+        steps: number of iterations, ≥ 1. Keller Jordan's Muon uses 5.
+        coefficients: ``"quintic"`` (Keller Jordan's (3.4445, -4.7750, 2.0315) every step),
+            ``"polar_express"`` (Amsel et al. 2025, arXiv:2505.16932, with the paper's 1.01 safety factor on
+            both the matrix and the coefficients), or an explicit list of ``steps`` (a, b, c) triples (no
+            safety factor applied).
+        compute_dtype: dtype of every GEMM and of the Gram that is all-reduced. bfloat16 is Muon's default
+            and fast on GPUs; float32 is available and more accurate — bf16 keeps 8 mantissa bits, so each
+            rank's partial Gram is rounded before the sum and the sum is rounded again, and the sharded result
+            matches the unsharded one only to bf16 precision. On CPU bf16 matmul is much slower than fp32.
+        eps: added to the scaled Frobenius norm before dividing, so an all-zero matrix returns zeros. It is
+            absolute (1e-7 as in Keller Jordan's Muon and Polar Express): a matrix with ‖X‖_F not much
+            larger than eps is under-normalized and comes out far from orthogonal.
+        all_reduce_sum: ``None`` for a whole matrix. Otherwise a callable that sums a tensor in place across
+            the ranks holding the shards and returns it; it is called exactly ``steps`` times, each time on
+            the (..., k, k) Gram in ``compute_dtype``, and must be called by every rank in the same order.
+        transpose: whether to iterate on Xᵀ, i.e. whether the FULL matrix is tall (m > n). Required with
+            ``all_reduce_sum`` (a shard's own shape cannot tell); defaults to ``m > n`` otherwise.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype (contiguous). In the sharded case, this rank's shard of the
+        orthogonalized full matrix.
+
+    Raises:
+        ValueError: ``x`` has fewer than 2 dims or is not floating point, a dtype is not floating point,
+            ``transpose`` is missing with ``all_reduce_sum``, or ``coefficients`` / ``steps`` are invalid
+            (see ``resolve_coefficients``).
+
+    Precision limits of deriving the norm from trace(X·Xᵀ): the squared Frobenius norm of each input matrix
+    must be representable in ``compute_dtype`` (fp32/bf16: about 1e-38 < ‖X‖_F² < 3e38), otherwise the
+    Gram underflows to zero (the output is zeros) or overflows.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"x must be a matrix (m, n) or a stack (..., m, n); got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point; got dtype {x.dtype}")
+    if not compute_dtype.is_floating_point:
+        raise ValueError(
+            f"compute_dtype={compute_dtype} must be a floating dtype (torch.bfloat16, torch.float32)"
+        )
+    triples = resolve_coefficients(coefficients, steps)
+    safety = NORMALIZATION_SAFETY.get(coefficients, 1.0) if isinstance(coefficients, str) else 1.0
+    if all_reduce_sum is not None and transpose is None:
+        raise ValueError(
+            "transpose must be given explicitly with all_reduce_sum: pass transpose=True when the full "
+            "(unsharded) matrix is tall (m > n), so the shard is transposed to put the small side first"
+        )
+    if transpose is None:
+        transpose = x.size(-2) > x.size(-1)
+
+    batch_shape = x.shape[:-2]
+    # (..., m, n) -> (batch, m, n) so stacks run as one baddbmm; a plain matrix stays 2-D for addmm.
+    work = x.to(compute_dtype) if x.ndim == 2 else x.reshape(-1, *x.shape[-2:]).to(compute_dtype)
+    if transpose:
+        work = work.mT  # a view; the first polynomial step writes a fresh contiguous (k, K) tensor
+
+    # The first Gram is of the unnormalized X: its trace is ‖X‖_F² (summed over shards), so normalizing
+    # needs no collective of its own, and A scales by the square of X's factor.
+    gram = _gram(work)
+    if all_reduce_sum is not None:
+        gram = all_reduce_sum(gram)
+    squared_norm = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1, dtype=torch.float32)
+    inverse_norm = 1.0 / (squared_norm.sqrt() * safety + eps)
+    inverse_norm = inverse_norm[..., None, None]
+    work = work * inverse_norm.to(compute_dtype)
+    gram = gram * (inverse_norm * inverse_norm).to(compute_dtype)
+
+    for step, (a, b, c) in enumerate(triples):
+        if step > 0:
+            gram = _gram(work)
+            if all_reduce_sum is not None:
+                gram = all_reduce_sum(gram)
+        work = _polynomial_step(work, gram, a, b, c)
+
+    if transpose:
+        work = work.mT
+    # One pass: cast and lay out (m, n) row-major together (``.contiguous()`` is a no-op after a cast).
+    work = work.to(x.dtype, memory_format=torch.contiguous_format).contiguous()
+    return work.reshape(*batch_shape, *work.shape[-2:])
+
+
+def orthogonality_error(x: torch.Tensor, accumulate_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """How far each matrix is from semi-orthogonal: ‖X·Xᵀ − I‖_F / √k on the small side k = min(m, n).
+
+    The value is the RMS deviation of the k×k Gram from the identity; it is 0 for an exact polar factor and
+    about RMS(σᵢ² − 1) otherwise (σᵢ the singular values).
+
+    Args:
+        x: (m, n) or a stack (..., m, n).
+        accumulate_dtype: dtype the Gram is computed in (float64 by default; float32 is faster on GPUs).
+
+    Returns:
+        A tensor of ``x``'s batch shape (a 0-dim tensor for one matrix) in ``accumulate_dtype``.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"x must be a matrix (m, n) or a stack (..., m, n); got shape {tuple(x.shape)}")
+    work = x.to(accumulate_dtype)
+    if work.size(-2) > work.size(-1):
+        work = work.mT
+    k = work.size(-2)
+    deviation = _gram(work) - torch.eye(k, dtype=accumulate_dtype, device=x.device)
+    return torch.linalg.matrix_norm(deviation, ord="fro") / math.sqrt(k)

@@ -1,0 +1,193 @@
+"""Glue to megatron-core's optimizer stack: our Muon for the hidden matrices, megatron's own AdamW for the rest,
+wrapped in megatron's mixed-precision wrappers and chained so one ``step()`` clips with one grad norm and
+updates everything.
+
+Follows megatron-core's ``_get_megatron_emerging_optimizer`` (optimizer/__init__.py): param groups come from
+megatron's ``_get_param_groups`` (so the LR/WD scheduler and distributed checkpointing see the groups they
+expect, aligned across ranks) and are bucketed by (optimizer, expert-parallel) because dense and expert grads
+reduce their norms over different groups.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from megatron.core.optimizer import (
+    ChainedOptimizer,
+    FP32Optimizer,
+    Float16OptimizerWithFloat16Params,
+    OptimizerConfig,
+)
+from megatron.core.optimizer import _get_megatron_optimizer_based_on_param_groups, _get_param_groups
+from megatron.core.optimizer import get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+
+from megatron_muon.optim.executor import MatrixOrthogonalizer
+from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
+from megatron_muon.optim.muon import Muon
+from megatron_muon.optim.param_groups import ParamRouting, route_parameters
+from megatron_muon.optim.plan import MODES, CostModel
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(kw_only=True, slots=True)
+class MuonOptions:
+    """Muon's own settings; everything AdamW and the schedule need stays in megatron's ``OptimizerConfig``."""
+
+    lr: float = 0.02
+    """Peak learning rate of the Muon groups (the scheduler decays it like the AdamW one)."""
+    min_lr: float = 0.0
+    """Final learning rate of the Muon groups."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of the Muon groups."""
+    momentum: float = 0.95
+    """Momentum β."""
+    nesterov: bool = True
+    """Nesterov look-ahead."""
+    scale_mode: str = "spectral"
+    """Update scale rule (``ops.scaling``): spectral | moonlight | shape | none."""
+    ns_steps: int = 5
+    """Newton–Schulz iterations."""
+    coefficients: str = "quintic"
+    """Newton–Schulz schedule: quintic | polar_express."""
+    compute_dtype: str = "bfloat16"
+    """Newton–Schulz compute dtype: bfloat16 | float32 | float64."""
+    tp_mode: str = "auto"
+    """Who orthogonalizes sharded matrices: auto | owner | duplicated | distributed (``optim/plan.py``)."""
+    split_qkv: bool = True
+    """Orthogonalize Q, K, V of the fused QKV weight separately."""
+    qkv_per_head: bool = False
+    """Orthogonalize each attention head separately."""
+    split_gate_up: bool = True
+    """Orthogonalize SwiGLU gate and up separately."""
+    router: str = "adamw"
+    """Optimizer of the MoE router weight: adamw | muon."""
+
+    def validate(self) -> None:
+        if self.tp_mode not in MODES:
+            raise ValueError(f"muon.tp_mode={self.tp_mode!r}; valid: {list(MODES)}")
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"muon.compute_dtype={self.compute_dtype!r}; valid: {sorted(_DTYPES)}")
+
+
+def build_optimizer(
+    model_chunks: list[torch.nn.Module],
+    config: OptimizerConfig,
+    muon: MuonOptions,
+    pg_collection,
+    *,
+    cost_model: CostModel | None = None,
+) -> ChainedOptimizer:
+    """Muon + AdamW for megatron ``model_chunks`` (DDP-wrapped), as one megatron ``ChainedOptimizer``.
+
+    ``config`` is megatron's ``OptimizerConfig`` with ``optimizer="adam"`` (the AdamW side, clipping, precision,
+    the default LR schedule); ``pg_collection`` a megatron ``ProcessGroupCollection``; only its groups are used.
+    """
+    muon.validate()
+    if config.optimizer != "adam":
+        raise ValueError(f"OptimizerConfig.optimizer={config.optimizer!r}; the AdamW side needs 'adam'")
+    if config.use_distributed_optimizer:
+        raise ValueError(
+            "use_distributed_optimizer=True shards parameters element-wise across DP ranks, which splits the "
+            "matrices Muon needs whole; Muon divides its own work over the TP x DP grid instead"
+        )
+    if config.fp16:
+        raise ValueError("fp16 is not supported with Muon; use bf16")
+    routing = route_parameters(model_chunks, router=muon.router)
+    muon_ids = {id(r.param) for r in routing.muon}
+    overrides = get_standard_config_overrides(config)
+    muon_key = ParamKey(predicate=ParamPredicate(name="megatron_muon", fn=lambda p: id(p) in muon_ids))
+    overrides[muon_key] = {
+        "optimizer": "muon",
+        "max_lr": muon.lr,
+        "min_lr": muon.min_lr,
+        "start_wd": muon.weight_decay,
+        "end_wd": muon.weight_decay,
+    }
+    groups = _get_param_groups(model_chunks, config, overrides)
+
+    results = []
+    for use_muon, is_expert in ((True, False), (True, True), (False, False), (False, True)):
+        bucket = [
+            g
+            for g in groups
+            if (g.get("optimizer") == "muon") == use_muon and g["is_expert_parallel"] == is_expert
+        ]
+        if not bucket:
+            continue
+        model_parallel_group = pg_collection.tp_ep_pp if is_expert else pg_collection.mp
+        if use_muon:
+            optimizer = _build_muon(bucket, routing, model_chunks, config, muon, pg_collection, cost_model)
+            optimizer.grad_stats_parallel_group = model_parallel_group
+            optimizer.tp_group = pg_collection.tp
+            optimizer.expert_tp_group = pg_collection.expt_tp
+        else:
+            adam_config = copy.copy(config)
+            optimizer = _get_megatron_optimizer_based_on_param_groups(
+                config=adam_config,
+                model_chunks=model_chunks,
+                param_groups=bucket,
+                model_parallel_group=model_parallel_group,
+                pg_collection=pg_collection,
+            )
+            optimizer.config = config  # ChainedOptimizer asserts all members share one config
+        results.append(optimizer)
+    logger.info("Optimizer: %s", routing.summary())
+    return ChainedOptimizer(results)
+
+
+def _build_muon(groups, routing: ParamRouting, model_chunks, config, muon: MuonOptions, pg_collection, cost_model):
+    by_id = {id(r.param): r for r in routing.muon}
+    layout_options = LayoutOptions(
+        split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up
+    )
+    pieces, shard_group_of = [], {}
+    for group in groups:
+        group_pieces = []
+        for param in group["params"]:
+            routed = by_id[id(param)]
+            chunk = model_chunks[routed.chunk]
+            transformer_config = getattr(chunk, "config", None) or chunk.module.config
+            param_pieces = megatron_param_pieces(
+                routed.name,
+                param,
+                routed.module,
+                transformer_config,
+                routing.module_paths[routed.chunk],
+                layout_options,
+            )
+            for piece in param_pieces:
+                shard_group_of[piece.key] = "expert_tp" if group["is_expert_parallel"] else "tp"
+            group_pieces.append(param_pieces)
+        pieces.append(group_pieces)
+    orthogonalizer = MatrixOrthogonalizer(
+        [p for group_pieces in pieces for param_pieces in group_pieces for p in param_pieces],
+        grid_group=pg_collection.tp_dp_cp,
+        shard_groups={"tp": pg_collection.tp, "expert_tp": pg_collection.expt_tp},
+        shard_group_of=shard_group_of,
+        mode=muon.tp_mode,
+        ns_steps=muon.ns_steps,
+        cost_model=cost_model,
+    )
+    raw = Muon(
+        groups,
+        lr=muon.lr,
+        momentum=muon.momentum,
+        nesterov=muon.nesterov,
+        weight_decay=muon.weight_decay,
+        scale_mode=muon.scale_mode,
+        ns_steps=muon.ns_steps,
+        coefficients=muon.coefficients,
+        compute_dtype=_DTYPES[muon.compute_dtype],
+        pieces=pieces,
+        orthogonalizer=orthogonalizer,
+    )
+    if config.bf16:
+        return Float16OptimizerWithFloat16Params(raw, config, None, None)
+    return FP32Optimizer(raw, config, None)

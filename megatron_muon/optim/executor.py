@@ -1,0 +1,243 @@
+"""Runs a Muon plan for one step: gather shards to the ranks that orthogonalize, momentum, batched
+Newton–Schulz, and send every holder its shard of the direction.
+
+Math (``momentum_input_``, ``newton_schulz``, ``update_scale``) lives elsewhere; this file only moves pieces
+between them. With no grid group (one process) every matrix is local and no collective runs, so the
+single-process and the parallel paths are the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from megatron_muon.ops.newton_schulz import newton_schulz
+from megatron_muon.ops.scaling import update_scale
+from megatron_muon.optim.comm import Exchange, all_gather_objects, all_reduce_sum_fn, check_agreement, group_rank
+from megatron_muon.optim.layout import MatrixPiece
+from megatron_muon.optim.muon import momentum_input_
+from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Local:
+    """A piece this rank holds, with its parameter and param group, during one step."""
+
+    param: torch.Tensor
+    group: dict
+    piece: MatrixPiece
+    grad: torch.Tensor | None = None
+
+
+def _record(piece: MatrixPiece, shard_group: str) -> PieceRecord:
+    return PieceRecord(
+        key=piece.key,
+        shape=tuple(piece.shape),
+        shard_dim=piece.shard_dim,
+        num_shards=piece.num_shards,
+        shard_index=piece.shard_index,
+        shard_group=shard_group,
+    )
+
+
+def _shard(full: torch.Tensor, matrix: MatrixPlan, shard: int) -> torch.Tensor:
+    return full.chunk(matrix.num_shards, dim=matrix.shard_dim)[shard]
+
+
+class MatrixOrthogonalizer:
+    """Computes Muon directions for the pieces of one Muon optimizer under a plan shared by a grid of ranks.
+
+    Args:
+        pieces: every logical-matrix piece this rank's optimizer holds.
+        grid_group: all ranks of this pipeline stage (megatron's ``tp_dp_cp`` group); ``None`` for one process.
+        shard_groups: name → process group of the ranks that hold the other shards of a matrix in the same
+            replica (``{"tp": tp, "expert_tp": expt_tp}``); needed by the ``distributed`` mode only.
+        shard_group_of: piece key → name in ``shard_groups`` (default ``"tp"``).
+        mode: ``auto`` | ``owner`` | ``duplicated`` | ``distributed`` (see ``plan.py``).
+        ns_steps, cost_model: inputs of the cost model that picks modes under ``auto``.
+
+    Builds the plan collectively at construction and checks that every rank of the grid derived the same one.
+    """
+
+    def __init__(
+        self,
+        pieces: list[MatrixPiece],
+        *,
+        grid_group=None,
+        shard_groups: dict | None = None,
+        shard_group_of: dict[str, str] | None = None,
+        mode: str = "auto",
+        ns_steps: int = 5,
+        cost_model: CostModel | None = None,
+    ) -> None:
+        self.grid_group = grid_group
+        self.shard_groups = shard_groups or {}
+        shard_group_of = shard_group_of or {}
+        keys = [p.key for p in pieces]
+        if len(set(keys)) != len(keys):
+            duplicates = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"two pieces share the matrix keys {duplicates[:5]}")
+        records = [_record(p, shard_group_of.get(p.key, "tp")) for p in pieces]
+        self.plan = build_plan(
+            all_gather_objects(records, grid_group), mode=mode, ns_steps=ns_steps, cost_model=cost_model
+        )
+        check_agreement(self.plan.fingerprint(), grid_group, "Muon plans")
+        self.rank = group_rank(grid_group)
+        for matrix in self.plan.matrices:
+            if matrix.mode == "distributed" and self.rank in matrix.all_holders:
+                if matrix.shard_group not in self.shard_groups:
+                    raise ValueError(
+                        f"matrix {matrix.key!r} runs in distributed mode but no process group was given for "
+                        f"shard group {matrix.shard_group!r} (have {sorted(self.shard_groups)})"
+                    )
+        logger.info("Muon plan: %s", self.plan.summary())
+
+    def state_bytes(self, optimizer) -> int:
+        """Bytes of Muon state (momentum) this rank keeps."""
+        total = 0
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, dict):
+                    total += sum(t.numel() * t.element_size() for t in value.values() if torch.is_tensor(t))
+        return total
+
+    @torch.no_grad()
+    def directions(self, optimizer, work) -> list[torch.Tensor | None]:
+        """The direction (already scaled) for each ``(param, group, pieces)`` of ``work``, shaped like the param.
+
+        Collective over the grid group: every rank of the grid must call it in the same step.
+        """
+        local: dict[str, _Local] = {}
+        for param, group, pieces in work:
+            for piece in pieces:
+                grad = None
+                if param.grad is not None:
+                    grad = piece.read(param.grad).to(torch.float32)
+                else:  # a parameter that got no gradient still takes part in its matrices' collectives
+                    grad = torch.zeros(piece.local_shape, dtype=torch.float32, device=param.device)
+                local[piece.key] = _Local(param=param, group=group, piece=piece, grad=grad)
+
+        matrices = self.plan.matrices
+        me = self.rank
+
+        # 1. Gradient shards to the ranks that orthogonalize whole matrices.
+        sends, recv_shapes, recv_order = self._transfers(
+            matrices, "gather", lambda m, shard: local[m.key].grad, lambda m, shard: _shard_shape(m)
+        )
+        gathered = _by_matrix(Exchange(sends, recv_shapes, self.grid_group).wait(), recv_order)
+
+        # 2. Momentum and Newton–Schulz, batched by shape.
+        full_directions: dict[str, torch.Tensor] = {}
+        whole_inputs: list[tuple[MatrixPlan, torch.Tensor]] = []
+        shard_inputs: list[tuple[MatrixPlan, torch.Tensor]] = []
+        for matrix in matrices:
+            if me not in matrix.computers:
+                continue
+            mine = local[matrix.key]
+            hyper = mine.group
+            state = optimizer.matrix_state(mine.param, matrix.key)
+            if matrix.mode == "distributed":
+                grad = mine.grad
+            else:
+                shards = dict(gathered.get(matrix.key, {}))
+                shards[mine.piece.shard_index] = mine.grad
+                grad = torch.cat([shards[i] for i in range(matrix.num_shards)], dim=matrix.shard_dim)
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(grad)
+            ns_input = momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"])
+            (shard_inputs if matrix.mode == "distributed" else whole_inputs).append((matrix, ns_input))
+
+        for matrix, direction in self._orthogonalize(optimizer, whole_inputs, sharded=False):
+            full_directions[matrix.key] = direction
+        shard_directions = {m.key: d for m, d in self._orthogonalize(optimizer, shard_inputs, sharded=True)}
+
+        # 3. Direction shards to the holders that did not orthogonalize.
+        sends, recv_shapes, recv_order = self._transfers(
+            matrices,
+            "scatter",
+            lambda m, shard: _shard(full_directions[m.key], m, shard),
+            lambda m, shard: _shard_shape(m),
+        )
+        scattered = _by_matrix(Exchange(sends, recv_shapes, self.grid_group).wait(), recv_order)
+
+        # 4. Assemble each parameter's direction from its pieces, scaled per logical matrix.
+        results: list[torch.Tensor | None] = []
+        for param, group, pieces in work:
+            if not pieces:
+                results.append(None)
+                continue
+            direction = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            for piece in pieces:
+                if piece.key in shard_directions:
+                    value = shard_directions[piece.key]
+                elif piece.key in full_directions:
+                    matrix = self._matrix(piece.key)
+                    value = _shard(full_directions[piece.key], matrix, piece.shard_index)
+                else:
+                    value = scattered[piece.key][piece.shard_index]
+                scale = update_scale(group["scale_mode"], piece.shape[0], piece.shape[1])
+                piece.write(direction, value * (scale * group["scale_multiplier"]))
+            results.append(direction)
+        return results
+
+    def _matrix(self, key: str) -> MatrixPlan:
+        if not hasattr(self, "_by_key"):
+            self._by_key = {m.key: m for m in self.plan.matrices}
+        return self._by_key[key]
+
+    def _transfers(self, matrices, kind, payload, shape):
+        """This rank's sends (per destination) and expected receives (per source) for one exchange."""
+        sends: dict[int, list[torch.Tensor]] = defaultdict(list)
+        recv_shapes: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+        recv_order: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for matrix in matrices:
+            for shard, sender, receiver in getattr(matrix, kind):
+                if sender == self.rank:
+                    sends[receiver].append(payload(matrix, shard))
+                if receiver == self.rank:
+                    recv_shapes[sender].append(shape(matrix, shard))
+                    recv_order[sender].append((matrix.key, shard))
+        return dict(sends), dict(recv_shapes), recv_order
+
+    def _orthogonalize(self, optimizer, inputs, *, sharded: bool):
+        """Newton–Schulz on ``(matrix, input)`` pairs, one batched call per shape (and shard group)."""
+        buckets: dict[tuple, list[tuple[MatrixPlan, torch.Tensor]]] = defaultdict(list)
+        for matrix, tensor in inputs:
+            bucket = (tuple(tensor.shape), matrix.shape, matrix.shard_group if sharded else "")
+            buckets[bucket].append((matrix, tensor))
+        for (_, full_shape, shard_group), items in sorted(buckets.items()):
+            stack = torch.stack([tensor for _, tensor in items])
+            kwargs = {}
+            if sharded:
+                kwargs["all_reduce_sum"] = all_reduce_sum_fn(self.shard_groups[shard_group])
+                kwargs["transpose"] = full_shape[0] > full_shape[1]
+            result = newton_schulz(
+                stack,
+                steps=optimizer.ns_steps,
+                coefficients=optimizer.coefficients,
+                compute_dtype=optimizer.compute_dtype,
+                **kwargs,
+            )
+            for (matrix, _), direction in zip(items, result.unbind(0), strict=True):
+                yield matrix, direction
+
+
+def _shard_shape(matrix: MatrixPlan) -> tuple[int, int]:
+    rows, cols = matrix.shape
+    if matrix.shard_dim == 0:
+        return rows // matrix.num_shards, cols
+    return rows, cols // matrix.num_shards
+
+
+def _by_matrix(received, recv_order) -> dict[str, dict[int, torch.Tensor]]:
+    """Received tensors keyed by matrix key and shard index."""
+    result: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for source, tensors in received.items():
+        for (key, shard), tensor in zip(recv_order[source], tensors, strict=True):
+            result[key][shard] = tensor
+    return result

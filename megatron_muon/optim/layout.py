@@ -1,0 +1,272 @@
+"""How a (possibly sharded, possibly fused) Megatron parameter maps to the logical matrices Muon orthogonalizes.
+
+Megatron-Core stores weights in ways that hide the matrices Newton–Schulz must see whole:
+
+* ``ColumnParallelLinear`` splits the weight ``(out, in)`` along dim 0 over its TP group, ``RowParallelLinear``
+  along dim 1 (``param.partition_dim``).
+* The fused QKV weight of ``SelfAttention.linear_qkv`` holds, per query group, ``[q heads of the group; k; v]``
+  rows (``attention.py: _clip_linear_qkv`` reads it the same way); a TP rank holds a contiguous run of groups.
+* The SwiGLU ``linear_fc1`` weight stacks ``[gate; up]`` inside each TP shard (``mlp.py``: ``torch.chunk(x, 2)``).
+* Experts live on expert-parallel ranks (``MoELayer.local_expert_indices`` gives their global ids) and are split
+  again over the expert-TP group.
+
+A :class:`MatrixPiece` says, for one logical matrix, which rows of the local parameter hold it and which shard of
+the logical matrix they are. The key of a logical matrix does not depend on TP/PP/EP (global layer numbers and
+global expert ids), so the plan (``plan.py``) can match pieces across ranks and checkpoints can name them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LOCAL_EXPERT_RE = re.compile(r"local_experts\.(\d+)\.")
+
+
+@dataclass(frozen=True, slots=True)
+class RowBlocks:
+    """A strided set of rows of a 2-D tensor: ``repeats`` blocks of ``length`` rows, one every ``period`` rows,
+    starting at ``offset``. Covers a whole tensor, a fused half, and a per-group interleave."""
+
+    offset: int
+    length: int
+    period: int
+    repeats: int = 1
+
+    @property
+    def num_rows(self) -> int:
+        return self.length * self.repeats
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows as a ``(num_rows, cols)`` tensor (a view when possible, otherwise a copy)."""
+        cols = tensor.shape[-1]
+        if self.repeats == 1:
+            return tensor[self.offset : self.offset + self.length]
+        grouped = tensor.view(self.repeats, self.period, cols)[:, self.offset : self.offset + self.length]
+        return grouped.reshape(self.num_rows, cols)
+
+    def write(self, tensor: torch.Tensor, rows: torch.Tensor) -> None:
+        """Copy ``rows`` (``(num_rows, cols)``) into these rows of ``tensor`` in place."""
+        cols = tensor.shape[-1]
+        if self.repeats == 1:
+            tensor[self.offset : self.offset + self.length].copy_(rows)
+            return
+        view = tensor.view(self.repeats, self.period, cols)[:, self.offset : self.offset + self.length]
+        view.copy_(rows.view(self.repeats, self.length, cols))
+
+
+@dataclass(frozen=True, slots=True)
+class MatrixPiece:
+    """The part of one logical matrix that one local parameter holds.
+
+    ``key`` names the logical matrix independently of the parallel layout; ``shape`` is its full
+    ``(fan_out, fan_in)``. The local rows ``rows`` of ``param[index]`` are shard ``shard_index`` of ``num_shards``
+    equal shards of the logical matrix along ``shard_dim`` (0: rows, 1: columns).
+    """
+
+    key: str
+    shape: tuple[int, int]
+    rows: RowBlocks
+    shard_dim: int = 0
+    num_shards: int = 1
+    shard_index: int = 0
+    index: tuple[int, ...] = ()
+
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        rows, cols = self.shape
+        if self.shard_dim == 0:
+            return rows // self.num_shards, cols
+        return rows, cols // self.num_shards
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.rows.read(tensor[self.index] if self.index else tensor)
+
+    def write(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        self.rows.write(tensor[self.index] if self.index else tensor, value)
+
+
+def whole_tensor_pieces(name: str, param: torch.Tensor) -> list[MatrixPiece]:
+    """Pieces of an unsharded, unfused parameter: a matrix, or a stack of matrices (leading batch dims)."""
+    if param.ndim < 2:
+        raise ValueError(f"parameter {name!r} has shape {tuple(param.shape)}; Muon needs a matrix or a stack")
+    rows, cols = param.shape[-2:]
+    block = RowBlocks(offset=0, length=rows, period=rows)
+    if param.ndim == 2:
+        return [MatrixPiece(key=name, shape=(rows, cols), rows=block)]
+    pieces = []
+    for index in torch.cartesian_prod(*[torch.arange(n) for n in param.shape[:-2]]).reshape(
+        -1, param.ndim - 2
+    ).tolist():
+        index = tuple(index)
+        suffix = ".".join(str(i) for i in index)
+        pieces.append(MatrixPiece(key=f"{name}[{suffix}]", shape=(rows, cols), rows=block, index=index))
+    return pieces
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutOptions:
+    """Choices about what counts as one logical matrix."""
+
+    split_qkv: bool = True
+    """Orthogonalize Q, K and V of a fused QKV weight separately (megatron-core's ``muon_split_qkv``)."""
+    qkv_per_head: bool = False
+    """Orthogonalize every query head and every key/value group on its own (implies ``split_qkv``)."""
+    split_gate_up: bool = True
+    """Orthogonalize the gate and up halves of a SwiGLU ``linear_fc1`` separately."""
+
+
+def _shard_info(param: torch.Tensor, tp_group) -> tuple[int | None, int, int, int]:
+    """(partition dim or None, number of shards, this rank's shard index, partition stride) from megatron's
+    TP attributes."""
+    if not getattr(param, "tensor_model_parallel", False) or getattr(param, "partition_dim", -1) < 0:
+        return None, 1, 0, 1
+    size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    return int(param.partition_dim), size, rank, int(getattr(param, "partition_stride", 1))
+
+
+def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
+    """Replace local layer and expert indices in ``name`` by global ones so keys survive re-layouts."""
+    key = name
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    # Global layer number: megatron names layers by their index inside this pipeline stage / model chunk.
+    match = _LAYER_RE.search(key)
+    if match is not None:
+        layer_prefix = key[: match.end() - 1]
+        layer = module_path.get(layer_prefix)
+        layer_number = getattr(layer, "layer_number", None)
+        if layer_number is not None:
+            start, end = match.span(1)
+            key = key[:start] + str(layer_number - 1) + key[end:]
+    match = _LOCAL_EXPERT_RE.search(key)
+    if match is not None:
+        moe_layer = None
+        for path, module in module_path.items():
+            if hasattr(module, "local_expert_indices") and name.startswith(path + "."):
+                moe_layer = module
+        if moe_layer is None:
+            raise ValueError(f"cannot find the MoE layer of expert parameter {name!r}")
+        global_index = moe_layer.local_expert_indices[int(match.group(1))]
+        start, end = match.span(1)
+        key = key[:start] + str(global_index) + key[end:]
+    return key
+
+
+def _split_pieces(
+    key: str,
+    fused: list[tuple[str, int]],
+    groups_local: int,
+    cols: int,
+    shard_dim: int | None,
+    num_shards: int,
+    shard_index: int,
+) -> list[MatrixPiece]:
+    """Pieces of a weight whose local rows are ``groups_local`` repeats of the fused blocks ``fused``
+    (name, rows per repeat). A TP shard holds whole repeats, so each logical matrix is sharded along dim 0."""
+    period = sum(rows for _, rows in fused)
+    pieces = []
+    offset = 0
+    for part, rows in fused:
+        block = RowBlocks(offset=offset, length=rows, period=period, repeats=groups_local)
+        full_rows = rows * groups_local * num_shards
+        pieces.append(
+            MatrixPiece(
+                key=f"{key}/{part}",
+                shape=(full_rows, cols),
+                rows=block,
+                shard_dim=0,
+                num_shards=num_shards if shard_dim is not None else 1,
+                shard_index=shard_index if shard_dim is not None else 0,
+            )
+        )
+        offset += rows
+    return pieces
+
+
+def _per_head_pieces(key, heads_per_group, head_dim, groups_local, cols, group_offset) -> list[MatrixPiece]:
+    """Each query head and each K / V group of a fused QKV weight as its own (unsharded) matrix."""
+    period = (heads_per_group + 2) * head_dim
+    pieces = []
+    for g in range(groups_local):
+        global_group = group_offset + g
+        base = g * period
+        for h in range(heads_per_group):
+            block = RowBlocks(offset=base + h * head_dim, length=head_dim, period=head_dim)
+            global_head = global_group * heads_per_group + h
+            pieces.append(MatrixPiece(key=f"{key}/q.head{global_head}", shape=(head_dim, cols), rows=block))
+        for j, part in enumerate(("k", "v")):
+            block = RowBlocks(offset=base + (heads_per_group + j) * head_dim, length=head_dim, period=head_dim)
+            pieces.append(
+                MatrixPiece(key=f"{key}/{part}.group{global_group}", shape=(head_dim, cols), rows=block)
+            )
+    return pieces
+
+
+def megatron_param_pieces(
+    name: str,
+    param: torch.Tensor,
+    module: torch.nn.Module,
+    config,
+    module_path: dict[str, torch.nn.Module],
+    options: LayoutOptions = LayoutOptions(),
+) -> list[MatrixPiece]:
+    """The logical-matrix pieces of the weight ``param`` (named ``name``) of the linear layer ``module``.
+
+    ``config`` is the megatron ``TransformerConfig``; ``module_path`` maps module names of the model to modules
+    (for global layer and expert indices). The TP group is the module's own ``tp_group`` (the expert-TP group for
+    experts), so nothing here reads megatron's global parallel state.
+    """
+    if param.ndim != 2:
+        raise ValueError(f"Muon parameter {name!r} has shape {tuple(param.shape)}; expected a 2-D weight")
+    key = _global_key(name, module_path)
+    tp_group = getattr(module, "tp_group", None)
+    shard_dim, num_shards, shard_index, stride = _shard_info(param, tp_group)
+    rows, cols = param.shape
+    module_name = name.rsplit(".", 2)[-2] if "." in name else name
+
+    if module_name == "linear_qkv" and (options.split_qkv or options.qkv_per_head):
+        if getattr(config, "attention_output_gate", False):
+            raise ValueError(
+                f"{name}: attention_output_gate=True fuses a gate into linear_qkv; the Muon QKV split "
+                "does not support it (set split_qkv=False to orthogonalize the fused weight whole)"
+            )
+        head_dim = config.kv_channels
+        heads_per_group = config.num_attention_heads // config.num_query_groups
+        groups_local = config.num_query_groups // num_shards if shard_dim is not None else config.num_query_groups
+        if rows != groups_local * (heads_per_group + 2) * head_dim:
+            raise ValueError(
+                f"{name}: local QKV shape {tuple(param.shape)} does not match {groups_local} query groups x "
+                f"({heads_per_group} q heads + k + v) x kv_channels={head_dim}"
+            )
+        if options.qkv_per_head:
+            return _per_head_pieces(key, heads_per_group, head_dim, groups_local, cols, shard_index * groups_local)
+        fused = [("q", heads_per_group * head_dim), ("k", head_dim), ("v", head_dim)]
+        return _split_pieces(key, fused, groups_local, cols, shard_dim, num_shards, shard_index)
+
+    if module_name == "linear_fc1" and options.split_gate_up and getattr(config, "gated_linear_unit", False):
+        if rows % 2:
+            raise ValueError(f"{name}: gated linear_fc1 has an odd number of rows {rows}")
+        if shard_dim not in (None, 0):
+            raise ValueError(f"{name}: gated linear_fc1 split along dim {shard_dim}; expected column-parallel")
+        # megatron gives gated fc1 partition_stride=2 so its *initialization* slices [gate_t; up_t]; the
+        # forward always reads the local rows as [gate_t; up_t] (mlp.py: torch.chunk(x, 2)), whatever the stride.
+        fused = [("gate", rows // 2), ("up", rows // 2)]
+        return _split_pieces(key, fused, 1, cols, shard_dim, num_shards, shard_index)
+
+    if stride != 1:
+        raise ValueError(f"{name}: partition_stride={stride} is only understood for a gated linear_fc1")
+    whole = RowBlocks(offset=0, length=rows, period=rows)
+    if shard_dim is None:
+        return [MatrixPiece(key=key, shape=(rows, cols), rows=whole)]
+    full = (rows * num_shards, cols) if shard_dim == 0 else (rows, cols * num_shards)
+    return [
+        MatrixPiece(
+            key=key, shape=full, rows=whole, shard_dim=shard_dim, num_shards=num_shards, shard_index=shard_index
+        )
+    ]

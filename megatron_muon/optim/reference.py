@@ -1,0 +1,53 @@
+"""A plain single-process Muon on whole logical matrices, written to be read, not to be fast.
+
+The parallel-aware optimizer must produce, for every logical matrix and any TP/PP/EP/DP layout, what this
+produces on the full matrix (tests/distributed/test_parallel_muon.py). It shares only ``newton_schulz`` and
+``update_scale`` with the fast path; both are tested on their own against an SVD and the papers' formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_muon.ops.newton_schulz import newton_schulz
+from megatron_muon.ops.scaling import update_scale
+
+
+class ReferenceMuon:
+    """Muon on a dict of named full matrices ``{key: W (fan_out, fan_in)}``.
+
+    step(grads): for each matrix, ``m ← β·m + (1−β)·g``; ``u = (1−β)·g + β·m`` with Nesterov, else ``m``;
+    ``W ← W·(1 − lr·wd) − lr · scale(fan_out, fan_in) · NS(u)``.
+    """
+
+    def __init__(
+        self,
+        weights: dict[str, torch.Tensor],
+        *,
+        lr: float,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        scale_mode: str = "spectral",
+        ns_steps: int = 5,
+        coefficients="quintic",
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.weights = {k: w.clone().float() for k, w in weights.items()}
+        self.momenta = {k: torch.zeros_like(w) for k, w in self.weights.items()}
+        self.lr, self.beta, self.nesterov, self.wd = lr, momentum, nesterov, weight_decay
+        self.scale_mode, self.ns_steps, self.coefficients = scale_mode, ns_steps, coefficients
+        self.compute_dtype = compute_dtype
+
+    def step(self, grads: dict[str, torch.Tensor]) -> None:
+        for key, weight in self.weights.items():
+            grad = grads[key].float()
+            momentum = self.beta * self.momenta[key] + (1 - self.beta) * grad
+            self.momenta[key] = momentum
+            direction_input = (1 - self.beta) * grad + self.beta * momentum if self.nesterov else momentum
+            orthogonal = newton_schulz(
+                direction_input, self.ns_steps, self.coefficients, compute_dtype=self.compute_dtype
+            ).float()
+            fan_out, fan_in = weight.shape
+            scale = update_scale(self.scale_mode, fan_out, fan_in)
+            self.weights[key] = weight * (1 - self.lr * self.wd) - self.lr * scale * orthogonal

@@ -1,0 +1,10 @@
+"""Test helpers: run functions on several gloo ranks with megatron's parallel state initialized."""
+
+from megatron_muon.testing.multiprocess import (
+    DistributedRunError,
+    DistributedTimeoutError,
+    ParallelSizes,
+    run_distributed,
+)
+
+__all__ = ["DistributedRunError", "DistributedTimeoutError", "ParallelSizes", "run_distributed"]

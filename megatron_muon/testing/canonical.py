@@ -1,0 +1,116 @@
+"""Layout-independent values for a megatron model's parameters and gradients, for cross-layout tests.
+
+Megatron's CPU initialization draws the full weight and slices it, but the slice of a fused SwiGLU ``linear_fc1``
+at TP2 mixes gate and up rows of the TP1 weight, and experts on EP ranks are drawn in another order. To compare
+layouts, every *logical* tensor (a Muon matrix of ``layout.py``, or any other parameter seen at TP1) gets values
+from a generator seeded by its layout-independent key, and each rank writes its own shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from megatron_muon.optim.layout import LayoutOptions, MatrixPiece, _global_key, megatron_param_pieces
+from megatron_muon.optim.param_groups import route_parameters
+
+
+def canonical_tensor(key: str, shape, *, salt: str = "", std: float = 0.02) -> torch.Tensor:
+    """A float32 tensor of ``shape`` drawn from N(0, std²) with a seed derived from ``key`` and ``salt``."""
+    seed = int.from_bytes(hashlib.sha256(f"{salt}|{key}".encode()).digest()[:8], "little") % (2**63)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float64).mul_(std).float()
+
+
+def _shard(full: torch.Tensor, piece: MatrixPiece) -> torch.Tensor:
+    if piece.num_shards == 1:
+        return full
+    return full.chunk(piece.num_shards, dim=piece.shard_dim)[piece.shard_index]
+
+
+def _other_param_full_and_shard(name, param, module, module_paths):
+    key = _global_key(name, module_paths)
+    dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
+    if dim < 0:
+        return key, tuple(param.shape), None, 1, 0
+    group = getattr(module, "tp_group", None)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    full = list(param.shape)
+    full[dim] *= size
+    return key, tuple(full), dim, size, rank
+
+
+def logical_pieces(model_chunks, options: LayoutOptions = LayoutOptions()):
+    """(param, pieces) for every Muon parameter of ``model_chunks`` (as the optimizer builder lays them out)."""
+    routing = route_parameters(model_chunks)
+    result = []
+    for routed in routing.muon:
+        chunk = model_chunks[routed.chunk]
+        config = getattr(chunk, "config", None) or chunk.module.config
+        pieces = megatron_param_pieces(
+            routed.name, routed.param, routed.module, config, routing.module_paths[routed.chunk], options
+        )
+        result.append((routed, pieces))
+    return routing, result
+
+
+@torch.no_grad()
+def fill_canonical_(model_chunks, *, salt: str = "weight", grads: bool = False, options=LayoutOptions()) -> None:
+    """Write canonical values into every parameter (``grads=False``) or its ``main_grad`` / ``grad``."""
+    routing, muon = logical_pieces(model_chunks, options)
+
+    def target(param):
+        if not grads:
+            return param.data
+        if hasattr(param, "main_grad") and param.main_grad is not None:
+            return param.main_grad
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        return param.grad
+
+    for routed, pieces in muon:
+        for piece in pieces:
+            piece.write(target(routed.param), _shard(canonical_tensor(piece.key, piece.shape, salt=salt), piece))
+    for routed in routing.adamw:
+        key, full_shape, dim, size, rank = _other_param_full_and_shard(
+            routed.name, routed.param, routed.module, routing.module_paths[routed.chunk]
+        )
+        is_norm = routed.param.ndim == 1 and "norm" in routed.name and not grads
+        full = torch.ones(full_shape) if is_norm else canonical_tensor(key, full_shape, salt=salt)
+        shard = full if dim is None else full.chunk(size, dim=dim)[rank]
+        target(routed.param).copy_(shard)
+
+
+def collect_pieces(model_chunks, options: LayoutOptions = LayoutOptions()) -> dict[str, dict[int, torch.Tensor]]:
+    """This rank's value of every Muon matrix piece: key → shard index → tensor (for assembling in a test)."""
+    _, muon = logical_pieces(model_chunks, options)
+    out: dict[str, dict] = {}
+    for routed, pieces in muon:
+        for piece in pieces:
+            out.setdefault(piece.key, {})[piece.shard_index] = (
+                piece.read(routed.param.data).clone(),
+                piece.shard_dim,
+                piece.num_shards,
+            )
+    return out
+
+
+def assemble(collected_by_rank: list[dict]) -> dict[str, torch.Tensor]:
+    """Full logical matrices from every rank's :func:`collect_pieces` (replicas must agree exactly)."""
+    shards: dict[str, dict[int, torch.Tensor]] = {}
+    meta: dict[str, tuple[int, int]] = {}
+    for rank, collected in enumerate(collected_by_rank):
+        for key, by_shard in collected.items():
+            for shard, (value, shard_dim, num_shards) in by_shard.items():
+                meta[key] = (shard_dim, num_shards)
+                previous = shards.setdefault(key, {}).get(shard)
+                if previous is not None and not torch.equal(previous, value):
+                    diff = (previous - value).abs().max().item()
+                    raise AssertionError(f"replicas disagree on {key} shard {shard} (rank {rank}, max diff {diff})")
+                shards[key][shard] = value
+    return {
+        key: torch.cat([by_shard[i] for i in range(meta[key][1])], dim=meta[key][0])
+        for key, by_shard in shards.items()
+    }

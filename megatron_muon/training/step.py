@@ -1,0 +1,245 @@
+"""One training step through megatron-core's own parts: DDP, the pipeline schedule, finalize_model_grads
+and a megatron optimizer (anything with the ``MegatronOptimizer`` interface: ``zero_grad``, ``step``,
+``scale_loss``).
+
+Process groups come in as a ``ProcessGroupCollection`` (e.g.
+``ProcessGroupCollection.use_mpu_process_groups()`` once megatron's parallel state is initialized).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.pipeline_parallel.utils import get_pp_last_rank, is_pp_last_stage
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_model_config
+
+from megatron_muon.models.tiny import causal_attention_mask
+
+__all__ = ["LOAD_BALANCING_LOSS", "synthetic_batches", "train_step", "wrap_in_ddp"]
+
+# Name under which megatron's router records the switch aux loss (divided by its coefficient).
+LOAD_BALANCING_LOSS = "load_balancing_loss"
+
+
+def wrap_in_ddp(
+    model_chunks: list[torch.nn.Module],
+    config: TransformerConfig,
+    *,
+    pg_collection: ProcessGroupCollection,
+    ddp_config: DistributedDataParallelConfig | None = None,
+) -> list[DistributedDataParallel]:
+    """Wrap each model chunk in megatron's ``DistributedDataParallel`` and hook it into ``config``.
+
+    Default ``ddp_config``: plain all-reduce of fp32 grads (``use_distributed_optimizer=False``), no
+    overlap. Sets ``config.no_sync_func`` (one per chunk under interleaving) and
+    ``config.finalize_model_grads_func``, which the schedule calls after the last backward.
+
+    ``config.calculate_per_token_loss`` must already hold its final value: DDP reads it here to decide
+    whether to pre-divide gradients by the data-parallel size.
+    """
+    if not model_chunks:
+        raise ValueError("model_chunks is empty")
+    if ddp_config is None:
+        ddp_config = DistributedDataParallelConfig(
+            use_distributed_optimizer=False,
+            overlap_grad_reduce=False,
+            grad_reduce_in_fp32=True,
+        )
+    wrapped = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # As megatron's training loop: only the first chunk's grads are bucketed.
+            disable_bucketing=index > 0,
+            pg_collection=pg_collection,
+        )
+        for index, chunk in enumerate(model_chunks)
+    ]
+    no_sync = [chunk.no_sync for chunk in wrapped]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def _arithmetic_sequences(generator: torch.Generator, count: int, length: int, vocab_size: int) -> torch.Tensor:
+    """``count`` sequences ``(start + stride * t) % vocab_size`` with random start and stride: a pattern a
+    model can learn from two previous tokens, so the loss of a working trainer falls quickly."""
+    start = torch.randint(0, vocab_size, (count, 1), generator=generator)
+    stride = torch.randint(1, 8, (count, 1), generator=generator)
+    positions = torch.arange(length).unsqueeze(0)
+    return (start + stride * positions) % vocab_size
+
+
+def synthetic_batches(
+    *,
+    vocab_size: int,
+    seq_length: int,
+    micro_batch_size: int,
+    num_microbatches: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless deterministic microbatches for this data-parallel rank.
+
+    Step ``k`` draws one *global* batch of ``micro_batch_size * num_microbatches * data_parallel_size``
+    sequences from a generator seeded with ``(seed, k)``; this rank gets its contiguous slice, split into
+    ``num_microbatches`` microbatches. The global batch therefore does not depend on how the ranks are
+    laid out, so runs at different TP/PP/DP sizes see the same data. Every rank of a tensor- or
+    pipeline-parallel group gets identical microbatches.
+
+    Each microbatch: ``tokens``, ``labels`` (tokens shifted by one), ``position_ids`` (int64) and
+    ``loss_mask`` (float32), all ``[micro_batch_size, seq_length]``.
+
+    With interleaved pipelining pass one such iterator per model chunk.
+    """
+    for name, value in (("vocab_size", vocab_size), ("seq_length", seq_length),
+                        ("micro_batch_size", micro_batch_size), ("num_microbatches", num_microbatches),
+                        ("data_parallel_size", data_parallel_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if not 0 <= data_parallel_rank < data_parallel_size:
+        raise ValueError(f"data_parallel_rank={data_parallel_rank} is outside [0, {data_parallel_size})")
+
+    local_batch = micro_batch_size * num_microbatches
+    position_ids = torch.arange(seq_length).unsqueeze(0).expand(micro_batch_size, seq_length)
+    step = 0
+    while True:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        sequences = _arithmetic_sequences(generator, local_batch * data_parallel_size, seq_length + 1,
+                                          vocab_size)
+        local = sequences[data_parallel_rank * local_batch:(data_parallel_rank + 1) * local_batch]
+        for microbatch in local.split(micro_batch_size):
+            yield {
+                "tokens": microbatch[:, :-1].contiguous(),
+                "labels": microbatch[:, 1:].contiguous(),
+                "position_ids": position_ids.clone(),
+                "loss_mask": torch.ones(micro_batch_size, seq_length, dtype=torch.float32),
+            }
+        step += 1
+
+
+def _summed_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron's per-token-loss convention: (loss summed over tokens, token count, reporting values).
+    The schedule adds up the token counts and ``finalize_model_grads`` divides the gradients by the
+    global total."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: GPTModel):
+    batch = next(data_iterator)
+    output = model(
+        input_ids=batch["tokens"],
+        position_ids=batch["position_ids"],
+        attention_mask=causal_attention_mask(batch["tokens"].shape[1]),
+        labels=batch["labels"],
+    )
+    return output, partial(_summed_token_loss, batch["loss_mask"])
+
+
+def _load_balancing_loss(config: TransformerConfig, num_microbatches: int,
+                         pg_collection: ProcessGroupCollection) -> float:
+    """Mean over MoE layers and microbatches of the switch aux loss (before its coefficient), as
+    megatron's tracker reduces it: summed over pipeline stages, averaged over data parallel."""
+    totals: dict[str, torch.Tensor] = {}
+    get_moe_metrics_tracker().report(
+        loss_scale=1.0 / num_microbatches,
+        iteration=0,
+        force_initialize=True,  # stages without MoE layers still join the pipeline all-reduce
+        track_names=[LOAD_BALANCING_LOSS],
+        num_layers=config.num_layers,
+        moe_layer_freq=config.moe_layer_freq,
+        total_loss_dict=totals,
+        pg_collection=pg_collection,
+    )
+    return float(totals[LOAD_BALANCING_LOSS])
+
+
+def train_step(
+    model_chunks: list[DistributedDataParallel],
+    optimizer: MegatronOptimizer,
+    data_iterator: Iterator[dict[str, torch.Tensor]] | list[Iterator[dict[str, torch.Tensor]]],
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    pg_collection: ProcessGroupCollection,
+) -> dict[str, Any]:
+    """Forward/backward over ``num_microbatches`` with megatron's schedule, then ``optimizer.step()``.
+
+    ``model_chunks`` are the DDP-wrapped chunks from :func:`wrap_in_ddp`; ``data_iterator`` yields
+    :func:`synthetic_batches`-style dicts (a list of iterators, one per chunk, under interleaving).
+
+    Returns, identical on every rank:
+        loss: mean cross-entropy per token over the global batch (nats), from the last pipeline stage.
+        load_balancing_loss: megatron's switch aux loss (without its coefficient), mean over MoE
+            layers and microbatches. Its gradient (times the coefficient) is already in the step.
+        grad_norm: global gradient norm from the optimizer (None if it computes none).
+        skipped: True if the optimizer skipped the update (e.g. inf/nan gradients).
+    """
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
+    config = get_model_config(model_chunks[0])
+    if not config.calculate_per_token_loss:
+        raise ValueError("train_step reports per-token losses and needs config.calculate_per_token_loss=True")
+    # As megatron's training loop: the schedule scales the loss, and the MoE aux-loss gradient, by this.
+    config.grad_scale_func = optimizer.scale_loss
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    forward_backward = get_forward_backward_func(
+        pp_size=pg_collection.pp.size(), vp_size=config.virtual_pipeline_model_parallel_size
+    )
+    reported = forward_backward(
+        forward_step_func=_forward_step,
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+        p2p_communicator=P2PCommunicator(pp_group=pg_collection.pp, config=config),
+        pg_collection=pg_collection,
+    )
+    update_successful, grad_norm, _num_zeros = optimizer.step()
+
+    # [summed loss, token count]: nonzero only on the last pipeline stage, which holds the losses.
+    loss_and_tokens = torch.zeros(2, dtype=torch.float64)
+    if is_pp_last_stage(pg_collection.pp):
+        for microbatch in reported:
+            loss_and_tokens += microbatch["lm loss"].to(torch.float64)
+        torch.distributed.all_reduce(loss_and_tokens, group=pg_collection.dp_cp)
+    torch.distributed.broadcast(loss_and_tokens, src=get_pp_last_rank(pg_collection.pp),
+                                group=pg_collection.pp)
+    loss_sum, tokens = loss_and_tokens.tolist()
+    if tokens <= 0:
+        raise RuntimeError(f"the global batch held {tokens} loss tokens; loss_mask masks every token")
+
+    return {
+        "loss": loss_sum / tokens,
+        LOAD_BALANCING_LOSS: _load_balancing_loss(config, num_microbatches, pg_collection),
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "skipped": not update_successful,
+    }

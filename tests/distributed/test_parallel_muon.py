@@ -1,0 +1,105 @@
+"""The parallel-aware Muon gives, for every logical matrix, what a single-process Muon gives on the whole matrix,
+at every TP / PP / EP / expert-TP / DP layout and in every mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_muon.ops.newton_schulz import newton_schulz  # noqa: F401  (import check before spawning)
+from megatron_muon.optim.reference import ReferenceMuon
+from megatron_muon.testing import run_distributed
+from megatron_muon.testing.canonical import canonical_tensor
+
+pytestmark = pytest.mark.slow
+
+MODES = ("auto", "owner", "duplicated", "distributed")
+STEPS = 2
+MUON = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=True, scale_mode="spectral")
+
+
+def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int):
+    """On one rank: build the tiny MoE at ``layout``, and for each mode run ``steps`` Muon steps from canonical
+    weights with canonical gradients; return this rank's pieces of every Muon matrix and its Muon state bytes."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
+    from megatron_muon.training.step import wrap_in_ddp
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    cfg = TinyMoEConfig(**model)
+    config = build_transformer_config(cfg, **layout)
+    torch.manual_seed(0)
+    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
+    results = {}
+    for mode in modes:
+        fill_canonical_(chunks, salt="weight")
+        optimizer = build_optimizer(
+            chunks,
+            OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False),
+            MuonOptions(tp_mode=mode, compute_dtype="float32", **MUON),
+            pg,
+        )
+        for step in range(steps):
+            fill_canonical_(chunks, salt=f"grad{step}", grads=True)
+            optimizer.step()
+        muon_parts = [o for o in optimizer.chained_optimizers if hasattr(o.optimizer, "orthogonalizer")]
+        state_bytes = sum(o.optimizer.orthogonalizer.state_bytes(o.optimizer) for o in muon_parts)
+        modes_used = sorted({m.mode for o in muon_parts for m in o.optimizer.orthogonalizer.plan.matrices})
+        results[mode] = (collect_pieces(chunks), state_bytes, modes_used)
+    return results
+
+
+def _reference(keys_and_shapes: dict[str, tuple[int, int]], steps: int) -> dict[str, torch.Tensor]:
+    weights = {k: canonical_tensor(k, shape, salt="weight") for k, shape in keys_and_shapes.items()}
+    reference = ReferenceMuon(weights, compute_dtype=torch.float32, **MUON)
+    for step in range(steps):
+        reference.step({k: canonical_tensor(k, shape, salt=f"grad{step}") for k, shape in keys_and_shapes.items()})
+    return reference.weights
+
+
+LAYOUTS = {
+    "tp2_dp2": (4, dict(tp=2, pp=1, ep=1, etp=1), {}),
+    "tp2_pp2": (4, dict(tp=2, pp=2, ep=1, etp=1), {}),
+    "tp2_ep2": (4, dict(tp=2, pp=1, ep=2, etp=1), {}),
+    "pp2_ep2": (4, dict(tp=1, pp=2, ep=2, etp=1), {}),
+    "tp4_gqa4": (4, dict(tp=4, pp=1, ep=1, etp=1), dict(num_attention_heads=8, num_query_groups=4, vocab_size=256)),
+    "tp2_gqa2_dp2": (4, dict(tp=2, pp=1, ep=1, etp=1), dict(num_attention_heads=8, num_query_groups=2)),
+    "dp4": (4, dict(tp=1, pp=1, ep=1, etp=1), {}),
+    "tp2_etp2": (4, dict(tp=2, pp=1, ep=1, etp=2), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_one_layout_matches_single_process_reference(name):
+    from megatron_muon.testing.canonical import assemble
+
+    world, layout, model = LAYOUTS[name]
+    per_rank = run_distributed(
+        _muon_steps_on_rank,
+        world,
+        tp=layout["tp"],
+        pp=layout["pp"],
+        ep=layout["ep"],
+        etp=layout["etp"],
+        args=(layout, model, MODES, STEPS),
+        timeout_s=300,
+    )
+    expected = None
+    for mode in MODES:
+        got = assemble([rank_results[mode][0] for rank_results in per_rank])
+        if expected is None:
+            expected = _reference({k: tuple(v.shape) for k, v in got.items()}, STEPS)
+            assert len(expected) >= 4 * 3, "the tiny model should have QKV, proj, fc1 and fc2 matrices per layer"
+        assert set(got) == set(expected)
+        for key, value in got.items():
+            error = (value - expected[key]).norm() / expected[key].norm()
+            assert error < 1e-5, f"{name} {mode}: {key} differs from the reference by {error:.2e} (relative)"
+    modes_used = per_rank[0]["distributed"][2]
+    if layout["tp"] > 1:
+        assert "distributed" in modes_used, f"{name}: distributed mode never ran ({modes_used})"
+    owner_modes = {m for rank_results in per_rank for m in rank_results["owner"][2]}
+    assert owner_modes == {"owner"}, owner_modes
