@@ -350,8 +350,9 @@ def _move_tensor_to_cpu_including_cpu_tensors(tensor: Any, as_numpy: bool = Fals
                                               record_stream: bool = False) -> Any:
     """CPU version of ``moe_utils.maybe_move_tensor_to_cpu`` as imported by the token dispatcher.
 
-    The original converts only CUDA tensors, so on CPU the alltoall split sizes stay tensors where the
-    dispatcher expects numpy arrays (it calls ``.tolist()``-free numpy code on them)."""
+    The original converts only CUDA tensors (``tensor.is_cuda``), so on CPU the alltoall split sizes
+    would stay tensors; ``tensor_parallel.mappings._AllToAll`` hands them to ``sum()`` and
+    ``all_to_all_single(output_split_sizes=...)``, which need host integers (numpy here)."""
     del record_stream
     if torch.is_tensor(tensor):
         tensor = tensor.to(_CPU)
@@ -407,7 +408,9 @@ def _check_megatron_version() -> None:
     import megatron.core
 
     version = getattr(megatron.core, "__version__", None)
-    if version != SUPPORTED_MEGATRON_CORE_VERSION:
+    # megatron's package_info appends "+<git hash>" of the *current working directory's* repository, so
+    # compare the release part only.
+    if version is None or version.split("+")[0] != SUPPORTED_MEGATRON_CORE_VERSION:
         raise RuntimeError(
             f"megatron.core.__version__={version!r}: the CPU stand-ins in {__name__} were written "
             f"against megatron-core {SUPPORTED_MEGATRON_CORE_VERSION}; re-check each patched place "
@@ -438,6 +441,10 @@ def _resolve(module_name: str, attribute_path: str) -> tuple[Any, str, Any]:
     return owner, name, value
 
 
+def _is_stand_in(function: Any) -> bool:
+    return getattr(function, "__cpu_stand_in__", False) is True
+
+
 def _check_function(module_name: str, attribute_path: str, value: Any) -> None:
     function = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
     if not callable(function):
@@ -446,23 +453,28 @@ def _check_function(module_name: str, attribute_path: str, value: Any) -> None:
 
 
 def _plan() -> list[Callable[[], None]]:
-    """Check every target and return the patches to apply (so nothing is applied if one is missing)."""
+    """Check every target and return the patches still to apply (nothing is applied if one is missing)."""
     patches: list[Callable[[], None]] = []
 
     for module_name in _MODULES_SEEING_CPU_AS_CUDA:
         module = _import(module_name)
-        if getattr(module, "torch", None) is not torch:
+        module_torch = getattr(module, "torch", None)
+        if module_torch is TORCH_WITH_CPU_AS_CUDA:
+            continue
+        if module_torch is not torch:
             raise RuntimeError(f"CPU stand-in target {module_name}.torch is not the torch module "
-                               f"(found {getattr(module, 'torch', None)!r})")
+                               f"(found {module_torch!r})")
         patches.append(functools.partial(setattr, module, "torch", TORCH_WITH_CPU_AS_CUDA))
 
     for (module_name, attribute_path) in _FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA:
         owner, name, value = _resolve(module_name, attribute_path)
         _check_function(module_name, attribute_path, value)
+        function = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+        if _is_stand_in(function):
+            continue
+        wrapped = _posing_cpu_tensors_as_cuda(function)
         if isinstance(value, (staticmethod, classmethod)):
-            wrapped: Any = type(value)(_posing_cpu_tensors_as_cuda(value.__func__))
-        else:
-            wrapped = _posing_cpu_tensors_as_cuda(value)
+            wrapped = type(value)(wrapped)
         patches.append(functools.partial(setattr, owner, name, wrapped))
 
     replacements: list[tuple[str, str, Callable[..., Any]]] = [
@@ -476,14 +488,16 @@ def _plan() -> list[Callable[[], None]]:
     for module_name, attribute_path, replacement in replacements:
         owner, name, value = _resolve(module_name, attribute_path)
         _check_function(module_name, attribute_path, value)
-        patches.append(functools.partial(setattr, owner, name, replacement))
+        if value is not replacement:
+            patches.append(functools.partial(setattr, owner, name, replacement))
 
     # 3. transformer/torch_norm.py asserts `not config.sequence_parallel`.
     owner, name, value = _resolve("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__")
     original_new = value.__func__ if isinstance(value, staticmethod) else value
     _check_function("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", original_new)
-    patches.append(functools.partial(setattr, owner, name,
-                                     staticmethod(_sequence_parallel_torch_norm_new(original_new))))
+    if not _is_stand_in(original_new):
+        patches.append(functools.partial(setattr, owner, name,
+                                         staticmethod(_sequence_parallel_torch_norm_new(original_new))))
     return patches
 
 
@@ -497,8 +511,7 @@ def apply_cpu_stand_ins() -> bool:
     global _stand_ins_active
     if torch.cuda.is_available():
         return False
-    if _stand_ins_active:
-        return True
+    # Checked on every call (cheap): places already patched are recognized and left alone.
     _check_megatron_version()
     for patch in _plan():
         patch()

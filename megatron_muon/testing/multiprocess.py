@@ -240,7 +240,10 @@ def run_distributed(
 
     described = f"run_distributed({_describe_function(fn)}, world_size={world_size}, {sizes})"
     if failures:
-        parts = [f"{described}: {len(failures)} rank(s) failed: {sorted(failures)}"]
+        # Dicts keep insertion order: the first entry is the first failure to arrive, usually the cause
+        # (the others often fail because a peer vanished from a collective).
+        first = next(iter(failures))
+        parts = [f"{described}: {len(failures)} rank(s) failed: {sorted(failures)}; first reported: rank {first}"]
         if unfinished:
             parts.append(f"ranks {unfinished} were still running after the failure and were killed")
         for rank in sorted(failures):
