@@ -56,7 +56,9 @@ def parse_shape(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def interleaved_medians(functions: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+def interleaved_medians(
+    functions: dict[str, Callable[[], object]], warmup: int, repeats: int
+) -> dict[str, float]:
     """Median wall time in seconds of each function, run alternately ``repeats`` times after ``warmup``."""
     for _ in range(warmup):
         for function in functions.values():

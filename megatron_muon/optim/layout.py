@@ -131,20 +131,22 @@ def _shard_info(param: torch.Tensor, tp_group) -> tuple[int | None, int, int, in
 
 
 def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
-    """Replace local layer and expert indices in ``name`` by global ones so keys survive re-layouts."""
+    """Replace local layer and expert indices in ``name`` by global ones so keys survive re-layouts.
+
+    ``module_path`` maps the module names of the same root module ``name`` comes from (DDP prefixes included).
+    """
     key = name
-    while key.startswith("module."):
-        key = key[len("module.") :]
-    # Global layer number: megatron names layers by their index inside this pipeline stage / model chunk.
+    # Global layer number: megatron names layers by their index inside this pipeline stage / model chunk;
+    # ``TransformerLayer.layer_number`` is global and 1-based.
     match = _LAYER_RE.search(key)
     if match is not None:
-        layer_prefix = key[: match.end() - 1]
-        layer = module_path.get(layer_prefix)
+        layer = module_path.get(key[: match.end() - 1].lstrip("."))
         layer_number = getattr(layer, "layer_number", None)
-        if layer_number is not None:
-            start, end = match.span(1)
-            key = key[:start] + str(layer_number - 1) + key[end:]
-    match = _LOCAL_EXPERT_RE.search(key)
+        if layer_number is None:
+            raise ValueError(f"cannot find the global layer number of parameter {name!r}")
+        start, end = match.span(1)
+        key = key[:start] + str(layer_number - 1) + key[end:]
+    match = _LOCAL_EXPERT_RE.search(name)
     if match is not None:
         moe_layer = None
         for path, module in module_path.items():
@@ -153,8 +155,11 @@ def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
         if moe_layer is None:
             raise ValueError(f"cannot find the MoE layer of expert parameter {name!r}")
         global_index = moe_layer.local_expert_indices[int(match.group(1))]
-        start, end = match.span(1)
+        key_match = _LOCAL_EXPERT_RE.search(key)
+        start, end = key_match.span(1)
         key = key[:start] + str(global_index) + key[end:]
+    while key.startswith("module."):
+        key = key[len("module.") :]
     return key
 
 

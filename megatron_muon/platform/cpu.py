@@ -162,6 +162,16 @@ class _CudaMeaningCpu(types.ModuleType):
         del device
 
     @staticmethod
+    def set_device(device: Any) -> None:
+        """The CPU is the only device (dist_checkpointing's persistent async worker selects one)."""
+        del device
+
+    @staticmethod
+    def device_count() -> int:
+        """One device, the CPU (read only as ``rank % device_count()`` before ``set_device``)."""
+        return 1
+
+    @staticmethod
     def get_rng_state(device: Any = "cuda") -> torch.Tensor:
         del device
         return _CUDA_GENERATOR_STAND_IN.get_state()

@@ -189,7 +189,9 @@ def run_distributed(
         process = context.Process(
             target=_rank_main, name=f"rank{rank}",
             args=(rank, world_size, port, sizes, timeout_s, fn, tuple(args), dict(kwargs or {}), send),
-            daemon=True,
+            # Not a daemon: ranks must be able to start children of their own (dist_checkpointing's
+            # save starts a multiprocessing Manager). The finally block below kills stragglers.
+            daemon=False,
         )
         process.start()
         send.close()  # the child holds its own copy; closing ours lets a dead child read as EOF

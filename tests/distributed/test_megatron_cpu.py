@@ -34,7 +34,7 @@ def _train_tiny_moe(*, steps: int, num_microbatches: int, tp: int, pp: int, ep: 
     model_parallel_cuda_manual_seed(SEED)
     model = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.0, clip_grad=1.0, bf16=False, fp16=False),
+        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, bf16=False, fp16=False),
         model,
         use_gloo_process_groups=False,  # megatron refuses extra gloo groups with an explicit pg_collection
         pg_collection=pg,

@@ -3,6 +3,8 @@ at every TP / PP / EP / expert-TP / DP layout and in every mode."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -93,7 +95,11 @@ def test_one_layout_matches_single_process_reference(name):
         got = assemble([rank_results[mode][0] for rank_results in per_rank])
         if expected is None:
             expected = _reference({k: tuple(v.shape) for k, v in got.items()}, STEPS)
-            assert len(expected) >= 4 * 3, "the tiny model should have QKV, proj, fc1 and fc2 matrices per layer"
+            num_layers = model.get("num_layers", 4)
+            layers = {int(re.search(r"layers\.(\d+)\.", key).group(1)) for key in got}
+            assert layers == set(range(num_layers)), f"global layer numbers in matrix keys: {sorted(layers)}"
+            experts = {int(m.group(1)) for key in got if (m := re.search(r"local_experts\.(\d+)\.", key))}
+            assert experts == set(range(model.get("num_moe_experts", 4))), f"global expert ids: {sorted(experts)}"
         assert set(got) == set(expected)
         for key, value in got.items():
             error = (value - expected[key]).norm() / expected[key].norm()

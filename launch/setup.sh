@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment with a Python >= 3.12 found on this machine and install
+# megatron-muon with its test extras. Idempotent: re-running only re-installs what changed.
+#
+#   bash launch/setup.sh            # -> .venv/ in the repository root
+#   VENV=/path/to/env PYTHON=/usr/bin/python3.12 bash launch/setup.sh
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${VENV:-$repo/.venv}
+extras=${EXTRAS:-dev}
+
+python_ok() {  # $1: an interpreter; true if it runs and is >= 3.12
+  "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
+}
+
+find_python() {
+  local candidate
+  for candidate in "${PYTHON:-}" python3.13 python3.12 python3; do
+    [ -n "$candidate" ] || continue
+    if command -v "$candidate" >/dev/null 2>&1 && python_ok "$candidate"; then
+      command -v "$candidate"; return 0
+    fi
+  done
+  # pyenv keeps interpreters under its root; its shims refuse versions that are not selected, so call the
+  # binaries directly (newest first).
+  local root
+  root=$( (command -v pyenv >/dev/null 2>&1 && pyenv root) || echo "${PYENV_ROOT:-$HOME/.pyenv}")
+  for candidate in $(ls -d "$root"/versions/3.* 2>/dev/null | sort -V -r); do
+    if [ -x "$candidate/bin/python3" ] && python_ok "$candidate/bin/python3"; then
+      echo "$candidate/bin/python3"; return 0
+    fi
+  done
+  return 1
+}
+
+if [ -x "$venv/bin/python" ] && python_ok "$venv/bin/python"; then
+  echo "setup: using existing environment $venv"
+else
+  if ! python=$(find_python); then
+    echo "setup: no Python >= 3.12 found (tried \$PYTHON, python3.13, python3.12, python3 and pyenv versions); install one or set PYTHON=/path/to/python3.12" >&2
+    exit 1
+  fi
+  echo "setup: creating $venv with $python ($("$python" --version 2>&1))"
+  "$python" -m venv "$venv"
+fi
+
+"$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+echo "setup: installing megatron-muon[$extras] (megatron-core 0.19.2, torch, ...); the first time takes a few minutes"
+"$venv/bin/python" -m pip install --quiet -e "$repo[$extras]" 2> >(grep -v "^WARNING: Location" >&2)
+"$venv/bin/python" -W ignore - <<'PY'
+import megatron.core, torch, megatron_muon
+release = megatron.core.__version__.split("+")[0]
+print(f"setup: ok: torch {torch.__version__}, megatron-core {release}, megatron-muon {megatron_muon.__version__}")
+PY
