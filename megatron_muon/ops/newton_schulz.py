@@ -187,7 +187,8 @@ def newton_schulz(
         compute_dtype: dtype of every GEMM and of the Gram that is all-reduced. bfloat16 is Muon's default
             and fast on GPUs; float32 is available and more accurate — bf16 keeps 8 mantissa bits, so each
             rank's partial Gram is rounded before the sum and the sum is rounded again, and the sharded result
-            matches the unsharded one only to bf16 precision. On CPU bf16 matmul is much slower than fp32.
+            matches the unsharded one only to bf16 precision. On a CPU, bf16 GEMMs are fast only with
+            AVX512-BF16 or AMX (then about twice fp32, see docs/benchmarks.md) and far slower without.
         eps: added to the scaled Frobenius norm before dividing, so an all-zero matrix returns zeros. It is
             absolute (1e-7 as in Keller Jordan's Muon and Polar Express): a matrix with ‖X‖_F not much
             larger than eps is under-normalized and comes out far from orthogonal.

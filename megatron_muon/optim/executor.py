@@ -60,6 +60,7 @@ class MatrixOrthogonalizer:
         shard_group_of: piece key → name in ``shard_groups`` (default ``"tp"``).
         mode: ``auto`` | ``owner`` | ``duplicated`` | ``distributed`` (see ``plan.py``).
         ns_steps, cost_model: inputs of the cost model that picks modes under ``auto``.
+        num_buckets: exchange buckets per step; communication of one overlaps Newton–Schulz of the next.
 
     Builds the plan collectively at construction and checks that every rank of the grid derived the same one.
     """
@@ -74,8 +75,10 @@ class MatrixOrthogonalizer:
         mode: str = "auto",
         ns_steps: int = 5,
         cost_model: CostModel | None = None,
+        num_buckets: int = 4,
     ) -> None:
         self.grid_group = grid_group
+        self.num_buckets = num_buckets
         self.shard_groups = shard_groups or {}
         shard_group_of = shard_group_of or {}
         keys = [p.key for p in pieces]
@@ -84,7 +87,11 @@ class MatrixOrthogonalizer:
             raise ValueError(f"two pieces share the matrix keys {duplicates[:5]}")
         records = [_record(p, shard_group_of.get(p.key, "tp")) for p in pieces]
         self.plan = build_plan(
-            all_gather_objects(records, grid_group), mode=mode, ns_steps=ns_steps, cost_model=cost_model
+            all_gather_objects(records, grid_group),
+            mode=mode,
+            ns_steps=ns_steps,
+            cost_model=cost_model,
+            num_buckets=num_buckets,
         )
         check_agreement(self.plan.fingerprint(), grid_group, "Muon plans")
         self.rank = group_rank(grid_group)
@@ -122,48 +129,33 @@ class MatrixOrthogonalizer:
                     grad = torch.zeros(piece.local_shape, dtype=torch.float32, device=param.device)
                 local[piece.key] = _Local(param=param, group=group, piece=piece, grad=grad)
 
-        matrices = self.plan.matrices
         me = self.rank
+        exchanged = [m for m in self.plan.matrices if m.mode != "distributed"]
+        buckets = [[m for m in exchanged if m.bucket == b] for b in range(self.num_buckets)]
 
-        # 1. Gradient shards to the ranks that orthogonalize whole matrices.
-        sends, recv_shapes, recv_order = self._transfers(
-            matrices, "gather", lambda m, shard: local[m.key].grad, lambda m, shard: _shard_shape(m)
-        )
-        gathered = _by_matrix(Exchange(sends, recv_shapes, self.grid_group).wait(), recv_order)
+        # 1. Gradient shards travel to the ranks that orthogonalize whole matrices (all buckets in flight).
+        gathers = [
+            self._start(bucket, "gather", lambda m, shard: local[m.key].grad) for bucket in buckets
+        ]
 
-        # 2. Momentum and Newton–Schulz, batched by shape.
+        # 2. Matrices orthogonalized on shards (Gram all-reduced over their shard group) meanwhile.
+        distributed = [m for m in self.plan.matrices if m.mode == "distributed" and me in m.computers]
+        shard_directions = self._momentum_and_orthogonalize(optimizer, distributed, local, {}, sharded=True)
+
+        # 3. Bucket by bucket: wait for its gradient shards, orthogonalize, send the direction shards out.
         full_directions: dict[str, torch.Tensor] = {}
-        whole_inputs: list[tuple[MatrixPlan, torch.Tensor]] = []
-        shard_inputs: list[tuple[MatrixPlan, torch.Tensor]] = []
-        for matrix in matrices:
-            if me not in matrix.computers:
-                continue
-            mine = local[matrix.key]
-            hyper = mine.group
-            state = optimizer.matrix_state(mine.param, matrix.key)
-            if matrix.mode == "distributed":
-                grad = mine.grad
-            else:
-                shards = dict(gathered.get(matrix.key, {}))
-                shards[mine.piece.shard_index] = mine.grad
-                grad = torch.cat([shards[i] for i in range(matrix.num_shards)], dim=matrix.shard_dim)
-            if "momentum" not in state:
-                state["momentum"] = torch.zeros_like(grad)
-            ns_input = momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"])
-            (shard_inputs if matrix.mode == "distributed" else whole_inputs).append((matrix, ns_input))
-
-        for matrix, direction in self._orthogonalize(optimizer, whole_inputs, sharded=False):
-            full_directions[matrix.key] = direction
-        shard_directions = {m.key: d for m, d in self._orthogonalize(optimizer, shard_inputs, sharded=True)}
-
-        # 3. Direction shards to the holders that did not orthogonalize.
-        sends, recv_shapes, recv_order = self._transfers(
-            matrices,
-            "scatter",
-            lambda m, shard: _shard(full_directions[m.key], m, shard),
-            lambda m, shard: _shard_shape(m),
-        )
-        scattered = _by_matrix(Exchange(sends, recv_shapes, self.grid_group).wait(), recv_order)
+        scatters = []
+        for bucket, gather in zip(buckets, gathers, strict=True):
+            gathered = gather.wait()
+            mine = [m for m in bucket if me in m.computers]
+            computed = self._momentum_and_orthogonalize(optimizer, mine, local, gathered, sharded=False)
+            full_directions.update(computed)
+            scatters.append(
+                self._start(bucket, "scatter", lambda m, shard, c=computed: _shard(c[m.key], m, shard))
+            )
+        scattered: dict[str, dict[int, torch.Tensor]] = {}
+        for scatter in scatters:
+            scattered.update(scatter.wait())
 
         # 4. Assemble each parameter's direction from its pieces, scaled per logical matrix.
         results: list[torch.Tensor | None] = []
@@ -190,8 +182,8 @@ class MatrixOrthogonalizer:
             self._by_key = {m.key: m for m in self.plan.matrices}
         return self._by_key[key]
 
-    def _transfers(self, matrices, kind, payload, shape):
-        """This rank's sends (per destination) and expected receives (per source) for one exchange."""
+    def _start(self, matrices, kind, payload) -> _PendingExchange:
+        """Start one bucketed all-to-all of the ``kind`` ("gather" | "scatter") transfers of ``matrices``."""
         sends: dict[int, list[torch.Tensor]] = defaultdict(list)
         recv_shapes: dict[int, list[tuple[int, ...]]] = defaultdict(list)
         recv_order: dict[int, list[tuple[str, int]]] = defaultdict(list)
@@ -200,9 +192,28 @@ class MatrixOrthogonalizer:
                 if sender == self.rank:
                     sends[receiver].append(payload(matrix, shard))
                 if receiver == self.rank:
-                    recv_shapes[sender].append(shape(matrix, shard))
+                    recv_shapes[sender].append(_shard_shape(matrix))
                     recv_order[sender].append((matrix.key, shard))
-        return dict(sends), dict(recv_shapes), recv_order
+        return _PendingExchange(Exchange(dict(sends), dict(recv_shapes), self.grid_group), recv_order)
+
+    def _momentum_and_orthogonalize(self, optimizer, matrices, local, gathered, *, sharded: bool):
+        """Momentum (kept in ``optimizer.state``) and Newton–Schulz for ``matrices`` this rank computes;
+        returns key → direction (the whole matrix, or this rank's shard when ``sharded``)."""
+        inputs = []
+        for matrix in matrices:
+            mine = local[matrix.key]
+            if sharded:
+                grad = mine.grad
+            else:
+                shards = dict(gathered.get(matrix.key, {}))
+                shards[mine.piece.shard_index] = mine.grad
+                grad = torch.cat([shards[i] for i in range(matrix.num_shards)], dim=matrix.shard_dim)
+            state = optimizer.matrix_state(mine.param, matrix.key)
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(grad)
+            hyper = mine.group
+            inputs.append((matrix, momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"])))
+        return {m.key: d for m, d in self._orthogonalize(optimizer, inputs, sharded=sharded)}
 
     def _orthogonalize(self, optimizer, inputs, *, sharded: bool):
         """Newton–Schulz on ``(matrix, input)`` pairs, one batched call per shape (and shard group)."""
@@ -234,10 +245,15 @@ def _shard_shape(matrix: MatrixPlan) -> tuple[int, int]:
     return rows, cols // matrix.num_shards
 
 
-def _by_matrix(received, recv_order) -> dict[str, dict[int, torch.Tensor]]:
-    """Received tensors keyed by matrix key and shard index."""
-    result: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-    for source, tensors in received.items():
-        for (key, shard), tensor in zip(recv_order[source], tensors, strict=True):
-            result[key][shard] = tensor
-    return result
+class _PendingExchange:
+    """An exchange in flight; ``wait`` returns the received tensors keyed by matrix key and shard index."""
+
+    def __init__(self, exchange: Exchange, recv_order: dict[int, list[tuple[str, int]]]) -> None:
+        self._exchange, self._recv_order = exchange, recv_order
+
+    def wait(self) -> dict[str, dict[int, torch.Tensor]]:
+        result: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        for source, tensors in self._exchange.wait().items():
+            for (key, shard), tensor in zip(self._recv_order[source], tensors, strict=True):
+                result[key][shard] = tensor
+        return result

@@ -91,6 +91,8 @@ class MatrixPlan:
     """(shard, sender, receiver) transfers of gradient shards to computers that lack them."""
     scatter: list[tuple[int, int, int]] = field(default_factory=list)
     """(shard, sender, receiver) transfers of direction shards from a computer to holders that did not compute."""
+    bucket: int = 0
+    """Exchange bucket: the shards of bucket b travel while the computers orthogonalize bucket b + 1."""
 
     @property
     def all_holders(self) -> list[int]:
@@ -109,7 +111,7 @@ class MuonPlan:
     """Newton–Schulz FLOPs each grid rank runs per step."""
 
     def fingerprint(self) -> str:
-        text = repr([(m.key, m.mode, m.computers, m.gather, m.scatter) for m in self.matrices])
+        text = repr([(m.key, m.mode, m.computers, m.gather, m.scatter, m.bucket) for m in self.matrices])
         return hashlib.sha256(text.encode()).hexdigest()
 
     def summary(self) -> str:
@@ -127,8 +129,15 @@ def build_plan(
     mode: str = "auto",
     ns_steps: int = 5,
     cost_model: CostModel | None = None,
+    num_buckets: int = 4,
 ) -> MuonPlan:
-    """Build the plan from every grid rank's announced pieces (index = rank in the grid group)."""
+    """Build the plan from every grid rank's announced pieces (index = rank in the grid group).
+
+    ``num_buckets``: the gathered/orthogonalized/scattered matrices are cut into this many exchange buckets of
+    about equal Newton–Schulz cost, so communication of one bucket overlaps computation of the next.
+    """
+    if num_buckets < 1:
+        raise ValueError(f"num_buckets={num_buckets} must be >= 1")
     if mode not in MODES:
         raise ValueError(f"tp_mode={mode!r}; valid: {list(MODES)}")
     cost_model = cost_model or CostModel()
@@ -188,7 +197,17 @@ def build_plan(
     for matrix in matrices:
         if matrix.mode != "distributed":
             _assign_transfers(matrix)
+    _assign_buckets([m for m in matrices if m.mode != "distributed"], num_buckets)
     return MuonPlan(matrices=matrices, loads=loads)
+
+
+def _assign_buckets(matrices: list[MatrixPlan], num_buckets: int) -> None:
+    """Consecutive runs of ``matrices`` with about equal total Newton–Schulz cost."""
+    total = sum(m.cost_flops for m in matrices) or 1.0
+    done = 0.0
+    for matrix in matrices:
+        matrix.bucket = min(num_buckets - 1, int(done / total * num_buckets))
+        done += matrix.cost_flops
 
 
 def _choose_mode(matrix: MatrixPlan, mode: str, cost_model: CostModel, ns_steps: int) -> str:
