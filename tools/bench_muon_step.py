@@ -43,7 +43,7 @@ Usage::
     python tools/bench_muon_step.py --out docs/benchmarks.md
 
 ``--out`` rewrites only the text between ``<!-- bench_muon_step:start -->`` and ``<!-- bench_muon_step:end -->``
-(appending the section when absent). ``--profile`` adds a cProfile of ours(auto) on rank 0.
+(appending the section when absent). ``--profile [NAME ...]`` prints a cProfile of rank 0 for the named contenders (default: ours auto).
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ class Settings:
     ns_steps: int
     steps: int
     warmup: int
-    profile: bool
+    profile: tuple[str, ...]
+    """Contenders to cProfile on rank 0 (three extra steps after the timed ones)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +282,7 @@ def _timed_steps(chunks, optimizer, count: int, first_salt: int, options) -> lis
     return times
 
 
-def _profile_ours(chunks, optimizer, steps: int, options) -> str:
+def _profile_steps(chunks, optimizer, steps: int, options) -> str:
     """cProfile of ``steps`` optimizer steps (rank 0 profiles; the others just step)."""
     import cProfile
     import pstats
@@ -354,8 +355,8 @@ def _bench_on_rank(layout: dict, model: dict, chosen: list[Contender], settings:
                     result.update(_ours_plan_facts(optimizer))
                 _timed_steps(chunks, optimizer, settings.warmup, 1, options)
                 result["times"] = _timed_steps(chunks, optimizer, settings.steps, 1 + settings.warmup, options)
-                if settings.profile and contender.name == REFERENCE:
-                    result["profile"] = _profile_ours(chunks, optimizer, 3, options)
+                if contender.name in settings.profile:
+                    result["profile"] = _profile_steps(chunks, optimizer, 3, options)
         except Exception as error:  # noqa: BLE001 - recorded in the table
             result["error"] = _error_text(error)
             result["traceback"] = traceback.format_exc()
@@ -643,7 +644,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-query-groups", type=int, default=4)
     parser.add_argument("--num-moe-experts", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--profile", action="store_true", help="cProfile ours auto on rank 0 and print it")
+    parser.add_argument("--profile", nargs="*", default=None, metavar="CONTENDER",
+                        help="cProfile these contenders (default: ours auto) on rank 0 and print the stats")
     parser.add_argument("--out", type=Path, help="markdown file whose section to rewrite")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -656,7 +658,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown contenders {sorted(unknown)}; valid: {[c.name for c in chosen]}")
         chosen = [c for c in chosen if c.name in args.contenders or c.name == REFERENCE]
     settings = Settings(lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-                        ns_steps=args.ns_steps, steps=args.steps, warmup=args.warmup, profile=args.profile)
+                        ns_steps=args.ns_steps, steps=args.steps, warmup=args.warmup,
+                        profile=() if args.profile is None else tuple(args.profile or [REFERENCE]))
     command = "python tools/bench_muon_step.py " + " ".join(
         shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv)
     )

@@ -120,14 +120,18 @@ class MatrixOrthogonalizer:
         Collective over the grid group: every rank of the grid must call it in the same step.
         """
         local: dict[str, _Local] = {}
+        without_grad: set[str] = set()
         for param, group, pieces in work:
             for piece in pieces:
-                grad = None
                 if param.grad is not None:
                     grad = piece.read(param.grad).to(torch.float32)
-                else:  # a parameter that got no gradient still takes part in its matrices' collectives
+                else:  # a parameter without gradient still takes part in its matrices' collectives
                     grad = torch.zeros(piece.local_shape, dtype=torch.float32, device=param.device)
+                    without_grad.add(piece.key)
                 local[piece.key] = _Local(param=param, group=group, piece=piece, grad=grad)
+        # A matrix held only here and without gradient keeps its momentum as it is (torch optimizers skip
+        # parameters whose grad is None); megatron always provides grads, so shared matrices always have one.
+        self._skip = {k for k in without_grad if self._matrix(k).all_holders == [self.rank]}
 
         me = self.rank
         exchanged = [m for m in self.plan.matrices if m.mode != "distributed"]
@@ -160,7 +164,7 @@ class MatrixOrthogonalizer:
         # 4. Assemble each parameter's direction from its pieces, scaled per logical matrix.
         results: list[torch.Tensor | None] = []
         for param, group, pieces in work:
-            if not pieces:
+            if not pieces or param.grad is None:
                 results.append(None)
                 continue
             direction = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
@@ -201,6 +205,8 @@ class MatrixOrthogonalizer:
         returns key → direction (the whole matrix, or this rank's shard when ``sharded``)."""
         inputs = []
         for matrix in matrices:
+            if matrix.key in self._skip:
+                continue
             mine = local[matrix.key]
             if sharded:
                 grad = mine.grad

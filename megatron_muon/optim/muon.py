@@ -173,6 +173,22 @@ class Muon(torch.optim.Optimizer):
             param.add_(direction.to(param.dtype), alpha=-group["lr"])
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load as torch does, but keep momentum in fp32: ``Optimizer.load_state_dict`` casts floating state
+        to each parameter's dtype, which would turn the fp32 momentum of a bf16 parameter into bf16."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        momenta = {
+            pid: {k: v["momentum"] for k, v in state.items() if isinstance(v, dict) and "momentum" in v}
+            for pid, state in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, param in zip(saved_ids, params, strict=True):
+            for key, momentum in momenta.get(pid, {}).items():
+                self.state[param][key]["momentum"] = momentum.to(
+                    device=param.device, dtype=torch.float32, copy=True
+                )
+
     def matrix_state(self, param: torch.Tensor, key: str) -> dict:
         """State of the logical matrix ``key`` held in ``param``'s optimizer state (created on first use)."""
         return self.state[param].setdefault(key, {})

@@ -111,7 +111,13 @@ class MuonPlan:
     """Newton–Schulz FLOPs each grid rank runs per step."""
 
     def fingerprint(self) -> str:
-        text = repr([(m.key, m.mode, m.computers, m.gather, m.scatter, m.bucket) for m in self.matrices])
+        text = repr(
+            [
+                (m.key, m.shape, m.shard_dim, m.num_shards, m.shard_group, m.holders, m.mode, m.computers,
+                 m.gather, m.scatter, m.bucket)
+                for m in self.matrices
+            ]
+        )
         return hashlib.sha256(text.encode()).hexdigest()
 
     def summary(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import signal
 import socket
 import time
 import traceback
@@ -34,6 +35,9 @@ __all__ = [
 # After one rank fails, how long the others get to report before they are killed: they are usually
 # blocked in a collective the failed rank will never join.
 _GRACE_AFTER_FAILURE_S = 5.0
+# After every rank reported, how long they get to exit on their own (interpreter shutdown, children
+# such as dist_checkpointing's Manager shut down) before what is left is killed.
+_EXIT_WAIT_S = 30.0
 
 
 class DistributedRunError(RuntimeError):
@@ -118,6 +122,9 @@ def _rank_main(rank: int, world_size: int, port: int, sizes: ParallelSizes, time
                fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                report: Connection) -> None:
     """Body of one rank process. Sends ``("ok", pickled value)`` or ``("error", traceback text)``."""
+    # Lead a process group of our own, so that run_distributed can kill this rank together with any
+    # children it starts (which would otherwise outlive a killed rank and hold its pipes open).
+    os.setpgid(0, 0)
     try:
         try:
             _initialize_rank(rank, world_size, port, sizes, timeout_s)
@@ -136,6 +143,27 @@ def _rank_main(rank: int, world_size: int, port: int, sizes: ParallelSizes, time
         report.send(("error", traceback.format_exc()))
     finally:
         report.close()
+
+
+def _stop_ranks(processes: list[Any], *, wait_s: float) -> None:
+    """Give the ranks ``wait_s`` seconds to exit, then kill each rank's process group (the rank and any
+    children it left behind), then reap them.
+
+    Nothing is reaped before its group is killed, so a rank's pid (its group id) cannot have been reused.
+    """
+    deadline = time.monotonic() + wait_s
+    running = [process.sentinel for process in processes]
+    while running and time.monotonic() < deadline:
+        for sentinel in wait(running, timeout=max(0.0, deadline - time.monotonic())):
+            running.remove(sentinel)
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is gone, or the rank had not made itself a group leader yet
+        process.kill()  # the rank itself, in either case (a no-op on an exited one)
+    for process in processes:
+        process.join(timeout=10)
 
 
 def _describe_function(fn: Callable[..., Any]) -> str:
@@ -182,68 +210,69 @@ def run_distributed(
     context = torch.multiprocessing.get_context("spawn")
     port = _free_tcp_port()
     processes = []
-    reports: dict[Connection, int] = {}
-    sentinels: dict[int, int] = {}
+    report_of_rank: dict[int, Connection] = {}
     for rank in range(world_size):
         receive, send = context.Pipe(duplex=False)
         process = context.Process(
             target=_rank_main, name=f"rank{rank}",
             args=(rank, world_size, port, sizes, timeout_s, fn, tuple(args), dict(kwargs or {}), send),
             # Not a daemon: ranks must be able to start children of their own (dist_checkpointing's
-            # save starts a multiprocessing Manager). The finally block below kills stragglers.
+            # save starts a multiprocessing Manager). _stop_ranks kills whatever is left.
             daemon=False,
         )
         process.start()
         send.close()  # the child holds its own copy; closing ours lets a dead child read as EOF
         processes.append(process)
-        reports[receive] = rank
-        sentinels[process.sentinel] = rank
+        report_of_rank[rank] = receive
 
     values: dict[int, Any] = {}
-    failures: dict[int, str] = {}
+    # Traceback text, or None for a rank that died without reporting (described once it is reaped).
+    # Insertion order is arrival order.
+    failures: dict[int, str | None] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        while len(values) + len(failures) < world_size:
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            ready = wait([*reports, *sentinels], timeout=deadline - now)
-            for handle in ready:
-                if handle in reports:
-                    rank = reports.pop(handle)
-                    try:
-                        status, payload = handle.recv()
-                    except EOFError:
-                        processes[rank].join(timeout=5)
-                        failures[rank] = (f"rank {rank} exited with code {processes[rank].exitcode} "
-                                          "without reporting a result\n")
-                        continue
-                    finally:
-                        handle.close()
-                    if status == "ok":
-                        values[rank] = pickle.loads(payload)
-                    else:
-                        failures[rank] = payload
-                elif handle in sentinels:
-                    # Process ended; its report (or EOF) is read from its pipe above.
-                    sentinels.pop(handle)
+        rank_of_handle = {handle: rank for rank, handle in report_of_rank.items()}
+        rank_of_handle.update({process.sentinel: rank for rank, process in enumerate(processes)})
+        waiting = set(range(world_size))
+        while waiting and time.monotonic() < deadline:
+            handles = [report_of_rank[rank] for rank in waiting]
+            handles += [processes[rank].sentinel for rank in waiting]
+            for handle in wait(handles, timeout=max(0.0, deadline - time.monotonic())):
+                rank = rank_of_handle[handle]
+                if rank not in waiting:
+                    continue  # both its pipe and its sentinel were ready
+                report = report_of_rank[rank]
+                waiting.discard(rank)
+                if handle is not report and not report.poll():
+                    failures[rank] = None  # exited, and nothing is in its pipe
+                    continue
+                try:
+                    status, payload = report.recv()
+                except EOFError:
+                    failures[rank] = None
+                    continue
+                if status == "ok":
+                    values[rank] = pickle.loads(payload)
+                else:
+                    failures[rank] = payload
             if failures:
                 # The other ranks are probably blocked in a collective; give them a moment to fail too.
                 deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE_S)
     finally:
-        unfinished = [rank for rank in range(world_size) if rank not in values and rank not in failures]
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-        for process in processes:
-            process.join(timeout=10)
-        for handle in reports:
+        finished_cleanly = len(values) == world_size
+        _stop_ranks(processes, wait_s=_EXIT_WAIT_S if finished_cleanly else 0.0)
+        for handle in report_of_rank.values():
             handle.close()
 
+    for rank, failure in failures.items():
+        if failure is None:
+            failures[rank] = (f"rank {rank} exited with code {processes[rank].exitcode} without reporting "
+                              "a result (negative: killed by that signal)\n")
+    unfinished = [rank for rank in range(world_size) if rank not in values and rank not in failures]
     described = f"run_distributed({_describe_function(fn)}, world_size={world_size}, {sizes})"
     if failures:
-        # Dicts keep insertion order: the first entry is the first failure to arrive, usually the cause
-        # (the others often fail because a peer vanished from a collective).
+        # The first failure to arrive is usually the cause; the others often fail because a peer
+        # vanished from a collective.
         first = next(iter(failures))
         parts = [f"{described}: {len(failures)} rank(s) failed: {sorted(failures)}; first reported: rank {first}"]
         if unfinished:

@@ -3,6 +3,7 @@ QKV and SwiGLU weights on one tensor-parallel shard (several ranks are tested in
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -61,16 +62,10 @@ def test_a_matrix_is_one_piece_named_after_the_parameter():
 
 @pytest.mark.parametrize("batch_shape", [(3,), (2, 3)])
 def test_a_stack_is_one_piece_per_matrix(batch_shape):
-    stack = torch.arange(torch.Size(batch_shape).numel() * 24, dtype=torch.float32).reshape(
-        *batch_shape, 6, 4
-    )
+    count = torch.Size(batch_shape).numel()
+    stack = torch.arange(count * 24, dtype=torch.float32).reshape(*batch_shape, 6, 4)
     pieces = whole_tensor_pieces("experts", stack)
-    indices = [
-        tuple(i)
-        for i in torch.cartesian_prod(*[torch.arange(n) for n in batch_shape])
-        .reshape(-1, len(batch_shape))
-        .tolist()
-    ]
+    indices = list(itertools.product(*[range(n) for n in batch_shape]))  # row-major, as the keys promise
     assert [p.key for p in pieces] == [f"experts[{'.'.join(map(str, i))}]" for i in indices]
     assert all(p.shape == (6, 4) for p in pieces)
     rebuilt = torch.zeros_like(stack)
@@ -210,9 +205,8 @@ def test_gated_fc1_splits_into_gate_and_up_halves(partition_stride):
     config = SimpleNamespace(gated_linear_unit=True)
     pieces = megatron_param_pieces(FC1_NAME, module.weight, module, config, MODULE_PATH)
 
-    gate, up = torch.chunk(
-        weight, 2, dim=0
-    )  # mlp.py's glu: torch.chunk(x, 2, dim=-1) over the output features
+    # mlp.py's glu reads the output features as torch.chunk(x, 2, dim=-1): gate first, then up
+    gate, up = torch.chunk(weight, 2, dim=0)
     assert [p.key for p in pieces] == [f"{FC1_NAME}/gate", f"{FC1_NAME}/up"]
     assert all(p.shape == (ffn, hidden) for p in pieces)
     for piece, expected in zip(pieces, (gate, up), strict=True):

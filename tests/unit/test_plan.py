@@ -196,14 +196,19 @@ def test_auto_runs_distributed_on_a_long_side_split_when_bandwidth_is_scarce(sha
 
 
 def test_forced_distributed_falls_back_to_duplicated_for_a_short_side_split():
-    records = two_shards((64, 1024), 0) + [
-        [piece("long", (64, 1024), shard_dim=1, num_shards=2, shard_index=r)] for r in range(2)
+    records = [
+        [
+            piece("short_split", (64, 1024), shard_dim=0, num_shards=2, shard_index=rank),
+            piece("long_split", (64, 1024), shard_dim=1, num_shards=2, shard_index=rank),
+        ]
+        for rank in range(2)
     ]
-    records = [records[0] + records[2], records[1] + records[3]]
     plan = build_plan(records, mode="distributed", ns_steps=NS_STEPS)
     assert_valid(plan, records)
-    modes = {m.key: m.mode for m in plan.matrices}
-    assert modes == {"w": "duplicated", "long": "distributed"}
+    assert {m.key: m.mode for m in plan.matrices} == {
+        "short_split": "duplicated",
+        "long_split": "distributed",
+    }
 
 
 def test_forced_distributed_runs_unsharded_matrices_locally():
