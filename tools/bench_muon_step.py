@@ -258,12 +258,16 @@ def _ours_plan_facts(optimizer) -> dict:
     """Modes auto picked and the stage's total Muon state (each logical matrix once, fp32)."""
     modes: dict[str, int] = {}
     stage_bytes = 0
+    loads: dict[int, float] = {}
     for leaf in _leaves(optimizer):
         if hasattr(leaf, "orthogonalizer"):
-            for matrix in leaf.orthogonalizer.plan.matrices:
+            plan = leaf.orthogonalizer.plan
+            for matrix in plan.matrices:
                 modes[matrix.mode] = modes.get(matrix.mode, 0) + 1
                 stage_bytes += matrix.shape[0] * matrix.shape[1] * 4
-    return {"modes": modes, "stage_muon_state_bytes": stage_bytes}
+            for rank, flops in plan.loads.items():
+                loads[rank] = loads.get(rank, 0.0) + flops
+    return {"modes": modes, "stage_muon_state_bytes": stage_bytes, "ns_flops_per_rank": sorted(loads.values())}
 
 
 def _error_text(error: BaseException) -> str:
@@ -342,7 +346,7 @@ def _bench_on_rank(layout: dict, model: dict, chosen: list[Contender], settings:
                 fill_canonical_(chunks, salt="weight", options=options)
                 fill_canonical_(chunks, salt="grad0", grads=True, options=options)
                 builders[contender.family](chunks, contender, settings, pg).step()
-            except Exception as error:  # noqa: BLE001 - recorded in the table
+            except Exception as error:  # recorded in the table
                 result["shipped_error"] = _error_text(error)
             gc.collect()
             torch.distributed.barrier()
@@ -358,7 +362,7 @@ def _bench_on_rank(layout: dict, model: dict, chosen: list[Contender], settings:
             if contender.family == "ours":
                 result.update(_ours_plan_facts(optimizer))
             optimizers[contender.name] = optimizer
-        except Exception as error:  # noqa: BLE001 - recorded in the table
+        except Exception as error:  # recorded in the table
             record_failure(result, error)
         torch.distributed.barrier()
 
@@ -368,7 +372,7 @@ def _bench_on_rank(layout: dict, model: dict, chosen: list[Contender], settings:
             try:
                 with _workarounds(by_name[name]):
                     elapsed = _timed_step(chunks, optimizers[name], f"grad{round_index + 1}", options)
-            except Exception as error:  # noqa: BLE001 - recorded in the table
+            except Exception as error:  # recorded in the table
                 record_failure(results[name], error)
                 del optimizers[name]
                 torch.distributed.barrier()
@@ -465,7 +469,6 @@ def measure_layout(layout_name: str, model: dict, chosen: list[Contender], setti
         args=(layout, model, chosen, settings),
         timeout_s=1800,
     )
-    names = [c.name for c in chosen]
     agreement = _agreement(per_rank, chosen, settings)
     rows = {}
     for contender in chosen:
@@ -485,6 +488,7 @@ def measure_layout(layout_name: str, model: dict, chosen: list[Contender], setti
             if contender.family == "ours":
                 row["modes"] = ranks[0]["modes"]
                 row["stage_muon_state_bytes"] = ranks[0]["stage_muon_state_bytes"]
+                row["ns_flops_per_rank"] = ranks[0]["ns_flops_per_rank"]
         if ranks[0].get("profile"):
             row["profile"] = ranks[0]["profile"]
         rows[contender.name] = row
@@ -525,6 +529,9 @@ def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> lis
         contender = row["contender"]
         if contender["family"] == "ours":
             placement = ", ".join(f"{mode} ×{count}" for mode, count in sorted(row.get("modes", {}).items()))
+            if row.get("ns_flops_per_rank"):
+                loads = row["ns_flops_per_rank"]
+                placement += f"; NS {loads[0] / 1e9:.1f}–{loads[-1] / 1e9:.1f} GFLOP per rank"
         else:
             placement = contender["tp_mode"] + (" + layer-wise DP sharding" if contender["layer_wise"] else "")
         exact = "yes" if contender["exact"] else "**no**"

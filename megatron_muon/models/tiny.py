@@ -91,16 +91,19 @@ def build_transformer_config(
     """
     expert_tp = tp if etp is None else etp
     if len(cfg.moe_layer_freq) != cfg.num_layers:
-        raise ValueError(f"moe_layer_freq={cfg.moe_layer_freq} has {len(cfg.moe_layer_freq)} entries, "
-                         f"expected num_layers={cfg.num_layers}")
+        raise ValueError(
+            f"moe_layer_freq={cfg.moe_layer_freq} has {len(cfg.moe_layer_freq)} entries, "
+            f"expected num_layers={cfg.num_layers}"
+        )
     _require_divisible("num_attention_heads", cfg.num_attention_heads, "tensor_parallel_size", tp)
     _require_divisible("num_query_groups", cfg.num_query_groups, "tensor_parallel_size", tp)
     _require_divisible("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_parallel_size", tp)
     _require_divisible("vocab_size", cfg.vocab_size, "tensor_parallel_size", tp)
     _require_divisible("seq_length", cfg.seq_length, "tensor_parallel_size", tp)
     _require_divisible("num_moe_experts", cfg.num_moe_experts, "expert_parallel_size", ep)
-    _require_divisible("moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, "expert_tensor_parallel_size",
-                       expert_tp)
+    _require_divisible(
+        "moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, "expert_tensor_parallel_size", expert_tp
+    )
     _require_divisible("num_layers", cfg.num_layers, "pipeline_parallel_size * (vpp or 1)", pp * (vpp or 1))
 
     return TransformerConfig(
@@ -172,9 +175,12 @@ def build_gpt_moe_model(
 ) -> GPTModel:
     """One megatron ``GPTModel`` chunk (the layers of this pipeline rank / virtual stage), local spec.
 
-    Weights come from the CPU default generator (``use_cpu_initialization``): seed it with
-    ``torch.manual_seed`` first. Every rank draws the full matrices and keeps its own slice, so the
-    initial model is the same at any tensor-parallel size.
+    Seeding: weights come from the CPU default generator (``use_cpu_initialization``), so call
+    ``torch.manual_seed(seed)`` first; megatron's forward forks its tensor-parallel RNG tracker, so call
+    ``megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed(seed)`` before the first forward.
+    Every rank draws full matrices and keeps its own slice, so the initial model does not depend on the
+    tensor-parallel size. It does depend on the pipeline size (a stage draws only its own layers) and on
+    the expert-parallel size (an EP rank draws only its local experts).
     """
     pp_rank = pg_collection.pp.rank()
     return GPTModel(

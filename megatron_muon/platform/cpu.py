@@ -101,8 +101,13 @@ class _CompletedEvent:
     """Stands in for ``torch.cuda.Event``: on CPU every recorded point has already happened.
     Timing (``elapsed_time``) is deliberately absent: it would have to invent a number."""
 
-    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False,
-                 external: bool = False) -> None:
+    def __init__(
+        self,
+        enable_timing: bool = False,
+        blocking: bool = False,
+        interprocess: bool = False,
+        external: bool = False,
+    ) -> None:
         del enable_timing, blocking, interprocess, external
 
     def record(self, stream: Any = None) -> None:
@@ -269,19 +274,20 @@ _MODULES_SEEING_CPU_AS_CUDA: dict[str, str] = {
 # ---------------------------------------------------------------------------------------------------
 
 _ORIGINAL_TENSOR_TYPE = torch.Tensor.type
-_ORIGINAL_TENSOR_CUDA = torch.Tensor.cuda
 
 
-def _type_naming_cpu_tensors_as_cuda(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False,
-                                     **kwargs: Any) -> Any:
+def _type_naming_cpu_tensors_as_cuda(
+    self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any
+) -> Any:
     if dtype is None and not kwargs and self.device.type == "cpu":
         name = _ORIGINAL_TENSOR_TYPE(self)  # e.g. "torch.FloatTensor"
         return name.replace("torch.", "torch.cuda.", 1)
     return _ORIGINAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
 
 
-def _cuda_keeping_cpu_tensors(self: torch.Tensor, device: Any = None, non_blocking: bool = False,
-                              **kwargs: Any) -> torch.Tensor:
+def _cuda_keeping_cpu_tensors(
+    self: torch.Tensor, device: Any = None, non_blocking: bool = False, **kwargs: Any
+) -> torch.Tensor:
     del device, non_blocking, kwargs
     return self
 
@@ -289,7 +295,8 @@ def _cuda_keeping_cpu_tensors(self: torch.Tensor, device: Any = None, non_blocki
 @contextlib.contextmanager
 def cpu_tensors_pose_as_cuda() -> Iterator[None]:
     """While active, ``t.type()`` of a CPU tensor names the CUDA type (``"torch.cuda.FloatTensor"``)
-    and ``t.cuda()`` returns ``t`` itself. Re-entrant. Used only around the megatron functions listed in
+    and ``t.cuda()`` returns ``t`` itself. Re-entrant; process-wide while active (other threads see it
+    too), which is why it only wraps short, single-threaded setup calls: the megatron functions listed in
     :data:`_FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA`."""
     previous_type = torch.Tensor.__dict__.get("type")
     previous_cuda = torch.Tensor.__dict__.get("cuda")
@@ -329,8 +336,10 @@ _FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA: dict[tuple[str, str], str] = {
     ("megatron.core.optimizer.grad_scaler", "DynamicGradScaler.load_state_dict"): ".cuda()",
     # models/common/language_module: with pipeline parallelism the tied embedding copy on the last
     # stage is moved with weight.data.cuda() before its first all-reduce.
-    ("megatron.core.models.common.language_module.language_module",
-     "LanguageModule.setup_embeddings_and_output_layer"): "weight.data.cuda()",
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule.setup_embeddings_and_output_layer",
+    ): "weight.data.cuda()",
 }
 
 
@@ -339,8 +348,9 @@ _FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA: dict[tuple[str, str], str] = {
 # ---------------------------------------------------------------------------------------------------
 
 
-def _get_cuda_rng_state_on_cpu(device: Any = "cuda", clone: bool = False,
-                               graph_safe: bool = False) -> torch.Tensor:
+def _get_cuda_rng_state_on_cpu(
+    device: Any = "cuda", clone: bool = False, graph_safe: bool = False
+) -> torch.Tensor:
     """CPU version of ``tensor_parallel.random._get_cuda_rng_state`` (same signature)."""
     del device, clone
     if graph_safe:
@@ -356,8 +366,9 @@ def _set_cuda_rng_state_on_cpu(new_state: torch.Tensor, device: Any = -1, graph_
     _CUDA_GENERATOR_STAND_IN.set_state(new_state)
 
 
-def _move_tensor_to_cpu_including_cpu_tensors(tensor: Any, as_numpy: bool = False,
-                                              record_stream: bool = False) -> Any:
+def _move_tensor_to_cpu_including_cpu_tensors(
+    tensor: Any, as_numpy: bool = False, record_stream: bool = False
+) -> Any:
     """CPU version of ``moe_utils.maybe_move_tensor_to_cpu`` as imported by the token dispatcher.
 
     The original converts only CUDA tensors (``tensor.is_cuda``), so on CPU the alltoall split sizes
@@ -418,8 +429,8 @@ def _check_megatron_version() -> None:
     import megatron.core
 
     version = getattr(megatron.core, "__version__", None)
-    # megatron's package_info appends "+<git hash>" of the *current working directory's* repository, so
-    # compare the release part only.
+    # megatron's package_info appends "+<git hash>" when its install directory lies inside a git
+    # repository (a venv inside this project does), so compare the release part only.
     if version is None or version.split("+")[0] != SUPPORTED_MEGATRON_CORE_VERSION:
         raise RuntimeError(
             f"megatron.core.__version__={version!r}: the CPU stand-ins in {__name__} were written "
@@ -441,8 +452,10 @@ def _resolve(module_name: str, attribute_path: str) -> tuple[Any, str, Any]:
     *parents, name = attribute_path.split(".")
     for parent in parents:
         if not hasattr(owner, parent):
-            raise RuntimeError(f"CPU stand-in target {module_name}.{attribute_path} not found: "
-                               f"{module_name} has no {parent!r}")
+            raise RuntimeError(
+                f"CPU stand-in target {module_name}.{attribute_path} not found: "
+                f"{module_name} has no {parent!r}"
+            )
         owner = getattr(owner, parent)
     try:
         value = inspect.getattr_static(owner, name)
@@ -458,8 +471,10 @@ def _is_stand_in(function: Any) -> bool:
 def _check_function(module_name: str, attribute_path: str, value: Any) -> None:
     function = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
     if not callable(function):
-        raise RuntimeError(f"CPU stand-in target {module_name}.{attribute_path} is {type(value).__name__}, "
-                           "expected a function")
+        raise RuntimeError(
+            f"CPU stand-in target {module_name}.{attribute_path} is {type(value).__name__}, "
+            "expected a function"
+        )
 
 
 def _plan() -> list[Callable[[], None]]:
@@ -472,11 +487,12 @@ def _plan() -> list[Callable[[], None]]:
         if module_torch is TORCH_WITH_CPU_AS_CUDA:
             continue
         if module_torch is not torch:
-            raise RuntimeError(f"CPU stand-in target {module_name}.torch is not the torch module "
-                               f"(found {module_torch!r})")
+            raise RuntimeError(
+                f"CPU stand-in target {module_name}.torch is not the torch module (found {module_torch!r})"
+            )
         patches.append(functools.partial(setattr, module, "torch", TORCH_WITH_CPU_AS_CUDA))
 
-    for (module_name, attribute_path) in _FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA:
+    for module_name, attribute_path in _FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA:
         owner, name, value = _resolve(module_name, attribute_path)
         _check_function(module_name, attribute_path, value)
         function = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
@@ -492,8 +508,11 @@ def _plan() -> list[Callable[[], None]]:
         ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _get_cuda_rng_state_on_cpu),
         ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cuda_rng_state_on_cpu),
         # 4. transformer/moe/token_dispatcher.py: alltoall split sizes must become numpy on CPU too.
-        ("megatron.core.transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu",
-         _move_tensor_to_cpu_including_cpu_tensors),
+        (
+            "megatron.core.transformer.moe.token_dispatcher",
+            "maybe_move_tensor_to_cpu",
+            _move_tensor_to_cpu_including_cpu_tensors,
+        ),
     ]
     for module_name, attribute_path, replacement in replacements:
         owner, name, value = _resolve(module_name, attribute_path)
@@ -506,8 +525,11 @@ def _plan() -> list[Callable[[], None]]:
     original_new = value.__func__ if isinstance(value, staticmethod) else value
     _check_function("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", original_new)
     if not _is_stand_in(original_new):
-        patches.append(functools.partial(setattr, owner, name,
-                                         staticmethod(_sequence_parallel_torch_norm_new(original_new))))
+        patches.append(
+            functools.partial(
+                setattr, owner, name, staticmethod(_sequence_parallel_torch_norm_new(original_new))
+            )
+        )
     return patches
 
 

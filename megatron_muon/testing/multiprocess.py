@@ -74,8 +74,9 @@ class ParallelSizes:
             raise ValueError(f"tp={self.tp} * pp={self.pp} does not divide world_size={world_size}")
         expert_tp = self.tp if self.etp is None else self.etp
         if world_size % (expert_tp * self.ep * self.pp) != 0:
-            raise ValueError(f"etp={expert_tp} * ep={self.ep} * pp={self.pp} does not divide "
-                             f"world_size={world_size}")
+            raise ValueError(
+                f"etp={expert_tp} * ep={self.ep} * pp={self.pp} does not divide world_size={world_size}"
+            )
         if self.vpp is not None and self.vpp < 1:
             raise ValueError(f"vpp={self.vpp} must be None or >= 1")
 
@@ -92,11 +93,20 @@ def _initialize_rank(rank: int, world_size: int, port: int, sizes: ParallelSizes
     from megatron_muon.platform import apply_cpu_stand_ins
 
     # What torchrun would set; some megatron code reads LOCAL_RANK.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     apply_cpu_stand_ins()
@@ -118,9 +128,17 @@ def _tear_down_rank() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _rank_main(rank: int, world_size: int, port: int, sizes: ParallelSizes, timeout_s: float,
-               fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-               report: Connection) -> None:
+def _rank_main(
+    rank: int,
+    world_size: int,
+    port: int,
+    sizes: ParallelSizes,
+    timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    report: Connection,
+) -> None:
     """Body of one rank process. Sends ``("ok", pickled value)`` or ``("error", traceback text)``."""
     # Lead a process group of our own, so that run_distributed can kill this rank together with any
     # children it starts (which would otherwise outlive a killed rank and hold its pipes open).
@@ -136,8 +154,10 @@ def _rank_main(rank: int, world_size: int, port: int, sizes: ParallelSizes, time
             # handles that die with this process.
             payload = pickle.dumps(value)
         except Exception as error:
-            raise TypeError(f"the return value of {fn.__qualname__} on rank {rank} is not picklable "
-                            f"({type(value).__name__}): {error}") from error
+            raise TypeError(
+                f"the return value of {fn.__qualname__} on rank {rank} is not picklable "
+                f"({type(value).__name__}): {error}"
+            ) from error
         report.send(("ok", payload))
     except BaseException:
         report.send(("error", traceback.format_exc()))
@@ -204,8 +224,10 @@ def run_distributed(
     try:
         pickle.dumps(fn)
     except Exception as error:
-        raise TypeError(f"fn={_describe_function(fn)} cannot be sent to the rank processes; it must be a "
-                        f"module-level function ({error})") from error
+        raise TypeError(
+            f"fn={_describe_function(fn)} cannot be sent to the rank processes; it must be a "
+            f"module-level function ({error})"
+        ) from error
 
     context = torch.multiprocessing.get_context("spawn")
     port = _free_tcp_port()
@@ -214,7 +236,8 @@ def run_distributed(
     for rank in range(world_size):
         receive, send = context.Pipe(duplex=False)
         process = context.Process(
-            target=_rank_main, name=f"rank{rank}",
+            target=_rank_main,
+            name=f"rank{rank}",
             args=(rank, world_size, port, sizes, timeout_s, fn, tuple(args), dict(kwargs or {}), send),
             # Not a daemon: ranks must be able to start children of their own (dist_checkpointing's
             # save starts a multiprocessing Manager). _stop_ranks kills whatever is left.
@@ -266,15 +289,19 @@ def run_distributed(
 
     for rank, failure in failures.items():
         if failure is None:
-            failures[rank] = (f"rank {rank} exited with code {processes[rank].exitcode} without reporting "
-                              "a result (negative: killed by that signal)\n")
+            failures[rank] = (
+                f"rank {rank} exited with code {processes[rank].exitcode} without reporting "
+                "a result (negative: killed by that signal)\n"
+            )
     unfinished = [rank for rank in range(world_size) if rank not in values and rank not in failures]
     described = f"run_distributed({_describe_function(fn)}, world_size={world_size}, {sizes})"
     if failures:
         # The first failure to arrive is usually the cause; the others often fail because a peer
         # vanished from a collective.
         first = next(iter(failures))
-        parts = [f"{described}: {len(failures)} rank(s) failed: {sorted(failures)}; first reported: rank {first}"]
+        parts = [
+            f"{described}: {len(failures)} rank(s) failed: {sorted(failures)}; first reported: rank {first}"
+        ]
         if unfinished:
             parts.append(f"ranks {unfinished} were still running after the failure and were killed")
         for rank in sorted(failures):

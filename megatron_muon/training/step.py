@@ -77,7 +77,9 @@ def wrap_in_ddp(
     return wrapped
 
 
-def _arithmetic_sequences(generator: torch.Generator, count: int, length: int, vocab_size: int) -> torch.Tensor:
+def _arithmetic_sequences(
+    generator: torch.Generator, count: int, length: int, vocab_size: int
+) -> torch.Tensor:
     """``count`` sequences ``(start + stride * t) % vocab_size`` with random start and stride: a pattern a
     model can learn from two previous tokens, so the loss of a working trainer falls quickly."""
     start = torch.randint(0, vocab_size, (count, 1), generator=generator)
@@ -109,9 +111,13 @@ def synthetic_batches(
 
     With interleaved pipelining pass one such iterator per model chunk.
     """
-    for name, value in (("vocab_size", vocab_size), ("seq_length", seq_length),
-                        ("micro_batch_size", micro_batch_size), ("num_microbatches", num_microbatches),
-                        ("data_parallel_size", data_parallel_size)):
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("seq_length", seq_length),
+        ("micro_batch_size", micro_batch_size),
+        ("num_microbatches", num_microbatches),
+        ("data_parallel_size", data_parallel_size),
+    ):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
     if not 0 <= data_parallel_rank < data_parallel_size:
@@ -122,9 +128,10 @@ def synthetic_batches(
     step = 0
     while True:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        sequences = _arithmetic_sequences(generator, local_batch * data_parallel_size, seq_length + 1,
-                                          vocab_size)
-        local = sequences[data_parallel_rank * local_batch:(data_parallel_rank + 1) * local_batch]
+        sequences = _arithmetic_sequences(
+            generator, local_batch * data_parallel_size, seq_length + 1, vocab_size
+        )
+        local = sequences[data_parallel_rank * local_batch : (data_parallel_rank + 1) * local_batch]
         for microbatch in local.split(micro_batch_size):
             yield {
                 "tokens": microbatch[:, :-1].contiguous(),
@@ -135,8 +142,9 @@ def synthetic_batches(
         step += 1
 
 
-def _summed_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def _summed_token_loss(
+    loss_mask: torch.Tensor, per_token_loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Megatron's per-token-loss convention: (loss summed over tokens, token count, reporting values).
     The schedule adds up the token counts and ``finalize_model_grads`` divides the gradients by the
     global total."""
@@ -157,8 +165,9 @@ def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: GPTMo
     return output, partial(_summed_token_loss, batch["loss_mask"])
 
 
-def _load_balancing_loss(config: TransformerConfig, num_microbatches: int,
-                         pg_collection: ProcessGroupCollection) -> float:
+def _load_balancing_loss(
+    config: TransformerConfig, num_microbatches: int, pg_collection: ProcessGroupCollection
+) -> float:
     """Mean over MoE layers and microbatches of the switch aux loss (before its coefficient), as
     megatron's tracker reduces it: summed over pipeline stages, averaged over data parallel."""
     totals: dict[str, torch.Tensor] = {}
@@ -231,8 +240,9 @@ def train_step(
         for microbatch in reported:
             loss_and_tokens += microbatch["lm loss"].to(torch.float64)
         torch.distributed.all_reduce(loss_and_tokens, group=pg_collection.dp_cp)
-    torch.distributed.broadcast(loss_and_tokens, src=get_pp_last_rank(pg_collection.pp),
-                                group=pg_collection.pp)
+    torch.distributed.broadcast(
+        loss_and_tokens, src=get_pp_last_rank(pg_collection.pp), group=pg_collection.pp
+    )
     loss_sum, tokens = loss_and_tokens.tolist()
     if tokens <= 0:
         raise RuntimeError(f"the global batch held {tokens} loss tokens; loss_mask masks every token")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -56,11 +57,11 @@ def test_values_come_back_indexed_by_rank_with_parallel_state_initialized():
 def test_a_failing_rank_reports_its_traceback_and_the_blocked_rank():
     started = time.monotonic()
     with pytest.raises(DistributedRunError) as raised:
-        run_distributed(_raise_on_rank_one, 2, timeout_s=120)
+        run_distributed(_raise_on_rank_one, 2, timeout_s=300)
 
     # Rank 0 waits in a barrier rank 1 never joins: gloo fails it when rank 1 exits, or the harness kills
-    # it; either way nobody waits for the 120 s timeout.
-    assert time.monotonic() - started < 60
+    # it; either way nobody waits for the 300 s timeout (start-up takes ~10 s, more on a loaded machine).
+    assert time.monotonic() - started < 150
     message = str(raised.value)
     assert "first reported: rank 1" in message
     rank_one_section = message.split("----- rank 1 -----", 1)[1]
@@ -73,12 +74,16 @@ def test_a_failing_rank_reports_its_traceback_and_the_blocked_rank():
 def test_a_hanging_rank_times_out_is_named_and_killed():
     started = time.monotonic()
     with pytest.raises(DistributedTimeoutError) as raised:
-        run_distributed(_hang_on_rank_one, 2, timeout_s=30)
+        run_distributed(_hang_on_rank_one, 2, timeout_s=20)
 
-    assert time.monotonic() - started < 60  # killed, not joined after its hour of sleep
+    assert time.monotonic() - started < 50  # killed, not joined after its hour of sleep
     message = str(raised.value)
-    assert "ranks [1] did not finish within timeout_s=30" in message
-    assert "finished: [0]" in message
+    unfinished = re.search(r"ranks \[([0-9, ]+)\] did not finish within timeout_s=20", message)
+    assert unfinished, message
+    unfinished_ranks = [int(rank) for rank in unfinished.group(1).split(",")]
+    assert 1 in unfinished_ranks
+    # On a loaded machine rank 0 may still be starting up at 20 s; if it finished it is listed as such.
+    assert unfinished_ranks == [1] and "finished: [0]" in message or unfinished_ranks == [0, 1], message
 
 
 def test_a_function_that_cannot_be_pickled_is_refused_before_spawning():

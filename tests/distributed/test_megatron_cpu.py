@@ -49,8 +49,15 @@ def _train_tiny_moe(*, steps: int, num_microbatches: int, tp: int, pp: int, ep: 
         seed=SEED,
     )
     return [
-        train_step(model, optimizer, batches, num_microbatches=num_microbatches, seq_length=cfg.seq_length,
-                   micro_batch_size=MICRO_BATCH_SIZE, pg_collection=pg)
+        train_step(
+            model,
+            optimizer,
+            batches,
+            num_microbatches=num_microbatches,
+            seq_length=cfg.seq_length,
+            micro_batch_size=MICRO_BATCH_SIZE,
+            pg_collection=pg,
+        )
         for _ in range(steps)
     ]
 
@@ -77,7 +84,12 @@ def _assert_trained(reports) -> None:
 def tp2_pp2_ep2_reports():
     """4 ranks: TP2 x PP2 (DP1), EP2 with expert TP1 (expert DP1)."""
     return run_distributed(
-        _train_tiny_moe, 4, tp=2, pp=2, ep=2, etp=1,
+        _train_tiny_moe,
+        4,
+        tp=2,
+        pp=2,
+        ep=2,
+        etp=1,
         kwargs=dict(steps=STEPS, num_microbatches=GLOBAL_MICROBATCHES, tp=2, pp=2, ep=2, etp=1),
     )
 
@@ -85,7 +97,9 @@ def tp2_pp2_ep2_reports():
 @pytest.mark.slow
 def test_tiny_moe_trains_in_one_process():
     [reports] = run_distributed(
-        _train_tiny_moe, 1, kwargs=dict(steps=STEPS, num_microbatches=GLOBAL_MICROBATCHES, tp=1, pp=1, ep=1, etp=None)
+        _train_tiny_moe,
+        1,
+        kwargs=dict(steps=STEPS, num_microbatches=GLOBAL_MICROBATCHES, tp=1, pp=1, ep=1, etp=None),
     )
     _assert_trained(reports)
 
@@ -104,7 +118,12 @@ def test_tensor_parallelism_does_not_change_the_losses(tp2_pp2_ep2_reports):
     batch, same experts per EP rank. CPU initialization draws each full matrix and slices it, so both start from
     the same model; from there only the order of floating-point sums differs."""
     tp1_reports = run_distributed(
-        _train_tiny_moe, 4, tp=1, pp=2, ep=2, etp=1,
+        _train_tiny_moe,
+        4,
+        tp=1,
+        pp=2,
+        ep=2,
+        etp=1,
         kwargs=dict(steps=STEPS, num_microbatches=GLOBAL_MICROBATCHES // 2, tp=1, pp=2, ep=2, etp=1),
     )
     tp1, tp2 = _losses(tp1_reports[0]), _losses(tp2_pp2_ep2_reports[0])
@@ -140,7 +159,9 @@ def test_stand_ins_name_a_moved_megatron_function_and_patch_nothing(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delattr(token_dispatcher, "maybe_move_tensor_to_cpu")
     torch_seen_by_layers = layers.torch
-    with pytest.raises(RuntimeError, match=r"megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu"):
+    with pytest.raises(
+        RuntimeError, match=r"megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu"
+    ):
         apply_cpu_stand_ins()
     assert layers.torch is torch_seen_by_layers  # checked everything before patching anything
 

@@ -23,6 +23,7 @@ MUON = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=True, scale_mode="
 def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int):
     """On one rank: build the tiny MoE at ``layout``, and for each mode run ``steps`` Muon steps from canonical
     weights with canonical gradients; return this rank's pieces of every Muon matrix and its Muon state bytes."""
+    from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -36,7 +37,7 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int):
     config = build_transformer_config(cfg, **layout)
     torch.manual_seed(0)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
-    results = {}
+    results = {"pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     for mode in modes:
         fill_canonical_(chunks, salt="weight")
         optimizer = build_optimizer(
@@ -72,6 +73,7 @@ LAYOUTS = {
     "tp2_gqa2_dp2": (4, dict(tp=2, pp=1, ep=1, etp=1), dict(num_attention_heads=8, num_query_groups=2)),
     "dp4": (4, dict(tp=1, pp=1, ep=1, etp=1), {}),
     "tp2_etp2": (4, dict(tp=2, pp=1, ep=1, etp=2), {}),
+    "pp2_vpp2_dp2": (4, dict(tp=1, pp=2, ep=1, etp=1, vpp=2), {}),
 }
 
 
@@ -87,6 +89,7 @@ def test_one_layout_matches_single_process_reference(name):
         pp=layout["pp"],
         ep=layout["ep"],
         etp=layout["etp"],
+        vpp=layout.get("vpp"),
         args=(layout, model, MODES, STEPS),
         timeout_s=300,
     )
@@ -109,3 +112,14 @@ def test_one_layout_matches_single_process_reference(name):
         assert "distributed" in modes_used, f"{name}: distributed mode never ran ({modes_used})"
     owner_modes = {m for rank_results in per_rank for m in rank_results["owner"][2]}
     assert owner_modes == {"owner"}, owner_modes
+
+    # Owner mode keeps each matrix's momentum once in its pipeline stage, spread over the stage's TP x DP ranks.
+    stage_bytes: dict[int, list[int]] = {}
+    for rank_results in per_rank:
+        stage_bytes.setdefault(rank_results["pp_rank"], []).append(rank_results["owner"][1])
+    stage_total = sum(sum(b) for b in stage_bytes.values())
+    assert stage_total == 4 * sum(v.numel() for v in expected.values()), "momentum must exist exactly once"
+    for stage, per_rank_bytes in stage_bytes.items():
+        target = sum(per_rank_bytes) / len(per_rank_bytes)
+        worst = max(abs(b - target) / target for b in per_rank_bytes)
+        assert worst <= 0.2, f"{name} stage {stage}: Muon state per rank {per_rank_bytes} vs target {target:.0f}"
