@@ -275,16 +275,22 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
 
 
-def _timed_step(chunks, optimizer, salt: str, options) -> float:
-    """Canonical gradients into ``main_grad`` (not timed), then ``optimizer.step()`` between two barriers."""
+def _timed_step(chunks, optimizer, salt: str, options, profiler=None) -> float:
+    """Canonical gradients into ``main_grad`` (not timed), then ``optimizer.step()`` between two barriers
+    (profiled too when a ``cProfile.Profile`` is given)."""
     from megatron_muon.testing.canonical import fill_canonical_
 
     fill_canonical_(chunks, salt=salt, grads=True, options=options)
     torch.distributed.barrier()
+    if profiler is not None:
+        profiler.enable()
     start = time.perf_counter()
     optimizer.step()
     torch.distributed.barrier()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    if profiler is not None:
+        profiler.disable()
+    return elapsed
 
 
 def _profile_steps(chunks, optimizer, steps: int, options) -> str:
@@ -294,11 +300,7 @@ def _profile_steps(chunks, optimizer, steps: int, options) -> str:
 
     profiler = cProfile.Profile() if torch.distributed.get_rank() == 0 else None
     for step in range(steps):
-        if profiler:
-            profiler.enable()
-        _timed_step(chunks, optimizer, f"profile{step}", options)
-        if profiler:
-            profiler.disable()
+        _timed_step(chunks, optimizer, f"profile{step}", options, profiler)
     if profiler is None:
         return ""
     text = io.StringIO()
@@ -434,6 +436,7 @@ def _agreement(per_rank: list[dict], chosen: list[Contender], settings: Settings
         return {}
     keys_and_shapes = {k: tuple(v.shape) for k, v in next(iter(assembled.values())).items()}
     initial, references = _single_process_references(keys_and_shapes, settings)
+    stage_flops = _stage_newton_schulz_flops(keys_and_shapes, settings.ns_steps)
     common = [k for k in keys_and_shapes if not k.endswith(("/gate", "/up"))]
     result = {}
     for contender in chosen:
@@ -448,7 +451,22 @@ def _agreement(per_rank: list[dict], chosen: list[Contender], settings: Settings
         if REFERENCE in assembled and contender.name != REFERENCE:
             entry["vs_ours"] = _max_relative_difference(got, assembled[REFERENCE], initial, common)
         result[contender.name] = entry
+    result["stage_flops"] = stage_flops
     return result
+
+
+def _stage_newton_schulz_flops(keys_and_shapes: dict[str, tuple[int, int]], ns_steps: int) -> dict[str, float]:
+    """Newton-Schulz FLOPs of one step over the stage's Muon matrices (router not collected), each matrix
+    once: with fc1 split (ours) and fused (megatron)."""
+    from megatron_muon.ops.newton_schulz import newton_schulz_flops
+
+    ours = sum(newton_schulz_flops(rows, cols, ns_steps) for rows, cols in keys_and_shapes.values())
+    megatron = 0
+    for key, (rows, cols) in keys_and_shapes.items():
+        if key.endswith("/up"):
+            continue
+        megatron += newton_schulz_flops(2 * rows if key.endswith("/gate") else rows, cols, ns_steps)
+    return {"ours": ours, "megatron": megatron}
 
 
 def _format_bytes(count: int) -> str:
@@ -496,7 +514,8 @@ def measure_layout(layout_name: str, model: dict, chosen: list[Contender], setti
               + (f"{row['median_s'] * 1e3:.0f} ms" if row["error"] is None else row["error"])
               + "".join(f", {k} {v:.1e}" for k, v in row["agreement"].items()),
               file=sys.stderr, flush=True)
-    return {"rows": rows, "wall_s": time.perf_counter() - started, "load_before": load_before,
+    return {"rows": rows, "stage_flops": agreement.get("stage_flops"), "wall_s": time.perf_counter() - started,
+            "load_before": load_before,
             "load_after": load_average()}
 
 
@@ -565,6 +584,14 @@ def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> lis
                     f"- **{ours} ÷ megatron's best exact mode ({best}) = "
                     f"{rows[ours]['median_s'] / exact_megatron[best]:.2f}** (goal ≤ 0.5)"
                 )
+    flops = measured.get("stage_flops")
+    if flops:
+        lines.append(
+            f"- Newton–Schulz work of one step over the stage's Muon matrices, each once: ours "
+            f"{flops['ours'] / 1e9:.1f} GFLOP (fc1 split), megatron {flops['megatron'] / 1e9:.1f} GFLOP (fc1 "
+            f"fused); spread evenly over the {grid_size} ranks that is {flops['ours'] / grid_size / 1e9:.1f} / "
+            f"{flops['megatron'] / grid_size / 1e9:.1f} GFLOP per rank, the floor for any exact mode."
+        )
     if reference.get("stage_muon_state_bytes"):
         target = reference["stage_muon_state_bytes"] / grid_size
         lines.append(
@@ -618,6 +645,9 @@ def render_section(args, command: str, measured: dict[str, dict]) -> str:
         "W_x = ours auto (on the matrices both define alike: all but fc1) and W_x = a single-process Muon "
         "(`ReferenceMuon`, fp32) on the contender's own matrices (fc1 fused for megatron). `blockwise` "
         "orthogonalizes each TP shard separately and is not the same update.",
+        f"- `ours auto` uses the default `CostModel` (it describes an H100: 400 TFLOP/s, 100 GB/s); "
+        f"`ours auto, CPU cost model` gives `auto` `CostModel({', '.join(f'{k}={v:g}' for k, v in CPU_COST_MODEL.items())})`"
+        ", rough numbers for this machine (fp32 NS ~40 GFLOP/s per core shared by two ranks; gloo on loopback).",
         "- Layer-wise: megatron's `LayerWiseDistributedOptimizer` fails with fp32 params as shipped (error below). "
         "The rows marked *workaround* run it under two benchmark-local patches (`_layer_wise_cpu_workarounds`): "
         "its base optimizers wrapped in megatron's `FP32Optimizer` (as its non-layer-wise path does), and "

@@ -17,8 +17,11 @@ MICRO_BATCH = 2
 MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, num_moe_experts=4)
 
 
-def _train_on_rank(layout: dict, model: dict, modes, steps: int, canonical: bool, muon_lr: float = 0.02):
-    """Train ``steps`` iterations per Muon mode from the same weights and data; return the losses per mode."""
+def _train_on_rank(
+    layout: dict, model: dict, modes, steps: int, canonical: bool, muon_lr: float = 0.02, bf16: bool = False
+):
+    """Train ``steps`` iterations per Muon mode from the same weights and data; return the losses per mode
+    (and, with ``bf16``, the dtypes the Muon optimizer sees)."""
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -32,6 +35,8 @@ def _train_on_rank(layout: dict, model: dict, modes, steps: int, canonical: bool
     pg = ProcessGroupCollection.use_mpu_process_groups()
     cfg = TinyMoEConfig(**model)
     config = build_transformer_config(cfg, **layout)
+    if bf16:  # bf16 model params; megatron's Float16 wrapper keeps fp32 main params and grads for Muon
+        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
     torch.manual_seed(1234)
     model_parallel_cuda_manual_seed(1234)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
@@ -50,7 +55,7 @@ def _train_on_rank(layout: dict, model: dict, modes, steps: int, canonical: bool
             chunk.zero_grad_buffer()
         optimizer = build_optimizer(
             chunks,
-            OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=False, fp16=False),
+            OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=bf16, fp16=False),
             MuonOptions(lr=muon_lr, weight_decay=0.01, tp_mode=mode, compute_dtype="float32"),
             pg,
         )
@@ -76,6 +81,11 @@ def _train_on_rank(layout: dict, model: dict, modes, steps: int, canonical: bool
             )
             assert not result["skipped"]
             losses[mode].append(float(result["loss"]))
+    if bf16:
+        model_dtypes = {str(p.dtype) for c in chunks for n, p in c.named_parameters() if "linear_" in n}
+        muon = [o for o in optimizer.chained_optimizers if hasattr(o.optimizer, "orthogonalizer")]
+        main_dtypes = {str(p.dtype) for o in muon for g in o.optimizer.param_groups for p in g["params"]}
+        return losses, model_dtypes, main_dtypes
     return losses
 
 
@@ -100,6 +110,19 @@ def test_tp2_pp2_ep2_muon_training_loss_falls():
     curve = per_rank[0]["auto"]
     assert all(rank["auto"] == curve for rank in per_rank), "ranks report different losses"
     assert sum(curve[-5:]) / 5 < sum(curve[:3]) / 3 - 0.5, curve  # nats; ln(vocab 256) = 5.55 at the start
+
+
+def test_bf16_params_train_with_fp32_main_params_at_tp2_dp2():
+    layout = dict(tp=2, pp=1, ep=1, etp=1)
+    per_rank = run_distributed(
+        _train_on_rank, 4, tp=2, etp=1, args=(layout, MODEL, ("auto",), 12, False), kwargs=dict(bf16=True),
+        timeout_s=400,
+    )
+    losses, model_dtypes, main_dtypes = per_rank[0]
+    assert model_dtypes == {"torch.bfloat16"} and main_dtypes == {"torch.float32"}
+    curve = losses["auto"]
+    assert all(math.isfinite(x) for x in curve)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.2, curve
 
 
 LAYOUTS = {
