@@ -13,7 +13,9 @@ Two measurements:
 
 Each timing is the median of ``--repeats`` runs after ``--warmup`` runs; the two sides of a comparison are
 interleaved run by run, so load from other processes on a shared machine hits both alike. The thread count is
-fixed with ``torch.set_num_threads``.
+fixed with ``torch.set_num_threads``. ``--clock cpu`` times CPU seconds of this process instead of wall time:
+on a machine shared with other jobs, with ``--threads 1``, it measures the work rather than the wait for a core
+(with several threads it would also count OpenMP spin-waiting).
 
 Usage::
 
@@ -43,6 +45,10 @@ from megatron_muon.ops.newton_schulz import newton_schulz, newton_schulz_flops, 
 START_MARKER = "<!-- bench_newton_schulz:start -->"
 END_MARKER = "<!-- bench_newton_schulz:end -->"
 DEFAULT_SHAPES = ("256x256", "512x512", "1024x1024", "1024x4096", "2048x2048")
+CLOCK_NAMES = {
+    "wall": "wall time (`time.perf_counter`)",
+    "cpu": "CPU time of the process (`time.process_time`)",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -56,19 +62,22 @@ def parse_shape(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def interleaved_medians(
-    functions: dict[str, Callable[[], object]], warmup: int, repeats: int
+    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, clock: Callable[[], float]
 ) -> dict[str, float]:
-    """Median wall time in seconds of each function, run alternately ``repeats`` times after ``warmup``."""
+    """Median seconds (read from ``clock``) of each function, run alternately ``repeats`` times after ``warmup``."""
     for _ in range(warmup):
         for function in functions.values():
             function()
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
-            start = time.perf_counter()
+            start = clock()
             function()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(samples) for name, samples in times.items()}
 
 
@@ -128,6 +137,7 @@ def measure_flops_table(args: argparse.Namespace) -> list[str]:
                 {"ns": orthogonalize, "gemm": plain_gemm_sequence(rows_count, cols_count, args.steps, dtype)},
                 args.warmup,
                 args.repeats,
+                CLOCKS[args.clock],
             )
             rows.append(
                 f"| {rows_count}×{cols_count} | {dtype_name} | {medians['ns'] * 1e3:.1f} "
@@ -155,7 +165,9 @@ def measure_stack_table(args: argparse.Namespace) -> list[str]:
         def loop(dtype=dtype):
             return [newton_schulz(matrix, args.steps, args.coefficients, dtype) for matrix in stack]
 
-        medians = interleaved_medians({"batched": batched, "loop": loop}, args.warmup, args.repeats)
+        medians = interleaved_medians(
+            {"batched": batched, "loop": loop}, args.warmup, args.repeats, CLOCKS[args.clock]
+        )
         table.append(
             f"| {count}×{rows_count}×{cols_count} | {dtype_name} | {medians['batched'] * 1e3:.1f} "
             f"| {flops / medians['batched'] / 1e9:.1f} | {medians['loop'] * 1e3:.1f} "
@@ -183,7 +195,8 @@ def render_section(args: argparse.Namespace, command: str) -> str:
         f"- CPU: {cpu_description()}; `torch.set_num_threads({args.threads})`",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
         f"- {args.steps} steps of the `{args.coefficients}` schedule; median of {args.repeats} runs after "
-        f"{args.warmup} warm-up runs, the two sides of each comparison interleaved run by run",
+        f"{args.warmup} warm-up runs, the two sides of each comparison interleaved run by run; "
+        f"clock: {CLOCK_NAMES[args.clock]}",
         f"- load average (1/5/15 min) before: {load_before}, after: {load_after}",
         "",
         "### (a) Achieved FLOP/s: `newton_schulz` vs the same GEMMs as plain `torch.matmul`",
@@ -233,6 +246,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--experts", type=int, default=64, help="matrices in the stack of (b)")
     parser.add_argument("--expert-shape", type=parse_shape, default=(128, 256), help="ROWSxCOLS of (b)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: time.perf_counter; cpu: time.process_time, the CPU seconds of this process (all its "
+        "threads), less disturbed by other processes on a shared machine; use it with --threads 1",
+    )
     parser.add_argument("--out", type=Path, help="markdown file whose section to rewrite")
     args = parser.parse_args(argv)
     resolve_coefficients(args.coefficients, args.steps)  # fail early on a bad schedule

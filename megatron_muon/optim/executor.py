@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_muon.ops.newton_schulz import newton_schulz
+from megatron_muon.ops.newton_schulz import newton_schulz, orthogonality_error
 from megatron_muon.ops.scaling import update_scale
 from megatron_muon.optim.comm import Exchange, all_gather_objects, all_reduce_sum_fn, check_agreement, group_rank
 from megatron_muon.optim.layout import MatrixPiece
@@ -79,6 +79,8 @@ class MatrixOrthogonalizer:
     ) -> None:
         self.grid_group = grid_group
         self.num_buckets = num_buckets
+        self.stats: dict[str, float] = {}
+        """Diagnostics of the last step (update RMS per matrix kind, a sampled NS orthogonality error)."""
         self.shard_groups = shard_groups or {}
         shard_group_of = shard_group_of or {}
         keys = [p.key for p in pieces]
@@ -161,7 +163,10 @@ class MatrixOrthogonalizer:
         for scatter in scatters:
             scattered.update(scatter.wait())
 
+        self._sample_orthogonality(full_directions)
+
         # 4. Assemble each parameter's direction from its pieces, scaled per logical matrix.
+        update_sq: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         results: list[torch.Tensor | None] = []
         for param, group, pieces in work:
             if not pieces or param.grad is None:
@@ -177,9 +182,24 @@ class MatrixOrthogonalizer:
                 else:
                     value = scattered[piece.key][piece.shard_index]
                 scale = update_scale(group["scale_mode"], piece.shape[0], piece.shape[1])
-                piece.write(direction, value * (scale * group["scale_multiplier"]))
+                scaled = value * (scale * group["scale_multiplier"])
+                piece.write(direction, scaled)
+                totals = update_sq[matrix_kind(piece.key)]
+                totals[0] += float(scaled.square().sum())
+                totals[1] += scaled.numel()
             results.append(direction)
+        # RMS of the (lr-free) update per kind of matrix, over the pieces this rank holds.
+        self.stats.update({f"update_rms/{k}": (s / max(n, 1)) ** 0.5 for k, (s, n) in update_sq.items()})
         return results
+
+    def _sample_orthogonality(self, full_directions: dict[str, torch.Tensor]) -> None:
+        """Orthogonality error of one matrix this rank orthogonalized, a different one each step."""
+        self._step_count = getattr(self, "_step_count", 0) + 1
+        if not full_directions:
+            return
+        keys = sorted(full_directions)
+        key = keys[self._step_count % len(keys)]
+        self.stats["ns_orthogonality_error"] = float(orthogonality_error(full_directions[key]))
 
     def _matrix(self, key: str) -> MatrixPlan:
         if not hasattr(self, "_by_key"):
@@ -242,6 +262,25 @@ class MatrixOrthogonalizer:
             )
             for (matrix, _), direction in zip(items, result.unbind(0), strict=True):
                 yield matrix, direction
+
+
+def matrix_kind(key: str) -> str:
+    """A short name for the kind of a logical matrix, for diagnostics: ``attention.q``, ``mlp.gate``,
+    ``expert.fc2`` ... (from its layout key)."""
+    module, _, part = key.partition("/")
+    name = module.rsplit(".", 2)[-2] if module.endswith(".weight") else module.rsplit(".", 1)[-1]
+    if "shared_expert" in module:
+        prefix = "shared_expert"
+    elif "experts" in module:
+        prefix = "expert"
+    elif "attention" in module:
+        prefix = "attention"
+    elif ".mlp." in module:
+        prefix = "mlp"
+    else:
+        prefix = "matrix"
+    name = name.removeprefix("linear_")
+    return f"{prefix}.{part.split('.')[0]}" if part else f"{prefix}.{name}"
 
 
 def _shard_shape(matrix: MatrixPlan) -> tuple[int, int]:

@@ -1,0 +1,982 @@
+"""Typed pretraining configuration: one small dataclass per component, composed in :class:`PretrainConfig`.
+
+Each component gets its own section (``model``, ``parallel``, ``optimizer``, ``training``, ``data``,
+``checkpoint``, ``logging``), the torchtitan shape: typed fields with a docstring under each, handed to the
+part of the code that needs them. Muon's own options are :class:`megatron_muon.optim.build.MuonOptions`,
+reused as ``optimizer.muon`` rather than copied.
+
+Loading (:func:`load_config`) merges a YAML file and dotted command-line overrides onto the dataclass schema
+with OmegaConf structured configs, so an unknown key or a value of the wrong type fails at once, with a one-line
+:class:`ConfigError` naming the key (and the closest valid key). OmegaConf reads ``slots=True`` dataclasses
+fine (it only needs ``dataclasses.fields`` and keyword construction), so the sections keep the house style.
+
+Cross-field checks live in :func:`validate` and :meth:`ParallelConfig.validate` and run before any process
+group exists: the layout (TP·PP·CP·DP = world size, the expert grid, divisibility of heads, layers, vocabulary
+and sequence), the batch arithmetic, the learning-rate schedule and Muon's options.
+
+    python -m megatron_muon.training.config launch/configs/tiny_cpu.yaml model.hidden_size=256 --print
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from megatron_muon.optim.build import MuonOptions
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataBlendEntry",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimizerSection",
+    "ParallelConfig",
+    "ParallelDims",
+    "PretrainConfig",
+    "TrainingConfig",
+    "count_parameters",
+    "describe",
+    "load_config",
+    "padded_vocab_size",
+    "tiny_moe_config",
+    "to_yaml",
+    "validate",
+    "validate_tokenizer",
+]
+
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+PRECISIONS = ("fp32", "bf16")
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "mxfp8": "mxfp8"}
+"""Our fp8 names -> megatron's ``TransformerConfig.fp8_recipe`` (per-tensor current scaling is "tensorwise")."""
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
+DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+RESUME_MODES = ("auto", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message is one line naming the key, the value and what is valid."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _require_divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
+    _require(dividend % divisor == 0, f"{divisor_name}={divisor} does not divide {dividend_name}={dividend}")
+
+
+def _require_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    choices = list(choices)
+    _require(value in choices, f"{name}={value!r} is not one of {choices}")
+
+
+def _product(factors: list[tuple[str, int]]) -> tuple[str, int]:
+    """("parallel.pp=2 x parallel.vpp=2 = 4", 4) for [("parallel.pp", 2), ("parallel.vpp", 2)]."""
+    value = 1
+    for _, factor in factors:
+        value *= factor
+    text = " x ".join(f"{name}={factor}" for name, factor in factors)
+    return (text if len(factors) == 1 else f"{text} = {value}"), value
+
+
+def _require_positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value >= 1, f"{section}.{name}={value} must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Shape and numerics of the MoE GPT (megatron-core ``GPTModel``: SwiGLU MLPs, RoPE, no linear biases).
+
+    Defaults are a ~0.2 M-parameter model that runs on one CPU core (the shape of ``models.tiny.TinyMoEConfig``).
+    """
+
+    num_layers: int = 4
+    """Transformer layers, dense and MoE together."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 128
+    """Hidden size of the dense SwiGLU MLP (the dense layers of ``moe_layer_pattern()``)."""
+    moe_ffn_hidden_size: int = 64
+    """Hidden size of each routed expert's SwiGLU MLP."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: int | None = 2
+    """Key/value heads (grouped-query attention); None: one per query head. Unused with MLA."""
+    kv_channels: int | None = None
+    """Head dim of standard attention; None: hidden_size / num_attention_heads."""
+    qk_layernorm: bool = False
+    """Norm on queries and keys (per head); with MLA the norms on the compressed q / kv latents."""
+    num_moe_experts: int = 4
+    """Routed experts per MoE layer; 0 makes every layer dense."""
+    moe_router_topk: int = 2
+    """Routed experts per token."""
+    moe_layer_freq: list[int] | int = 1
+    """Which layers are MoE: a 0/1 list with one entry per layer, or k = every k-th layer (0, k, 2k, ...),
+    megatron's convention."""
+    first_k_dense_layers: int = 1
+    """The first k layers are dense whatever ``moe_layer_freq`` says (DeepSeek-V3 / Moonlight:
+    ``first_k_dense_replace``)."""
+    moe_shared_expert_intermediate_size: int = 0
+    """Total hidden size of the shared experts (n_shared x expert size); 0: no shared expert."""
+    moe_router_score_function: str = "softmax"
+    """Router scores: softmax | sigmoid (DeepSeek-V3, needed for the expert bias)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """aux_loss (switch, per micro batch) | seq_aux_loss (per sequence, DeepSeek-V3) | none."""
+    moe_aux_loss_coeff: float = 1e-2
+    """Weight of the load-balancing loss (Fedus et al. 2021, eq. 4)."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert bias on the routing scores, updated from the expert loads
+    (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3). Needs the sigmoid score function."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update."""
+    moe_router_topk_scaling_factor: float | None = None
+    """Factor on the top-k routing weights (Moonlight: 2.446); None: 1."""
+    vocab_size: int = 256
+    """Rows of the embedding and output layer: the tokenizer's vocabulary padded (``padded_vocab_size``)."""
+    seq_length: int = 32
+    """Tokens per training sequence; also the maximum position (RoPE has no learned position table)."""
+    rotary_base: int = 10000
+    """RoPE base θ (Su et al. 2021)."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight init."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the input embedding and the output layer."""
+    normalization: str = "RMSNorm"
+    """RMSNorm | LayerNorm (LayerNorm adds a bias per norm)."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+    transformer_impl: str = "local"
+    """local (megatron's torch layers; CPU and tests) | transformer_engine (GPU; needed for fp8)."""
+    multi_latent_attention: bool = False
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434) instead of grouped-query attention."""
+    q_lora_rank: int | None = None
+    """MLA: rank of the compressed query; None: queries are projected directly (DeepSeek-V2-Lite, Moonlight)."""
+    kv_lora_rank: int = 512
+    """MLA: rank of the compressed key/value latent."""
+    qk_head_dim: int = 128
+    """MLA: per-head query/key dim without rotary position (DeepSeek's qk_nope_head_dim)."""
+    qk_pos_emb_head_dim: int = 64
+    """MLA: per-head dim of the decoupled rotary part (DeepSeek's qk_rope_head_dim)."""
+    v_head_dim: int = 128
+    """MLA: per-head value dim."""
+    precision: str = "fp32"
+    """Parameter and compute dtype: fp32 | bf16 (bf16 keeps fp32 main weights in the optimizer)."""
+    fp8: str | None = None
+    """FP8 GEMMs through Transformer Engine: None | delayed | current | mxfp8 (megatron's fp8_recipe
+    delayed | tensorwise | mxfp8). Needs precision bf16 and transformer_engine."""
+
+    @property
+    def head_dim(self) -> int:
+        """Head dim of standard attention."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads of standard attention."""
+        return self.num_query_groups or self.num_attention_heads
+
+    def moe_layer_pattern(self) -> list[int]:
+        """One entry per layer: 1 = MoE, 0 = dense (megatron's ``moe_layer_freq`` as a list)."""
+        if self.num_moe_experts == 0:
+            return [0] * self.num_layers
+        if isinstance(self.moe_layer_freq, int):
+            pattern = [1 if i % self.moe_layer_freq == 0 else 0 for i in range(self.num_layers)]
+        else:
+            pattern = [int(v) for v in self.moe_layer_freq]
+        return [0 if i < self.first_k_dense_layers else v for i, v in enumerate(pattern)]
+
+    def validate(self) -> None:
+        """Checks within the model section (the layout-dependent ones are in ``ParallelConfig.validate``)."""
+        _require_positive(
+            "model", self, "num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"
+        )
+        freq = self.moe_layer_freq
+        if isinstance(freq, int) and not isinstance(freq, bool):
+            _require(freq >= 1, f"model.moe_layer_freq={freq} must be >= 1 (every k-th layer) or a 0/1 list")
+        else:
+            _require(
+                isinstance(freq, list) and all(v in (0, 1) for v in freq),
+                f"model.moe_layer_freq={freq!r} must be an int >= 1 or a list of 0/1 per layer",
+            )
+            _require(
+                len(freq) == self.num_layers,
+                f"model.moe_layer_freq has {len(freq)} entries, expected model.num_layers={self.num_layers}",
+            )
+        _require(
+            0 <= self.first_k_dense_layers <= self.num_layers,
+            f"model.first_k_dense_layers={self.first_k_dense_layers} must be in [0, {self.num_layers}]",
+        )
+        pattern = self.moe_layer_pattern()
+        if any(v == 0 for v in pattern):
+            _require_positive("model", self, "ffn_hidden_size")
+        if self.num_moe_experts:
+            _require(any(pattern), f"model.num_moe_experts={self.num_moe_experts} but no layer is MoE")
+            _require_positive("model", self, "moe_ffn_hidden_size", "moe_router_topk")
+            _require(
+                self.moe_router_topk <= self.num_moe_experts,
+                f"model.moe_router_topk={self.moe_router_topk} exceeds model.num_moe_experts={self.num_moe_experts}",
+            )
+        _require(self.num_moe_experts >= 0, f"model.num_moe_experts={self.num_moe_experts} must be >= 0")
+        _require(
+            self.moe_shared_expert_intermediate_size >= 0,
+            f"model.moe_shared_expert_intermediate_size={self.moe_shared_expert_intermediate_size} must be >= 0",
+        )
+        _require_choice("model.moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
+        _require_choice(
+            "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type, LOAD_BALANCING_TYPES
+        )
+        _require(
+            not self.moe_router_enable_expert_bias or self.moe_router_score_function == "sigmoid",
+            "model.moe_router_enable_expert_bias=true needs model.moe_router_score_function='sigmoid' "
+            f"(got {self.moe_router_score_function!r})",
+        )
+        _require_choice("model.normalization", self.normalization, NORMALIZATIONS)
+        _require_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        _require_choice("model.precision", self.precision, PRECISIONS)
+        if self.fp8 is not None:
+            _require_choice("model.fp8", self.fp8, [None, *FP8_RECIPES])
+            _require(self.precision == "bf16", f"model.fp8={self.fp8!r} needs model.precision='bf16'")
+            _require(
+                self.transformer_impl == "transformer_engine",
+                f"model.fp8={self.fp8!r} needs model.transformer_impl='transformer_engine'",
+            )
+        if self.multi_latent_attention:
+            _require_positive("model", self, "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+            _require(
+                self.q_lora_rank is None or self.q_lora_rank >= 1,
+                f"model.q_lora_rank={self.q_lora_rank} must be >= 1 or null",
+            )
+        else:
+            _require(
+                self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
+                f"model.num_attention_heads={self.num_attention_heads} does not divide "
+                f"model.hidden_size={self.hidden_size}; set model.kv_channels",
+            )
+            _require_divides(
+                "model.num_query_groups", self.query_groups, "model.num_attention_heads", self.num_attention_heads
+            )
+
+
+def _norm_parameters(model: ModelConfig, size: int) -> int:
+    return size * (2 if model.normalization == "LayerNorm" else 1)  # LayerNorm has a bias
+
+
+def _attention_parameters(model: ModelConfig) -> int:
+    h, heads = model.hidden_size, model.num_attention_heads
+    count = _norm_parameters(model, h)  # input_layernorm (fused into linear_qkv with Transformer Engine)
+    if model.multi_latent_attention:
+        # megatron-core transformer/multi_latent_attention.py, MLASelfAttention.
+        q_head_dim = model.qk_head_dim + model.qk_pos_emb_head_dim
+        if model.q_lora_rank is None:
+            count += h * heads * q_head_dim  # linear_q_proj
+        else:
+            count += h * model.q_lora_rank + model.q_lora_rank * heads * q_head_dim  # q down / up
+            count += _norm_parameters(model, model.q_lora_rank) if model.qk_layernorm else 0
+        count += h * (model.kv_lora_rank + model.qk_pos_emb_head_dim)  # linear_kv_down_proj
+        count += model.kv_lora_rank * heads * (model.qk_head_dim + model.v_head_dim)  # linear_kv_up_proj
+        count += _norm_parameters(model, model.kv_lora_rank) if model.qk_layernorm else 0
+        return count + heads * model.v_head_dim * h  # linear_proj
+    d = model.head_dim
+    count += h * (heads + 2 * model.query_groups) * d  # linear_qkv
+    count += 2 * _norm_parameters(model, d) if model.qk_layernorm else 0  # q_layernorm, k_layernorm
+    return count + heads * d * h  # linear_proj
+
+
+def count_parameters(model: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters of the megatron GPTModel ``model`` describes.
+
+    ``active`` is what one token passes through: everything but the routed experts, plus ``moe_router_topk``
+    experts per MoE layer. Both include the input embedding and (when untied) the output layer. SwiGLU MLPs
+    (fc1 holds gate and up: 3·hidden·ffn weights), no linear biases; the expert bias of aux-loss-free routing is
+    a buffer, not a parameter.
+    """
+    h = model.hidden_size
+    attention = _attention_parameters(model)
+    dense_mlp = _norm_parameters(model, h) + 3 * h * model.ffn_hidden_size
+    expert = 3 * h * model.moe_ffn_hidden_size
+    moe_common = (
+        _norm_parameters(model, h)  # pre_mlp_layernorm
+        + model.num_moe_experts * h  # router weight
+        + 3 * h * model.moe_shared_expert_intermediate_size  # shared experts, one SwiGLU MLP
+    )
+    total = active = 0
+    for is_moe in model.moe_layer_pattern():
+        if is_moe:
+            total += attention + moe_common + model.num_moe_experts * expert
+            active += attention + moe_common + model.moe_router_topk * expert
+        else:
+            total += attention + dense_mlp
+            active += attention + dense_mlp
+    embeddings = model.vocab_size * h * (1 if model.share_embeddings_and_output_weights else 2)
+    embeddings += _norm_parameters(model, h)  # final_layernorm
+    return total + embeddings, active + embeddings
+
+
+def padded_vocab_size(tokenizer_vocab_size: int, tensor_parallel_size: int, multiple: int = 128) -> int:
+    """Megatron's padding (``--make-vocab-size-divisible-by 128``): the smallest multiple of
+    ``multiple · tensor_parallel_size`` that holds the tokenizer's vocabulary. E.g. 4000 at TP2 -> 4096."""
+    step = multiple * tensor_parallel_size
+    return -(-tokenizer_vocab_size // step) * step
+
+
+def tiny_moe_config(model: ModelConfig):
+    """The ``models.tiny.TinyMoEConfig`` of ``model``, for the local-spec builder; raises ``ConfigError`` for
+    features that builder does not construct."""
+    from megatron_muon.models.tiny import TinyMoEConfig
+
+    unsupported = {
+        "multi_latent_attention": model.multi_latent_attention,
+        "qk_layernorm": model.qk_layernorm,
+        "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
+        "moe_router_enable_expert_bias": model.moe_router_enable_expert_bias,
+        "fp8": model.fp8,
+    }
+    for name, value in unsupported.items():
+        _require(not value, f"model.{name}={value!r} is not supported by models.tiny (local spec builder)")
+    _require(model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
+             f"model.kv_channels={model.kv_channels} is not supported by models.tiny")
+    return TinyMoEConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        num_moe_experts=model.num_moe_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_layer_freq=model.moe_layer_pattern(),
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        vocab_size=model.vocab_size,
+        seq_length=model.seq_length,
+        init_method_std=model.init_method_std,
+        rotary_base=model.rotary_base,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+    )
+
+
+# ------------------------------------------------------------------------------------------ parallel
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelDims:
+    """The validated process grid (torchtitan ``ParallelDims``): checked on construction, no processes needed.
+
+    Dense layers: world = TP · CP · DP per pipeline stage, times PP. Expert layers reuse the same ranks of a
+    stage as expert-TP · EP · expert-DP.
+    """
+
+    world_size: int
+    """Number of processes."""
+    tp: int
+    """Tensor-parallel size."""
+    pp: int
+    """Pipeline-parallel size."""
+    cp: int = 1
+    """Context-parallel size."""
+    ep: int = 1
+    """Expert-parallel size."""
+    etp: int = 1
+    """Expert tensor-parallel size."""
+    vpp: int | None = None
+    """Virtual pipeline stages per pipeline rank; None: no interleaving."""
+    sequence_parallel: bool = False
+    """Sequence parallelism across the TP group."""
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "tp", "pp", "cp", "ep", "etp"):
+            value = getattr(self, name)
+            _require(value >= 1, f"parallel.{name}={value} must be >= 1")
+        _require(self.vpp is None or self.vpp >= 1, f"parallel.vpp={self.vpp} must be >= 1 or null")
+        _require(
+            self.vpp is None or self.vpp == 1 or self.pp > 1,
+            f"parallel.vpp={self.vpp} needs parallel.pp > 1 (got {self.pp})",
+        )
+        dense_text, dense = _product([("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.cp", self.cp)])
+        _require(self.world_size % dense == 0, f"world_size={self.world_size} is not divisible by {dense_text}")
+        expert = self.ep * self.etp
+        _require(
+            self.stage_size % expert == 0,
+            f"parallel.ep={self.ep} x parallel.etp={self.etp} = {expert} does not divide the ranks of one "
+            f"pipeline stage, world_size={self.world_size} / parallel.pp={self.pp} = {self.stage_size}",
+        )
+
+    @property
+    def stage_size(self) -> int:
+        """Ranks of one pipeline stage: TP·CP·DP = expert-TP·EP·expert-DP."""
+        return self.world_size // self.pp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size of the dense layers."""
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the expert layers: world / (PP · EP · ETP)."""
+        return self.stage_size // (self.ep * self.etp)
+
+    def describe(self) -> str:
+        text = (
+            f"world {self.world_size} = TP{self.tp} x PP{self.pp} x CP{self.cp} x DP{self.dp}; "
+            f"experts per stage: ETP{self.etp} x EP{self.ep} x EDP{self.expert_dp}"
+        )
+        return text + (f"; VPP{self.vpp}" if self.vpp else "") + ("; SP" if self.sequence_parallel else "")
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """How the model is split across processes."""
+
+    world_size: int | None = None
+    """Intended number of processes; None: whatever the launcher starts. When set, it must match."""
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: int | None = None
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); None: no interleaving."""
+    cp: int = 1
+    """Context-parallel size (the sequence split across ranks in attention)."""
+    ep: int = 1
+    """Expert-parallel size."""
+    etp: int | None = None
+    """Expert tensor-parallel size; None: equal to ``tp``."""
+    sequence_parallel: bool | None = None
+    """Sequence parallelism; None: on when tp > 1 (megatron's MoE layers require it then)."""
+
+    def dims(self, world_size: int) -> ParallelDims:
+        """The process grid at ``world_size`` (checks the products, not the model)."""
+        return ParallelDims(
+            world_size=world_size,
+            tp=self.tp,
+            pp=self.pp,
+            cp=self.cp,
+            ep=self.ep,
+            etp=self.tp if self.etp is None else self.etp,
+            vpp=self.vpp,
+            sequence_parallel=self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel,
+        )
+
+    def validate(self, world_size: int, model: ModelConfig) -> ParallelDims:
+        """The process grid at ``world_size``, checked against ``model``'s shapes. Raises ``ConfigError``."""
+        dims = self.dims(world_size)
+        tp, pp, cp = dims.tp, dims.pp, dims.cp
+        _require_divides("parallel.tp", tp, "model.num_attention_heads", model.num_attention_heads)
+        if not model.multi_latent_attention:
+            _require_divides("parallel.tp", tp, "model.num_query_groups", model.query_groups)
+        _require_divides("parallel.tp", tp, "model.vocab_size", model.vocab_size)
+        pattern = model.moe_layer_pattern()
+        if not all(pattern):
+            _require_divides("parallel.tp", tp, "model.ffn_hidden_size", model.ffn_hidden_size)
+        if any(pattern):
+            _require_divides("parallel.ep", dims.ep, "model.num_moe_experts", model.num_moe_experts)
+            _require_divides("parallel.etp", dims.etp, "model.moe_ffn_hidden_size", model.moe_ffn_hidden_size)
+            if model.moe_shared_expert_intermediate_size:
+                _require_divides(
+                    "parallel.tp",
+                    tp,
+                    "model.moe_shared_expert_intermediate_size",
+                    model.moe_shared_expert_intermediate_size,
+                )
+            _require(
+                tp == 1 or dims.sequence_parallel,
+                f"parallel.sequence_parallel=false with parallel.tp={tp}: megatron's MoE layers need sequence "
+                "parallelism when tp > 1",
+            )
+        else:
+            _require(dims.ep == 1, f"parallel.ep={dims.ep} needs MoE layers (model.num_moe_experts=0)")
+        stage_factors = [("parallel.pp", pp)] + ([("parallel.vpp", dims.vpp)] if dims.vpp else [])
+        _require(
+            model.num_layers % _product(stage_factors)[1] == 0,
+            f"{_product(stage_factors)[0]} does not divide model.num_layers={model.num_layers}",
+        )
+        if dims.sequence_parallel:
+            seq_factors = [("parallel.tp", tp)] + ([("parallel.cp", cp)] if cp > 1 else [])
+            _require(
+                model.seq_length % _product(seq_factors)[1] == 0,
+                f"{_product(seq_factors)[0]} does not divide model.seq_length={model.seq_length} "
+                "(sequence parallelism splits each sequence over the TP ranks)",
+            )
+        if cp > 1:
+            _require(
+                model.seq_length % (2 * cp) == 0,
+                f"2 x parallel.cp={cp} = {2 * cp} does not divide model.seq_length={model.seq_length} "
+                "(context parallelism splits each sequence into 2·CP chunks)",
+            )
+        return dims
+
+
+# ----------------------------------------------------------------------------------------- optimizer
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerSection:
+    """AdamW (embeddings, output layer, norms, router), Muon (hidden matrices) and the learning-rate schedule.
+
+    Named ``Section`` so it is not confused with megatron's ``OptimizerConfig``, which the AdamW side is built from.
+    """
+
+    lr: float = 3e-4
+    """Peak learning rate of the AdamW groups."""
+    min_lr: float = 3e-5
+    """Final learning rate of the AdamW groups."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of the AdamW groups (megatron exempts norms and biases)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (β1, β2)."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip over all parameters (Muon and AdamW); 0: off."""
+    muon: MuonOptions = field(default_factory=MuonOptions)
+    """Muon's own options (``optim/build.py``): lr, min_lr, weight decay, momentum, scale rule, Newton–Schulz."""
+    warmup_iters: int = 0
+    """Linear warm-up steps from 0 to the peak learning rate."""
+    decay_style: str = "cosine"
+    """cosine | linear | constant | WSD (warmup-stable-decay, Hu et al. 2024, arXiv:2404.06395)."""
+    lr_decay_iters: int | None = None
+    """Steps over which the learning rate decays (warm-up included); None: training.train_iters."""
+    wsd_decay_fraction: float = 0.2
+    """WSD: fraction of lr_decay_iters spent in the final decay."""
+    wsd_decay_style: str = "linear"
+    """WSD: shape of the final decay: linear | cosine | exponential | minus_sqrt."""
+
+    def resolved_lr_decay_iters(self, train_iters: int) -> int:
+        return train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+    def wsd_decay_iters(self, train_iters: int) -> int:
+        """Steps of WSD's final decay phase."""
+        return round(self.wsd_decay_fraction * self.resolved_lr_decay_iters(train_iters))
+
+    def validate(self, train_iters: int) -> None:
+        from megatron_muon.ops.newton_schulz import COEFFICIENT_SCHEDULES
+        from megatron_muon.ops.scaling import SCALE_MODES
+        from megatron_muon.optim.param_groups import ROUTER_CHOICES
+
+        _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0")
+        _require(0 <= self.min_lr <= self.lr, f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optimizer.betas={list(self.betas)} must be two values in [0, 1)",
+        )
+        _require(self.eps > 0, f"optimizer.eps={self.eps} must be > 0")
+        _require(self.clip_grad >= 0, f"optimizer.clip_grad={self.clip_grad} must be >= 0 (0: off)")
+        _require_choice("optimizer.decay_style", self.decay_style, DECAY_STYLES)
+        decay_iters = self.resolved_lr_decay_iters(train_iters)
+        _require(
+            0 <= self.warmup_iters <= decay_iters,
+            f"optimizer.warmup_iters={self.warmup_iters} must be in [0, lr_decay_iters={decay_iters}]",
+        )
+        if self.decay_style == "WSD":
+            _require(
+                0 < self.wsd_decay_fraction <= 1,
+                f"optimizer.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]",
+            )
+            _require_choice("optimizer.wsd_decay_style", self.wsd_decay_style, WSD_DECAY_STYLES)
+        muon = self.muon
+        try:
+            muon.validate()
+        except ValueError as error:
+            raise ConfigError(f"optimizer.{error}") from None
+        _require(muon.lr > 0, f"optimizer.muon.lr={muon.lr} must be > 0")
+        _require(0 <= muon.min_lr <= muon.lr, f"optimizer.muon.min_lr={muon.min_lr} must be in [0, {muon.lr}]")
+        _require(muon.weight_decay >= 0, f"optimizer.muon.weight_decay={muon.weight_decay} must be >= 0")
+        _require(0 <= muon.momentum < 1, f"optimizer.muon.momentum={muon.momentum} must be in [0, 1)")
+        _require(muon.ns_steps >= 1, f"optimizer.muon.ns_steps={muon.ns_steps} must be >= 1")
+        _require_choice("optimizer.muon.scale_mode", muon.scale_mode, SCALE_MODES)
+        _require_choice("optimizer.muon.coefficients", muon.coefficients, sorted(COEFFICIENT_SCHEDULES))
+        _require_choice("optimizer.muon.router", muon.router, ROUTER_CHOICES)
+
+
+# ------------------------------------------------------------------- training, data, checkpoint, logging
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainingConfig:
+    """Length, batch and robustness of the training loop."""
+
+    train_iters: int = 100
+    """Optimizer steps."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks and micro batches."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one rank."""
+    eval_interval: int = 50
+    """Steps between validation runs; 0: never."""
+    eval_iters: int = 10
+    """Micro-batch rounds (global batches) per validation run."""
+    seed: int = 1234
+    """Seed of weight init and data order."""
+    max_consecutive_skips: int = 5
+    """Steps in a row skipped for a NaN/Inf gradient before training stops with an error."""
+    exit_signal_handler: bool = True
+    """On SIGTERM (e.g. a SLURM time limit), save a checkpoint at the next step boundary and exit cleanly."""
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        """Gradient-accumulation steps: global batch / (micro batch · DP)."""
+        return self.global_batch_size // (self.micro_batch_size * data_parallel_size)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataBlendEntry:
+    """One dataset of the training blend."""
+
+    prefix: str
+    """Path prefix of a megatron indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``)."""
+    weight: float = 1.0
+    """Relative sampling weight (normalized over the blend)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the tokens come from."""
+
+    blend: list[DataBlendEntry] = field(default_factory=list)
+    """Datasets and their weights; empty only with ``mock``."""
+    mock: bool = False
+    """Synthetic tokens instead of files (megatron's MockGPTDataset); for smoke tests."""
+    split: str = "969,30,1"
+    """Train, validation, test proportions of each dataset's documents."""
+    tokenizer_path: str | None = None
+    """Directory of the tokenizer (SentencePiece model + megatron metadata); optional with ``mock``."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+
+    def split_weights(self) -> tuple[int, int, int]:
+        parts = self.split.split(",")
+        _require(
+            len(parts) == 3 and all(p.strip().isdigit() for p in parts),
+            f"data.split={self.split!r} must be three non-negative integers, e.g. '969,30,1'",
+        )
+        weights = tuple(int(p) for p in parts)
+        _require(weights[0] > 0, f"data.split={self.split!r} gives training no documents")
+        return weights  # type: ignore[return-value]
+
+    def validate(self, evaluates: bool) -> None:
+        _require(
+            self.mock or bool(self.blend),
+            "no training data: set data.blend (a list of {prefix, weight}) or data.mock=true",
+        )
+        _require(
+            not (self.mock and self.blend),
+            f"data.mock=true and data.blend ({len(self.blend)} entries) are both set; choose one",
+        )
+        for index, entry in enumerate(self.blend):
+            _require(bool(entry.prefix), f"data.blend[{index}].prefix is empty")
+            _require(entry.weight > 0, f"data.blend[{index}].weight={entry.weight} must be > 0")
+        weights = self.split_weights()
+        if evaluates and not self.mock:
+            # megatron's GPTDataset loops forever when asked for samples from an empty split.
+            _require(
+                weights[1] > 0,
+                f"data.split={self.split!r} leaves validation no documents but training.eval_interval > 0",
+            )
+        _require(self.mock or self.tokenizer_path is not None, "data.tokenizer_path is required with data.blend")
+        _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Saving and resuming (megatron distributed checkpoints: loadable at another TP/PP/EP/DP)."""
+
+    save_dir: str | None = None
+    """Where checkpoints go; None: never save."""
+    save_interval: int = 0
+    """Steps between saves; 0: only at the end (and on an exit signal)."""
+    keep_last: int | None = None
+    """Keep only the newest K checkpoints; None: keep all."""
+    load_dir: str | None = None
+    """Where to look for a checkpoint to resume from; None: save_dir."""
+    resume: str = "auto"
+    """auto (the latest checkpoint in load_dir, if any) | none (start fresh) | a path to one checkpoint."""
+    finetune: bool = False
+    """Load weights only: fresh optimizer, schedule and iteration count."""
+
+    def validate(self) -> None:
+        _require(self.save_interval >= 0, f"checkpoint.save_interval={self.save_interval} must be >= 0")
+        _require(
+            self.save_interval == 0 or self.save_dir is not None,
+            f"checkpoint.save_interval={self.save_interval} needs checkpoint.save_dir",
+        )
+        _require(
+            self.keep_last is None or self.keep_last >= 1,
+            f"checkpoint.keep_last={self.keep_last} must be >= 1 or null",
+        )
+        _require(bool(self.resume), "checkpoint.resume is empty; use auto, none or a checkpoint path")
+        if self.finetune:
+            has_source = self.resume not in RESUME_MODES or (
+                self.resume == "auto" and (self.load_dir or self.save_dir) is not None
+            )
+            _require(
+                has_source,
+                f"checkpoint.finetune=true needs weights to load: checkpoint.resume={self.resume!r} with "
+                f"load_dir={self.load_dir!r}",
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    """What is logged where (rank 0 prints; one rank writes TensorBoard)."""
+
+    log_interval: int = 10
+    """Steps between log lines and TensorBoard scalars."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory; None: no TensorBoard."""
+
+
+@dataclass(kw_only=True, slots=True)
+class PretrainConfig:
+    """Everything a pretraining run needs, one section per component."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape and numerics."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Process grid."""
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    """AdamW, Muon and the learning-rate schedule."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Loop length and batch."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and tokenizer."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Log lines and TensorBoard."""
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def validate(cfg: PretrainConfig, world_size: int | None = None) -> ParallelDims:
+    """Check ``cfg`` as a whole at ``world_size`` processes (None: ``cfg.parallel.world_size``), before any
+    process group starts. Returns the process grid. Raises ``ConfigError`` with a one-line message."""
+    intended = cfg.parallel.world_size
+    if world_size is None:
+        _require(intended is not None, "the world size is unknown: set parallel.world_size or pass world_size")
+        world_size = intended
+    _require(
+        intended is None or intended == world_size,
+        f"parallel.world_size={intended} but {world_size} processes were started",
+    )
+    cfg.model.validate()
+    dims = cfg.parallel.validate(world_size, cfg.model)
+    train = cfg.training
+    _require_positive("training", train, "train_iters", "global_batch_size", "micro_batch_size")
+    per_step = train.micro_batch_size * dims.dp
+    _require(
+        train.global_batch_size % per_step == 0,
+        f"training.global_batch_size={train.global_batch_size} is not divisible by training.micro_batch_size="
+        f"{train.micro_batch_size} x data-parallel size {dims.dp} = {per_step}",
+    )
+    _require(train.eval_interval >= 0, f"training.eval_interval={train.eval_interval} must be >= 0")
+    _require(
+        train.eval_interval == 0 or train.eval_iters >= 1,
+        f"training.eval_iters={train.eval_iters} must be >= 1 when training.eval_interval > 0",
+    )
+    _require(train.max_consecutive_skips >= 1, f"training.max_consecutive_skips={train.max_consecutive_skips} must be >= 1")
+    cfg.optimizer.validate(train.train_iters)
+    cfg.data.validate(evaluates=train.eval_interval > 0)
+    cfg.checkpoint.validate()
+    _require(cfg.logging.log_interval >= 1, f"logging.log_interval={cfg.logging.log_interval} must be >= 1")
+    return dims
+
+
+def validate_tokenizer(cfg: PretrainConfig, tokenizer_vocab_size: int) -> None:
+    """Check the model's vocabulary holds the tokenizer's (call once the tokenizer is loaded)."""
+    vocab = cfg.model.vocab_size
+    _require(
+        tokenizer_vocab_size <= vocab,
+        f"the tokenizer has {tokenizer_vocab_size} tokens but model.vocab_size={vocab}; set model.vocab_size="
+        f"{padded_vocab_size(tokenizer_vocab_size, cfg.parallel.tp)} (padded to 128 x parallel.tp)",
+    )
+
+
+def describe(cfg: PretrainConfig, dims: ParallelDims) -> str:
+    """The run's arithmetic, a few lines: layout, batch, tokens and parameters."""
+    train, model = cfg.training, cfg.model
+    total, active = count_parameters(model)
+    tokens_per_step = train.global_batch_size * model.seq_length
+    accumulation = train.num_microbatches(dims.dp)
+    return "\n".join([
+        dims.describe(),
+        f"batch: {train.micro_batch_size} micro x {accumulation} accumulation x {dims.dp} DP = "
+        f"{train.global_batch_size} sequences x {model.seq_length} tokens = {tokens_per_step:,} tokens/step",
+        f"tokens: {train.train_iters:,} steps x {tokens_per_step:,} = {train.train_iters * tokens_per_step:,}",
+        f"parameters: {total:,} total, {active:,} active per token",
+    ])
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _unwrap(hint: Any) -> Any:
+    """The dataclass inside ``hint`` (through Optional / unions and list elements), else ``hint``."""
+    if typing.get_origin(hint) is list:
+        return _unwrap(typing.get_args(hint)[0])
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(_unwrap(arg)):
+                return _unwrap(arg)
+    return hint
+
+
+def _schema_paths(cls: type = PretrainConfig, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema (list elements as ``[]``) -> its type hint."""
+    paths: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path, hint = f"{prefix}{f.name}", hints[f.name]
+        paths[path] = hint
+        inner = _unwrap(hint)
+        if dataclasses.is_dataclass(inner):
+            suffix = "[]." if typing.get_origin(hint) is list else "."
+            paths.update(_schema_paths(inner, path + suffix))
+    return paths
+
+
+def _field_hint(full_key: str) -> Any:
+    """The type hint of ``full_key`` (``optimizer.betas[1]`` -> float), or None when it is not in the schema."""
+    generic = re.sub(r"\[\d+\]", "[]", full_key)
+    paths = _schema_paths()
+    if generic in paths:
+        return paths[generic]
+    if generic.endswith("[]") and typing.get_origin(paths.get(generic[:-2])) is list:
+        return typing.get_args(paths[generic[:-2]])[0]
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _closest_key(unknown: str) -> str | None:
+    """The valid dotted key most like ``unknown`` (``muon.lr`` -> ``optimizer.muon.lr``)."""
+    index = re.search(r"\[\d+\]", unknown)
+    generic = re.sub(r"\[\d+\]", "[]", unknown)
+    paths = list(_schema_paths())
+    suffixed = sorted((p for p in paths if p.endswith("." + generic)), key=len)
+    match = suffixed[:1] or difflib.get_close_matches(generic, paths, n=1, cutoff=0.6)
+    if not match:
+        return None
+    return match[0].replace("[]", index.group(0), 1) if index else match[0]
+
+
+def _merge(base: DictConfig, other: DictConfig, where: str, override_key: str | None = None) -> DictConfig:
+    """``base`` with ``other`` merged in; OmegaConf's errors become one-line ``ConfigError``s."""
+    try:
+        return typing.cast(DictConfig, OmegaConf.merge(base, other))
+    except OmegaConfBaseException as error:
+        raise _one_line_error(error, other, where, override_key) from None
+
+
+def _one_line_error(error: OmegaConfBaseException, other: DictConfig, where: str, override_key: str | None):
+    full_key = getattr(error, "full_key", None) or override_key or "?"
+    if isinstance(error, ConfigKeyError | AttributeError) or "not in" in str(error).split("\n")[0]:
+        # OmegaConf names the first unknown level; an override names the whole key the user wrote.
+        deeper = override_key is None or full_key.startswith(override_key + ".") or full_key.startswith(
+            override_key + "["
+        )
+        unknown = full_key if deeper else override_key
+        suggestion = _closest_key(unknown)
+        hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+        return ConfigError(f"unknown config key '{unknown}' ({where}){hint}")
+    if isinstance(error, ValidationError):
+        value = OmegaConf.select(other, full_key, default=None, throw_on_missing=False)
+        expected = _field_hint(full_key)
+        if expected is not None and value is not None and not isinstance(value, DictConfig):
+            return ConfigError(f"{full_key}={value!r} is not a valid {_type_name(expected)} ({where})")
+    first_line = str(error).split("\n")[0]
+    return ConfigError(f"{full_key}: {first_line} ({where})")
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> PretrainConfig:
+    """The ``PretrainConfig`` of the YAML file at ``path`` (None: the defaults) with dotted ``overrides``
+    (``model.hidden_size=128``, ``optimizer.muon.lr=0.01``, ``data.blend=[{prefix: a, weight: 1}]``) applied in
+    order. Raises ``ConfigError`` for an unknown key, a wrong type or an unreadable file; does not call
+    :func:`validate` (the world size may not be known yet)."""
+    merged = OmegaConf.structured(PretrainConfig)
+    if path is not None:
+        try:
+            file_cfg = OmegaConf.load(path)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+        _require(isinstance(file_cfg, DictConfig), f"{path}: the top level must be a mapping of sections")
+        merged = _merge(merged, typing.cast(DictConfig, file_cfg), f"in {path}")
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        _require(bool(sep) and bool(key.strip()), f"override {item!r} is not of the form key=value")
+        try:
+            dotlist = OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as error:
+            raise ConfigError(f"override {item!r}: {str(error).splitlines()[0]}") from None
+        merged = _merge(merged, dotlist, f"in override {item!r}", override_key=key.strip())
+    try:
+        return typing.cast(PretrainConfig, OmegaConf.to_object(merged))
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key} is required but not set") from None
+    except OmegaConfBaseException as error:
+        raise _one_line_error(error, merged, "while building the config", None) from None
+
+
+def to_yaml(cfg: PretrainConfig) -> str:
+    """The resolved config as YAML; :func:`load_config` reads it back to an equal ``PretrainConfig``."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def main(argv: typing.Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_muon.training.config",
+        description="Load, validate and print a pretraining config (YAML + dotted overrides).",
+    )
+    parser.add_argument("config", help="YAML file, or 'none' for the defaults")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=128")
+    parser.add_argument("--print", action="store_true", help="print the resolved YAML instead of the summary")
+    parser.add_argument("--world-size", type=int, default=None, help="default: parallel.world_size")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(None if args.config == "none" else args.config, args.overrides)
+        dims = validate(cfg, args.world_size)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    print(to_yaml(cfg) if args.print else describe(cfg, dims), end="" if args.print else "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
