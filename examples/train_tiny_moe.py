@@ -30,14 +30,18 @@ def _train(args):
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig(seq_length=args.seq_length, hidden_size=args.hidden_size, num_moe_experts=args.experts)
+    cfg = TinyMoEConfig(
+        seq_length=args.seq_length, hidden_size=args.hidden_size, num_moe_experts=args.experts
+    )
     config = build_transformer_config(cfg, tp=args.tp, pp=args.pp, ep=args.ep, etp=1)
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
     optimizer = build_optimizer(
         chunks,
-        OptimizerConfig(optimizer="adam", lr=args.adam_lr, weight_decay=0.1, clip_grad=1.0, bf16=False, fp16=False),
+        OptimizerConfig(
+            optimizer="adam", lr=args.adam_lr, weight_decay=0.1, clip_grad=1.0, bf16=False, fp16=False
+        ),
         MuonOptions(lr=args.muon_lr, weight_decay=0.1, tp_mode=args.tp_mode, compute_dtype="float32"),
         pg,
     )
@@ -79,7 +83,9 @@ def _train(args):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world", type=int, default=4, help="number of processes (default 4)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
@@ -100,11 +106,15 @@ def main(argv=None) -> int:
         parser.error(f"--world={args.world} is not divisible by tp*pp={args.tp * args.pp}")
     dp = args.world // (args.tp * args.pp)
     if args.global_batch % (args.micro_batch * dp):
-        parser.error(f"--global-batch={args.global_batch} is not divisible by micro batch x DP = {args.micro_batch * dp}")
+        parser.error(
+            f"--global-batch={args.global_batch} is not divisible by micro batch x DP = {args.micro_batch * dp}"
+        )
 
     from megatron_muon.testing import run_distributed
 
-    print(f"training the tiny MoE with Muon on {args.world} processes: TP{args.tp} PP{args.pp} EP{args.ep} DP{dp}")
+    print(
+        f"training the tiny MoE with Muon on {args.world} processes: TP{args.tp} PP{args.pp} EP{args.ep} DP{dp}"
+    )
     per_rank = run_distributed(
         _train, args.world, tp=args.tp, pp=args.pp, ep=args.ep, etp=1, args=(args,), timeout_s=3600
     )

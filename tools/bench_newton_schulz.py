@@ -118,44 +118,52 @@ def load_average() -> str:
         return "n/a"
 
 
-def measure_flops_table(args: argparse.Namespace) -> list[str]:
-    rows = [
+def measure_flops_table(
+    args: argparse.Namespace,
+) -> tuple[list[str], list[tuple[int, int, str, float, float]]]:
+    """Table (a) as markdown rows, and (rows, cols, dtype name, ratio, matmul FLOP/s) per measurement."""
+    table = [
         "| shape | compute dtype | newton_schulz (ms) | NS GFLOP/s | plain matmuls (ms) | matmul GFLOP/s "
         "| ratio |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for rows_count, cols_count in args.shapes:
-        flops = newton_schulz_flops(rows_count, cols_count, args.steps)
+    ratios = []
+    for rows, cols in args.shapes:
+        flops = newton_schulz_flops(rows, cols, args.steps)
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            x = torch.randn(rows_count, cols_count)  # fp32 momentum, as Muon keeps it
+            x = torch.randn(rows, cols)  # fp32 momentum, as Muon keeps it
 
             def orthogonalize(x=x, dtype=dtype):
                 return newton_schulz(x, args.steps, args.coefficients, dtype)
 
             medians = interleaved_medians(
-                {"ns": orthogonalize, "gemm": plain_gemm_sequence(rows_count, cols_count, args.steps, dtype)},
+                {"ns": orthogonalize, "gemm": plain_gemm_sequence(rows, cols, args.steps, dtype)},
                 args.warmup,
                 args.repeats,
                 CLOCKS[args.clock],
             )
-            rows.append(
-                f"| {rows_count}×{cols_count} | {dtype_name} | {medians['ns'] * 1e3:.1f} "
+            ratio = medians["gemm"] / medians["ns"]
+            ratios.append((rows, cols, dtype_name, ratio, flops / medians["gemm"]))
+            table.append(
+                f"| {rows}×{cols} | {dtype_name} | {medians['ns'] * 1e3:.1f} "
                 f"| {flops / medians['ns'] / 1e9:.1f} | {medians['gemm'] * 1e3:.1f} "
-                f"| {flops / medians['gemm'] / 1e9:.1f} | {medians['gemm'] / medians['ns']:.2f} |"
+                f"| {flops / medians['gemm'] / 1e9:.1f} | {ratio:.2f} |"
             )
-            print(rows[-1], file=sys.stderr, flush=True)
-    return rows
+            print(table[-1], file=sys.stderr, flush=True)
+    return table, ratios
 
 
-def measure_stack_table(args: argparse.Namespace) -> list[str]:
-    count, rows_count, cols_count = args.experts, *args.expert_shape
-    flops = count * newton_schulz_flops(rows_count, cols_count, args.steps)
+def measure_stack_table(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[float, float]]]:
+    """Table (b) as markdown rows, and (batched / loop time, loop FLOP/s) per dtype name."""
+    count, rows, cols = args.experts, *args.expert_shape
+    flops = count * newton_schulz_flops(rows, cols, args.steps)
     table = [
         "| stack | compute dtype | batched (ms) | batched GFLOP/s | loop (ms) | loop GFLOP/s | batched / loop |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    stack = torch.randn(count, rows_count, cols_count)
+    fractions = {}
+    stack = torch.randn(count, rows, cols)
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
 
@@ -168,19 +176,51 @@ def measure_stack_table(args: argparse.Namespace) -> list[str]:
         medians = interleaved_medians(
             {"batched": batched, "loop": loop}, args.warmup, args.repeats, CLOCKS[args.clock]
         )
+        fractions[dtype_name] = (medians["batched"] / medians["loop"], flops / medians["loop"])
         table.append(
-            f"| {count}×{rows_count}×{cols_count} | {dtype_name} | {medians['batched'] * 1e3:.1f} "
+            f"| {count}×{rows}×{cols} | {dtype_name} | {medians['batched'] * 1e3:.1f} "
             f"| {flops / medians['batched'] / 1e9:.1f} | {medians['loop'] * 1e3:.1f} "
-            f"| {flops / medians['loop'] / 1e9:.1f} | {medians['batched'] / medians['loop']:.2f} |"
+            f"| {flops / medians['loop'] / 1e9:.1f} | {fractions[dtype_name][0]:.2f} |"
         )
         print(table[-1], file=sys.stderr, flush=True)
-    return table
+    return table, fractions
+
+
+def goal_lines(
+    ratios: list[tuple[int, int, str, float, float]], fractions: dict[str, tuple[float, float]]
+) -> list[str]:
+    """Check the two targets: ratio >= 0.8 from 512×512 up, batched <= 1/3 of the loop.
+
+    A loop that already runs near the plain-GEMM rate of table (a) has little overhead for batching to
+    remove; the line says so, since batched <= 1/3 needs the loop to spend >= 2/3 of its time off the GEMMs.
+    """
+    lines = []
+    large = [entry for entry in ratios if min(entry[0], entry[1]) >= 512]
+    if large:
+        rows, cols, dtype_name, worst, _ = min(large, key=lambda entry: entry[3])
+        verdict = "met" if worst >= 0.8 else "**not met**"
+        lines.append(
+            f"- Goal (a), ratio ≥ 0.8 for 512×512 and larger: lowest {worst:.2f} ({rows}×{cols}, {dtype_name}): "
+            f"{verdict}"
+        )
+    for dtype_name, (fraction, loop_flops_per_s) in fractions.items():
+        verdict = "met" if fraction <= 1 / 3 else "**not met**"
+        line = f"- Goal (b), batched ≤ 1/3 of the loop, {dtype_name}: {fraction:.2f}: {verdict}"
+        gemm_rates = [entry[4] for entry in ratios if entry[2] == dtype_name]
+        if gemm_rates:
+            share = loop_flops_per_s / max(gemm_rates)
+            line += (
+                f" (the loop already runs at {loop_flops_per_s / 1e9:.0f} GFLOP/s, {share:.0%} of the best "
+                f"plain-matmul rate in (a); a 1/3 bound needs it below 33%)"
+            )
+        lines.append(line)
+    return lines
 
 
 def render_section(args: argparse.Namespace, command: str) -> str:
     load_before = load_average()
-    flops_table = measure_flops_table(args)
-    stack_table = measure_stack_table(args)
+    flops_table, ratios = measure_flops_table(args)
+    stack_table, fractions = measure_stack_table(args)
     load_after = load_average()
     lines = [
         START_MARKER,
@@ -198,6 +238,7 @@ def render_section(args: argparse.Namespace, command: str) -> str:
         f"{args.warmup} warm-up runs, the two sides of each comparison interleaved run by run; "
         f"clock: {CLOCK_NAMES[args.clock]}",
         f"- load average (1/5/15 min) before: {load_before}, after: {load_after}",
+        *goal_lines(ratios, fractions),
         "",
         "### (a) Achieved FLOP/s: `newton_schulz` vs the same GEMMs as plain `torch.matmul`",
         "",

@@ -21,12 +21,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="text / .jsonl files or glob patterns")
     parser.add_argument("--output", required=True, help="tokenizer directory to write")
-    parser.add_argument("--vocab-size", type=int, default=4000, help="pieces, specials and 256 bytes included")
+    parser.add_argument(
+        "--vocab-size", type=int, default=4000, help="pieces, specials and 256 bytes included"
+    )
     parser.add_argument("--json-key", default="text", help="field of a .jsonl record that holds the text")
     parser.add_argument(
         "--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training (0: all)"
     )
-    parser.add_argument("--force", action="store_true", help="overwrite the tokenizer in a non-empty --output")
+    parser.add_argument(
+        "--force", action="store_true", help="overwrite the tokenizer in a non-empty --output"
+    )
     return parser.parse_args(argv)
 
 
@@ -54,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         seconds = time.perf_counter() - start
         tokenizer = load_tokenizer(args.output)
-        ratio, sample = chars_per_token(tokenizer, iter_documents(paths, json_key=args.json_key), SAMPLE_CHARS)
+        ratio, sample = chars_per_token(
+            tokenizer, iter_documents(paths, json_key=args.json_key), SAMPLE_CHARS
+        )
     except (OSError, ValueError) as error:
         print(f"train_tokenizer: error: {error}", file=sys.stderr)
         return 2

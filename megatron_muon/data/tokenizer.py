@@ -43,11 +43,13 @@ __all__ = [
     "MODEL_FILE",
     "SourceDocument",
     "chars_per_token",
+    "describe_paths",
     "expand_input_paths",
     "iter_documents",
     "load_tokenizer",
     "null_tokenizer",
     "tokenize_documents",
+    "tokenizer_model_path",
     "train_sentencepiece_tokenizer",
 ]
 
@@ -68,7 +70,8 @@ class SourceDocument(NamedTuple):
 
 
 def expand_input_paths(patterns: Sequence[str]) -> list[str]:
-    """Expand files and glob patterns (``**`` allowed) into a sorted, de-duplicated list of files.
+    """Expand files and glob patterns (``**`` allowed) into a de-duplicated list of files: patterns in the
+    order given, each pattern's matches sorted.
 
     Raises ``FileNotFoundError`` naming the first pattern that matches no file.
     """
@@ -82,6 +85,12 @@ def expand_input_paths(patterns: Sequence[str]) -> list[str]:
             raise FileNotFoundError(f"input {pattern!r} matches no file")
         paths.extend(matches)
     return list(dict.fromkeys(paths))
+
+
+def describe_paths(paths: Sequence[str], shown: int = 3) -> str:
+    """The first few paths, for messages."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
 
 
 def _join_document(lines: list[str]) -> str:
@@ -112,7 +121,9 @@ def _text_documents(path: str, lines_per_document: int) -> Iterator[SourceDocume
                         yield SourceDocument(text, consumed)
                     lines, text_lines, consumed = [], 0, 0
         except UnicodeDecodeError as error:
-            raise ValueError(f"{path} is not UTF-8 text: {error.reason} (byte {error.start} of a read block)") from None
+            raise ValueError(
+                f"{path} is not UTF-8 text: {error.reason} (byte {error.start} of a read block)"
+            ) from None
     text = _join_document(lines)
     if text:
         yield SourceDocument(text, consumed)
@@ -196,7 +207,9 @@ def train_sentencepiece_tokenizer(
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"output {output_dir} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {output_dir} exists and is not empty (use --force to overwrite)")
+        raise FileExistsError(
+            f"output directory {output_dir} exists and is not empty (use --force to overwrite)"
+        )
     if vocab_size <= _RESERVED_PIECES:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: 3 special and 256 byte-fallback pieces need "
@@ -205,7 +218,7 @@ def train_sentencepiece_tokenizer(
     sentences = _training_sentences(iter_documents(paths, json_key=json_key))
     first = next(sentences, None)
     if first is None:
-        raise ValueError(f"no text in the input ({len(paths)} file(s): {', '.join(paths[:3])}...)")
+        raise ValueError(f"no text in the input: {describe_paths(paths)}")
 
     def all_sentences() -> Iterator[str]:
         yield first
@@ -238,7 +251,9 @@ def train_sentencepiece_tokenizer(
             )
         except RuntimeError as error:
             reason = [line for line in str(error).splitlines() if line.strip()][-1]
-            raise ValueError(f"sentencepiece cannot train vocab_size={vocab_size} on this input: {reason}") from None
+            raise ValueError(
+                f"sentencepiece cannot train vocab_size={vocab_size} on this input: {reason}"
+            ) from None
         _write_metadata(os.path.join(staging, MODEL_FILE))
         output.mkdir(exist_ok=True)
         for name in sorted(os.listdir(staging)):
@@ -257,8 +272,10 @@ def _write_metadata(model_path: str) -> None:
     )
 
 
-def _model_path(path: str) -> str:
-    """``path`` is a tokenizer directory or the ``tokenizer.model`` in one."""
+def tokenizer_model_path(path: str) -> str:
+    """The absolute path of the SentencePiece model of a tokenizer directory (or of ``path`` itself if it
+    is the ``tokenizer.model`` in one). Raises ``FileNotFoundError`` naming ``path`` when the model or
+    megatron's metadata is missing."""
     model_path = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
     directory = os.path.dirname(model_path) or "."
     if not os.path.isdir(directory) or not os.path.isfile(model_path):
@@ -280,7 +297,7 @@ def load_tokenizer(path: str) -> MegatronTokenizerBase:
     """
     from megatron.core.tokenizers import MegatronTokenizer
 
-    model_path = _model_path(path)
+    model_path = tokenizer_model_path(path)
     return MegatronTokenizer.from_pretrained(tokenizer_path=model_path)
 
 
@@ -294,7 +311,9 @@ def null_tokenizer(vocab_size: int) -> MegatronTokenizerBase:
     return MegatronTokenizer.from_pretrained(metadata_path={"library": "null-text"}, vocab_size=vocab_size)
 
 
-def chars_per_token(tokenizer: MegatronTokenizerBase, documents: Iterable[SourceDocument], max_chars: int) -> tuple[float, int]:
+def chars_per_token(
+    tokenizer: MegatronTokenizerBase, documents: Iterable[SourceDocument], max_chars: int
+) -> tuple[float, int]:
     """(characters per token, characters read) over the first ``max_chars`` characters of ``documents``."""
     chars = tokens = 0
     for document in documents:
@@ -330,7 +349,7 @@ def tokenize_documents(
     """
     if workers < 1:
         raise ValueError(f"workers={workers} must be >= 1")
-    model_path = _model_path(tokenizer_path)
+    model_path = tokenizer_model_path(tokenizer_path)
     if workers == 1:
         tokenizer = load_tokenizer(model_path)
         for document in documents:

@@ -249,7 +249,9 @@ class ModelConfig:
             self.moe_shared_expert_intermediate_size >= 0,
             f"model.moe_shared_expert_intermediate_size={self.moe_shared_expert_intermediate_size} must be >= 0",
         )
-        _require_choice("model.moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
+        _require_choice(
+            "model.moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS
+        )
         _require_choice(
             "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type, LOAD_BALANCING_TYPES
         )
@@ -269,7 +271,9 @@ class ModelConfig:
                 f"model.fp8={self.fp8!r} needs model.transformer_impl='transformer_engine'",
             )
         if self.multi_latent_attention:
-            _require_positive("model", self, "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+            _require_positive(
+                "model", self, "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"
+            )
             _require(
                 self.q_lora_rank is None or self.q_lora_rank >= 1,
                 f"model.q_lora_rank={self.q_lora_rank} must be >= 1 or null",
@@ -281,7 +285,10 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size}; set model.kv_channels",
             )
             _require_divides(
-                "model.num_query_groups", self.query_groups, "model.num_attention_heads", self.num_attention_heads
+                "model.num_query_groups",
+                self.query_groups,
+                "model.num_attention_heads",
+                self.num_attention_heads,
             )
 
 
@@ -361,8 +368,10 @@ def tiny_moe_config(model: ModelConfig):
     }
     for name, value in unsupported.items():
         _require(not value, f"model.{name}={value!r} is not supported by models.tiny (local spec builder)")
-    _require(model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
-             f"model.kv_channels={model.kv_channels} is not supported by models.tiny")
+    _require(
+        model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
+        f"model.kv_channels={model.kv_channels} is not supported by models.tiny",
+    )
     return TinyMoEConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -419,8 +428,12 @@ class ParallelDims:
             self.vpp is None or self.vpp == 1 or self.pp > 1,
             f"parallel.vpp={self.vpp} needs parallel.pp > 1 (got {self.pp})",
         )
-        dense_text, dense = _product([("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.cp", self.cp)])
-        _require(self.world_size % dense == 0, f"world_size={self.world_size} is not divisible by {dense_text}")
+        dense_text, dense = _product(
+            [("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.cp", self.cp)]
+        )
+        _require(
+            self.world_size % dense == 0, f"world_size={self.world_size} is not divisible by {dense_text}"
+        )
         expert = self.ep * self.etp
         _require(
             self.stage_size % expert == 0,
@@ -582,7 +595,10 @@ class OptimizerSection:
         from megatron_muon.optim.param_groups import ROUTER_CHOICES
 
         _require(self.lr > 0, f"optimizer.lr={self.lr} must be > 0")
-        _require(0 <= self.min_lr <= self.lr, f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]")
+        _require(
+            0 <= self.min_lr <= self.lr,
+            f"optimizer.min_lr={self.min_lr} must be in [0, optimizer.lr={self.lr}]",
+        )
         _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -608,7 +624,9 @@ class OptimizerSection:
         except ValueError as error:
             raise ConfigError(f"optimizer.{error}") from None
         _require(muon.lr > 0, f"optimizer.muon.lr={muon.lr} must be > 0")
-        _require(0 <= muon.min_lr <= muon.lr, f"optimizer.muon.min_lr={muon.min_lr} must be in [0, {muon.lr}]")
+        _require(
+            0 <= muon.min_lr <= muon.lr, f"optimizer.muon.min_lr={muon.min_lr} must be in [0, {muon.lr}]"
+        )
         _require(muon.weight_decay >= 0, f"optimizer.muon.weight_decay={muon.weight_decay} must be >= 0")
         _require(0 <= muon.momentum < 1, f"optimizer.muon.momentum={muon.momentum} must be in [0, 1)")
         _require(muon.ns_steps >= 1, f"optimizer.muon.ns_steps={muon.ns_steps} must be >= 1")
@@ -700,7 +718,9 @@ class DataConfig:
                 weights[1] > 0,
                 f"data.split={self.split!r} leaves validation no documents but training.eval_interval > 0",
             )
-        _require(self.mock or self.tokenizer_path is not None, "data.tokenizer_path is required with data.blend")
+        _require(
+            self.mock or self.tokenizer_path is not None, "data.tokenizer_path is required with data.blend"
+        )
         _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
 
 
@@ -781,7 +801,9 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> ParallelDims
     process group starts. Returns the process grid. Raises ``ConfigError`` with a one-line message."""
     intended = cfg.parallel.world_size
     if world_size is None:
-        _require(intended is not None, "the world size is unknown: set parallel.world_size or pass world_size")
+        _require(
+            intended is not None, "the world size is unknown: set parallel.world_size or pass world_size"
+        )
         world_size = intended
     _require(
         intended is None or intended == world_size,
@@ -802,7 +824,10 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> ParallelDims
         train.eval_interval == 0 or train.eval_iters >= 1,
         f"training.eval_iters={train.eval_iters} must be >= 1 when training.eval_interval > 0",
     )
-    _require(train.max_consecutive_skips >= 1, f"training.max_consecutive_skips={train.max_consecutive_skips} must be >= 1")
+    _require(
+        train.max_consecutive_skips >= 1,
+        f"training.max_consecutive_skips={train.max_consecutive_skips} must be >= 1",
+    )
     cfg.optimizer.validate(train.train_iters)
     cfg.data.validate(evaluates=train.eval_interval > 0)
     cfg.checkpoint.validate()
@@ -826,13 +851,15 @@ def describe(cfg: PretrainConfig, dims: ParallelDims) -> str:
     total, active = count_parameters(model)
     tokens_per_step = train.global_batch_size * model.seq_length
     accumulation = train.num_microbatches(dims.dp)
-    return "\n".join([
-        dims.describe(),
-        f"batch: {train.micro_batch_size} micro x {accumulation} accumulation x {dims.dp} DP = "
-        f"{train.global_batch_size} sequences x {model.seq_length} tokens = {tokens_per_step:,} tokens/step",
-        f"tokens: {train.train_iters:,} steps x {tokens_per_step:,} = {train.train_iters * tokens_per_step:,}",
-        f"parameters: {total:,} total, {active:,} active per token",
-    ])
+    return "\n".join(
+        [
+            dims.describe(),
+            f"batch: {train.micro_batch_size} micro x {accumulation} accumulation x {dims.dp} DP = "
+            f"{train.global_batch_size} sequences x {model.seq_length} tokens = {tokens_per_step:,} tokens/step",
+            f"tokens: {train.train_iters:,} steps x {tokens_per_step:,} = {train.train_iters * tokens_per_step:,}",
+            f"parameters: {total:,} total, {active:,} active per token",
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -905,10 +932,20 @@ def _merge(base: DictConfig, other: DictConfig, where: str, override_key: str | 
 def _one_line_error(error: OmegaConfBaseException, other: DictConfig, where: str, override_key: str | None):
     full_key = getattr(error, "full_key", None) or override_key or "?"
     if isinstance(error, ConfigKeyError | AttributeError) or "not in" in str(error).split("\n")[0]:
+        owner = getattr(error, "object_type", None)
+        if (
+            "." not in full_key
+            and owner is not None
+            and owner is not PretrainConfig
+            and dataclasses.is_dataclass(owner)
+        ):
+            # Inside a list entry OmegaConf loses the path and names only the key and its dataclass.
+            fields = [f.name for f in dataclasses.fields(owner)]
+            close = difflib.get_close_matches(full_key, fields, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {fields}"
+            return ConfigError(f"unknown config key '{full_key}' in a {owner.__name__} entry ({where}){hint}")
         # OmegaConf names the first unknown level; an override names the whole key the user wrote.
-        deeper = override_key is None or full_key.startswith(override_key + ".") or full_key.startswith(
-            override_key + "["
-        )
+        deeper = override_key is None or full_key.startswith((override_key + ".", override_key + "["))
         unknown = full_key if deeper else override_key
         suggestion = _closest_key(unknown)
         hint = f"; did you mean '{suggestion}'?" if suggestion else ""
@@ -970,11 +1007,17 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(None if args.config == "none" else args.config, args.overrides)
-        dims = validate(cfg, args.world_size)
+        if args.print and args.world_size is None and cfg.parallel.world_size is None:
+            print("note: not validated (world size unknown; pass --world-size)", file=sys.stderr)
+        else:
+            dims = validate(cfg, args.world_size)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    print(to_yaml(cfg) if args.print else describe(cfg, dims), end="" if args.print else "\n")
+    if args.print:
+        print(to_yaml(cfg), end="")
+    else:
+        print(describe(cfg, dims))
     return 0
 
 

@@ -8,6 +8,7 @@ Process groups come in as a ``ProcessGroupCollection`` (e.g.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -30,7 +31,9 @@ from megatron.core.utils import get_model_config
 
 from megatron_muon.models.tiny import causal_attention_mask
 
-__all__ = ["LOAD_BALANCING_LOSS", "synthetic_batches", "train_step", "wrap_in_ddp"]
+__all__ = [
+    "LOAD_BALANCING_LOSS", "evaluate", "step_unless_nonfinite", "synthetic_batches", "train_step", "wrap_in_ddp",
+]
 
 # Name under which megatron's router records the switch aux loss (divided by its coefficient).
 LOAD_BALANCING_LOSS = "load_balancing_loss"
@@ -184,40 +187,11 @@ def _load_balancing_loss(
     return float(totals[LOAD_BALANCING_LOSS])
 
 
-def train_step(
-    model_chunks: list[DistributedDataParallel],
-    optimizer: MegatronOptimizer,
-    data_iterator: Iterator[dict[str, torch.Tensor]] | list[Iterator[dict[str, torch.Tensor]]],
-    *,
-    num_microbatches: int,
-    seq_length: int,
-    micro_batch_size: int,
-    pg_collection: ProcessGroupCollection,
-) -> dict[str, Any]:
-    """Forward/backward over ``num_microbatches`` with megatron's schedule, then ``optimizer.step()``.
-
-    ``model_chunks`` are the DDP-wrapped chunks from :func:`wrap_in_ddp`; ``data_iterator`` yields
-    :func:`synthetic_batches`-style dicts (a list of iterators, one per chunk, under interleaving).
-
-    Returns, identical on every rank:
-        loss: mean cross-entropy per token over the global batch (nats), from the last pipeline stage.
-        load_balancing_loss: megatron's switch aux loss (without its coefficient), mean over MoE
-            layers and microbatches. Its gradient (times the coefficient) is already in the step.
-        grad_norm: global gradient norm from the optimizer (None if it computes none).
-        skipped: True if the optimizer skipped the update (e.g. inf/nan gradients).
-    """
-    if num_microbatches < 1:
-        raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
+def _forward_backward(model_chunks, data_iterator, *, num_microbatches, seq_length, micro_batch_size,
+                      pg_collection, forward_only: bool) -> tuple[float, float]:
+    """megatron's schedule over ``num_microbatches``; returns (loss summed over tokens, token count) of the
+    global batch, identical on every rank."""
     config = get_model_config(model_chunks[0])
-    if not config.calculate_per_token_loss:
-        raise ValueError("train_step reports per-token losses and needs config.calculate_per_token_loss=True")
-    # As megatron's training loop: the schedule scales the loss, and the MoE aux-loss gradient, by this.
-    config.grad_scale_func = optimizer.scale_loss
-
-    for chunk in model_chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-
     forward_backward = get_forward_backward_func(
         pp_size=pg_collection.pp.size(), vp_size=config.virtual_pipeline_model_parallel_size
     )
@@ -228,12 +202,10 @@ def train_step(
         num_microbatches=num_microbatches,
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
         p2p_communicator=P2PCommunicator(pp_group=pg_collection.pp, config=config),
         pg_collection=pg_collection,
     )
-    update_successful, grad_norm, _num_zeros = optimizer.step()
-
     # [summed loss, token count]: nonzero only on the last pipeline stage, which holds the losses.
     loss_and_tokens = torch.zeros(2, dtype=torch.float64)
     if is_pp_last_stage(pg_collection.pp):
@@ -246,10 +218,86 @@ def train_step(
     loss_sum, tokens = loss_and_tokens.tolist()
     if tokens <= 0:
         raise RuntimeError(f"the global batch held {tokens} loss tokens; loss_mask masks every token")
+    return loss_sum, tokens
 
+
+def step_unless_nonfinite(optimizer: MegatronOptimizer) -> tuple[bool, float | None]:
+    """``optimizer.step()`` unless the global gradient norm is NaN/Inf; returns (updated, grad norm).
+
+    megatron's fp32 and bf16 optimizers only detect overflow with a loss scaler (fp16), so the norm is
+    checked here first (one extra norm all-reduce). Every rank computes the same norm, so all skip together.
+    """
+    found_inf = optimizer.prepare_grads()
+    grad_norm = optimizer.get_grad_norm()
+    if found_inf or grad_norm is None or not math.isfinite(grad_norm):
+        optimizer.zero_grad()
+        return False, grad_norm
+    update_successful, grad_norm, _num_zeros = optimizer.step()
+    return bool(update_successful), grad_norm
+
+
+def train_step(
+    model_chunks: list[DistributedDataParallel],
+    optimizer: MegatronOptimizer,
+    data_iterator: Iterator[dict[str, torch.Tensor]] | list[Iterator[dict[str, torch.Tensor]]],
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    pg_collection: ProcessGroupCollection,
+) -> dict[str, Any]:
+    """Forward/backward over ``num_microbatches`` with megatron's schedule, then the optimizer step (skipped
+    when the gradient norm is NaN/Inf).
+
+    ``model_chunks`` are the DDP-wrapped chunks from :func:`wrap_in_ddp`; ``data_iterator`` yields
+    :func:`synthetic_batches`-style dicts (a list of iterators, one per chunk, under interleaving).
+
+    Returns, identical on every rank:
+        loss: mean cross-entropy per token over the global batch (nats), from the last pipeline stage.
+        load_balancing_loss: megatron's switch aux loss (without its coefficient), mean over MoE
+            layers and microbatches. Its gradient (times the coefficient) is already in the step.
+        grad_norm: global gradient norm from the optimizer (None if it computes none).
+        skipped: True if the update was skipped (NaN/Inf gradients).
+    """
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
+    config = get_model_config(model_chunks[0])
+    if not config.calculate_per_token_loss:
+        raise ValueError("train_step reports per-token losses and needs config.calculate_per_token_loss=True")
+    # As megatron's training loop: the schedule scales the loss, and the MoE aux-loss gradient, by this.
+    config.grad_scale_func = optimizer.scale_loss
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum, tokens = _forward_backward(
+        model_chunks, data_iterator, num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, pg_collection=pg_collection, forward_only=False,
+    )
+    update_successful, grad_norm = step_unless_nonfinite(optimizer)
     return {
         "loss": loss_sum / tokens,
         LOAD_BALANCING_LOSS: _load_balancing_loss(config, num_microbatches, pg_collection),
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "skipped": not update_successful,
     }
+
+
+@torch.no_grad()
+def evaluate(
+    model_chunks, data_iterator, *, num_microbatches: int, seq_length: int, micro_batch_size: int, pg_collection
+) -> float:
+    """Mean cross-entropy per token (nats) over ``num_microbatches`` microbatches per data-parallel rank,
+    forward only; identical on every rank."""
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        loss_sum, tokens = _forward_backward(
+            model_chunks, data_iterator, num_microbatches=num_microbatches, seq_length=seq_length,
+            micro_batch_size=micro_batch_size, pg_collection=pg_collection, forward_only=True,
+        )
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+        get_moe_metrics_tracker().clear()  # the forward recorded aux losses that belong to no training step
+    return loss_sum / tokens

@@ -1,0 +1,191 @@
+"""Muon's optimizer state in a layout-free sharded form, for megatron's distributed checkpointing.
+
+Muon keeps one fp32 momentum tensor per *logical* matrix (``optimizer.state[param][matrix_key]["momentum"]``),
+on the ranks the plan (``plan.py``) makes compute that matrix:
+
+* ``owner``: the whole matrix, on its one owner;
+* ``duplicated``: the whole matrix, on every holder (identical copies);
+* ``distributed``: each holder keeps the momentum of its own shard (``shard_index`` of ``num_shards`` along
+  ``shard_dim``).
+
+Here every such tensor becomes a megatron ``ShardedTensor`` named ``muon.momentum.<matrix key>`` whose global
+shape is the logical matrix's full shape. Matrix keys do not depend on TP/PP/EP/DP (``layout.py``), so a
+checkpoint saved under one plan loads under any other: each rank asks for exactly the momentum its *new* plan
+makes it keep (the full matrix, or one shard) and dist_checkpointing reads that region, wherever the saving
+ranks had put it. Exactly one copy of every region is written (``replica_id == 0``): the owner, the
+lowest-ranked holder of a duplicated matrix, the lowest-ranked holder of each shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+from megatron_muon.optim.layout import MatrixPiece
+from megatron_muon.optim.muon import Muon
+
+__all__ = [
+    "MOMENTUM_KEY_PREFIX",
+    "MomentumSlot",
+    "load_muon_momentum_",
+    "load_muon_param_groups_",
+    "momentum_slots",
+    "muon_momentum_sharded_state_dict",
+    "muon_param_groups_state",
+]
+
+MOMENTUM_KEY_PREFIX = "muon.momentum."
+
+
+@dataclass(frozen=True, slots=True)
+class MomentumSlot:
+    """One momentum tensor this rank keeps under its current plan."""
+
+    matrix_key: str
+    """Layout-independent key of the logical matrix (``layout.MatrixPiece.key``)."""
+    param: torch.Tensor
+    """The (main) parameter whose optimizer state holds the momentum."""
+    global_shape: tuple[int, int]
+    """Full shape of the logical matrix."""
+    local_shape: tuple[int, int]
+    """Shape of the momentum this rank keeps: the full shape, or one shard's."""
+    rank_offsets: tuple[tuple[int, int, int], ...]
+    """``()`` for a full matrix; ``((shard_dim, shard_index, num_shards),)`` for a shard."""
+    replica_id: int
+    """0 on the one rank that writes this region; > 0 on the other ranks keeping the same values."""
+
+    @property
+    def sharded_key(self) -> str:
+        return MOMENTUM_KEY_PREFIX + self.matrix_key
+
+
+def _held_pieces(optimizer: Muon) -> dict[str, tuple[torch.Tensor, MatrixPiece]]:
+    held = {}
+    for group, group_pieces in zip(optimizer.param_groups, optimizer.pieces, strict=True):
+        for param, pieces in zip(group["params"], group_pieces, strict=True):
+            for piece in pieces:
+                held[piece.key] = (param, piece)
+    return held
+
+
+def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
+    """The momentum tensors ``optimizer``'s plan makes this rank keep, in plan order.
+
+    ``optimizer`` is the raw :class:`Muon` (``member.optimizer`` of a megatron wrapper); its ``orthogonalizer``
+    must expose ``plan`` and ``rank`` (``executor.MatrixOrthogonalizer``).
+    """
+    orthogonalizer = optimizer.orthogonalizer
+    me = orthogonalizer.rank
+    held = _held_pieces(optimizer)
+    slots = []
+    for matrix in orthogonalizer.plan.matrices:
+        if me not in matrix.computers:
+            continue
+        if matrix.key not in held:
+            raise RuntimeError(
+                f"the Muon plan makes grid rank {me} compute matrix {matrix.key!r}, but this rank holds no piece "
+                "of it"
+            )
+        param, piece = held[matrix.key]
+        if matrix.mode == "distributed":
+            shard = piece.shard_index
+            slots.append(
+                MomentumSlot(
+                    matrix_key=matrix.key,
+                    param=param,
+                    global_shape=tuple(matrix.shape),
+                    local_shape=tuple(piece.local_shape),
+                    rank_offsets=((matrix.shard_dim, shard, matrix.num_shards),),
+                    replica_id=matrix.holders[shard].index(me),
+                )
+            )
+        else:  # owner (one computer) or duplicated (every holder computes the whole matrix)
+            slots.append(
+                MomentumSlot(
+                    matrix_key=matrix.key,
+                    param=param,
+                    global_shape=tuple(matrix.shape),
+                    local_shape=tuple(matrix.shape),
+                    rank_offsets=(),
+                    replica_id=matrix.computers.index(me),
+                )
+            )
+    return slots
+
+
+def muon_momentum_sharded_state_dict(optimizer: Muon, *, is_loading: bool = False) -> dict[str, ShardedTensor]:
+    """``{"muon.momentum.<matrix key>": ShardedTensor}`` for every momentum this rank keeps.
+
+    Saving (``is_loading=False``): the live momentum tensors; a matrix that has no momentum yet (no step taken)
+    is saved as zeros, which is exactly the state Muon starts from (``executor``: ``zeros_like`` then lerp).
+    Loading: fresh fp32 zero buffers of the shape this rank needs, to be read into and handed to
+    :func:`load_muon_momentum_` (live state is left alone until the load has succeeded).
+    """
+    result = {}
+    for slot in momentum_slots(optimizer):
+        state = optimizer.state.get(slot.param, {}).get(slot.matrix_key, {})
+        momentum = None if is_loading else state.get("momentum")
+        if momentum is None:
+            momentum = torch.zeros(slot.local_shape, dtype=torch.float32, device=slot.param.device)
+        elif tuple(momentum.shape) != slot.local_shape:
+            raise RuntimeError(
+                f"Muon momentum of {slot.matrix_key!r} has shape {tuple(momentum.shape)}; the plan expects "
+                f"{slot.local_shape}"
+            )
+        result[slot.sharded_key] = ShardedTensor.from_rank_offsets(
+            slot.sharded_key, momentum, *slot.rank_offsets, replica_id=slot.replica_id
+        )
+    return result
+
+
+def load_muon_momentum_(optimizer: Muon, loaded: Mapping[str, torch.Tensor]) -> None:
+    """Write loaded momentum (``{"muon.momentum.<matrix key>": tensor}``, as returned by dist_checkpointing for
+    the request :func:`muon_momentum_sharded_state_dict` made) into ``optimizer.state``."""
+    for slot in momentum_slots(optimizer):
+        if slot.sharded_key not in loaded:
+            raise KeyError(f"no loaded momentum for Muon matrix {slot.matrix_key!r} ({slot.sharded_key})")
+        value = loaded[slot.sharded_key]
+        if tuple(value.shape) != slot.local_shape:
+            raise RuntimeError(
+                f"loaded momentum {slot.sharded_key} has shape {tuple(value.shape)}; this rank needs "
+                f"{slot.local_shape}"
+            )
+        optimizer.matrix_state(slot.param, slot.matrix_key)["momentum"] = value.to(
+            device=slot.param.device, dtype=torch.float32
+        ).contiguous()
+
+
+def muon_param_groups_state(optimizer: Muon) -> list[dict]:
+    """The hyperparameters of every param group (everything but ``params``), for the common checkpoint state.
+
+    Megatron aligns param groups across all ranks (``_get_param_groups``), so every rank returns the same list.
+    """
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def _group_identifier(group: Mapping) -> tuple:
+    return tuple(group.get(key) for key in param_group_identifier_keys)
+
+
+def load_muon_param_groups_(optimizer: Muon, saved_groups: list[dict]) -> None:
+    """Restore the hyperparameters of ``optimizer``'s param groups from :func:`muon_param_groups_state`.
+
+    Groups are paired by megatron's identifier keys (``max_lr``, ``wd_mult``, ``is_expert_parallel`` ...), as
+    megatron pairs AdamW groups on load, not by position. The learning rate and weight decay are set again by
+    the scheduler; momentum, Nesterov and the scale rule come back as saved.
+    """
+    by_identifier = {_group_identifier(group): group for group in saved_groups}
+    for index, group in enumerate(optimizer.param_groups):
+        identifier = _group_identifier(group)
+        if identifier not in by_identifier:
+            raise ValueError(
+                f"Muon param group {index} ({dict(zip(param_group_identifier_keys, identifier, strict=True))}) "
+                f"has no counterpart in the checkpoint; saved groups: {list(by_identifier)}"
+            )
+        for key, value in by_identifier[identifier].items():
+            if key != "params":
+                group[key] = value

@@ -1,0 +1,106 @@
+"""Entry point: ``python -m megatron_muon.pretrain CONFIG [key=value ...] [--dry-run]``.
+
+Started once per process by ``launch/pretrain_muon.sh`` (torchrun locally, srun under SLURM), which set
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. The configuration is loaded and validated before any
+process group starts; ``--dry-run`` prints the resolved configuration and the plan and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+
+def _dry_run(cfg, dims) -> str:
+    from megatron_muon.training.config import count_parameters, describe, to_yaml
+
+    total, active = count_parameters(cfg.model)
+    model, p = cfg.model, cfg.parallel
+    # Memory per rank, fp32 master weights: params 4 B + grads 4 B (DDP buffer) + AdamW 8 B, Muon momentum 4 B
+    # divided over the TP x DP grid by the owner plan (bf16 adds 2 B model params + 2 B grads).
+    per_param = 16 if model.precision == "fp32" else 20
+    expert = total - _dense_parameters(cfg)
+    local = (total - expert) / (p.tp * p.pp) + expert / (p.ep * dims.etp * p.pp)
+    estimate = local * per_param / 2**30
+    lines = [
+        to_yaml(cfg).rstrip(),
+        "---",
+        describe(cfg, dims),
+        f"parameters per rank: about {local:,.0f} (dense / (TP x PP) + experts / (EP x ETP x PP))",
+        f"memory estimate per rank (weights, grads, optimizer state; activations not included): {estimate:.2f} GiB",
+    ]
+    return "\n".join(lines)
+
+
+def _dense_parameters(cfg) -> int:
+    """Parameters outside the routed experts (counted by the config's own formula with zero experts)."""
+    from megatron_muon.training.config import count_parameters
+
+    model = cfg.model
+    routed = model.num_moe_experts * 3 * model.hidden_size * model.moe_ffn_hidden_size  # SwiGLU: gate, up, down
+    moe_layers = sum(model.moe_layer_pattern())
+    return count_parameters(model)[0] - routed * moe_layers
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_muon.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML config (launch/configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.train_iters=20")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, then exit")
+    args = parser.parse_args(argv)
+
+    from megatron_muon.training.config import ConfigError, load_config, validate
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        dims = validate(cfg, world_size if not args.dry_run or cfg.parallel.world_size is None else None)
+    except (ConfigError, FileNotFoundError) as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(_dry_run(cfg, dims))
+        return 0
+    return _run(cfg, dims)
+
+
+def _run(cfg, dims) -> int:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_muon.platform import apply_cpu_stand_ins
+    from megatron_muon.training.trainer import StopTraining, Trainer
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    apply_cpu_stand_ins()
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep, expert_tensor_parallel_size=dims.etp,
+    )
+    try:
+        trainer = Trainer(cfg, dims, ProcessGroupCollection.use_mpu_process_groups())
+        return trainer.train()
+    except (StopTraining, ValueError) as error:
+        if dist.get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,532 @@
+"""Distributed checkpoints with megatron-core's ``dist_checkpointing`` (torch_dist backend), loadable at any
+parallel layout.
+
+One checkpoint is one directory ``<root>/iter_0000010/`` written collectively by all ranks:
+
+================================  =================================================================================
+what                              where in the checkpoint
+================================  =================================================================================
+model weights                     ``model`` (``model0``, ``model1``… under virtual pipelining, as megatron-LM):
+                                  each chunk's own ``sharded_state_dict()``; sharded tensors named by global layer
+                                  and expert ids, so TP/PP/EP/DP can change on load
+Muon momentum                     ``optimizer.<muon_dense|muon_expert>.momentum``: one ``ShardedTensor``
+                                  ``muon.momentum.<matrix key>`` per logical matrix, full logical shape
+                                  (``optim/state.py``); ``…param_groups`` (hyperparameters) in the common state;
+                                  ``…fp32_param`` the fp32 main weights under bf16
+AdamW state                       ``optimizer.<adamw_dense|adamw_expert>``: megatron's own
+                                  ``optimizer.sharded_state_dict(model_sharded_state_dict)`` of that member
+                                  (``optimizer.state.exp_avg.<param key>`` …, ``common_step``, ``param_groups``)
+LR / WD schedule                  ``scheduler``: ``OptimizerParamScheduler.state_dict()`` (common state)
+progress                          ``iteration``, ``consumed_samples`` (common state)
+layout                            ``parallel_layout``: the sizes it was saved at (common state)
+RNG                               ``rng_state``: one ``ShardedObject`` per global rank (python, numpy, torch CPU,
+                                  accelerator, megatron's tensor-parallel tracker states)
+resolved config                   ``config.yaml`` beside the shards (a plain text file)
+================================  =================================================================================
+
+Completion: shards go to ``iter_0000010.partial/``; after every rank finished (barrier) rank 0 adds the config,
+renames the directory to ``iter_0000010`` and only then replaces ``latest_checkpointed_iteration.txt`` (tmp file
++ ``os.replace``), so the marker always names a complete checkpoint. Older checkpoints beyond ``keep_last`` are
+deleted after that.
+
+Layout changes: model, AdamW and Muon state are resharded by dist_checkpointing (every rank reads the regions
+its new layout needs). RNG states are per rank and only restored when the layout is the same as at save time;
+otherwise they stay as the caller seeded them (``model_parallel_cuda_manual_seed``) — a resharded run is
+re-derived from the seed, not bit-identical in its random draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    make_sharded_optimizer_tensor,
+)
+from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+from megatron.core.dist_checkpointing.utils import extract_sharded_base
+from megatron.core.optimizer import ChainedOptimizer
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.utils import get_model_config, unwrap_model
+
+from torch.distributed.checkpoint import FileSystemReader
+
+from megatron_muon.optim.muon import Muon
+from megatron_muon.optim.state import (
+    load_muon_momentum_,
+    load_muon_param_groups_,
+    muon_momentum_sharded_state_dict,
+    muon_param_groups_state,
+)
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "CONFIG_FILENAME",
+    "LATEST_MARKER",
+    "CheckpointError",
+    "find_latest",
+    "iteration_dir",
+    "load_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint_files",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+LATEST_MARKER = "latest_checkpointed_iteration.txt"
+CONFIG_FILENAME = "config.yaml"
+_ITERATION_DIR_RE = re.compile(r"^iter_(\d{7,})$")
+_PARTIAL_SUFFIX = ".partial"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model; the message is one line naming the path."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paths.
+# ---------------------------------------------------------------------------------------------------
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """``root/iter_0000010`` for ``iteration=10``."""
+    if iteration < 0:
+        raise ValueError(f"iteration={iteration} must be >= 0")
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def find_latest(root: str | os.PathLike) -> Path | None:
+    """The checkpoint ``root``'s ``latest_checkpointed_iteration.txt`` names, or None when there is no marker
+    (nothing saved yet: a fresh start for ``--resume auto``).
+
+    Raises:
+        CheckpointError: the marker is unreadable or names a directory that does not exist.
+    """
+    marker = Path(root) / LATEST_MARKER
+    if not marker.is_file():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker} holds {text!r}; expected an iteration number")
+    directory = iteration_dir(root, int(text))
+    if not directory.is_dir():
+        raise CheckpointError(f"{marker} names iteration {int(text)} but {directory} does not exist")
+    return directory
+
+
+def _resolve_checkpoint_dir(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a directory")
+    if (path / LATEST_MARKER).is_file():
+        return find_latest(path)
+    if (path / "metadata.json").is_file() or (path / ".metadata").is_file():
+        return path
+    raise CheckpointError(
+        f"{path} is neither a checkpoint root (no {LATEST_MARKER}) nor a checkpoint directory (no metadata.json)"
+    )
+
+
+def verify_checkpoint_files(checkpoint_dir: str | os.PathLike) -> None:
+    """Check that ``checkpoint_dir`` is a complete torch_dist checkpoint: megatron's ``metadata.json`` (written
+    last), torch's ``.metadata``, and every shard file the metadata refers to, at least as long as needed.
+
+    Raises:
+        CheckpointError: naming the directory and the first missing or truncated file.
+    """
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    for required in ("metadata.json", ".metadata"):
+        if not (directory / required).is_file():
+            raise CheckpointError(f"checkpoint {directory} is incomplete: {required} is missing")
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as error:  # a truncated or foreign .metadata
+        raise CheckpointError(f"checkpoint {directory}: cannot read .metadata ({type(error).__name__})") from error
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {directory} is incomplete: shard file {name} is missing")
+        if path.stat().st_size < size:
+            raise CheckpointError(
+                f"checkpoint {directory} is incomplete: shard file {name} has {path.stat().st_size} bytes, "
+                f"expected at least {size}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces of the state dict.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _model_key(index: int, count: int) -> str:
+    # megatron-LM checkpointing.py: "model" for one chunk, "model0", "model1", ... under virtual pipelining.
+    return "model" if count == 1 else f"model{index}"
+
+
+def _model_sharded_state_dict(model_chunks) -> dict:
+    result = {}
+    for index, chunk in enumerate(model_chunks):
+        # As megatron-LM: keys of the unwrapped model ("decoder.layers.0..."), not of the DDP wrapper ("module.").
+        metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+        dp_cp_group = getattr(chunk, "dp_cp_group", None)
+        if dp_cp_group is not None:
+            metadata["dp_cp_group"] = dp_cp_group
+        result[_model_key(index, len(model_chunks))] = unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+    return result
+
+
+def _members(optimizer) -> dict[str, Any]:
+    """Role (``muon_dense``, ``muon_expert``, ``adamw_dense``, ``adamw_expert``) → member of the chain.
+
+    Roles rather than positions: they say what the state is, and megatron aligns param groups across ranks so
+    every rank has the same roles.
+    """
+    members = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    roles = {}
+    for member in members:
+        groups = member.optimizer.param_groups
+        expert = bool(groups) and bool(groups[0].get("is_expert_parallel", False))
+        kind = "muon" if isinstance(member.optimizer, Muon) else "adamw"
+        role = f"{kind}_{'expert' if expert else 'dense'}"
+        if role in roles:
+            raise ValueError(f"two optimizer members have the role {role!r}; expected one per role")
+        roles[role] = member
+    return roles
+
+
+def _main_param_sharded_tensors(member, model_sharded_state_dict: dict) -> dict[str, ShardedTensor] | None:
+    """fp32 main weights of a bf16 Muon member (megatron's ``Float16OptimizerWithFloat16Params``), under the key
+    megatron uses for its own members (``optimizer.state.fp32_param.<param key>``); None for an fp32 member,
+    whose main weights are the model's."""
+    if not hasattr(member, "fp32_from_float16_groups"):
+        return None
+    model_params = [p for group in member.float16_groups for p in group]
+    main_params = [p for group in member.fp32_from_float16_groups for p in group]
+    by_id = get_param_id_to_sharded_param_map(model_sharded_state_dict, model_params)
+    return {
+        str(index): make_sharded_optimizer_tensor(by_id[index], main, prefix="optimizer.state.fp32_param")
+        for index, main in enumerate(main_params)
+    }
+
+
+def _optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+    state = {}
+    for role, member in _members(optimizer).items():
+        if isinstance(member.optimizer, Muon):
+            entry = {
+                "momentum": muon_momentum_sharded_state_dict(member.optimizer, is_loading=is_loading),
+                "param_groups": muon_param_groups_state(member.optimizer),
+            }
+            main = _main_param_sharded_tensors(member, model_sharded_state_dict)
+            if main is not None:
+                entry["fp32_param"] = main
+            state[role] = entry
+        else:
+            state[role] = member.sharded_state_dict(
+                model_sharded_state_dict, is_loading=is_loading, metadata={"chained_optim_avoid_prefix": True}
+            )
+    return state
+
+
+def _load_optimizer_state(optimizer, loaded: dict) -> None:
+    for role, member in _members(optimizer).items():
+        if role not in loaded:
+            raise CheckpointError(f"the checkpoint has no optimizer state for {role}")
+        entry = loaded[role]
+        if isinstance(member.optimizer, Muon):
+            load_muon_momentum_(member.optimizer, entry["momentum"])
+            load_muon_param_groups_(member.optimizer, entry["param_groups"])
+            if "fp32_param" in entry and hasattr(member, "fp32_from_float16_groups"):
+                main_params = [p for group in member.fp32_from_float16_groups for p in group]
+                for index, main in enumerate(main_params):
+                    main.data.copy_(entry["fp32_param"][str(index)])
+        else:
+            member.load_state_dict(entry)
+
+
+def _layout(model_chunks) -> dict[str, int | None]:
+    config = get_model_config(model_chunks[0])
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel": config.tensor_model_parallel_size,
+        "pipeline_parallel": config.pipeline_model_parallel_size,
+        "virtual_pipeline_parallel": config.virtual_pipeline_model_parallel_size,
+        "context_parallel": config.context_parallel_size,
+        "expert_parallel": config.expert_model_parallel_size,
+        "expert_tensor_parallel": config.expert_tensor_parallel_size,
+    }
+
+
+def _rng_sharded_object(data: Any) -> ShardedObject:
+    # One object per global rank: python/numpy/torch states may differ between data-parallel replicas.
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
+
+
+def _rng_state() -> dict:
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # As plain values and a tensor: the checkpoint is read back with torch.load(weights_only=True).
+        "numpy": (np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)),
+        "torch": torch.get_rng_state(),
+        "accelerator": tensor_parallel.random._get_cuda_rng_state(clone=True),
+        "tracker": {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()},
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.random._set_cuda_rng_state(state["accelerator"])
+    get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Collective error handling: every rank raises together, so none is left waiting in a collective.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _raise_if_any_rank_failed(message: str | None) -> None:
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    for rank, text in enumerate(messages):
+        if text is not None:
+            raise CheckpointError(text if rank == dist.get_rank() else f"{text} (reported by rank {rank})")
+
+
+def _run_on_rank_zero(action, *args) -> None:
+    """Run ``action`` on rank 0 and raise its error on every rank."""
+    message = None
+    if dist.get_rank() == 0:
+        try:
+            action(*args)
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+    payload = [message]
+    dist.broadcast_object_list(payload, src=0)
+    if payload[0] is not None:
+        raise CheckpointError(payload[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Save.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = sorted(
+        (int(match.group(1)), child)
+        for child in root.iterdir()
+        if child.is_dir() and (match := _ITERATION_DIR_RE.match(child.name))
+    )
+    for _, old in complete[:-keep_last]:
+        shutil.rmtree(old)
+        logger.info("Deleted old checkpoint %s (keep_last=%d)", old, keep_last)
+
+
+def _publish(root: Path, staging: Path, final: Path, iteration: int, config_yaml: str, keep_last: int) -> None:
+    """Rank 0, after every rank wrote its shards: config file, rename into place, marker, pruning."""
+    (staging / CONFIG_FILENAME).write_text(config_yaml)
+    replaced = None
+    if final.exists():  # saving the same iteration again: swap, then drop the old one
+        replaced = final.with_name(final.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    if replaced is not None:
+        shutil.rmtree(replaced)
+    _write_text_atomically(root / LATEST_MARKER, f"{iteration}\n")
+    _prune(root, keep_last)
+
+
+def _prepare_staging(root: Path, staging: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)  # a save of this iteration that died midway
+    staging.mkdir()
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    iteration: int,
+    model_chunks: list[torch.nn.Module],
+    optimizer,
+    scheduler,
+    *,
+    consumed_samples: int,
+    rng: bool = True,
+    config_yaml: str,
+    keep_last: int,
+) -> Path:
+    """Save a checkpoint to ``root/iter_<iteration:07d>`` (collective: every rank calls it); return that path.
+
+    Args:
+        root: checkpoint root, shared by all ranks.
+        iteration: the number of completed training steps.
+        model_chunks: this rank's (DDP-wrapped) model chunks.
+        optimizer: the megatron ``ChainedOptimizer`` from ``optim.build.build_optimizer`` (or one member).
+        scheduler: megatron ``OptimizerParamScheduler`` (or anything with ``state_dict``/``load_state_dict``).
+        consumed_samples: training samples consumed so far (to restart the data stream).
+        rng: also save every rank's RNG states.
+        config_yaml: the resolved run config, stored as ``config.yaml`` beside the shards.
+        keep_last: keep this many newest checkpoints under ``root`` (0: keep all); older ones are deleted
+            only once this one is complete and marked latest.
+    """
+    if keep_last < 0:
+        raise ValueError(f"keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    staging = final.with_name(final.name + _PARTIAL_SUFFIX)
+    _run_on_rank_zero(_prepare_staging, root, staging)
+
+    model_state = _model_sharded_state_dict(model_chunks)
+    state: dict[str, Any] = {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": int(iteration),
+        "consumed_samples": int(consumed_samples),
+        "parallel_layout": _layout(model_chunks),
+        "rng_saved": bool(rng),
+        "scheduler": scheduler.state_dict(),
+        "optimizer": _optimizer_sharded_state_dict(optimizer, model_state, is_loading=False),
+        **model_state,
+    }
+    if rng:
+        state["rng_state"] = _rng_sharded_object(_rng_state())
+    dist_checkpointing.save(state, str(staging), validate_access_integrity=True)
+    dist.barrier()  # every rank's shards are on disk
+    _run_on_rank_zero(_publish, root, staging, final, iteration, config_yaml, keep_last)
+    logger.info("Saved checkpoint %s", final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------
+# Load.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _mismatch_with_checkpoint(checkpoint_dir: Path, request: dict) -> str | None:
+    """One line describing the sharded keys of ``request`` that the checkpoint lacks or holds with another
+    global shape; None when everything requested is there."""
+    saved = load_sharded_metadata(str(checkpoint_dir))
+    expanded, _, _ = load_preprocess(request)  # factories applied on a copy
+    sharded, _ = extract_sharded_base(expanded)
+    missing, wrong_shape = set(), set()
+    for item in nested_values(sharded):
+        key = item.unique_key if isinstance(item, ShardedObject) else item.key
+        if key not in saved:
+            missing.add(key)
+        elif isinstance(item, ShardedTensor) and tuple(saved[key].global_shape) != tuple(item.global_shape):
+            wrong_shape.add(f"{key} {tuple(saved[key].global_shape)} != {tuple(item.global_shape)}")
+    if not missing and not wrong_shape:
+        return None
+    parts = []
+    if missing:
+        names = sorted(missing)
+        parts.append(f"{len(names)} tensor(s) missing, e.g. {', '.join(names[:3])}")
+    if wrong_shape:
+        names = sorted(wrong_shape)
+        parts.append(f"{len(names)} tensor(s) with another shape (saved != wanted), e.g. {'; '.join(names[:3])}")
+    return f"checkpoint {checkpoint_dir} does not fit this model: {'; '.join(parts)}"
+
+
+def load_checkpoint(
+    root_or_iter_dir: str | os.PathLike,
+    model_chunks: list[torch.nn.Module],
+    optimizer,
+    scheduler,
+    *,
+    finetune: bool = False,
+) -> dict[str, int]:
+    """Load a checkpoint into ``model_chunks``, ``optimizer`` and ``scheduler`` at this run's layout
+    (collective). Returns ``{"iteration": ..., "consumed_samples": ...}``.
+
+    ``root_or_iter_dir``: a checkpoint root (its ``latest_checkpointed_iteration.txt`` picks the directory) or
+    one ``iter_*`` directory. ``finetune``: weights only (no optimizer, scheduler, RNG), iteration and
+    consumed samples 0. ``optimizer`` / ``scheduler`` may be None to skip them.
+
+    Raises:
+        CheckpointError: one line naming the path: missing directory, missing marker in a root, missing or
+            truncated shard files, tensors the model needs that the checkpoint lacks (e.g. Muon momentum of
+            matrices it never saw) or holds with another shape. Nothing is loaded in these cases.
+    """
+    checkpoint_dir = _resolve_checkpoint_dir(Path(root_or_iter_dir))
+    verify_checkpoint_files(checkpoint_dir)
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
+    version = common.get("checkpoint_version")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {checkpoint_dir} has version {version!r}; expected {CHECKPOINT_VERSION}")
+
+    model_state = _model_sharded_state_dict(model_chunks)
+    request: dict[str, Any] = dict(model_state)
+    with_optimizer = not finetune and optimizer is not None
+    same_layout = common.get("parallel_layout") == _layout(model_chunks)
+    restore_rng = not finetune and same_layout and common.get("rng_saved", False)
+    if with_optimizer:
+        request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_state, is_loading=True)
+    if restore_rng:
+        request["rng_state"] = _rng_sharded_object(None)
+    _raise_if_any_rank_failed(_mismatch_with_checkpoint(checkpoint_dir, request))
+
+    try:
+        loaded = dist_checkpointing.load(
+            request, str(checkpoint_dir), sharded_strategy=TorchDistLoadShardedStrategy(), validate_access_integrity=True
+        )
+    except Exception as error:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise CheckpointError(f"cannot load checkpoint {checkpoint_dir}: {type(error).__name__}: {first_line}") from error
+
+    for index, chunk in enumerate(model_chunks):
+        unwrap_model(chunk).load_state_dict(loaded[_model_key(index, len(model_chunks))], strict=True)
+    if optimizer is not None:
+        optimizer.reload_model_params()  # bf16: main params from the loaded weights (overwritten below if saved)
+    if finetune:
+        logger.info("Loaded weights from %s (finetune: iteration 0)", checkpoint_dir)
+        return {"iteration": 0, "consumed_samples": 0}
+
+    if with_optimizer:
+        _load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if restore_rng:
+        _set_rng_state(loaded["rng_state"])
+    elif not same_layout:
+        logger.warning(
+            "Checkpoint %s was saved at layout %s, this run is %s: RNG states are not restored (re-derived from "
+            "the seed)", checkpoint_dir, common.get("parallel_layout"), _layout(model_chunks)
+        )
+    logger.info("Loaded checkpoint %s (iteration %d)", checkpoint_dir, loaded["iteration"])
+    return {"iteration": int(loaded["iteration"]), "consumed_samples": int(loaded["consumed_samples"])}

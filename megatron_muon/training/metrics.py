@@ -1,0 +1,77 @@
+"""TensorBoard metrics with namespaced tags (torchtitan's metrics.py habit), written by one rank.
+
+Tags: ``loss/train``, ``loss/validation``, ``loss/validation_perplexity``, ``loss/load_balancing``,
+``optimizer/lr_muon``, ``optimizer/lr_adamw``, ``optimizer/grad_norm``, ``optimizer/skipped_iterations``,
+``throughput/tokens_per_s``, ``throughput/mfu``, ``time/iteration_ms``, ``time/optimizer_step_ms``,
+``memory/rss_mib``, ``moe/expert_load_max_over_mean``, ``muon/update_rms/<kind>``, ``muon/ns_orthogonality_error``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import torch.distributed as dist
+
+
+def is_logging_rank(pg_collection) -> bool:
+    """The last pipeline stage's first TP / DP rank: it has the loss and one copy of everything else."""
+    pp, tp, dp = pg_collection.pp, pg_collection.tp, pg_collection.dp
+    last_stage = dist.get_rank(pp) == dist.get_world_size(pp) - 1
+    return last_stage and dist.get_rank(tp) == 0 and dist.get_rank(dp) == 0
+
+
+class MetricsWriter:
+    """Writes scalars to TensorBoard on the logging rank; a no-op elsewhere (or when ``log_dir`` is None)."""
+
+    def __init__(self, log_dir: str | None, enabled: bool) -> None:
+        self._writer = None
+        if enabled and log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=log_dir)
+
+    @property
+    def active(self) -> bool:
+        return self._writer is not None
+
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None:
+                self._writer.add_scalar(tag, float(value), step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def memory_mib() -> float:
+    """Resident memory of this process in MiB (CPU runs; GPU runs add ``torch.cuda.max_memory_allocated``)."""
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def muon_stats(optimizer) -> dict[str, float]:
+    """``muon/...`` diagnostics of every Muon member of a megatron ChainedOptimizer (last step)."""
+    stats: dict[str, float] = {}
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        orthogonalizer = getattr(getattr(member, "optimizer", None), "orthogonalizer", None)
+        if orthogonalizer is None:
+            continue
+        for key, value in orthogonalizer.stats.items():
+            stats[f"muon/{key}"] = value
+    return stats
+
+
+def model_flops_per_token(*, num_layers, hidden_size, seq_length, active_matrix_params: int) -> float:
+    """Training FLOPs per token: 6 · (active matrix parameters) for the GEMMs (forward + backward) plus
+    attention's 12 · layers · hidden · seq (scores and values, forward + backward) — the PaLM appendix B
+    estimate (Chowdhery et al. 2022), used for MFU."""
+    return 6.0 * active_matrix_params + 12.0 * num_layers * hidden_size * seq_length

@@ -1,0 +1,268 @@
+"""The pretraining loop (torchtitan's small ``Trainer.train()`` shape): build, load, loop over ``train_step``,
+evaluate, save. Everything heavy is megatron's: schedules, DDP, optimizer wrappers, LR scheduler, datasets,
+dist_checkpointing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, load_tokenizer, null_tokenizer
+from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
+from megatron_muon.optim.build import build_optimizer
+from megatron_muon.training import checkpoint as ckpt
+from megatron_muon.training.config import PretrainConfig, count_parameters, tiny_moe_config, to_yaml, validate_tokenizer
+from megatron_muon.training.metrics import MetricsWriter, is_logging_rank, memory_mib, model_flops_per_token, muon_stats
+from megatron_muon.training.step import LOAD_BALANCING_LOSS, evaluate, train_step, wrap_in_ddp
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s of the GPUs we know, for MFU (vendor datasheets, without sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
+
+
+class StopTraining(RuntimeError):
+    """Training cannot go on (too many skipped iterations); the last good checkpoint is left as it is."""
+
+
+class _ExitRequest:
+    """SIGTERM / SIGUSR1 (SLURM's ``--signal=USR1@N``) ask for a checkpoint and a clean exit at the next
+    iteration boundary; ranks agree on it with one all-reduce."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, dims, pg_collection) -> None:
+        self.cfg, self.dims, self.pg = cfg, dims, pg_collection
+        train = cfg.training
+        torch.manual_seed(train.seed)
+        model_parallel_cuda_manual_seed(train.seed)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
+        if self.tokenizer is not None:
+            validate_tokenizer(cfg, self.tokenizer.vocab_size)
+
+        self.tiny = tiny_moe_config(cfg.model)
+        p = cfg.parallel
+        config = build_transformer_config(self.tiny, tp=p.tp, pp=p.pp, ep=p.ep, etp=dims.etp, vpp=p.vpp)
+        if cfg.model.precision == "bf16":
+            config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
+        self.model = wrap_in_ddp(build_gpt_moe_model_chunks(self.tiny, config, pg_collection), config,
+                                 pg_collection=pg_collection)
+
+        opt = cfg.optimizer
+        adam_config = OptimizerConfig(
+            optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+            adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps, clip_grad=opt.clip_grad,
+            bf16=cfg.model.precision == "bf16", fp16=False,
+        )
+        self.optimizer = build_optimizer(self.model, adam_config, opt.muon, pg_collection)
+        decay_iters = opt.resolved_lr_decay_iters(train.train_iters)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr,
+            lr_warmup_steps=opt.warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=opt.decay_style,
+            start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=decay_iters,
+            wd_incr_style="constant",
+            wsd_decay_steps=opt.wsd_decay_iters(train.train_iters) if opt.decay_style == "WSD" else None,
+            lr_wsd_decay_style=opt.wsd_decay_style if opt.decay_style == "WSD" else None,
+        )
+
+        self.iteration, self.consumed_samples = 0, 0
+        self._load()
+        self.num_microbatches = train.num_microbatches(dims.dp)
+        self._build_data()
+        self.metrics = MetricsWriter(cfg.logging.tensorboard_dir, is_logging_rank(pg_collection))
+        self.is_first_rank = dist.get_rank() == 0
+        _, active = count_parameters(cfg.model)
+        self.flops_per_token = model_flops_per_token(
+            num_layers=cfg.model.num_layers, hidden_size=cfg.model.hidden_size,
+            seq_length=cfg.model.seq_length, active_matrix_params=active,
+        )
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def _load(self) -> None:
+        c = self.cfg.checkpoint
+        source = None
+        if c.resume == "auto":
+            root = c.load_dir or c.save_dir
+            source = root if root and ckpt.find_latest(root) is not None else None
+        elif c.resume not in ("none", ""):
+            source = c.resume
+        if source is None:
+            return
+        loaded = ckpt.load_checkpoint(
+            source, self.model, None if c.finetune else self.optimizer, None if c.finetune else self.scheduler,
+            finetune=c.finetune,
+        )
+        self.iteration, self.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
+        self._log(f"loaded checkpoint {source} at iteration {self.iteration}")
+
+    def _build_data(self) -> None:
+        cfg, train = self.cfg, self.cfg.training
+        # Every evaluation reads the same first eval_iters global batches of the validation split.
+        evals = train.eval_iters if train.eval_interval else 0
+        splits = build_gpt_datasets(
+            tokenizer=self.tokenizer or null_tokenizer(cfg.model.vocab_size),
+            seq_length=cfg.model.seq_length,
+            train_samples=train.train_iters * train.global_batch_size,
+            valid_samples=evals * train.global_batch_size,
+            test_samples=0,
+            data_paths=[entry.prefix for entry in cfg.data.blend],
+            data_weights=[entry.weight for entry in cfg.data.blend] if len(cfg.data.blend) > 1 else None,
+            split=cfg.data.split,
+            seed=train.seed,
+            mock=cfg.data.mock,
+            model_vocab_size=cfg.model.vocab_size,
+        )
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), self.dims.dp
+        make = lambda dataset, consumed: build_microbatch_iterator(  # noqa: E731
+            dataset, micro_batch_size=train.micro_batch_size, consumed_samples=consumed,
+            data_parallel_rank=dp_rank, data_parallel_size=dp_size, num_workers=0,
+        )
+        self.train_data = self._per_chunk(make(splits.train, self.consumed_samples))
+        self.valid_dataset, self._make_iterator = splits.valid, make
+
+    def _per_chunk(self, iterator):
+        """Interleaved pipelining wants one iterator per model chunk; they see the same microbatches."""
+        if len(self.model) == 1:
+            return iterator
+        import itertools
+
+        return list(itertools.tee(iterator, len(self.model)))
+
+    # ----------------------------------------------------------------------------------------------- loop
+    def train(self) -> int:
+        cfg, train = self.cfg, self.cfg.training
+        exit_request = _ExitRequest(train.exit_signal_handler)
+        consecutive_skips, total_skips = 0, 0
+        tokens_per_step = train.global_batch_size * cfg.model.seq_length
+        self._log(f"training from iteration {self.iteration} to {train.train_iters}")
+        while self.iteration < train.train_iters:
+            start = time.perf_counter()
+            result = train_step(
+                self.model, self.optimizer, self.train_data, num_microbatches=self.num_microbatches,
+                seq_length=cfg.model.seq_length, micro_batch_size=train.micro_batch_size, pg_collection=self.pg,
+            )
+            elapsed = time.perf_counter() - start
+            self.iteration += 1
+            self.consumed_samples += train.global_batch_size
+            if result["skipped"]:
+                consecutive_skips, total_skips = consecutive_skips + 1, total_skips + 1
+                self._log(f"iteration {self.iteration}: NaN/Inf loss or gradient (grad norm {result['grad_norm']}); "
+                          f"update skipped ({consecutive_skips} in a row)")
+                if consecutive_skips >= train.max_consecutive_skips:
+                    raise StopTraining(
+                        f"{consecutive_skips} consecutive iterations had NaN/Inf gradients (limit "
+                        f"training.max_consecutive_skips={train.max_consecutive_skips}); stopping without saving"
+                    )
+            else:
+                consecutive_skips = 0
+                self.scheduler.step(increment=1)  # the scheduler counts iterations here
+            self._report(result, elapsed, tokens_per_step, total_skips)
+            if train.eval_interval and self.iteration % train.eval_interval == 0:
+                self._evaluate()
+            save_now = cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0
+            if exit_request.agreed():
+                self._save()
+                self._log(f"exit requested by a signal: checkpoint saved at iteration {self.iteration}")
+                return 0
+            if save_now:
+                self._save()
+        if train.eval_interval and self.iteration % train.eval_interval != 0:
+            self._evaluate()
+        self._save()
+        self.metrics.close()
+        return 0
+
+    def _evaluate(self) -> None:
+        train = self.cfg.training
+        if self.valid_dataset is None:
+            return
+        # The same validation samples every time: a fresh iterator from the start of the split.
+        iterator = self._per_chunk(self._make_iterator(self.valid_dataset, 0))
+        loss = evaluate(
+            self.model, iterator, num_microbatches=self.num_microbatches * train.eval_iters,
+            seq_length=self.cfg.model.seq_length, micro_batch_size=train.micro_batch_size, pg_collection=self.pg,
+        )
+        perplexity = math.exp(min(loss, 50.0))
+        self._log(f" validation at iteration {self.iteration} | lm loss {loss:.4f} | perplexity {perplexity:.2f}")
+        self.metrics.scalars(self.iteration, {"loss/validation": loss, "loss/validation_perplexity": perplexity})
+
+    def _save(self) -> None:
+        c = self.cfg.checkpoint
+        if not c.save_dir or getattr(self, "_saved_iteration", None) == self.iteration:
+            return
+        self._saved_iteration = self.iteration
+        path = ckpt.save_checkpoint(
+            c.save_dir, self.iteration, self.model, self.optimizer, self.scheduler,
+            consumed_samples=self.consumed_samples, config_yaml=to_yaml(self.cfg), keep_last=c.keep_last or 0,
+        )
+        self._log(f"saved checkpoint {path}")
+
+    # ------------------------------------------------------------------------------------------- logging
+    def _report(self, result, elapsed, tokens_per_step, total_skips) -> None:
+        train = self.cfg.training
+        tokens_per_s = tokens_per_step / elapsed
+        mfu = None
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+            if peak:
+                mfu = self.flops_per_token * tokens_per_s / (peak * dist.get_world_size())
+        lrs = {}
+        for member in self.optimizer.chained_optimizers:
+            kind = "muon" if hasattr(member.optimizer, "orthogonalizer") else "adamw"
+            for group in member.param_groups:
+                if group["params"]:
+                    lrs[kind] = group["lr"]
+        values = {
+            "loss/train": result["loss"],
+            "loss/load_balancing": result[LOAD_BALANCING_LOSS],
+            "optimizer/grad_norm": result["grad_norm"],
+            "optimizer/skipped_iterations": total_skips,
+            "throughput/tokens_per_s": tokens_per_s,
+            "throughput/mfu": mfu,
+            "time/iteration_ms": elapsed * 1e3,
+            "memory/rss_mib": memory_mib(),
+            **{f"optimizer/lr_{k}": v for k, v in lrs.items()},
+            **muon_stats(self.optimizer),
+        }
+        self.metrics.scalars(self.iteration, values)
+        if self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == 1:
+            grad_norm = "nan" if result["grad_norm"] is None else f"{result['grad_norm']:.3f}"
+            self._log(
+                f" iteration {self.iteration:>6}/{train.train_iters} | consumed samples {self.consumed_samples:>9} | "
+                f"consumed tokens {self.consumed_samples * self.cfg.model.seq_length:>11,} | "
+                f"ms/iter {elapsed * 1e3:8.1f} | tokens/s {tokens_per_s:9.0f} | "
+                f"lr muon {lrs.get('muon', 0.0):.3e} adamw {lrs.get('adamw', 0.0):.3e} | lm loss {result['loss']:.4f} | "
+                f"grad norm {grad_norm} | MFU {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | "
+                f"skipped {total_skips}"
+            )
+            self.metrics.flush()
+
+    def _log(self, message: str) -> None:
+        if dist.get_rank() == 0:
+            print(message, flush=True)

@@ -1,0 +1,306 @@
+"""Distributed checkpoints of the tiny MoE GPT trained with Muon + AdamW: resuming is exact, a checkpoint loads at
+another TP/PP/EP/DP layout with its Muon momentum, saves are published only when complete, and a damaged
+checkpoint fails with one line naming it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_muon.testing import run_distributed
+
+pytestmark = pytest.mark.slow
+
+GLOBAL_BATCH = 8
+MICRO_BATCH = 2
+MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, num_moe_experts=4)
+SAVED_LAYOUT = dict(tp=2, pp=2, ep=2, etp=1)  # world 4
+TOTAL_STEPS = 6
+RESUME_STEP = 3
+CONFIG_YAML = "model:\n  num_layers: 4\n"
+
+
+def _setup(layout: dict):
+    """Model (canonical, layout-independent weights), Muon + AdamW optimizer and a warmup + cosine schedule."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.testing.canonical import fill_canonical_
+    from megatron_muon.training.step import wrap_in_ddp
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    cfg = TinyMoEConfig(**MODEL)
+    config = build_transformer_config(cfg, **layout)
+    torch.manual_seed(1234)
+    model_parallel_cuda_manual_seed(1234)
+    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
+    fill_canonical_(chunks, salt="weight")
+    optimizer = build_optimizer(
+        chunks,
+        OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0, bf16=False),
+        # fp32 Newton–Schulz: the losses of different layouts then agree to ~1e-5 (test_muon_training.py)
+        MuonOptions(lr=0.02, min_lr=0.002, weight_decay=0.01, compute_dtype="float32"),
+        pg,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=3e-4,
+        max_lr=3e-3,
+        min_lr=3e-4,
+        lr_warmup_steps=1,
+        lr_decay_steps=TOTAL_STEPS,
+        lr_decay_style="cosine",
+        start_wd=0.01,
+        end_wd=0.01,
+        wd_incr_steps=TOTAL_STEPS,
+        wd_incr_style="constant",
+    )
+    return cfg, pg, chunks, optimizer, scheduler
+
+
+def _data(cfg, pg, *, skip_steps: int):
+    """The synthetic stream of this rank, advanced past ``skip_steps`` steps (what a resumed run consumed)."""
+    from megatron_muon.training.step import synthetic_batches
+
+    dp_size, dp_rank = pg.dp.size(), pg.dp.rank()
+    num_microbatches = GLOBAL_BATCH // (MICRO_BATCH * dp_size)
+    data = synthetic_batches(
+        vocab_size=cfg.vocab_size,
+        seq_length=cfg.seq_length,
+        micro_batch_size=MICRO_BATCH,
+        num_microbatches=num_microbatches,
+        data_parallel_rank=dp_rank,
+        data_parallel_size=dp_size,
+        seed=7,
+    )
+    for _ in range(skip_steps * num_microbatches):
+        next(data)
+    return data, num_microbatches
+
+
+def _train(cfg, pg, chunks, optimizer, scheduler, data, num_microbatches) -> float:
+    from megatron_muon.training.step import train_step
+
+    result = train_step(
+        chunks,
+        optimizer,
+        data,
+        num_microbatches=num_microbatches,
+        seq_length=cfg.seq_length,
+        micro_batch_size=MICRO_BATCH,
+        pg_collection=pg,
+    )
+    assert not result["skipped"]
+    scheduler.step(increment=1)
+    return float(result["loss"])
+
+
+def _momentum_by_rank(optimizer) -> list[tuple[str, int | None, int, int, torch.Tensor]]:
+    """Every Muon momentum tensor this rank keeps, read from ``optimizer.state``:
+    (matrix key, shard index or None for a whole matrix, shard dim, number of shards, tensor)."""
+    from megatron_muon.optim.muon import Muon
+
+    found = []
+    for member in optimizer.chained_optimizers:
+        muon = member.optimizer
+        if not isinstance(muon, Muon):
+            continue
+        plan = {m.key: m for m in muon.orthogonalizer.plan.matrices}
+        shard_of = {
+            piece.key: piece.shard_index
+            for group in muon.pieces
+            for pieces in group
+            for piece in pieces
+        }
+        for param_state in muon.state.values():
+            for key, value in param_state.items():
+                if not isinstance(value, dict) or "momentum" not in value:
+                    continue
+                matrix = plan[key]
+                shard = shard_of[key] if matrix.mode == "distributed" else None
+                found.append((key, shard, matrix.shard_dim, matrix.num_shards, value["momentum"].clone()))
+    return found
+
+
+def _assemble_momentum(per_rank: list[list]) -> dict[str, torch.Tensor]:
+    """Full momentum of every logical matrix from every rank's :func:`_momentum_by_rank` (copies must agree)."""
+    whole: dict[str, torch.Tensor] = {}
+    shards: dict[str, dict[int, torch.Tensor]] = {}
+    layout: dict[str, tuple[int, int]] = {}
+    for found in per_rank:
+        for key, shard, shard_dim, num_shards, tensor in found:
+            if shard is None:
+                if key in whole:
+                    assert torch.equal(whole[key], tensor), f"copies of the momentum of {key} differ"
+                whole[key] = tensor
+            else:
+                shards.setdefault(key, {})[shard] = tensor
+                layout[key] = (shard_dim, num_shards)
+    for key, by_shard in shards.items():
+        shard_dim, num_shards = layout[key]
+        assert sorted(by_shard) == list(range(num_shards)), f"{key}: shards {sorted(by_shard)} of {num_shards}"
+        whole[key] = torch.cat([by_shard[i] for i in range(num_shards)], dim=shard_dim)
+    return whole
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def _uninterrupted_run(root: str):
+    """Train TOTAL_STEPS steps, saving after steps 1, 2, 3 (keep_last=2); a save after step 4 that crashes after
+    writing its shards. Returns the losses, the momentum after step 3 and what rank 0 saw on disk."""
+    from megatron_muon.training import checkpoint
+
+    cfg, pg, chunks, optimizer, scheduler = _setup(SAVED_LAYOUT)
+    data, num_microbatches = _data(cfg, pg, skip_steps=0)
+    root = Path(root)
+    losses, seen, momentum = [], {}, None
+    for step in range(1, TOTAL_STEPS + 1):
+        losses.append(_train(cfg, pg, chunks, optimizer, scheduler, data, num_microbatches))
+        if step <= RESUME_STEP:
+            checkpoint.save_checkpoint(
+                root, step, chunks, optimizer, scheduler,
+                consumed_samples=step * GLOBAL_BATCH, config_yaml=CONFIG_YAML, keep_last=2,
+            )
+            seen[step] = (_listing(root), (root / checkpoint.LATEST_MARKER).read_text())
+        if step == RESUME_STEP:
+            momentum = _momentum_by_rank(optimizer)
+        if step == RESUME_STEP + 1:
+            real_save = checkpoint.dist_checkpointing.save
+
+            def crash_after_writing(*args, **kwargs):
+                real_save(*args, **kwargs)
+                raise OSError("simulated crash after the shards were written")
+
+            checkpoint.dist_checkpointing.save = crash_after_writing
+            try:
+                checkpoint.save_checkpoint(
+                    root, step, chunks, optimizer, scheduler,
+                    consumed_samples=step * GLOBAL_BATCH, config_yaml=CONFIG_YAML, keep_last=2,
+                )
+                crashed = None
+            except OSError as error:
+                crashed = str(error)
+            finally:
+                checkpoint.dist_checkpointing.save = real_save
+            seen["crashed"] = (crashed, _listing(root), (root / checkpoint.LATEST_MARKER).read_text())
+    return losses, momentum, seen
+
+
+def _resumed_run(checkpoint_dir: str, layout: dict, steps: int, broken_dir: str | None = None):
+    """Load ``checkpoint_dir`` at ``layout`` and train ``steps`` more steps. Returns the loaded progress, the
+    momentum right after loading, the losses, and the errors of loading ``broken_dir`` and a missing path."""
+    from megatron_muon.training.checkpoint import CheckpointError, load_checkpoint
+
+    cfg, pg, chunks, optimizer, scheduler = _setup(layout)
+    errors = {}
+    if broken_dir is not None:
+        for name, path in (("broken", broken_dir), ("missing", broken_dir + "-does-not-exist")):
+            try:
+                load_checkpoint(path, chunks, optimizer, scheduler)
+                errors[name] = None
+            except CheckpointError as error:
+                errors[name] = str(error)
+    progress = load_checkpoint(checkpoint_dir, chunks, optimizer, scheduler)
+    momentum = _momentum_by_rank(optimizer)
+    data, num_microbatches = _data(cfg, pg, skip_steps=progress["iteration"])
+    losses = [_train(cfg, pg, chunks, optimizer, scheduler, data, num_microbatches) for _ in range(steps)]
+    return progress, momentum, losses, errors
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    per_rank = run_distributed(
+        _uninterrupted_run, 4, **SAVED_LAYOUT, args=(str(root),), timeout_s=300
+    )
+    losses, _, seen = per_rank[0]
+    assert all(rank[0] == losses for rank in per_rank), "ranks report different losses"
+    momentum = _assemble_momentum([rank[1] for rank in per_rank])
+    return root, losses, momentum, seen
+
+
+def test_resume_at_the_same_layout_continues_exactly(uninterrupted):
+    root, losses, _, _ = uninterrupted
+    per_rank = run_distributed(
+        _resumed_run, 4, **SAVED_LAYOUT,
+        args=(str(root / f"iter_{RESUME_STEP:07d}"), SAVED_LAYOUT, TOTAL_STEPS - RESUME_STEP), timeout_s=300,
+    )
+    progress, _, resumed, _ = per_rank[0]
+    assert progress == {"iteration": RESUME_STEP, "consumed_samples": RESUME_STEP * GLOBAL_BATCH}
+    worst = max(abs(a - b) for a, b in zip(resumed, losses[RESUME_STEP:], strict=True))
+    assert worst <= 1e-6, f"resumed losses {resumed} differ from the uninterrupted {losses[RESUME_STEP:]} by {worst:.2e}"
+
+
+RESHARD_LAYOUTS = {
+    "tp1_pp2_dp2": (4, dict(tp=1, pp=2, ep=1, etp=1)),
+    "tp2_ep2_dp1": (2, dict(tp=2, pp=1, ep=2, etp=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(RESHARD_LAYOUTS))
+def test_checkpoint_loads_at_another_layout_with_its_momentum(name, uninterrupted, tmp_path):
+    root, losses, saved_momentum, _ = uninterrupted
+    world, layout = RESHARD_LAYOUTS[name]
+    source = root / f"iter_{RESUME_STEP:07d}"
+    broken = tmp_path / "broken"
+    shutil.copytree(source, broken)
+    shard_files = sorted(broken.glob("*.distcp"))
+    assert shard_files, f"no shard files in {source}: {_listing(source)}"
+    shard_files[-1].unlink()
+
+    per_rank = run_distributed(
+        _resumed_run, world, tp=layout["tp"], pp=layout["pp"], ep=layout["ep"], etp=layout["etp"],
+        args=(str(root), layout, 2, str(broken)), timeout_s=300,  # the root: its marker names iter_0000003
+    )
+    progress, _, resumed, errors = per_rank[0]
+    assert progress["iteration"] == RESUME_STEP
+
+    # The Muon momentum was carried over, reassembled from another plan's pieces.
+    loaded_momentum = _assemble_momentum([rank[1] for rank in per_rank])
+    assert sorted(loaded_momentum) == sorted(saved_momentum)
+    assert all(t.abs().max() > 0 for t in saved_momentum.values())
+    for key, expected in saved_momentum.items():
+        torch.testing.assert_close(loaded_momentum[key], expected, rtol=0, atol=1e-6, msg=key)
+
+    # Step 4 (weights) and step 5 (after an update with the loaded optimizer state and schedule) match.
+    worst = max(abs(a - b) for a, b in zip(resumed, losses[RESUME_STEP : RESUME_STEP + 2], strict=True))
+    assert worst <= 1e-4, f"{name}: losses {resumed} vs {losses[RESUME_STEP:RESUME_STEP + 2]} ({worst:.2e})"
+
+    # A damaged or missing checkpoint fails with one line that names it.
+    assert errors["broken"] is not None and "\n" not in errors["broken"], errors
+    assert str(broken) in errors["broken"] and shard_files[-1].name in errors["broken"], errors["broken"]
+    assert errors["missing"] is not None and str(broken) + "-does-not-exist" in errors["missing"], errors
+
+
+def test_keep_last_keeps_the_newest_two_and_latest_names_the_newest(uninterrupted):
+    _, _, _, seen = uninterrupted
+    assert seen[1] == (["iter_0000001", "latest_checkpointed_iteration.txt"], "1\n")
+    assert seen[2] == (["iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"], "2\n")
+    assert seen[3] == (["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"], "3\n")
+
+
+def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(uninterrupted):
+    from megatron_muon.training.checkpoint import CONFIG_FILENAME, find_latest
+
+    root, _, _, seen = uninterrupted
+    crashed, listing, marker = seen["crashed"]
+    assert crashed is not None and "simulated crash" in crashed
+    assert marker == "3\n"
+    assert "iter_0000004" not in listing and "iter_0000003" in listing and "iter_0000002" in listing, listing
+    assert find_latest(root) == root / "iter_0000003"
+    assert (root / "iter_0000003" / CONFIG_FILENAME).read_text() == CONFIG_YAML
+
+
+def test_find_latest_of_an_empty_root_is_none(tmp_path):
+    from megatron_muon.training.checkpoint import find_latest
+
+    assert find_latest(tmp_path) is None
