@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-
 import torch
 from megatron.core.optimizer import (
     ChainedOptimizer,
@@ -29,52 +27,11 @@ from megatron_muon.optim.executor import MatrixOrthogonalizer
 from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
 from megatron_muon.optim.muon import Muon
 from megatron_muon.optim.param_groups import ParamRouting, route_parameters
-from megatron_muon.optim.plan import MODES, CostModel
+from megatron_muon.optim.options import DTYPES as _DTYPES
+from megatron_muon.optim.options import MuonOptions
+from megatron_muon.optim.plan import CostModel
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-@dataclass(kw_only=True, slots=True)
-class MuonOptions:
-    """Muon's own settings; everything AdamW and the schedule need stays in megatron's ``OptimizerConfig``."""
-
-    lr: float = 0.02
-    """Peak learning rate of the Muon groups (the scheduler decays it like the AdamW one)."""
-    min_lr: float = 0.0
-    """Final learning rate of the Muon groups."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay of the Muon groups."""
-    momentum: float = 0.95
-    """Momentum β."""
-    nesterov: bool = True
-    """Nesterov look-ahead."""
-    scale_mode: str = "spectral"
-    """Update scale rule (``ops.scaling``): spectral | moonlight | shape | none."""
-    ns_steps: int = 5
-    """Newton–Schulz iterations."""
-    coefficients: str = "quintic"
-    """Newton–Schulz schedule: quintic | polar_express."""
-    compute_dtype: str = "bfloat16"
-    """Newton–Schulz compute dtype: bfloat16 | float32 | float64."""
-    tp_mode: str = "auto"
-    """Who orthogonalizes sharded matrices: auto | owner | duplicated | distributed (``optim/plan.py``)."""
-    split_qkv: bool = True
-    """Orthogonalize Q, K, V of the fused QKV weight separately."""
-    qkv_per_head: bool = False
-    """Orthogonalize each attention head separately."""
-    split_gate_up: bool = True
-    """Orthogonalize SwiGLU gate and up separately."""
-    router: str = "adamw"
-    """Optimizer of the MoE router weight: adamw | muon."""
-
-    def validate(self) -> None:
-        if self.tp_mode not in MODES:
-            raise ValueError(f"muon.tp_mode={self.tp_mode!r}; valid: {list(MODES)}")
-        if self.compute_dtype not in _DTYPES:
-            raise ValueError(f"muon.compute_dtype={self.compute_dtype!r}; valid: {sorted(_DTYPES)}")
-
 
 def build_optimizer(
     model_chunks: list[torch.nn.Module],

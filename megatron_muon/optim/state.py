@@ -117,7 +117,9 @@ def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
     return slots
 
 
-def muon_momentum_sharded_state_dict(optimizer: Muon, *, is_loading: bool = False) -> dict[str, ShardedTensor]:
+def muon_momentum_sharded_state_dict(
+    optimizer: Muon, *, is_loading: bool = False
+) -> dict[str, ShardedTensor]:
     """``{"muon.momentum.<matrix key>": ShardedTensor}`` for every momentum this rank keeps.
 
     Saving (``is_loading=False``): the live momentum tensors; a matrix that has no momentum yet (no step taken)

@@ -51,18 +51,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
 )
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 from megatron.core.optimizer import ChainedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.utils import get_model_config, unwrap_model
-
 from torch.distributed.checkpoint import FileSystemReader
 
 from megatron_muon.optim.muon import Muon
@@ -159,7 +158,9 @@ def verify_checkpoint_files(checkpoint_dir: str | os.PathLike) -> None:
     try:
         metadata = FileSystemReader(str(directory)).read_metadata()
     except Exception as error:  # a truncated or foreign .metadata
-        raise CheckpointError(f"checkpoint {directory}: cannot read .metadata ({type(error).__name__})") from error
+        raise CheckpointError(
+            f"checkpoint {directory}: cannot read .metadata ({type(error).__name__})"
+        ) from error
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -192,7 +193,9 @@ def _model_sharded_state_dict(model_chunks) -> dict:
         dp_cp_group = getattr(chunk, "dp_cp_group", None)
         if dp_cp_group is not None:
             metadata["dp_cp_group"] = dp_cp_group
-        result[_model_key(index, len(model_chunks))] = unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+        result[_model_key(index, len(model_chunks))] = unwrap_model(chunk).sharded_state_dict(
+            metadata=metadata
+        )
     return result
 
 
@@ -289,7 +292,13 @@ def _rng_state() -> dict:
     return {
         "python": random.getstate(),
         # As plain values and a tensor: the checkpoint is read back with torch.load(weights_only=True).
-        "numpy": (np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)),
+        "numpy": (
+            np_kind,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ),
         "torch": torch.get_rng_state(),
         "accelerator": tensor_parallel.random._get_cuda_rng_state(clone=True),
         "tracker": {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()},
@@ -359,7 +368,9 @@ def _prune(root: Path, keep_last: int) -> None:
         logger.info("Deleted old checkpoint %s (keep_last=%d)", old, keep_last)
 
 
-def _publish(root: Path, staging: Path, final: Path, iteration: int, config_yaml: str, keep_last: int) -> None:
+def _publish(
+    root: Path, staging: Path, final: Path, iteration: int, config_yaml: str, keep_last: int
+) -> None:
     """Rank 0, after every rank wrote its shards: config file, rename into place, marker, pruning."""
     (staging / CONFIG_FILENAME).write_text(config_yaml)
     replaced = None
@@ -459,7 +470,9 @@ def _mismatch_with_checkpoint(checkpoint_dir: Path, request: dict) -> str | None
         parts.append(f"{len(names)} tensor(s) missing, e.g. {', '.join(names[:3])}")
     if wrong_shape:
         names = sorted(wrong_shape)
-        parts.append(f"{len(names)} tensor(s) with another shape (saved != wanted), e.g. {'; '.join(names[:3])}")
+        parts.append(
+            f"{len(names)} tensor(s) with another shape (saved != wanted), e.g. {'; '.join(names[:3])}"
+        )
     return f"checkpoint {checkpoint_dir} does not fit this model: {'; '.join(parts)}"
 
 
@@ -488,7 +501,9 @@ def load_checkpoint(
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
     version = common.get("checkpoint_version")
     if version != CHECKPOINT_VERSION:
-        raise CheckpointError(f"checkpoint {checkpoint_dir} has version {version!r}; expected {CHECKPOINT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} has version {version!r}; expected {CHECKPOINT_VERSION}"
+        )
 
     model_state = _model_sharded_state_dict(model_chunks)
     request: dict[str, Any] = dict(model_state)
@@ -503,11 +518,16 @@ def load_checkpoint(
 
     try:
         loaded = dist_checkpointing.load(
-            request, str(checkpoint_dir), sharded_strategy=TorchDistLoadShardedStrategy(), validate_access_integrity=True
+            request,
+            str(checkpoint_dir),
+            sharded_strategy=TorchDistLoadShardedStrategy(),
+            validate_access_integrity=True,
         )
     except Exception as error:
         first_line = str(error).splitlines()[0] if str(error) else ""
-        raise CheckpointError(f"cannot load checkpoint {checkpoint_dir}: {type(error).__name__}: {first_line}") from error
+        raise CheckpointError(
+            f"cannot load checkpoint {checkpoint_dir}: {type(error).__name__}: {first_line}"
+        ) from error
 
     for index, chunk in enumerate(model_chunks):
         unwrap_model(chunk).load_state_dict(loaded[_model_key(index, len(model_chunks))], strict=True)
@@ -526,7 +546,10 @@ def load_checkpoint(
     elif not same_layout:
         logger.warning(
             "Checkpoint %s was saved at layout %s, this run is %s: RNG states are not restored (re-derived from "
-            "the seed)", checkpoint_dir, common.get("parallel_layout"), _layout(model_chunks)
+            "the seed)",
+            checkpoint_dir,
+            common.get("parallel_layout"),
+            _layout(model_chunks),
         )
     logger.info("Loaded checkpoint %s (iteration %d)", checkpoint_dir, loaded["iteration"])
     return {"iteration": int(loaded["iteration"]), "consumed_samples": int(loaded["consumed_samples"])}

@@ -39,7 +39,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from megatron_muon.optim.build import MuonOptions
+from megatron_muon.optim.options import MuonOptions
 
 __all__ = [
     "CheckpointConfig",
@@ -115,7 +115,7 @@ def _require_positive(section: str, obj: Any, *names: str) -> None:
 class ModelConfig:
     """Shape and numerics of the MoE GPT (megatron-core ``GPTModel``: SwiGLU MLPs, RoPE, no linear biases).
 
-    Defaults are a ~0.2 M-parameter model that runs on one CPU core (the shape of ``models.tiny.TinyMoEConfig``).
+    Defaults are a ~0.26 M-parameter model that runs on one CPU core (the shape of ``models.tiny.TinyMoEConfig``).
     """
 
     num_layers: int = 4

@@ -289,7 +289,9 @@ def test_count_parameters_matches_a_hand_count():
         )
         == (1928, 1640)
     )
-    # The same count matched sum(p.numel()) of a megatron GPTModel built from this shape (checked by hand).
+    # count_parameters also matched sum(p.numel()) of megatron GPTModels (one rank, local spec) for the default
+    # ModelConfig, a LayerNorm + QK-norm + shared-expert + tied-embedding shape and two MLA shapes (checked once,
+    # outside this suite: building models needs a process group).
 
 
 def test_count_parameters_of_multi_latent_attention_by_hand():

@@ -232,14 +232,20 @@ def test_default_cost_model_prefers_duplicated_for_small_and_owner_for_large_rep
         assert costs["owner"] == pytest.approx((compute + (holders - 1) * transfer) / holders)
         assert "distributed" not in costs  # an unsharded matrix has no shards to iterate on
         records = replicated_records({"w": (n, n)}, ranks=holders)
-        chosen = build_plan(records, mode="auto", ns_steps=NS_STEPS).matrices[0].mode
+        chosen = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=model).matrices[0].mode
         assert chosen == ("owner" if compute > transfer else "duplicated"), n
-    assert (
-        build_plan(replicated_records({"w": (32, 32)}, 4), ns_steps=NS_STEPS).matrices[0].mode == "duplicated"
-    )
-    assert (
-        build_plan(replicated_records({"w": (4096, 4096)}, 4), ns_steps=NS_STEPS).matrices[0].mode == "owner"
-    )
+    for n, expected in ((32, "duplicated"), (4096, "owner")):
+        plan = build_plan(replicated_records({"w": (n, n)}, 4), ns_steps=NS_STEPS, cost_model=model)
+        assert plan.matrices[0].mode == expected
+
+
+def test_without_a_cost_model_the_plan_uses_this_machines_numbers():
+    machine = CostModel.for_this_machine()
+    for n in (32, 64, 256, 1024):
+        records = replicated_records({"w": (n, n)}, ranks=4)
+        default = build_plan(records, mode="auto", ns_steps=NS_STEPS).matrices[0].mode
+        explicit = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=machine).matrices[0].mode
+        assert default == explicit, n
 
 
 def test_a_matrix_with_one_holder_is_local_work_under_auto():
