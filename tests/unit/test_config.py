@@ -20,13 +20,13 @@ from megatron_muon.training.config import (
     PretrainConfig,
     count_parameters,
     load_config,
-    main,
     padded_vocab_size,
     tiny_moe_config,
     to_yaml,
     validate,
     validate_tokenizer,
 )
+from megatron_muon.training.config_loading import main
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))
