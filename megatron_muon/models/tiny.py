@@ -67,6 +67,17 @@ class TinyMoEConfig:
     """RoPE base (Su et al. 2021)."""
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the output layer."""
+    moe_shared_expert_intermediate_size: int = 0
+    """Hidden size of the shared expert every token also goes through (DeepSeek-MoE); 0: none."""
+    moe_router_score_function: str = "softmax"
+    """Router scores: softmax | sigmoid (DeepSeek-V3 / Moonlight)."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free load balancing (Wang et al. 2024): a per-expert bias on the routing scores, updated from
+    the expert loads (megatron's ``moe_router_enable_expert_bias``)."""
+    moe_router_topk_scaling_factor: float | None = None
+    """Scale of the top-k routing weights (Moonlight: 2.446)."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3, OLMo 2)."""
 
 
 def _require_divisible(numerator_name: str, numerator: int, denominator_name: str, denominator: int) -> None:
@@ -128,6 +139,11 @@ def build_transformer_config(
         moe_layer_freq=list(cfg.moe_layer_freq),
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None,
+        moe_router_score_function=cfg.moe_router_score_function,
+        moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
+        moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
+        qk_layernorm=cfg.qk_layernorm,
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,  # grouped GEMM needs Transformer Engine
         # Parallelism. MoE with TP requires sequence parallelism.

@@ -345,9 +345,6 @@ def tiny_moe_config(model: ModelConfig):
 
     unsupported = {
         "multi_latent_attention": model.multi_latent_attention,
-        "qk_layernorm": model.qk_layernorm,
-        "moe_shared_expert_intermediate_size": model.moe_shared_expert_intermediate_size,
-        "moe_router_enable_expert_bias": model.moe_router_enable_expert_bias,
         "fp8": model.fp8,
     }
     for name, value in unsupported.items():
@@ -372,6 +369,11 @@ def tiny_moe_config(model: ModelConfig):
         init_method_std=model.init_method_std,
         rotary_base=model.rotary_base,
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+        moe_router_score_function=model.moe_router_score_function,
+        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+        qk_layernorm=model.qk_layernorm,
     )
 
 

@@ -74,6 +74,12 @@ LAYOUTS = {
     "dp4": (4, dict(tp=1, pp=1, ep=1, etp=1), {}),
     "tp2_etp2": (4, dict(tp=2, pp=1, ep=1, etp=2), {}),
     "pp2_vpp2_dp2": (4, dict(tp=1, pp=2, ep=1, etp=1, vpp=2), {}),
+    "tp2_ep2_shared_expert_qk_norm": (
+        4,
+        dict(tp=2, pp=1, ep=2, etp=1),
+        dict(moe_shared_expert_intermediate_size=64, moe_router_score_function="sigmoid",
+             moe_router_enable_expert_bias=True, qk_layernorm=True),
+    ),
 }
 
 
@@ -103,6 +109,8 @@ def test_one_layout_matches_single_process_reference(name):
             assert layers == set(range(num_layers)), f"global layer numbers in matrix keys: {sorted(layers)}"
             experts = {int(m.group(1)) for key in got if (m := re.search(r"local_experts\.(\d+)\.", key))}
             assert experts == set(range(model.get("num_moe_experts", 4))), f"global expert ids: {sorted(experts)}"
+            if model.get("moe_shared_expert_intermediate_size"):
+                assert any("shared_experts.linear_fc2" in key for key in got), "shared experts go to Muon"
         assert set(got) == set(expected)
         for key, value in got.items():
             error = (value - expected[key]).norm() / expected[key].norm()
