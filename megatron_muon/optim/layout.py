@@ -264,7 +264,13 @@ def megatron_param_pieces(
         fused = [("gate", rows // 2), ("up", rows // 2)]
         return _split_pieces(key, fused, 1, cols, shard_dim, num_shards, shard_index)
 
-    if stride != 1:
+    if stride != 1 and module_name == "linear_fc1" and num_shards > 1:
+        # Each TP shard holds [gate_t; up_t], not a contiguous block of the fused [gate; up] matrix.
+        raise ValueError(
+            f"{name}: split_gate_up=False with tensor parallelism ({num_shards} shards) is not supported; "
+            "the fused [gate; up] matrix is interleaved across TP ranks (use split_gate_up=True)"
+        )
+    if stride != 1 and num_shards > 1:
         raise ValueError(f"{name}: partition_stride={stride} is only understood for a gated linear_fc1")
     whole = RowBlocks(offset=0, length=rows, period=rows)
     if shard_dim is None:

@@ -242,12 +242,13 @@ def test_row_parallel_weight_on_one_shard_is_one_whole_matrix():
     )
 
 
-def test_a_strided_weight_other_than_gated_fc1_is_refused():
+def test_a_strided_weight_held_whole_is_one_matrix():
+    # The partition stride only says how megatron slices a weight over TP ranks; one shard is the whole matrix.
     module = FakeLinear(numbered(16, 32), partition_stride=2)
-    with pytest.raises(ValueError, match="partition_stride=2"):
-        megatron_param_pieces(
-            "decoder.layers.0.mlp.linear_fc2.weight", module.weight, module, SimpleNamespace(), MODULE_PATH
-        )
+    (piece,) = megatron_param_pieces(
+        "decoder.layers.0.mlp.linear_fc2.weight", module.weight, module, SimpleNamespace(), MODULE_PATH
+    )
+    assert piece.shape == (16, 32) and piece.num_shards == 1
 
 
 def test_keys_use_the_global_layer_number():
