@@ -15,7 +15,9 @@ Muon momentum                     ``optimizer.<muon_dense|muon_expert>.momentum`
                                   ``…fp32_param`` the fp32 main weights under bf16
 AdamW state                       ``optimizer.<adamw_dense|adamw_expert>``: megatron's own
                                   ``optimizer.sharded_state_dict(model_sharded_state_dict)`` of that member
-                                  (``optimizer.state.exp_avg.<param key>`` …, ``common_step``, ``param_groups``)
+                                  (``optimizer.state.exp_avg.<param key>`` …, ``common_step``, ``param_groups``;
+                                  under bf16 ``fp32_from_fp16_params``, built here with megatron's keys because
+                                  megatron 0.19.2 misnumbers a bf16 model that keeps some params in fp32)
 LR / WD schedule                  ``scheduler``: ``OptimizerParamScheduler.state_dict()`` (common state)
 progress                          ``iteration``, ``consumed_samples`` (common state)
 layout                            ``parallel_layout``: the sizes it was saved at (common state)
@@ -54,6 +56,7 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
+    optim_state_to_sharding_state,
 )
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
@@ -218,19 +221,76 @@ def _members(optimizer) -> dict[str, Any]:
     return roles
 
 
-def _main_param_sharded_tensors(member, model_sharded_state_dict: dict) -> dict[str, ShardedTensor] | None:
-    """fp32 main weights of a bf16 Muon member (megatron's ``Float16OptimizerWithFloat16Params``), under the key
-    megatron uses for its own members (``optimizer.state.fp32_param.<param key>``); None for an fp32 member,
-    whose main weights are the model's."""
-    if not hasattr(member, "fp32_from_float16_groups"):
-        return None
-    model_params = [p for group in member.float16_groups for p in group]
-    main_params = [p for group in member.fp32_from_float16_groups for p in group]
-    by_id = get_param_id_to_sharded_param_map(model_sharded_state_dict, model_params)
+def _is_mixed_precision(member) -> bool:
+    """A megatron ``Float16OptimizerWithFloat16Params`` (bf16 params, fp32 main params)."""
+    return hasattr(member, "fp32_from_float16_groups")
+
+
+def _fp32_main_params(
+    member, model_sharded_state_dict: dict, *, is_loading: bool
+) -> dict[str, dict[str, ShardedTensor]]:
+    """The fp32 main copies of a mixed-precision member's bf16 params, ``{group index: {index: tensor}}``, under
+    the key megatron gives them (``optimizer.state.fp32_param.<param key>``). fp32 members have none: their main
+    params are the model's.
+
+    Loading reads into copies: ``load_checkpoint`` re-derives the live main params from the loaded bf16 weights
+    (``reload_model_params``) and only then copies the saved fp32 values in.
+
+    Dicts, not megatron's lists of lists: dist_checkpointing saves a list whose items are all sharded as an empty
+    list in the common state, and then cannot merge the loaded items back into it ("different lengths").
+    """
+    models = [p for group in member.float16_groups for p in group]
+    by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, models)
+    sharded_of = {id(model): by_index[index] for index, model in enumerate(models)}
+
+    def sharded(main, model):
+        data = main.detach().clone() if is_loading else main
+        return make_sharded_optimizer_tensor(sharded_of[id(model)], data, prefix="optimizer.state.fp32_param")
+
     return {
-        str(index): make_sharded_optimizer_tensor(by_id[index], main, prefix="optimizer.state.fp32_param")
-        for index, main in enumerate(main_params)
+        str(g): {
+            str(i): sharded(main, model)
+            for i, (main, model) in enumerate(zip(mains, group_models, strict=True))
+        }
+        for g, (mains, group_models) in enumerate(
+            zip(member.fp32_from_float16_groups, member.float16_groups, strict=True)
+        )
     }
+
+
+def _as_lists(groups: dict[str, dict[str, torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """``{group index: {index: tensor}}`` (:func:`_fp32_main_params`) back to megatron's lists of lists."""
+    return [[groups[g][i] for i in sorted(groups[g], key=int)] for g in sorted(groups, key=int)]
+
+
+def _mixed_precision_sharded_state_dict(member, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+    """``Float16OptimizerWithFloat16Params.sharded_state_dict`` (same layout and keys), numbering parameters as
+    torch's ``state_dict`` does.
+
+    Megatron 0.19.2 numbers them by ``float16_groups`` alone, so when a bf16 model keeps some params in fp32
+    (``fp32_from_fp32_groups``: megatron's torch norms on CPU do) the ids point at the wrong tensors and its
+    save fails with "Param id N does not match any model sharded param".
+    """
+    if is_loading:
+        member.init_state_fn(member.optimizer, member.config)
+    state = member.state_dict()
+    model_of_main = {
+        id(main): model
+        for mains, models in zip(member.fp32_from_float16_groups, member.float16_groups, strict=True)
+        for main, model in zip(mains, models, strict=True)
+    }
+    in_state_order = [
+        model_of_main.get(id(p), p) for group in member.optimizer.param_groups for p in group["params"]
+    ]
+    by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, in_state_order)
+    state["fp32_from_fp16_params"] = _fp32_main_params(
+        member, model_sharded_state_dict, is_loading=is_loading
+    )
+    step = member._extract_common_per_param_step(state["optimizer"])
+    optim_state_to_sharding_state(state["optimizer"], by_index, exclude_keys="step")
+    if step:
+        state["optimizer"]["state"]["common_step"] = step
+    return state
 
 
 def _optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
@@ -241,10 +301,15 @@ def _optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, 
                 "momentum": muon_momentum_sharded_state_dict(member.optimizer, is_loading=is_loading),
                 "param_groups": muon_param_groups_state(member.optimizer),
             }
-            main = _main_param_sharded_tensors(member, model_sharded_state_dict)
-            if main is not None:
-                entry["fp32_param"] = main
+            if _is_mixed_precision(member):
+                entry["fp32_param"] = _fp32_main_params(
+                    member, model_sharded_state_dict, is_loading=is_loading
+                )
             state[role] = entry
+        elif _is_mixed_precision(member):
+            state[role] = _mixed_precision_sharded_state_dict(
+                member, model_sharded_state_dict, is_loading=is_loading
+            )
         else:
             state[role] = member.sharded_state_dict(
                 model_sharded_state_dict, is_loading=is_loading, metadata={"chained_optim_avoid_prefix": True}
@@ -260,11 +325,15 @@ def _load_optimizer_state(optimizer, loaded: dict) -> None:
         if isinstance(member.optimizer, Muon):
             load_muon_momentum_(member.optimizer, entry["momentum"])
             load_muon_param_groups_(member.optimizer, entry["param_groups"])
-            if "fp32_param" in entry and hasattr(member, "fp32_from_float16_groups"):
-                main_params = [p for group in member.fp32_from_float16_groups for p in group]
-                for index, main in enumerate(main_params):
-                    main.data.copy_(entry["fp32_param"][str(index)])
+            if _is_mixed_precision(member):
+                saved = _as_lists(entry["fp32_param"])
+                for mains, values in zip(member.fp32_from_float16_groups, saved, strict=True):
+                    for main, value in zip(mains, values, strict=True):
+                        main.data.copy_(value)
         else:
+            if _is_mixed_precision(member):
+                entry["fp32_from_fp16_params"] = _as_lists(entry["fp32_from_fp16_params"])
+            # megatron's own; for a mixed-precision member it also copies the fp32 main params
             member.load_state_dict(entry)
 
 

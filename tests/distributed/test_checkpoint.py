@@ -4,6 +4,7 @@ checkpoint fails with one line naming it."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -28,13 +29,11 @@ CONFIG_YAML = "model:\n  num_layers: 4\n"
 
 def _setup(layout: dict, tp_mode: str, bf16: bool = False):
     """Model (canonical, layout-independent weights), Muon + AdamW optimizer and a warmup + cosine schedule."""
-    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
     from megatron_muon.testing.canonical import fill_canonical_
     from megatron_muon.training.step import wrap_in_ddp
 
@@ -47,13 +46,7 @@ def _setup(layout: dict, tp_mode: str, bf16: bool = False):
     model_parallel_cuda_manual_seed(1234)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
     fill_canonical_(chunks, salt="weight")
-    optimizer = build_optimizer(
-        chunks,
-        OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0, bf16=bf16),
-        # fp32 Newton–Schulz: the losses of different layouts then agree to ~1e-5 (test_muon_training.py)
-        MuonOptions(lr=0.02, min_lr=0.002, weight_decay=0.01, compute_dtype="float32", tp_mode=tp_mode),
-        pg,
-    )
+    optimizer = _build_optimizer(chunks, pg, tp_mode=tp_mode, bf16=bf16)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=3e-4,
@@ -68,6 +61,27 @@ def _setup(layout: dict, tp_mode: str, bf16: bool = False):
         wd_incr_style="constant",
     )
     return cfg, pg, chunks, optimizer, scheduler
+
+
+def _build_optimizer(chunks, pg, *, tp_mode: str, bf16: bool, split_qkv: bool = True):
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_muon.optim.build import MuonOptions, build_optimizer
+
+    return build_optimizer(
+        chunks,
+        OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0, bf16=bf16),
+        # fp32 Newton–Schulz: the losses of different layouts then agree to ~1e-5 (test_muon_training.py)
+        MuonOptions(
+            lr=0.02,
+            min_lr=0.002,
+            weight_decay=0.01,
+            compute_dtype="float32",
+            tp_mode=tp_mode,
+            split_qkv=split_qkv,
+        ),
+        pg,
+    )
 
 
 def _data(cfg, pg, *, skip_steps: int):
@@ -224,7 +238,7 @@ def _uninterrupted_run(root: str):
 def _resumed_run(checkpoint_dir: str, layout: dict, tp_mode: str, steps: int, broken_dir: str | None = None):
     """Load ``checkpoint_dir`` at ``layout`` and train ``steps`` more steps. Returns the loaded progress, the
     momentum right after loading, the losses, and (with ``broken_dir``) what loading ``broken_dir``, a missing
-    path and the weights only (``finetune``) did."""
+    path, into an optimizer with other Muon matrices (fused QKV), and the weights only (``finetune``) did."""
     from megatron_muon.training.checkpoint import CheckpointError, load_checkpoint
 
     cfg, pg, chunks, optimizer, scheduler = _setup(layout, tp_mode)
@@ -236,6 +250,12 @@ def _resumed_run(checkpoint_dir: str, layout: dict, tp_mode: str, steps: int, br
                 extra[name] = None
             except CheckpointError as error:
                 extra[name] = str(error)
+        fused_qkv = _build_optimizer(chunks, pg, tp_mode=tp_mode, bf16=False, split_qkv=False)
+        try:
+            load_checkpoint(checkpoint_dir, chunks, fused_qkv, None)
+            extra["other_matrices"] = None
+        except CheckpointError as error:
+            extra["other_matrices"] = str(error)
         finetune = load_checkpoint(checkpoint_dir, chunks, optimizer, scheduler, finetune=True)
         extra["finetune"] = (finetune, len(_momentum_by_rank(optimizer)), scheduler.num_steps)
     progress = load_checkpoint(checkpoint_dir, chunks, optimizer, scheduler)
@@ -324,6 +344,14 @@ def test_checkpoint_loads_at_another_layout_with_its_momentum(name, uninterrupte
     assert extra["broken"] is not None and "\n" not in extra["broken"], extra
     assert str(broken) in extra["broken"] and shard_files[-1].name in extra["broken"], extra["broken"]
     assert extra["missing"] is not None and str(broken) + "-does-not-exist" in extra["missing"], extra
+
+    # Momentum the checkpoint never saw (the fused QKV matrix; it saved q, k, v) is an error, before any load.
+    assert extra["other_matrices"] is not None and "\n" not in extra["other_matrices"], extra
+    assert str(root / f"iter_{RESUME_STEP:07d}") in extra["other_matrices"], extra["other_matrices"]
+    fused_key = (
+        r"missing, e\.g\. muon\.momentum\.decoder\.layers\.\d\.self_attention\.linear_qkv\.weight(?!/)"
+    )
+    assert re.search(fused_key, extra["other_matrices"]), extra["other_matrices"]
 
     # finetune: weights only; no momentum and the schedule at its start (the full load came after it).
     assert extra["finetune"] == ({"iteration": 0, "consumed_samples": 0}, 0, 0), extra["finetune"]
