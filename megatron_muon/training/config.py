@@ -557,6 +557,8 @@ class OptimizerSection:
     """Global gradient-norm clip over all parameters (Muon and AdamW); 0: off."""
     muon: MuonOptions = field(default_factory=MuonOptions)
     """Muon's own options (``optim/build.py``): lr, min_lr, weight decay, momentum, scale rule, Newton–Schulz."""
+    use_muon: bool = True
+    """False: AdamW (megatron's own optimizer) for every parameter, with the settings above — the baseline."""
     warmup_iters: int = 0
     """Linear warm-up steps from 0 to the peak learning rate."""
     decay_style: str = "cosine"

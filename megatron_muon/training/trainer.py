@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -79,7 +79,12 @@ class Trainer:
             adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps, clip_grad=opt.clip_grad,
             bf16=cfg.model.precision == "bf16", fp16=False,
         )
-        self.optimizer = build_optimizer(self.model, adam_config, opt.muon, pg_collection)
+        if opt.use_muon:
+            self.optimizer = build_optimizer(self.model, adam_config, opt.muon, pg_collection)
+        else:  # the AdamW baseline: megatron's own optimizer for every parameter
+            self.optimizer = get_megatron_optimizer(
+                adam_config, self.model, use_gloo_process_groups=False, pg_collection=pg_collection
+            )
         decay_iters = opt.resolved_lr_decay_iters(train.train_iters)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr,
@@ -233,7 +238,7 @@ class Trainer:
             if peak:
                 mfu = self.flops_per_token * tokens_per_s / (peak * dist.get_world_size())
         lrs = {}
-        for member in self.optimizer.chained_optimizers:
+        for member in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             kind = "muon" if hasattr(member.optimizer, "orthogonalizer") else "adamw"
             for group in member.param_groups:
                 if group["params"]:
