@@ -93,7 +93,7 @@ def _run(cfg, dims) -> int:
     try:
         trainer = Trainer(cfg, dims, ProcessGroupCollection.use_mpu_process_groups())
         return trainer.train()
-    except (StopTraining, ValueError) as error:
+    except (StopTraining, ValueError, FileNotFoundError) as error:
         if dist.get_rank() == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 3

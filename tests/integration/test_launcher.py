@@ -1,0 +1,232 @@
+"""launch/pretrain_muon.sh end to end on 4 CPU processes (torchrun, gloo, TP2·PP2·EP2) with the tiny config.
+
+Two real runs are shared by most tests (each start-up costs ~30 s on 2 cores): a 20-iteration run stopped by
+SIGTERM after its first iteration, then the same command again, which resumes from that checkpoint and
+finishes (what a requeued SLURM job does). Bad inputs stop in the launcher's checks before any training
+process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "launch" / "pretrain_muon.sh"
+TINY_CONFIG = "launch/configs/tiny_cpu.yaml"
+TRAIN_ITERS = 20
+
+# Trainer log lines: " iteration      3/20 | consumed samples ... | lm loss 8.1928 | grad norm ...".
+ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/(\d+) \|.*\| lm loss ([0-9.]+) \|", re.MULTILINE)
+VALIDATION_LINE = re.compile(r"validation at iteration (\d+) \| lm loss ([0-9.]+)")
+SIGNAL_EXIT_LINE = re.compile(r"exit requested by a signal: checkpoint saved at iteration (\d+)")
+
+
+def iteration_losses(log: str) -> dict[int, float]:
+    """{iteration: training loss} from the trainer's log lines."""
+    return {int(match[1]): float(match[3]) for match in ITERATION_LINE.finditer(log)}
+
+
+def launch(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(LAUNCHER), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_arguments(save_dir: Path, tensorboard_dir: Path) -> list[str]:
+    # 20 iterations x 16 sequences x 128 tokens; evaluation (1 batch) and saves at 10 and 20.
+    return [
+        TINY_CONFIG,
+        f"training.train_iters={TRAIN_ITERS}",
+        "optimizer.warmup_iters=2",
+        "training.eval_interval=10",
+        "training.eval_iters=1",
+        f"checkpoint.save_dir={save_dir}",
+        "checkpoint.save_interval=10",
+        f"logging.tensorboard_dir={tensorboard_dir}",
+        "logging.log_interval=1",
+    ]
+
+
+@dataclasses.dataclass
+class InterruptedThenResumed:
+    save_dir: Path
+    tensorboard_dir: Path
+    interrupted_log: str
+    interrupted_status: int
+    latest_after_interrupt: str  # latest_checkpointed_iteration.txt right after the SIGTERM run
+    checkpoints_after_interrupt: list[str]
+    resumed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, shakespeare_data, launcher_env) -> InterruptedThenResumed:
+    root = tmp_path_factory.mktemp("launcher")
+    save_dir, tensorboard_dir, log_path = root / "checkpoints", root / "tensorboard", root / "interrupted.log"
+    arguments = run_arguments(save_dir, tensorboard_dir)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            ["bash", str(LAUNCHER), *arguments],
+            cwd=REPO,
+            env=launcher_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not ITERATION_LINE.search(log_path.read_text()):
+            assert process.poll() is None, f"the launcher exited early:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no iteration after 300 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)  # to the launcher only: it passes the signal on
+        status = process.wait(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    latest = save_dir / "latest_checkpointed_iteration.txt"
+    interrupted = dict(
+        interrupted_log=log_path.read_text(),
+        interrupted_status=status,
+        latest_after_interrupt=latest.read_text().strip() if latest.exists() else "",
+        checkpoints_after_interrupt=sorted(p.name for p in save_dir.glob("iter_*")),
+    )
+    resumed = launch(launcher_env, *arguments, timeout=600)
+    return InterruptedThenResumed(save_dir, tensorboard_dir, resumed=resumed, **interrupted)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(runs):
+    log = runs.interrupted_log
+    assert runs.interrupted_status == 0, log[-3000:]
+    assert "got SIGTERM" in log
+    saved = SIGNAL_EXIT_LINE.search(log)
+    assert saved, log[-3000:]
+    iteration = int(saved[1])
+    assert 1 <= iteration < TRAIN_ITERS
+    assert max(iteration_losses(log)) == iteration  # it stopped there
+    assert runs.checkpoints_after_interrupt == [f"iter_{iteration:07d}"]
+    assert runs.latest_after_interrupt == str(iteration)
+
+
+def test_rerun_resumes_from_the_checkpoint_and_finishes(runs):
+    log = runs.resumed.stdout
+    assert runs.resumed.returncode == 0, runs.resumed.stderr[-3000:] + log[-3000:]
+    stopped_at = int(SIGNAL_EXIT_LINE.search(runs.interrupted_log)[1])
+    assert f"loaded checkpoint {runs.save_dir} at iteration {stopped_at}" in log
+    iterations = sorted(iteration_losses(log))
+    assert iterations == list(range(stopped_at + 1, TRAIN_ITERS + 1))
+    assert (runs.save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(TRAIN_ITERS)
+    assert (runs.save_dir / f"iter_{TRAIN_ITERS:07d}").is_dir()
+
+
+def test_loss_falls(runs):
+    losses = iteration_losses(runs.interrupted_log) | iteration_losses(runs.resumed.stdout)
+    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
+    # ln(4000) = 8.29 at the start; 20 steps of 2,048 tokens bring it well below.
+    assert losses[TRAIN_ITERS] < losses[1] - 0.5, losses
+    validation = {int(step): float(loss) for step, loss in VALIDATION_LINE.findall(runs.resumed.stdout)}
+    assert sorted(validation) == [10, 20] and validation[20] < validation[10], validation
+
+
+def test_tensorboard_has_the_metrics(runs):
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    events = EventAccumulator(str(runs.tensorboard_dir), size_guidance={SCALARS: 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "loss/train",
+        "loss/validation",
+        "loss/validation_perplexity",
+        "optimizer/lr_muon",
+        "optimizer/lr_adamw",
+        "optimizer/grad_norm",
+        "throughput/tokens_per_s",
+        "time/iteration_ms",
+        "memory/rss_mib",
+        "muon/ns_orthogonality_error",
+    }
+    assert expected <= tags, sorted(expected - tags)
+    assert any(tag.startswith("muon/update_rms/") for tag in tags), sorted(tags)
+    # Both runs wrote to the directory: every iteration once, validation at 10 and 20.
+    assert [event.step for event in events.Scalars("loss/train")] == list(range(1, TRAIN_ITERS + 1))
+    assert [event.step for event in events.Scalars("loss/validation")] == [10, 20]
+
+
+def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, shakespeare_data, launcher_env):
+    result = launch(
+        launcher_env, *run_arguments(tmp_path / "checkpoints", tmp_path / "tensorboard"), "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert f"train_iters: {TRAIN_ITERS}" in out  # the resolved config
+    assert "world 4 = TP2 x PP2" in out  # its arithmetic
+    assert "would start 4 processes (cpu) with torchrun --standalone" in out
+    assert "torch.distributed.run --standalone --nproc-per-node 4 -m megatron_muon.pretrain" in out
+    assert not ITERATION_LINE.search(out)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(path.relative_to(directory)): (
+            path.stat().st_mtime_ns,
+            path.read_bytes() if path.is_file() else b"",
+        )
+        for path in sorted(directory.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        pytest.param(
+            ["launch/configs/no_such.yaml"],
+            "config file 'launch/configs/no_such.yaml' does not exist",
+            id="missing-config",
+        ),
+        pytest.param([TINY_CONFIG, "model.hiden_size=64"], "model.hiden_size", id="unknown-key"),
+        pytest.param([TINY_CONFIG, "parallel.tp=3"], "parallel.tp=3", id="invalid-layout"),
+        pytest.param(
+            [TINY_CONFIG, "data.blend=[{prefix: /nonexistent/corpus_text_document, weight: 1.0}]"],
+            "/nonexistent/corpus_text_document",
+            id="missing-data",
+        ),
+        pytest.param(
+            [TINY_CONFIG, "model.vocab_size=1024"],
+            "the tokenizer has 4000 tokens but model.vocab_size=1024",
+            id="vocab-too-small",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_touches_no_checkpoint(
+    tmp_path, shakespeare_data, launcher_env, arguments, expected
+):
+    save_dir = tmp_path / "checkpoints"
+    (save_dir / "iter_0000007").mkdir(parents=True)
+    (save_dir / "iter_0000007" / "weights").write_bytes(b"earlier run")
+    (save_dir / "latest_checkpointed_iteration.txt").write_text("7")
+    before = snapshot(save_dir)
+
+    result = launch(
+        launcher_env,
+        *arguments,
+        f"checkpoint.save_dir={save_dir}",
+        f"logging.tensorboard_dir={tmp_path / 'tb'}",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error: " in lines[0] and expected in lines[0], result.stderr[-3000:]
+    assert not ITERATION_LINE.search(result.stdout)
+    assert snapshot(save_dir) == before
+    assert not (tmp_path / "tb").exists()

@@ -1,0 +1,170 @@
+"""launch/pretrain_muon.sh under a real SLURM: a one-node cluster on this host (launch/slurm/start_local_cluster.sh:
+munged, slurmctld, slurmd; installed with apt-get when missing, so it needs root), `sbatch` of the launcher
+with the tiny config on 4 CPU tasks, and the time-limit path: USR1 to the batch shell (what the launcher's
+`#SBATCH --signal=B:USR1@120` sends) makes the run save, requeue itself and finish from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "launch" / "pretrain_muon.sh"
+TINY_CONFIG = "launch/configs/tiny_cpu.yaml"
+ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/(\d+) \|", re.MULTILINE)
+SIGNAL_EXIT_LINE = re.compile(r"exit requested by a signal: checkpoint saved at iteration (\d+)")
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory, launcher_env):
+    """The environment of a running local cluster (SLURM_CONF set); the daemons stop when the module ends."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster runs its daemons as root (and may apt-get install them)")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        pytest.skip("SLURM is not installed and there is no apt-get to install it")
+    state_dir = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm" / "start_local_cluster.sh"), str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    try:
+        if start.returncode != 0 and "apt-get" in start.stderr:
+            pytest.skip(f"cannot install SLURM: {start.stderr.strip().splitlines()[-1]}")
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield {**launcher_env, "SLURM_CONF": str(state_dir / "slurm.conf")}
+    finally:
+        subprocess.run(
+            ["bash", str(REPO / "launch" / "slurm" / "stop_local_cluster.sh"), str(state_dir)],
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def sbatch(env: dict[str, str], output: Path, *arguments: str, ntasks: int = 4) -> str:
+    """Submit the launcher with the tiny config (world size 4) on `ntasks` tasks, more than the 2 cores
+    (--overcommit); the job id."""
+    result = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--ntasks={ntasks}",
+            "--overcommit",
+            f"--output={output}",
+            str(LAUNCHER),
+            TINY_CONFIG,
+            *arguments,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def job_fields(env: dict[str, str], job: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (kept by slurmctld for MinJobAge = 30 s after the end)."""
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True)
+    return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
+
+
+def wait_until_gone(env: dict[str, str], job: str, timeout: float) -> dict[str, str]:
+    """Poll squeue until the job has left the queue (accounting is off: no sacct); its final fields."""
+    deadline = time.monotonic() + timeout
+    while True:
+        queued = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True
+        ).stdout.split()
+        if not queued:
+            return job_fields(env, job)
+        if queued == ["PENDING", "BeginTime"]:  # a requeued job waits ~2 minutes before it may start again
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True
+            )
+        assert time.monotonic() < deadline, f"job {job} still {queued} after {timeout} s"
+        time.sleep(2)
+
+
+def test_sbatch_trains_and_saves(slurm_env, tmp_path, shakespeare_data):
+    output, save_dir = tmp_path / "job.out", tmp_path / "checkpoints"
+    job = sbatch(
+        slurm_env,
+        output,
+        "training.train_iters=4",
+        "optimizer.warmup_iters=1",
+        "training.eval_interval=2",
+        "training.eval_iters=1",
+        f"checkpoint.save_dir={save_dir}",
+        "logging.log_interval=1",
+    )
+    fields = wait_until_gone(slurm_env, job, timeout=600)
+    log = output.read_text()
+    assert (fields.get("JobState"), fields.get("ExitCode")) == ("COMPLETED", "0:0"), log[-3000:]
+    port = 20000 + int(job) % 20000
+    assert f"4 processes (cpu) with srun in SLURM job {job}" in log and f"MASTER_PORT={port}" in log
+    assert [int(i) for i, _ in ITERATION_LINE.findall(log)] == [1, 2, 3, 4], log[-3000:]
+    assert "validation at iteration 4" in log
+    assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (save_dir / "iter_0000004").is_dir()
+    assert log.rstrip().endswith("pretrain_muon.sh: done")
+
+
+def test_usr1_saves_requeues_and_resumes(slurm_env, tmp_path, shakespeare_data):
+    output, save_dir = tmp_path / "job.out", tmp_path / "checkpoints"
+    train_iters = 8
+    job = sbatch(
+        slurm_env,
+        output,
+        f"training.train_iters={train_iters}",
+        "optimizer.warmup_iters=1",
+        "training.eval_interval=0",
+        f"checkpoint.save_dir={save_dir}",
+        "logging.log_interval=1",
+    )
+    deadline = time.monotonic() + 600
+    while not (output.exists() and ITERATION_LINE.search(output.read_text())):
+        assert job_fields(slurm_env, job).get("JobState") in ("PENDING", "RUNNING"), output.read_text()[
+            -3000:
+        ]
+        assert time.monotonic() < deadline, "no iteration after 600 s"
+        time.sleep(1)
+    # What `#SBATCH --signal=B:USR1@120` does two minutes before the time limit: USR1 to the batch shell.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True, timeout=60)
+    fields = wait_until_gone(slurm_env, job, timeout=900)
+    log = output.read_text()  # --open-mode=append: both runs of the job
+    assert (fields.get("JobState"), fields.get("ExitCode")) == ("COMPLETED", "0:0"), log[-3000:]
+    assert fields.get("Restarts") == "1", fields
+    assert "got SIGUSR1" in log
+    stopped_at = int(SIGNAL_EXIT_LINE.search(log)[1])
+    assert stopped_at < train_iters
+    assert f"checkpoint at iteration {stopped_at} of {train_iters}: requeueing SLURM job {job}" in log
+    assert f"loaded checkpoint {save_dir} at iteration {stopped_at}" in log
+    iterations = [int(i) for i, _ in ITERATION_LINE.findall(log)]
+    assert iterations == list(range(1, train_iters + 1)), iterations  # each once: the second run resumed
+    assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(train_iters)
+
+
+def test_task_count_other_than_the_world_size_is_refused(slurm_env, tmp_path, shakespeare_data):
+    output, save_dir = tmp_path / "job.out", tmp_path / "checkpoints"
+    job = sbatch(slurm_env, output, f"checkpoint.save_dir={save_dir}", ntasks=2)
+    fields = wait_until_gone(slurm_env, job, timeout=300)
+    log = output.read_text()
+    assert (fields.get("JobState"), fields.get("ExitCode")) == ("FAILED", "2:0"), log[-3000:]
+    assert log.strip().splitlines() == [
+        f"pretrain_muon.sh: error: SLURM job {job} has 2 tasks but parallel.world_size=4: submit with --ntasks=4 "
+        "(or --nodes=N --ntasks-per-node=M with N x M = 4)"
+    ]
+    assert not save_dir.exists()
