@@ -9,7 +9,7 @@ single-process and the parallel paths are the same code.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -78,14 +78,13 @@ class MatrixOrthogonalizer:
         num_buckets: int = 4,
     ) -> None:
         self.grid_group = grid_group
-        self.num_buckets = num_buckets
         self.stats: dict[str, float] = {}
         """Diagnostics of the last step (update RMS per matrix kind, a sampled NS orthogonality error)."""
         self.shard_groups = shard_groups or {}
         shard_group_of = shard_group_of or {}
-        keys = [p.key for p in pieces]
-        if len(set(keys)) != len(keys):
-            duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        counts = Counter(p.key for p in pieces)
+        duplicates = sorted(k for k, n in counts.items() if n > 1)
+        if duplicates:
             raise ValueError(f"two pieces share the matrix keys {duplicates[:5]}")
         records = [_record(p, shard_group_of.get(p.key, "tp")) for p in pieces]
         self.plan = build_plan(
@@ -97,6 +96,9 @@ class MatrixOrthogonalizer:
         )
         check_agreement(self.plan.fingerprint(), grid_group, "Muon plans")
         self.rank = group_rank(grid_group)
+        self._by_key = {m.key: m for m in self.plan.matrices}
+        exchanged = [m for m in self.plan.matrices if m.mode != "distributed"]
+        self._buckets = [[m for m in exchanged if m.bucket == b] for b in range(num_buckets)]
         for matrix in self.plan.matrices:
             if matrix.mode == "distributed" and self.rank in matrix.all_holders:
                 if matrix.shard_group not in self.shard_groups:
@@ -136,8 +138,7 @@ class MatrixOrthogonalizer:
         self._skip = {k for k in without_grad if self._matrix(k).all_holders == [self.rank]}
 
         me = self.rank
-        exchanged = [m for m in self.plan.matrices if m.mode != "distributed"]
-        buckets = [[m for m in exchanged if m.bucket == b] for b in range(self.num_buckets)]
+        buckets = self._buckets
 
         # 1. Gradient shards travel to the ranks that orthogonalize whole matrices (all buckets in flight).
         gathers = [
@@ -202,8 +203,6 @@ class MatrixOrthogonalizer:
         self.stats["ns_orthogonality_error"] = float(orthogonality_error(full_directions[key]))
 
     def _matrix(self, key: str) -> MatrixPlan:
-        if not hasattr(self, "_by_key"):
-            self._by_key = {m.key: m for m in self.plan.matrices}
         return self._by_key[key]
 
     def _start(self, matrices, kind, payload) -> _PendingExchange:
