@@ -78,6 +78,8 @@ class TinyMoEConfig:
     """Scale of the top-k routing weights (Moonlight: 2.446)."""
     qk_layernorm: bool = False
     """RMSNorm on queries and keys per head (Qwen3, OLMo 2)."""
+    norm_epsilon: float = 1e-5
+    """ε of every RMSNorm."""
 
 
 def _require_divisible(numerator_name: str, numerator: int, denominator_name: str, denominator: int) -> None:
@@ -127,6 +129,7 @@ def build_transformer_config(
         init_method_std=cfg.init_method_std,
         # Architecture: RMSNorm, SwiGLU, no biases (the expert MLP's in-place bias add fails on CPU).
         normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,

@@ -349,6 +349,17 @@ def tiny_moe_config(model: ModelConfig):
     }
     for name, value in unsupported.items():
         _require(not value, f"model.{name}={value!r} is not supported by models.tiny (local spec builder)")
+    # What the local-spec builder hard-wires; anything else must fail rather than be silently replaced.
+    fixed = {
+        "transformer_impl": (model.transformer_impl, "local"),
+        "normalization": (model.normalization, "RMSNorm"),
+        "moe_router_load_balancing_type": (model.moe_router_load_balancing_type, "aux_loss"),
+    }
+    for name, (value, supported) in fixed.items():
+        _require(
+            value == supported,
+            f"model.{name}={value!r} is not supported by models.tiny (local spec builder); it builds {supported!r}",
+        )
     _require(
         model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
         f"model.kv_channels={model.kv_channels} is not supported by models.tiny",
@@ -374,6 +385,7 @@ def tiny_moe_config(model: ModelConfig):
         moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
         moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
         qk_layernorm=model.qk_layernorm,
+        norm_epsilon=model.norm_epsilon,
     )
 
 

@@ -9,6 +9,7 @@ Process groups come in as a ``ProcessGroupCollection`` (e.g.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -258,6 +259,7 @@ def train_step(
             layers and microbatches. Its gradient (times the coefficient) is already in the step.
         grad_norm: global gradient norm from the optimizer (None if it computes none).
         skipped: True if the update was skipped (NaN/Inf gradients).
+        optimizer_seconds: wall time of the optimizer step on this rank.
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
@@ -274,12 +276,15 @@ def train_step(
         model_chunks, data_iterator, num_microbatches=num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch_size, pg_collection=pg_collection, forward_only=False,
     )
+    optimizer_start = time.perf_counter()
     update_successful, grad_norm = step_unless_nonfinite(optimizer)
+    optimizer_seconds = time.perf_counter() - optimizer_start
     return {
         "loss": loss_sum / tokens,
         LOAD_BALANCING_LOSS: _load_balancing_loss(config, num_microbatches, pg_collection),
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "skipped": not update_successful,
+        "optimizer_seconds": optimizer_seconds,
     }
 
 

@@ -251,6 +251,7 @@ class Trainer:
             "throughput/tokens_per_s": tokens_per_s,
             "throughput/mfu": mfu,
             "time/iteration_ms": elapsed * 1e3,
+            "time/optimizer_step_ms": result["optimizer_seconds"] * 1e3,
             "memory/rss_mib": memory_mib(),
             **{f"optimizer/lr_{k}": v for k, v in lrs.items()},
             **muon_stats(self.optimizer),

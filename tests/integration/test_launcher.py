@@ -153,6 +153,7 @@ def test_tensorboard_has_the_metrics(runs):
         "optimizer/grad_norm",
         "throughput/tokens_per_s",
         "time/iteration_ms",
+        "time/optimizer_step_ms",
         "memory/rss_mib",
         "muon/ns_orthogonality_error",
     }
