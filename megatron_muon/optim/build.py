@@ -12,23 +12,25 @@ from __future__ import annotations
 
 import copy
 import logging
+
 import torch
 from megatron.core.optimizer import (
     ChainedOptimizer,
-    FP32Optimizer,
     Float16OptimizerWithFloat16Params,
+    FP32Optimizer,
     OptimizerConfig,
+    _get_megatron_optimizer_based_on_param_groups,
+    _get_param_groups,
+    get_standard_config_overrides,
 )
-from megatron.core.optimizer import _get_megatron_optimizer_based_on_param_groups, _get_param_groups
-from megatron.core.optimizer import get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 
 from megatron_muon.optim.executor import MatrixOrthogonalizer
 from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
 from megatron_muon.optim.muon import Muon
-from megatron_muon.optim.param_groups import ParamRouting, route_parameters
 from megatron_muon.optim.options import DTYPES as _DTYPES
 from megatron_muon.optim.options import MuonOptions
+from megatron_muon.optim.param_groups import ParamRouting, route_parameters
 from megatron_muon.optim.plan import CostModel
 
 logger = logging.getLogger(__name__)

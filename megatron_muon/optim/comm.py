@@ -71,7 +71,7 @@ class Exchange:
             self._work.wait()
         received: dict[int, list[torch.Tensor]] = {}
         offset = 0
-        for source, size in enumerate(self._out_splits):
+        for source in range(len(self._out_splits)):
             tensors = []
             for shape in self._recv_shapes.get(source, []):
                 n = _numel(shape)
@@ -79,7 +79,6 @@ class Exchange:
                 offset += n
             if tensors:
                 received[source] = tensors
-            offset = sum(self._out_splits[: source + 1])
         return received
 
 

@@ -16,7 +16,13 @@ import torch
 
 from megatron_muon.ops.newton_schulz import newton_schulz, orthogonality_error
 from megatron_muon.ops.scaling import update_scale
-from megatron_muon.optim.comm import Exchange, all_gather_objects, all_reduce_sum_fn, check_agreement, group_rank
+from megatron_muon.optim.comm import (
+    Exchange,
+    all_gather_objects,
+    all_reduce_sum_fn,
+    check_agreement,
+    group_rank,
+)
 from megatron_muon.optim.layout import MatrixPiece
 from megatron_muon.optim.muon import momentum_input_
 from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_plan

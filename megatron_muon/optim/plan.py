@@ -23,7 +23,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from megatron_muon.ops.newton_schulz import newton_schulz_flops
-
 from megatron_muon.optim.options import MODES  # noqa: F401  (re-exported)
 
 

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from megatron_muon.optim.layout import LayoutOptions, MatrixPiece, _global_key, megatron_param_pieces
 from megatron_muon.optim.param_groups import route_parameters
 
+DEFAULT_LAYOUT = LayoutOptions()
+
 
 def canonical_tensor(key: str, shape, *, salt: str = "", std: float = 0.02) -> torch.Tensor:
     """A float32 tensor of ``shape`` drawn from N(0, std²) with a seed derived from ``key`` and ``salt``."""
@@ -42,7 +44,7 @@ def _other_param_full_and_shard(name, param, module, module_paths):
     return key, tuple(full), dim, size, rank
 
 
-def logical_pieces(model_chunks, options: LayoutOptions = LayoutOptions()):
+def logical_pieces(model_chunks, options: LayoutOptions = DEFAULT_LAYOUT):
     """(param, pieces) for every Muon parameter of ``model_chunks`` (as the optimizer builder lays them out)."""
     routing = route_parameters(model_chunks)
     result = []
@@ -57,7 +59,7 @@ def logical_pieces(model_chunks, options: LayoutOptions = LayoutOptions()):
 
 
 @torch.no_grad()
-def fill_canonical_(model_chunks, *, salt: str = "weight", grads: bool = False, options=LayoutOptions()) -> None:
+def fill_canonical_(model_chunks, *, salt: str = "weight", grads: bool = False, options: LayoutOptions = DEFAULT_LAYOUT) -> None:
     """Write canonical values into every parameter (``grads=False``) or its ``main_grad`` / ``grad``."""
     routing, muon = logical_pieces(model_chunks, options)
 
@@ -83,7 +85,7 @@ def fill_canonical_(model_chunks, *, salt: str = "weight", grads: bool = False, 
         target(routed.param).copy_(shard)
 
 
-def collect_pieces(model_chunks, options: LayoutOptions = LayoutOptions()) -> dict[str, dict[int, torch.Tensor]]:
+def collect_pieces(model_chunks, options: LayoutOptions = DEFAULT_LAYOUT) -> dict[str, dict[int, torch.Tensor]]:
     """This rank's value of every Muon matrix piece: key → shard index → tensor (for assembling in a test)."""
     _, muon = logical_pieces(model_chunks, options)
     out: dict[str, dict] = {}

@@ -21,8 +21,20 @@ from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, lo
 from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
 from megatron_muon.optim.build import build_optimizer
 from megatron_muon.training import checkpoint as ckpt
-from megatron_muon.training.config import PretrainConfig, count_parameters, tiny_moe_config, to_yaml, validate_tokenizer
-from megatron_muon.training.metrics import MetricsWriter, is_logging_rank, memory_mib, model_flops_per_token, muon_stats
+from megatron_muon.training.config import (
+    PretrainConfig,
+    count_parameters,
+    tiny_moe_config,
+    to_yaml,
+    validate_tokenizer,
+)
+from megatron_muon.training.metrics import (
+    MetricsWriter,
+    is_logging_rank,
+    memory_mib,
+    model_flops_per_token,
+    muon_stats,
+)
 from megatron_muon.training.step import LOAD_BALANCING_LOSS, evaluate, train_step, wrap_in_ddp
 
 logger = logging.getLogger(__name__)
