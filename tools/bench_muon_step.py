@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from benchmarks_md import cpu_description, load_average, write_section
 
 from megatron_muon.testing import run_distributed
 
@@ -519,20 +520,6 @@ def measure_layout(layout_name: str, model: dict, chosen: list[Contender], setti
             "load_after": load_average()}
 
 
-def _sibling_benchmark():
-    """tools/bench_newton_schulz.py, for its probes of the CPU model and the load average."""
-    tools = str(Path(__file__).resolve().parent)
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import bench_newton_schulz
-
-    return bench_newton_schulz
-
-
-def load_average() -> str:
-    return _sibling_benchmark().load_average()
-
-
 def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> list[str]:
     rows = measured["rows"]
     reference = rows[REFERENCE]
@@ -633,7 +620,7 @@ def render_section(args, command: str, measured: dict[str, dict]) -> str:
         command,
         "```",
         "",
-        f"- CPU: {_sibling_benchmark().cpu_description()}. **4 gloo ranks share these cores** (`torch.set_num_threads(1)` per rank): "
+        f"- CPU: {cpu_description()}. **4 gloo ranks share these cores** (`torch.set_num_threads(1)` per rank): "
         "timings are contended — with more ranks than cores, work one rank saves frees a core for another, so "
         "ratios are indicative, not what a GPU cluster would show.",
         f"- torch {versions['torch']}, megatron-core {versions['megatron-core']}, emerging-optimizers "
@@ -675,21 +662,6 @@ def render_section(args, command: str, measured: dict[str, dict]) -> str:
         lines += render_layout_table(layout_name, result, grid)
     lines.append(END_MARKER)
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the markers (inclusive) in ``path``, or append it, creating the file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end != -1 and end > start:
-        rest = text[end + len(END_MARKER):].lstrip("\n")
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    elif start != -1 or end != -1:
-        raise SystemExit(f"{path} has only one of {START_MARKER} / {END_MARKER}; fix it by hand")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def _model_kwargs(args) -> dict:
@@ -755,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None:
         print(section)
     else:
-        write_section(args.out, section)
+        write_section(args.out, section, START_MARKER, END_MARKER)
         print(f"wrote the bench_muon_step section of {args.out}", file=sys.stderr)
 
 

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from benchmarks_md import cpu_description, load_average, write_section
 
 from megatron_muon.ops.newton_schulz import newton_schulz, newton_schulz_flops, resolve_coefficients
 
@@ -94,28 +95,6 @@ def plain_gemm_sequence(rows: int, cols: int, steps: int, dtype: torch.dtype) ->
             torch.matmul(gram, x)
 
     return run
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    matmul_flags = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
-    return f"{model} ({os.cpu_count()} logical CPUs; {', '.join(matmul_flags) or 'no AVX flags found'})"
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def measure_flops_table(
@@ -260,20 +239,6 @@ def render_section(args: argparse.Namespace, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the markers (inclusive) in ``path``, or append it, creating the file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(END_MARKER) :].lstrip("\n")
-    elif start != -1 or end != -1:
-        raise SystemExit(f"{path} has only one of {START_MARKER} / {END_MARKER}; fix it by hand")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -307,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is None:
         print(section)
     else:
-        write_section(args.out, section)
+        write_section(args.out, section, START_MARKER, END_MARKER)
         print(f"wrote the bench_newton_schulz section of {args.out}", file=sys.stderr)
 
 

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks_md import cpu_description, write_section
+
 REPO = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"iteration\s+(\d+)/\d+ .*?ms/iter\s+([\d.]+) \| tokens/s\s+(\d+)")
 LAYOUTS = {
@@ -49,16 +51,6 @@ def _run(layout: list[str], use_muon: bool, iters: int, workdir: str) -> tuple[l
         raise RuntimeError(f"run failed ({result.returncode}): {result.stderr[-2000:]}")
     rows = [(int(m[1]), float(m[2]), float(m[3])) for m in LINE.finditer(result.stdout)]
     return [ms for _, ms, _ in rows], [tps for _, _, tps in rows]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:
@@ -97,7 +89,7 @@ def main(argv=None) -> int:
             "",
             f"```bash\n{command.strip()}\n```",
             "",
-            f"- CPU: {_cpu()}; 4 gloo ranks (1 thread each) share these cores; Python {platform.python_version()}",
+            f"- CPU: {cpu_description()}; 4 gloo ranks (1 thread each) share these cores; Python {platform.python_version()}",
             "- `launch/configs/tiny_cpu.yaml` (hidden 128, 4 layers, 8 experts top-2, 16 × 128 tokens per step, "
             "fp32) at each layout; Muon = ours (`tp_mode=auto`) for hidden matrices + megatron AdamW for the rest; "
             "AdamW = megatron's optimizer for everything (`optimizer.use_muon=false`).",
@@ -114,13 +106,7 @@ def main(argv=None) -> int:
     )
     print(section)
     if args.out:
-        path = Path(args.out)
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        if START in text and END in text:
-            text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(text)
+        write_section(Path(args.out), section, START, END)
     return 0
 
 

@@ -1,0 +1,46 @@
+"""Shared by the benchmark tools: the machine description they print with every table, and rewriting one
+tool's marked section of docs/benchmarks.md without touching the others'."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_description() -> str:
+    """CPU model, logical CPU count and the matmul-relevant instruction sets (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    matmul_flags = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
+    return f"{model} ({os.cpu_count()} logical CPUs; {', '.join(matmul_flags) or 'no AVX flags found'})"
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def write_section(path: Path, section: str, start_marker: str, end_marker: str) -> None:
+    """Replace the text between the markers (inclusive) in ``path``, or append ``section``, creating the file."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start != -1 and end != -1 and end > start:
+        rest = text[end + len(end_marker) :].lstrip("\n")
+        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
+    elif start != -1 or end != -1:
+        raise SystemExit(f"{path} has only one of {start_marker} / {end_marker}; fix it by hand")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
