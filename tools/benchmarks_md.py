@@ -19,7 +19,7 @@ def cpu_description() -> str:
             elif key.strip() == "flags":
                 flags = set(value.split())
     except OSError:
-        pass
+        model = f"{model} (no /proc/cpuinfo)"
     matmul_flags = [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if flag in flags]
     return f"{model} ({os.cpu_count()} logical CPUs; {', '.join(matmul_flags) or 'no AVX flags found'})"
 

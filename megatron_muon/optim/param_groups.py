@@ -51,7 +51,7 @@ def _linear_types() -> tuple[type, ...]:
         # Without TE installed megatron binds these names to None placeholders.
         types += [t for t in te_types if isinstance(t, type)]
     except ImportError:
-        pass
+        return tuple(types)  # no Transformer Engine: megatron's local layers only
     return tuple(types)
 
 

@@ -91,7 +91,7 @@ class _InOrderStream:
         return event if event is not None else _CompletedEvent()
 
     def synchronize(self) -> None:
-        pass
+        return None  # CPU work is in order: nothing to wait for
 
     def query(self) -> bool:
         return True
@@ -117,7 +117,7 @@ class _CompletedEvent:
         del stream
 
     def synchronize(self) -> None:
-        pass
+        return None  # CPU work is in order: nothing to wait for
 
     def query(self) -> bool:
         return True

@@ -276,59 +276,11 @@ class ModelConfig:
             )
 
 
-def _norm_parameters(model: ModelConfig, size: int) -> int:
-    return size * (2 if model.normalization == "LayerNorm" else 1)  # LayerNorm has a bias
-
-
-def _attention_parameters(model: ModelConfig) -> int:
-    h, heads = model.hidden_size, model.num_attention_heads
-    count = _norm_parameters(model, h)  # input_layernorm (fused into linear_qkv with Transformer Engine)
-    if model.multi_latent_attention:
-        # megatron-core transformer/multi_latent_attention.py, MLASelfAttention.
-        q_head_dim = model.qk_head_dim + model.qk_pos_emb_head_dim
-        if model.q_lora_rank is None:
-            count += h * heads * q_head_dim  # linear_q_proj
-        else:
-            count += h * model.q_lora_rank + model.q_lora_rank * heads * q_head_dim  # q down / up
-            count += _norm_parameters(model, model.q_lora_rank) if model.qk_layernorm else 0
-        count += h * (model.kv_lora_rank + model.qk_pos_emb_head_dim)  # linear_kv_down_proj
-        count += model.kv_lora_rank * heads * (model.qk_head_dim + model.v_head_dim)  # linear_kv_up_proj
-        count += _norm_parameters(model, model.kv_lora_rank) if model.qk_layernorm else 0
-        return count + heads * model.v_head_dim * h  # linear_proj
-    d = model.head_dim
-    count += h * (heads + 2 * model.query_groups) * d  # linear_qkv
-    count += 2 * _norm_parameters(model, d) if model.qk_layernorm else 0  # q_layernorm, k_layernorm
-    return count + heads * d * h  # linear_proj
-
-
 def count_parameters(model: ModelConfig) -> tuple[int, int]:
-    """(total, active) parameters of the megatron GPTModel ``model`` describes.
+    """(total, active) parameters of the megatron GPTModel ``model`` describes (see ``param_count.py``)."""
+    from megatron_muon.training.param_count import count_parameters as count
 
-    ``active`` is what one token passes through: everything but the routed experts, plus ``moe_router_topk``
-    experts per MoE layer. Both include the input embedding and (when untied) the output layer. SwiGLU MLPs
-    (fc1 holds gate and up: 3·hidden·ffn weights), no linear biases; the expert bias of aux-loss-free routing is
-    a buffer, not a parameter.
-    """
-    h = model.hidden_size
-    attention = _attention_parameters(model)
-    dense_mlp = _norm_parameters(model, h) + 3 * h * model.ffn_hidden_size
-    expert = 3 * h * model.moe_ffn_hidden_size
-    moe_common = (
-        _norm_parameters(model, h)  # pre_mlp_layernorm
-        + model.num_moe_experts * h  # router weight
-        + 3 * h * model.moe_shared_expert_intermediate_size  # shared experts, one SwiGLU MLP
-    )
-    total = active = 0
-    for is_moe in model.moe_layer_pattern():
-        if is_moe:
-            total += attention + moe_common + model.num_moe_experts * expert
-            active += attention + moe_common + model.moe_router_topk * expert
-        else:
-            total += attention + dense_mlp
-            active += attention + dense_mlp
-    embeddings = model.vocab_size * h * (1 if model.share_embeddings_and_output_weights else 2)
-    embeddings += _norm_parameters(model, h)  # final_layernorm
-    return total + embeddings, active + embeddings
+    return count(model)
 
 
 def padded_vocab_size(tokenizer_vocab_size: int, tensor_parallel_size: int, multiple: int = 128) -> int:
@@ -339,54 +291,11 @@ def padded_vocab_size(tokenizer_vocab_size: int, tensor_parallel_size: int, mult
 
 
 def tiny_moe_config(model: ModelConfig):
-    """The ``models.tiny.TinyMoEConfig`` of ``model``, for the local-spec builder; raises ``ConfigError`` for
-    features that builder does not construct."""
-    from megatron_muon.models.tiny import TinyMoEConfig
+    """The ``models.tiny.TinyMoEConfig`` of ``model`` (see ``model_bridge.py``); ``ConfigError`` for features the
+    local-spec builder does not build."""
+    from megatron_muon.training.model_bridge import tiny_moe_config as bridge
 
-    unsupported = {
-        "multi_latent_attention": model.multi_latent_attention,
-        "fp8": model.fp8,
-    }
-    for name, value in unsupported.items():
-        _require(not value, f"model.{name}={value!r} is not supported by models.tiny (local spec builder)")
-    # What the local-spec builder hard-wires; anything else must fail rather than be silently replaced.
-    fixed = {
-        "transformer_impl": (model.transformer_impl, "local"),
-        "normalization": (model.normalization, "RMSNorm"),
-        "moe_router_load_balancing_type": (model.moe_router_load_balancing_type, "aux_loss"),
-    }
-    for name, (value, supported) in fixed.items():
-        _require(
-            value == supported,
-            f"model.{name}={value!r} is not supported by models.tiny (local spec builder); it builds {supported!r}",
-        )
-    _require(
-        model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
-        f"model.kv_channels={model.kv_channels} is not supported by models.tiny",
-    )
-    return TinyMoEConfig(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.query_groups,
-        num_moe_experts=model.num_moe_experts,
-        moe_router_topk=model.moe_router_topk,
-        moe_layer_freq=model.moe_layer_pattern(),
-        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-        vocab_size=model.vocab_size,
-        seq_length=model.seq_length,
-        init_method_std=model.init_method_std,
-        rotary_base=model.rotary_base,
-        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
-        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
-        moe_router_score_function=model.moe_router_score_function,
-        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
-        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
-        qk_layernorm=model.qk_layernorm,
-        norm_epsilon=model.norm_epsilon,
-    )
+    return bridge(model)
 
 
 # ------------------------------------------------------------------------------------------ parallel

@@ -1,0 +1,57 @@
+"""From the typed :class:`~megatron_muon.training.config.ModelConfig` to the model builder's own config, refusing
+what the builder does not build (never silently replacing it)."""
+
+from __future__ import annotations
+
+from megatron_muon.training.config import ModelConfig, _require
+
+
+def tiny_moe_config(model: ModelConfig):
+    """The ``models.tiny.TinyMoEConfig`` of ``model``, for the local-spec builder; raises ``ConfigError`` for
+    features that builder does not construct."""
+    from megatron_muon.models.tiny import TinyMoEConfig
+
+    unsupported = {
+        "multi_latent_attention": model.multi_latent_attention,
+        "fp8": model.fp8,
+    }
+    for name, value in unsupported.items():
+        _require(not value, f"model.{name}={value!r} is not supported by models.tiny (local spec builder)")
+    # What the local-spec builder hard-wires; anything else must fail rather than be silently replaced.
+    fixed = {
+        "transformer_impl": (model.transformer_impl, "local"),
+        "normalization": (model.normalization, "RMSNorm"),
+        "moe_router_load_balancing_type": (model.moe_router_load_balancing_type, "aux_loss"),
+    }
+    for name, (value, supported) in fixed.items():
+        _require(
+            value == supported,
+            f"model.{name}={value!r} is not supported by models.tiny (local spec builder); it builds {supported!r}",
+        )
+    _require(
+        model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
+        f"model.kv_channels={model.kv_channels} is not supported by models.tiny",
+    )
+    return TinyMoEConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        num_moe_experts=model.num_moe_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_layer_freq=model.moe_layer_pattern(),
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        vocab_size=model.vocab_size,
+        seq_length=model.seq_length,
+        init_method_std=model.init_method_std,
+        rotary_base=model.rotary_base,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+        moe_router_score_function=model.moe_router_score_function,
+        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+        qk_layernorm=model.qk_layernorm,
+        norm_epsilon=model.norm_epsilon,
+    )
