@@ -10,7 +10,6 @@ reduce their norms over different groups.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -34,6 +33,7 @@ from megatron_muon.optim.param_groups import ParamRouting, route_parameters
 from megatron_muon.optim.plan import CostModel
 
 logger = logging.getLogger(__name__)
+
 
 def build_optimizer(
     model_chunks: list[torch.nn.Module],
@@ -87,15 +87,13 @@ def build_optimizer(
             optimizer.tp_group = pg_collection.tp
             optimizer.expert_tp_group = pg_collection.expt_tp
         else:
-            adam_config = copy.copy(config)
             optimizer = _get_megatron_optimizer_based_on_param_groups(
-                config=adam_config,
+                config=config,
                 model_chunks=model_chunks,
                 param_groups=bucket,
                 model_parallel_group=model_parallel_group,
                 pg_collection=pg_collection,
             )
-            optimizer.config = config  # ChainedOptimizer asserts all members share one config
         results.append(optimizer)
     logger.info("Optimizer: %s", routing.summary())
     return ChainedOptimizer(results)
