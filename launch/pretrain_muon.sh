@@ -260,7 +260,13 @@ trap 'forward TERM' TERM
 trap 'forward USR1' USR1
 trap 'forward TERM' INT
 
-"${command[@]}" &
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  "${command[@]}" &
+else
+  # A session of its own: a signal to the whole process group (Ctrl-C, `timeout`) reaches only this script,
+  # which passes it on to the training processes so that they save before exiting (torchrun would kill them).
+  setsid "${command[@]}" &
+fi
 child=$!
 while :; do
   wait "$child"
