@@ -259,7 +259,7 @@ def train_step(
             layers and microbatches. Its gradient (times the coefficient) is already in the step.
         grad_norm: global gradient norm from the optimizer (None if it computes none).
         skipped: True if the update was skipped (NaN/Inf gradients).
-        optimizer_seconds: wall time of the optimizer step on this rank.
+        optimizer_seconds: wall time of the optimizer step, the slowest rank's.
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
@@ -278,13 +278,15 @@ def train_step(
     )
     optimizer_start = time.perf_counter()
     update_successful, grad_norm = step_unless_nonfinite(optimizer)
-    optimizer_seconds = time.perf_counter() - optimizer_start
+    # The slowest rank's time, so that (like everything returned here) it is the same on every rank.
+    optimizer_seconds = torch.tensor([time.perf_counter() - optimizer_start], dtype=torch.float64)
+    torch.distributed.all_reduce(optimizer_seconds, op=torch.distributed.ReduceOp.MAX)
     return {
         "loss": loss_sum / tokens,
         LOAD_BALANCING_LOSS: _load_balancing_loss(config, num_microbatches, pg_collection),
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "skipped": not update_successful,
-        "optimizer_seconds": optimizer_seconds,
+        "optimizer_seconds": float(optimizer_seconds),
     }
 
 
