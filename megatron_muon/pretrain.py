@@ -39,17 +39,24 @@ def _dense_parameters(cfg) -> int:
     from megatron_muon.training.config import count_parameters
 
     model = cfg.model
-    routed = model.num_moe_experts * 3 * model.hidden_size * model.moe_ffn_hidden_size  # SwiGLU: gate, up, down
+    routed = (
+        model.num_moe_experts * 3 * model.hidden_size * model.moe_ffn_hidden_size
+    )  # SwiGLU: gate, up, down
     moe_layers = sum(model.moe_layer_pattern())
     return count_parameters(model)[0] - routed * moe_layers
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_muon.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_muon.pretrain",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config", help="YAML config (launch/configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.train_iters=20")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, then exit")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and plan, then exit"
+    )
     args = parser.parse_args(argv)
 
     from megatron_muon.training.config import ConfigError, load_config, validate
@@ -86,9 +93,12 @@ def _run(cfg, dims) -> int:
     apply_cpu_stand_ins()
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp, context_parallel_size=p.cp,
-        expert_model_parallel_size=p.ep, expert_tensor_parallel_size=dims.etp,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=dims.etp,
     )
     try:
         trainer = Trainer(cfg, dims, ProcessGroupCollection.use_mpu_process_groups())

@@ -120,11 +120,14 @@ class Contender:
 
 def contenders() -> list[Contender]:
     result = [Contender(name=f"ours {mode}", family="ours", tp_mode=mode) for mode in OURS_MODES]
-    result.insert(1, Contender(name="ours auto, H100 cost model", family="ours", tp_mode="auto", gpu_cost_model=True))
+    result.insert(
+        1, Contender(name="ours auto, H100 cost model", family="ours", tp_mode="auto", gpu_cost_model=True)
+    )
     for mode in ("duplicated", "distributed"):
         result.append(Contender(name=f"megatron {mode}", family="megatron", tp_mode=mode))
-        result.append(Contender(name=f"megatron {mode} + layer-wise", family="megatron", tp_mode=mode,
-                                layer_wise=True))
+        result.append(
+            Contender(name=f"megatron {mode} + layer-wise", family="megatron", tp_mode=mode, layer_wise=True)
+        )
     result.append(Contender(name="megatron blockwise", family="megatron", tp_mode="blockwise", exact=False))
     return result
 
@@ -158,7 +161,9 @@ def _layer_wise_cpu_workarounds():
     def __init__(self, optimizers, config, pg_collection=None, init_state_fn_list=None, model_chunks=None):
         if not config.bf16:
             init_fns = init_state_fn_list or [None] * len(optimizers)
-            optimizers = [FP32Optimizer(opt, config, fn) for opt, fn in zip(optimizers, init_fns, strict=True)]
+            optimizers = [
+                FP32Optimizer(opt, config, fn) for opt, fn in zip(optimizers, init_fns, strict=True)
+            ]
         original_init(self, optimizers, config, pg_collection, init_state_fn_list, model_chunks)
 
     def all_gather(tensor_list, tensor, group=None, async_op=False):
@@ -190,8 +195,14 @@ def _build_ours(chunks, contender: Contender, settings: Settings, pg):
 
     return build_optimizer(
         chunks,
-        OptimizerConfig(optimizer="adam", lr=settings.lr, weight_decay=settings.weight_decay, clip_grad=0.0,
-                        bf16=False, fp16=False),
+        OptimizerConfig(
+            optimizer="adam",
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            clip_grad=0.0,
+            bf16=False,
+            fp16=False,
+        ),
         MuonOptions(
             lr=settings.lr,
             weight_decay=settings.weight_decay,
@@ -268,7 +279,11 @@ def _ours_plan_facts(optimizer) -> dict:
                 stage_bytes += matrix.shape[0] * matrix.shape[1] * 4
             for rank, flops in plan.loads.items():
                 loads[rank] = loads.get(rank, 0.0) + flops
-    return {"modes": modes, "stage_muon_state_bytes": stage_bytes, "ns_flops_per_rank": sorted(loads.values())}
+    return {
+        "modes": modes,
+        "stage_muon_state_bytes": stage_bytes,
+        "ns_flops_per_rank": sorted(loads.values()),
+    }
 
 
 def _error_text(error: BaseException) -> str:
@@ -401,9 +416,16 @@ def _single_process_references(keys_and_shapes: dict[str, tuple[int, int]], sett
 
     initial = {k: canonical_tensor(k, shape, salt="weight") for k, shape in keys_and_shapes.items()}
     grads = {k: canonical_tensor(k, shape, salt="grad0") for k, shape in keys_and_shapes.items()}
-    hyper = dict(lr=settings.lr, momentum=settings.momentum, nesterov=True, weight_decay=settings.weight_decay,
-                 scale_mode="spectral", ns_steps=settings.ns_steps, coefficients="quintic",
-                 compute_dtype=torch.float32)
+    hyper = dict(
+        lr=settings.lr,
+        momentum=settings.momentum,
+        nesterov=True,
+        weight_decay=settings.weight_decay,
+        scale_mode="spectral",
+        ns_steps=settings.ns_steps,
+        coefficients="quintic",
+        compute_dtype=torch.float32,
+    )
     split = ReferenceMuon(initial, **hyper)
     split.step(grads)
     # Megatron's fc1 is the fused [gate; up]; its TP shards interleave the halves, a row permutation that
@@ -445,10 +467,15 @@ def _agreement(per_rank: list[dict], chosen: list[Contender], settings: Settings
         if got is None:
             continue
         if set(got) != set(keys_and_shapes):
-            raise RuntimeError(f"{contender.name}: Muon matrices {sorted(set(got) ^ set(keys_and_shapes))[:4]} "
-                               "differ from the other contenders'")
-        entry = {"vs_reference": _max_relative_difference(got, references[contender.family], initial,
-                                                          keys_and_shapes)}
+            raise RuntimeError(
+                f"{contender.name}: Muon matrices {sorted(set(got) ^ set(keys_and_shapes))[:4]} "
+                "differ from the other contenders'"
+            )
+        entry = {
+            "vs_reference": _max_relative_difference(
+                got, references[contender.family], initial, keys_and_shapes
+            )
+        }
         if REFERENCE in assembled and contender.name != REFERENCE:
             entry["vs_ours"] = _max_relative_difference(got, assembled[REFERENCE], initial, common)
         result[contender.name] = entry
@@ -456,7 +483,9 @@ def _agreement(per_rank: list[dict], chosen: list[Contender], settings: Settings
     return result
 
 
-def _stage_newton_schulz_flops(keys_and_shapes: dict[str, tuple[int, int]], ns_steps: int) -> dict[str, float]:
+def _stage_newton_schulz_flops(
+    keys_and_shapes: dict[str, tuple[int, int]], ns_steps: int
+) -> dict[str, float]:
     """Newton-Schulz FLOPs of one step over the stage's Muon matrices (router not collected), each matrix
     once: with fc1 split (ours) and fused (megatron)."""
     from megatron_muon.ops.newton_schulz import newton_schulz_flops
@@ -511,13 +540,20 @@ def measure_layout(layout_name: str, model: dict, chosen: list[Contender], setti
         if ranks[0].get("profile"):
             row["profile"] = ranks[0]["profile"]
         rows[contender.name] = row
-        print(f"[{layout_name}] {contender.name}: "
-              + (f"{row['median_s'] * 1e3:.0f} ms" if row["error"] is None else row["error"])
-              + "".join(f", {k} {v:.1e}" for k, v in row["agreement"].items()),
-              file=sys.stderr, flush=True)
-    return {"rows": rows, "stage_flops": agreement.get("stage_flops"), "wall_s": time.perf_counter() - started,
-            "load_before": load_before,
-            "load_after": load_average()}
+        print(
+            f"[{layout_name}] {contender.name}: "
+            + (f"{row['median_s'] * 1e3:.0f} ms" if row["error"] is None else row["error"])
+            + "".join(f", {k} {v:.1e}" for k, v in row["agreement"].items()),
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "rows": rows,
+        "stage_flops": agreement.get("stage_flops"),
+        "wall_s": time.perf_counter() - started,
+        "load_before": load_before,
+        "load_after": load_average(),
+    }
 
 
 def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> list[str]:
@@ -539,7 +575,9 @@ def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> lis
                 loads = row["ns_flops_per_rank"]
                 placement += f"; NS {loads[0] / 1e9:.1f}–{loads[-1] / 1e9:.1f} GFLOP per rank"
         else:
-            placement = contender["tp_mode"] + (" + layer-wise DP sharding" if contender["layer_wise"] else "")
+            placement = contender["tp_mode"] + (
+                " + layer-wise DP sharding" if contender["layer_wise"] else ""
+            )
         exact = "yes" if contender["exact"] else "**no**"
         label = name + (" (workaround)" if contender["layer_wise"] else "")
         if row["error"] is not None:
@@ -548,7 +586,9 @@ def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> lis
         ratio = row["median_s"] / reference["median_s"] if reference.get("median_s") else float("nan")
         state = row["state_bytes"]
         agreement = row["agreement"]
-        vs_ours = "—" if name == REFERENCE else f"{agreement['vs_ours']:.1e}" if "vs_ours" in agreement else "n/a"
+        vs_ours = (
+            "—" if name == REFERENCE else f"{agreement['vs_ours']:.1e}" if "vs_ours" in agreement else "n/a"
+        )
         vs_reference = f"{agreement['vs_reference']:.1e}" if "vs_reference" in agreement else "n/a"
         lines.append(
             f"| {label} | {placement} | {exact} | {row['median_s'] * 1e3:.0f} "
@@ -560,12 +600,15 @@ def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> lis
     for name, error in shipped:
         lines.append(f"- `{name}` as shipped (no workaround) failed: `{error}`")
     exact_megatron = {
-        name: row["median_s"] for name, row in rows.items()
+        name: row["median_s"]
+        for name, row in rows.items()
         if row["contender"]["family"] == "megatron" and row["contender"]["exact"] and row["error"] is None
     }
     as_shipped = {name: t for name, t in exact_megatron.items() if not rows[name]["contender"]["layer_wise"]}
-    for candidates, what in ((exact_megatron, "best exact mode"),
-                             (as_shipped, "best exact mode that runs as shipped (no layer-wise)")):
+    for candidates, what in (
+        (exact_megatron, "best exact mode"),
+        (as_shipped, "best exact mode that runs as shipped (no layer-wise)"),
+    ):
         if not candidates:
             continue
         best = min(candidates, key=candidates.get)
@@ -577,7 +620,9 @@ def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> lis
     same_plan: dict[tuple, list[str]] = {}
     for name, row in rows.items():
         if row["contender"]["family"] == "ours" and row.get("modes"):
-            same_plan.setdefault((tuple(sorted(row["modes"].items())), tuple(row["ns_flops_per_rank"])), []).append(name)
+            same_plan.setdefault(
+                (tuple(sorted(row["modes"].items())), tuple(row["ns_flops_per_rank"])), []
+            ).append(name)
     for names in same_plan.values():
         if len(names) > 1:
             medians = [rows[name]["median_s"] for name in names]
@@ -601,14 +646,18 @@ def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> lis
             f"(TP·DP = {grid_size}) = {_format_bytes(int(target))} MiB per rank; ours auto keeps "
             f"{_format_bytes(min(reference['state_bytes']))}–{_format_bytes(max(reference['state_bytes']))} MiB"
         )
-    lines.append(f"- wall time of this layout's run (all contenders, start-up included): {measured['wall_s']:.0f} s; "
-                 f"load average before: {measured['load_before']}, after: {measured['load_after']}")
+    lines.append(
+        f"- wall time of this layout's run (all contenders, start-up included): {measured['wall_s']:.0f} s; "
+        f"load average before: {measured['load_before']}, after: {measured['load_after']}"
+    )
     lines.append("")
     return lines
 
 
 def render_section(args, command: str, measured: dict[str, dict]) -> str:
-    versions = {name: importlib.metadata.version(name) for name in ("torch", "megatron-core", "emerging-optimizers")}
+    versions = {
+        name: importlib.metadata.version(name) for name in ("torch", "megatron-core", "emerging-optimizers")
+    }
     model = _model_kwargs(args)
     lines = [
         START_MARKER,
@@ -635,9 +684,9 @@ def render_section(args, command: str, measured: dict[str, dict]) -> str:
         f"- Matched settings: lr {args.lr}, decoupled weight decay {args.weight_decay}, momentum "
         f"{args.momentum} Nesterov, {args.ns_steps} Newton–Schulz steps of Keller Jordan's quintic "
         "(3.4445, −4.7750, 2.0315) (ours `quintic` = EO's `simple`), scale √(fan_out/fan_in) (ours `spectral` = "
-        "EO's `unit_rms_norm`), fp32 Newton–Schulz (megatron `muon_fp32_matmul_prec=\"highest\"`; its default "
-        "`\"medium\"` makes Emerging-Optimizers cast the iterate to bf16, on CPU too), Q/K/V split "
-        "(`muon_split_qkv=True`), router in Muon (megatron's routing; ours `router=\"muon\"`). Not matchable: "
+        'EO\'s `unit_rms_norm`), fp32 Newton–Schulz (megatron `muon_fp32_matmul_prec="highest"`; its default '
+        '`"medium"` makes Emerging-Optimizers cast the iterate to bf16, on CPU too), Q/K/V split '
+        '(`muon_split_qkv=True`), router in Muon (megatron\'s routing; ours `router="muon"`). Not matchable: '
         "megatron orthogonalizes SwiGLU `linear_fc1` as one fused [gate; up] matrix, ours as two (our layout "
         "refuses a fused fc1 under TP); for these square gate/up blocks ours does ~20% more Newton–Schulz FLOPs "
         "on fc1.",
@@ -681,8 +730,12 @@ def _model_kwargs(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
-    parser.add_argument("--contenders", nargs="+", default=None,
-                        help="subset of contender names (default: all); 'ours auto' is always run")
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=None,
+        help="subset of contender names (default: all); 'ours auto' is always run",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     parser.add_argument("--lr", type=float, default=0.02)
@@ -697,8 +750,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-query-groups", type=int, default=4)
     parser.add_argument("--num-moe-experts", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--profile", nargs="*", default=None, metavar="CONTENDER",
-                        help="cProfile these contenders (default: ours auto) on rank 0 and print the stats")
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=None,
+        metavar="CONTENDER",
+        help="cProfile these contenders (default: ours auto) on rank 0 and print the stats",
+    )
     parser.add_argument("--out", type=Path, help="markdown file whose section to rewrite")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -710,9 +768,15 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown contenders {sorted(unknown)}; valid: {[c.name for c in chosen]}")
         chosen = [c for c in chosen if c.name in args.contenders or c.name == REFERENCE]
-    settings = Settings(lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
-                        ns_steps=args.ns_steps, steps=args.steps, warmup=args.warmup,
-                        profile=() if args.profile is None else tuple(args.profile or [REFERENCE]))
+    settings = Settings(
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        momentum=args.momentum,
+        ns_steps=args.ns_steps,
+        steps=args.steps,
+        warmup=args.warmup,
+        profile=() if args.profile is None else tuple(args.profile or [REFERENCE]),
+    )
     command = "python tools/bench_muon_step.py " + " ".join(
         shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv)
     )
@@ -722,7 +786,10 @@ def main(argv: list[str] | None = None) -> None:
             if row.get("traceback"):
                 print(f"----- [{layout_name}] {name} failed -----\n{row['traceback']}", file=sys.stderr)
             if row.get("profile"):
-                print(f"----- [{layout_name}] {name}: cProfile of rank 0 -----\n{row['profile']}", file=sys.stderr)
+                print(
+                    f"----- [{layout_name}] {name}: cProfile of rank 0 -----\n{row['profile']}",
+                    file=sys.stderr,
+                )
     section = render_section(args, command.strip(), measured)
     if args.out is None:
         print(section)

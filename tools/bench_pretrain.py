@@ -45,7 +45,10 @@ def _run(layout: list[str], use_muon: bool, iters: int, workdir: str) -> tuple[l
     ]
     result = subprocess.run(
         ["bash", str(REPO / "launch" / "pretrain_muon.sh"), "launch/configs/tiny_cpu.yaml", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=1800,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     if result.returncode != 0:
         raise RuntimeError(f"run failed ({result.returncode}): {result.stderr[-2000:]}")
@@ -54,7 +57,9 @@ def _run(layout: list[str], use_muon: bool, iters: int, workdir: str) -> tuple[l
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iters", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=4, help="iterations left out of the medians")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))

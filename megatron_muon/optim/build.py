@@ -99,7 +99,9 @@ def build_optimizer(
     return ChainedOptimizer(results)
 
 
-def _build_muon(groups, routing: ParamRouting, model_chunks, config, muon: MuonOptions, pg_collection, cost_model):
+def _build_muon(
+    groups, routing: ParamRouting, model_chunks, config, muon: MuonOptions, pg_collection, cost_model
+):
     by_id = {id(r.param): r for r in routing.muon}
     layout_options = LayoutOptions(
         split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up

@@ -147,9 +147,7 @@ class MatrixOrthogonalizer:
         buckets = self._buckets
 
         # 1. Gradient shards travel to the ranks that orthogonalize whole matrices (all buckets in flight).
-        gathers = [
-            self._start(bucket, "gather", lambda m, shard: local[m.key].grad) for bucket in buckets
-        ]
+        gathers = [self._start(bucket, "gather", lambda m, shard: local[m.key].grad) for bucket in buckets]
 
         # 2. Matrices orthogonalized on shards (Gram all-reduced over their shard group) meanwhile.
         distributed = [m for m in self.plan.matrices if m.mode == "distributed" and me in m.computers]
@@ -243,7 +241,9 @@ class MatrixOrthogonalizer:
             if "momentum" not in state:
                 state["momentum"] = torch.zeros_like(grad)
             hyper = mine.group
-            inputs.append((matrix, momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"])))
+            inputs.append(
+                (matrix, momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"]))
+            )
         return {m.key: d for m, d in self._orthogonalize(optimizer, inputs, sharded=sharded)}
 
     def _orthogonalize(self, optimizer, inputs, *, sharded: bool):

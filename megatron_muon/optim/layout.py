@@ -99,9 +99,11 @@ def whole_tensor_pieces(name: str, param: torch.Tensor) -> list[MatrixPiece]:
     if param.ndim == 2:
         return [MatrixPiece(key=name, shape=(rows, cols), rows=block)]
     pieces = []
-    for index in torch.cartesian_prod(*[torch.arange(n) for n in param.shape[:-2]]).reshape(
-        -1, param.ndim - 2
-    ).tolist():
+    for index in (
+        torch.cartesian_prod(*[torch.arange(n) for n in param.shape[:-2]])
+        .reshape(-1, param.ndim - 2)
+        .tolist()
+    ):
         index = tuple(index)
         suffix = ".".join(str(i) for i in index)
         pieces.append(MatrixPiece(key=f"{name}[{suffix}]", shape=(rows, cols), rows=block, index=index))
@@ -206,7 +208,9 @@ def _per_head_pieces(key, heads_per_group, head_dim, groups_local, cols, group_o
             global_head = global_group * heads_per_group + h
             pieces.append(MatrixPiece(key=f"{key}/q.head{global_head}", shape=(head_dim, cols), rows=block))
         for j, part in enumerate(("k", "v")):
-            block = RowBlocks(offset=base + (heads_per_group + j) * head_dim, length=head_dim, period=head_dim)
+            block = RowBlocks(
+                offset=base + (heads_per_group + j) * head_dim, length=head_dim, period=head_dim
+            )
             pieces.append(
                 MatrixPiece(key=f"{key}/{part}.group{global_group}", shape=(head_dim, cols), rows=block)
             )
@@ -243,14 +247,18 @@ def megatron_param_pieces(
             )
         head_dim = config.kv_channels
         heads_per_group = config.num_attention_heads // config.num_query_groups
-        groups_local = config.num_query_groups // num_shards if shard_dim is not None else config.num_query_groups
+        groups_local = (
+            config.num_query_groups // num_shards if shard_dim is not None else config.num_query_groups
+        )
         if rows != groups_local * (heads_per_group + 2) * head_dim:
             raise ValueError(
                 f"{name}: local QKV shape {tuple(param.shape)} does not match {groups_local} query groups x "
                 f"({heads_per_group} q heads + k + v) x kv_channels={head_dim}"
             )
         if options.qkv_per_head:
-            return _per_head_pieces(key, heads_per_group, head_dim, groups_local, cols, shard_index * groups_local)
+            return _per_head_pieces(
+                key, heads_per_group, head_dim, groups_local, cols, shard_index * groups_local
+            )
         fused = [("q", heads_per_group * head_dim), ("k", head_dim), ("v", head_dim)]
         return _split_pieces(key, fused, groups_local, cols, shard_dim, num_shards, shard_index)
 
@@ -258,7 +266,9 @@ def megatron_param_pieces(
         if rows % 2:
             raise ValueError(f"{name}: gated linear_fc1 has an odd number of rows {rows}")
         if shard_dim not in (None, 0):
-            raise ValueError(f"{name}: gated linear_fc1 split along dim {shard_dim}; expected column-parallel")
+            raise ValueError(
+                f"{name}: gated linear_fc1 split along dim {shard_dim}; expected column-parallel"
+            )
         # megatron gives gated fc1 partition_stride=2 so its *initialization* slices [gate_t; up_t]; the
         # forward always reads the local rows as [gate_t; up_t] (mlp.py: torch.chunk(x, 2)), whatever the stride.
         fused = [("gate", rows // 2), ("up", rows // 2)]
@@ -278,6 +288,11 @@ def megatron_param_pieces(
     full = (rows * num_shards, cols) if shard_dim == 0 else (rows, cols * num_shards)
     return [
         MatrixPiece(
-            key=key, shape=full, rows=whole, shard_dim=shard_dim, num_shards=num_shards, shard_index=shard_index
+            key=key,
+            shape=full,
+            rows=whole,
+            shard_dim=shard_dim,
+            num_shards=num_shards,
+            shard_index=shard_index,
         )
     ]

@@ -123,7 +123,9 @@ class Muon(torch.optim.Optimizer):
         if not (isinstance(ns_steps, int) and ns_steps >= 1):
             raise ValueError(f"ns_steps={ns_steps!r} must be an integer >= 1")
         if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise ValueError(f"compute_dtype={compute_dtype} must be one of float64, float32, bfloat16, float16")
+            raise ValueError(
+                f"compute_dtype={compute_dtype} must be one of float64, float32, bfloat16, float16"
+            )
         resolve_coefficients(coefficients, ns_steps)  # raises ValueError on a bad schedule
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):

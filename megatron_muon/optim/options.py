@@ -48,5 +48,3 @@ class MuonOptions:
             raise ValueError(f"muon.tp_mode={self.tp_mode!r}; valid: {list(MODES)}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"muon.compute_dtype={self.compute_dtype!r}; valid: {sorted(DTYPES)}")
-
-

@@ -77,7 +77,9 @@ class CostModel:
         if num_shards > 1 and long_side_sharded:
             small = min(rows, cols)
             gram_bytes = small * small * self.bytes_per_element * 2 * (num_shards - 1) / num_shards
-            costs["distributed"] = compute / num_shards + ns_steps * (gram_bytes / self.bytes_per_s + self.latency_s)
+            costs["distributed"] = compute / num_shards + ns_steps * (
+                gram_bytes / self.bytes_per_s + self.latency_s
+            )
         return costs
 
 
@@ -122,8 +124,19 @@ class MuonPlan:
     def fingerprint(self) -> str:
         text = repr(
             [
-                (m.key, m.shape, m.shard_dim, m.num_shards, m.shard_group, m.holders, m.mode, m.computers,
-                 m.gather, m.scatter, m.bucket)
+                (
+                    m.key,
+                    m.shape,
+                    m.shard_dim,
+                    m.num_shards,
+                    m.shard_group,
+                    m.holders,
+                    m.mode,
+                    m.computers,
+                    m.gather,
+                    m.scatter,
+                    m.bucket,
+                )
                 for m in self.matrices
             ]
         )
@@ -169,9 +182,7 @@ def build_plan(
         for rank, record in entries:
             same = (record.shape, record.shard_dim, record.num_shards, record.shard_group)
             if same != (first.shape, first.shard_dim, first.num_shards, first.shard_group):
-                raise RuntimeError(
-                    f"ranks disagree about matrix {key!r}: {first} vs rank {rank}'s {record}"
-                )
+                raise RuntimeError(f"ranks disagree about matrix {key!r}: {first} vs rank {rank}'s {record}")
             holders[record.shard_index].append(rank)
         missing = sorted(set(range(first.num_shards)) - set(holders))
         if missing:

@@ -59,7 +59,9 @@ def logical_pieces(model_chunks, options: LayoutOptions = DEFAULT_LAYOUT):
 
 
 @torch.no_grad()
-def fill_canonical_(model_chunks, *, salt: str = "weight", grads: bool = False, options: LayoutOptions = DEFAULT_LAYOUT) -> None:
+def fill_canonical_(
+    model_chunks, *, salt: str = "weight", grads: bool = False, options: LayoutOptions = DEFAULT_LAYOUT
+) -> None:
     """Write canonical values into every parameter (``grads=False``) or its ``main_grad`` / ``grad``."""
     routing, muon = logical_pieces(model_chunks, options)
 
@@ -74,7 +76,9 @@ def fill_canonical_(model_chunks, *, salt: str = "weight", grads: bool = False, 
 
     for routed, pieces in muon:
         for piece in pieces:
-            piece.write(target(routed.param), _shard(canonical_tensor(piece.key, piece.shape, salt=salt), piece))
+            piece.write(
+                target(routed.param), _shard(canonical_tensor(piece.key, piece.shape, salt=salt), piece)
+            )
     for routed in routing.adamw:
         key, full_shape, dim, size, rank = _other_param_full_and_shard(
             routed.name, routed.param, routed.module, routing.module_paths[routed.chunk]
@@ -85,7 +89,9 @@ def fill_canonical_(model_chunks, *, salt: str = "weight", grads: bool = False, 
         target(routed.param).copy_(shard)
 
 
-def collect_pieces(model_chunks, options: LayoutOptions = DEFAULT_LAYOUT) -> dict[str, dict[int, torch.Tensor]]:
+def collect_pieces(
+    model_chunks, options: LayoutOptions = DEFAULT_LAYOUT
+) -> dict[str, dict[int, torch.Tensor]]:
     """This rank's value of every Muon matrix piece: key → shard index → tensor (for assembling in a test)."""
     _, muon = logical_pieces(model_chunks, options)
     out: dict[str, dict] = {}
@@ -110,7 +116,9 @@ def assemble(collected_by_rank: list[dict]) -> dict[str, torch.Tensor]:
                 previous = shards.setdefault(key, {}).get(shard)
                 if previous is not None and not torch.equal(previous, value):
                     diff = (previous - value).abs().max().item()
-                    raise AssertionError(f"replicas disagree on {key} shard {shard} (rank {rank}, max diff {diff})")
+                    raise AssertionError(
+                        f"replicas disagree on {key} shard {shard} (rank {rank}, max diff {diff})"
+                    )
                 shards[key][shard] = value
     return {
         key: torch.cat([by_shard[i] for i in range(meta[key][1])], dim=meta[key][0])

@@ -33,7 +33,12 @@ from megatron.core.utils import get_model_config
 from megatron_muon.models.tiny import causal_attention_mask
 
 __all__ = [
-    "LOAD_BALANCING_LOSS", "evaluate", "step_unless_nonfinite", "synthetic_batches", "train_step", "wrap_in_ddp",
+    "LOAD_BALANCING_LOSS",
+    "evaluate",
+    "step_unless_nonfinite",
+    "synthetic_batches",
+    "train_step",
+    "wrap_in_ddp",
 ]
 
 # Name under which megatron's router records the switch aux loss (divided by its coefficient).
@@ -188,8 +193,16 @@ def _load_balancing_loss(
     return float(totals[LOAD_BALANCING_LOSS])
 
 
-def _forward_backward(model_chunks, data_iterator, *, num_microbatches, seq_length, micro_batch_size,
-                      pg_collection, forward_only: bool) -> tuple[float, float]:
+def _forward_backward(
+    model_chunks,
+    data_iterator,
+    *,
+    num_microbatches,
+    seq_length,
+    micro_batch_size,
+    pg_collection,
+    forward_only: bool,
+) -> tuple[float, float]:
     """megatron's schedule over ``num_microbatches``; returns (loss summed over tokens, token count) of the
     global batch, identical on every rank."""
     config = get_model_config(model_chunks[0])
@@ -273,8 +286,13 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     loss_sum, tokens = _forward_backward(
-        model_chunks, data_iterator, num_microbatches=num_microbatches, seq_length=seq_length,
-        micro_batch_size=micro_batch_size, pg_collection=pg_collection, forward_only=False,
+        model_chunks,
+        data_iterator,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        pg_collection=pg_collection,
+        forward_only=False,
     )
     optimizer_start = time.perf_counter()
     update_successful, grad_norm = step_unless_nonfinite(optimizer)
@@ -292,7 +310,13 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model_chunks, data_iterator, *, num_microbatches: int, seq_length: int, micro_batch_size: int, pg_collection
+    model_chunks,
+    data_iterator,
+    *,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    pg_collection,
 ) -> float:
     """Mean cross-entropy per token (nats) over ``num_microbatches`` microbatches per data-parallel rank,
     forward only; identical on every rank."""
@@ -300,8 +324,13 @@ def evaluate(
         chunk.eval()
     try:
         loss_sum, tokens = _forward_backward(
-            model_chunks, data_iterator, num_microbatches=num_microbatches, seq_length=seq_length,
-            micro_batch_size=micro_batch_size, pg_collection=pg_collection, forward_only=True,
+            model_chunks,
+            data_iterator,
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            pg_collection=pg_collection,
+            forward_only=True,
         )
     finally:
         for chunk in model_chunks:

@@ -82,14 +82,22 @@ class Trainer:
         config = build_transformer_config(self.tiny, tp=p.tp, pp=p.pp, ep=p.ep, etp=dims.etp, vpp=p.vpp)
         if cfg.model.precision == "bf16":
             config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
-        self.model = wrap_in_ddp(build_gpt_moe_model_chunks(self.tiny, config, pg_collection), config,
-                                 pg_collection=pg_collection)
+        self.model = wrap_in_ddp(
+            build_gpt_moe_model_chunks(self.tiny, config, pg_collection), config, pg_collection=pg_collection
+        )
 
         opt = cfg.optimizer
         adam_config = OptimizerConfig(
-            optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
-            adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], adam_eps=opt.eps, clip_grad=opt.clip_grad,
-            bf16=cfg.model.precision == "bf16", fp16=False,
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=opt.min_lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.betas[0],
+            adam_beta2=opt.betas[1],
+            adam_eps=opt.eps,
+            clip_grad=opt.clip_grad,
+            bf16=cfg.model.precision == "bf16",
+            fp16=False,
         )
         if opt.use_muon:
             self.optimizer = build_optimizer(self.model, adam_config, opt.muon, pg_collection)
@@ -99,9 +107,16 @@ class Trainer:
             )
         decay_iters = opt.resolved_lr_decay_iters(train.train_iters)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr,
-            lr_warmup_steps=opt.warmup_iters, lr_decay_steps=decay_iters, lr_decay_style=opt.decay_style,
-            start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=decay_iters,
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=opt.lr,
+            min_lr=opt.min_lr,
+            lr_warmup_steps=opt.warmup_iters,
+            lr_decay_steps=decay_iters,
+            lr_decay_style=opt.decay_style,
+            start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay,
+            wd_incr_steps=decay_iters,
             wd_incr_style="constant",
             wsd_decay_steps=opt.wsd_decay_iters(train.train_iters) if opt.decay_style == "WSD" else None,
             lr_wsd_decay_style=opt.wsd_decay_style if opt.decay_style == "WSD" else None,
@@ -115,8 +130,10 @@ class Trainer:
         self.is_first_rank = dist.get_rank() == 0
         _, active = count_parameters(cfg.model)
         self.flops_per_token = model_flops_per_token(
-            num_layers=cfg.model.num_layers, hidden_size=cfg.model.hidden_size,
-            seq_length=cfg.model.seq_length, active_matrix_params=active,
+            num_layers=cfg.model.num_layers,
+            hidden_size=cfg.model.hidden_size,
+            seq_length=cfg.model.seq_length,
+            active_matrix_params=active,
         )
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -131,7 +148,10 @@ class Trainer:
         if source is None:
             return
         loaded = ckpt.load_checkpoint(
-            source, self.model, None if c.finetune else self.optimizer, None if c.finetune else self.scheduler,
+            source,
+            self.model,
+            None if c.finetune else self.optimizer,
+            None if c.finetune else self.scheduler,
             finetune=c.finetune,
         )
         self.iteration, self.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
@@ -156,8 +176,12 @@ class Trainer:
         )
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), self.dims.dp
         make = lambda dataset, consumed: build_microbatch_iterator(  # noqa: E731
-            dataset, micro_batch_size=train.micro_batch_size, consumed_samples=consumed,
-            data_parallel_rank=dp_rank, data_parallel_size=dp_size, num_workers=0,
+            dataset,
+            micro_batch_size=train.micro_batch_size,
+            consumed_samples=consumed,
+            data_parallel_rank=dp_rank,
+            data_parallel_size=dp_size,
+            num_workers=0,
         )
         self.train_data = self._per_chunk(make(splits.train, self.consumed_samples))
         self.valid_dataset, self._make_iterator = splits.valid, make
@@ -180,16 +204,23 @@ class Trainer:
         while self.iteration < train.train_iters:
             start = time.perf_counter()
             result = train_step(
-                self.model, self.optimizer, self.train_data, num_microbatches=self.num_microbatches,
-                seq_length=cfg.model.seq_length, micro_batch_size=train.micro_batch_size, pg_collection=self.pg,
+                self.model,
+                self.optimizer,
+                self.train_data,
+                num_microbatches=self.num_microbatches,
+                seq_length=cfg.model.seq_length,
+                micro_batch_size=train.micro_batch_size,
+                pg_collection=self.pg,
             )
             elapsed = time.perf_counter() - start
             self.iteration += 1
             self.consumed_samples += train.global_batch_size
             if result["skipped"]:
                 consecutive_skips, total_skips = consecutive_skips + 1, total_skips + 1
-                self._log(f"iteration {self.iteration}: NaN/Inf loss or gradient (grad norm {result['grad_norm']}); "
-                          f"update skipped ({consecutive_skips} in a row)")
+                self._log(
+                    f"iteration {self.iteration}: NaN/Inf loss or gradient (grad norm {result['grad_norm']}); "
+                    f"update skipped ({consecutive_skips} in a row)"
+                )
                 if consecutive_skips >= train.max_consecutive_skips:
                     raise StopTraining(
                         f"{consecutive_skips} consecutive iterations had NaN/Inf gradients (limit "
@@ -221,12 +252,20 @@ class Trainer:
         # The same validation samples every time: a fresh iterator from the start of the split.
         iterator = self._per_chunk(self._make_iterator(self.valid_dataset, 0))
         loss = evaluate(
-            self.model, iterator, num_microbatches=self.num_microbatches * train.eval_iters,
-            seq_length=self.cfg.model.seq_length, micro_batch_size=train.micro_batch_size, pg_collection=self.pg,
+            self.model,
+            iterator,
+            num_microbatches=self.num_microbatches * train.eval_iters,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=train.micro_batch_size,
+            pg_collection=self.pg,
         )
         perplexity = math.exp(min(loss, 50.0))
-        self._log(f" validation at iteration {self.iteration} | lm loss {loss:.4f} | perplexity {perplexity:.2f}")
-        self.metrics.scalars(self.iteration, {"loss/validation": loss, "loss/validation_perplexity": perplexity})
+        self._log(
+            f" validation at iteration {self.iteration} | lm loss {loss:.4f} | perplexity {perplexity:.2f}"
+        )
+        self.metrics.scalars(
+            self.iteration, {"loss/validation": loss, "loss/validation_perplexity": perplexity}
+        )
 
     def _save(self) -> None:
         c = self.cfg.checkpoint
@@ -234,8 +273,14 @@ class Trainer:
             return
         self._saved_iteration = self.iteration
         path = ckpt.save_checkpoint(
-            c.save_dir, self.iteration, self.model, self.optimizer, self.scheduler,
-            consumed_samples=self.consumed_samples, config_yaml=to_yaml(self.cfg), keep_last=c.keep_last or 0,
+            c.save_dir,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            consumed_samples=self.consumed_samples,
+            config_yaml=to_yaml(self.cfg),
+            keep_last=c.keep_last or 0,
         )
         self._log(f"saved checkpoint {path}")
 

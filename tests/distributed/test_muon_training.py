@@ -55,7 +55,9 @@ def _train_on_rank(
             chunk.zero_grad_buffer()
         optimizer = build_optimizer(
             chunks,
-            OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=bf16, fp16=False),
+            OptimizerConfig(
+                optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=bf16, fp16=False
+            ),
             MuonOptions(lr=muon_lr, weight_decay=0.01, tp_mode=mode, compute_dtype="float32"),
             pg,
         )
@@ -115,7 +117,12 @@ def test_tp2_pp2_ep2_muon_training_loss_falls():
 def test_bf16_params_train_with_fp32_main_params_at_tp2_dp2():
     layout = dict(tp=2, pp=1, ep=1, etp=1)
     per_rank = run_distributed(
-        _train_on_rank, 4, tp=2, etp=1, args=(layout, MODEL, ("auto",), 12, False), kwargs=dict(bf16=True),
+        _train_on_rank,
+        4,
+        tp=2,
+        etp=1,
+        args=(layout, MODEL, ("auto",), 12, False),
+        kwargs=dict(bf16=True),
         timeout_s=400,
     )
     losses, model_dtypes, main_dtypes = per_rank[0]
@@ -158,4 +165,6 @@ def test_ten_steps_match_single_process_at_every_layout_and_mode(name, reference
     for mode in MODES:
         got = per_rank[0][mode]
         worst = max(abs(a - b) for a, b in zip(got, reference_losses, strict=True))
-        assert worst < 1e-4, f"{name} {mode}: losses differ from the single-process run by {worst:.2e}\n{got}\n{reference_losses}"
+        assert worst < 1e-4, (
+            f"{name} {mode}: losses differ from the single-process run by {worst:.2e}\n{got}\n{reference_losses}"
+        )

@@ -85,12 +85,16 @@ def _run_muon(mode: str, steps: int, layout: dict, rank_modes=None):
     for step in range(steps):
         for (key, param), (piece,) in zip(params, pieces, strict=True):
             full = canonical_tensor(key, piece.shape, salt=f"grad{step}")
-            param.grad = full if piece.num_shards == 1 else full.chunk(2, dim=piece.shard_dim)[piece.shard_index]
+            param.grad = (
+                full if piece.num_shards == 1 else full.chunk(2, dim=piece.shard_dim)[piece.shard_index]
+            )
         optimizer.step()
     modes = {m.key: m.mode for m in orthogonalizer.plan.matrices}
     owners = {m.key: m.computers for m in orthogonalizer.plan.matrices}
-    values = {key: (param.detach().clone(), piece.shard_dim, piece.num_shards, piece.shard_index)
-              for (key, param), (piece,) in zip(params, pieces, strict=True)}
+    values = {
+        key: (param.detach().clone(), piece.shard_dim, piece.num_shards, piece.shard_index)
+        for (key, param), (piece,) in zip(params, pieces, strict=True)
+    }
     return values, modes, owners, orthogonalizer.plan.loads
 
 
@@ -100,14 +104,18 @@ def _assemble(per_rank):
         for key, (value, dim, num_shards, index) in values.items():
             out.setdefault(key, {})[index] = (value, dim, num_shards)
     return {
-        key: torch.cat([shards[i][0] for i in range(shards[0][2])], dim=shards[0][1]) for key, shards in out.items()
+        key: torch.cat([shards[i][0] for i in range(shards[0][2])], dim=shards[0][1])
+        for key, shards in out.items()
     }
 
 
 def _reference(steps):
     shapes = {key: shape for key, (shape, _, _) in LAYOUT.items()}
-    reference = ReferenceMuon({k: canonical_tensor(k, s, salt="weight") for k, s in shapes.items()},
-                              compute_dtype=torch.float32, **HYPER)
+    reference = ReferenceMuon(
+        {k: canonical_tensor(k, s, salt="weight") for k, s in shapes.items()},
+        compute_dtype=torch.float32,
+        **HYPER,
+    )
     for step in range(steps):
         reference.step({k: canonical_tensor(k, s, salt=f"grad{step}") for k, s in shapes.items()})
     return reference.weights
@@ -131,7 +139,10 @@ def test_uneven_experts_short_side_shards_and_idle_ranks(mode):
         assert owners["expert.3"][0] in (1, 3), "an expert is owned by a rank that holds it"
 
 
-SPARSE = {"only.a": ((32, 32), None, {0: 0, 1: 0, 2: 0, 3: 0}), "only.b": ((32, 64), 1, {0: 0, 1: 1, 2: 0, 3: 1})}
+SPARSE = {
+    "only.a": ((32, 32), None, {0: 0, 1: 0, 2: 0, 3: 0}),
+    "only.b": ((32, 64), 1, {0: 0, 1: 1, 2: 0, 3: 1}),
+}
 
 
 def test_more_ranks_than_matrices():
@@ -139,8 +150,11 @@ def test_more_ranks_than_matrices():
     loads = per_rank[0][3]
     assert sorted(loads.values()).count(0.0) == 2, f"two of four ranks should own nothing: {loads}"
     shapes = {k: s for k, (s, _, _) in SPARSE.items()}
-    reference = ReferenceMuon({k: canonical_tensor(k, s, salt="weight") for k, s in shapes.items()},
-                              compute_dtype=torch.float32, **HYPER)
+    reference = ReferenceMuon(
+        {k: canonical_tensor(k, s, salt="weight") for k, s in shapes.items()},
+        compute_dtype=torch.float32,
+        **HYPER,
+    )
     for step in range(2):
         reference.step({k: canonical_tensor(k, s, salt=f"grad{step}") for k, s in shapes.items()})
     got = _assemble(per_rank)
@@ -151,7 +165,10 @@ def test_more_ranks_than_matrices():
 def test_ranks_that_build_different_plans_fail_loudly():
     with pytest.raises(DistributedRunError, match="ranks built different Muon plans"):
         run_distributed(
-            _run_muon, 4, args=("owner", 1, LAYOUT), kwargs=dict(rank_modes=["owner", "owner", "owner", "duplicated"]),
+            _run_muon,
+            4,
+            args=("owner", 1, LAYOUT),
+            kwargs=dict(rank_modes=["owner", "owner", "owner", "duplicated"]),
             timeout_s=240,
         )
 

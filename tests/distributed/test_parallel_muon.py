@@ -42,7 +42,9 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int):
         fill_canonical_(chunks, salt="weight")
         optimizer = build_optimizer(
             chunks,
-            OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False),
+            OptimizerConfig(
+                optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False
+            ),
             MuonOptions(tp_mode=mode, compute_dtype="float32", **MUON),
             pg,
         )
@@ -60,7 +62,9 @@ def _reference(keys_and_shapes: dict[str, tuple[int, int]], steps: int) -> dict[
     weights = {k: canonical_tensor(k, shape, salt="weight") for k, shape in keys_and_shapes.items()}
     reference = ReferenceMuon(weights, compute_dtype=torch.float32, **MUON)
     for step in range(steps):
-        reference.step({k: canonical_tensor(k, shape, salt=f"grad{step}") for k, shape in keys_and_shapes.items()})
+        reference.step(
+            {k: canonical_tensor(k, shape, salt=f"grad{step}") for k, shape in keys_and_shapes.items()}
+        )
     return reference.weights
 
 
@@ -69,7 +73,11 @@ LAYOUTS = {
     "tp2_pp2": (4, dict(tp=2, pp=2, ep=1, etp=1), {}),
     "tp2_ep2": (4, dict(tp=2, pp=1, ep=2, etp=1), {}),
     "pp2_ep2": (4, dict(tp=1, pp=2, ep=2, etp=1), {}),
-    "tp4_gqa4": (4, dict(tp=4, pp=1, ep=1, etp=1), dict(num_attention_heads=8, num_query_groups=4, vocab_size=256)),
+    "tp4_gqa4": (
+        4,
+        dict(tp=4, pp=1, ep=1, etp=1),
+        dict(num_attention_heads=8, num_query_groups=4, vocab_size=256),
+    ),
     "tp2_gqa2_dp2": (4, dict(tp=2, pp=1, ep=1, etp=1), dict(num_attention_heads=8, num_query_groups=2)),
     "dp4": (4, dict(tp=1, pp=1, ep=1, etp=1), {}),
     "tp2_etp2": (4, dict(tp=2, pp=1, ep=1, etp=2), {}),
@@ -77,8 +85,12 @@ LAYOUTS = {
     "tp2_ep2_shared_expert_qk_norm": (
         4,
         dict(tp=2, pp=1, ep=2, etp=1),
-        dict(moe_shared_expert_intermediate_size=64, moe_router_score_function="sigmoid",
-             moe_router_enable_expert_bias=True, qk_layernorm=True),
+        dict(
+            moe_shared_expert_intermediate_size=64,
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            qk_layernorm=True,
+        ),
     ),
 }
 
@@ -108,7 +120,9 @@ def test_one_layout_matches_single_process_reference(name):
             layers = {int(re.search(r"layers\.(\d+)\.", key).group(1)) for key in got}
             assert layers == set(range(num_layers)), f"global layer numbers in matrix keys: {sorted(layers)}"
             experts = {int(m.group(1)) for key in got if (m := re.search(r"local_experts\.(\d+)\.", key))}
-            assert experts == set(range(model.get("num_moe_experts", 4))), f"global expert ids: {sorted(experts)}"
+            assert experts == set(range(model.get("num_moe_experts", 4))), (
+                f"global expert ids: {sorted(experts)}"
+            )
             if model.get("moe_shared_expert_intermediate_size"):
                 assert any("shared_experts.linear_fc2" in key for key in got), "shared experts go to Muon"
         assert set(got) == set(expected)
@@ -130,4 +144,6 @@ def test_one_layout_matches_single_process_reference(name):
     for stage, per_rank_bytes in stage_bytes.items():
         target = sum(per_rank_bytes) / len(per_rank_bytes)
         worst = max(abs(b - target) / target for b in per_rank_bytes)
-        assert worst <= 0.2, f"{name} stage {stage}: Muon state per rank {per_rank_bytes} vs target {target:.0f}"
+        assert worst <= 0.2, (
+            f"{name} stage {stage}: Muon state per rank {per_rank_bytes} vs target {target:.0f}"
+        )

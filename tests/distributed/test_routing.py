@@ -58,11 +58,15 @@ def test_every_parameter_lands_in_exactly_one_group(router):
     assert sorted(grouped) == all_names, "each parameter appears in exactly one optimizer param group"
 
     for name in adamw:
-        assert not any(name.endswith(f"{linear}.weight") for linear in ("linear_qkv", "linear_proj", "linear_fc2"))
+        assert not any(
+            name.endswith(f"{linear}.weight") for linear in ("linear_qkv", "linear_proj", "linear_fc2")
+        )
     for name in all_names:
         if "embedding" in name or "output_layer" in name or "norm" in name:
             assert name in adamw, f"{name} must go to AdamW"
-        if name.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")):
+        if name.endswith(
+            ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+        ):
             assert name in muon, f"{name} must go to Muon"
         if name.endswith("router.weight"):
             assert (name in muon) == (router == "muon"), f"{name} with router={router}"
