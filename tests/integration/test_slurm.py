@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "pretrain_muon.sh"
 TINY_CONFIG = "launch/configs/tiny_cpu.yaml"
 ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/(\d+) \|", re.MULTILINE)
+LOCAL_CLUSTER_DIR = "MEGATRON_MUON_TEST_SLURM_DIR"  # in the fixture's environment: where the daemons log
 SIGNAL_EXIT_LINE = re.compile(r"exit requested by a signal: checkpoint saved at iteration (\d+)")
 
 
@@ -42,7 +43,7 @@ def slurm_env(tmp_path_factory, launcher_env):
         if start.returncode != 0 and "apt-get" in start.stderr:
             pytest.skip(f"cannot install SLURM: {start.stderr.strip().splitlines()[-1]}")
         assert start.returncode == 0, start.stdout + start.stderr
-        yield {**launcher_env, "SLURM_CONF": str(state_dir / "slurm.conf")}
+        yield {**launcher_env, "SLURM_CONF": str(state_dir / "slurm.conf"), LOCAL_CLUSTER_DIR: str(state_dir)}
     finally:
         subprocess.run(
             ["bash", str(REPO / "launch" / "slurm" / "stop_local_cluster.sh"), str(state_dir)],
@@ -81,6 +82,24 @@ def job_fields(env: dict[str, str], job: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in shown.stdout.split() if "=" in field)
 
 
+def node_idle(env: dict[str, str]) -> bool:
+    """The one node has no job left on it, completing ones included."""
+    states = subprocess.run(
+        ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True
+    ).stdout.split()
+    return states == ["idle"]
+
+
+def daemon_logs(env: dict[str, str], lines: int = 40) -> str:
+    """The last lines of slurmctld's and slurmd's logs, for a failure message."""
+    parts = []
+    for name in ("slurmctld.log", "slurmd.log"):
+        path = Path(env[LOCAL_CLUSTER_DIR]) / "log" / name
+        text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(missing)"]
+        parts.append(f"--- {name}\n" + "\n".join(text))
+    return "\n".join(parts)
+
+
 def wait_until_gone(env: dict[str, str], job: str, timeout: float) -> dict[str, str]:
     """Poll squeue until the job has left the queue (accounting is off: no sacct); its final fields."""
     deadline = time.monotonic() + timeout
@@ -90,7 +109,9 @@ def wait_until_gone(env: dict[str, str], job: str, timeout: float) -> dict[str, 
         ).stdout.split()
         if not queued:
             return job_fields(env, job)
-        if queued == ["PENDING", "BeginTime"]:  # a requeued job waits ~2 minutes before it may start again
+        # A requeued job waits ~2 minutes before it may start again; let it start at once, but only when its
+        # first run has left the node (a start while that run still completes is a race this test is not about).
+        if queued == ["PENDING", "BeginTime"] and node_idle(env):
             subprocess.run(
                 ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True
             )
@@ -145,7 +166,9 @@ def test_usr1_saves_requeues_and_resumes(slurm_env, tmp_path, shakespeare_data):
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True, timeout=60)
     fields = wait_until_gone(slurm_env, job, timeout=900)
     log = output.read_text()  # --open-mode=append: both runs of the job
-    assert (fields.get("JobState"), fields.get("ExitCode")) == ("COMPLETED", "0:0"), log[-3000:]
+    assert (fields.get("JobState"), fields.get("ExitCode")) == ("COMPLETED", "0:0"), (
+        log[-3000:] + "\n" + daemon_logs(slurm_env)
+    )
     assert fields.get("Restarts") == "1", fields
     assert "got SIGUSR1" in log
     stopped_at = int(SIGNAL_EXIT_LINE.search(log)[1])
