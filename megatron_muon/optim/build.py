@@ -26,7 +26,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 
 from megatron_muon.optim.executor import MatrixOrthogonalizer
 from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
-from megatron_muon.optim.muon import Muon
+from megatron_muon.optim.muon import Muon, NorMuonNormalization
 from megatron_muon.optim.options import DTYPES as _DTYPES
 from megatron_muon.optim.options import MuonOptions
 from megatron_muon.optim.param_groups import ParamRouting, route_parameters
@@ -146,6 +146,9 @@ def _build_muon(
         compute_dtype=_DTYPES[muon.compute_dtype],
         pieces=pieces,
         orthogonalizer=orthogonalizer,
+        post_orthogonalize=(
+            NorMuonNormalization(beta2=muon.normuon_beta2, eps=muon.normuon_eps) if muon.normuon else None
+        ),
     )
     if config.bf16:
         return Float16OptimizerWithFloat16Params(raw, config, None, None)

@@ -242,22 +242,32 @@ class MatrixOrthogonalizer:
                 state["momentum"] = torch.zeros_like(grad)
             hyper = mine.group
             inputs.append(
-                (matrix, momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"]))
+                (
+                    matrix,
+                    momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"]),
+                    state,
+                )
             )
         return {m.key: d for m, d in self._orthogonalize(optimizer, inputs, sharded=sharded)}
 
     def _orthogonalize(self, optimizer, inputs, *, sharded: bool):
-        """Newton–Schulz on ``(matrix, input)`` pairs, one batched call per shape (and shard group)."""
-        buckets: dict[tuple, list[tuple[MatrixPlan, torch.Tensor]]] = defaultdict(list)
-        for matrix, tensor in inputs:
-            bucket = (tuple(tensor.shape), matrix.shape, matrix.shard_group if sharded else "")
-            buckets[bucket].append((matrix, tensor))
-        for (_, full_shape, shard_group), items in sorted(buckets.items()):
-            stack = torch.stack([tensor for _, tensor in items])
-            kwargs = {}
+        """Newton–Schulz on ``(matrix, input, state)`` triples, one batched call per shape (and shard group),
+        then the optimizer's ``post_orthogonalize`` plug-in (NorMuon) on the same batch."""
+        buckets: dict[tuple, list[tuple[MatrixPlan, torch.Tensor, dict]]] = defaultdict(list)
+        for matrix, tensor, state in inputs:
+            shard_dim = matrix.shard_dim if sharded else -1
+            bucket = (tuple(tensor.shape), matrix.shape, matrix.shard_group if sharded else "", shard_dim)
+            buckets[bucket].append((matrix, tensor, state))
+        post_orthogonalize = getattr(optimizer, "post_orthogonalize", None)
+        for (_, full_shape, shard_group, shard_dim), items in sorted(buckets.items()):
+            stack = torch.stack([tensor for _, tensor, _ in items])
+            kwargs, reductions = {}, {}
             if sharded:
-                kwargs["all_reduce_sum"] = all_reduce_sum_fn(self.shard_groups[shard_group])
+                all_reduce_sum = all_reduce_sum_fn(self.shard_groups[shard_group])
+                kwargs["all_reduce_sum"] = all_reduce_sum
                 kwargs["transpose"] = full_shape[0] > full_shape[1]
+                # NorMuon's row statistics: rows split -> sum the totals; columns split -> sum each row.
+                reductions["total_all_reduce" if shard_dim == 0 else "row_sum_all_reduce"] = all_reduce_sum
             result = newton_schulz(
                 stack,
                 steps=optimizer.ns_steps,
@@ -265,7 +275,11 @@ class MatrixOrthogonalizer:
                 compute_dtype=optimizer.compute_dtype,
                 **kwargs,
             )
-            for (matrix, _), direction in zip(items, result.unbind(0), strict=True):
+            if post_orthogonalize is not None:
+                result = post_orthogonalize(
+                    result, [state for _, _, state in items], full_shape=full_shape, **reductions
+                )
+            for (matrix, _, _), direction in zip(items, result.unbind(0), strict=True):
                 yield matrix, direction
 
 

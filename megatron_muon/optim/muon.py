@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from megatron_muon.ops.newton_schulz import resolve_coefficients
+from megatron_muon.ops.normuon import row_normalize_
 from megatron_muon.ops.scaling import SCALE_MODES
 from megatron_muon.optim.layout import MatrixPiece, whole_tensor_pieces
 
@@ -53,6 +55,53 @@ def momentum_input_(buffer: torch.Tensor, grad: torch.Tensor, beta: float, neste
     if nesterov:
         return grad.lerp(buffer, beta)
     return buffer
+
+
+ROW_SECOND_MOMENT = "row_second_moment"
+"""Key of NorMuon's per-row second moment in a matrix's state (beside ``"momentum"``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NorMuonNormalization:
+    """NorMuon (Li et al. 2025) as a plug-in of Muon's one step loop: called by the orthogonalizer on every
+    batch of freshly orthogonalized matrices, before the scale rule; keeps a per-row second moment (fp32,
+    ``[rows]``) in each matrix's state. See ``ops/normuon.py`` for the math."""
+
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta2 < 1.0:
+            raise ValueError(f"normuon beta2={self.beta2!r} must be in [0, 1)")
+        if not self.eps > 0.0:
+            raise ValueError(f"normuon eps={self.eps!r} must be > 0")
+
+    def __call__(
+        self, directions: torch.Tensor, states: list[dict], *, full_shape: tuple[int, int], **all_reduces
+    ) -> torch.Tensor:
+        """``directions``: ``[B, m, n]`` (shards of) orthogonalized matrices of shape ``full_shape``; ``states``:
+        their B state dicts."""
+        rows = directions.shape[1]
+        moments = torch.stack(
+            [
+                state.get(ROW_SECOND_MOMENT)
+                if state.get(ROW_SECOND_MOMENT) is not None
+                else torch.zeros(rows, dtype=torch.float32, device=directions.device)
+                for state in states
+            ]
+        )
+        normalized = row_normalize_(
+            directions,
+            moments,
+            beta2=self.beta2,
+            eps=self.eps,
+            num_rows=full_shape[0],
+            num_cols=full_shape[1],
+            **all_reduces,
+        )
+        for state, moment in zip(states, moments.unbind(0), strict=True):
+            state[ROW_SECOND_MOMENT] = moment.clone()
+        return normalized
 
 
 def _check_hyperparameters(group: dict, where: str) -> None:
@@ -95,6 +144,8 @@ class Muon(torch.optim.Optimizer):
         pieces: for each param group, for each parameter, its logical matrices (``layout.MatrixPiece``); by
             default each 2-D parameter is one matrix and each N-D one a stack.
         orthogonalizer: computes the directions; default ``executor.MatrixOrthogonalizer`` on one process.
+        post_orthogonalize: a plug-in applied to each batch of orthogonalized matrices before the scale rule
+            (``NorMuonNormalization``); ``None``: plain Muon.
     """
 
     def __init__(
@@ -111,6 +162,7 @@ class Muon(torch.optim.Optimizer):
         *,
         pieces: list[list[list[MatrixPiece]]] | None = None,
         orthogonalizer=None,
+        post_orthogonalize: NorMuonNormalization | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -133,6 +185,7 @@ class Muon(torch.optim.Optimizer):
         self.ns_steps = ns_steps
         self.coefficients = coefficients
         self.compute_dtype = compute_dtype
+        self.post_orthogonalize = post_orthogonalize
         if pieces is None:
             pieces = [
                 [whole_tensor_pieces(f"group{g}.param{i}", p) for i, p in enumerate(group["params"])]
@@ -176,18 +229,26 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load as torch does, but keep momentum in fp32: ``Optimizer.load_state_dict`` casts floating state
-        to each parameter's dtype, which would turn the fp32 momentum of a bf16 parameter into bf16."""
+        """Load as torch does, but keep momentum (and NorMuon's second moment) in fp32:
+        ``Optimizer.load_state_dict`` casts floating state to each parameter's dtype, which would turn the fp32
+        momentum of a bf16 parameter into bf16."""
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        fp32_keys = ("momentum", ROW_SECOND_MOMENT)
         momenta = {
-            pid: {k: v["momentum"] for k, v in state.items() if isinstance(v, dict) and "momentum" in v}
+            pid: {
+                (k, name): v[name]
+                for k, v in state.items()
+                if isinstance(v, dict)
+                for name in fp32_keys
+                if name in v
+            }
             for pid, state in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, param in zip(saved_ids, params, strict=True):
-            for key, momentum in momenta.get(pid, {}).items():
-                self.state[param][key]["momentum"] = momentum.to(
+            for (key, name), momentum in momenta.get(pid, {}).items():
+                self.state[param][key][name] = momentum.to(
                     device=param.device, dtype=torch.float32, copy=True
                 )
 

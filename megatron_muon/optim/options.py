@@ -42,9 +42,19 @@ class MuonOptions:
     """Orthogonalize SwiGLU gate and up separately."""
     router: str = "adamw"
     """Optimizer of the MoE router weight: adamw | muon."""
+    normuon: bool = False
+    """NorMuon (Li et al. 2025): normalize each row of the orthogonalized update by a running second moment."""
+    normuon_beta2: float = 0.95
+    """NorMuon: EMA factor of the per-row second moment."""
+    normuon_eps: float = 1e-8
+    """NorMuon: ε added to the root of the second moment."""
 
     def validate(self) -> None:
         if self.tp_mode not in MODES:
             raise ValueError(f"muon.tp_mode={self.tp_mode!r}; valid: {list(MODES)}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"muon.compute_dtype={self.compute_dtype!r}; valid: {sorted(DTYPES)}")
+        if not 0.0 <= self.normuon_beta2 < 1.0:
+            raise ValueError(f"muon.normuon_beta2={self.normuon_beta2!r} must be in [0, 1)")
+        if not self.normuon_eps > 0.0:
+            raise ValueError(f"muon.normuon_eps={self.normuon_eps!r} must be > 0")

@@ -17,7 +17,9 @@ class ReferenceMuon:
     """Muon on a dict of named full matrices ``{key: W (fan_out, fan_in)}``.
 
     step(grads): for each matrix, ``m ← β·m + (1−β)·g``; ``u = (1−β)·g + β·m`` with Nesterov, else ``m``;
-    ``W ← W·(1 − lr·wd) − lr · scale(fan_out, fan_in) · NS(u)``.
+    ``O = NS(u)``; with ``normuon_beta2`` (NorMuon, Li et al. 2025): ``v ← β₂·v + (1−β₂)·mean_cols(O²)``,
+    ``O ← O / (√v + ε)`` rescaled to Frobenius norm √min(m, n); ``W ← W·(1 − lr·wd) − lr · scale(fan_out,
+    fan_in) · O``.
     """
 
     def __init__(
@@ -32,12 +34,16 @@ class ReferenceMuon:
         ns_steps: int = 5,
         coefficients="quintic",
         compute_dtype: torch.dtype = torch.float32,
+        normuon_beta2: float | None = None,
+        normuon_eps: float = 1e-8,
     ) -> None:
         self.weights = {k: w.clone().float() for k, w in weights.items()}
         self.momenta = {k: torch.zeros_like(w) for k, w in self.weights.items()}
         self.lr, self.beta, self.nesterov, self.wd = lr, momentum, nesterov, weight_decay
         self.scale_mode, self.ns_steps, self.coefficients = scale_mode, ns_steps, coefficients
         self.compute_dtype = compute_dtype
+        self.normuon_beta2, self.normuon_eps = normuon_beta2, normuon_eps
+        self.row_second_moments = {k: torch.zeros(w.shape[0]) for k, w in self.weights.items()}
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         for key, weight in self.weights.items():
@@ -48,6 +54,12 @@ class ReferenceMuon:
             orthogonal = newton_schulz(
                 direction_input, self.ns_steps, self.coefficients, compute_dtype=self.compute_dtype
             ).float()
+            if self.normuon_beta2 is not None:
+                beta2 = self.normuon_beta2
+                moment = beta2 * self.row_second_moments[key] + (1 - beta2) * orthogonal.square().mean(dim=1)
+                self.row_second_moments[key] = moment
+                normalized = orthogonal / (moment.sqrt() + self.normuon_eps)[:, None]
+                orthogonal = normalized * (min(weight.shape) ** 0.5 / normalized.norm())
             fan_out, fan_in = weight.shape
             scale = update_scale(self.scale_mode, fan_out, fan_in)
             self.weights[key] = weight * (1 - self.lr * self.wd) - self.lr * scale * orthogonal

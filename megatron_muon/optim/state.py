@@ -14,6 +14,10 @@ checkpoint saved under one plan loads under any other: each rank asks for exactl
 makes it keep (the full matrix, or one shard) and dist_checkpointing reads that region, wherever the saving
 ranks had put it. Exactly one copy of every region is written (``replica_id == 0``): the owner, the
 lowest-ranked holder of a duplicated matrix, the lowest-ranked holder of each shard.
+
+With NorMuon, each matrix's per-row second moment (``[rows]``) is saved the same way as
+``muon.row_second_moment.<matrix key>``: split like the rows when a ``distributed`` matrix is split along its
+rows; whole (and identical) on every holder when it is split along its columns.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
 from megatron_muon.optim.layout import MatrixPiece
-from megatron_muon.optim.muon import Muon
+from megatron_muon.optim.muon import ROW_SECOND_MOMENT, Muon
 
 __all__ = [
     "MOMENTUM_KEY_PREFIX",
@@ -39,6 +43,7 @@ __all__ = [
 ]
 
 MOMENTUM_KEY_PREFIX = "muon.momentum."
+ROW_SECOND_MOMENT_KEY_PREFIX = "muon.row_second_moment."
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,20 @@ class MomentumSlot:
     @property
     def sharded_key(self) -> str:
         return MOMENTUM_KEY_PREFIX + self.matrix_key
+
+    @property
+    def row_key(self) -> str:
+        return ROW_SECOND_MOMENT_KEY_PREFIX + self.matrix_key
+
+    def row_layout(self) -> tuple[tuple[int], tuple, int]:
+        """(local shape, rank offsets, replica id) of the per-row second moment (NorMuon)."""
+        if not self.rank_offsets:
+            return (self.local_shape[0],), (), self.replica_id
+        shard_dim, shard, num_shards = self.rank_offsets[0]
+        if shard_dim == 0:
+            return (self.local_shape[0],), ((0, shard, num_shards),), self.replica_id
+        # Columns split: every holder of every shard keeps the whole vector; one of them writes it.
+        return (self.global_shape[0],), (), 0 if shard == 0 and self.replica_id == 0 else 1
 
 
 def _held_pieces(optimizer: Muon) -> dict[str, tuple[torch.Tensor, MatrixPiece]]:
@@ -141,6 +160,14 @@ def muon_momentum_sharded_state_dict(
         result[slot.sharded_key] = ShardedTensor.from_rank_offsets(
             slot.sharded_key, momentum, *slot.rank_offsets, replica_id=slot.replica_id
         )
+        if optimizer.post_orthogonalize is not None:
+            shape, offsets, replica_id = slot.row_layout()
+            moment = None if is_loading else state.get(ROW_SECOND_MOMENT)
+            if moment is None:
+                moment = torch.zeros(shape, dtype=torch.float32, device=slot.param.device)
+            result[slot.row_key] = ShardedTensor.from_rank_offsets(
+                slot.row_key, moment, *offsets, replica_id=replica_id
+            )
     return result
 
 
@@ -156,9 +183,15 @@ def load_muon_momentum_(optimizer: Muon, loaded: Mapping[str, torch.Tensor]) -> 
                 f"loaded momentum {slot.sharded_key} has shape {tuple(value.shape)}; this rank needs "
                 f"{slot.local_shape}"
             )
-        optimizer.matrix_state(slot.param, slot.matrix_key)["momentum"] = value.to(
-            device=slot.param.device, dtype=torch.float32
-        ).contiguous()
+        state = optimizer.matrix_state(slot.param, slot.matrix_key)
+        state["momentum"] = value.to(device=slot.param.device, dtype=torch.float32).contiguous()
+        if optimizer.post_orthogonalize is not None:
+            if slot.row_key not in loaded:
+                raise KeyError(
+                    f"no NorMuon row second moment for Muon matrix {slot.matrix_key!r} ({slot.row_key}): was "
+                    "the checkpoint saved without optimizer.muon.normuon?"
+                )
+            state[ROW_SECOND_MOMENT] = loaded[slot.row_key].to(device=slot.param.device, dtype=torch.float32)
 
 
 def muon_param_groups_state(optimizer: Muon) -> list[dict]:

@@ -27,7 +27,7 @@ RESUME_STEP = 3
 CONFIG_YAML = "model:\n  num_layers: 4\n"
 
 
-def _setup(layout: dict, tp_mode: str, bf16: bool = False):
+def _setup(layout: dict, tp_mode: str, bf16: bool = False, normuon: bool = False):
     """Model (canonical, layout-independent weights), Muon + AdamW optimizer and a warmup + cosine schedule."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -46,7 +46,7 @@ def _setup(layout: dict, tp_mode: str, bf16: bool = False):
     model_parallel_cuda_manual_seed(1234)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
     fill_canonical_(chunks, salt="weight")
-    optimizer = _build_optimizer(chunks, pg, tp_mode=tp_mode, bf16=bf16)
+    optimizer = _build_optimizer(chunks, pg, tp_mode=tp_mode, bf16=bf16, normuon=normuon)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=3e-4,
@@ -63,7 +63,7 @@ def _setup(layout: dict, tp_mode: str, bf16: bool = False):
     return cfg, pg, chunks, optimizer, scheduler
 
 
-def _build_optimizer(chunks, pg, *, tp_mode: str, bf16: bool, split_qkv: bool = True):
+def _build_optimizer(chunks, pg, *, tp_mode: str, bf16: bool, split_qkv: bool = True, normuon: bool = False):
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_muon.optim.build import MuonOptions, build_optimizer
@@ -79,6 +79,7 @@ def _build_optimizer(chunks, pg, *, tp_mode: str, bf16: bool, split_qkv: bool = 
             compute_dtype="float32",
             tp_mode=tp_mode,
             split_qkv=split_qkv,
+            normuon=normuon,
         ),
         pg,
     )
@@ -144,6 +145,32 @@ def _momentum_by_rank(optimizer) -> list[tuple[str, int | None, int, int, str, t
                 found.append(
                     (key, shard, matrix.shard_dim, matrix.num_shards, matrix.mode, value["momentum"].clone())
                 )
+    return found
+
+
+def _row_second_moments_by_rank(optimizer) -> list[tuple[str, int | None, int, int, str, torch.Tensor]]:
+    """NorMuon's per-row second moments this rank keeps, in :func:`_momentum_by_rank`'s form (split along the
+    rows only when a distributed matrix is; whole otherwise)."""
+    from megatron_muon.optim.muon import ROW_SECOND_MOMENT, Muon
+
+    found = []
+    for member in optimizer.chained_optimizers:
+        muon = member.optimizer
+        if not isinstance(muon, Muon):
+            continue
+        plan = {m.key: m for m in muon.orthogonalizer.plan.matrices}
+        shard_of = {
+            piece.key: piece.shard_index for group in muon.pieces for pieces in group for piece in pieces
+        }
+        for param_state in muon.state.values():
+            for key, value in param_state.items():
+                if isinstance(value, dict) and ROW_SECOND_MOMENT in value:
+                    matrix = plan[key]
+                    split = matrix.mode == "distributed" and matrix.shard_dim == 0
+                    shard = shard_of[key] if split else None
+                    found.append(
+                        (key, shard, 0, matrix.num_shards, matrix.mode, value[ROW_SECOND_MOMENT].clone())
+                    )
     return found
 
 
@@ -422,3 +449,62 @@ def test_bf16_resume_restores_the_fp32_main_params(tmp_path):
         uninterrupted,
         resumed,
     )
+
+
+def _normuon_run(root: str, layout: dict, tp_mode: str, load: bool):
+    """NorMuon: train 2 steps and save (or load that checkpoint), then one more step. Returns the row second
+    moments at the checkpoint and the loss of the step after it."""
+    from megatron_muon.training.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, pg, chunks, optimizer, scheduler = _setup(layout, tp_mode, normuon=True)
+    if load:
+        load_checkpoint(root, chunks, optimizer, scheduler)
+        data, num_microbatches = _data(cfg, pg, skip_steps=2)
+    else:
+        data, num_microbatches = _data(cfg, pg, skip_steps=0)
+        for _ in range(2):
+            _train(cfg, pg, chunks, optimizer, scheduler, data, num_microbatches)
+        save_checkpoint(
+            root,
+            2,
+            chunks,
+            optimizer,
+            scheduler,
+            consumed_samples=2 * GLOBAL_BATCH,
+            config_yaml=CONFIG_YAML,
+            keep_last=1,
+        )
+    moments = _row_second_moments_by_rank(optimizer)
+    return moments, _train(cfg, pg, chunks, optimizer, scheduler, data, num_microbatches)
+
+
+def test_normuon_second_moments_reload_at_another_layout(tmp_path):
+    """Saved by a TP2·EP2 run on shards (rows and columns split), loaded by a DP2 run that owns whole matrices."""
+    saved = run_distributed(
+        _normuon_run,
+        2,
+        tp=2,
+        pp=1,
+        ep=2,
+        etp=1,
+        args=(str(tmp_path), dict(tp=2, pp=1, ep=2, etp=1), "distributed", False),
+        timeout_s=300,
+    )
+    loaded = run_distributed(
+        _normuon_run,
+        2,
+        tp=1,
+        pp=1,
+        ep=1,
+        etp=1,
+        args=(str(tmp_path), dict(tp=1, pp=1, ep=1, etp=1), "owner", True),
+        timeout_s=300,
+    )
+    saved_moments, saved_modes = _assemble_momentum([rank[0] for rank in saved])
+    loaded_moments, loaded_modes = _assemble_momentum([rank[0] for rank in loaded])
+    assert "distributed" in saved_modes and loaded_modes == {"owner"}, (saved_modes, loaded_modes)
+    assert sorted(saved_moments) == sorted(loaded_moments) and saved_moments
+    for key, expected in saved_moments.items():
+        assert expected.abs().max() > 0, key
+        torch.testing.assert_close(loaded_moments[key], expected, rtol=0, atol=1e-7, msg=key)
+    assert abs(saved[0][1] - loaded[0][1]) <= 1e-4, (saved[0][1], loaded[0][1])

@@ -20,7 +20,7 @@ STEPS = 2
 MUON = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=True, scale_mode="spectral")
 
 
-def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int):
+def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int, extra_muon: dict | None = None):
     """On one rank: build the tiny MoE at ``layout``, and for each mode run ``steps`` Muon steps from canonical
     weights with canonical gradients; return this rank's pieces of every Muon matrix and its Muon state bytes."""
     from megatron.core import parallel_state
@@ -45,7 +45,7 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int):
             OptimizerConfig(
                 optimizer="adam", lr=1e-3, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False
             ),
-            MuonOptions(tp_mode=mode, compute_dtype="float32", **MUON),
+            MuonOptions(tp_mode=mode, compute_dtype="float32", **MUON, **(extra_muon or {})),
             pg,
         )
         for step in range(steps):
@@ -58,9 +58,11 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int):
     return results
 
 
-def _reference(keys_and_shapes: dict[str, tuple[int, int]], steps: int) -> dict[str, torch.Tensor]:
+def _reference(
+    keys_and_shapes: dict[str, tuple[int, int]], steps: int, **extra
+) -> dict[str, torch.Tensor]:
     weights = {k: canonical_tensor(k, shape, salt="weight") for k, shape in keys_and_shapes.items()}
-    reference = ReferenceMuon(weights, compute_dtype=torch.float32, **MUON)
+    reference = ReferenceMuon(weights, compute_dtype=torch.float32, **MUON, **extra)
     for step in range(steps):
         reference.step(
             {k: canonical_tensor(k, shape, salt=f"grad{step}") for k, shape in keys_and_shapes.items()}
@@ -147,3 +149,34 @@ def test_one_layout_matches_single_process_reference(name):
         assert worst <= 0.2, (
             f"{name} stage {stage}: Muon state per rank {per_rank_bytes} vs target {target:.0f}"
         )
+
+
+@pytest.mark.parametrize("name", ["tp2_ep2", "tp2_etp2"])
+def test_normuon_matches_the_reference_in_every_mode(name):
+    """NorMuon's per-row statistics need a reduction when a matrix is orthogonalized on shards (rows split:
+    the Frobenius totals; columns split: each row's sum): every mode gives the single-process NorMuon."""
+    from megatron_muon.testing.canonical import assemble
+
+    world, layout, model = LAYOUTS[name]
+    per_rank = run_distributed(
+        _muon_steps_on_rank,
+        world,
+        tp=layout["tp"],
+        pp=layout["pp"],
+        ep=layout["ep"],
+        etp=layout["etp"],
+        args=(layout, model, MODES, STEPS, dict(normuon=True, normuon_beta2=0.9)),
+        timeout_s=300,
+    )
+    expected = plain = None
+    for mode in MODES:
+        got = assemble([rank_results[mode][0] for rank_results in per_rank])
+        if expected is None:
+            shapes = {k: tuple(v.shape) for k, v in got.items()}
+            expected = _reference(shapes, STEPS, normuon_beta2=0.9)
+            plain = _reference(shapes, STEPS)
+        for key, value in got.items():
+            error = (value - expected[key]).norm() / expected[key].norm()
+            assert error < 1e-5, f"{name} {mode}: {key} differs from NorMuon's reference by {error:.2e}"
+    # NorMuon changes the update: the test above would not notice a NorMuon that does nothing.
+    assert max((expected[k] - plain[k]).norm() / plain[k].norm() for k in plain) > 1e-3
