@@ -1,0 +1,231 @@
+"""MuonClip's QK-clip on megatron-core attention (Kimi K2; the math and the GQA rule are in ``ops/qk_clip.py``).
+
+:class:`QKClip` does three things around the optimizer step:
+
+1. **Record** each attention head's largest pre-softmax logit during the training forward passes. Megatron's
+   local ``DotProductAttention`` records nothing, so a forward pre-hook on each ``core_attention`` (a torch
+   module hook: no megatron code is patched) recomputes ``softmax_scale · q·kᵀ`` under the attention mask, without
+   autograd, and keeps the running maximum per head in ``core_attention.current_max_attn_logits`` — the
+   attribute megatron's Transformer Engine attention fills itself when ``TransformerConfig.qk_clip`` is set
+   (TE ≥ 2.9 returns it from the fused kernel), so both paths are read the same way. The hook costs one extra
+   ``[b, heads, s, s]`` score matrix per layer and micro batch; it only runs in training mode.
+2. **Reduce** each layer's per-head maxima over the data- and context-parallel ranks (MAX), so every replica
+   clips identically. Heads are split over tensor-parallel ranks like the weights, so no TP reduction is needed.
+3. **Clip** after the optimizer step: rescale the query and key rows of ``linear_qkv`` (megatron's per-query-group
+   layout ``[q_1 … q_g, k, v]`` per group) of every head above τ, in the model parameter and in the fp32 main
+   parameter megatron's mixed-precision wrapper keeps (``param.main_param``), so the next step starts from the
+   clipped weights in both.
+
+The per-layer maxima (over heads, TP, PP) are returned for TensorBoard (``attention/max_logit/layer_NN``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_muon.ops.qk_clip import gqa_clip_factors
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QKClip", "max_attention_logits"]
+
+
+def max_attention_logits(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    softmax_scale: float,
+    attention_mask: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
+    """Largest ``softmax_scale · q·k`` per query head over a micro batch, ignoring blocked positions.
+
+    Args:
+        query: ``[sq, b, heads, d]``; key: ``[sk, b, groups, d]`` (megatron's layout; groups divides heads).
+        attention_mask: bool, True where attention is blocked, broadcastable to ``[b, heads, sq, sk]``; or None.
+        causal: block j > i when no mask is given.
+
+    Returns ``[heads]`` fp32.
+    """
+    heads, groups = query.shape[2], key.shape[2]
+    q = query.detach().float().permute(1, 2, 0, 3)  # [b, heads, sq, d]
+    k = key.detach().float().permute(1, 2, 0, 3).repeat_interleave(heads // groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale  # [b, heads, sq, sk]
+    if attention_mask is not None:
+        scores = scores.masked_fill(attention_mask.bool(), float("-inf"))
+    elif causal:
+        sq, sk = scores.shape[-2:]
+        blocked = torch.ones(sq, sk, dtype=torch.bool, device=scores.device).triu(diagonal=1 + sk - sq)
+        scores = scores.masked_fill(blocked, float("-inf"))
+    return scores.amax(dim=(0, 2, 3))
+
+
+@dataclass(slots=True)
+class _Attention:
+    """One self-attention module this rank holds."""
+
+    layer_number: int
+    """Global, 1-based (megatron's ``TransformerLayer.layer_number`` includes the pipeline offset)."""
+    module: torch.nn.Module
+    heads: int
+    """Query heads on this rank."""
+    groups: int
+    """Key/value heads on this rank."""
+    head_dim: int
+
+
+class QKClip:
+    """Records the per-head maximum logits of every self-attention in ``model_chunks`` and clips after each step.
+
+    Args:
+        model_chunks: megatron model chunks (DDP-wrapped or not) of this rank.
+        threshold: τ; alpha: the query's share of the rescaling exponent (K2: 100 and 0.5).
+        dp_cp_group: the data- × context-parallel group whose replicas must clip identically.
+        mp_group: the tensor- × pipeline-parallel group over which per-layer maxima are gathered for logging.
+        num_layers: transformer layers of the whole model (for the logged vector).
+        clip: False only records and reports (``log_max_logits`` without clipping).
+    """
+
+    def __init__(
+        self,
+        model_chunks,
+        *,
+        threshold: float = 100.0,
+        alpha: float = 0.5,
+        dp_cp_group=None,
+        mp_group=None,
+        num_layers: int,
+        clip: bool = True,
+    ) -> None:
+        if not threshold > 0:
+            raise ValueError(f"qk_clip.threshold={threshold!r} must be > 0")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"qk_clip.alpha={alpha!r} must be in [0, 1]")
+        self.threshold, self.alpha, self.clip = threshold, alpha, clip
+        self.dp_cp_group, self.mp_group, self.num_layers = dp_cp_group, mp_group, num_layers
+        self.attentions = [a for chunk in model_chunks for a in _self_attentions(chunk)]
+        self._hooks = [
+            a.module.core_attention.register_forward_pre_hook(_record_hook, with_kwargs=True)
+            for a in self.attentions
+            if not _records_itself(a.module.core_attention)
+        ]
+
+    def remove(self) -> None:
+        """Detach the recording hooks."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def reset(self) -> None:
+        """Forget what was recorded (a skipped step)."""
+        for attention in self.attentions:
+            attention.module.core_attention.current_max_attn_logits = None
+
+    @torch.no_grad()
+    def after_step(self) -> dict[int, float]:
+        """Reduce the recorded maxima, clip the heads above τ, reset; returns ``{layer number: max logit}`` for
+        every layer of the model (the same on every rank). Collective over ``dp_cp_group`` and ``mp_group``."""
+        per_layer = torch.full((self.num_layers,), float("-inf"))
+        for attention in self.attentions:
+            core = attention.module.core_attention
+            logits = core.current_max_attn_logits
+            if logits is None:
+                raise RuntimeError(
+                    f"QK-clip: layer {attention.layer_number} recorded no attention logits this step (was the "
+                    "model run in training mode?)"
+                )
+            logits = logits.detach().float().clone()
+            if self.dp_cp_group is not None:
+                dist.all_reduce(logits, op=dist.ReduceOp.MAX, group=self.dp_cp_group)
+            per_layer[attention.layer_number - 1] = logits.max().cpu()
+            if self.clip and bool((logits > self.threshold).any()):
+                q_factor, k_factor = gqa_clip_factors(logits, attention.groups, self.threshold, self.alpha)
+                _scale_qkv_rows_(attention, q_factor, k_factor)
+            core.current_max_attn_logits = None
+        if self.mp_group is not None:
+            device = self.attentions[0].module.linear_qkv.weight.device if self.attentions else "cpu"
+            per_layer = per_layer.to(device)
+            dist.all_reduce(per_layer, op=dist.ReduceOp.MAX, group=self.mp_group)
+        return {i + 1: float(v) for i, v in enumerate(per_layer.cpu().tolist())}
+
+
+def _self_attentions(chunk) -> list[_Attention]:
+    found = []
+    for module in chunk.modules():
+        if not (hasattr(module, "linear_qkv") and hasattr(module, "core_attention")):
+            continue
+        if getattr(module.config, "qk_layernorm", False):
+            raise ValueError(
+                "qk_clip cannot act with model.qk_layernorm=true: the norm on queries and keys undoes any "
+                "rescaling of their weights (turn one of them off)"
+            )
+        heads = module.num_attention_heads_per_partition
+        groups = module.num_query_groups_per_partition
+        found.append(
+            _Attention(
+                layer_number=int(module.layer_number),
+                module=module,
+                heads=heads,
+                groups=groups,
+                head_dim=module.hidden_size_per_attention_head,
+            )
+        )
+    if any(hasattr(m, "linear_kv_up_proj") or hasattr(m, "linear_q_up_proj") for m in chunk.modules()):
+        raise NotImplementedError(
+            "qk_clip on multi-latent attention: the factors are in ops/qk_clip.py (mla_clip_factors) but this "
+            "model builder does not build MLA yet"
+        )
+    return found
+
+
+def _records_itself(core_attention) -> bool:
+    """Transformer Engine's attention fills ``current_max_attn_logits`` itself when ``config.qk_clip`` is set."""
+    return type(core_attention).__name__.startswith("TE") and bool(
+        getattr(core_attention.config, "qk_clip", False)
+    )
+
+
+@torch.no_grad()
+def _record_hook(core_attention, args, kwargs):
+    if not core_attention.training:
+        return None
+    names = ("query", "key", "value", "attention_mask", "attn_mask_type")
+    bound = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+    mask_type = bound.get("attn_mask_type") or getattr(core_attention, "attn_mask_type", None)
+    causal = mask_type is not None and "causal" in str(mask_type).lower()
+    logits = max_attention_logits(
+        bound["query"], bound["key"], core_attention.softmax_scale, bound.get("attention_mask"), causal
+    )
+    previous = getattr(core_attention, "current_max_attn_logits", None)
+    core_attention.current_max_attn_logits = logits if previous is None else torch.maximum(previous, logits)
+    return None
+
+
+def _scale_qkv_rows_(attention: _Attention, q_factor: torch.Tensor, k_factor: torch.Tensor) -> None:
+    """Multiply the query rows of head h by ``q_factor[h]`` and the key rows of group g by ``k_factor[g]`` in
+    ``linear_qkv`` (weight and bias, model and fp32 main copies); value rows are untouched."""
+    per_group_heads = attention.heads // attention.groups
+    d = attention.head_dim
+    rows = torch.ones(attention.groups, per_group_heads + 2, dtype=torch.float32)
+    rows[:, :per_group_heads] = q_factor.view(attention.groups, per_group_heads).cpu()
+    rows[:, per_group_heads] = k_factor.cpu()
+    row_factor = rows.repeat_interleave(d, dim=1).reshape(-1)  # [groups · (heads/group + 2) · d]
+    linear = attention.module.linear_qkv
+    for name in ("weight", "bias"):
+        param = getattr(linear, name, None)
+        if param is None:
+            continue
+        if param.shape[0] != row_factor.numel():
+            raise RuntimeError(
+                f"layer {attention.layer_number}: linear_qkv.{name} has {param.shape[0]} rows; the "
+                f"per-query-group layout needs {row_factor.numel()}"
+            )
+        for tensor in (param.data, getattr(param, "main_param", None)):
+            if tensor is None:
+                continue
+            factor = row_factor.to(device=tensor.device, dtype=torch.float32)
+            shaped = factor.view(-1, *([1] * (tensor.dim() - 1)))
+            tensor.copy_((tensor.float() * shaped).to(tensor.dtype))
