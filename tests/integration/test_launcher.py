@@ -159,6 +159,15 @@ def test_tensorboard_has_the_metrics(runs):
     }
     assert expected <= tags, sorted(expected - tags)
     assert any(tag.startswith("muon/update_rms/") for tag in tags), sorted(tags)
+    # QK-clip (on in the tiny config) logs every layer's largest attention logit, on every pipeline stage.
+    assert {f"attention/max_logit/layer_{n:02d}" for n in range(1, 5)} <= tags, sorted(tags)
+    assert all(0 < e.value < 100 for e in events.Scalars("attention/max_logit/layer_04"))
+    # Expert loads of the MoE layers (2-4; layer 1 is dense): shares of 8 experts that add up to 1.
+    shares = [events.Scalars(f"moe/expert_load/layer_03/expert_{e:02d}")[-1].value for e in range(8)]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-6) and min(shares) >= 0, shares
+    imbalance = [e.value for e in events.Scalars("moe/load_imbalance/layer_02")]
+    assert len(imbalance) == TRAIN_ITERS and all(1.0 <= v <= 4.0 for v in imbalance), imbalance
+    assert not any(tag.startswith("moe/load_imbalance/layer_01") for tag in tags)
     # Both runs wrote to the directory: every iteration once, validation at 10 and 20.
     assert [event.step for event in events.Scalars("loss/train")] == list(range(1, TRAIN_ITERS + 1))
     assert [event.step for event in events.Scalars("loss/validation")] == [10, 20]
@@ -231,3 +240,31 @@ def test_bad_input_is_one_line_and_touches_no_checkpoint(
     assert not ITERATION_LINE.search(result.stdout)
     assert snapshot(save_dir) == before
     assert not (tmp_path / "tb").exists()
+
+
+def test_interleaved_pipeline_trains_and_its_checkpoint_loads_without_interleaving(
+    tmp_path, shakespeare_data, launcher_env
+):
+    """Virtual pipeline stages (PP2 x VPP2: one layer per model chunk, megatron's interleaved 1F1B) through the
+    trainer, then the checkpoint resumed at plain PP2."""
+    save_dir = tmp_path / "checkpoints"
+    common = [
+        TINY_CONFIG,
+        "optimizer.warmup_iters=1",
+        "training.eval_interval=3",
+        "training.eval_iters=1",
+        f"checkpoint.save_dir={save_dir}",
+        f"logging.tensorboard_dir={tmp_path / 'tensorboard'}",
+        "logging.log_interval=1",
+    ]
+    interleaved = launch(launcher_env, *common, "parallel.vpp=2", "training.train_iters=6")
+    assert interleaved.returncode == 0, interleaved.stderr[-3000:] + interleaved.stdout[-3000:]
+    losses = iteration_losses(interleaved.stdout)
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1] - 0.1, losses
+    assert [int(step) for step, _ in VALIDATION_LINE.findall(interleaved.stdout)] == [3, 6]
+
+    plain = launch(launcher_env, *common, "training.train_iters=8")
+    assert plain.returncode == 0, plain.stderr[-3000:] + plain.stdout[-3000:]
+    assert f"loaded checkpoint {save_dir} at iteration 6" in plain.stdout
+    resumed = iteration_losses(plain.stdout)
+    assert sorted(resumed) == [7, 8] and resumed[7] < losses[1] - 0.1, resumed

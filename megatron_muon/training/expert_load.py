@@ -1,0 +1,87 @@
+"""How evenly the routers spread tokens over the experts: per MoE layer and step, the share of routed token slots
+each expert received, and the imbalance max / mean (1 = perfectly balanced; top-k routing over E experts with
+all tokens on k experts gives E / k).
+
+A forward hook on each megatron ``TopKRouter`` (a torch module hook, megatron untouched) adds up its routing
+map (``[tokens, experts]``, True where a token goes) during training forward passes. The counts of one step
+are summed over the ranks that routed different tokens: data/context-parallel replicas and, with sequence
+parallelism, the tensor-parallel ranks (each routes its slice of the sequence); pipeline stages hold
+different layers, so a sum over the model-parallel group also gathers every layer on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ExpertLoadTracker"]
+
+
+class ExpertLoadTracker:
+    """Counts routed tokens per expert for every MoE layer of ``model_chunks``.
+
+    Args:
+        model_chunks: megatron model chunks of this rank.
+        num_layers, num_experts: of the whole model.
+        dp_cp_group: data × context-parallel group; mp_group: tensor × pipeline-parallel group.
+    """
+
+    def __init__(self, model_chunks, *, num_layers: int, num_experts: int, dp_cp_group=None, mp_group=None):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.dp_cp_group, self.mp_group = dp_cp_group, mp_group
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.moe_layers: set[int] = set()
+        self._hooks = []
+        for chunk in model_chunks:
+            for module in chunk.modules():
+                if isinstance(module, TopKRouter):
+                    self.moe_layers.add(int(module.layer_number))
+                    self._hooks.append(module.register_forward_hook(self._count))
+        self.moe_layers = self._all_moe_layers()
+
+    def _all_moe_layers(self) -> set[int]:
+        """MoE layer numbers of the whole model (other pipeline stages hold the rest)."""
+        mask = torch.zeros(self.num_layers, dtype=torch.float64)
+        for layer in self.moe_layers:
+            mask[layer - 1] = 1.0
+        if self.mp_group is not None:
+            dist.all_reduce(mask, op=dist.ReduceOp.MAX, group=self.mp_group)
+        return {i + 1 for i, v in enumerate(mask.tolist()) if v > 0}
+
+    @torch.no_grad()
+    def _count(self, router, inputs, output) -> None:
+        if not router.training:
+            return
+        _, routing_map = output
+        self.counts[int(router.layer_number) - 1] += routing_map.sum(dim=0).to("cpu", torch.float64)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    @torch.no_grad()
+    def collect(self) -> dict[str, float]:
+        """This step's metrics (the same on every rank), then reset: ``moe/load_imbalance/layer_NN`` and
+        ``moe/expert_load/layer_NN/expert_EE`` (share of the layer's routed slots). Collective over both groups."""
+        counts = self.counts.clone()
+        for group in (self.dp_cp_group, self.mp_group):
+            if group is not None:
+                dist.all_reduce(counts, group=group)
+        self.reset()
+        metrics = {}
+        for layer in sorted(self.moe_layers):
+            row = counts[layer - 1]
+            total = float(row.sum())
+            if total == 0:
+                continue
+            shares = row / total
+            metrics[f"moe/load_imbalance/layer_{layer:02d}"] = float(shares.max() * self.num_experts)
+            for expert, share in enumerate(shares.tolist()):
+                metrics[f"moe/expert_load/layer_{layer:02d}/expert_{expert:02d}"] = share
+        return metrics
