@@ -42,10 +42,6 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from megatron_muon.data.datasets import split_document_counts
-
     missing = [f"{args.prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{args.prefix}{ext}").is_file()]
     if missing:
         print(
@@ -53,6 +49,9 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_muon.data.datasets import split_document_counts
+
     dataset = IndexedDataset(args.prefix, mmap=True)
     documents = len(dataset)
     vocab = int(max(int(dataset[i].max()) for i in range(documents) if len(dataset[i])) + 1)
