@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         )
         return 2
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     from megatron_muon.data.datasets import split_document_counts
 
     dataset = IndexedDataset(args.prefix, mmap=True)
