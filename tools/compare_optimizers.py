@@ -191,7 +191,9 @@ def plot(rows: list[dict], summary: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
-def markdown(summary: list[dict], args, command: str, seconds: float, load: tuple[str, str]) -> str:
+def markdown(
+    summary: list[dict], args, command: str, runs: tuple[int, int], seconds: float, load: tuple[str, str]
+) -> str:
     lines = [
         START,
         "## Data efficiency: Muon vs AdamW token ratio (Shakespeare MoE, CPU)",
@@ -200,8 +202,9 @@ def markdown(summary: list[dict], args, command: str, seconds: float, load: tupl
         "",
         f"```bash\n{command}\n```",
         "",
-        f"- CPU: {cpu_description()}; one process per run; {seconds / 60:.0f} min in all; load average "
-        f"{load[0]} before, {load[1]} after.",
+        f"- CPU: {cpu_description()}; one process per run (~1–2 min each); the last invocation made {runs[0]} "
+        f"runs in {seconds / 60:.0f} min and reused {runs[1]} from `evaluations.csv`; load average {load[0]} "
+        f"before, {load[1]} after (other work shared the machine: no timings here).",
         f"- Model: `tiny_cpu.yaml` with hidden 64, 2 layers (1 dense, 1 MoE: 4 experts top-2), sequence "
         f"{args.seq_length}; budget {args.tokens:,} tokens per run; warm-up 5 % + cosine to lr/10; "
         f"{args.evals} evaluations on the same {args.eval_samples} validation sequences.",
@@ -212,14 +215,24 @@ def markdown(summary: list[dict], args, command: str, seconds: float, load: tupl
         "| global batch | AdamW best lr | AdamW final loss | Muon best lr | Muon final loss | Muon tokens to AdamW loss | token ratio |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def lr_cell(lr: float, grid: list[float]) -> str:  # an optimum on the grid's edge may lie beyond it
+        return f"{lr:g} (edge)" if lr in (min(grid), max(grid)) else f"{lr:g}"
+
     for e in summary:
         reached = e["muon_tokens_to_adamw_loss"]
+        adamw_lr, muon_lr = lr_cell(e["adamw_lr"], args.adamw_lrs), lr_cell(e["muon_lr"], args.muon_lrs)
         lines.append(
-            f"| {e['batch_size']} | {e['adamw_lr']:g} | {e['adamw_final_loss']:.4f} | {e['muon_lr']:g} | "
+            f"| {e['batch_size']} | {adamw_lr} | {e['adamw_final_loss']:.4f} | {muon_lr} | "
             f"{e['muon_final_loss']:.4f} | {'—' if reached is None else f'{reached:,.0f}'} | "
             f"{'—' if e['token_ratio'] is None else f'{e["token_ratio"]:.2f}'} |"
         )
-    lines += ["", "Goal (issue #8): ratio ≤ 0.6, and not worse at 4× the smallest batch.", END]
+    lines += [
+        "",
+        "(edge): the best learning rate is the smallest or largest of its sweep, so the optimum may lie outside it.",
+        "Goal (issue #8): ratio ≤ 0.6, and not worse at 4× the smallest batch.",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -269,6 +282,7 @@ def main(argv=None) -> int:
         for optimizer, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs))
         for lr in lrs
     ]
+    made = 0
     for index, (optimizer, batch, lr) in enumerate(trials, 1):
         if (optimizer, batch, lr) in done:
             print(
@@ -276,7 +290,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
             continue
-        began = time.time()
+        began, made = time.time(), made + 1
         points = run_trial(trial_overrides(optimizer, batch, lr, args), args.config)
         new = [
             dict(
@@ -304,7 +318,10 @@ def main(argv=None) -> int:
         writer.writerows(summary)
     plot(rows, summary, out_dir)
     command = "python tools/compare_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = markdown(summary, args, command.strip(), time.time() - start, (load_before, load_average()))
+    runs = (made, len(trials) - made)
+    section = markdown(
+        summary, args, command.strip(), runs, time.time() - start, (load_before, load_average())
+    )
     print(section)
     if args.markdown:
         write_section(Path(args.markdown), section, START, END)
