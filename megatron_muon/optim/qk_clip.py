@@ -6,8 +6,9 @@
    local ``DotProductAttention`` records nothing, so a forward pre-hook on each ``core_attention`` (a torch
    module hook: no megatron code is patched) recomputes ``softmax_scale · q·kᵀ`` under the attention mask, without
    autograd, and keeps the running maximum per head in ``core_attention.current_max_attn_logits`` — the
-   attribute megatron's Transformer Engine attention fills itself when ``TransformerConfig.qk_clip`` is set
-   (TE ≥ 2.9 returns it from the fused kernel), so both paths are read the same way. The hook costs one extra
+   attribute megatron's Transformer Engine attention fills itself when ``TransformerConfig.qk_clip`` or
+   ``log_max_attention_logit`` is set (TE ≥ 2.9 returns it from the fused kernel), so both paths are read the
+   same way. The hook costs one extra
    ``[b, heads, s, s]`` score matrix per layer and micro batch; it only runs in training mode.
 2. **Reduce** each layer's per-head maxima over the data- and context-parallel ranks (MAX), so every replica
    clips identically. Heads are split over tensor-parallel ranks like the weights, so no TP reduction is needed.
@@ -182,10 +183,11 @@ def _self_attentions(chunk) -> list[_Attention]:
 
 
 def _records_itself(core_attention) -> bool:
-    """Transformer Engine's attention fills ``current_max_attn_logits`` itself when ``config.qk_clip`` is set."""
-    return type(core_attention).__name__.startswith("TE") and bool(
-        getattr(core_attention.config, "qk_clip", False)
-    )
+    """Transformer Engine's attention fills ``current_max_attn_logits`` itself when ``config.qk_clip`` or
+    ``config.log_max_attention_logit`` is set (the trainer sets the latter)."""
+    config = core_attention.config
+    asked = bool(getattr(config, "qk_clip", False) or getattr(config, "log_max_attention_logit", False))
+    return type(core_attention).__name__.startswith("TE") and asked
 
 
 @torch.no_grad()
