@@ -24,6 +24,8 @@ from megatron.core.pipeline_parallel.utils import (
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_muon import mup
+
 __all__ = [
     "TinyMoEConfig",
     "build_gpt_moe_model",
@@ -80,6 +82,32 @@ class TinyMoEConfig:
     """RMSNorm on queries and keys per head (Qwen3, OLMo 2)."""
     norm_epsilon: float = 1e-5
     """ε of every RMSNorm."""
+    mup_base_hidden_size: int | None = None
+    """muP base width (``megatron_muon/mup.py``); None: standard parametrization."""
+    mup_base_head_dim: float | None = None
+    """muP base head dim; None: mup_base_hidden_size / num_attention_heads."""
+    transformer_impl: str = "local"
+    """local (megatron's torch layers; CPU) | transformer_engine (megatron's TE spec: TE linears with fused norms,
+    TE attention, grouped-GEMM experts; needs CUDA and transformer_engine)."""
+
+
+def require_transformer_engine(transformer_impl: str) -> None:
+    """Raise a one-line ``ValueError`` unless ``transformer_impl`` is ``local``, or ``transformer_engine`` with
+    CUDA and an importable Transformer Engine."""
+    if transformer_impl == "local":
+        return
+    if transformer_impl != "transformer_engine":
+        raise ValueError(f"transformer_impl={transformer_impl!r}; valid: ['local', 'transformer_engine']")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "transformer_impl='transformer_engine' needs a CUDA GPU (torch.cuda.is_available() is False)"
+        )
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as error:
+        raise ValueError(
+            f"transformer_impl='transformer_engine' needs Transformer Engine, which is not importable here ({error})"
+        ) from None
 
 
 def _require_divisible(numerator_name: str, numerator: int, denominator_name: str, denominator: int) -> None:
@@ -103,6 +131,7 @@ def build_transformer_config(
     ``finalize_model_grads_func`` are set later, by :func:`megatron_muon.training.step.wrap_in_ddp`.
     """
     expert_tp = tp if etp is None else etp
+    require_transformer_engine(cfg.transformer_impl)
     if len(cfg.moe_layer_freq) != cfg.num_layers:
         raise ValueError(
             f"moe_layer_freq={cfg.moe_layer_freq} has {len(cfg.moe_layer_freq)} entries, "
@@ -118,6 +147,19 @@ def build_transformer_config(
         "moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, "expert_tensor_parallel_size", expert_tp
     )
     _require_divisible("num_layers", cfg.num_layers, "pipeline_parallel_size * (vpp or 1)", pp * (vpp or 1))
+
+    # muP through megatron's own hooks: init methods, logit multiplier, attention scale (megatron_muon/mup.py).
+    mup_fields = {}
+    if cfg.mup_base_hidden_size is not None:
+        mup_fields = mup.transformer_config_fields(
+            mup.MupWidth.of_model(
+                hidden_size=cfg.hidden_size,
+                head_dim=cfg.hidden_size / cfg.num_attention_heads,
+                num_attention_heads=cfg.num_attention_heads,
+                base_hidden_size=cfg.mup_base_hidden_size,
+                base_head_dim=cfg.mup_base_head_dim,
+            )
+        )
 
     return TransformerConfig(
         # Shape.
@@ -148,7 +190,7 @@ def build_transformer_config(
         moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
         qk_layernorm=cfg.qk_layernorm,
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,  # grouped GEMM needs Transformer Engine
+        moe_grouped_gemm=cfg.transformer_impl == "transformer_engine",  # TE's grouped GEMM for the experts
         # Parallelism. MoE with TP requires sequence parallelism.
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -174,12 +216,17 @@ def build_transformer_config(
         # Loss: summed over tokens, divided by the global token count in finalize_model_grads.
         # Must be set before the model is wrapped in DDP (DDP reads it to decide its own scaling).
         calculate_per_token_loss=True,
+        **mup_fields,
     )
 
 
-def _layer_spec(config: TransformerConfig, *, vp_stage: int | None, pp_rank: int):
+def _layer_spec(config: TransformerConfig, *, transformer_engine: bool, vp_stage: int | None, pp_rank: int):
     return get_gpt_decoder_block_spec(
-        config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+        config,
+        use_transformer_engine=transformer_engine,
+        normalization="RMSNorm",
+        vp_stage=vp_stage,
+        pp_rank=pp_rank,
     )
 
 
@@ -204,7 +251,12 @@ def build_gpt_moe_model(
     pp_rank = pg_collection.pp.rank()
     return GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(config, vp_stage=vp_stage, pp_rank=pp_rank),
+        transformer_layer_spec=_layer_spec(
+            config,
+            transformer_engine=cfg.transformer_impl == "transformer_engine",
+            vp_stage=vp_stage,
+            pp_rank=pp_rank,
+        ),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from megatron_muon.ops import newton_schulz_fp8 as fp8
+
 __all__ = [
     "COEFFICIENT_SCHEDULES",
     "NORMALIZATION_SAFETY",
@@ -163,6 +165,7 @@ def newton_schulz(
     *,
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     transpose: bool | None = None,
+    fp8_steps: int = 0,
 ) -> torch.Tensor:
     """Approximate polar factor U·Vᵀ of ``x`` (per matrix for a stack) by a Newton–Schulz iteration.
 
@@ -197,6 +200,11 @@ def newton_schulz(
             the (..., k, k) Gram in ``compute_dtype``, and must be called by every rank in the same order.
         transpose: whether to iterate on Xᵀ, i.e. whether the FULL matrix is tall (m > n). Required with
             ``all_reduce_sum`` (a shard's own shape cannot tell); defaults to ``m > n`` otherwise.
+        fp8_steps: run the GEMMs of the first ``fp8_steps`` steps in float8 e4m3 with one scale per matrix,
+            writing ``compute_dtype`` (bfloat16 or float32); the other steps as above. 0 (default): no FP8.
+            Experimental; see ``newton_schulz_fp8.py`` for the scheme and what it costs in accuracy. Needs
+            ``torch._scaled_mm`` on ``x``'s device (CUDA compute capability >= 8.9, or a CPU build that has
+            it); ``RuntimeError`` otherwise — there is no silent fallback to bf16.
 
     Returns:
         A tensor of ``x``'s shape and dtype (contiguous). In the sharded case, this rank's shard of the
@@ -205,7 +213,9 @@ def newton_schulz(
     Raises:
         ValueError: ``x`` has fewer than 2 dims or is not floating point, a dtype is not floating point,
             ``transpose`` is missing with ``all_reduce_sum``, or ``coefficients`` / ``steps`` are invalid
-            (see ``resolve_coefficients``).
+            (see ``resolve_coefficients``), or ``fp8_steps`` is out of [0, steps] or used with a
+            ``compute_dtype`` other than bfloat16 / float32.
+        RuntimeError: ``fp8_steps > 0`` on a device without an FP8 ``torch._scaled_mm``.
 
     Precision limits of deriving the norm from trace(X·Xᵀ): the squared Frobenius norm of each input matrix
     must be representable in ``compute_dtype`` (fp32/bf16: about 1e-38 < ‖X‖_F² < 3e38), otherwise the
@@ -220,6 +230,9 @@ def newton_schulz(
             f"compute_dtype={compute_dtype} must be a floating dtype (torch.bfloat16, torch.float32)"
         )
     triples = resolve_coefficients(coefficients, steps)
+    fp8.check_fp8_steps(fp8_steps, steps, compute_dtype)
+    if fp8_steps and (reason := fp8.fp8_unavailable_reason(x.device)) is not None:
+        raise RuntimeError(reason)
     safety = NORMALIZATION_SAFETY.get(coefficients, 1.0) if isinstance(coefficients, str) else 1.0
     if all_reduce_sum is not None and transpose is None:
         raise ValueError(
@@ -234,10 +247,17 @@ def newton_schulz(
     work = x.to(compute_dtype) if x.ndim == 2 else x.reshape(-1, *x.shape[-2:]).to(compute_dtype)
     if transpose:
         work = work.mT  # a view; the first polynomial step writes a fresh contiguous (k, K) tensor
+    small, large = work.shape[-2:]
+    if fp8_steps:
+        work = fp8.pad_to_alignment(work)  # zero rows / columns stay zero; cropped below
 
     # The first Gram is of the unnormalized X: its trace is ‖X‖_F² (summed over shards), so normalizing
     # needs no collective of its own, and A scales by the square of X's factor.
-    gram = _gram(work)
+    quantized = None  # (X̂, dequant scale) of an FP8 step: the Gram's e4m3 copy of X, reused for B·X
+    if fp8_steps:
+        gram, quantized = fp8.fp8_gram(work, compute_dtype)
+    else:
+        gram = _gram(work)
     if all_reduce_sum is not None:
         gram = all_reduce_sum(gram)
     squared_norm = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1, dtype=torch.float32)
@@ -245,14 +265,24 @@ def newton_schulz(
     inverse_norm = inverse_norm[..., None, None]
     work = work * inverse_norm.to(compute_dtype)
     gram = gram * (inverse_norm * inverse_norm).to(compute_dtype)
+    if quantized is not None:  # the normalization is a per-matrix scalar: it only rescales X̂
+        quantized = (quantized[0], quantized[1] * inverse_norm)
 
     for step, (a, b, c) in enumerate(triples):
         if step > 0:
-            gram = _gram(work)
+            if step < fp8_steps:
+                gram, quantized = fp8.fp8_gram(work, compute_dtype)
+            else:
+                gram = _gram(work)
             if all_reduce_sum is not None:
                 gram = all_reduce_sum(gram)
-        work = _polynomial_step(work, gram, a, b, c)
+        if step < fp8_steps:
+            work = fp8.polynomial_step(work, gram, quantized, a, b, c)
+        else:
+            work = _polynomial_step(work, gram, a, b, c)
 
+    if fp8_steps:
+        work = work[..., :small, :large]
     if transpose:
         work = work.mT
     # One pass: cast and lay out (m, n) row-major together (``.contiguous()`` is a no-op after a cast).

@@ -20,16 +20,23 @@ from megatron.core.optimizer import (
     OptimizerConfig,
     _get_megatron_optimizer_based_on_param_groups,
     _get_param_groups,
+    get_mup_config_overrides,
     get_standard_config_overrides,
 )
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 
+from megatron_muon import mup
 from megatron_muon.optim.executor import MatrixOrthogonalizer
 from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
 from megatron_muon.optim.muon import Muon, NorMuonNormalization
 from megatron_muon.optim.options import DTYPES as _DTYPES
 from megatron_muon.optim.options import MuonOptions
-from megatron_muon.optim.param_groups import ParamRouting, route_parameters
+from megatron_muon.optim.param_groups import (
+    ParamRouting,
+    mup_adamw_overrides,
+    mup_width_multiplier,
+    route_parameters,
+)
 from megatron_muon.optim.plan import CostModel
 
 logger = logging.getLogger(__name__)
@@ -62,12 +69,17 @@ def build_optimizer(
     muon_ids = {id(r.param) for r in routing.muon}
     overrides = get_standard_config_overrides(config)
     muon_key = ParamKey(predicate=ParamPredicate(name="megatron_muon", fn=lambda p: id(p) in muon_ids))
+    width_multiplier = mup_width_multiplier(model_chunks)
+    weight_decay = muon.weight_decay
+    if width_multiplier is not None:  # muP: Muon's LR transfers as is (spectral scale); its WD goes as 1/m
+        weight_decay = mup.muon_weight_decay(muon.weight_decay, width_multiplier)
+        overrides.update(mup_adamw_overrides(routing, config, width_multiplier))
     overrides[muon_key] = {
         "optimizer": "muon",
         "max_lr": muon.lr,
         "min_lr": muon.min_lr,
-        "start_wd": muon.weight_decay,
-        "end_wd": muon.weight_decay,
+        "start_wd": weight_decay,
+        "end_wd": weight_decay,
     }
     groups = _get_param_groups(model_chunks, config, overrides)
 
@@ -146,6 +158,7 @@ def _build_muon(
         compute_dtype=_DTYPES[muon.compute_dtype],
         pieces=pieces,
         orthogonalizer=orthogonalizer,
+        ns_fp8_steps=muon.ns_fp8_steps,
         post_orthogonalize=(
             NorMuonNormalization(beta2=muon.normuon_beta2, eps=muon.normuon_eps) if muon.normuon else None
         ),
@@ -153,3 +166,14 @@ def _build_muon(
     if config.bf16:
         return Float16OptimizerWithFloat16Params(raw, config, None, None)
     return FP32Optimizer(raw, config, None)
+
+
+def adamw_config_overrides(config: OptimizerConfig, model_chunks: list[torch.nn.Module]) -> dict:
+    """Param-group overrides for megatron's own AdamW over the whole model (the ``use_muon=false`` baseline):
+    megatron's standard ones, plus its muP rules (``get_mup_config_overrides``: hidden matrices LR / m and
+    ε / m) when the model was built with muP."""
+    overrides = get_standard_config_overrides(config)
+    width_multiplier = mup_width_multiplier(model_chunks)
+    if width_multiplier is not None:
+        overrides.update(get_mup_config_overrides(config, width_multiplier, config.optimizer))
+    return overrides

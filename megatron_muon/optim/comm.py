@@ -37,6 +37,15 @@ def check_agreement(fingerprint: str, group, what: str) -> None:
         raise RuntimeError(f"ranks built different {what} ({groups}); every rank must see the same model")
 
 
+def _empty_send_device(group) -> torch.device:
+    """Where a rank with nothing to send puts its (empty) send and its receive buffer: on the GPU when the group
+    reduces CUDA tensors with NCCL (which takes no CPU tensors, and with a ``cpu:gloo,cuda:nccl`` group a CPU
+    buffer would put this rank on another backend than its peers), else on the CPU."""
+    if group is not None and torch.cuda.is_available() and "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class Exchange:
     """One bucketed all-to-all of fp32 tensors over ``group``: each rank sends a list of tensors to each other
     rank and receives a list of tensors of known shapes. Started asynchronously; ``wait`` returns the received
@@ -55,7 +64,7 @@ class Exchange:
         in_splits = [sum(t.numel() for t in sends.get(r, [])) for r in range(world)]
         out_splits = [sum(_numel(s) for s in recv_shapes.get(r, [])) for r in range(world)]
         flat = [t.reshape(-1).to(torch.float32) for r in range(world) for t in sends.get(r, [])]
-        self._input = torch.cat(flat) if flat else torch.empty(0)
+        self._input = torch.cat(flat) if flat else torch.empty(0, device=_empty_send_device(group))
         self._output = torch.empty(sum(out_splits), dtype=torch.float32, device=self._input.device)
         self._out_splits = out_splits
         self._recv_shapes = recv_shapes

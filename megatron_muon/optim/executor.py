@@ -273,6 +273,7 @@ class MatrixOrthogonalizer:
                 steps=optimizer.ns_steps,
                 coefficients=optimizer.coefficients,
                 compute_dtype=optimizer.compute_dtype,
+                fp8_steps=getattr(optimizer, "ns_fp8_steps", 0),
                 **kwargs,
             )
             if post_orthogonalize is not None:

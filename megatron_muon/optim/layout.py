@@ -9,6 +9,11 @@ Megatron-Core stores weights in ways that hide the matrices Newton–Schulz must
 * The SwiGLU ``linear_fc1`` weight stacks ``[gate; up]`` inside each TP shard (``mlp.py``: ``torch.chunk(x, 2)``).
 * Experts live on expert-parallel ranks (``MoELayer.local_expert_indices`` gives their global ids) and are split
   again over the expert-TP group.
+* Transformer Engine layers (megatron's ``extensions/transformer_engine.py``) carry the same ``partition_dim``
+  attributes but keep megatron's TP group as ``_tp_group`` (TE's own ``tp_group`` is None for experts, whose
+  communication megatron does itself). TE's grouped GEMM holds a layer's local experts in one module with one
+  parameter per expert, ``experts.linear_fc1.weight0 … weight{n-1}``; each is keyed like the SequentialMLP weight
+  ``experts.local_experts.{global id}.linear_fc1.weight``, so Muon state names an expert the same way either way.
 
 A :class:`MatrixPiece` says, for one logical matrix, which rows of the local parameter hold it and which shard of
 the logical matrix they are. The key of a logical matrix does not depend on TP/PP/EP (global layer numbers and
@@ -25,6 +30,7 @@ import torch.distributed as dist
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _LOCAL_EXPERT_RE = re.compile(r"local_experts\.(\d+)\.")
+_GROUPED_EXPERT_RE = re.compile(r"\.experts\.(linear_fc[12])\.weight(\d+)$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +138,22 @@ def _shard_info(param: torch.Tensor, tp_group) -> tuple[int | None, int, int, in
     return int(param.partition_dim), size, rank, int(getattr(param, "partition_stride", 1))
 
 
+def module_tp_group(module: torch.nn.Module):
+    """The group a linear layer's weight is split over: ``_tp_group`` on megatron's Transformer Engine wrappers
+    (the expert-TP group for experts), ``tp_group`` on megatron's local layers; None: not split."""
+    if hasattr(module, "_tp_group"):
+        return module._tp_group
+    return getattr(module, "tp_group", None)
+
+
 def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
     """Replace local layer and expert indices in ``name`` by global ones so keys survive re-layouts.
 
     ``module_path`` maps the module names of the same root module ``name`` comes from (DDP prefixes included).
+    A TE grouped-GEMM expert weight ``….experts.linear_fc1.weight3`` is named as local expert 3 of a SequentialMLP.
     """
+    param_name = name
+    name = _GROUPED_EXPERT_RE.sub(r".experts.local_experts.\2.\1.weight", name)
     key = name
     # Global layer number: megatron names layers by their index inside this pipeline stage / model chunk;
     # ``TransformerLayer.layer_number`` is global and 1-based.
@@ -145,7 +162,7 @@ def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
         layer = module_path.get(key[: match.end() - 1].lstrip("."))
         layer_number = getattr(layer, "layer_number", None)
         if layer_number is None:
-            raise ValueError(f"cannot find the global layer number of parameter {name!r}")
+            raise ValueError(f"cannot find the global layer number of parameter {param_name!r}")
         start, end = match.span(1)
         key = key[:start] + str(layer_number - 1) + key[end:]
     match = _LOCAL_EXPERT_RE.search(name)
@@ -155,7 +172,7 @@ def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
             if hasattr(module, "local_expert_indices") and name.startswith(path + "."):
                 moe_layer = module
         if moe_layer is None:
-            raise ValueError(f"cannot find the MoE layer of expert parameter {name!r}")
+            raise ValueError(f"cannot find the MoE layer of expert parameter {param_name!r}")
         global_index = moe_layer.local_expert_indices[int(match.group(1))]
         key_match = _LOCAL_EXPERT_RE.search(key)
         start, end = key_match.span(1)
@@ -228,14 +245,13 @@ def megatron_param_pieces(
     """The logical-matrix pieces of the weight ``param`` (named ``name``) of the linear layer ``module``.
 
     ``config`` is the megatron ``TransformerConfig``; ``module_path`` maps module names of the model to modules
-    (for global layer and expert indices). The TP group is the module's own ``tp_group`` (the expert-TP group for
-    experts), so nothing here reads megatron's global parallel state.
+    (for global layer and expert indices). The TP group is the module's own (``module_tp_group``: the expert-TP
+    group for experts), so nothing here reads megatron's global parallel state.
     """
     if param.ndim != 2:
         raise ValueError(f"Muon parameter {name!r} has shape {tuple(param.shape)}; expected a 2-D weight")
     key = _global_key(name, module_path)
-    tp_group = getattr(module, "tp_group", None)
-    shard_dim, num_shards, shard_index, stride = _shard_info(param, tp_group)
+    shard_dim, num_shards, shard_index, stride = _shard_info(param, module_tp_group(module))
     rows, cols = param.shape
     module_name = name.rsplit(".", 2)[-2] if "." in name else name
 

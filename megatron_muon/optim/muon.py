@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_muon.ops.newton_schulz import resolve_coefficients
+from megatron_muon.ops.newton_schulz_fp8 import check_fp8_steps
 from megatron_muon.ops.normuon import row_normalize_
 from megatron_muon.ops.scaling import SCALE_MODES
 from megatron_muon.optim.layout import MatrixPiece, whole_tensor_pieces
@@ -141,6 +142,8 @@ class Muon(torch.optim.Optimizer):
         weight_decay: decoupled weight decay, ``W ← W·(1 − lr·wd)`` (Moonlight's recipe).
         scale_mode: update scale rule of ``ops.scaling`` (``spectral`` default: √(fan_out/fan_in)).
         ns_steps, coefficients, compute_dtype: Newton–Schulz settings (``ops.newton_schulz``).
+        ns_fp8_steps: how many of the first Newton–Schulz steps run their GEMMs in FP8 (experimental;
+            ``ops/newton_schulz_fp8.py``; needs a device with FP8 ``torch._scaled_mm``).
         pieces: for each param group, for each parameter, its logical matrices (``layout.MatrixPiece``); by
             default each 2-D parameter is one matrix and each N-D one a stack.
         orthogonalizer: computes the directions; default ``executor.MatrixOrthogonalizer`` on one process.
@@ -163,6 +166,7 @@ class Muon(torch.optim.Optimizer):
         pieces: list[list[list[MatrixPiece]]] | None = None,
         orthogonalizer=None,
         post_orthogonalize: NorMuonNormalization | None = None,
+        ns_fp8_steps: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -179,6 +183,7 @@ class Muon(torch.optim.Optimizer):
                 f"compute_dtype={compute_dtype} must be one of float64, float32, bfloat16, float16"
             )
         resolve_coefficients(coefficients, ns_steps)  # raises ValueError on a bad schedule
+        check_fp8_steps(ns_fp8_steps, ns_steps, compute_dtype)
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f"param group {index}")
@@ -186,6 +191,7 @@ class Muon(torch.optim.Optimizer):
         self.coefficients = coefficients
         self.compute_dtype = compute_dtype
         self.post_orthogonalize = post_orthogonalize
+        self.ns_fp8_steps = ns_fp8_steps
         if pieces is None:
             pieces = [
                 [whole_tensor_pieces(f"group{g}.param{i}", p) for i, p in enumerate(group["params"])]

@@ -32,6 +32,10 @@ class MuonOptions:
     """Newton–Schulz schedule: quintic | polar_express."""
     compute_dtype: str = "bfloat16"
     """Newton–Schulz compute dtype: bfloat16 | float32 | float64."""
+    ns_fp8_steps: int = 0
+    """Experimental: the GEMMs of the first k Newton–Schulz steps in FP8 e4m3, per-matrix scaling
+    (``ops/newton_schulz_fp8.py``); at most 2 with quintic, 1 with polar_express (more diverged when measured).
+    Needs compute_dtype bfloat16 | float32 and an FP8 GPU (compute capability >= 8.9)."""
     tp_mode: str = "auto"
     """Who orthogonalizes sharded matrices: auto | owner | duplicated | distributed (``optim/plan.py``)."""
     split_qkv: bool = True
@@ -54,7 +58,51 @@ class MuonOptions:
             raise ValueError(f"muon.tp_mode={self.tp_mode!r}; valid: {list(MODES)}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"muon.compute_dtype={self.compute_dtype!r}; valid: {sorted(DTYPES)}")
+        self._validate_ns_fp8_steps()
         if not 0.0 <= self.normuon_beta2 < 1.0:
             raise ValueError(f"muon.normuon_beta2={self.normuon_beta2!r} must be in [0, 1)")
         if not self.normuon_eps > 0.0:
             raise ValueError(f"muon.normuon_eps={self.normuon_eps!r} must be > 0")
+
+    def _validate_ns_fp8_steps(self) -> None:
+        from megatron_muon.ops.newton_schulz_fp8 import MAX_STABLE_FP8_STEPS
+
+        steps = self.ns_fp8_steps
+        limit = min(MAX_STABLE_FP8_STEPS.get(self.coefficients, 0), self.ns_steps)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= limit:
+            raise ValueError(
+                f"muon.ns_fp8_steps={steps!r} must be an integer in [0, {limit}] with "
+                f"muon.coefficients={self.coefficients!r} and muon.ns_steps={self.ns_steps} "
+                f"(measured stable maxima: {MAX_STABLE_FP8_STEPS})"
+            )
+        if steps and self.compute_dtype not in ("bfloat16", "float32"):
+            raise ValueError(
+                f"muon.ns_fp8_steps={steps} needs muon.compute_dtype 'bfloat16' or 'float32'; "
+                f"got {self.compute_dtype!r}"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class QKClipOptions:
+    """MuonClip's QK-clip (Kimi K2): after each step, shrink the query and key weights of every attention head
+    whose largest pre-softmax logit exceeded ``threshold`` (``optim/qk_clip.py``, rule in ``ops/qk_clip.py``)."""
+
+    enabled: bool = False
+    """Clip after every optimizer step."""
+    threshold: float = 100.0
+    """τ: the largest pre-softmax logit a head may keep (K2: 100)."""
+    alpha: float = 0.5
+    """The query's share of the rescaling: W_q·γ^α, W_k·γ^(1−α)."""
+    log_max_logits: bool = False
+    """Record and log each layer's largest logit (``attention/max_logit/layer_NN``) even without clipping."""
+
+    def validate(self) -> None:
+        if not self.threshold > 0:
+            raise ValueError(f"qk_clip.threshold={self.threshold!r} must be > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"qk_clip.alpha={self.alpha!r} must be in [0, 1]")
+
+    @property
+    def records(self) -> bool:
+        """Whether the per-head maxima are recorded at all."""
+        return self.enabled or self.log_max_logits

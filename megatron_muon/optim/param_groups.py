@@ -34,25 +34,25 @@ HIDDEN_LINEAR_NAMES = frozenset(
 )
 ROUTER_CHOICES = ("adamw", "muon")
 
+# megatron's Transformer Engine wrappers (megatron/core/extensions/transformer_engine.py), recognised by class name
+# anywhere in the module's MRO so that nothing here imports TE (absent on CPU machines, where megatron binds these
+# names to None). The grouped ones hold one weight per local expert: ``weight0`` … ``weight{num_gemms-1}``.
+TE_LINEAR_CLASS_NAMES = frozenset(
+    {"TELinear", "TEColumnParallelLinear", "TERowParallelLinear", "TELayerNormColumnParallelLinear"}
+)
+TE_GROUPED_LINEAR_CLASS_NAMES = frozenset(
+    {"TEGroupedLinear", "TEColumnParallelGroupedLinear", "TERowParallelGroupedLinear"}
+)
+
 
 def _linear_types() -> tuple[type, ...]:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    types: list[type] = [ColumnParallelLinear, RowParallelLinear]
-    try:  # Transformer Engine linear layers, when TE is installed (GPU machines).
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear,
-            TELayerNormColumnParallelLinear,
-            TELinear,
-            TERowParallelLinear,
-        )
+    return (ColumnParallelLinear, RowParallelLinear)
 
-        te_types = [TEColumnParallelLinear, TELayerNormColumnParallelLinear, TELinear, TERowParallelLinear]
-        # Without TE installed megatron binds these names to None placeholders.
-        types += [t for t in te_types if isinstance(t, type)]
-    except ImportError:
-        return tuple(types)  # no Transformer Engine: megatron's local layers only
-    return tuple(types)
+
+def _class_names(module: torch.nn.Module) -> set[str]:
+    return {cls.__name__ for cls in type(module).__mro__}
 
 
 def _router_types() -> tuple[type, ...]:
@@ -120,17 +120,75 @@ def route_parameters(model_chunks: list[torch.nn.Module], router: str = "adamw")
 
 
 def _is_hidden_matrix(module_name, attribute, module, param, linear_types) -> bool:
+    class_names = _class_names(module)
+    if class_names & TE_GROUPED_LINEAR_CLASS_NAMES:
+        if attribute == "weight":  # TE >= 2.14 with moe_single_grouped_weight: one (experts, out, in) tensor
+            raise ValueError(
+                f"{module_name}.weight: a single grouped expert weight (moe_single_grouped_weight=True) is not "
+                "supported by the Muon layout; use one weight per expert (moe_single_grouped_weight=False)"
+            )
+        per_expert_weight = attribute.startswith("weight") and attribute[6:].isdigit()
+        return per_expert_weight and module_name.rsplit(".", 1)[-1] in HIDDEN_LINEAR_NAMES
     if attribute.startswith("weight") and attribute[6:].isdigit():
-        # TE grouped GEMM experts store one weight per local expert (weight0..N-1); their expert ids need
-        # the grouped layout, which is not implemented: refuse rather than treat EP ranks as replicas.
+        # Numbered weights on anything but TE's grouped linear: an unknown expert layout. Refuse rather than
+        # guess expert ids (and treat EP ranks as replicas).
         raise ValueError(
-            f"{module_name}.{attribute}: Transformer Engine grouped-GEMM expert weights are not supported by the "
-            "Muon layout yet; build the model with moe_grouped_gemm=False"
+            f"{module_name}.{attribute}: numbered weights of a {type(module).__name__} are not understood by the "
+            f"Muon layout (known grouped layers: {sorted(TE_GROUPED_LINEAR_CLASS_NAMES)})"
         )
     if attribute != "weight":
         return False  # biases, TE's fused layer-norm weights ("layer_norm_weight"), ...
     if getattr(param, "is_embedding_or_output_parameter", False):
         return False
-    if not isinstance(module, linear_types):
+    if not (isinstance(module, linear_types) or class_names & TE_LINEAR_CLASS_NAMES):
         return False
     return module_name.rsplit(".", 1)[-1] in HIDDEN_LINEAR_NAMES
+
+
+# ---------------------------------------------------------------------------------------------------- muP
+
+
+def mup_width_multiplier(model_chunks: list[torch.nn.Module]) -> float | None:
+    """megatron's ``mup_width_mult`` (d_model / d_base) of the model, or None when it was built without muP
+    (``TransformerConfig.use_mup`` off)."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    return float(config.mup_width_mult) if getattr(config, "use_mup", False) else None
+
+
+def adamw_parameter_class(param: torch.nn.Parameter) -> str:
+    """muP class of a parameter AdamW trains (``mup.ADAMW_CLASSES``): the embedding and output weights (megatron
+    tags them ``is_embedding_or_output_parameter``; the output layer's 1/m lives in the logit multiplier),
+    vector-like (norms, biases), else hidden matrix-like (the router: fan-in d_model grows, fan-out does not)."""
+    if getattr(param, "is_embedding_or_output_parameter", False):
+        return "embedding"
+    if param.dim() < 2:
+        return "vector"
+    return "hidden"
+
+
+def mup_adamw_overrides(routing: ParamRouting, config, width_multiplier: float) -> dict:
+    """megatron param-group overrides with muP's AdamW rules (``mup.adamw_multipliers``) for the parameters
+    ``routing`` sends to AdamW. Only the hidden class changes (LR and ε times 1/m); the rest keep the base
+    values, so they need no override."""
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+    from megatron_muon import mup
+
+    lr_mult, eps_mult = mup.adamw_multipliers("hidden", width_multiplier)
+    hidden_ids = {id(r.param) for r in routing.adamw if adamw_parameter_class(r.param) == "hidden"}
+    if not hidden_ids or width_multiplier == 1.0:
+        return {}
+    key = ParamKey(
+        with_name_predicate=ParamWithNamePredicate(
+            name="mup_adamw_hidden", fn=lambda param, name: id(param) in hidden_ids
+        )
+    )
+    return {
+        key: {
+            "max_lr": config.lr * lr_mult,
+            "min_lr": config.min_lr * lr_mult,
+            "eps": config.adam_eps * eps_mult,
+        }
+    }

@@ -13,7 +13,13 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from megatron_muon.optim.layout import LayoutOptions, MatrixPiece, _global_key, megatron_param_pieces
+from megatron_muon.optim.layout import (
+    LayoutOptions,
+    MatrixPiece,
+    _global_key,
+    megatron_param_pieces,
+    module_tp_group,
+)
 from megatron_muon.optim.param_groups import route_parameters
 
 DEFAULT_LAYOUT = LayoutOptions()
@@ -37,7 +43,7 @@ def _other_param_full_and_shard(name, param, module, module_paths):
     dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
     if dim < 0:
         return key, tuple(param.shape), None, 1, 0
-    group = getattr(module, "tp_group", None)
+    group = module_tp_group(module)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     full = list(param.shape)
     full[dim] *= size

@@ -84,6 +84,7 @@ __all__ = [
     "iteration_dir",
     "load_checkpoint",
     "save_checkpoint",
+    "save_weights_only",
     "verify_checkpoint_files",
 ]
 
@@ -513,6 +514,34 @@ def save_checkpoint(
     return final
 
 
+def save_weights_only(
+    root: str | os.PathLike, model_chunks: list[torch.nn.Module], *, config_yaml: str
+) -> Path:
+    """Save the model weights alone as ``root/iter_0000000`` (collective), marked latest; return that path.
+
+    No optimizer, schedule, progress or RNG: :func:`load_checkpoint` loads it with ``finetune=True`` only, at any
+    layout (e.g. a Hugging Face import, ``megatron_muon.convert``). ``root`` must hold no checkpoint yet.
+    """
+    root = Path(root)
+    final = iteration_dir(root, 0)
+    staging = final.with_name(final.name + _PARTIAL_SUFFIX)
+    _run_on_rank_zero(_prepare_staging, root, staging)
+    state: dict[str, Any] = {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": 0,
+        "consumed_samples": 0,
+        "parallel_layout": _layout(model_chunks),
+        "rng_saved": False,
+        "weights_only": True,
+        **_model_sharded_state_dict(model_chunks),
+    }
+    dist_checkpointing.save(state, str(staging), validate_access_integrity=True)
+    dist.barrier()
+    _run_on_rank_zero(_publish, root, staging, final, 0, config_yaml, 0)
+    logger.info("Saved weights-only checkpoint %s", final)
+    return final
+
+
 # ---------------------------------------------------------------------------------------------------
 # Load.
 # ---------------------------------------------------------------------------------------------------
@@ -572,6 +601,11 @@ def load_checkpoint(
     if version != CHECKPOINT_VERSION:
         raise CheckpointError(
             f"checkpoint {checkpoint_dir} has version {version!r}; expected {CHECKPOINT_VERSION}"
+        )
+    if common.get("weights_only") and not finetune:
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} holds model weights only (no optimizer, schedule or progress); "
+            "load it with finetune=True (checkpoint.finetune=true)"
         )
 
     model_state = _model_sharded_state_dict(model_chunks)

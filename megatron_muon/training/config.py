@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_muon.optim.options import MuonOptions
+from megatron_muon.optim.options import MuonOptions, QKClipOptions
 from megatron_muon.training.config_checks import (  # noqa: F401  (re-exported)
     DECAY_STYLES,
     RESUME_MODES,
@@ -245,6 +245,8 @@ class OptimizerSection:
     """Muon's own options (``optim/build.py``): lr, min_lr, weight decay, momentum, scale rule, Newton–Schulz."""
     use_muon: bool = True
     """False: AdamW (megatron's own optimizer) for every parameter, with the settings above — the baseline."""
+    qk_clip: QKClipOptions = field(default_factory=QKClipOptions)
+    """MuonClip's QK-clip (Kimi K2) and the per-layer max-logit metric."""
     warmup_iters: int = 0
     """Linear warm-up steps from 0 to the peak learning rate."""
     decay_style: str = "cosine"
@@ -503,6 +505,24 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> ParallelDims
         f"training.max_consecutive_skips={train.max_consecutive_skips} must be >= 1",
     )
     cfg.optimizer.validate(train.train_iters)
+    qk_clip = cfg.optimizer.qk_clip
+    try:
+        qk_clip.validate()
+    except ValueError as error:
+        raise ConfigError(f"optimizer.{error}") from None
+    _require(
+        not (qk_clip.enabled and cfg.model.qk_layernorm),
+        "optimizer.qk_clip.enabled=true with model.qk_layernorm=true: the norm on queries and keys undoes any "
+        "rescaling of their weights; turn one of them off",
+    )
+    if cfg.model.mup_base_hidden_size is not None and cfg.optimizer.use_muon:
+        from megatron_muon.mup import MUON_SCALE_MODE
+
+        _require(
+            cfg.optimizer.muon.scale_mode == MUON_SCALE_MODE,
+            f"optimizer.muon.scale_mode={cfg.optimizer.muon.scale_mode!r} with muP (model.mup_base_hidden_size="
+            f"{cfg.model.mup_base_hidden_size}); muP needs {MUON_SCALE_MODE!r} (√(fan_out/fan_in), docs/mup.md)",
+        )
     cfg.data.validate(evaluates=train.eval_interval > 0)
     cfg.checkpoint.validate()
     _require(cfg.logging.log_interval >= 1, f"logging.log_interval={cfg.logging.log_interval} must be >= 1")

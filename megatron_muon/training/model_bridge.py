@@ -11,15 +11,16 @@ def tiny_moe_config(model: ModelConfig):
     features that builder does not construct."""
     from megatron_muon.models.tiny import TinyMoEConfig
 
-    unsupported = {
-        "multi_latent_attention": model.multi_latent_attention,
-        "fp8": model.fp8,
-    }
-    for name, value in unsupported.items():
-        _require(not value, f"model.{name}={value!r} is not supported by models.tiny (local spec builder)")
+    # megatron-core 0.19.2's local MLA spec cannot be built: its DotProductAttention takes no k_channels /
+    # v_channels (MLA's query/key and value head dims differ), so MLA needs Transformer Engine's attention.
+    _require(
+        not model.multi_latent_attention,
+        "model.multi_latent_attention=True needs Transformer Engine attention (megatron-core 0.19.2's local "
+        "DotProductAttention has no separate key/value head dims); models.tiny builds the local spec only",
+    )
+    _require(not model.fp8, f"model.fp8={model.fp8!r} is not supported by models.tiny (local spec builder)")
     # What the local-spec builder hard-wires; anything else must fail rather than be silently replaced.
     fixed = {
-        "transformer_impl": (model.transformer_impl, "local"),
         "normalization": (model.normalization, "RMSNorm"),
         "moe_router_load_balancing_type": (model.moe_router_load_balancing_type, "aux_loss"),
     }
@@ -54,4 +55,7 @@ def tiny_moe_config(model: ModelConfig):
         moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
         qk_layernorm=model.qk_layernorm,
         norm_epsilon=model.norm_epsilon,
+        mup_base_hidden_size=model.mup_base_hidden_size,
+        mup_base_head_dim=model.mup_base_head_dim,
+        transformer_impl=model.transformer_impl,
     )

@@ -76,7 +76,13 @@ class ModelConfig:
     rotary_base: int = 10000
     """RoPE base θ (Su et al. 2021)."""
     init_method_std: float = 0.02
-    """Standard deviation of the normal weight init."""
+    """Standard deviation of the normal weight init (under muP: at the base width; see ``megatron_muon/mup.py``)."""
+    mup_base_hidden_size: int | None = None
+    """muP (``megatron_muon/mup.py``, docs/mup.md): hidden size of the base model the hyperparameters were tuned
+    at; the width multiplier is hidden_size / this. None: muP off (standard parametrization)."""
+    mup_base_head_dim: float | None = None
+    """muP: head dim of the base model (attention scale √this / head_dim); None: mup_base_hidden_size /
+    num_attention_heads (the head count stays fixed as the model widens)."""
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the output layer."""
     normalization: str = "RMSNorm"
@@ -107,6 +113,20 @@ class ModelConfig:
     def head_dim(self) -> int:
         """Head dim of standard attention."""
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def mup_width(self):
+        """The muP ``MupWidth`` of this model (None when muP is off)."""
+        if self.mup_base_hidden_size is None:
+            return None
+        from megatron_muon.mup import MupWidth
+
+        return MupWidth.of_model(
+            hidden_size=self.hidden_size,
+            head_dim=self.head_dim,
+            num_attention_heads=self.num_attention_heads,
+            base_hidden_size=self.mup_base_hidden_size,
+            base_head_dim=self.mup_base_head_dim,
+        )
 
     @property
     def query_groups(self) -> int:
@@ -180,6 +200,7 @@ class ModelConfig:
                 self.transformer_impl == "transformer_engine",
                 f"model.fp8={self.fp8!r} needs model.transformer_impl='transformer_engine'",
             )
+        self._validate_mup()
         if self.multi_latent_attention:
             _require_positive(
                 "model", self, "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"
@@ -200,6 +221,24 @@ class ModelConfig:
                 "model.num_attention_heads",
                 self.num_attention_heads,
             )
+
+    def _validate_mup(self) -> None:
+        base, base_head = self.mup_base_hidden_size, self.mup_base_head_dim
+        if base is None:
+            _require(
+                base_head is None,
+                f"model.mup_base_head_dim={base_head} needs model.mup_base_hidden_size (muP is off without it)",
+            )
+            return
+        _require(base >= 1, f"model.mup_base_hidden_size={base} must be >= 1 or null (muP off)")
+        _require(
+            base_head is None or base_head > 0, f"model.mup_base_head_dim={base_head} must be > 0 or null"
+        )
+        _require(
+            not self.multi_latent_attention,
+            "model.mup_base_hidden_size is set but model.multi_latent_attention=true: megatron's MLA computes "
+            "its own softmax scale, so muP's 1/d_head attention cannot be applied",
+        )
 
 
 def count_parameters(model: ModelConfig) -> tuple[int, int]:

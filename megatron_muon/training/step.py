@@ -168,7 +168,7 @@ def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: GPTMo
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
-        attention_mask=causal_attention_mask(batch["tokens"].shape[1]),
+        attention_mask=causal_attention_mask(batch["tokens"].shape[1], device=batch["tokens"].device),
         labels=batch["labels"],
     )
     return output, partial(_summed_token_loss, batch["loss_mask"])
@@ -191,6 +191,16 @@ def _load_balancing_loss(
         pg_collection=pg_collection,
     )
     return float(totals[LOAD_BALANCING_LOSS])
+
+
+def _reduction_device() -> torch.device:
+    """Where the step's own small reductions (loss totals, timings) live: the current GPU when there is one
+    (NCCL reduces CUDA tensors only), else the CPU (gloo)."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def _forward_backward(
@@ -221,10 +231,10 @@ def _forward_backward(
         pg_collection=pg_collection,
     )
     # [summed loss, token count]: nonzero only on the last pipeline stage, which holds the losses.
-    loss_and_tokens = torch.zeros(2, dtype=torch.float64)
+    loss_and_tokens = torch.zeros(2, dtype=torch.float64, device=_reduction_device())
     if is_pp_last_stage(pg_collection.pp):
         for microbatch in reported:
-            loss_and_tokens += microbatch["lm loss"].to(torch.float64)
+            loss_and_tokens += microbatch["lm loss"].to(loss_and_tokens.device, torch.float64)
         torch.distributed.all_reduce(loss_and_tokens, group=pg_collection.dp_cp)
     torch.distributed.broadcast(
         loss_and_tokens, src=get_pp_last_rank(pg_collection.pp), group=pg_collection.pp
@@ -297,7 +307,9 @@ def train_step(
     optimizer_start = time.perf_counter()
     update_successful, grad_norm = step_unless_nonfinite(optimizer)
     # The slowest rank's time, so that (like everything returned here) it is the same on every rank.
-    optimizer_seconds = torch.tensor([time.perf_counter() - optimizer_start], dtype=torch.float64)
+    optimizer_seconds = torch.tensor(
+        [time.perf_counter() - optimizer_start], dtype=torch.float64, device=_reduction_device()
+    )
     torch.distributed.all_reduce(optimizer_seconds, op=torch.distributed.ReduceOp.MAX)
     return {
         "loss": loss_sum / tokens,

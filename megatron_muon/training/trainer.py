@@ -19,7 +19,8 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, load_tokenizer, null_tokenizer
 from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
-from megatron_muon.optim.build import build_optimizer
+from megatron_muon.optim.build import adamw_config_overrides, build_optimizer
+from megatron_muon.optim.qk_clip import QKClip
 from megatron_muon.training import checkpoint as ckpt
 from megatron_muon.training.config import (
     PretrainConfig,
@@ -28,6 +29,7 @@ from megatron_muon.training.config import (
     to_yaml,
     validate_tokenizer,
 )
+from megatron_muon.training.expert_load import ExpertLoadTracker
 from megatron_muon.training.metrics import (
     MetricsWriter,
     is_logging_rank,
@@ -82,6 +84,9 @@ class Trainer:
         config = build_transformer_config(self.tiny, tp=p.tp, pp=p.pp, ep=p.ep, etp=dims.etp, vpp=p.vpp)
         if cfg.model.precision == "bf16":
             config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
+        # Transformer Engine's attention returns each head's max logit from its fused kernel only when asked
+        # (QK-clip reads it from there); megatron's local attention ignores the flag (optim/qk_clip.py hooks it).
+        config.log_max_attention_logit = cfg.optimizer.qk_clip.records
         self.model = wrap_in_ddp(
             build_gpt_moe_model_chunks(self.tiny, config, pg_collection), config, pg_collection=pg_collection
         )
@@ -103,7 +108,31 @@ class Trainer:
             self.optimizer = build_optimizer(self.model, adam_config, opt.muon, pg_collection)
         else:  # the AdamW baseline: megatron's own optimizer for every parameter
             self.optimizer = get_megatron_optimizer(
-                adam_config, self.model, use_gloo_process_groups=False, pg_collection=pg_collection
+                adam_config,
+                self.model,
+                config_overrides=adamw_config_overrides(adam_config, self.model),  # + muP's, when on
+                use_gloo_process_groups=False,
+                pg_collection=pg_collection,
+            )
+        self.qk_clip = None
+        if opt.qk_clip.records:
+            self.qk_clip = QKClip(
+                self.model,
+                threshold=opt.qk_clip.threshold,
+                alpha=opt.qk_clip.alpha,
+                dp_cp_group=pg_collection.dp_cp,
+                mp_group=pg_collection.mp,
+                num_layers=cfg.model.num_layers,
+                clip=opt.qk_clip.enabled,
+            )
+        self.expert_load = None
+        if cfg.model.num_moe_experts > 0:
+            self.expert_load = ExpertLoadTracker(
+                self.model,
+                num_layers=cfg.model.num_layers,
+                num_experts=cfg.model.num_moe_experts,
+                dp_cp_group=pg_collection.dp_cp,
+                mp_group=pg_collection.mp,
             )
         decay_iters = opt.resolved_lr_decay_iters(train.train_iters)
         self.scheduler = OptimizerParamScheduler(
@@ -215,6 +244,7 @@ class Trainer:
             elapsed = time.perf_counter() - start
             self.iteration += 1
             self.consumed_samples += train.global_batch_size
+            step_metrics = self._after_step(skipped=result["skipped"])
             if result["skipped"]:
                 consecutive_skips, total_skips = consecutive_skips + 1, total_skips + 1
                 self._log(
@@ -229,7 +259,7 @@ class Trainer:
             else:
                 consecutive_skips = 0
                 self.scheduler.step(increment=1)  # the scheduler counts iterations here
-            self._report(result, elapsed, tokens_per_step, total_skips)
+            self._report(result, elapsed, tokens_per_step, total_skips, step_metrics)
             if train.eval_interval and self.iteration % train.eval_interval == 0:
                 self._evaluate()
             save_now = cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0
@@ -285,7 +315,21 @@ class Trainer:
         self._log(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------------------------------------- logging
-    def _report(self, result, elapsed, tokens_per_step, total_skips) -> None:
+    def _after_step(self, skipped: bool) -> dict[str, float]:
+        """QK-clip (clip, or only measure, with what this step's forward passes saw) and the expert loads;
+        their metrics. A skipped step only forgets what was recorded."""
+        metrics = {}
+        for recorder in (self.qk_clip, self.expert_load):
+            if recorder is not None and skipped:
+                recorder.reset()
+        if self.qk_clip is not None and not skipped:
+            maxima = self.qk_clip.after_step()
+            metrics.update({f"attention/max_logit/layer_{n:02d}": v for n, v in maxima.items()})
+        if self.expert_load is not None and not skipped:
+            metrics.update(self.expert_load.collect())
+        return metrics
+
+    def _report(self, result, elapsed, tokens_per_step, total_skips, step_metrics) -> None:
         train = self.cfg.training
         tokens_per_s = tokens_per_step / elapsed
         mfu = None
@@ -312,6 +356,7 @@ class Trainer:
             "memory/rss_mib": memory_mib(),
             **{f"optimizer/lr_{k}": v for k, v in lrs.items()},
             **muon_stats(self.optimizer),
+            **step_metrics,
         }
         self.metrics.scalars(self.iteration, values)
         if self.iteration % self.cfg.logging.log_interval == 0 or self.iteration == 1:

@@ -58,9 +58,7 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int, extra_muon
     return results
 
 
-def _reference(
-    keys_and_shapes: dict[str, tuple[int, int]], steps: int, **extra
-) -> dict[str, torch.Tensor]:
+def _reference(keys_and_shapes: dict[str, tuple[int, int]], steps: int, **extra) -> dict[str, torch.Tensor]:
     weights = {k: canonical_tensor(k, shape, salt="weight") for k, shape in keys_and_shapes.items()}
     reference = ReferenceMuon(weights, compute_dtype=torch.float32, **MUON, **extra)
     for step in range(steps):

@@ -376,5 +376,5 @@ def test_tiny_cpu_model_builds_a_megatron_transformer_config():
         1,
         True,
     )
-    with pytest.raises(ConfigError, match="multi_latent_attention=True is not supported by models.tiny"):
+    with pytest.raises(ConfigError, match="multi_latent_attention=True needs Transformer Engine attention"):
         tiny_moe_config(ModelConfig(multi_latent_attention=True))

@@ -1,0 +1,133 @@
+"""Short training runs of the tiny MoE GPT in one process (CPU or one GPU), through the trainer's pieces (model
+builder, megatron DDP, ``build_optimizer``, ``train_step``): the GPU tests' training steps, and the measurement of
+what FP8 Newton–Schulz costs in loss.
+
+Call inside a process whose megatron parallel state is initialized (``run_distributed`` on the CPU, the
+``cuda_world`` fixture of tests/gpu on a GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["TinyRun", "train_tiny_moe"]
+
+DEFAULT_MODEL = dict(
+    num_layers=4,
+    hidden_size=128,
+    ffn_hidden_size=256,
+    moe_ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    num_moe_experts=4,
+    vocab_size=512,
+    seq_length=64,
+)
+
+
+@dataclass(slots=True)
+class TinyRun:
+    losses: list[float]
+    """Training loss (nats per token) of each step."""
+    chunks: list[Any]
+    """The DDP-wrapped model chunks."""
+    optimizer: Any
+    """The megatron ``ChainedOptimizer`` (Muon + AdamW)."""
+    skipped: list[bool] = field(default_factory=list)
+    """Whether each step's update was skipped (non-finite gradients)."""
+
+
+def _on_device(batches, device: torch.device):
+    for batch in batches:
+        yield {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def train_tiny_moe(
+    pg_collection,
+    *,
+    steps: int,
+    device: str | torch.device = "cpu",
+    model: dict | None = None,
+    bf16: bool = False,
+    transformer_impl: str = "local",
+    fp8_recipe: str | None = None,
+    fp8_param: bool = False,
+    ns_compute_dtype: str = "bfloat16",
+    ns_fp8_steps: int = 0,
+    muon_lr: float = 0.02,
+    adam_lr: float = 3e-3,
+    micro_batch_size: int = 4,
+    num_microbatches: int = 2,
+    seed: int = 1234,
+) -> TinyRun:
+    """Train the tiny MoE GPT ``steps`` steps with Muon + AdamW at TP = PP = EP = 1; the same weights and data for
+    the same ``seed`` whatever the numerics.
+
+    ``bf16``: bf16 params, fp32 main params in the optimizer (as ``model.precision: bf16``). ``fp8_recipe``:
+    megatron's ``fp8_recipe`` (delayed | tensorwise | mxfp8) with ``fp8="hybrid"`` (e4m3 forward, e5m2
+    gradients), Transformer Engine only; ``fp8_param``: FP8 primary weights. ``ns_fp8_steps``: FP8 Newton–Schulz
+    (``MuonOptions.ns_fp8_steps``)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
+
+    device = torch.device(device)
+    if (fp8_recipe or fp8_param) and transformer_impl != "transformer_engine":
+        raise ValueError(
+            f"fp8_recipe={fp8_recipe!r} / fp8_param={fp8_param} need transformer_impl='transformer_engine'"
+        )
+    if fp8_param and not fp8_recipe:
+        raise ValueError("fp8_param=True needs an fp8_recipe")
+    cfg = TinyMoEConfig(**(model or DEFAULT_MODEL), transformer_impl=transformer_impl)
+    config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
+    # As the trainer does: precision fields set before the model is built.
+    if bf16 or fp8_recipe:
+        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
+    if fp8_recipe:
+        config.fp8, config.fp8_recipe, config.fp8_param = "hybrid", fp8_recipe, fp8_param
+    if device.type == "cuda":
+        config.use_cpu_initialization = False  # build on the GPU (FP8 primary weights cannot live on the CPU)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    chunks = build_gpt_moe_model_chunks(cfg, config, pg_collection)
+    chunks = wrap_in_ddp([chunk.to(device) for chunk in chunks], config, pg_collection=pg_collection)
+    optimizer = build_optimizer(
+        chunks,
+        OptimizerConfig(
+            optimizer="adam", lr=adam_lr, weight_decay=0.01, clip_grad=1.0, bf16=config.bf16, fp16=False
+        ),
+        MuonOptions(lr=muon_lr, weight_decay=0.01, compute_dtype=ns_compute_dtype, ns_fp8_steps=ns_fp8_steps),
+        pg_collection,
+    )
+    data = _on_device(
+        synthetic_batches(
+            vocab_size=cfg.vocab_size,
+            seq_length=cfg.seq_length,
+            micro_batch_size=micro_batch_size,
+            num_microbatches=num_microbatches,
+            data_parallel_rank=0,
+            data_parallel_size=1,
+            seed=seed,
+        ),
+        device,
+    )
+    run = TinyRun(losses=[], chunks=chunks, optimizer=optimizer)
+    for _ in range(steps):
+        result = train_step(
+            chunks,
+            optimizer,
+            data,
+            num_microbatches=num_microbatches,
+            seq_length=cfg.seq_length,
+            micro_batch_size=micro_batch_size,
+            pg_collection=pg_collection,
+        )
+        run.losses.append(float(result["loss"]))
+        run.skipped.append(bool(result["skipped"]))
+    return run

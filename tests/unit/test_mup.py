@@ -1,0 +1,155 @@
+"""muP rules (``megatron_muon/mup.py``): the numbers, that megatron's TransformerConfig ends up with the same ones
+through its own muP hooks, and the config checks. No processes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from megatron_muon import mup
+from megatron_muon.models.tiny import TinyMoEConfig, build_transformer_config
+from megatron_muon.training.config import ConfigError, ModelConfig, load_config, tiny_moe_config, validate
+
+
+def test_init_std_falls_as_one_over_sqrt_fan_in_from_the_base():
+    assert mup.init_std(0.02, fan_in=64, base_fan_in=64) == pytest.approx(0.02)
+    assert mup.init_std(0.02, fan_in=256, base_fan_in=64) == pytest.approx(0.01)
+    # An expert fc2 whose d_ff_expert grows 2x: its own fan-in decides.
+    assert mup.init_std(0.02, fan_in=256, base_fan_in=128) == pytest.approx(0.02 / math.sqrt(2))
+    assert mup.residual_output_init_std(0.02, num_layers=2, width_multiplier=4) == pytest.approx(
+        0.02 / math.sqrt(16)
+    )
+
+
+def test_output_multiplier_and_attention_scale():
+    assert mup.output_logit_multiplier(4.0) == pytest.approx(0.25)
+    # Standard 1/sqrt(d_head) at the base width, then 1/d_head: 4x the head dim -> 1/4 of the base scale x 1/... .
+    assert mup.attention_softmax_scale(16, 16) == pytest.approx(1 / 4)
+    assert mup.attention_softmax_scale(64, 16) == pytest.approx(4 / 64)
+    assert mup.attention_softmax_scale(64, 16) == pytest.approx(mup.attention_softmax_scale(16, 16) / 4)
+
+
+def test_adamw_multipliers_per_class():
+    assert mup.adamw_multipliers("hidden", 4.0) == (0.25, 0.25)
+    for constant in ("embedding", "vector", "output"):
+        assert mup.adamw_multipliers(constant, 4.0) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="parameter_class='bias'"):
+        mup.adamw_multipliers("bias", 2.0)
+
+
+def test_muon_weight_decay_keeps_independent_decay_proportional_to_one_over_width():
+    lr = 0.02  # unchanged by width under muP
+    decays = {m: lr * mup.muon_weight_decay(0.1, m) for m in (1.0, 2.0, 4.0)}
+    assert decays[2.0] == pytest.approx(decays[1.0] / 2) and decays[4.0] == pytest.approx(decays[1.0] / 4)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: mup.init_std(0.02, fan_in=0, base_fan_in=64), "fan_in=0"),
+        (lambda: mup.output_logit_multiplier(-1.0), "width_multiplier=-1.0"),
+        (lambda: mup.muon_weight_decay(-0.1, 2.0), "base_weight_decay=-0.1"),
+        (
+            lambda: mup.MupWidth(hidden_size=64, base_hidden_size=0, head_dim=16, base_head_dim=16),
+            "base_hidden_size",
+        ),
+    ],
+)
+def test_rules_refuse_nonsense(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_scaled_width_dims_keep_ratios_and_refuse_fractions():
+    dims = mup.scaled_width_dims(
+        reference_hidden_size=64,
+        hidden_size=256,
+        dims={"ffn_hidden_size": 256, "moe_ffn_hidden_size": 128, "x": 0},
+    )
+    assert dims == {"ffn_hidden_size": 1024, "moe_ffn_hidden_size": 512, "x": 0}
+    with pytest.raises(ValueError, match="ffn_hidden_size=100 at hidden_size=64 scales to 50"):
+        mup.scaled_width_dims(
+            reference_hidden_size=64, hidden_size=32, dims={"ffn_hidden_size": 100}, multiple_of=4
+        )
+
+
+def _std(init_method) -> float:
+    return init_method.keywords["std"]
+
+
+def test_megatron_transformer_config_carries_the_rules():
+    """Width 256 over a base of 64 (m = 4), 4 heads: megatron's own muP fields and init methods match mup.py."""
+    cfg = TinyMoEConfig(
+        num_layers=2, hidden_size=256, ffn_hidden_size=512, moe_layer_freq=[0, 1], mup_base_hidden_size=64
+    )
+    config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
+    assert config.use_mup and config.mup_width_mult == pytest.approx(4.0)
+    assert config.mup_output_mult == pytest.approx(mup.output_logit_multiplier(4.0))
+    assert config.softmax_scale == pytest.approx(mup.attention_softmax_scale(64, 16))
+    assert _std(config.init_method) == pytest.approx(mup.init_std(0.02, fan_in=256, base_fan_in=64))
+    assert _std(config.output_layer_init_method) == pytest.approx(mup.residual_output_init_std(0.02, 2, 4.0))
+    assert _std(config.embedding_init_method) == pytest.approx(0.02)  # embedding (and untied LM head): base σ
+
+    standard = build_transformer_config(TinyMoEConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
+    assert not standard.use_mup and standard.softmax_scale is None and standard.mup_output_mult == 1.0
+
+
+def test_base_width_model_is_the_standard_one():
+    """At m = 1 muP changes nothing but naming: same init, standard 1/sqrt(d_head), no logit multiplier."""
+    config = build_transformer_config(
+        TinyMoEConfig(num_layers=2, hidden_size=64, moe_layer_freq=[0, 1], mup_base_hidden_size=64),
+        tp=1,
+        pp=1,
+        ep=1,
+    )
+    assert config.softmax_scale == pytest.approx(1 / math.sqrt(16))
+    assert config.mup_output_mult == 1.0
+    assert _std(config.init_method) == pytest.approx(0.02)
+
+
+def test_model_config_reaches_the_builder():
+    model = ModelConfig(hidden_size=128, mup_base_hidden_size=32, mup_base_head_dim=8.0)
+    width = model.mup_width()
+    assert (width.multiplier, width.head_dim, width.base_head_dim) == (4.0, 32, 8.0)
+    tiny = tiny_moe_config(model)
+    assert (tiny.mup_base_hidden_size, tiny.mup_base_head_dim) == (32, 8.0)
+    assert ModelConfig().mup_width() is None
+    assert (
+        ModelConfig(hidden_size=128, mup_base_hidden_size=32).mup_width().base_head_dim == 8.0
+    )  # 32 / 4 heads
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.mup_base_hidden_size=0"], "model.mup_base_hidden_size=0 must be >= 1"),
+        (["model.mup_base_head_dim=16"], "model.mup_base_head_dim=16.0 needs model.mup_base_hidden_size"),
+        (
+            ["model.mup_base_hidden_size=64", "model.mup_base_head_dim=-1"],
+            "model.mup_base_head_dim=-1.0 must be > 0",
+        ),
+        (
+            ["model.mup_base_hidden_size=64", "optimizer.muon.scale_mode=moonlight"],
+            "optimizer.muon.scale_mode='moonlight' with muP",
+        ),
+    ],
+)
+def test_config_errors_name_the_value(overrides, message):
+    cfg = load_config(None, ["data.mock=true", *overrides])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        validate(cfg, world_size=1)
+
+
+def test_mup_with_adamw_only_baseline_validates():
+    """The all-AdamW baseline takes muP too (megatron's get_mup_config_overrides); Muon's scale mode is moot."""
+    cfg = load_config(
+        None,
+        [
+            "data.mock=true",
+            "model.mup_base_hidden_size=32",
+            "optimizer.use_muon=false",
+            "optimizer.muon.scale_mode=none",
+        ],
+    )
+    validate(cfg, world_size=1)
