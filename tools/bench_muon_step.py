@@ -60,7 +60,6 @@ import gc
 import importlib.metadata
 import io
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -69,7 +68,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from benchmarks_md import cpu_description, load_average, write_section
+from benchmarks_md import cpu_description, load_average, publish, rerun_command
 
 from megatron_muon.testing import run_distributed
 
@@ -777,9 +776,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=args.warmup,
         profile=() if args.profile is None else tuple(args.profile or [REFERENCE]),
     )
-    command = "python tools/bench_muon_step.py " + " ".join(
-        shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv)
-    )
+    command = rerun_command("bench_muon_step.py", argv)
     measured = {name: measure_layout(name, _model_kwargs(args), chosen, settings) for name in args.layouts}
     for layout_name, result in measured.items():
         for name, row in result["rows"].items():
@@ -791,11 +788,7 @@ def main(argv: list[str] | None = None) -> None:
                     file=sys.stderr,
                 )
     section = render_section(args, command.strip(), measured)
-    if args.out is None:
-        print(section)
-    else:
-        write_section(args.out, section, START_MARKER, END_MARKER)
-        print(f"wrote the bench_muon_step section of {args.out}", file=sys.stderr)
+    publish(section, args.out, START_MARKER, END_MARKER)
 
 
 if __name__ == "__main__":

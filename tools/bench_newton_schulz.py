@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchmarks_md import cpu_description, load_average, write_section
+from benchmarks_md import cpu_description, load_average, publish, rerun_command
 
 from megatron_muon.ops.newton_schulz import newton_schulz, newton_schulz_flops, resolve_coefficients
 
@@ -265,15 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    command = "python tools/bench_newton_schulz.py " + " ".join(
-        shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv)
-    )
+    command = rerun_command("bench_newton_schulz.py", argv)
     section = render_section(args, command.strip())
-    if args.out is None:
-        print(section)
-    else:
-        write_section(args.out, section, START_MARKER, END_MARKER)
-        print(f"wrote the bench_newton_schulz section of {args.out}", file=sys.stderr)
+    publish(section, args.out, START_MARKER, END_MARKER)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 from bench_newton_schulz import parse_shape
-from benchmarks_md import cpu_description, write_section
+from benchmarks_md import cpu_description, publish, rerun_command
 
 from megatron_muon.ops import newton_schulz_fp8 as fp8
 from megatron_muon.ops.newton_schulz import newton_schulz, newton_schulz_flops, orthogonality_error
@@ -269,15 +268,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--fp8-steps {k} must be in [1, --steps={args.steps}]")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    command = "python tools/bench_newton_schulz_gpu.py " + " ".join(
-        shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv)
-    )
+    command = rerun_command("bench_newton_schulz_gpu.py", argv)
     section = render_section(args, device, command.strip())
-    if args.out is None:
-        print(section)
-    else:
-        write_section(args.out, section, START_MARKER, END_MARKER)
-        print(f"wrote the bench_newton_schulz_gpu section of {args.out}", file=sys.stderr)
+    publish(section, args.out, START_MARKER, END_MARKER)
 
 
 if __name__ == "__main__":

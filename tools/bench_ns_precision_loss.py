@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
-from benchmarks_md import cpu_description, write_section
+from benchmarks_md import cpu_description, publish, rerun_command
 
 from megatron_muon.testing import run_distributed
 
@@ -93,15 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.hidden < 16 or args.hidden % 16:
         raise SystemExit(f"--steps {args.steps} must be >= 1 and --hidden {args.hidden} a multiple of 16")
-    command = "python tools/bench_ns_precision_loss.py " + " ".join(
-        shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv)
-    )
+    command = rerun_command("bench_ns_precision_loss.py", argv)
     section = render_section(args, command.strip())
-    if args.out is None:
-        print(section)
-    else:
-        write_section(args.out, section, START_MARKER, END_MARKER)
-        print(f"wrote the bench_ns_precision_loss section of {args.out}", file=sys.stderr)
+    publish(section, args.out, START_MARKER, END_MARKER)
 
 
 if __name__ == "__main__":

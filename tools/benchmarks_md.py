@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 
@@ -44,3 +46,17 @@ def write_section(path: Path, section: str, start_marker: str, end_marker: str) 
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def rerun_command(tool: str, argv: list[str] | None) -> str:
+    """``python tools/<tool> ARGS…``, the command line that reproduces a section (``argv=None``: this process's)."""
+    return shlex.join(["python", f"tools/{tool}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def publish(section: str, out: str | Path | None, start_marker: str, end_marker: str) -> None:
+    """Print ``section``, or write it into the markdown file ``out`` between its markers."""
+    if out is None:
+        print(section)
+        return
+    write_section(Path(out), section, start_marker, end_marker)
+    print(f"wrote the {start_marker} section of {out}", file=sys.stderr)

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks_md import cpu_description, load_average, write_section
+from benchmarks_md import cpu_description, load_average, rerun_command, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 VALIDATION = re.compile(r"validation at iteration\s+(\d+) \| lm loss ([\d.]+|nan|inf)")
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(summary)
     plot(rows, summary, out_dir)
-    command = "python tools/compare_optimizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = rerun_command("compare_optimizers.py", argv)
     runs = (made, len(trials) - made)
     section = markdown(
         summary, args, command.strip(), runs, time.time() - start, (load_before, load_average())
