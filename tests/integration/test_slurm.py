@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "pretrain_muon.sh"
 TINY_CONFIG = "launch/configs/tiny_cpu.yaml"
 ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/(\d+) \|", re.MULTILINE)
+REQUEUE_GRACE_S = 10  # seconds between a requeue and forcing the job's next start (see wait_until_gone)
 LOCAL_CLUSTER_DIR = "MEGATRON_MUON_TEST_SLURM_DIR"  # in the fixture's environment: where the daemons log
 SIGNAL_EXIT_LINE = re.compile(r"exit requested by a signal: checkpoint saved at iteration (\d+)")
 
@@ -103,18 +104,22 @@ def daemon_logs(env: dict[str, str], lines: int = 40) -> str:
 def wait_until_gone(env: dict[str, str], job: str, timeout: float) -> dict[str, str]:
     """Poll squeue until the job has left the queue (accounting is off: no sacct); its final fields."""
     deadline = time.monotonic() + timeout
+    requeued_since = None
     while True:
         queued = subprocess.run(
             ["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True
         ).stdout.split()
         if not queued:
             return job_fields(env, job)
-        # A requeued job waits ~2 minutes before it may start again; let it start at once, but only when its
-        # first run has left the node (a start while that run still completes is a race this test is not about).
-        if queued == ["PENDING", "BeginTime"] and node_idle(env):
-            subprocess.run(
-                ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True
-            )
+        # A requeued job waits ~2 minutes (BeginTime) before it may start again; let it start sooner, but not
+        # within seconds of the requeue: slurmd revokes the first run's credential, and a relaunch issued in
+        # the same second is refused ("Job credential revoked") and fails the job. Also wait for the node.
+        if queued == ["PENDING", "BeginTime"]:
+            requeued_since = requeued_since or time.monotonic()
+            if time.monotonic() - requeued_since >= REQUEUE_GRACE_S and node_idle(env):
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True
+                )
         assert time.monotonic() < deadline, f"job {job} still {queued} after {timeout} s"
         time.sleep(2)
 
