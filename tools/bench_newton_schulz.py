@@ -31,14 +31,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchmarks_md import cpu_description, load_average, publish, rerun_command
+from benchmarks_md import (
+    clock_timer,
+    cpu_description,
+    interleaved_medians,
+    load_average,
+    publish,
+    rerun_command,
+)
 
 from megatron_muon.ops.newton_schulz import newton_schulz, newton_schulz_flops, resolve_coefficients
 
@@ -63,22 +69,6 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def interleaved_medians(
-    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, clock: Callable[[], float]
-) -> dict[str, float]:
-    """Median seconds (read from ``clock``) of each function, run alternately ``repeats`` times after ``warmup``."""
-    for _ in range(warmup):
-        for function in functions.values():
-            function()
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = clock()
-            function()
-            times[name].append(clock() - start)
-    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def plain_gemm_sequence(rows: int, cols: int, steps: int, dtype: torch.dtype) -> Callable[[], None]:
@@ -119,7 +109,7 @@ def measure_flops_table(
                 {"ns": orthogonalize, "gemm": plain_gemm_sequence(rows, cols, args.steps, dtype)},
                 args.warmup,
                 args.repeats,
-                CLOCKS[args.clock],
+                clock_timer(CLOCKS[args.clock]),
             )
             ratio = medians["gemm"] / medians["ns"]
             ratios.append((rows, cols, dtype_name, ratio, flops / medians["gemm"]))
@@ -152,7 +142,7 @@ def measure_stack_table(args: argparse.Namespace) -> tuple[list[str], dict[str, 
             return [newton_schulz(matrix, args.steps, args.coefficients, dtype) for matrix in stack]
 
         medians = interleaved_medians(
-            {"batched": batched, "loop": loop}, args.warmup, args.repeats, CLOCKS[args.clock]
+            {"batched": batched, "loop": loop}, args.warmup, args.repeats, clock_timer(CLOCKS[args.clock])
         )
         fractions[dtype_name] = (medians["batched"] / medians["loop"], flops / medians["loop"])
         table.append(

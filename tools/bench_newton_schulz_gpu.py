@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from bench_newton_schulz import parse_shape
-from benchmarks_md import cpu_description, publish, rerun_command
+from benchmarks_md import clock_timer, cpu_description, interleaved_medians, publish, rerun_command
 
 from megatron_muon.ops import newton_schulz_fp8 as fp8
 from megatron_muon.ops.newton_schulz import newton_schulz, newton_schulz_flops, orthogonality_error
@@ -61,28 +59,20 @@ def parse_stack(text: str) -> tuple[int, int, int]:
     return count, rows, cols
 
 
-def interleaved_medians(
-    functions: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds of each function, run alternately; CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        for function in functions.values():
-            function()
-    samples: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                function()
-                end.record()
-                end.synchronize()
-                samples[name].append(start.elapsed_time(end) / 1e3)
-            else:
-                begin = time.perf_counter()
-                function()
-                samples[name].append(time.perf_counter() - begin)
-    return {name: statistics.median(values) for name, values in samples.items()}
+def device_timer(device: torch.device):
+    """A ``time_call`` for ``interleaved_medians``: CUDA events on a GPU, ``perf_counter`` on the CPU."""
+    if device.type != "cuda":
+        return clock_timer(time.perf_counter)
+
+    def time_call(function) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return time_call
 
 
 def plain_gemms(shape: tuple[int, ...], steps: int, device: torch.device, *, fp8_gemms: bool):
@@ -151,7 +141,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> tuple[list[str], 
             functions["fp8_matmul"] = plain_gemms(shape, args.steps, device, fp8_gemms=True)
             for k in args.fp8_steps:
                 functions[f"fp8_{k}"] = lambda k=k: call(k)
-        medians = interleaved_medians(functions, args.warmup, args.repeats, device)
+        medians = interleaved_medians(functions, args.warmup, args.repeats, device_timer(device))
         ratio = medians["matmul"] / medians["bf16"]
         ratios.append((shape, ratio))
         table_a.append(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -60,3 +62,32 @@ def publish(section: str, out: str | Path | None, start_marker: str, end_marker:
         return
     write_section(Path(out), section, start_marker, end_marker)
     print(f"wrote the {start_marker} section of {out}", file=sys.stderr)
+
+
+def clock_timer(clock: Callable[[], float]) -> Callable[[Callable[[], object]], float]:
+    """A ``time_call`` for :func:`interleaved_medians` that reads ``clock`` (e.g. ``time.perf_counter``)."""
+
+    def time_call(function: Callable[[], object]) -> float:
+        start = clock()
+        function()
+        return clock() - start
+
+    return time_call
+
+
+def interleaved_medians(
+    functions: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    time_call: Callable[[Callable[[], object]], float],
+) -> dict[str, float]:
+    """Median seconds of each function, run alternately ``repeats`` times after ``warmup`` rounds;
+    ``time_call(function)`` runs it once and returns the seconds it took."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            samples[name].append(time_call(function))
+    return {name: statistics.median(values) for name, values in samples.items()}

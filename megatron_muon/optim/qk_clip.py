@@ -130,22 +130,27 @@ class QKClip:
         """Reduce the recorded maxima, clip the heads above τ, reset; returns ``{layer number: max logit}`` for
         every layer of the model (the same on every rank). Collective over ``dp_cp_group`` and ``mp_group``."""
         per_layer = torch.full((self.num_layers,), float("-inf"))
+        recorded = []
         for attention in self.attentions:
-            core = attention.module.core_attention
-            logits = core.current_max_attn_logits
+            logits = attention.module.core_attention.current_max_attn_logits
             if logits is None:
                 raise RuntimeError(
                     f"QK-clip: layer {attention.layer_number} recorded no attention logits this step (was the "
                     "model run in training mode?)"
                 )
-            logits = logits.detach().float().clone()
-            if self.dp_cp_group is not None:
-                dist.all_reduce(logits, op=dist.ReduceOp.MAX, group=self.dp_cp_group)
+            recorded.append(logits.detach().float())
+        # Every layer's heads in one MAX all-reduce over the replicas, not one collective per layer.
+        all_logits = torch.cat(recorded) if recorded else torch.empty(0)
+        if self.dp_cp_group is not None and recorded:
+            dist.all_reduce(all_logits, op=dist.ReduceOp.MAX, group=self.dp_cp_group)
+        for attention, logits in zip(
+            self.attentions, all_logits.split([a.heads for a in self.attentions]), strict=True
+        ):
             per_layer[attention.layer_number - 1] = logits.max().cpu()
             if self.clip and bool((logits > self.threshold).any()):
                 q_factor, k_factor = gqa_clip_factors(logits, attention.groups, self.threshold, self.alpha)
                 _scale_qkv_rows_(attention, q_factor, k_factor)
-            core.current_max_attn_logits = None
+            attention.module.core_attention.current_max_attn_logits = None
         if self.mp_group is not None:
             device = self.attentions[0].module.linear_qkv.weight.device if self.attentions else "cpu"
             per_layer = per_layer.to(device)

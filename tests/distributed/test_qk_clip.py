@@ -76,7 +76,7 @@ def _qk_clip_step_on_rank(layout: dict, model: dict, clip: bool):
         num_layers=cfg.num_layers,
         clip=clip,
     )
-    data = synthetic_batches(
+    stream = dict(
         vocab_size=cfg.vocab_size,
         seq_length=cfg.seq_length,
         micro_batch_size=MICRO_BATCH,
@@ -85,17 +85,8 @@ def _qk_clip_step_on_rank(layout: dict, model: dict, clip: bool):
         data_parallel_size=1,
         seed=7,
     )
-    batch = next(
-        synthetic_batches(
-            vocab_size=cfg.vocab_size,
-            seq_length=cfg.seq_length,
-            micro_batch_size=MICRO_BATCH,
-            num_microbatches=1,
-            data_parallel_rank=0,
-            data_parallel_size=1,
-            seed=7,
-        )
-    )
+    data = synthetic_batches(**stream)
+    batch = next(synthetic_batches(**stream))  # the step's micro batch again, for the forward after it
     result = train_step(
         chunks,
         optimizer,
