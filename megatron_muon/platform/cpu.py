@@ -382,6 +382,55 @@ def _move_tensor_to_cpu_including_cpu_tensors(
     return tensor
 
 
+def _uneven_gather_along_first_dim_on_gloo(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``tensor_parallel.mappings._gather_along_first_dim`` that also gathers uneven splits on gloo.
+
+    # megatron-core 0.19.2: with ``output_split_sizes`` (the MoE dispatcher under expert-TP > 1, where each
+    # rank routes a different number of tokens) megatron calls ``torch.distributed.all_gather`` with tensors of
+    # different sizes, which gloo refuses ("invalid tensor size"). Here each rank pads its rows to the largest
+    # split, the padded blocks are gathered with equal sizes, and the padding is dropped: the same result.
+    """
+
+    @functools.wraps(original)
+    def gather(input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False):
+        if output_split_sizes is None or group is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(size) for size in output_split_sizes]
+        largest = max(sizes)
+        padded = input_.new_zeros((largest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        blocks = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(blocks, padded.contiguous(), group=group)
+        return torch.cat([block[:size] for block, size in zip(blocks, sizes, strict=True)], dim=0)
+
+    gather.__cpu_stand_in__ = True  # type: ignore[attr-defined]
+    return gather
+
+
+def _uneven_reduce_scatter_along_first_dim_on_gloo(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``tensor_parallel.mappings._reduce_scatter_along_first_dim`` that also scatters uneven splits on gloo.
+
+    # megatron-core 0.19.2: with ``input_split_sizes`` megatron calls ``torch.distributed.reduce_scatter`` with
+    # a list of tensors of different sizes, which gloo does not implement. Here the whole tensor is all-reduced
+    # (sum) and each rank keeps its own rows: the same values, at the cost of a larger message on CPU.
+    """
+
+    @functools.wraps(original)
+    def reduce_scatter(
+        input_: torch.Tensor, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False
+    ):
+        if input_split_sizes is None or group is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(size) for size in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start : start + sizes[group.rank()]].clone()
+
+    reduce_scatter.__cpu_stand_in__ = True  # type: ignore[attr-defined]
+    return reduce_scatter
+
+
 def _sequence_parallel_torch_norm_new(original_new: Callable[..., Any]) -> Callable[..., Any]:
     """``WrappedTorchNorm.__new__`` that allows sequence parallelism.
 
@@ -519,6 +568,16 @@ def _plan() -> list[Callable[[], None]]:
         _check_function(module_name, attribute_path, value)
         if value is not replacement:
             patches.append(functools.partial(setattr, owner, name, replacement))
+
+    # 9. tensor_parallel/mappings.py: uneven all-gather / reduce-scatter (expert-TP > 1) on gloo.
+    for attribute_path, wrapper in (
+        ("_gather_along_first_dim", _uneven_gather_along_first_dim_on_gloo),
+        ("_reduce_scatter_along_first_dim", _uneven_reduce_scatter_along_first_dim_on_gloo),
+    ):
+        owner, name, value = _resolve("megatron.core.tensor_parallel.mappings", attribute_path)
+        _check_function("megatron.core.tensor_parallel.mappings", attribute_path, value)
+        if not _is_stand_in(value):
+            patches.append(functools.partial(setattr, owner, name, wrapper(value)))
 
     # 3. transformer/torch_norm.py asserts `not config.sequence_parallel`.
     owner, name, value = _resolve("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__")
