@@ -53,6 +53,19 @@ class CostModel:
     """Shards travel in fp32 (the main-grad dtype)."""
 
     @classmethod
+    def for_gpu(cls, name: str, *, across_nodes: bool = False) -> CostModel:
+        """The cost model of one GPU of ``GPU_PROFILES`` (``name``: h100 | h200 | b200 | cpu): achieved FLOP/s =
+        peak dense bf16 × efficiency; exchanges at NVLink speed inside a node, InfiniBand speed across nodes."""
+        if name not in GPU_PROFILES:
+            raise ValueError(f"gpu={name!r} is unknown; valid: {sorted(GPU_PROFILES)}")
+        profile = GPU_PROFILES[name]
+        return cls(
+            flops_per_s=profile.achieved_flops_per_s,
+            bytes_per_s=profile.inter_node_bytes_per_s if across_nodes else profile.intra_node_bytes_per_s,
+            latency_s=profile.latency_s,
+        )
+
+    @classmethod
     def for_this_machine(cls) -> CostModel:
         """The defaults on a GPU; on a CPU-only machine rough CPU numbers (fp32 Newton–Schulz at ~20 GFLOP/s
         per rank, gloo over loopback at ~1 GB/s, ~100 µs per collective), measured on our 2-core CI machines."""
@@ -81,6 +94,77 @@ class CostModel:
                 gram_bytes / self.bytes_per_s + self.latency_s
             )
         return costs
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GpuProfile:
+    """What the cost model needs to know about one accelerator and its links. Vendor peak figures, times stated
+    efficiencies; a prediction, not a measurement."""
+
+    name: str
+    peak_bf16_flops_per_s: float
+    """Dense bf16 tensor-core peak (no sparsity)."""
+    efficiency: float
+    """Fraction of the peak Newton–Schulz GEMMs achieve (hidden-size matrices, batched)."""
+    memory_bytes: int
+    """Device memory."""
+    intra_node_bytes_per_s: float
+    """Achieved point-to-point bandwidth per GPU inside a node (NVLink), one direction."""
+    inter_node_bytes_per_s: float
+    """Achieved bandwidth per GPU across nodes (one InfiniBand NIC per GPU), one direction."""
+    latency_s: float
+    """Latency of one collective."""
+    gpus_per_node: int = 8
+
+    @property
+    def achieved_flops_per_s(self) -> float:
+        return self.peak_bf16_flops_per_s * self.efficiency
+
+
+GPU_PROFILES: dict[str, GpuProfile] = {
+    # H100 SXM: 989 TFLOP/s dense bf16, NVLink 4 (450 GB/s per direction), ConnectX-7 400 Gb/s per GPU;
+    # 80 % of the link peaks and 60 % of the FLOP peak are what well-tuned collectives / GEMMs reach.
+    "h100": GpuProfile(
+        name="H100 SXM 80 GB",
+        peak_bf16_flops_per_s=989e12,
+        efficiency=0.6,
+        memory_bytes=80 * 10**9,
+        intra_node_bytes_per_s=0.8 * 450e9,
+        inter_node_bytes_per_s=0.8 * 50e9,
+        latency_s=2e-5,
+    ),
+    # H200: the H100's compute and links with 141 GB of HBM3e.
+    "h200": GpuProfile(
+        name="H200 SXM 141 GB",
+        peak_bf16_flops_per_s=989e12,
+        efficiency=0.6,
+        memory_bytes=141 * 10**9,
+        intra_node_bytes_per_s=0.8 * 450e9,
+        inter_node_bytes_per_s=0.8 * 50e9,
+        latency_s=2e-5,
+    ),
+    # B200: 2.25 PFLOP/s dense bf16, NVLink 5 (900 GB/s per direction), ConnectX-8 800 Gb/s per GPU, 180 GB.
+    "b200": GpuProfile(
+        name="B200 180 GB",
+        peak_bf16_flops_per_s=2250e12,
+        efficiency=0.6,
+        memory_bytes=180 * 10**9,
+        intra_node_bytes_per_s=0.8 * 900e9,
+        inter_node_bytes_per_s=0.8 * 100e9,
+        latency_s=2e-5,
+    ),
+    # Our 2-core CI machine with gloo over loopback: the figures of CostModel.for_this_machine() on a CPU.
+    "cpu": GpuProfile(
+        name="CPU (2 cores, gloo)",
+        peak_bf16_flops_per_s=2e10,
+        efficiency=1.0,
+        memory_bytes=24 * 2**30,
+        intra_node_bytes_per_s=1e9,
+        inter_node_bytes_per_s=1e9,
+        latency_s=1e-4,
+        gpus_per_node=1 << 30,
+    ),
+}
 
 
 @dataclass(slots=True)

@@ -1,0 +1,359 @@
+"""Per-rank memory, Newton–Schulz FLOPs, optimizer communication and predicted step time, for our plan and for
+megatron-core 0.19.2's Muon modes, from the same logical matrices (``at_scale.LayoutFacts``).
+
+Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's, u = Muon's):
+
+* parameters: p × 2 B (bf16) or 4 B (fp32); gradients: p × 4 B (megatron's fp32 grad buffer,
+  ``grad_reduce_in_fp32``; kept whole with the distributed optimizer too); master weights: p × 4 B under bf16.
+* optimizer state, distributed optimizer **off**: AdamW 8 B × a; Muon momentum 4 B per element of every matrix the
+  rank orthogonalizes (ours: the owner keeps the whole matrix, ``duplicated`` every holder the whole matrix,
+  ``distributed`` its shard; megatron's duplicated / distributed modes: the rank's own shard).
+* distributed optimizer **on** (ours): megatron's element-sharded optimizer for AdamW: (4 B master + 8 B state) ×
+  a / DP (dense: DP·CP, experts: expert-DP); Muon: master (4 B, bf16 only) and momentum (4 B) only for the
+  matrices (or shards, ``distributed``) this rank orthogonalizes, whole there; its local master copy is dropped.
+  Megatron's counterpart is its ``LayerWiseDistributedOptimizer``: every whole parameter's master and state on one
+  DP rank (balanced by Newton–Schulz cost), AdamW likewise (balanced by elements).
+* activations (megatron's theoretical estimate, Korthikanti et al. 2022, selective recompute, sequence parallel):
+  per layer s·b·h·(18 + 4·F/h)/TP bytes with F the dense FFN size, or top-k × expert FFN + shared FFN for an MoE
+  layer (tokens balanced over experts); × the micro-batches in flight on pipeline rank r under 1F1B,
+  min(PP − r, micro-batches) (× (1 + (PP−1)/(PP·VPP)) interleaved); plus 4·s·b·V/TP bytes of fp32 logits on the
+  last stage.
+* Newton–Schulz FLOPs: ``newton_schulz_flops`` per whole matrix; a shard of the ``distributed`` mode runs
+  steps × (4k²K/n + 2k³) (k × k Gram work is repeated on every shard).
+* communication (fp32 gradients / directions, 4 B): ours, the plan's gather and scatter transfers (one all-to-all
+  per bucket each way) and the ``distributed`` mode's Gram all-reduce (ring: 2(n−1)/n of k² × 4 B per NS step);
+  megatron duplicated: a ring all-gather of every TP-sharded matrix ((n−1)/n of it); distributed: the Gram
+  all-reduce; layer-wise: its TP gathers for the parameters it owns plus a ring all-gather of the updated bf16
+  parameters over DP.
+* time: NS FLOPs / (peak × efficiency) + bytes / bandwidth (NVLink when both ends are in one node of
+  ``gpus_per_node``, else InfiniBand; the larger of send and receive) + latency per collective. Ours overlaps
+  bucket b's exchange with bucket b+1's Newton–Schulz: max(compute, exchange) + min(...)/buckets. Megatron's
+  step runs its collectives and Newton–Schulz one after the other. The step is the slowest rank's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from megatron_muon.ops.newton_schulz import newton_schulz_flops
+from megatron_muon.optim.plan import GPU_PROFILES, PieceRecord
+
+__all__ = ["MODES", "RankCost", "activation_bytes", "layout_costs"]
+
+MODES = (
+    "ours",
+    "ours + distributed optimizer",
+    "megatron duplicated",
+    "megatron distributed",
+    "megatron layer-wise",
+)
+_FP32 = 4
+_NUM_BUCKETS = 4
+
+
+@dataclass(slots=True)
+class RankCost:
+    """One rank under one optimizer mode."""
+
+    rank: int
+    ns_flops: float = 0.0
+    muon_state_elements: float = 0.0
+    """Elements of Muon momentum this rank keeps."""
+    owned_elements: float = 0.0
+    """Elements of the Muon matrices whose master/momentum live here with the distributed optimizer on."""
+    owned_adamw_elements: float | None = None
+    """Layer-wise: AdamW elements this rank updates (None: element-sharded over DP)."""
+    sent: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    received: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    send_seconds: float = 0.0
+    receive_seconds: float = 0.0
+    collectives: int = 0
+    """Collectives this rank starts per step (each pays the latency)."""
+    overlapped: bool = False
+
+    def step_seconds(self, flops_per_s: float, latency_s: float) -> float:
+        compute = self.ns_flops / flops_per_s
+        exchange = max(self.send_seconds, self.receive_seconds)
+        if self.overlapped:
+            moving = max(compute, exchange) + min(compute, exchange) / _NUM_BUCKETS
+        else:
+            moving = compute + exchange
+        return moving + self.collectives * latency_s
+
+
+def activation_bytes(model, dims, training, pp_rank: int) -> float:
+    """Activation memory of pipeline rank ``pp_rank`` (formula in the module docstring)."""
+    from megatron_muon.planning.rank_params import stage_layers
+
+    s, b, h = model.seq_length, training.micro_batch_size, model.hidden_size
+    pattern = model.moe_layer_pattern()
+    total = 0.0
+    for layer in stage_layers(model.num_layers, dims.pp, dims.vpp, pp_rank):
+        ffn = (
+            model.moe_router_topk * model.moe_ffn_hidden_size + model.moe_shared_expert_intermediate_size
+            if pattern[layer]
+            else model.ffn_hidden_size
+        )
+        total += s * b * h * (18 + 4 * ffn / h) / (dims.tp * dims.cp)
+    microbatches = training.global_batch_size // (training.micro_batch_size * dims.dp)
+    in_flight = min(dims.pp - pp_rank, microbatches)
+    if dims.vpp:
+        in_flight *= 1 + (dims.pp - 1) / (dims.pp * dims.vpp)
+    total *= in_flight
+    if pp_rank == dims.pp - 1:
+        total += 4 * s * b * model.vocab_size / dims.tp
+    return total
+
+
+class _Links:
+    def __init__(self, gpu: str) -> None:
+        profile = GPU_PROFILES[gpu]
+        self.per_node = profile.gpus_per_node
+        self.intra, self.inter = profile.intra_node_bytes_per_s, profile.inter_node_bytes_per_s
+
+    def seconds(self, a: int, b: int, count: float) -> float:
+        return count / (self.intra if a // self.per_node == b // self.per_node else self.inter)
+
+    def group_bandwidth(self, ranks: list[int]) -> float:
+        return self.intra if len({r // self.per_node for r in ranks}) == 1 else self.inter
+
+
+def _transfer(costs, links, sender, receiver, count, collective) -> None:
+    costs[sender].sent[collective] += count
+    costs[receiver].received[collective] += count
+    seconds = links.seconds(sender, receiver, count)
+    costs[sender].send_seconds += seconds
+    costs[receiver].receive_seconds += seconds
+
+
+def _ring(cost: RankCost, count_each_way: float, bandwidth: float, collective: str, calls: int) -> None:
+    cost.sent[collective] += count_each_way
+    cost.received[collective] += count_each_way
+    cost.send_seconds += count_each_way / bandwidth
+    cost.receive_seconds += count_each_way / bandwidth
+    cost.collectives += calls
+
+
+def _sharded_flops(shape, num_shards: int, steps: int) -> float:
+    k, big = min(shape), max(shape)
+    return steps * (4 * k * k * big / num_shards + 2 * k**3)
+
+
+def _long_side_sharded(record: PieceRecord) -> bool:
+    rows, cols = record.shape
+    return (record.shard_dim == 1) == (cols >= rows)
+
+
+def _ours(facts, links) -> dict[int, RankCost]:
+    dims, muon = facts.dims, facts.cfg.optimizer.muon
+    costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
+    for stage in facts.stages:
+        first = stage.pp_rank * dims.stage_size
+        for plan in stage.plans.values():
+            for grid, load in plan.loads.items():
+                costs[first + grid].ns_flops += load
+            shapes_distributed: dict[int, set] = defaultdict(set)
+            for matrix in plan.matrices:
+                full = matrix.shape[0] * matrix.shape[1]
+                shard = full / matrix.num_shards
+                if matrix.mode == "distributed":
+                    k = min(matrix.shape)
+                    each_way = 2 * (matrix.num_shards - 1) / matrix.num_shards * k * k * _FP32 * muon.ns_steps
+                    for grid in matrix.all_holders:
+                        cost = costs[first + grid]
+                        cost.muon_state_elements += shard
+                        cost.owned_elements += shard
+                        shapes_distributed[first + grid].add((matrix.shape, matrix.shard_dim))
+                        _ring(cost, each_way, links.intra, "gram all-reduce", 0)
+                    continue
+                for grid in matrix.computers:
+                    costs[first + grid].muon_state_elements += full
+                    costs[first + grid].owned_elements += full
+                for _, sender, receiver in matrix.gather:
+                    _transfer(
+                        costs, links, first + sender, first + receiver, shard * _FP32, "gather (all-to-all)"
+                    )
+                for _, sender, receiver in matrix.scatter:
+                    _transfer(
+                        costs, links, first + sender, first + receiver, shard * _FP32, "scatter (all-to-all)"
+                    )
+            for rank in range(first, first + dims.stage_size):
+                costs[rank].collectives += 2 * _NUM_BUCKETS + muon.ns_steps * len(shapes_distributed[rank])
+    return costs
+
+
+def _fused_gate_up(records: list[PieceRecord]) -> list[PieceRecord]:
+    """Megatron orthogonalizes a SwiGLU fc1 as one [gate; up] matrix: merge our split halves back."""
+    merged, seen = [], set()
+    for record in records:
+        if record.key.endswith(("/gate", "/up")):
+            base = record.key.rsplit("/", 1)[0]
+            if base in seen:
+                continue
+            seen.add(base)
+            rows, cols = record.shape
+            merged.append(
+                PieceRecord(
+                    key=base,
+                    shape=(2 * rows, cols),
+                    shard_dim=record.shard_dim,
+                    num_shards=record.num_shards,
+                    shard_index=record.shard_index,
+                    shard_group=record.shard_group,
+                )
+            )
+        else:
+            merged.append(record)
+    return merged
+
+
+def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int):
+    """Layer-wise DP sharding (megatron's ``LayerWiseDistributedOptimizer``, and ours with the distributed
+    optimizer): in each DP group (dense: ranks sharing tp, cp; experts: sharing ep, etp) every whole parameter (all
+    pieces of one tensor) goes to one member, longest-processing-time first by Newton–Schulz cost. Yields
+    (members, params: name → records, owner_of: name → member)."""
+    dims, coordinates = facts.dims, facts.coordinates
+    replica = ("tp", "cp") if kind == "dense" else ("ep", "etp")
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for grid in range(dims.stage_size):
+        groups[tuple(coordinates[first + grid][c] for c in replica)].append(grid)
+    for members in groups.values():
+        params: dict[str, list[PieceRecord]] = defaultdict(list)
+        for record in records_by_rank[members[0]]:
+            params[record.key.split("/")[0]].append(record)
+        cost = {
+            name: sum(newton_schulz_flops(*r.shape, steps) for r in recs) for name, recs in params.items()
+        }
+        load = {m: 0.0 for m in members}
+        owner_of = {}
+        for name in sorted(params, key=lambda n: (-cost[n], n)):
+            owner = min(members, key=lambda m: (load[m], m))
+            owner_of[name] = owner
+            load[owner] += cost[name]
+        yield members, params, owner_of
+
+
+def _param_all_gather(facts, links, costs, first, members, records) -> None:
+    """Updated bf16 parameters gathered from their DP owners (ring all-gather over the DP group)."""
+    if len(members) < 2:
+        return
+    elements = sum(r.shape[0] * r.shape[1] / r.num_shards for r in records)
+    each_way = (len(members) - 1) / len(members) * elements * 2
+    bandwidth = links.group_bandwidth([first + m for m in members])
+    for member in members:
+        _ring(costs[first + member], each_way, bandwidth, "DP all-gather (params)", 1)
+
+
+def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
+    """Ours with the distributed optimizer (docs/distributed_optimizer.md): megatron's layer-wise DP sharding of
+    whole parameters, then our plan in ``owner`` mode over each TP (expert-TP) group for the owned matrices."""
+    from megatron_muon.optim.plan import build_plan
+
+    dims, muon = facts.dims, facts.cfg.optimizer.muon
+    costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
+    for stage in facts.stages:
+        first = stage.pp_rank * dims.stage_size
+        for kind, records_by_rank in stage.records.items():
+            if not any(records_by_rank):
+                continue
+            owned_names: dict[int, set[str]] = defaultdict(set)
+            for members, _params, owner_of in _dp_owners(facts, first, kind, records_by_rank, muon.ns_steps):
+                for name, owner in owner_of.items():
+                    owned_names[owner].add(name)
+                _param_all_gather(facts, links, costs, first, members, records_by_rank[members[0]])
+            # The shard groups: the ranks of one DP index that hold the other shards of the same matrices.
+            same = ("cp", "dp") if kind == "dense" else ("ep", "edp")
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for grid in range(dims.stage_size):
+                groups[tuple(facts.coordinates[first + grid][c] for c in same)].append(grid)
+            for members in groups.values():
+                records = [
+                    [r for r in records_by_rank[m] if r.key.split("/")[0] in owned_names[m]] for m in members
+                ]
+                for member, held in zip(members, records, strict=True):
+                    costs[first + member].owned_elements += sum(
+                        r.shape[0] * r.shape[1] / r.num_shards for r in held
+                    )
+                if not any(records):
+                    continue
+                plan = build_plan(records, mode="owner", ns_steps=muon.ns_steps, cost_model=facts.cost_model)
+                for index, load in plan.loads.items():
+                    costs[first + members[index]].ns_flops += load
+                for matrix in plan.matrices:
+                    shard = matrix.shape[0] * matrix.shape[1] / matrix.num_shards
+                    for index in matrix.computers:
+                        costs[first + members[index]].muon_state_elements += shard * matrix.num_shards
+                    for _, sender, receiver in matrix.gather:
+                        _transfer(
+                            costs,
+                            links,
+                            first + members[sender],
+                            first + members[receiver],
+                            shard * _FP32,
+                            "gather (all-to-all)",
+                        )
+                    for _, sender, receiver in matrix.scatter:
+                        _transfer(
+                            costs,
+                            links,
+                            first + members[sender],
+                            first + members[receiver],
+                            shard * _FP32,
+                            "scatter (all-to-all)",
+                        )
+                for member in members:
+                    costs[first + member].collectives += 2 * _NUM_BUCKETS
+    return costs
+
+
+def _megatron(facts, links, mode: str) -> dict[int, RankCost]:
+    """megatron-core's Muon (``TensorParallelMuon``): duplicated or distributed TP mode, or layer-wise."""
+    dims, muon = facts.dims, facts.cfg.optimizer.muon
+    steps = muon.ns_steps
+    costs = {r: RankCost(rank=r) for r in range(dims.world_size)}
+    layer_wise = mode == "megatron layer-wise"
+    tp_bandwidth = links.intra if max(dims.tp, dims.etp) <= links.per_node else links.inter
+
+    def matrix_work(cost: RankCost, record: PieceRecord) -> None:
+        full = record.shape[0] * record.shape[1]
+        n = record.num_shards
+        cost.muon_state_elements += full / n
+        cost.owned_elements += full / n
+        if n == 1:
+            cost.ns_flops += newton_schulz_flops(*record.shape, steps)
+        elif mode == "megatron distributed" and _long_side_sharded(record):
+            cost.ns_flops += _sharded_flops(record.shape, n, steps)
+            k = min(record.shape)
+            _ring(cost, 2 * (n - 1) / n * k * k * _FP32 * steps, tp_bandwidth, "gram all-reduce", steps)
+        else:
+            cost.ns_flops += newton_schulz_flops(*record.shape, steps)
+            _ring(cost, (n - 1) / n * full * _FP32, tp_bandwidth, "TP all-gather", 1)
+
+    for stage in facts.stages:
+        first = stage.pp_rank * dims.stage_size
+        for kind, records_by_rank in stage.records.items():
+            fused = [_fused_gate_up(records) for records in records_by_rank]
+            if not layer_wise:
+                for grid, records in enumerate(fused):
+                    for record in records:
+                        matrix_work(costs[first + grid], record)
+                continue
+            for members, params, owner_of in _dp_owners(facts, first, kind, fused, steps):
+                for name, owner in owner_of.items():
+                    for record in params[name]:
+                        matrix_work(costs[first + owner], record)
+                _param_all_gather(facts, links, costs, first, members, fused[members[0]])
+    return costs
+
+
+def layout_costs(facts) -> dict[str, dict[int, RankCost]]:
+    """mode → rank → its cost, for ``MODES``."""
+    links = _Links(facts.gpu)
+    result = {
+        "ours": _ours(facts, links),
+        "ours + distributed optimizer": _ours_distributed_optimizer(facts, links),
+    }
+    for mode in MODES[2:]:
+        result[mode] = _megatron(facts, links, mode)
+    return result

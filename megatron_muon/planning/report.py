@@ -1,0 +1,196 @@
+"""The cluster-scale plan as figures: per rank class and per optimizer mode, memory (distributed optimizer off /
+on), Newton–Schulz FLOPs, bytes moved by collective and predicted optimizer-step time; a table and a JSON
+document. Formulas: ``cost.py``. Everything here is predicted, not measured."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from megatron_muon.optim.plan import GPU_PROFILES
+from megatron_muon.planning.at_scale import collect_layout
+from megatron_muon.planning.cost import MODES, activation_bytes, layout_costs
+
+__all__ = ["plan_at_scale", "render_table"]
+
+_GB = 1e9
+
+
+_SHARDED = ("ours + distributed optimizer", "megatron layer-wise")
+"""Modes whose master weights and optimizer state are sharded over data parallelism."""
+
+
+def _memory(facts, stage, cost, mode: str, pp_rank: int) -> dict[str, float]:
+    """Bytes per rank: params, grads, master weights, optimizer state, activations, total (``cost.py``)."""
+    model, dims = facts.cfg.model, facts.dims
+    bf16 = model.precision == "bf16"
+    p = stage.parameters
+    adamw_dense = p.dense - stage.muon_elements["dense"]
+    adamw_expert = p.expert - stage.muon_elements["expert"]
+    memory = {
+        "params": p.total * (2 if bf16 else 4),
+        "grads": p.total * 4,
+        "activations": activation_bytes(model, dims, facts.cfg.training, pp_rank),
+    }
+    master_bytes = 4 if bf16 else 0
+    if mode in _SHARDED:  # megatron's element-sharded DistributedOptimizer for AdamW
+        adamw = adamw_dense / (dims.dp * dims.cp) + adamw_expert / dims.expert_dp
+        memory["master"] = master_bytes * (adamw + cost.owned_elements)
+    else:
+        adamw = adamw_dense + adamw_expert
+        memory["master"] = master_bytes * p.total
+    memory["optimizer_state"] = 8 * adamw + 4 * cost.muon_state_elements
+    memory["total"] = sum(memory.values())
+    return memory
+
+
+def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
+    """Everything the tool reports for ``cfg`` at ``dims`` on ``gpu``, as a JSON-ready dict."""
+    started = time.perf_counter()
+    facts = collect_layout(cfg, dims, gpu)
+    costs = layout_costs(facts)
+    profile = GPU_PROFILES[gpu]
+    flops_per_s, latency = profile.achieved_flops_per_s, profile.latency_s
+    stage_of = {s.pp_rank: s for s in facts.stages}
+    classes: dict[tuple, list[int]] = defaultdict(list)
+    for rank, c in enumerate(facts.coordinates):
+        classes[(c["pp"], c["tp"], c["ep"], c["etp"])].append(rank)
+
+    modes = {}
+    for mode in MODES:
+        per_rank = costs[mode]
+        memory = {
+            r: _memory(
+                facts, stage_of[facts.coordinates[r]["pp"]], per_rank[r], mode, facts.coordinates[r]["pp"]
+            )
+            for r in range(dims.world_size)
+        }
+        seconds = {r: per_rank[r].step_seconds(flops_per_s, latency) for r in range(dims.world_size)}
+        flops = [per_rank[r].ns_flops for r in range(dims.world_size)]
+
+        class_rows = []
+        for (pp, tp, ep, etp), ranks in sorted(classes.items()):
+            worst = max(ranks, key=lambda r: seconds[r])
+            cost = per_rank[worst]
+            class_rows.append(
+                {
+                    "pp": pp,
+                    "tp": tp,
+                    "ep": ep,
+                    "etp": etp,
+                    "ranks": len(ranks),
+                    "example_rank": worst,
+                    "matrices_held": sum(
+                        len(v[worst - pp * dims.stage_size]) for v in stage_of[pp].records.values()
+                    ),
+                    "ns_flops_max": max(per_rank[r].ns_flops for r in ranks),
+                    "step_seconds_max": seconds[worst],
+                    "bytes_sent": dict(cost.sent),
+                    "bytes_received": dict(cost.received),
+                    "memory_bytes": memory[worst],
+                }
+            )
+        modes[mode] = {
+            "step_seconds": max(seconds.values()),
+            "ns_flops_max": max(flops),
+            "ns_flops_mean": sum(flops) / len(flops),
+            "bytes_sent_max": max(sum(per_rank[r].sent.values()) for r in range(dims.world_size)),
+            "bytes_received_max": max(sum(per_rank[r].received.values()) for r in range(dims.world_size)),
+            "memory_max_bytes": max(m["total"] for m in memory.values()),
+            "distributed_optimizer": mode in _SHARDED,
+            "muon_state_bytes": [4 * per_rank[r].muon_state_elements for r in range(dims.world_size)],
+            "classes": class_rows,
+        }
+
+    plans = {}
+    for stage in facts.stages:
+        for kind, plan in stage.plans.items():
+            first = stage.pp_rank * dims.stage_size
+            entry = {"summary": plan.summary()}
+            if with_matrices:
+                entry["matrices"] = [
+                    [
+                        m.key,
+                        list(m.shape),
+                        m.num_shards,
+                        m.mode,
+                        [first + c for c in m.computers[:4]],
+                        len(m.computers),
+                    ]
+                    for m in plan.matrices
+                ]
+            plans[f"stage{stage.pp_rank}/{kind}"] = entry
+    return {
+        "predicted": "every figure is predicted from formulas (megatron_muon/planning/cost.py), not measured",
+        "layout": dims.describe(),
+        "world_size": dims.world_size,
+        "gpu": {"key": gpu, "name": profile.name, "memory_bytes": profile.memory_bytes},
+        "cost_model": {
+            "flops_per_s": flops_per_s,
+            "intra_node_bytes_per_s": profile.intra_node_bytes_per_s,
+            "inter_node_bytes_per_s": profile.inter_node_bytes_per_s,
+            "latency_s": latency,
+            "gpus_per_node": profile.gpus_per_node,
+            "plan_bytes_per_s": facts.cost_model.bytes_per_s,
+        },
+        "parameters_per_rank": {
+            f"stage{s.pp_rank}": {
+                "total": s.parameters.total,
+                "dense": s.parameters.dense,
+                "expert": s.parameters.expert,
+                "muon": sum(s.muon_elements.values()),
+            }
+            for s in facts.stages
+        },
+        "modes": modes,
+        "plans": plans,
+        "seconds_to_plan": time.perf_counter() - started,
+    }
+
+
+def _gb(value) -> str:
+    return "n/a" if value is None else f"{value / _GB:.1f}"
+
+
+def render_table(report: dict) -> str:
+    """A few lines per mode plus the per-class detail of ours."""
+    gpu = report["gpu"]
+    capacity = gpu["memory_bytes"]
+    lines = [
+        f"{report['layout']} on {gpu['name']} (PREDICTED, not measured)",
+        "parameters per rank: "
+        + ", ".join(
+            f"{name} {v['total']:,} (Muon {v['muon']:,})" for name, v in report["parameters_per_rank"].items()
+        ),
+        "",
+        "| optimizer | distributed optimizer | step (ms) | NS GFLOP max / mean per rank | sent / received max (GB) "
+        f"| memory max per rank (GB) | fits {capacity / _GB:.0f} GB |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for mode, m in report["modes"].items():
+        mem = m["memory_max_bytes"]
+        fits = "yes" if mem <= capacity else "no"
+        lines.append(
+            f"| {mode} | {'on' if m['distributed_optimizer'] else 'off'} | {m['step_seconds'] * 1e3:.1f} | {m['ns_flops_max'] / 1e9:,.0f} / "
+            f"{m['ns_flops_mean'] / 1e9:,.0f} | {m['bytes_sent_max'] / _GB:.2f} / {m['bytes_received_max'] / _GB:.2f} "
+            f"| {_gb(mem)} | {fits} |"
+        )
+    lines += ["", *[f"plan {name}: {entry['summary']}" for name, entry in report["plans"].items()]]
+    lines += ["", "ours, per rank class (pp, tp, ep, etp; the slowest rank of each class):", ""]
+    lines.append(
+        "| pp tp ep etp | ranks | matrices | NS GFLOP | step (ms) | params+grads+master+state+act (GB) |"
+    )
+    lines.append("|---|---:|---:|---:|---:|---|")
+    rows = report["modes"]["ours"]["classes"]
+    shown = rows if len(rows) <= 16 else rows[:8] + rows[-8:]
+    for row in shown:
+        mem = row["memory_bytes"]
+        parts = "+".join(_gb(mem[k]) for k in ("params", "grads", "master", "optimizer_state", "activations"))
+        lines.append(
+            f"| {row['pp']} {row['tp']} {row['ep']} {row['etp']} | {row['ranks']} | {row['matrices_held']} | "
+            f"{row['ns_flops_max'] / 1e9:,.0f} | {row['step_seconds_max'] * 1e3:.1f} | {parts} = {_gb(mem['total'])} |"
+        )
+    if len(rows) > len(shown):
+        lines.append(f"({len(rows) - len(shown)} more classes in the JSON)")
+    lines.append(f"\nplanned in {report['seconds_to_plan']:.1f} s")
+    return "\n".join(lines)
