@@ -277,6 +277,7 @@ def newton_schulz(
             if all_reduce_sum is not None:
                 gram = all_reduce_sum(gram)
         if step < fp8_steps:
+            assert quantized is not None  # set by this step's (or the normalizing) fp8_gram
             work = fp8.polynomial_step(work, gram, quantized, a, b, c)
         else:
             work = _polynomial_step(work, gram, a, b, c)
@@ -310,4 +311,5 @@ def orthogonality_error(x: torch.Tensor, accumulate_dtype: torch.dtype = torch.f
         work = work.mT
     k = work.size(-2)
     deviation = _gram(work) - torch.eye(k, dtype=accumulate_dtype, device=x.device)
-    return torch.linalg.matrix_norm(deviation, ord="fro") / math.sqrt(k)
+    error: torch.Tensor = torch.linalg.matrix_norm(deviation, ord="fro") / math.sqrt(k)
+    return error

@@ -155,10 +155,13 @@ def _column_major(q: torch.Tensor) -> torch.Tensor:
     return q.mT.contiguous().mT
 
 
-def _scaled_mm_2d(a, b, scale_a, scale_b, out_dtype):
-    return torch._scaled_mm(
+def _scaled_mm_2d(
+    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    out: torch.Tensor = torch._scaled_mm(
         a, b, scale_a=scale_a.reshape(()), scale_b=scale_b.reshape(()), out_dtype=out_dtype
     )
+    return out
 
 
 def scaled_matmul(
@@ -266,6 +269,7 @@ def newton_schulz_fp8_reference(
             if quantized is not None:
                 quantized = (quantized[0], quantized[1] * inverse_norm)
         if step < fp8_steps:
+            assert quantized is not None  # set by this step's fp8_gram
             work = polynomial_step(work, gram, quantized, a, b, c, emulated_scaled_matmul)
         else:
             work = a * work + (b * gram + c * gram @ gram) @ work
