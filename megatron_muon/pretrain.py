@@ -14,36 +14,11 @@ import sys
 
 
 def _dry_run(cfg, dims) -> str:
-    from megatron_muon.training.config import count_parameters, describe, to_yaml
+    from megatron_muon.planning.dry_run import dry_run_lines
+    from megatron_muon.training.config import describe, to_yaml
 
-    total, active = count_parameters(cfg.model)
-    model, p = cfg.model, cfg.parallel
-    # Memory per rank, fp32 master weights: params 4 B + grads 4 B (DDP buffer) + AdamW 8 B, Muon momentum 4 B
-    # divided over the TP x DP grid by the owner plan (bf16 adds 2 B model params + 2 B grads).
-    per_param = 16 if model.precision == "fp32" else 20
-    expert = total - _dense_parameters(cfg)
-    local = (total - expert) / (p.tp * p.pp) + expert / (p.ep * dims.etp * p.pp)
-    estimate = local * per_param / 2**30
-    lines = [
-        to_yaml(cfg).rstrip(),
-        "---",
-        describe(cfg, dims),
-        f"parameters per rank: about {local:,.0f} (dense / (TP x PP) + experts / (EP x ETP x PP))",
-        f"memory estimate per rank (weights, grads, optimizer state; activations not included): {estimate:.2f} GiB",
-    ]
+    lines = [to_yaml(cfg).rstrip(), "---", describe(cfg, dims), *dry_run_lines(cfg, dims)]
     return "\n".join(lines)
-
-
-def _dense_parameters(cfg) -> int:
-    """Parameters outside the routed experts (counted by the config's own formula with zero experts)."""
-    from megatron_muon.training.config import count_parameters
-
-    model = cfg.model
-    routed = (
-        model.num_moe_experts * 3 * model.hidden_size * model.moe_ffn_hidden_size
-    )  # SwiGLU: gate, up, down
-    moe_layers = sum(model.moe_layer_pattern())
-    return count_parameters(model)[0] - routed * moe_layers
 
 
 def main(argv=None) -> int:

@@ -136,7 +136,7 @@ def derive_stage(cfg, dims, pp_rank: int, coordinates: list[dict[str, int]]) -> 
     first = pp_rank * dims.stage_size
     meta_rank = build_rank_on_meta(cfg, dims, first)
     templates, elements = _template_records(meta_rank)
-    parameters = parameters_of_stage(cfg.model, dims, pp_rank)
+    parameters = parameters_of_stage(cfg.model, dims, pp_rank, transformer_impl="local")  # what meta builds
     if parameters.total != meta_rank.parameter_count:
         raise RuntimeError(
             f"stage {pp_rank}: the parameter formula gives {parameters.total:,} but the model built on meta holds "

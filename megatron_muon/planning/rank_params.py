@@ -44,8 +44,12 @@ def _norm(model, size: int) -> int:
     return size * (2 if model.normalization == "LayerNorm" else 1)
 
 
-def _attention(model, tp: int) -> tuple[int, int]:
-    """(split over TP, replicated) elements of one attention block with its input norm."""
+def _attention(model, tp: int, transformer_impl: str) -> tuple[int, int]:
+    """(split over TP, replicated) elements of one attention block with its input norm.
+
+    MLA's down projections are duplicated over TP with Transformer Engine (``TELinear``, parallel_mode
+    duplicated) and column-parallel on megatron's local spec (``multi_latent_attention.py``)."""
+    down_split = transformer_impl != "transformer_engine"
     h, heads = model.hidden_size, model.num_attention_heads
     replicated = _norm(model, h)
     if model.multi_latent_attention:
@@ -54,10 +58,17 @@ def _attention(model, tp: int) -> tuple[int, int]:
         if model.q_lora_rank is None:
             split += h * heads * q_head
         else:
-            replicated += h * model.q_lora_rank  # linear_q_down_proj: duplicated over TP (megatron's MLA)
+            if down_split:
+                split += h * model.q_lora_rank  # linear_q_down_proj
+            else:
+                replicated += h * model.q_lora_rank
             split += model.q_lora_rank * heads * q_head
             replicated += _norm(model, model.q_lora_rank) if model.qk_layernorm else 0
-        replicated += h * (model.kv_lora_rank + model.qk_pos_emb_head_dim)  # linear_kv_down_proj: duplicated
+        kv_down = h * (model.kv_lora_rank + model.qk_pos_emb_head_dim)  # linear_kv_down_proj
+        if down_split:
+            split += kv_down
+        else:
+            replicated += kv_down
         split += model.kv_lora_rank * heads * (model.qk_head_dim + model.v_head_dim)
         replicated += _norm(model, model.kv_lora_rank) if model.qk_layernorm else 0
         split += heads * model.v_head_dim * h
@@ -68,11 +79,11 @@ def _attention(model, tp: int) -> tuple[int, int]:
     return split, replicated
 
 
-def parameters_of_stage(model, dims, pp_rank: int) -> RankParameters:
+def parameters_of_stage(model, dims, pp_rank: int, transformer_impl: str | None = None) -> RankParameters:
     """Parameter elements of any rank of pipeline stage ``pp_rank`` for ``model`` (a ``ModelConfig``) at ``dims``
-    (a ``ParallelDims``)."""
+    (a ``ParallelDims``), built with ``transformer_impl`` (default: the model's)."""
     h, tp = model.hidden_size, dims.tp
-    attention_split, attention_replicated = _attention(model, tp)
+    attention_split, attention_replicated = _attention(model, tp, transformer_impl or model.transformer_impl)
     pattern = model.moe_layer_pattern()
     split = replicated = expert = 0
     for layer in stage_layers(model.num_layers, dims.pp, dims.vpp, pp_rank):

@@ -1,0 +1,47 @@
+"""What ``python -m megatron_muon.pretrain CONFIG --dry-run`` prints about the model and the optimizer at the
+config's layout: exact parameters per rank (formula), the first rank built on meta (count, Muon / AdamW routing,
+logical matrices at their true shapes) and the predicted optimizer step of every mode (``report.py``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
+    from megatron_muon.planning.rank_params import parameters_of_stage
+    from megatron_muon.training.config import ConfigError
+
+    lines = []
+    for pp_rank in range(dims.pp):
+        p = parameters_of_stage(cfg.model, dims, pp_rank)
+        lines.append(
+            f"parameters per rank, stage {pp_rank}: {p.total:,} ({p.dense:,} dense incl. {p.embedding_and_output:,} "
+            f"embedding/output and {p.replicated:,} replicated over TP; {p.expert:,} routed experts)"
+        )
+    try:
+        from megatron_muon.planning.meta_build import build_rank_on_meta
+        from megatron_muon.planning.report import plan_at_scale, render_table
+
+        built = build_rank_on_meta(cfg, dims, 0)
+        local = parameters_of_stage(cfg.model, dims, 0, transformer_impl="local")
+        matrices = Counter(
+            (piece.key.rsplit(".weight", 1)[-1] or "weight", piece.shape, piece.num_shards)
+            for _, pieces, _ in built.muon_pieces
+            for piece in pieces
+        )
+        lines.append(
+            f"rank 0 built on meta ({built.coordinates}): {built.parameter_count:,} parameters "
+            f"({'=' if built.parameter_count == local.total else '!='} the formula for the local spec); "
+            f"{built.routing.summary()}"
+        )
+        lines.append(
+            f"rank 0 holds {sum(matrices.values())} logical-matrix pieces (part, full shape, TP shards):"
+        )
+        lines += [
+            f"  {count} x {part} {shape} /{shards}"
+            for (part, shape, shards), count in sorted(matrices.items())
+        ]
+        lines.append(render_table(plan_at_scale(cfg, dims, gpu, with_matrices=False)))
+    except (ConfigError, ValueError) as error:
+        lines.append(f"meta build and optimizer plan: not available: {str(error).splitlines()[0]}")
+    return lines
