@@ -2,7 +2,9 @@
 
 Started once per process by ``launch/pretrain_muon.sh`` (torchrun locally, srun under SLURM), which set
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. The configuration is loaded and validated before any
-process group starts; ``--dry-run`` prints the resolved configuration and the plan and exits.
+process group starts, against this machine too (a GPU-only option without a GPU is a one-line error);
+``--dry-run`` prints the resolved configuration and the plan and exits. The device is
+``megatron_muon.platform.device``'s decision: LOCAL_RANK's GPU with NCCL, or the CPU with gloo.
 """
 
 from __future__ import annotations
@@ -47,25 +49,27 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(_dry_run(cfg, dims))
         return 0
+    from megatron_muon.platform.device import choose_device
+    from megatron_muon.training.megatron_configs import check_buildable
+
+    try:
+        check_buildable(cfg, dims, choose_device())
+    except (ConfigError, ValueError) as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     return _run(cfg, dims)
 
 
 def _run(cfg, dims) -> int:
-    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.platform import apply_cpu_stand_ins
+    from megatron_muon.platform.device import start_this_rank
     from megatron_muon.training.trainer import StopTraining, Trainer
 
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    apply_cpu_stand_ins()
+    start_this_rank(timeout=datetime.timedelta(minutes=30))
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tp,

@@ -71,7 +71,7 @@ def single_process_group(*, model_parallel: bool = False) -> Iterator[None]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_muon.platform import apply_cpu_stand_ins
+    from megatron_muon.platform.device import choose_device, use_device
 
     created_group = created_state = False
     if dist.is_initialized():
@@ -83,7 +83,7 @@ def single_process_group(*, model_parallel: bool = False) -> Iterator[None]:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         created_group = True
     try:
-        apply_cpu_stand_ins()
+        use_device(choose_device(local_rank=0))  # the CPU stand-ins on a machine without CUDA
         if model_parallel and not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel()
             created_state = True

@@ -1,10 +1,10 @@
 """A tiny MoE GPT on megatron-core's local (no Transformer Engine) spec, for tests and CPU runs.
 
 The config is megatron's own :class:`TransformerConfig` with the settings that run on CPU
-(see /work/shared/ENVIRONMENT.md): CPU initialization, fp32, every fusion off, no grouped GEMM, no
+(see /work/shared/ENVIRONMENT.md): fp32, every fusion off, no grouped GEMM, no
 linear biases, sequence parallelism whenever TP > 1, per-token loss. The architecture is a small
-modern MoE decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, top-k routed experts with the
-switch load-balancing (aux) loss.
+modern MoE decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, top-k routed experts with a
+load-balancing loss (switch, per sequence, or none) and optionally the expert bias.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class TinyMoEConfig:
     moe_layer_freq: list[int] = field(default_factory=lambda: [0, 1, 1, 1])
     """Per layer: 1 = MoE, 0 = dense. A dense first layer is the DeepSeek-V3 / Moonlight layout."""
     moe_aux_loss_coeff: float = 1e-2
-    """Weight of the switch load-balancing loss (Fedus et al. 2021, eq. 4)."""
+    """Weight of the load-balancing loss (Fedus et al. 2021, eq. 4)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    """aux_loss (switch loss over each micro batch) | seq_aux_loss (per sequence, DeepSeek-V3) | none."""
     vocab_size: int = 256
     """Vocabulary size; must be divisible by the tensor-parallel size."""
     seq_length: int = 32
@@ -76,6 +78,8 @@ class TinyMoEConfig:
     moe_router_enable_expert_bias: bool = False
     """Aux-loss-free load balancing (Wang et al. 2024): a per-expert bias on the routing scores, updated from
     the expert loads (megatron's ``moe_router_enable_expert_bias``)."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update (megatron's ``finalize_model_grads`` applies it after each step)."""
     moe_router_topk_scaling_factor: float | None = None
     """Scale of the top-k routing weights (Moonlight: 2.446)."""
     qk_layernorm: bool = False
@@ -123,15 +127,30 @@ def build_transformer_config(
     ep: int,
     etp: int | None = None,
     vpp: int | None = None,
+    cp: int = 1,
+    sequence_parallel: bool | None = None,
+    use_cpu_initialization: bool = True,
 ) -> TransformerConfig:
     """Megatron ``TransformerConfig`` for ``cfg`` at the given parallel sizes, with CPU-friendly settings.
 
     ``etp=None`` means expert tensor parallelism equal to ``tp``; ``vpp`` is the number of virtual
-    pipeline stages per pipeline rank (None: no interleaving). ``no_sync_func`` and
+    pipeline stages per pipeline rank (None: no interleaving); ``cp`` the context-parallel size (Transformer
+    Engine attention only); ``sequence_parallel=None`` means on when ``tp > 1``. ``use_cpu_initialization``: True
+    draws every weight on the CPU (the CPU path; TP-invariant initial weights), False lets megatron initialize on
+    the current GPU (``megatron_muon.platform.device`` decides). ``no_sync_func`` and
     ``finalize_model_grads_func`` are set later, by :func:`megatron_muon.training.step.wrap_in_ddp`.
     """
     expert_tp = tp if etp is None else etp
+    sequence_parallel = tp > 1 if sequence_parallel is None else sequence_parallel
     require_transformer_engine(cfg.transformer_impl)
+    if cp > 1 and cfg.transformer_impl != "transformer_engine":
+        # megatron-core 0.19.2: the local DotProductAttention asserts context_parallel_size == 1.
+        raise ValueError(
+            f"context_parallel_size={cp} needs transformer_impl='transformer_engine' (megatron's local "
+            "attention has no context parallelism)"
+        )
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence_parallel=True needs tensor_parallel_size > 1 (got 1)")
     if len(cfg.moe_layer_freq) != cfg.num_layers:
         raise ValueError(
             f"moe_layer_freq={cfg.moe_layer_freq} has {len(cfg.moe_layer_freq)} entries, "
@@ -178,15 +197,19 @@ def build_transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # MoE.
-        num_moe_experts=cfg.num_moe_experts,
+        num_moe_experts=cfg.num_moe_experts or None,  # megatron's dense model has None, and refuses 0
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
         moe_router_topk=cfg.moe_router_topk,
         moe_layer_freq=list(cfg.moe_layer_freq),
-        moe_router_load_balancing_type="aux_loss",
+        moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None,
         moe_router_score_function=cfg.moe_router_score_function,
+        # Top-1 with softmax: softmax over all experts, then top-1 (Switch Transformer); a softmax over the one
+        # selected logit would always be 1 and give the router no gradient (megatron refuses that).
+        moe_router_pre_softmax=cfg.moe_router_topk == 1 and cfg.moe_router_score_function == "softmax",
         moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=cfg.moe_router_bias_update_rate,
         moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
         qk_layernorm=cfg.qk_layernorm,
         moe_token_dispatcher_type="alltoall",
@@ -197,10 +220,11 @@ def build_transformer_config(
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=expert_tp,
-        sequence_parallel=tp > 1,
+        context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
         pipeline_dtype=torch.float32,
-        # CPU: initialize on CPU in fp32, all fused kernels off.
-        use_cpu_initialization=True,
+        # fp32, all fused kernels off; where the weights are drawn is the device's decision.
+        use_cpu_initialization=use_cpu_initialization,
         params_dtype=torch.float32,
         bf16=False,
         fp16=False,
@@ -241,10 +265,11 @@ def build_gpt_moe_model(
 ) -> GPTModel:
     """One megatron ``GPTModel`` chunk (the layers of this pipeline rank / virtual stage), local spec.
 
-    Seeding: weights come from the CPU default generator (``use_cpu_initialization``), so call
+    Seeding: with ``use_cpu_initialization`` (the CPU path) weights come from the CPU default generator, so call
     ``torch.manual_seed(seed)`` first; megatron's forward forks its tensor-parallel RNG tracker, so call
-    ``megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed(seed)`` before the first forward.
-    Every rank draws full matrices and keeps its own slice, so the initial model does not depend on the
+    ``megatron.core.tensor_parallel.random.model_parallel_cuda_manual_seed(seed)`` before the first forward
+    (on a GPU, before the build: megatron draws tensor-parallel weights from that tracker).
+    On the CPU every rank draws full matrices and keeps its own slice, so the initial model does not depend on the
     tensor-parallel size. It does depend on the pipeline size (a stage draws only its own layers) and on
     the expert-parallel size (an EP rank draws only its local experts).
     """

@@ -1,4 +1,5 @@
-"""CPU/gloo stand-ins for megatron-core's CUDA assumptions (no-ops on CUDA machines)."""
+"""Where this process computes (``device.py``: a GPU per rank with NCCL, or the CPU with gloo) and the CPU/gloo
+stand-ins for megatron-core's CUDA assumptions (``cpu.py``, installed by ``device.use_device`` on CPU machines only)."""
 
 from megatron_muon.platform.cpu import (
     SUPPORTED_MEGATRON_CORE_VERSION,
@@ -6,10 +7,28 @@ from megatron_muon.platform.cpu import (
     cpu_stand_ins_active,
     cpu_tensors_pose_as_cuda,
 )
+from megatron_muon.platform.device import (
+    Device,
+    choose_device,
+    chosen_device,
+    max_memory_allocated_mib,
+    peak_flops,
+    require_device_for,
+    start_this_rank,
+    use_device,
+)
 
 __all__ = [
     "SUPPORTED_MEGATRON_CORE_VERSION",
+    "Device",
     "apply_cpu_stand_ins",
+    "chosen_device",
+    "choose_device",
     "cpu_stand_ins_active",
     "cpu_tensors_pose_as_cuda",
+    "max_memory_allocated_mib",
+    "peak_flops",
+    "require_device_for",
+    "start_this_rank",
+    "use_device",
 ]

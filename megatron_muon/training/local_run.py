@@ -39,14 +39,14 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def single_process_world(num_threads: int | None = None) -> Iterator[object]:
-    """A one-process gloo world with megatron's parallel state (all sizes 1); yields its
-    ``ProcessGroupCollection``. ``num_threads``: torch threads (default ``OMP_NUM_THREADS`` or 1)."""
-    import torch
+    """A one-process world with megatron's parallel state (all sizes 1) on the device ``platform.device`` chooses
+    (GPU 0 with NCCL, or the CPU with gloo); yields its ``ProcessGroupCollection``. ``num_threads``: torch threads
+    on the CPU (default ``OMP_NUM_THREADS`` or 1)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.platform import apply_cpu_stand_ins
+    from megatron_muon.platform.device import choose_device, use_device
 
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized in this process")
@@ -54,15 +54,14 @@ def single_process_world(num_threads: int | None = None) -> Iterator[object]:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
-    torch.set_num_threads(num_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+    device = use_device(choose_device(local_rank=0), num_threads=num_threads)
     dist.init_process_group(
-        "gloo",
+        device.backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=0,
         world_size=1,
         timeout=datetime.timedelta(hours=1),
     )
-    apply_cpu_stand_ins()
     parallel_state.initialize_model_parallel()
     try:
         yield ProcessGroupCollection.use_mpu_process_groups()

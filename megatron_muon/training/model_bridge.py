@@ -22,7 +22,6 @@ def tiny_moe_config(model: ModelConfig):
     # What the local-spec builder hard-wires; anything else must fail rather than be silently replaced.
     fixed = {
         "normalization": (model.normalization, "RMSNorm"),
-        "moe_router_load_balancing_type": (model.moe_router_load_balancing_type, "aux_loss"),
     }
     for name, (value, supported) in fixed.items():
         _require(
@@ -44,6 +43,7 @@ def tiny_moe_config(model: ModelConfig):
         moe_router_topk=model.moe_router_topk,
         moe_layer_freq=model.moe_layer_pattern(),
         moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_router_load_balancing_type=model.moe_router_load_balancing_type,
         vocab_size=model.vocab_size,
         seq_length=model.seq_length,
         init_method_std=model.init_method_std,
@@ -52,6 +52,7 @@ def tiny_moe_config(model: ModelConfig):
         moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
         moe_router_score_function=model.moe_router_score_function,
         moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=model.moe_router_bias_update_rate,
         moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
         qk_layernorm=model.qk_layernorm,
         norm_epsilon=model.norm_epsilon,

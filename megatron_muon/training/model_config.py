@@ -59,14 +59,17 @@ class ModelConfig:
     moe_router_score_function: str = "softmax"
     """Router scores: softmax | sigmoid (DeepSeek-V3, needed for the expert bias)."""
     moe_router_load_balancing_type: str = "aux_loss"
-    """aux_loss (switch, per micro batch) | seq_aux_loss (per sequence, DeepSeek-V3) | none."""
+    """aux_loss (switch loss over each micro batch) | seq_aux_loss (the same loss per sequence, averaged over the
+    batch: DeepSeek-V3's complementary sequence-wise loss) | none (no loss; e.g. balancing by the expert bias alone).
+    Megatron's router computes each; the step reports it as ``loss/load_balancing``."""
     moe_aux_loss_coeff: float = 1e-2
     """Weight of the load-balancing loss (Fedus et al. 2021, eq. 4)."""
     moe_router_enable_expert_bias: bool = False
     """Aux-loss-free balancing: a per-expert bias on the routing scores, updated from the expert loads
     (Wang et al. 2024, arXiv:2408.15664; DeepSeek-V3). Needs the sigmoid score function."""
     moe_router_bias_update_rate: float = 1e-3
-    """Step size of the expert-bias update."""
+    """Step size of the expert-bias update: after each step every bias moves by ± this towards the mean load
+    (DeepSeek-V3's γ = 0.001; megatron's ``moe_router_bias_update_rate``). Used with the expert bias only."""
     moe_router_topk_scaling_factor: float | None = None
     """Factor on the top-k routing weights (Moonlight: 2.446); None: 1."""
     vocab_size: int = 256
@@ -184,6 +187,13 @@ class ModelConfig:
         )
         _require_choice(
             "model.moe_router_load_balancing_type", self.moe_router_load_balancing_type, LOAD_BALANCING_TYPES
+        )
+        _require(
+            self.moe_aux_loss_coeff >= 0, f"model.moe_aux_loss_coeff={self.moe_aux_loss_coeff} must be >= 0"
+        )
+        _require(
+            self.moe_router_bias_update_rate >= 0,
+            f"model.moe_router_bias_update_rate={self.moe_router_bias_update_rate} must be >= 0",
         )
         _require(
             not self.moe_router_enable_expert_bias or self.moe_router_score_function == "sigmoid",

@@ -41,8 +41,11 @@ __all__ = [
     "wrap_in_ddp",
 ]
 
-# Name under which megatron's router records the switch aux loss (divided by its coefficient).
+# Key of the load-balancing loss in train_step's result (whichever kind the router computes).
 LOAD_BALANCING_LOSS = "load_balancing_loss"
+
+# Names under which megatron's router records each kind of load-balancing loss (divided by its coefficient).
+_TRACKED_LOAD_BALANCING_LOSS = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss"}
 
 
 def wrap_in_ddp(
@@ -163,8 +166,14 @@ def _summed_token_loss(
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (``megatron_muon.platform.device`` chose it when the model was built)."""
+    return next(model.parameters()).device
+
+
 def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: GPTModel):
-    batch = next(data_iterator)
+    device = _device_of(model)
+    batch = {name: tensor.to(device, non_blocking=True) for name, tensor in next(data_iterator).items()}
     output = model(
         input_ids=batch["tokens"],
         position_ids=batch["position_ids"],
@@ -176,31 +185,26 @@ def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: GPTMo
 
 def _load_balancing_loss(
     config: TransformerConfig, num_microbatches: int, pg_collection: ProcessGroupCollection
-) -> float:
-    """Mean over MoE layers and microbatches of the switch aux loss (before its coefficient), as
-    megatron's tracker reduces it: summed over pipeline stages, averaged over data parallel."""
+) -> float | None:
+    """Mean over MoE layers and microbatches of the load-balancing loss the router computes (switch
+    ``aux_loss`` or per-sequence ``seq_aux_loss``, before its coefficient), as megatron's tracker reduces it:
+    summed over pipeline stages, averaged over data parallel. None when there is none (``none``, a zero
+    coefficient, or no MoE layer); every rank agrees, as they share the config."""
+    name = _TRACKED_LOAD_BALANCING_LOSS.get(config.moe_router_load_balancing_type)
+    if name is None or not config.num_moe_experts or not config.moe_aux_loss_coeff:
+        return None
     totals: dict[str, torch.Tensor] = {}
     get_moe_metrics_tracker().report(
         loss_scale=1.0 / num_microbatches,
         iteration=0,
         force_initialize=True,  # stages without MoE layers still join the pipeline all-reduce
-        track_names=[LOAD_BALANCING_LOSS],
+        track_names=[name],
         num_layers=config.num_layers,
         moe_layer_freq=config.moe_layer_freq,
         total_loss_dict=totals,
         pg_collection=pg_collection,
     )
-    return float(totals[LOAD_BALANCING_LOSS])
-
-
-def _reduction_device() -> torch.device:
-    """Where the step's own small reductions (loss totals, timings) live: the current GPU when there is one
-    (NCCL reduces CUDA tensors only), else the CPU (gloo)."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    return float(totals[name])
 
 
 def _forward_backward(
@@ -231,7 +235,8 @@ def _forward_backward(
         pg_collection=pg_collection,
     )
     # [summed loss, token count]: nonzero only on the last pipeline stage, which holds the losses.
-    loss_and_tokens = torch.zeros(2, dtype=torch.float64, device=_reduction_device())
+    # On the model's device: NCCL reduces CUDA tensors only.
+    loss_and_tokens = torch.zeros(2, dtype=torch.float64, device=_device_of(model_chunks[0]))
     if is_pp_last_stage(pg_collection.pp):
         for microbatch in reported:
             loss_and_tokens += microbatch["lm loss"].to(loss_and_tokens.device, torch.float64)
@@ -278,8 +283,9 @@ def train_step(
 
     Returns, identical on every rank:
         loss: mean cross-entropy per token over the global batch (nats), from the last pipeline stage.
-        load_balancing_loss: megatron's switch aux loss (without its coefficient), mean over MoE
-            layers and microbatches. Its gradient (times the coefficient) is already in the step.
+        load_balancing_loss: megatron's load-balancing loss of the configured kind (aux_loss or
+            seq_aux_loss, without its coefficient), mean over MoE layers and microbatches; None when the
+            router computes none. Its gradient (times the coefficient) is already in the step.
         grad_norm: global gradient norm from the optimizer (None if it computes none).
         skipped: True if the update was skipped (NaN/Inf gradients).
         optimizer_seconds: wall time of the optimizer step, the slowest rank's.
@@ -308,7 +314,7 @@ def train_step(
     update_successful, grad_norm = step_unless_nonfinite(optimizer)
     # The slowest rank's time, so that (like everything returned here) it is the same on every rank.
     optimizer_seconds = torch.tensor(
-        [time.perf_counter() - optimizer_start], dtype=torch.float64, device=_reduction_device()
+        [time.perf_counter() - optimizer_start], dtype=torch.float64, device=_device_of(model_chunks[0])
     )
     torch.distributed.all_reduce(optimizer_seconds, op=torch.distributed.ReduceOp.MAX)
     return {

@@ -13,23 +13,28 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, load_tokenizer, null_tokenizer
-from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
+from megatron_muon.models.tiny import build_gpt_moe_model_chunks
 from megatron_muon.optim.build import adamw_config_overrides, build_optimizer
 from megatron_muon.optim.qk_clip import QKClip
+from megatron_muon.platform import device as platform_device
 from megatron_muon.training import checkpoint as ckpt
 from megatron_muon.training.config import (
     PretrainConfig,
     count_parameters,
-    tiny_moe_config,
     to_yaml,
     validate_tokenizer,
 )
 from megatron_muon.training.expert_load import ExpertLoadTracker
+from megatron_muon.training.megatron_configs import (
+    adamw_optimizer_config,
+    model_build_configs,
+    scheduler_arguments,
+)
 from megatron_muon.training.metrics import (
     MetricsWriter,
     is_logging_rank,
@@ -40,9 +45,6 @@ from megatron_muon.training.metrics import (
 from megatron_muon.training.step import LOAD_BALANCING_LOSS, evaluate, train_step, wrap_in_ddp
 
 logger = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s of the GPUs we know, for MFU (vendor datasheets, without sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
 
 class StopTraining(RuntimeError):
@@ -79,31 +81,14 @@ class Trainer:
         if self.tokenizer is not None:
             validate_tokenizer(cfg, self.tokenizer.vocab_size)
 
-        self.tiny = tiny_moe_config(cfg.model)
-        p = cfg.parallel
-        config = build_transformer_config(self.tiny, tp=p.tp, pp=p.pp, ep=p.ep, etp=dims.etp, vpp=p.vpp)
-        if cfg.model.precision == "bf16":
-            config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
-        # Transformer Engine's attention returns each head's max logit from its fused kernel only when asked
-        # (QK-clip reads it from there); megatron's local attention ignores the flag (optim/qk_clip.py hooks it).
-        config.log_max_attention_logit = cfg.optimizer.qk_clip.records
+        # On the device platform.device chose for this rank (the GPU builds in place; the CPU draws on the CPU).
+        self.tiny, config = model_build_configs(cfg, dims, platform_device.chosen_device())
         self.model = wrap_in_ddp(
             build_gpt_moe_model_chunks(self.tiny, config, pg_collection), config, pg_collection=pg_collection
         )
 
         opt = cfg.optimizer
-        adam_config = OptimizerConfig(
-            optimizer="adam",
-            lr=opt.lr,
-            min_lr=opt.min_lr,
-            weight_decay=opt.weight_decay,
-            adam_beta1=opt.betas[0],
-            adam_beta2=opt.betas[1],
-            adam_eps=opt.eps,
-            clip_grad=opt.clip_grad,
-            bf16=cfg.model.precision == "bf16",
-            fp16=False,
-        )
+        adam_config = adamw_optimizer_config(cfg)
         if opt.use_muon:
             self.optimizer = build_optimizer(self.model, adam_config, opt.muon, pg_collection)
         else:  # the AdamW baseline: megatron's own optimizer for every parameter
@@ -134,22 +119,7 @@ class Trainer:
                 dp_cp_group=pg_collection.dp_cp,
                 mp_group=pg_collection.mp,
             )
-        decay_iters = opt.resolved_lr_decay_iters(train.train_iters)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=opt.lr,
-            min_lr=opt.min_lr,
-            lr_warmup_steps=opt.warmup_iters,
-            lr_decay_steps=decay_iters,
-            lr_decay_style=opt.decay_style,
-            start_wd=opt.weight_decay,
-            end_wd=opt.weight_decay,
-            wd_incr_steps=decay_iters,
-            wd_incr_style="constant",
-            wsd_decay_steps=opt.wsd_decay_iters(train.train_iters) if opt.decay_style == "WSD" else None,
-            lr_wsd_decay_style=opt.wsd_decay_style if opt.decay_style == "WSD" else None,
-        )
+        self.scheduler = OptimizerParamScheduler(self.optimizer, **scheduler_arguments(cfg))
 
         self.iteration, self.consumed_samples = 0, 0
         self._load()
@@ -332,12 +302,8 @@ class Trainer:
     def _report(self, result, elapsed, tokens_per_step, total_skips, step_metrics) -> None:
         train = self.cfg.training
         tokens_per_s = tokens_per_step / elapsed
-        mfu = None
-        if torch.cuda.is_available():
-            name = torch.cuda.get_device_name()
-            peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-            if peak:
-                mfu = self.flops_per_token * tokens_per_s / (peak * dist.get_world_size())
+        peak = platform_device.peak_flops()  # None on the CPU
+        mfu = None if peak is None else self.flops_per_token * tokens_per_s / (peak * dist.get_world_size())
         lrs = {}
         for member in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             kind = "muon" if hasattr(member.optimizer, "orthogonalizer") else "adamw"
@@ -354,6 +320,7 @@ class Trainer:
             "time/iteration_ms": elapsed * 1e3,
             "time/optimizer_step_ms": result["optimizer_seconds"] * 1e3,
             "memory/rss_mib": memory_mib(),
+            "memory/max_allocated_mib": platform_device.max_memory_allocated_mib(),  # None on the CPU
             **{f"optimizer/lr_{k}": v for k, v in lrs.items()},
             **muon_stats(self.optimizer),
             **step_metrics,
