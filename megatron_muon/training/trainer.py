@@ -30,6 +30,7 @@ from megatron_muon.training.config import (
     validate_tokenizer,
 )
 from megatron_muon.training.expert_load import ExpertLoadTracker
+from megatron_muon.training.initialization import initialize_layout_independent_
 from megatron_muon.training.megatron_configs import (
     adamw_optimizer_config,
     model_build_configs,
@@ -83,9 +84,10 @@ class Trainer:
 
         # On the device platform.device chose for this rank (the GPU builds in place; the CPU draws on the CPU).
         self.tiny, config = model_build_configs(cfg, dims, platform_device.chosen_device())
-        self.model = wrap_in_ddp(
-            build_gpt_moe_model_chunks(self.tiny, config, pg_collection), config, pg_collection=pg_collection
-        )
+        chunks = build_gpt_moe_model_chunks(self.tiny, config, pg_collection)
+        # The same seed gives the same initial model at every TP/PP/EP/DP layout (megatron's own draw does not).
+        initialize_layout_independent_(chunks, config, train.seed)
+        self.model = wrap_in_ddp(chunks, config, pg_collection=pg_collection)
 
         opt = cfg.optimizer
         adam_config = adamw_optimizer_config(cfg)
