@@ -22,9 +22,10 @@
 # TensorBoard paths inside it or in overrides) are relative to the repository root, where the launcher runs.
 #
 # What it does:
-# - Checks the config before any training process starts (one Python process): the layout, the data files and the
-#   tokenizer against model.vocab_size. A bad config is one line `error: ...` on stderr and exit status 2. When
-#   the default Shakespeare data is missing it runs examples/prepare_shakespeare.sh first.
+# - Checks the config before any training process starts (one Python process): the layout, what this machine can
+#   run (Transformer Engine or FP8 without a GPU is refused), the data files and the tokenizer against
+#   model.vocab_size. A bad config is one line `error: ...` on stderr and exit status 2. When the default
+#   Shakespeare data is missing it runs examples/prepare_shakespeare.sh first.
 # - --dry-run: prints the resolved config, its arithmetic and the launch command, and starts nothing (missing
 #   data is a note there, not an error).
 # - Processes: parallel.world_size of them. Outside SLURM: `torchrun --standalone` on this host. Inside a SLURM
@@ -115,7 +116,12 @@ try:
     world_size = cfg.parallel.world_size or int(os.environ.get("SLURM_NTASKS") or 0)
     if not world_size:
         fail("parallel.world_size is not set and there is no SLURM allocation to take it from; set parallel.world_size=N")
-    validate(cfg, world_size)
+    dims = validate(cfg, world_size)
+    if mode != "dry-run":  # what this machine cannot run (a GPU-only option without a GPU), and the model builder
+        from megatron_muon.platform.device import choose_device
+        from megatron_muon.training.megatron_configs import check_buildable
+
+        check_buildable(cfg, dims, choose_device(local_rank=0))
 except ConfigError as error:
     fail(error)
 

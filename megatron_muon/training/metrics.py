@@ -3,7 +3,8 @@
 Tags: ``loss/train``, ``loss/validation``, ``loss/validation_perplexity``, ``loss/load_balancing``,
 ``optimizer/lr_muon``, ``optimizer/lr_adamw``, ``optimizer/grad_norm``, ``optimizer/skipped_iterations``,
 ``throughput/tokens_per_s``, ``throughput/mfu``, ``time/iteration_ms``, ``time/optimizer_step_ms``,
-``memory/rss_mib``, ``moe/expert_load_max_over_mean``, ``muon/update_rms/<kind>``, ``muon/ns_orthogonality_error``.
+``memory/rss_mib``, ``memory/max_allocated_mib`` (GPU: peak tensor memory, ``platform.device``),
+``moe/expert_load_max_over_mean``, ``muon/update_rms/<kind>``, ``muon/ns_orthogonality_error``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class MetricsWriter:
 
 
 def memory_mib() -> float:
-    """Resident memory of this process in MiB (CPU runs; GPU runs add ``torch.cuda.max_memory_allocated``)."""
+    """Resident memory of this process in MiB (on a GPU the trainer also reports the GPU's peak allocated memory,
+    ``platform.device.max_memory_allocated_mib``)."""
     return psutil.Process().memory_info().rss / 2**20
 
 
