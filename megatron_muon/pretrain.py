@@ -67,6 +67,7 @@ def _run(cfg, dims) -> int:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_muon.platform.device import start_this_rank
+    from megatron_muon.training.checkpoint import CheckpointError
     from megatron_muon.training.trainer import StopTraining, Trainer
 
     start_this_rank(timeout=datetime.timedelta(minutes=30))
@@ -82,7 +83,7 @@ def _run(cfg, dims) -> int:
     try:
         trainer = Trainer(cfg, dims, ProcessGroupCollection.use_mpu_process_groups())
         return trainer.train()
-    except (StopTraining, ValueError, FileNotFoundError) as error:
+    except (StopTraining, CheckpointError, ValueError, FileNotFoundError) as error:
         if dist.get_rank() == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return 3

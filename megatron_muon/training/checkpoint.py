@@ -26,10 +26,12 @@ RNG                               ``rng_state``: one ``ShardedObject`` per globa
 resolved config                   ``config.yaml`` beside the shards (a plain text file)
 ================================  =================================================================================
 
-Completion: shards go to ``iter_0000010.partial/``; after every rank finished (barrier) rank 0 adds the config,
-renames the directory to ``iter_0000010`` and only then replaces ``latest_checkpointed_iteration.txt`` (tmp file
-+ ``os.replace``), so the marker always names a complete checkpoint. Older checkpoints beyond ``keep_last`` are
-deleted after that.
+Completion and integrity (``checkpoint_files.py``, ``docs/checkpoints.md``): shards go to
+``iter_0000010.partial/``; after every rank finished (barrier) rank 0 adds the config, the ranks hash the files
+(SHA-256, split over ranks) and rank 0 writes ``manifest.json``; then the directory is renamed to ``iter_0000010``
+and only then ``latest_checkpointed_iteration.txt`` is replaced, so the marker always names a complete checkpoint.
+Loading verifies the manifest first (split over ranks); :func:`select_resume_checkpoint` falls back to the newest
+intact checkpoint of a root when the latest is damaged.
 
 Layout changes: model, AdamW and Muon state are resharded by dist_checkpointing (every rank reads the regions
 its new layout needs). RNG states are per rank and only restored when the layout is the same as at save time;
@@ -42,7 +44,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,24 @@ from torch.distributed.checkpoint import FileSystemReader
 from megatron_muon.optim.muon import Muon
 from megatron_muon.optim.state import (
     load_muon_momentum_,
-    load_muon_param_groups_,
     muon_momentum_sharded_state_dict,
     muon_param_groups_state,
+)
+from megatron_muon.training.checkpoint_files import (
+    CONFIG_FILENAME,
+    LATEST_MARKER,
+    PARTIAL_SUFFIX,
+    checkpoint_files,
+    fault_point,
+    file_digests,
+    iteration_dir,
+    publish,
+    read_manifest,
+    read_marker,
+    recover_root,
+    resume_candidates,
+    verify_files,
+    write_manifest,
 )
 
 __all__ = [
@@ -83,7 +99,11 @@ __all__ = [
     "find_latest",
     "iteration_dir",
     "load_checkpoint",
+    "recover_checkpoint_root",
+    "resolve_checkpoint_dir",
     "save_checkpoint",
+    "select_resume_checkpoint",
+    "verify_checkpoint",
     "save_weights_only",
     "verify_checkpoint_files",
 ]
@@ -91,10 +111,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-LATEST_MARKER = "latest_checkpointed_iteration.txt"
-CONFIG_FILENAME = "config.yaml"
-_ITERATION_DIR_RE = re.compile(r"^iter_(\d{7,})$")
-_PARTIAL_SUFFIX = ".partial"
 
 
 class CheckpointError(RuntimeError):
@@ -106,13 +122,6 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 
 
-def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
-    """``root/iter_0000010`` for ``iteration=10``."""
-    if iteration < 0:
-        raise ValueError(f"iteration={iteration} must be >= 0")
-    return Path(root) / f"iter_{iteration:07d}"
-
-
 def find_latest(root: str | os.PathLike) -> Path | None:
     """The checkpoint ``root``'s ``latest_checkpointed_iteration.txt`` names, or None when there is no marker
     (nothing saved yet: a fresh start for ``--resume auto``).
@@ -120,16 +129,41 @@ def find_latest(root: str | os.PathLike) -> Path | None:
     Raises:
         CheckpointError: the marker is unreadable or names a directory that does not exist.
     """
-    marker = Path(root) / LATEST_MARKER
-    if not marker.is_file():
+    try:
+        iteration = read_marker(root)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    if iteration is None:
         return None
-    text = marker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{marker} holds {text!r}; expected an iteration number")
-    directory = iteration_dir(root, int(text))
+    directory = iteration_dir(root, iteration)
     if not directory.is_dir():
-        raise CheckpointError(f"{marker} names iteration {int(text)} but {directory} does not exist")
+        raise CheckpointError(
+            f"{Path(root) / LATEST_MARKER} names iteration {iteration} but {directory} does not exist"
+        )
     return directory
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint directory ``path`` means: itself, or the one a root's marker names.
+
+    Raises:
+        CheckpointError: ``path`` is missing, not a directory, or neither a root nor a checkpoint.
+    """
+    return _resolve_checkpoint_dir(Path(path))
+
+
+def recover_checkpoint_root(root: str | os.PathLike) -> list[str]:
+    """:func:`checkpoint_files.recover_root` on rank 0 (collective); every rank gets the list of actions."""
+    payload: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = recover_root(root)
+        except OSError as error:
+            payload[1] = f"cannot clean up the checkpoint root {root}: {_one_line(error)}"
+    dist.broadcast_object_list(payload, src=0)
+    if payload[1] is not None:
+        raise CheckpointError(payload[1])
+    return payload[0]
 
 
 def _resolve_checkpoint_dir(path: Path) -> Path:
@@ -318,24 +352,63 @@ def _optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, 
     return state
 
 
+def _torch_state(entry: dict) -> dict:
+    """The torch ``Optimizer.state_dict()`` part of a megatron member's (loaded) state: under ``optimizer`` for
+    a mixed-precision member, the entry itself for an fp32 one."""
+    inner = entry.get("optimizer")
+    return inner if isinstance(inner, dict) and "state" in inner else entry
+
+
+def _saved_adamw_step(loaded: dict, role: str):
+    """The AdamW step count the checkpoint holds for ``role``, or for its counterpart (dense ↔ expert).
+
+    A one-process run keeps expert parameters in the dense members; the same checkpoint loaded with expert
+    parallelism has expert members the checkpoint never named. Their per-parameter state is found by parameter
+    key (role-free); only the common step count lives under the role, and every member steps together."""
+    for candidate in (role, "adamw_expert" if role == "adamw_dense" else "adamw_dense"):
+        entry = loaded.get(candidate)
+        step = _torch_state(entry).get("state", {}).get("common_step") if isinstance(entry, dict) else None
+        if step is not None:
+            return step
+    return None
+
+
 def _load_optimizer_state(optimizer, loaded: dict) -> None:
+    """Load each member's saved *state* (Muon momentum and NorMuon moments, AdamW moments and step, fp32 main
+    params) and keep this run's hyperparameters: every optimizer setting of the config takes effect on resume
+    (the trainer logs what changed, ``docs/checkpoints.md``). Saved param groups are not read back."""
     for role, member in _members(optimizer).items():
         if role not in loaded:
             raise CheckpointError(f"the checkpoint has no optimizer state for {role}")
         entry = loaded[role]
         if isinstance(member.optimizer, Muon):
             load_muon_momentum_(member.optimizer, entry["momentum"])
-            load_muon_param_groups_(member.optimizer, entry["param_groups"])
             if _is_mixed_precision(member):
                 saved = _as_lists(entry["fp32_param"])
                 for mains, values in zip(member.fp32_from_float16_groups, saved, strict=True):
                     for main, value in zip(mains, values, strict=True):
                         main.data.copy_(value)
-        else:
-            if _is_mixed_precision(member):
-                entry["fp32_from_fp16_params"] = _as_lists(entry["fp32_from_fp16_params"])
-            # megatron's own; for a mixed-precision member it also copies the fp32 main params
-            member.load_state_dict(entry)
+            continue
+        if _is_mixed_precision(member):
+            entry["fp32_from_fp16_params"] = _as_lists(entry["fp32_from_fp16_params"])
+        torch_state = _torch_state(entry)
+        # This run's groups (same ids as the request's numbering): megatron pairs saved groups by identifier
+        # keys that include the learning rate, so a changed LR would not find its group, and the saved
+        # betas / eps would silently replace the configured ones.
+        torch_state["param_groups"] = [
+            {key: value for key, value in group.items()}
+            for group in member.optimizer.state_dict()["param_groups"]
+        ]
+        per_param = torch_state.get("state", {})
+        if "common_step" not in per_param:
+            step = _saved_adamw_step(loaded, role)
+            has_moments = any(isinstance(v, dict) and v for k, v in per_param.items() if k != "common_step")
+            if step is not None:
+                per_param["common_step"] = step
+            elif has_moments:
+                raise CheckpointError(f"the checkpoint has AdamW moments but no step count for {role}")
+        # megatron's own; for a mixed-precision member it also copies the fp32 main params
+        member.load_state_dict(entry)
 
 
 def _layout(model_chunks) -> dict[str, int | None]:
@@ -390,11 +463,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _raise_if_any_rank_failed(message: str | None) -> None:
-    messages: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
-    for rank, text in enumerate(messages):
-        if text is not None:
-            raise CheckpointError(text if rank == dist.get_rank() else f"{text} (reported by rank {rank})")
+    failure = _first_failure(message)
+    if failure is not None:
+        raise CheckpointError(failure)
 
 
 def _run_on_rank_zero(action, *args) -> None:
@@ -404,7 +475,7 @@ def _run_on_rank_zero(action, *args) -> None:
         try:
             action(*args)
         except Exception as error:
-            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            message = _one_line(error)
     payload = [message]
     dist.broadcast_object_list(payload, src=0)
     if payload[0] is not None:
@@ -416,49 +487,73 @@ def _run_on_rank_zero(action, *args) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+def _first_failure(message: str | None) -> str | None:
+    """Every rank's ``message`` gathered; the first one (with the rank that reported it), or None."""
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    for rank, text in enumerate(messages):
+        if text is not None:
+            return text if rank == dist.get_rank() else f"{text} (reported by rank {rank})"
+    return None
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    complete = sorted(
-        (int(match.group(1)), child)
-        for child in root.iterdir()
-        if child.is_dir() and (match := _ITERATION_DIR_RE.match(child.name))
-    )
-    for _, old in complete[:-keep_last]:
-        shutil.rmtree(old)
-        logger.info("Deleted old checkpoint %s (keep_last=%d)", old, keep_last)
-
-
-def _publish(
-    root: Path, staging: Path, final: Path, iteration: int, config_yaml: str, keep_last: int
-) -> None:
-    """Rank 0, after every rank wrote its shards: config file, rename into place, marker, pruning."""
-    (staging / CONFIG_FILENAME).write_text(config_yaml)
-    replaced = None
-    if final.exists():  # saving the same iteration again: swap, then drop the old one
-        replaced = final.with_name(final.name + ".replaced")
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-    os.rename(staging, final)
-    if replaced is not None:
-        shutil.rmtree(replaced)
-    _write_text_atomically(root / LATEST_MARKER, f"{iteration}\n")
-    _prune(root, keep_last)
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
 def _prepare_staging(root: Path, staging: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(staging, ignore_errors=True)  # a save of this iteration that died midway
     staging.mkdir()
+
+
+def _hash_split_over_ranks(directory: Path) -> dict[str, dict[str, int | str]]:
+    """Size and SHA-256 of every file of ``directory`` (collective): rank r hashes files r, r + world, …"""
+    names: list[list[str] | None] = [checkpoint_files(directory) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    mine, message = {}, None
+    try:
+        mine = file_digests(directory, names[0][dist.get_rank() :: dist.get_world_size()])
+    except OSError as error:
+        message = f"cannot hash the checkpoint files in {directory}: {_one_line(error)}"
+    failure = _first_failure(message)
+    if failure is not None:
+        raise CheckpointError(failure)
+    gathered: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {name: entry for part in gathered for name, entry in part.items()}
+
+
+def _write_staged_checkpoint(
+    root: Path, iteration: int, state: dict, config_yaml: str, keep_last: int, what: str
+) -> Path:
+    """Write ``state`` to ``root/iter_N.partial`` (collective), add config and manifest, publish; return the final
+    directory. Any rank's failure (a full disk, a lost file system) stops every rank with one line; nothing
+    published before is touched."""
+    final = iteration_dir(root, iteration)
+    staging = final.with_name(final.name + PARTIAL_SUFFIX)
+    _run_on_rank_zero(_prepare_staging, root, staging)
+    message = None
+    try:
+        dist_checkpointing.save(state, str(staging), validate_access_integrity=True)
+    except Exception as error:  # e.g. OSError(ENOSPC) on this rank, or megatron's CheckpointException
+        message = f"saving {what} to {staging} failed: {_one_line(error)}"
+    _fault_point("during_save")
+    failure = _first_failure(message)  # also the barrier: every rank's shards are on disk
+    if failure is not None:
+        raise CheckpointError(f"{failure}; the checkpoints published before are intact")
+    _run_on_rank_zero((staging / CONFIG_FILENAME).write_text, config_yaml)
+    digests = _hash_split_over_ranks(staging)
+    _run_on_rank_zero(write_manifest, staging, iteration, digests)
+    _fault_point("before_publish")
+    _run_on_rank_zero(publish, root, staging, iteration, keep_last)
+    return final
+
+
+def _fault_point(name: str) -> None:
+    """:func:`checkpoint_files.fault_point` on rank ``MEGATRON_MUON_FAULT_RANK`` (default 0) only."""
+    if dist.get_rank() == int(os.environ.get("MEGATRON_MUON_FAULT_RANK", "0")):
+        fault_point(name)
 
 
 def save_checkpoint(
@@ -490,10 +585,6 @@ def save_checkpoint(
     if keep_last < 0:
         raise ValueError(f"keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
     root = Path(root)
-    final = iteration_dir(root, iteration)
-    staging = final.with_name(final.name + _PARTIAL_SUFFIX)
-    _run_on_rank_zero(_prepare_staging, root, staging)
-
     model_state = _model_sharded_state_dict(model_chunks)
     state: dict[str, Any] = {
         "checkpoint_version": CHECKPOINT_VERSION,
@@ -507,9 +598,7 @@ def save_checkpoint(
     }
     if rng:
         state["rng_state"] = _rng_sharded_object(_rng_state())
-    dist_checkpointing.save(state, str(staging), validate_access_integrity=True)
-    dist.barrier()  # every rank's shards are on disk
-    _run_on_rank_zero(_publish, root, staging, final, iteration, config_yaml, keep_last)
+    final = _write_staged_checkpoint(root, iteration, state, config_yaml, keep_last, "the checkpoint")
     logger.info("Saved checkpoint %s", final)
     return final
 
@@ -523,9 +612,6 @@ def save_weights_only(
     layout (e.g. a Hugging Face import, ``megatron_muon.convert``). ``root`` must hold no checkpoint yet.
     """
     root = Path(root)
-    final = iteration_dir(root, 0)
-    staging = final.with_name(final.name + _PARTIAL_SUFFIX)
-    _run_on_rank_zero(_prepare_staging, root, staging)
     state: dict[str, Any] = {
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": 0,
@@ -535,9 +621,7 @@ def save_weights_only(
         "weights_only": True,
         **_model_sharded_state_dict(model_chunks),
     }
-    dist_checkpointing.save(state, str(staging), validate_access_integrity=True)
-    dist.barrier()
-    _run_on_rank_zero(_publish, root, staging, final, 0, config_yaml, 0)
+    final = _write_staged_checkpoint(root, 0, state, config_yaml, 0, "the weights")
     logger.info("Saved weights-only checkpoint %s", final)
     return final
 
@@ -574,6 +658,73 @@ def _mismatch_with_checkpoint(checkpoint_dir: Path, request: dict) -> str | None
     return f"checkpoint {checkpoint_dir} does not fit this model: {'; '.join(parts)}"
 
 
+def _verify_structure_and_read_manifest(directory: Path) -> tuple[str | None, dict | None]:
+    try:
+        if not directory.is_dir():
+            return f"checkpoint directory {directory} does not exist", None
+        manifest = read_manifest(directory)
+        verify_checkpoint_files(directory)
+    except (CheckpointError, ValueError, OSError) as error:
+        return str(error).splitlines()[0], None
+    if manifest is None:
+        logger.warning("Checkpoint %s has no %s: only its structure is verified", directory, "manifest.json")
+    return None, manifest
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> str | None:
+    """Check that ``directory`` is a complete, undamaged checkpoint (collective; every rank gets the same answer).
+
+    Rank 0 checks the structure (megatron's and torch's metadata, every shard file the metadata names, long
+    enough); then the ranks split the manifest's files and compare each one's size and SHA-256. Returns None,
+    or one line naming the checkpoint and the first bad file.
+    """
+    directory = Path(directory)
+    payload: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        payload = list(_verify_structure_and_read_manifest(directory))
+    dist.broadcast_object_list(payload, src=0)
+    message, manifest = payload
+    if message is not None or manifest is None:
+        return message
+    names = sorted(manifest)[dist.get_rank() :: dist.get_world_size()]
+    try:
+        local = verify_files(directory, manifest, names)
+    except OSError as error:
+        local = f"checkpoint {directory}: {_one_line(error)}"
+    return _first_failure(local)
+
+
+def select_resume_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint of ``root`` for an automatic resume (collective), and one warning per damaged
+    one passed over (best first: the marker's, then by recency of publication, ``checkpoint_files``).
+
+    Returns ``(None, [])`` when ``root`` holds no checkpoint at all (a fresh start).
+
+    Raises:
+        CheckpointError: ``root`` holds checkpoints (or a marker) but none is intact — never a silent fresh start.
+    """
+    root = Path(root)
+    try:
+        marked = read_marker(root)
+    except ValueError as error:
+        marked, marker_problem = None, str(error)
+    else:
+        marker_problem = None
+    candidates = resume_candidates(root)
+    if not candidates and marked is None and marker_problem is None:
+        return None, []
+    warnings = [marker_problem] if marker_problem else []
+    for candidate in candidates:
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate, warnings
+        warnings.append(problem)
+    raise CheckpointError(
+        f"{root} holds no intact checkpoint to resume from ({'; '.join(warnings) or 'no iter_* directory'}); "
+        "repair or move it, or set checkpoint.resume=none to start afresh"
+    )
+
+
 def load_checkpoint(
     root_or_iter_dir: str | os.PathLike,
     model_chunks: list[torch.nn.Module],
@@ -590,12 +741,14 @@ def load_checkpoint(
     consumed samples 0. ``optimizer`` / ``scheduler`` may be None to skip them.
 
     Raises:
-        CheckpointError: one line naming the path: missing directory, missing marker in a root, missing or
-            truncated shard files, tensors the model needs that the checkpoint lacks (e.g. Muon momentum of
+        CheckpointError: one line naming the path: missing directory, missing marker in a root, missing,
+            truncated or corrupted files (manifest sizes and SHA-256), tensors the model needs that the checkpoint lacks (e.g. Muon momentum of
             matrices it never saw) or holds with another shape. Nothing is loaded in these cases.
     """
     checkpoint_dir = _resolve_checkpoint_dir(Path(root_or_iter_dir))
-    verify_checkpoint_files(checkpoint_dir)
+    problem = verify_checkpoint(checkpoint_dir)
+    if problem is not None:
+        raise CheckpointError(problem)
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
     version = common.get("checkpoint_version")
     if version != CHECKPOINT_VERSION:

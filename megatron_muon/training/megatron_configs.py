@@ -83,6 +83,9 @@ def scheduler_arguments(cfg: PretrainConfig) -> dict[str, Any]:
         "wd_incr_style": "constant",
         "wsd_decay_steps": opt.wsd_decay_iters(train_iters) if wsd else None,
         "lr_wsd_decay_style": opt.wsd_decay_style if wsd else None,
+        # On resume the config's schedule takes effect (training/resume.py); only the step count is restored.
+        "use_checkpoint_opt_param_scheduler": False,
+        "override_opt_param_scheduler": True,
     }
 
 

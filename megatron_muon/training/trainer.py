@@ -43,6 +43,7 @@ from megatron_muon.training.metrics import (
     model_flops_per_token,
     muon_stats,
 )
+from megatron_muon.training.resume import choose_resume_source, resume_setting_changes
 from megatron_muon.training.step import LOAD_BALANCING_LOSS, evaluate, train_step, wrap_in_ddp
 
 logger = logging.getLogger(__name__)
@@ -139,24 +140,35 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- setup
     def _load(self) -> None:
+        """Start from the checkpoint ``training/resume.py`` chooses (the run's own first), after repairing what a
+        crash during a save may have left in ``save_dir``."""
         c = self.cfg.checkpoint
-        source = None
-        if c.resume == "auto":
-            root = c.load_dir or c.save_dir
-            source = root if root and ckpt.find_latest(root) is not None else None
-        elif c.resume not in ("none", ""):
-            source = c.resume
-        if source is None:
+        if c.save_dir:
+            for action in ckpt.recover_checkpoint_root(c.save_dir):
+                self._log(f"checkpoint recovery: {action}")
+        source = choose_resume_source(
+            save_dir=c.save_dir, load_dir=c.load_dir, resume=c.resume, finetune=c.finetune, warn=self._log
+        )
+        self._log(source.reason)
+        if source.path is None:
             return
+        directory = ckpt.resolve_checkpoint_dir(source.path)
+        if not source.finetune:
+            saved_config = directory / ckpt.CONFIG_FILENAME
+            if saved_config.is_file():
+                for change in resume_setting_changes(saved_config.read_text(), to_yaml(self.cfg)):
+                    self._log(f"setting changed since the checkpoint, takes effect: {change}")
+            else:
+                self._log(f"WARNING: {saved_config} is missing: changed settings cannot be reported")
         loaded = ckpt.load_checkpoint(
-            source,
+            directory,
             self.model,
-            None if c.finetune else self.optimizer,
-            None if c.finetune else self.scheduler,
-            finetune=c.finetune,
+            None if source.finetune else self.optimizer,
+            None if source.finetune else self.scheduler,
+            finetune=source.finetune,
         )
         self.iteration, self.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
-        self._log(f"loaded checkpoint {source} at iteration {self.iteration}")
+        self._log(f"loaded checkpoint {directory} at iteration {self.iteration}")
 
     def _build_data(self) -> None:
         cfg, train = self.cfg, self.cfg.training

@@ -254,7 +254,7 @@ def _uninterrupted_run(root: str):
                     keep_last=2,
                 )
                 crashed = None
-            except OSError as error:
+            except checkpoint.CheckpointError as error:
                 crashed = str(error)
             finally:
                 checkpoint.dist_checkpointing.save = real_save
@@ -386,9 +386,10 @@ def test_checkpoint_loads_at_another_layout_with_its_momentum(name, uninterrupte
 
 def test_keep_last_keeps_the_newest_two_and_latest_names_the_newest(uninterrupted):
     _, _, _, seen = uninterrupted
-    assert seen[1] == (["iter_0000001", "latest_checkpointed_iteration.txt"], "1\n")
-    assert seen[2] == (["iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"], "2\n")
-    assert seen[3] == (["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"], "3\n")
+    files = ["latest_checkpointed_iteration.txt", "publication_log.txt"]
+    assert seen[1] == (["iter_0000001", *files], "1\n")
+    assert seen[2] == (["iter_0000001", "iter_0000002", *files], "2\n")
+    assert seen[3] == (["iter_0000002", "iter_0000003", *files], "3\n")
 
 
 def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(uninterrupted):
@@ -396,9 +397,11 @@ def test_a_save_that_dies_midway_leaves_latest_on_the_previous_checkpoint(uninte
 
     root, _, _, seen = uninterrupted
     crashed, listing, marker = seen["crashed"]
-    assert crashed is not None and "simulated crash" in crashed
+    assert crashed is not None and "simulated crash" in crashed and "\n" not in crashed, crashed
+    assert "the checkpoints published before are intact" in crashed, crashed
     assert marker == "3\n"
     assert "iter_0000004" not in listing and "iter_0000003" in listing and "iter_0000002" in listing, listing
+    assert "iter_0000004.partial" in listing, listing  # left for recover_root at the next start
     assert find_latest(root) == root / "iter_0000003"
     assert (root / "iter_0000003" / CONFIG_FILENAME).read_text() == CONFIG_YAML
 

@@ -1,0 +1,159 @@
+"""Which checkpoint a run starts from, and what a resumed run does with settings that changed since the save.
+
+Precedence (``docs/checkpoints.md``), so that a restart or a SLURM requeue never loses work:
+
+1. The run's own newest intact checkpoint in ``checkpoint.save_dir`` — always, once one exists (a damaged latest
+   one is passed over with a warning naming what is wrong; none intact is an error, never a silent fresh start).
+2. Only when ``save_dir`` holds none: the explicit source — ``checkpoint.resume=<path>`` or, with
+   ``resume=auto``, the latest checkpoint of ``checkpoint.load_dir`` — loaded with ``checkpoint.finetune`` as set.
+   A damaged or missing explicit source is a one-line error.
+3. Otherwise a fresh start. ``checkpoint.resume=none`` skips 1 and 2.
+
+Settings: every optimizer and schedule setting of the current config takes effect on resume (learning rates,
+schedule, weight decay, betas, Muon momentum / Nesterov / scale / Newton–Schulz, QK-clip, NorMuon off); the trainer
+logs each change. A change the saved state cannot serve is a one-line error: see :data:`CHANGES_THAT_CANNOT_RESUME`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "CHANGES_THAT_CANNOT_RESUME",
+    "ResumeSource",
+    "SettingChange",
+    "choose_resume_source",
+    "resume_setting_changes",
+]
+
+# (key, saved value, current value) → why the saved state cannot serve the current config; None: any change.
+CHANGES_THAT_CANNOT_RESUME: dict[str, tuple[Any, Any, str]] = {
+    "optimizer.use_muon": (
+        None,
+        None,
+        "the checkpoint holds the other optimizer's state (Muon momentum vs AdamW moments for the hidden matrices)",
+    ),
+    "optimizer.muon.normuon": (
+        False,
+        True,
+        "the checkpoint has no NorMuon second moments (turning NorMuon off on resume is allowed)",
+    ),
+}
+
+# Sections whose changes are reported on resume: they configure the optimizer and its schedule.
+_REPORTED_SECTIONS = ("optimizer", "training")
+
+
+@dataclass(frozen=True, slots=True)
+class SettingChange:
+    key: str
+    saved: Any
+    current: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.saved!r} -> {self.current!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeSource:
+    """Where a run starts from: ``path`` None is a fresh start; ``reason`` is the line the trainer logs."""
+
+    path: Path | None
+    finetune: bool
+    own: bool
+    reason: str
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def resume_setting_changes(saved_yaml: str, current_yaml: str) -> list[SettingChange]:
+    """The optimizer / training settings that differ between a checkpoint's ``config.yaml`` and this run's.
+
+    Raises:
+        ValueError: one line, for a change listed in :data:`CHANGES_THAT_CANNOT_RESUME`.
+    """
+    saved = _flatten(yaml.safe_load(saved_yaml) or {})
+    current = _flatten(yaml.safe_load(current_yaml) or {})
+    changes = [
+        SettingChange(key, saved.get(key), current.get(key))
+        for key in sorted(set(saved) | set(current))
+        if key.split(".", 1)[0] in _REPORTED_SECTIONS and saved.get(key) != current.get(key)
+    ]
+    for change in changes:
+        rule = CHANGES_THAT_CANNOT_RESUME.get(change.key)
+        if rule is None:
+            continue
+        old, new, why = rule
+        if (old is None or change.saved == old) and (new is None or change.current == new):
+            raise ValueError(
+                f"{change.key} changed from {change.saved!r} to {change.current!r} since the checkpoint was saved: "
+                f"{why}; restore the setting, or start a run with another checkpoint.save_dir from these weights "
+                "(checkpoint.resume=<path> checkpoint.finetune=true)"
+            )
+    return changes
+
+
+def _holds_checkpoints(root: Path) -> bool:
+    from megatron_muon.training.checkpoint_files import LATEST_MARKER, resume_candidates
+
+    return (root / LATEST_MARKER).is_file() or bool(resume_candidates(root))
+
+
+def choose_resume_source(
+    *, save_dir: str | None, load_dir: str | None, resume: str, finetune: bool, warn
+) -> ResumeSource:
+    """Apply the precedence of the module docstring (collective: verifies the run's own checkpoints on every
+    rank). ``warn(line)`` receives one line per damaged checkpoint passed over.
+
+    Raises:
+        CheckpointError: ``save_dir`` holds checkpoints but none is intact.
+    """
+    from megatron_muon.training.checkpoint import select_resume_checkpoint
+
+    if resume != "none" and save_dir:
+        own, problems = select_resume_checkpoint(save_dir)
+        for problem in problems:
+            warn(f"WARNING: passing over a damaged checkpoint: {problem}")
+        if own is not None:
+            others = []
+            if resume not in ("auto", "none"):
+                others.append(f"checkpoint.resume={resume}")
+            elif load_dir and Path(load_dir) != Path(save_dir):
+                others.append(f"checkpoint.load_dir={load_dir}")
+            over = f"; it takes precedence over {others[0]}" if others else ""
+            return ResumeSource(
+                own,
+                False,
+                True,
+                f"resuming from this run's own checkpoint {own} (checkpoint.save_dir holds one{over})",
+            )
+    if resume == "none":
+        return ResumeSource(None, False, False, "checkpoint.resume=none: starting from scratch")
+    weights = " (weights only: checkpoint.finetune=true)" if finetune else ""
+    if resume != "auto":
+        return ResumeSource(
+            Path(resume),
+            finetune,
+            False,
+            f"no checkpoint of this run yet: starting from checkpoint.resume={resume}{weights}",
+        )
+    if load_dir and Path(load_dir) != Path(save_dir or "") and _holds_checkpoints(Path(load_dir)):
+        return ResumeSource(
+            Path(load_dir),
+            finetune,
+            False,
+            f"no checkpoint of this run yet: starting from the latest in checkpoint.load_dir={load_dir}{weights}",
+        )
+    where = f" in checkpoint.save_dir={save_dir}" if save_dir else ""
+    return ResumeSource(None, False, False, f"no checkpoint{where}: starting from scratch")
