@@ -83,7 +83,8 @@ def single_process_group(*, model_parallel: bool = False) -> Iterator[None]:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         created_group = True
     try:
-        use_device(choose_device(local_rank=0))  # the CPU stand-ins on a machine without CUDA
+        # The CPU stand-ins on a machine without CUDA; the thread count stays what this process has.
+        use_device(choose_device(local_rank=0), num_threads=torch.get_num_threads())
         if model_parallel and not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel()
             created_state = True
