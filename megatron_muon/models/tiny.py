@@ -9,6 +9,7 @@ load-balancing loss (switch, per sequence, or none) and optionally the expert bi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +23,11 @@ from megatron.core.pipeline_parallel.utils import (
     is_vp_last_stage,
 )
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_muon import mup
+from megatron_muon.models.mla_attention import LocalMLASelfAttention, MLACoreAttention
 
 __all__ = [
     "TinyMoEConfig",
@@ -90,6 +93,19 @@ class TinyMoEConfig:
     """muP base width (``megatron_muon/mup.py``); None: standard parametrization."""
     mup_base_head_dim: float | None = None
     """muP base head dim; None: mup_base_hidden_size / num_attention_heads."""
+    multi_latent_attention: bool = False
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434) instead of grouped-query attention: megatron's
+    ``MLASelfAttention`` (``num_query_groups`` unused)."""
+    q_lora_rank: int | None = None
+    """MLA: rank of the compressed query; None: one direct query projection (Moonlight, DeepSeek-V2-Lite)."""
+    kv_lora_rank: int = 32
+    """MLA: rank of the compressed key/value latent."""
+    qk_head_dim: int = 16
+    """MLA: per-head query/key dim without rotary position (DeepSeek's qk_nope_head_dim)."""
+    qk_pos_emb_head_dim: int = 8
+    """MLA: per-head dim of the decoupled rotary query/key part, the key part shared by all heads."""
+    v_head_dim: int = 16
+    """MLA: per-head value dim."""
     transformer_impl: str = "local"
     """local (megatron's torch layers; CPU) | transformer_engine (megatron's TE spec: TE linears with fused norms,
     TE attention, grouped-GEMM experts; needs CUDA and transformer_engine)."""
@@ -157,7 +173,10 @@ def build_transformer_config(
             f"expected num_layers={cfg.num_layers}"
         )
     _require_divisible("num_attention_heads", cfg.num_attention_heads, "tensor_parallel_size", tp)
-    _require_divisible("num_query_groups", cfg.num_query_groups, "tensor_parallel_size", tp)
+    if cfg.multi_latent_attention:
+        _require_mla_shapes(cfg, tp)
+    else:
+        _require_divisible("num_query_groups", cfg.num_query_groups, "tensor_parallel_size", tp)
     _require_divisible("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_parallel_size", tp)
     _require_divisible("vocab_size", cfg.vocab_size, "tensor_parallel_size", tp)
     _require_divisible("seq_length", cfg.seq_length, "tensor_parallel_size", tp)
@@ -170,6 +189,11 @@ def build_transformer_config(
     # muP through megatron's own hooks: init methods, logit multiplier, attention scale (megatron_muon/mup.py).
     mup_fields = {}
     if cfg.mup_base_hidden_size is not None:
+        if cfg.multi_latent_attention:
+            raise ValueError(
+                "mup_base_hidden_size is set with multi_latent_attention=True: muP's attention scale is not "
+                "defined for MLA's two head dims here (see ModelConfig._validate_mup)"
+            )
         mup_fields = mup.transformer_config_fields(
             mup.MupWidth.of_model(
                 hidden_size=cfg.hidden_size,
@@ -180,13 +204,29 @@ def build_transformer_config(
             )
         )
 
-    return TransformerConfig(
+    config_class, mla_fields = TransformerConfig, {}
+    if cfg.multi_latent_attention:
+        # megatron's MLA reads its shapes from an MLATransformerConfig; plain RoPE on the rotary part (its
+        # default is YaRN with a 40x context extension, which a model trained from scratch does not want).
+        config_class = MLATransformerConfig
+        mla_fields = dict(
+            q_lora_rank=cfg.q_lora_rank,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_head_dim=cfg.qk_head_dim,
+            qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            rope_type="rope",
+            rotary_base=cfg.rotary_base,
+            # MLA resolves its q / kv norms through the backend this names (megatron's default: TE).
+            transformer_impl=cfg.transformer_impl,
+        )
+    return config_class(
         # Shape.
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
+        num_query_groups=None if cfg.multi_latent_attention else cfg.num_query_groups,
         init_method_std=cfg.init_method_std,
         # Architecture: RMSNorm, SwiGLU, no biases (the expert MLP's in-place bias add fails on CPU).
         normalization="RMSNorm",
@@ -241,16 +281,60 @@ def build_transformer_config(
         # Must be set before the model is wrapped in DDP (DDP reads it to decide its own scaling).
         calculate_per_token_loss=True,
         **mup_fields,
+        **mla_fields,
     )
 
 
+def _require_mla_shapes(cfg: TinyMoEConfig, tp: int) -> None:
+    """One-line errors for MLA shapes megatron would fail on deep inside the build."""
+    for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1 with multi_latent_attention=True")
+    if cfg.qk_pos_emb_head_dim % 2:
+        raise ValueError(f"qk_pos_emb_head_dim={cfg.qk_pos_emb_head_dim} must be even (RoPE rotates pairs)")
+    if cfg.q_lora_rank is not None and cfg.q_lora_rank < 1:
+        raise ValueError(f"q_lora_rank={cfg.q_lora_rank} must be >= 1 or None")
+    if cfg.transformer_impl == "local":
+        # The local spec builds the down projections as column-parallel linears split over TP.
+        if cfg.q_lora_rank is not None:
+            _require_divisible("q_lora_rank", cfg.q_lora_rank, "tensor_parallel_size", tp)
+        _require_divisible(
+            "kv_lora_rank + qk_pos_emb_head_dim",
+            cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim,
+            "tensor_parallel_size",
+            tp,
+        )
+
+
 def _layer_spec(config: TransformerConfig, *, transformer_engine: bool, vp_stage: int | None, pp_rank: int):
-    return get_gpt_decoder_block_spec(
+    spec = get_gpt_decoder_block_spec(
         config,
         use_transformer_engine=transformer_engine,
         normalization="RMSNorm",
         vp_stage=vp_stage,
         pp_rank=pp_rank,
+    )
+    if transformer_engine or not config.multi_latent_attention:
+        return spec
+    # megatron-core 0.19.2: the local MLA spec names DotProductAttention as core_attention, which takes no
+    # k_channels / v_channels and cannot be built; ours takes MLA's two head dims.
+    spec.layer_specs = [_with_mla_core_attention(layer, config) for layer in spec.layer_specs]
+    return spec
+
+
+def _with_mla_core_attention(layer_spec, config: TransformerConfig):
+    attention = layer_spec.submodules.self_attention
+    if attention.module is not MLASelfAttention:
+        raise ValueError(
+            f"expected megatron's MLASelfAttention in the MLA layer spec, got {attention.module}"
+        )
+    attention = dataclasses.replace(
+        attention,
+        module=LocalMLASelfAttention,
+        submodules=dataclasses.replace(attention.submodules, core_attention=MLACoreAttention),
+    )
+    return dataclasses.replace(
+        layer_spec, submodules=dataclasses.replace(layer_spec.submodules, self_attention=attention)
     )
 
 

@@ -6,6 +6,11 @@ Megatron-Core stores weights in ways that hide the matrices Newton–Schulz must
   along dim 1 (``param.partition_dim``).
 * The fused QKV weight of ``SelfAttention.linear_qkv`` holds, per query group, ``[q heads of the group; k; v]``
   rows (``attention.py: _clip_linear_qkv`` reads it the same way); a TP rank holds a contiguous run of groups.
+* Multi-head latent attention (megatron's ``MLASelfAttention``) keeps per head ``[q_C; q_R]`` rows (non-rotary
+  ``qk_head_dim``, rotary ``qk_pos_emb_head_dim``) in ``linear_q_proj`` / ``linear_q_up_proj`` and ``[k_C; v]``
+  rows (``qk_head_dim``, ``v_head_dim``) in ``linear_kv_up_proj``; a TP rank holds a contiguous run of heads. The
+  down projections (``linear_q_down_proj``, ``linear_kv_down_proj``: ``[kv latent; shared k_R]``) are ordinary
+  column-parallel matrices on the local spec.
 * The SwiGLU ``linear_fc1`` weight stacks ``[gate; up]`` inside each TP shard (``mlp.py``: ``torch.chunk(x, 2)``).
 * Experts live on expert-parallel ranks (``MoELayer.local_expert_indices`` gives their global ids) and are split
   again over the expert-TP group.
@@ -121,9 +126,11 @@ class LayoutOptions:
     """Choices about what counts as one logical matrix."""
 
     split_qkv: bool = True
-    """Orthogonalize Q, K and V of a fused QKV weight separately (megatron-core's ``muon_split_qkv``)."""
+    """Orthogonalize Q, K and V of a fused QKV weight separately (megatron-core's ``muon_split_qkv``); with MLA,
+    the K and V parts of ``linear_kv_up_proj``."""
     qkv_per_head: bool = False
-    """Orthogonalize every query head and every key/value group on its own (implies ``split_qkv``)."""
+    """Orthogonalize every query head and every key/value group on its own (implies ``split_qkv``); with MLA,
+    every head of the query and of the K and V up-projections."""
     split_gate_up: bool = True
     """Orthogonalize the gate and up halves of a SwiGLU ``linear_fc1`` separately."""
 
@@ -234,6 +241,49 @@ def _per_head_pieces(key, heads_per_group, head_dim, groups_local, cols, group_o
     return pieces
 
 
+def _per_head_parts(key, parts, heads_local, cols, head_offset) -> list[MatrixPiece]:
+    """Each head's part ``(name, rows)`` of a weight whose local rows are ``heads_local`` repeats of ``parts`` as
+    its own (unsharded) matrix ``{key}/{name}.head{global head}``."""
+    period = sum(rows for _, rows in parts)
+    pieces = []
+    for h in range(heads_local):
+        offset = h * period
+        for part, rows in parts:
+            block = RowBlocks(offset=offset, length=rows, period=rows)
+            pieces.append(
+                MatrixPiece(key=f"{key}/{part}.head{head_offset + h}", shape=(rows, cols), rows=block)
+            )
+            offset += rows
+    return pieces
+
+
+def _mla_pieces(name, key, module_name, config, options, shape, shard) -> list[MatrixPiece] | None:
+    """Pieces of MLA's per-head up projections (None: not one of them, or kept whole by ``options``).
+
+    ``linear_kv_up_proj`` holds ``[k_C; v]`` per head: with ``split_qkv`` its K and V parts are two logical
+    matrices, sharded over TP by heads like the QKV split per query group. ``linear_q_proj`` /
+    ``linear_q_up_proj`` hold only queries and stay whole unless ``qkv_per_head``."""
+    shard_dim, num_shards, shard_index = shard
+    is_kv_up = module_name == "linear_kv_up_proj"
+    if not (options.qkv_per_head or (is_kv_up and options.split_qkv)):
+        return None
+    heads = config.num_attention_heads
+    heads_local = heads // num_shards if shard_dim is not None else heads
+    if is_kv_up:
+        parts = [("k", config.qk_head_dim), ("v", config.v_head_dim)]
+    else:
+        parts = [("q", config.qk_head_dim + config.qk_pos_emb_head_dim)]
+    rows, cols = shape
+    if shard_dim not in (None, 0) or rows != heads_local * sum(r for _, r in parts):
+        raise ValueError(
+            f"{name}: local MLA shape {tuple(shape)} (split along {shard_dim}) does not match {heads_local} heads x "
+            f"{' + '.join(f'{p}={r}' for p, r in parts)} rows"
+        )
+    if options.qkv_per_head:
+        return _per_head_parts(key, parts, heads_local, cols, shard_index * heads_local)
+    return _split_pieces(key, parts, heads_local, cols, shard_dim, num_shards, shard_index)
+
+
 def megatron_param_pieces(
     name: str,
     param: torch.Tensor,
@@ -277,6 +327,15 @@ def megatron_param_pieces(
             )
         fused = [("q", heads_per_group * head_dim), ("k", head_dim), ("v", head_dim)]
         return _split_pieces(key, fused, groups_local, cols, shard_dim, num_shards, shard_index)
+
+    if module_name in ("linear_q_proj", "linear_q_up_proj", "linear_kv_up_proj") and getattr(
+        config, "multi_latent_attention", False
+    ):
+        pieces = _mla_pieces(
+            name, key, module_name, config, options, (rows, cols), (shard_dim, num_shards, shard_index)
+        )
+        if pieces is not None:
+            return pieces
 
     if module_name == "linear_fc1" and options.split_gate_up and getattr(config, "gated_linear_unit", False):
         if rows % 2:

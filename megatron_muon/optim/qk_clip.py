@@ -12,10 +12,14 @@
    ``[b, heads, s, s]`` score matrix per layer and micro batch; it only runs in training mode.
 2. **Reduce** each layer's per-head maxima over the data- and context-parallel ranks (MAX), so every replica
    clips identically. Heads are split over tensor-parallel ranks like the weights, so no TP reduction is needed.
-3. **Clip** after the optimizer step: rescale the query and key rows of ``linear_qkv`` (megatron's per-query-group
-   layout ``[q_1 … q_g, k, v]`` per group) of every head above τ, in the model parameter and in the fp32 main
-   parameter megatron's mixed-precision wrapper keeps (``param.main_param``), so the next step starts from the
-   clipped weights in both.
+3. **Clip** after the optimizer step: rescale the query and key rows of every head above τ, in the model parameter
+   and in the fp32 main parameter megatron's mixed-precision wrapper keeps (``param.main_param``), so the next step
+   starts from the clipped weights in both. Standard attention: the rows of ``linear_qkv`` (megatron's
+   per-query-group layout ``[q_1 … q_g, k, v]`` per group; GQA rule in ``ops/qk_clip.py``). Multi-head latent
+   attention (K2's rule): per head, the non-rotary query rows q_C (``linear_q_proj`` or ``linear_q_up_proj``,
+   ``[q_C; q_R]`` per head) by √γ, the rotary query rows q_R by γ, the non-rotary key rows k_C of
+   ``linear_kv_up_proj`` (``[k_C; v]`` per head) by √γ; the rotary key k_R, shared by all heads and produced by
+   ``linear_kv_down_proj``, and the values are untouched. The logit q_C·k_C + q_R·k_R is thereby scaled by γ.
 
 The per-layer maxima (over heads, TP, PP) are returned for TensorBoard (``attention/max_logit/layer_NN``).
 """
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_muon.ops.qk_clip import gqa_clip_factors
+from megatron_muon.ops.qk_clip import gqa_clip_factors, mla_clip_factors
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +78,11 @@ class _Attention:
     heads: int
     """Query heads on this rank."""
     groups: int
-    """Key/value heads on this rank."""
+    """Key/value heads on this rank (MLA: one key per head)."""
     head_dim: int
+    """Standard attention: the head dim. MLA: the query/key head dim (non-rotary + rotary)."""
+    mla: tuple[int, int, int] | None = None
+    """MLA only: (qk_head_dim, qk_pos_emb_head_dim, v_head_dim) per head."""
 
 
 class QKClip:
@@ -148,11 +155,16 @@ class QKClip:
         ):
             per_layer[attention.layer_number - 1] = logits.max().cpu()
             if self.clip and bool((logits > self.threshold).any()):
-                q_factor, k_factor = gqa_clip_factors(logits, attention.groups, self.threshold, self.alpha)
-                _scale_qkv_rows_(attention, q_factor, k_factor)
+                if attention.mla is None:
+                    q_factor, k_factor = gqa_clip_factors(
+                        logits, attention.groups, self.threshold, self.alpha
+                    )
+                    _scale_qkv_rows_(attention, q_factor, k_factor)
+                else:
+                    _scale_mla_rows_(attention, *mla_clip_factors(logits, self.threshold, self.alpha))
             attention.module.core_attention.current_max_attn_logits = None
         if self.mp_group is not None:
-            device = self.attentions[0].module.linear_qkv.weight.device if self.attentions else "cpu"
+            device = self.attentions[0].module.linear_proj.weight.device if self.attentions else "cpu"
             per_layer = per_layer.to(device)
             dist.all_reduce(per_layer, op=dist.ReduceOp.MAX, group=self.mp_group)
         return {i + 1: float(v) for i, v in enumerate(per_layer.cpu().tolist())}
@@ -161,7 +173,23 @@ class QKClip:
 def _self_attentions(chunk) -> list[_Attention]:
     found = []
     for module in chunk.modules():
-        if not (hasattr(module, "linear_qkv") and hasattr(module, "core_attention")):
+        if not hasattr(module, "core_attention"):
+            continue
+        if hasattr(module, "linear_kv_up_proj"):  # megatron's MLASelfAttention
+            config = module.config
+            # The q / kv latent norms sit before the up projections, so they do not undo the clip.
+            found.append(
+                _Attention(
+                    layer_number=int(module.layer_number),
+                    module=module,
+                    heads=module.num_attention_heads_per_partition,
+                    groups=module.num_attention_heads_per_partition,
+                    head_dim=module.q_head_dim,
+                    mla=(config.qk_head_dim, config.qk_pos_emb_head_dim, config.v_head_dim),
+                )
+            )
+            continue
+        if not hasattr(module, "linear_qkv"):
             continue
         if getattr(module.config, "qk_layernorm", False):
             raise ValueError(
@@ -178,11 +206,6 @@ def _self_attentions(chunk) -> list[_Attention]:
                 groups=groups,
                 head_dim=module.hidden_size_per_attention_head,
             )
-        )
-    if any(hasattr(m, "linear_kv_up_proj") or hasattr(m, "linear_q_up_proj") for m in chunk.modules()):
-        raise NotImplementedError(
-            "qk_clip on multi-latent attention: the factors are in ops/qk_clip.py (mla_clip_factors) but this "
-            "model builder does not build MLA yet"
         )
     return found
 
@@ -220,15 +243,43 @@ def _scale_qkv_rows_(attention: _Attention, q_factor: torch.Tensor, k_factor: to
     rows[:, :per_group_heads] = q_factor.view(attention.groups, per_group_heads).cpu()
     rows[:, per_group_heads] = k_factor.cpu()
     row_factor = rows.repeat_interleave(d, dim=1).reshape(-1)  # [groups · (heads/group + 2) · d]
-    linear = attention.module.linear_qkv
+    _scale_rows_(attention, "linear_qkv", row_factor, "the per-query-group layout")
+
+
+def _scale_mla_rows_(
+    attention: _Attention, q_compressed: torch.Tensor, q_rotary: torch.Tensor, k_compressed: torch.Tensor
+) -> None:
+    """K2's MLA rule on this rank's heads: per head h, ``[q_C; q_R]`` rows of the query projection by
+    (``q_compressed[h]``, ``q_rotary[h]``) and the ``k_C`` rows of ``linear_kv_up_proj`` by ``k_compressed[h]``;
+    the ``v`` rows and the shared rotary key (in ``linear_kv_down_proj``) are untouched."""
+    qk_dim, rope_dim, v_dim = attention.mla
+    q_rows = torch.cat(
+        [
+            q_compressed.float().cpu()[:, None].expand(-1, qk_dim),
+            q_rotary.float().cpu()[:, None].expand(-1, rope_dim),
+        ],
+        dim=1,
+    ).reshape(-1)  # [heads · (qk + rope)]
+    kv_rows = torch.cat(
+        [k_compressed.float().cpu()[:, None].expand(-1, qk_dim), torch.ones(attention.heads, v_dim)], dim=1
+    ).reshape(-1)  # [heads · (qk + v)]
+    q_name = "linear_q_proj" if attention.module.config.q_lora_rank is None else "linear_q_up_proj"
+    _scale_rows_(attention, q_name, q_rows, "[q_C; q_R] per head")
+    _scale_rows_(attention, "linear_kv_up_proj", kv_rows, "[k_C; v] per head")
+
+
+def _scale_rows_(attention: _Attention, linear_name: str, row_factor: torch.Tensor, layout: str) -> None:
+    """Multiply row r of ``attention.module.<linear_name>``'s weight and bias by ``row_factor[r]``, in the model
+    parameter and in megatron's fp32 main parameter when there is one."""
+    linear = getattr(attention.module, linear_name)
     for name in ("weight", "bias"):
         param = getattr(linear, name, None)
         if param is None:
             continue
         if param.shape[0] != row_factor.numel():
             raise RuntimeError(
-                f"layer {attention.layer_number}: linear_qkv.{name} has {param.shape[0]} rows; the "
-                f"per-query-group layout needs {row_factor.numel()}"
+                f"layer {attention.layer_number}: {linear_name}.{name} has {param.shape[0]} rows; {layout} "
+                f"needs {row_factor.numel()}"
             )
         for tensor in (param.data, getattr(param, "main_param", None)):
             if tensor is None:

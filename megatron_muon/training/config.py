@@ -177,6 +177,16 @@ class ParallelConfig:
         _require_divides("parallel.tp", tp, "model.num_attention_heads", model.num_attention_heads)
         if not model.multi_latent_attention:
             _require_divides("parallel.tp", tp, "model.num_query_groups", model.query_groups)
+        elif model.transformer_impl == "local":
+            # The local spec splits MLA's down projections over TP (column-parallel linears).
+            if model.q_lora_rank is not None:
+                _require_divides("parallel.tp", tp, "model.q_lora_rank", model.q_lora_rank)
+            _require_divides(
+                "parallel.tp",
+                tp,
+                "model.kv_lora_rank + model.qk_pos_emb_head_dim",
+                model.kv_lora_rank + model.qk_pos_emb_head_dim,
+            )
         _require_divides("parallel.tp", tp, "model.vocab_size", model.vocab_size)
         pattern = model.moe_layer_pattern()
         if not all(pattern):
@@ -511,7 +521,8 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> ParallelDims
     except ValueError as error:
         raise ConfigError(f"optimizer.{error}") from None
     _require(
-        not (qk_clip.enabled and cfg.model.qk_layernorm),
+        # With MLA the norms are on the q / kv latents, before the up projections the clip rescales.
+        not (qk_clip.enabled and cfg.model.qk_layernorm and not cfg.model.multi_latent_attention),
         "optimizer.qk_clip.enabled=true with model.qk_layernorm=true: the norm on queries and keys undoes any "
         "rescaling of their weights; turn one of them off",
     )

@@ -11,13 +11,6 @@ def tiny_moe_config(model: ModelConfig):
     features that builder does not construct."""
     from megatron_muon.models.tiny import TinyMoEConfig
 
-    # megatron-core 0.19.2's local MLA spec cannot be built: its DotProductAttention takes no k_channels /
-    # v_channels (MLA's query/key and value head dims differ), so MLA needs Transformer Engine's attention.
-    _require(
-        not model.multi_latent_attention,
-        "model.multi_latent_attention=True needs Transformer Engine attention (megatron-core 0.19.2's local "
-        "DotProductAttention has no separate key/value head dims); models.tiny builds the local spec only",
-    )
     _require(not model.fp8, f"model.fp8={model.fp8!r} is not supported by models.tiny (local spec builder)")
     # What the local-spec builder hard-wires; anything else must fail rather than be silently replaced.
     fixed = {
@@ -55,6 +48,12 @@ def tiny_moe_config(model: ModelConfig):
         moe_router_bias_update_rate=model.moe_router_bias_update_rate,
         moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
         qk_layernorm=model.qk_layernorm,
+        multi_latent_attention=model.multi_latent_attention,
+        q_lora_rank=model.q_lora_rank,
+        kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_head_dim,
+        qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+        v_head_dim=model.v_head_dim,
         norm_epsilon=model.norm_epsilon,
         mup_base_hidden_size=model.mup_base_hidden_size,
         mup_base_head_dim=model.mup_base_head_dim,

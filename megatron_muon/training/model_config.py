@@ -212,13 +212,7 @@ class ModelConfig:
             )
         self._validate_mup()
         if self.multi_latent_attention:
-            _require_positive(
-                "model", self, "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"
-            )
-            _require(
-                self.q_lora_rank is None or self.q_lora_rank >= 1,
-                f"model.q_lora_rank={self.q_lora_rank} must be >= 1 or null",
-            )
+            self._validate_mla()
         else:
             _require(
                 self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
@@ -231,6 +225,29 @@ class ModelConfig:
                 "model.num_attention_heads",
                 self.num_attention_heads,
             )
+
+    def _validate_mla(self) -> None:
+        """MLA's head dims (the layout-dependent divisibility is in ``ParallelConfig.validate``)."""
+        _require_positive("model", self, "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+        _require(
+            self.q_lora_rank is None or self.q_lora_rank >= 1,
+            f"model.q_lora_rank={self.q_lora_rank} must be >= 1 or null",
+        )
+        _require(
+            self.qk_pos_emb_head_dim % 2 == 0,
+            f"model.qk_pos_emb_head_dim={self.qk_pos_emb_head_dim} must be even (RoPE rotates pairs of dims)",
+        )
+        # Standard attention's head shape has no meaning with MLA: a value here would silently change nothing.
+        _require(
+            self.kv_channels is None,
+            f"model.kv_channels={self.kv_channels} with model.multi_latent_attention=true: MLA's head dims are "
+            "model.qk_head_dim + model.qk_pos_emb_head_dim (query/key) and model.v_head_dim; set it to null",
+        )
+        _require(
+            self.num_query_groups in (None, self.num_attention_heads),
+            f"model.num_query_groups={self.num_query_groups} with model.multi_latent_attention=true: MLA has one "
+            f"key/value head per query head; set it to null (or {self.num_attention_heads})",
+        )
 
     def _validate_mup(self) -> None:
         base, base_head = self.mup_base_hidden_size, self.mup_base_head_dim
@@ -246,8 +263,9 @@ class ModelConfig:
         )
         _require(
             not self.multi_latent_attention,
-            "model.mup_base_hidden_size is set but model.multi_latent_attention=true: megatron's MLA computes "
-            "its own softmax scale, so muP's 1/d_head attention cannot be applied",
+            "model.mup_base_hidden_size is set but model.multi_latent_attention=true: muP with MLA is not "
+            "implemented (megatron's MLA fixes its softmax scale from qk + rotary head dims, and the width rules "
+            "for its latent ranks are not worked out here)",
         )
 
 

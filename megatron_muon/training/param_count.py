@@ -19,6 +19,10 @@ def _attention_parameters(model: ModelConfig) -> int:
         q_head_dim = model.qk_head_dim + model.qk_pos_emb_head_dim
         if model.q_lora_rank is None:
             count += h * heads * q_head_dim  # linear_q_proj
+            if model.qk_layernorm and model.transformer_impl == "transformer_engine":
+                # megatron's MLA norm resolver fuses a norm (on the layer input) into TE's linear_q_proj; the
+                # local spec (models/mla_attention.py) has no query latent to normalize and adds none.
+                count += _norm_parameters(model, h)
         else:
             count += h * model.q_lora_rank + model.q_lora_rank * heads * q_head_dim  # q down / up
             count += _norm_parameters(model, model.q_lora_rank) if model.qk_layernorm else 0

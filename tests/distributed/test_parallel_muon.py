@@ -29,6 +29,7 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int, extra_muon
 
     from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
     from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.layout import LayoutOptions
     from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
     from megatron_muon.training.step import wrap_in_ddp
 
@@ -38,8 +39,11 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int, extra_muon
     torch.manual_seed(0)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
     results = {"pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+    # The matrices the optimizer is asked to see (e.g. per head) are the ones filled and collected.
+    layout_fields = ("split_qkv", "qkv_per_head", "split_gate_up")
+    options = LayoutOptions(**{k: v for k, v in (extra_muon or {}).items() if k in layout_fields})
     for mode in modes:
-        fill_canonical_(chunks, salt="weight")
+        fill_canonical_(chunks, salt="weight", options=options)
         optimizer = build_optimizer(
             chunks,
             OptimizerConfig(
@@ -49,12 +53,12 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int, extra_muon
             pg,
         )
         for step in range(steps):
-            fill_canonical_(chunks, salt=f"grad{step}", grads=True)
+            fill_canonical_(chunks, salt=f"grad{step}", grads=True, options=options)
             optimizer.step()
         muon_parts = [o for o in optimizer.chained_optimizers if hasattr(o.optimizer, "orthogonalizer")]
         state_bytes = sum(o.optimizer.orthogonalizer.state_bytes(o.optimizer) for o in muon_parts)
         modes_used = sorted({m.mode for o in muon_parts for m in o.optimizer.orthogonalizer.plan.matrices})
-        results[mode] = (collect_pieces(chunks), state_bytes, modes_used)
+        results[mode] = (collect_pieces(chunks, options), state_bytes, modes_used)
     return results
 
 
@@ -67,6 +71,12 @@ def _reference(keys_and_shapes: dict[str, tuple[int, int]], steps: int, **extra)
         )
     return reference.weights
 
+
+# Multi-head latent attention (models/mla_attention.py): no query compression with the kv-latent norm, and
+# query compression with both latent norms.
+MLA = dict(multi_latent_attention=True, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12)
+MLA_DIRECT_Q = dict(MLA, q_lora_rank=None, qk_layernorm=True)
+MLA_COMPRESSED_Q = dict(MLA, q_lora_rank=16, qk_layernorm=True)
 
 LAYOUTS = {
     "tp2_dp2": (4, dict(tp=2, pp=1, ep=1, etp=1), {}),
@@ -92,7 +102,13 @@ LAYOUTS = {
             qk_layernorm=True,
         ),
     ),
+    "tp2_ep2_mla": (4, dict(tp=2, pp=1, ep=2, etp=1), MLA_DIRECT_Q),
+    "tp2_dp2_mla_q_lora": (4, dict(tp=2, pp=1, ep=1, etp=1), MLA_COMPRESSED_Q),
 }
+
+
+def _mla_matrix_suffixes(keys) -> set[str]:
+    return {key.split("self_attention.")[1] for key in keys if "self_attention.linear_" in key}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -125,6 +141,22 @@ def test_one_layout_matches_single_process_reference(name):
             )
             if model.get("moe_shared_expert_intermediate_size"):
                 assert any("shared_experts.linear_fc2" in key for key in got), "shared experts go to Muon"
+            if model.get("multi_latent_attention"):
+                query = (
+                    ["linear_q_proj.weight"]
+                    if model["q_lora_rank"] is None
+                    else [
+                        "linear_q_down_proj.weight",
+                        "linear_q_up_proj.weight",
+                    ]
+                )
+                assert _mla_matrix_suffixes(got) == {
+                    *query,
+                    "linear_kv_down_proj.weight",
+                    "linear_kv_up_proj.weight/k",
+                    "linear_kv_up_proj.weight/v",
+                    "linear_proj.weight",
+                }
         assert set(got) == set(expected)
         for key, value in got.items():
             error = (value - expected[key]).norm() / expected[key].norm()
@@ -178,3 +210,35 @@ def test_normuon_matches_the_reference_in_every_mode(name):
             assert error < 1e-5, f"{name} {mode}: {key} differs from NorMuon's reference by {error:.2e}"
     # NorMuon changes the update: the test above would not notice a NorMuon that does nothing.
     assert max((expected[k] - plain[k]).norm() / plain[k].norm() for k in plain) > 1e-3
+
+
+def test_mla_per_head_matrices_match_the_reference_in_every_mode():
+    """``qkv_per_head``: each MLA head's query, key and value up-projections are matrices of their own; at TP2
+    they are whole on the rank holding the head."""
+    from megatron_muon.testing.canonical import assemble
+
+    world, layout, model = LAYOUTS["tp2_dp2_mla_q_lora"]
+    per_rank = run_distributed(
+        _muon_steps_on_rank,
+        world,
+        tp=layout["tp"],
+        pp=layout["pp"],
+        ep=layout["ep"],
+        etp=layout["etp"],
+        args=(layout, model, MODES, STEPS, dict(qkv_per_head=True)),
+        timeout_s=300,
+    )
+    expected = None
+    for mode in MODES:
+        got = assemble([rank_results[mode][0] for rank_results in per_rank])
+        if expected is None:
+            expected = _reference({k: tuple(v.shape) for k, v in got.items()}, STEPS)
+            heads = {s for s in _mla_matrix_suffixes(got) if ".head" in s}
+            assert heads == {
+                f"linear_{proj}.weight/{part}.head{h}"
+                for h in range(4)
+                for proj, part in (("q_up_proj", "q"), ("kv_up_proj", "k"), ("kv_up_proj", "v"))
+            }
+        for key, value in got.items():
+            error = (value - expected[key]).norm() / expected[key].norm()
+            assert error < 1e-5, f"per-head MLA {mode}: {key} differs from the reference by {error:.2e}"

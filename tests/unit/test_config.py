@@ -376,5 +376,18 @@ def test_tiny_cpu_model_builds_a_megatron_transformer_config():
         1,
         True,
     )
-    with pytest.raises(ConfigError, match="multi_latent_attention=True needs Transformer Engine attention"):
-        tiny_moe_config(ModelConfig(multi_latent_attention=True))
+    # MLA reaches megatron's MLATransformerConfig (built on the local spec by models/mla_attention.py).
+    mla = ModelConfig(multi_latent_attention=True, num_query_groups=None, q_lora_rank=24, kv_lora_rank=16)
+    mla_config = build_transformer_config(tiny_moe_config(mla), tp=2, pp=1, ep=1)
+    assert type(mla_config).__name__ == "MLATransformerConfig"
+    assert (
+        mla_config.q_lora_rank,
+        mla_config.kv_lora_rank,
+        mla_config.qk_head_dim,
+        mla_config.v_head_dim,
+    ) == (
+        24,
+        16,
+        128,
+        128,
+    )
