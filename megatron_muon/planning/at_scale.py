@@ -144,10 +144,17 @@ def derive_stage(cfg, dims, pp_rank: int, coordinates: list[dict[str, int]]) -> 
         )
     experts_per_rank = cfg.model.num_moe_experts // dims.ep if cfg.model.num_moe_experts else 0
     stage_ranks = range(first, first + dims.stage_size)
-    records = {
-        kind: [_records_for(templates, kind, coordinates[rank], experts_per_rank) for rank in stage_ranks]
-        for kind in ("dense", "expert")
-    }
+    # Replicas (ranks with the same TP, resp. EP and expert-TP, coordinates) share one list object, which the
+    # cost model uses to compute each distinct rank once.
+    records: dict[str, list[list[PieceRecord]]] = {}
+    for kind, axes in (("dense", ("tp",)), ("expert", ("ep", "etp"))):
+        distinct: dict[tuple, list[PieceRecord]] = {}
+        records[kind] = []
+        for rank in stage_ranks:
+            position = tuple(coordinates[rank][a] for a in axes)
+            if position not in distinct:
+                distinct[position] = _records_for(templates, kind, coordinates[rank], experts_per_rank)
+            records[kind].append(distinct[position])
     return StageMatrices(pp_rank=pp_rank, parameters=parameters, muon_elements=elements, records=records)
 
 

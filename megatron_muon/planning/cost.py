@@ -71,15 +71,36 @@ class RankCost:
     collectives: int = 0
     """Collectives this rank starts per step (each pays the latency)."""
     overlapped: bool = False
+    param_gather_seconds: float = 0.0
+    """Of the send/receive seconds: the all-gather of updated bf16 parameters over DP (distributed optimizers),
+    which megatron can overlap with the next forward (``overlap_param_gather``)."""
 
-    def step_seconds(self, flops_per_s: float, latency_s: float) -> float:
+    def add(self, other: RankCost) -> None:
+        """Accumulate ``other``'s work and traffic (a distinct rank's figures applied to one of its replicas)."""
+        self.ns_flops += other.ns_flops
+        self.muon_state_elements += other.muon_state_elements
+        self.owned_elements += other.owned_elements
+        for name, count in other.sent.items():
+            self.sent[name] += count
+        for name, count in other.received.items():
+            self.received[name] += count
+        self.send_seconds += other.send_seconds
+        self.receive_seconds += other.receive_seconds
+        self.collectives += other.collectives
+        self.param_gather_seconds += other.param_gather_seconds
+
+    def step_seconds(self, flops_per_s: float, latency_s: float, *, param_gather: bool = True) -> float:
+        """Predicted seconds of this rank's optimizer step; ``param_gather=False`` leaves out the DP all-gather
+        of updated parameters (and its latency)."""
         compute = self.ns_flops / flops_per_s
-        exchange = max(self.send_seconds, self.receive_seconds)
+        hidden = 0.0 if param_gather else self.param_gather_seconds
+        exchange = max(self.send_seconds - hidden, self.receive_seconds - hidden)
         if self.overlapped:
             moving = max(compute, exchange) + min(compute, exchange) / _NUM_BUCKETS
         else:
             moving = compute + exchange
-        return moving + self.collectives * latency_s
+        collectives = self.collectives - (0 if param_gather or not self.param_gather_seconds else 1)
+        return moving + collectives * latency_s
 
 
 def activation_bytes(model, dims, training, pp_rank: int) -> float:
@@ -243,6 +264,7 @@ def _param_all_gather(facts, links, costs, first, members, records) -> None:
     bandwidth = links.group_bandwidth([first + m for m in members])
     for member in members:
         _ring(costs[first + member], each_way, bandwidth, "DP all-gather (params)", 1)
+        costs[first + member].param_gather_seconds += each_way / bandwidth
 
 
 def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
@@ -276,6 +298,12 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
                         r.shape[0] * r.shape[1] / r.num_shards for r in held
                     )
                 if not any(records):
+                    continue
+                if len(members) == 1:  # nothing sharded: every owned matrix is local work
+                    cost = costs[first + members[0]]
+                    for record in records[0]:
+                        cost.ns_flops += newton_schulz_flops(*record.shape, muon.ns_steps)
+                        cost.muon_state_elements += record.shape[0] * record.shape[1]
                     continue
                 plan = build_plan(records, mode="owner", ns_steps=muon.ns_steps, cost_model=facts.cost_model)
                 for index, load in plan.loads.items():
@@ -333,11 +361,19 @@ def _megatron(facts, links, mode: str) -> dict[int, RankCost]:
     for stage in facts.stages:
         first = stage.pp_rank * dims.stage_size
         for kind, records_by_rank in stage.records.items():
-            fused = [_fused_gate_up(records) for records in records_by_rank]
+            fused_of: dict[int, list[PieceRecord]] = {}
+            for records in records_by_rank:
+                if id(records) not in fused_of:
+                    fused_of[id(records)] = _fused_gate_up(records)
+            fused = [fused_of[id(records)] for records in records_by_rank]
             if not layer_wise:
+                distinct: dict[int, RankCost] = {}
                 for grid, records in enumerate(fused):
-                    for record in records:
-                        matrix_work(costs[first + grid], record)
+                    if id(records) not in distinct:
+                        distinct[id(records)] = RankCost(rank=-1)
+                        for record in records:
+                            matrix_work(distinct[id(records)], record)
+                    costs[first + grid].add(distinct[id(records)])
                 continue
             for members, params, owner_of in _dp_owners(facts, first, kind, fused, steps):
                 for name, owner in owner_of.items():
