@@ -99,7 +99,7 @@ def use_device(device: Device, *, num_threads: int | None = None) -> Device:
     if device.type == "cuda":
         torch.cuda.set_device(device.index)
     else:
-        torch.set_num_threads(num_threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(max(1, num_threads or int(os.environ.get("OMP_NUM_THREADS") or "1")))
         apply_cpu_stand_ins()
     _chosen = device
     return device
