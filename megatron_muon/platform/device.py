@@ -92,8 +92,8 @@ def use_device(device: Device, *, num_threads: int | None = None) -> Device:
     """Make ``device`` this process's device (before any model or process group exists); returns it.
 
     On a GPU: select it. On the CPU: ``num_threads`` torch threads (default ``OMP_NUM_THREADS``, else 1) and the CPU
-    stand-ins. This is the only production caller of ``apply_cpu_stand_ins``: the stand-ins exist for machines
-    without CUDA, and are installed on those only.
+    stand-ins. The point of choice for everything that trains or converts: the stand-ins exist for machines without
+    CUDA, and are installed on those only (the meta-device planner, which never trains, installs its own).
     """
     global _chosen
     if device.type == "cuda":
