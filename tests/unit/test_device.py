@@ -217,3 +217,25 @@ def test_only_the_device_module_installs_the_stand_ins_in_production_code():
     assert callers == [], (
         f"production code installs the CPU stand-ins itself instead of platform.device: {callers}"
     )
+
+
+def test_pretrain_on_a_cuda_machine_joins_nccl_from_its_local_gpu(cuda_machine, stand_in_calls, monkeypatch):
+    from megatron_muon import pretrain
+    from megatron_muon.training.config import validate
+
+    class Joined(Exception):
+        """Stops the run where the process group would start."""
+
+    joined: list[str] = []
+
+    def join(backend, timeout):
+        joined.append(backend)
+        raise Joined
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", join)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    cfg = load_config(None, ["data.mock=true"])
+    with pytest.raises(Joined):
+        pretrain._run(cfg, validate(cfg, 1))
+    assert cuda_machine["set_device"] == [5] and joined == ["cpu:gloo,cuda:nccl"]
+    assert stand_in_calls == []
