@@ -40,14 +40,26 @@ def main(argv: list[str] | None = None) -> int:
                 (report["world_size"], figures["step_seconds"] * 1e3, figures["memory_max_bytes"] / 1e9)
             )
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 5))
-    styles = {"ours": "-", "ours + distributed optimizer": "-", "megatron duplicated": "--"}
+    # One colour per optimizer mode, one line style and marker per model.
+    modes = sorted({mode for _, mode in series})
+    labels = sorted({label for label, _ in series})
+    colours = {mode: f"C{i}" for i, mode in enumerate(modes)}
+    looks = {
+        label: (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))[i % 4] for i, label in enumerate(labels)
+    }
     for (label, mode), points in sorted(series.items()):
         points.sort()
         worlds = [p[0] for p in points]
-        style = styles.get(mode, ":")
-        marker = "o" if mode.startswith("ours") else "s"
-        time_axis.plot(worlds, [p[1] for p in points], style, marker=marker, label=f"{label}: {mode}")
-        memory_axis.plot(worlds, [p[2] for p in points], style, marker=marker, label=f"{label}: {mode}")
+        style, marker = looks[label]
+        for axis, column in ((time_axis, 1), (memory_axis, 2)):
+            axis.plot(
+                worlds,
+                [p[column] for p in points],
+                style,
+                marker=marker,
+                color=colours[mode],
+                label=f"{label}: {mode}",
+            )
     for axis, title in (
         (time_axis, "predicted optimizer step (ms), slowest rank"),
         (memory_axis, "predicted memory per GPU (GB), largest rank"),
@@ -57,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         axis.set_xlabel("GPUs")
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
-    memory_axis.axhline(80, color="grey", linewidth=0.8)
-    memory_axis.axhline(141, color="grey", linewidth=0.8)
+    for capacity in (80, 141):
+        memory_axis.axhline(capacity, color="grey", linewidth=0.8)
+        memory_axis.annotate(
+            f"{capacity} GB", (memory_axis.get_xlim()[0], capacity), fontsize=7, color="grey"
+        )
     time_axis.legend(fontsize=6, ncol=2)
     figure.suptitle(f"PREDICTED (not measured) on {gpu['name']}: tools/plan_at_scale.py cost model")
     figure.tight_layout()
