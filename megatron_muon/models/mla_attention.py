@@ -21,8 +21,8 @@ torch's ``scaled_dot_product_attention``, honouring:
 What it does not do is refused with a one-line error: packed sequences, attention bias, context parallelism,
 sliding windows, softmax variants other than vanilla.
 
-:class:`LocalMLASelfAttention` is megatron's ``MLASelfAttention`` with one difference in how it resolves its
-q / kv norms on the local spec (see its docstring).
+:class:`LocalMLASelfAttention` is megatron's ``MLASelfAttention`` with two fixes for the local spec (see its
+docstring): the q / kv norms without query compression, and the TP gradient of the shared rotary key.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
@@ -155,7 +160,8 @@ class MLACoreAttention(MegatronModule):
 
 
 class LocalMLASelfAttention(MLASelfAttention):
-    """megatron's ``MLASelfAttention`` on the local spec, able to build ``qk_layernorm`` without query compression.
+    """megatron's ``MLASelfAttention`` on the local spec, with the rotary key's gradient summed over TP
+    (``_qkv_down_projection``) and able to build ``qk_layernorm`` without query compression.
 
     With ``q_lora_rank=None`` the query is projected straight from the (already normalized) layer input, so there
     is no query latent to normalize; with ``qk_layernorm`` only the kv latent gets its norm (DeepSeek-V2-Lite,
@@ -163,6 +169,30 @@ class LocalMLASelfAttention(MLASelfAttention):
     norm+linear ``linear_q_proj`` in that case, which only Transformer Engine provides, so the local spec cannot be
     built; here the plain projection and the kv norm are used. Every other case is megatron's own resolution.
     """
+
+    def _qkv_down_projection(self, hidden_states):
+        """megatron's down projections, with the shared rotary key's gradient summed over TP.
+
+        megatron-core 0.19.2: with a column-parallel ``linear_kv_down_proj`` (the local spec), megatron gathers
+        the output columns over TP and takes the rotary key ``k_R`` from them, but ``k_R`` feeds only this rank's
+        heads and nothing sums its gradient over the TP ranks, so at TP > 1 the ``linear_kv_down_proj`` rows of
+        ``k_R`` learn from a fraction of the heads (the forward is right; TP1 and TP2 gradients differ). Here the
+        gathered ``[latent; k_R]`` is handed on in the form of a duplicated down projection (megatron's other
+        branch): under sequence parallelism scattered back to this rank's tokens, so megatron's own
+        gather of ``k_R`` from the sequence-parallel region reduce-scatters its gradient; without it, ``k_R``
+        passes a copy-to-TP region whose backward all-reduces."""
+        q_compressed, kv_combined = super()._qkv_down_projection(hidden_states)
+        full = self.config.kv_lora_rank + self.config.qk_pos_emb_head_dim
+        if kv_combined.size(-1) == full:
+            return q_compressed, kv_combined
+        kv_combined = gather_from_tensor_model_parallel_region(kv_combined, group=self.tp_group)
+        if self.config.sequence_parallel:
+            return q_compressed, scatter_to_sequence_parallel_region(kv_combined, group=self.tp_group)
+        latent, rotary_key = torch.split(
+            kv_combined, [self.config.kv_lora_rank, self.config.qk_pos_emb_head_dim], -1
+        )
+        rotary_key = copy_to_tensor_model_parallel_region(rotary_key, group=self.tp_group)
+        return q_compressed, torch.cat([latent, rotary_key], dim=-1)
 
     def _resolve_qk_norm_config(self, submodules):
         if self.config.q_lora_rank is None and self.config.qk_layernorm:

@@ -1,6 +1,6 @@
 """Multi-head latent attention built on megatron's local spec (our core attention, models/mla_attention.py): the
 parameter count the configs state is the one megatron builds, and tensor parallelism does not change the model's
-output (TP-invariant initial weights, so TP1 and TP2 compute the same loss)."""
+output or its gradients (TP-invariant initial weights, so TP1 and TP2 compute the same loss and gradients)."""
 
 from __future__ import annotations
 
@@ -65,12 +65,21 @@ def _build_and_forward(variants: dict, tp: int):
             0, model.vocab_size, (2, model.seq_length), generator=torch.Generator().manual_seed(5)
         )
         positions = torch.arange(model.seq_length).expand(2, -1)
-        with torch.no_grad():
-            losses = chunk(
-                tokens, positions, causal_attention_mask(model.seq_length), labels=tokens.roll(-1, 1)
-            )
+        losses = chunk(tokens, positions, causal_attention_mask(model.seq_length), labels=tokens.roll(-1, 1))
+        losses.float().sum().backward()
         names = {n.split("self_attention.")[-1] for n, _ in chunk.named_parameters() if "self_attention" in n}
-        results[name] = (sum(p.numel() for p in chunk.parameters()), float(losses.float().mean()), names)
+        # Gradients of the column-parallel MLA projections (rows split over TP): comparable across TP sizes.
+        grads = {
+            n: p.grad.clone()
+            for n, p in chunk.named_parameters()
+            if "self_attention.linear_" in n and "linear_proj" not in n
+        }
+        results[name] = (
+            sum(p.numel() for p in chunk.parameters()),
+            float(losses.float().mean()),
+            names,
+            grads,
+        )
     return results
 
 
@@ -82,7 +91,7 @@ def test_mla_parameter_counts_match_megatron_and_tp2_computes_the_same_loss():
     )
     two = run_distributed(_build_and_forward, 2, tp=2, pp=1, ep=1, etp=1, args=(VARIANTS, 2), timeout_s=300)
     for name, overrides in VARIANTS.items():
-        numel, loss, names = one[name]
+        numel, loss, names, _ = one[name]
         assert count_parameters(ModelConfig(**(SHAPE | overrides)))[0] == numel, name
         compressed = overrides["q_lora_rank"] is not None
         assert ("linear_q_down_proj.weight" in names) == compressed and (
@@ -93,5 +102,11 @@ def test_mla_parameter_counts_match_megatron_and_tp2_computes_the_same_loss():
         # TP2: every rank the same loss, equal to TP1's (weights are drawn whole, then sliced).
         assert all(rank[name][1] == two[0][name][1] for rank in two)
         assert two[0][name][1] == pytest.approx(loss, rel=1e-5), name
+        # ... and the same gradients (the shared rotary key's included: models/mla_attention.py sums it over TP).
+        for key, grad in one[name][3].items():
+            tp2 = torch.cat([rank[name][3][key] for rank in two])
+            torch.testing.assert_close(
+                tp2, grad, rtol=1e-4, atol=1e-6, msg=lambda m, k=key, n=name: f"{n} {k}: {m}"
+            )
     # The variants are different models (the norms and the query compression change the loss).
     assert len({round(one[name][1], 6) for name in VARIANTS}) == len(VARIANTS)
