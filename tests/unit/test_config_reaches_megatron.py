@@ -129,9 +129,6 @@ MAY_BE_REFUSED = {
     "model.transformer_impl": "Transformer Engine needs a GPU and an importable transformer_engine",
     "model.fp8": "FP8 GEMMs need Transformer Engine",
     "parallel.cp": "megatron-core 0.19.2's local attention has no context parallelism",
-    # MLA on the local spec needs our own core attention (issue 11, item 2); until then the builder refuses it.
-    **{key: "multi-latent attention on the local spec" for key in MLA if key != "model.num_query_groups"},
-    "model.q_lora_rank": "multi-latent attention on the local spec",
 }
 
 
