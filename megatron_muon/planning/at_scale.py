@@ -17,13 +17,12 @@ The memory, communication and time formulas are in ``cost.py``.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from megatron_muon.optim.plan import GPU_PROFILES, CostModel, MuonPlan, PieceRecord, build_plan
 from megatron_muon.planning.rank_params import RankParameters, parameters_of_stage
 
-__all__ = ["LayoutFacts", "StageMatrices", "derive_stage", "rank_coordinates"]
+__all__ = ["LayoutFacts", "StageMatrices", "collect_layout", "derive_stage", "rank_coordinates"]
 
 _EXPERT_ID = re.compile(r"local_experts\.(\d+)\.")
 
@@ -176,12 +175,3 @@ def collect_layout(cfg, dims, gpu: str) -> LayoutFacts:
     return LayoutFacts(
         cfg=cfg, dims=dims, gpu=gpu, coordinates=coordinates, stages=stages, cost_model=cost_model
     )
-
-
-def grid_groups(records_by_rank: list[list[PieceRecord]]) -> dict[str, list[int]]:
-    """key → grid ranks holding a piece of it (all shards and replicas)."""
-    holders: dict[str, list[int]] = defaultdict(list)
-    for rank, records in enumerate(records_by_rank):
-        for record in records:
-            holders[record.key].append(rank)
-    return holders

@@ -148,6 +148,18 @@ def _transfer(costs, links, sender, receiver, count, collective) -> None:
     costs[receiver].receive_seconds += seconds
 
 
+def _exchanges(costs, links, matrix, global_rank) -> None:
+    """The plan's gather (gradient shards to the computers) and scatter (direction shards back) of ``matrix``;
+    ``global_rank`` maps the plan's rank indices to global ranks."""
+    shard_bytes = matrix.shape[0] * matrix.shape[1] / matrix.num_shards * _FP32
+    for transfers, collective in (
+        (matrix.gather, "gather (all-to-all)"),
+        (matrix.scatter, "scatter (all-to-all)"),
+    ):
+        for _, sender, receiver in transfers:
+            _transfer(costs, links, global_rank(sender), global_rank(receiver), shard_bytes, collective)
+
+
 def _ring(cost: RankCost, count_each_way: float, bandwidth: float, collective: str, calls: int) -> None:
     cost.sent[collective] += count_each_way
     cost.received[collective] += count_each_way
@@ -191,14 +203,7 @@ def _ours(facts, links) -> dict[int, RankCost]:
                 for grid in matrix.computers:
                     costs[first + grid].muon_state_elements += full
                     costs[first + grid].owned_elements += full
-                for _, sender, receiver in matrix.gather:
-                    _transfer(
-                        costs, links, first + sender, first + receiver, shard * _FP32, "gather (all-to-all)"
-                    )
-                for _, sender, receiver in matrix.scatter:
-                    _transfer(
-                        costs, links, first + sender, first + receiver, shard * _FP32, "scatter (all-to-all)"
-                    )
+                _exchanges(costs, links, matrix, lambda grid, first=first: first + grid)
             for rank in range(first, first + dims.stage_size):
                 costs[rank].collectives += 2 * _NUM_BUCKETS + muon.ns_steps * len(shapes_distributed[rank])
     return costs
@@ -309,27 +314,14 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
                 for index, load in plan.loads.items():
                     costs[first + members[index]].ns_flops += load
                 for matrix in plan.matrices:
-                    shard = matrix.shape[0] * matrix.shape[1] / matrix.num_shards
-                    for index in matrix.computers:
-                        costs[first + members[index]].muon_state_elements += shard * matrix.num_shards
-                    for _, sender, receiver in matrix.gather:
-                        _transfer(
-                            costs,
-                            links,
-                            first + members[sender],
-                            first + members[receiver],
-                            shard * _FP32,
-                            "gather (all-to-all)",
-                        )
-                    for _, sender, receiver in matrix.scatter:
-                        _transfer(
-                            costs,
-                            links,
-                            first + members[sender],
-                            first + members[receiver],
-                            shard * _FP32,
-                            "scatter (all-to-all)",
-                        )
+                    for index in matrix.computers:  # the owner keeps the whole matrix's momentum
+                        costs[first + members[index]].muon_state_elements += matrix.shape[0] * matrix.shape[1]
+                    _exchanges(
+                        costs,
+                        links,
+                        matrix,
+                        lambda index, first=first, members=members: first + members[index],
+                    )
                 for member in members:
                     costs[first + member].collectives += 2 * _NUM_BUCKETS
     return costs

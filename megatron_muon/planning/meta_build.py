@@ -52,7 +52,8 @@ def fake_world(dims, rank: int) -> Iterator:
         )
     dist.init_process_group("fake", rank=rank, world_size=dims.world_size, store=FakeStore())
     try:
-        # The default also builds gloo groups, which the fake backend cannot create.
+        # megatron-core 0.19.2: initialize_model_parallel builds gloo groups by default, which the fake backend
+        # cannot create.
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=dims.tp,
             pipeline_model_parallel_size=dims.pp,
