@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from megatron_muon.logging_setup import silence_known_warnings
     from megatron_muon.training.config import ConfigError, load_config, validate
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(_dry_run(cfg, dims))
         return 0
+    silence_known_warnings(verbose=cfg.logging.verbose)  # before megatron-core is imported
     from megatron_muon.platform.device import choose_device
     from megatron_muon.training.megatron_configs import check_buildable
 

@@ -457,6 +457,8 @@ class LoggingConfig:
     """Steps between log lines and TensorBoard scalars."""
     tensorboard_dir: str | None = None
     """TensorBoard event directory; None: no TensorBoard."""
+    verbose: bool = False
+    """Also print the benign third-party warnings that ``megatron_muon/logging_setup.py`` silences."""
 
 
 @dataclass(kw_only=True, slots=True)
