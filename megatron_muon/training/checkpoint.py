@@ -98,6 +98,7 @@ __all__ = [
     "CheckpointError",
     "find_latest",
     "iteration_dir",
+    "fault_point_on_one_rank",
     "load_checkpoint",
     "recover_checkpoint_root",
     "resolve_checkpoint_dir",
@@ -538,22 +539,22 @@ def _write_staged_checkpoint(
         dist_checkpointing.save(state, str(staging), validate_access_integrity=True)
     except Exception as error:  # e.g. OSError(ENOSPC) on this rank, or megatron's CheckpointException
         message = f"saving {what} to {staging} failed: {_one_line(error)}"
-    _fault_point("during_save")
+    fault_point_on_one_rank("during_save", iteration)
     failure = _first_failure(message)  # also the barrier: every rank's shards are on disk
     if failure is not None:
         raise CheckpointError(f"{failure}; the checkpoints published before are intact")
     _run_on_rank_zero((staging / CONFIG_FILENAME).write_text, config_yaml)
     digests = _hash_split_over_ranks(staging)
     _run_on_rank_zero(write_manifest, staging, iteration, digests)
-    _fault_point("before_publish")
+    fault_point_on_one_rank("before_publish", iteration)
     _run_on_rank_zero(publish, root, staging, iteration, keep_last)
     return final
 
 
-def _fault_point(name: str) -> None:
+def fault_point_on_one_rank(name: str, iteration: int) -> None:
     """:func:`checkpoint_files.fault_point` on rank ``MEGATRON_MUON_FAULT_RANK`` (default 0) only."""
     if dist.get_rank() == int(os.environ.get("MEGATRON_MUON_FAULT_RANK", "0")):
-        fault_point(name)
+        fault_point(name, iteration)
 
 
 def save_checkpoint(

@@ -66,10 +66,15 @@ _ITERATION_DIR_RE = re.compile(r"^iter_(\d{7,})$")
 _HASH_CHUNK = 8 << 20
 
 
-def fault_point(name: str) -> None:
-    """Test hook: ``MEGATRON_MUON_FAULT=<name>`` kills this process with SIGKILL when it reaches the named point
-    (the fault-injection tests place crashes with it). A no-op unless the variable names this point."""
-    if os.environ.get("MEGATRON_MUON_FAULT") == name:
+def fault_point(name: str, iteration: int | None = None) -> None:
+    """Test hook: ``MEGATRON_MUON_FAULT=<name>`` or ``<name>@<iteration>`` kills this process with SIGKILL when it
+    reaches the named point (of that iteration's save or step). The fault-injection tests place crashes with it;
+    a no-op unless the variable names this point."""
+    wanted = os.environ.get("MEGATRON_MUON_FAULT")
+    if not wanted:
+        return
+    point, _, at = wanted.partition("@")
+    if point == name and (not at or (iteration is not None and int(at) == iteration)):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -258,13 +263,13 @@ def publish(root: Path, staging: Path, iteration: int, keep_last: int) -> None:
                 write_text_atomically(root / LATEST_MARKER, f"{other}\n")
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(final, replaced)
-        fault_point("between_renames")
+        fault_point("between_renames", iteration)
     os.rename(staging, final)
     _fsync_directory(root)
-    fault_point("after_rename")
+    fault_point("after_rename", iteration)
     _record_publication(root, iteration)
     write_text_atomically(root / LATEST_MARKER, f"{iteration}\n")
-    fault_point("after_marker")
+    fault_point("after_marker", iteration)
     shutil.rmtree(replaced, ignore_errors=True)
     prune(root, keep_last, just_published=iteration)
 

@@ -226,6 +226,7 @@ class Trainer:
                 pg_collection=self.pg,
             )
             elapsed = time.perf_counter() - start
+            ckpt.fault_point_on_one_rank("step", self.iteration + 1)  # tests: a crash inside this iteration
             self.iteration += 1
             self.consumed_samples += train.global_batch_size
             step_metrics = self._after_step(skipped=result["skipped"])

@@ -1,0 +1,209 @@
+"""Crashes at chosen moments of a 4-process run (SIGKILL inside a step, inside a save, between the renames of a
+publication …), a disk that fills up during a save, and expert-TP 2 on real tokens — through the launcher.
+
+The kills are placed with ``MEGATRON_MUON_FAULT=<point>@<iteration>`` (``training/checkpoint_files.fault_point``);
+the iterations and the killed rank are drawn from a seeded generator (the seed is in every failure message). After
+every crash the run is started again with the same command, as a requeued job would be.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_muon.training import checkpoint_files as files
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = REPO / "launch" / "pretrain_muon.sh"
+ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/(\d+) \|.*\| lm loss ([0-9.]+) \|", re.MULTILINE)
+TRAIN_ITERS, SAVE_INTERVAL = 8, 2
+SEED = 20261204
+
+
+def _arguments(save_dir: Path, *extra: str) -> list[str]:
+    # A smaller tiny_cpu (hidden 64, 2 layers) on Shakespeare at TP2·PP2·EP2: 8 iterations, saves every 2.
+    return [
+        "launch/configs/tiny_cpu.yaml",
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.ffn_hidden_size=128",
+        "model.moe_ffn_hidden_size=64",
+        "training.global_batch_size=8",
+        "training.micro_batch_size=2",
+        f"training.train_iters={TRAIN_ITERS}",
+        "training.eval_interval=0",
+        "optimizer.warmup_iters=1",
+        f"checkpoint.save_dir={save_dir}",
+        f"checkpoint.save_interval={SAVE_INTERVAL}",
+        "checkpoint.keep_last=2",
+        "logging.tensorboard_dir=null",
+        "logging.log_interval=1",
+        *extra,
+    ]
+
+
+def _launch(env, arguments, fault: str | None = None, rank: int = 0, timeout: float = 300):
+    run_env = dict(env)
+    run_env.pop("MEGATRON_MUON_FAULT", None)
+    if fault is not None:
+        run_env.update(MEGATRON_MUON_FAULT=fault, MEGATRON_MUON_FAULT_RANK=str(rank))
+    return subprocess.run(
+        ["bash", str(LAUNCHER), *arguments],
+        cwd=REPO,
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _losses(log: str) -> dict[int, float]:
+    return {int(m[1]): float(m[3]) for m in ITERATION_LINE.finditer(log)}
+
+
+def _published_state(root: Path) -> int | None:
+    """The marked iteration, after checking that it names a complete checkpoint whose files match its manifest."""
+    marked = files.read_marker(root)
+    if marked is None:
+        return None
+    directory = files.iteration_dir(root, marked)
+    manifest = files.read_manifest(directory)
+    assert manifest is not None, (
+        f"the marker names {directory}, which has no manifest: {sorted(root.iterdir())}"
+    )
+    assert files.verify_files(directory, manifest, sorted(manifest)) is None
+    return marked
+
+
+def _kill_schedule(rng: random.Random) -> list[tuple[str, int, int]]:
+    """(point, iteration, rank) of each crash, in order. Saves happen at 2, 4, 6, 8; the comments give what is
+    published after each crash (the run resumes from it)."""
+    return [
+        ("step", rng.randint(1, 2), rng.randrange(4)),  # nothing saved yet: starts again from scratch
+        ("during_save", 2, rng.randrange(4)),  # one rank dies before every shard is written
+        ("before_publish", 2, 0),  # complete staging, never published: cleaned at the next start
+        ("after_rename", 2, 0),  # iter 2 in place, no marker: complete, so the next start resumes from it
+        ("after_marker", 4, 0),  # 4 published, pruning not done
+        ("step", rng.randint(5, 6), rng.randrange(4)),
+        ("during_save", 6, rng.randrange(4)),
+        (
+            "after_rename",
+            6,
+            0,
+        ),  # iter 6 complete but unmarked: the next start resumes from the marker's 4 ...
+        ("between_renames", 6, 0),  # ... and re-saves 6: killed with the old 6 moved aside, restored at start
+        ("step", 7, rng.randrange(4)),
+        ("after_marker", 8, 0),  # the final save published; the restart only re-saves it
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shakespeare_data, launcher_env):
+    save_dir = tmp_path_factory.mktemp("uninterrupted") / "checkpoints"
+    result = _launch(launcher_env, _arguments(save_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = _losses(result.stdout)
+    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1)), result.stdout[-2000:]
+    return losses
+
+
+def test_sigkill_at_chosen_moments_loses_nothing_and_resumes_exactly(tmp_path, uninterrupted, launcher_env):
+    rng = random.Random(SEED)
+    schedule = _kill_schedule(rng)
+    assert len(schedule) >= 10
+    save_dir = tmp_path / "checkpoints"
+    published = None
+    for point, iteration, rank in schedule:
+        where = f"seed {SEED}: kill at {point}@{iteration} on rank {rank}"
+        result = _launch(launcher_env, _arguments(save_dir), fault=f"{point}@{iteration}", rank=rank)
+        assert result.returncode != 0, f"{where}: the run was not killed\n{result.stdout[-2000:]}"
+        for step, loss in _losses(result.stdout).items():
+            assert loss == uninterrupted[step], (
+                f"{where}: iteration {step} loss {loss} != {uninterrupted[step]}"
+            )
+        now = _published_state(save_dir)
+        assert published is None or (now is not None and now >= published), (
+            f"{where}: marker {published} -> {now}"
+        )
+        published = now
+    final = _launch(launcher_env, _arguments(save_dir))
+    assert final.returncode == 0, final.stderr[-3000:]
+    for step, loss in _losses(final.stdout).items():
+        assert loss == uninterrupted[step], (
+            f"after the last restart: iteration {step} {loss} != {uninterrupted[step]}"
+        )
+    assert _published_state(save_dir) == TRAIN_ITERS
+    assert not list(save_dir.glob("*.partial")) and not list(save_dir.glob("*.replaced"))
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, launcher_env):
+    save_dir = tmp_path / "checkpoints"
+    result = _launch(launcher_env, _arguments(save_dir, "training.train_iters=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    shard = sorted(files.iteration_dir(save_dir, 4).glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")  # one flipped byte, size unchanged
+    resumed = _launch(launcher_env, _arguments(save_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        f"passing over a damaged checkpoint: checkpoint {files.iteration_dir(save_dir, 4)}" in resumed.stdout
+    )
+    assert "corrupted" in resumed.stdout and shard.name in resumed.stdout
+    assert f"resuming from this run's own checkpoint {files.iteration_dir(save_dir, 2)}" in resumed.stdout
+    assert min(_losses(resumed.stdout)) == 3  # iterations 3 and 4 were trained again
+
+
+def test_an_explicit_damaged_checkpoint_is_a_one_line_error(tmp_path, launcher_env):
+    source = tmp_path / "source"
+    result = _launch(launcher_env, _arguments(source, "training.train_iters=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest_path = files.iteration_dir(source, 2) / files.MANIFEST_FILENAME
+    manifest = json.loads(manifest_path.read_text())
+    name = sorted(manifest["files"])[0]
+    (files.iteration_dir(source, 2) / name).unlink()
+    failed = _launch(launcher_env, _arguments(tmp_path / "new", f"checkpoint.resume={source}"))
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert failed.returncode != 0 and len(errors) == 1, failed.stderr[-3000:]
+    assert name in errors[0] and "is missing" in errors[0], errors
+    assert not (tmp_path / "new" / files.LATEST_MARKER).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs: one checkpoint of the small model (~12 MiB) fits, a second one does not."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}): needs root")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_stops_with_a_message_and_keeps_the_previous_checkpoint(small_disk, launcher_env):
+    save_dir = small_disk / "checkpoints"
+    result = _launch(launcher_env, _arguments(save_dir, "checkpoint.keep_last=null"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "No space left on device" in errors[0] and "published before are intact" in errors[0], errors
+    marked = _published_state(save_dir)  # verified against its manifest
+    assert marked is not None and marked < TRAIN_ITERS, marked
+
+
+def test_expert_tensor_parallel_trains_on_shakespeare(tmp_path, uninterrupted, launcher_env):
+    """TP2 · EP2 · expert-TP 2 (world 4): real tokens route unevenly, so the expert-TP gathers have uneven sizes.
+    Same seed, so the same initial model and the same losses as the TP2·PP2·EP2 run."""
+    arguments = _arguments(tmp_path / "etp", "parallel.pp=1", "parallel.etp=2", "training.train_iters=3")
+    result = _launch(launcher_env, arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = _losses(result.stdout)
+    assert sorted(losses) == [1, 2, 3]
+    assert abs(losses[1] - uninterrupted[1]) <= 1e-4, (losses, uninterrupted)
