@@ -4,6 +4,7 @@ logical matrices at their true shapes) and the predicted optimizer step of every
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 
@@ -25,17 +26,23 @@ def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
         built = build_rank_on_meta(cfg, dims, 0)
         local = parameters_of_stage(cfg.model, dims, 0, transformer_impl="local")
         matrices = Counter(
-            (piece.key.rsplit(".weight", 1)[-1] or "weight", piece.shape, piece.num_shards)
+            (_matrix_kind(piece.key), piece.shape, piece.num_shards)
             for _, pieces, _ in built.muon_pieces
             for piece in pieces
         )
         lines.append(
             f"rank 0 built on meta ({built.coordinates}): {built.parameter_count:,} parameters "
-            f"({'=' if built.parameter_count == local.total else '!='} the formula for the local spec); "
-            f"{built.routing.summary()}"
+            f"({'=' if built.parameter_count == local.total else '!='} the formula for the local spec it is built "
+            f"with); {built.routing.summary()}"
         )
+        configured = parameters_of_stage(cfg.model, dims, 0)
+        if configured.total != local.total:
+            lines.append(
+                f"  ({cfg.model.transformer_impl} holds {configured.total - local.total:+,} parameters per rank: "
+                "it keeps MLA's down projections whole on every TP rank, the local spec splits them)"
+            )
         lines.append(
-            f"rank 0 holds {sum(matrices.values())} logical-matrix pieces (part, full shape, TP shards):"
+            f"rank 0 holds {sum(matrices.values())} logical-matrix pieces (matrix, full shape, shards):"
         )
         lines += [
             f"  {count} x {part} {shape} /{shards}"
@@ -45,3 +52,9 @@ def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
     except (ConfigError, ValueError) as error:
         lines.append(f"meta build and optimizer plan: not available: {str(error).splitlines()[0]}")
     return lines
+
+
+def _matrix_kind(key: str) -> str:
+    """A logical-matrix key without its layer number and expert id: ``mlp.experts.local_experts.linear_fc1.weight/up``."""
+    kind = re.sub(r"^.*?layers\.\d+\.", "", key)
+    return re.sub(r"local_experts\.\d+\.", "local_experts.", kind)

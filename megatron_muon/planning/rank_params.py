@@ -1,5 +1,5 @@
 """Exact parameter counts of one rank of a layout, by formula: which of megatron's weights are split over TP,
-over EP × expert-TP, which are replicated (norms, the router, MLA's down projections), and which layers and
+over EP × expert-TP, which are replicated (norms, the router; MLA's down projections under Transformer Engine), and which layers and
 embeddings each pipeline stage holds. Checked against the model built on meta (``meta_build``) in the tests, so the
 dry run can print it without building anything."""
 

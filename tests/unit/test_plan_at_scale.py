@@ -174,3 +174,15 @@ def test_calibration_against_the_world4_benchmark():
             # Goal 30 %; the worst published pair (megatron duplicated at TP2·DP2) is off by 30.2 %, so the guard
             # against regressions sits just above it (docs/scaling.md, calibration).
             assert abs(ratio_p / ratio_m - 1) <= 0.32, (layout, mode, ratio_p, ratio_m)
+
+
+def test_dry_run_prints_the_meta_built_rank_and_the_plan():
+    from megatron_muon.pretrain import _dry_run
+
+    cfg, dims = _config([])
+    text = _dry_run(cfg, dims)
+    count = parameters_of_stage(cfg.model, dims, 0).total
+    assert f"parameters per rank, stage 0: {count:,}" in text
+    assert f"{count:,} parameters (= the formula" in text  # the rank built on meta holds as many
+    assert "Muon: 616 tensors" in text and "x self_attention.linear_qkv.weight/q (1024, 1024) /2" in text
+    assert "| megatron layer-wise | on |" in text
