@@ -122,7 +122,9 @@ def _adamw_matrix_std(name: str, config) -> float:
         return init_std(config.embedding_init_method)
     if name.endswith("output_layer.weight"):
         # gpt_model.py: muP's output layer (untied) takes the embedding init; otherwise init_method.
-        if getattr(config, "use_mup", False) and not getattr(config, "share_embeddings_and_output_weights", False):
+        if getattr(config, "use_mup", False) and not getattr(
+            config, "share_embeddings_and_output_weights", False
+        ):
             return init_std(config.embedding_init_method)
         return init_std(config.init_method)
     if name.endswith("router.weight"):

@@ -168,6 +168,8 @@ class Trainer:
             finetune=source.finetune,
         )
         self.iteration, self.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
+        if source.own:
+            self._saved_iteration = self.iteration  # that checkpoint is this state: no need to save it again
         self._log(f"loaded checkpoint {directory} at iteration {self.iteration}")
 
     def _build_data(self) -> None:

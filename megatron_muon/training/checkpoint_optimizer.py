@@ -1,0 +1,203 @@
+"""Optimizer state in a distributed checkpoint: Muon momentum per logical matrix, megatron's AdamW state, fp32
+main params under bf16 (see ``checkpoint.py``'s table). Keyed by parameter and matrix, never by optimizer member
+position, so a checkpoint of one layout loads at any other (world 1 included)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    make_sharded_optimizer_tensor,
+    optim_state_to_sharding_state,
+)
+from megatron.core.optimizer import ChainedOptimizer
+
+from megatron_muon.optim.muon import Muon
+from megatron_muon.optim.state import (
+    load_muon_momentum_,
+    muon_momentum_sharded_state_dict,
+    muon_param_groups_state,
+)
+
+__all__ = ["OptimizerStateError", "load_optimizer_state", "optimizer_sharded_state_dict"]
+
+
+class OptimizerStateError(RuntimeError):
+    """The checkpoint's optimizer state does not fit this optimizer (one line)."""
+
+
+def _members(optimizer) -> dict[str, Any]:
+    """Role (``muon_dense``, ``muon_expert``, ``adamw_dense``, ``adamw_expert``) → member of the chain.
+
+    Roles rather than positions: they say what the state is, and megatron aligns param groups across ranks so
+    every rank has the same roles.
+    """
+    members = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    roles = {}
+    for member in members:
+        groups = member.optimizer.param_groups
+        expert = bool(groups) and bool(groups[0].get("is_expert_parallel", False))
+        kind = "muon" if isinstance(member.optimizer, Muon) else "adamw"
+        role = f"{kind}_{'expert' if expert else 'dense'}"
+        if role in roles:
+            raise ValueError(f"two optimizer members have the role {role!r}; expected one per role")
+        roles[role] = member
+    return roles
+
+
+def _is_mixed_precision(member) -> bool:
+    """A megatron ``Float16OptimizerWithFloat16Params`` (bf16 params, fp32 main params)."""
+    return hasattr(member, "fp32_from_float16_groups")
+
+
+def _fp32_main_params(
+    member, model_sharded_state_dict: dict, *, is_loading: bool
+) -> dict[str, dict[str, ShardedTensor]]:
+    """The fp32 main copies of a mixed-precision member's bf16 params, ``{group index: {index: tensor}}``, under
+    the key megatron gives them (``optimizer.state.fp32_param.<param key>``). fp32 members have none: their main
+    params are the model's.
+
+    Loading reads into copies: ``load_checkpoint`` re-derives the live main params from the loaded bf16 weights
+    (``reload_model_params``) and only then copies the saved fp32 values in.
+
+    Dicts, not megatron's lists of lists: dist_checkpointing saves a list whose items are all sharded as an empty
+    list in the common state, and then cannot merge the loaded items back into it ("different lengths").
+    """
+    models = [p for group in member.float16_groups for p in group]
+    by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, models)
+    sharded_of = {id(model): by_index[index] for index, model in enumerate(models)}
+
+    def sharded(main, model):
+        data = main.detach().clone() if is_loading else main
+        return make_sharded_optimizer_tensor(sharded_of[id(model)], data, prefix="optimizer.state.fp32_param")
+
+    return {
+        str(g): {
+            str(i): sharded(main, model)
+            for i, (main, model) in enumerate(zip(mains, group_models, strict=True))
+        }
+        for g, (mains, group_models) in enumerate(
+            zip(member.fp32_from_float16_groups, member.float16_groups, strict=True)
+        )
+    }
+
+
+def _as_lists(groups: dict[str, dict[str, torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """``{group index: {index: tensor}}`` (:func:`_fp32_main_params`) back to megatron's lists of lists."""
+    return [[groups[g][i] for i in sorted(groups[g], key=int)] for g in sorted(groups, key=int)]
+
+
+def _mixed_precision_sharded_state_dict(member, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+    """``Float16OptimizerWithFloat16Params.sharded_state_dict`` (same layout and keys), numbering parameters as
+    torch's ``state_dict`` does.
+
+    Megatron 0.19.2 numbers them by ``float16_groups`` alone, so when a bf16 model keeps some params in fp32
+    (``fp32_from_fp32_groups``: megatron's torch norms on CPU do) the ids point at the wrong tensors and its
+    save fails with "Param id N does not match any model sharded param".
+    """
+    if is_loading:
+        member.init_state_fn(member.optimizer, member.config)
+    state = member.state_dict()
+    model_of_main = {
+        id(main): model
+        for mains, models in zip(member.fp32_from_float16_groups, member.float16_groups, strict=True)
+        for main, model in zip(mains, models, strict=True)
+    }
+    in_state_order = [
+        model_of_main.get(id(p), p) for group in member.optimizer.param_groups for p in group["params"]
+    ]
+    by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, in_state_order)
+    state["fp32_from_fp16_params"] = _fp32_main_params(
+        member, model_sharded_state_dict, is_loading=is_loading
+    )
+    step = member._extract_common_per_param_step(state["optimizer"])
+    optim_state_to_sharding_state(state["optimizer"], by_index, exclude_keys="step")
+    if step:
+        state["optimizer"]["state"]["common_step"] = step
+    return state
+
+
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+    state = {}
+    for role, member in _members(optimizer).items():
+        if isinstance(member.optimizer, Muon):
+            entry = {
+                "momentum": muon_momentum_sharded_state_dict(member.optimizer, is_loading=is_loading),
+                "param_groups": muon_param_groups_state(member.optimizer),
+            }
+            if _is_mixed_precision(member):
+                entry["fp32_param"] = _fp32_main_params(
+                    member, model_sharded_state_dict, is_loading=is_loading
+                )
+            state[role] = entry
+        elif _is_mixed_precision(member):
+            state[role] = _mixed_precision_sharded_state_dict(
+                member, model_sharded_state_dict, is_loading=is_loading
+            )
+        else:
+            state[role] = member.sharded_state_dict(
+                model_sharded_state_dict, is_loading=is_loading, metadata={"chained_optim_avoid_prefix": True}
+            )
+    return state
+
+
+def _torch_state(entry: dict) -> dict:
+    """The torch ``Optimizer.state_dict()`` part of a megatron member's (loaded) state: under ``optimizer`` for
+    a mixed-precision member, the entry itself for an fp32 one."""
+    inner = entry.get("optimizer")
+    return inner if isinstance(inner, dict) and "state" in inner else entry
+
+
+def _saved_adamw_step(loaded: dict, role: str):
+    """The AdamW step count the checkpoint holds for ``role``, or for its counterpart (dense ↔ expert).
+
+    A one-process run keeps expert parameters in the dense members; the same checkpoint loaded with expert
+    parallelism has expert members the checkpoint never named. Their per-parameter state is found by parameter
+    key (role-free); only the common step count lives under the role, and every member steps together."""
+    for candidate in (role, "adamw_expert" if role == "adamw_dense" else "adamw_dense"):
+        entry = loaded.get(candidate)
+        step = _torch_state(entry).get("state", {}).get("common_step") if isinstance(entry, dict) else None
+        if step is not None:
+            return step
+    return None
+
+
+def load_optimizer_state(optimizer, loaded: dict) -> None:
+    """Load each member's saved *state* (Muon momentum and NorMuon moments, AdamW moments and step, fp32 main
+    params) and keep this run's hyperparameters: every optimizer setting of the config takes effect on resume
+    (the trainer logs what changed, ``docs/checkpoints.md``). Saved param groups are not read back."""
+    for role, member in _members(optimizer).items():
+        if role not in loaded:
+            raise OptimizerStateError(f"the checkpoint has no optimizer state for {role}")
+        entry = loaded[role]
+        if isinstance(member.optimizer, Muon):
+            load_muon_momentum_(member.optimizer, entry["momentum"])
+            if _is_mixed_precision(member):
+                saved = _as_lists(entry["fp32_param"])
+                for mains, values in zip(member.fp32_from_float16_groups, saved, strict=True):
+                    for main, value in zip(mains, values, strict=True):
+                        main.data.copy_(value)
+            continue
+        if _is_mixed_precision(member):
+            entry["fp32_from_fp16_params"] = _as_lists(entry["fp32_from_fp16_params"])
+        torch_state = _torch_state(entry)
+        # This run's groups (same ids as the request's numbering): megatron pairs saved groups by identifier
+        # keys that include the learning rate, so a changed LR would not find its group, and the saved
+        # betas / eps would silently replace the configured ones.
+        torch_state["param_groups"] = [
+            {key: value for key, value in group.items()}
+            for group in member.optimizer.state_dict()["param_groups"]
+        ]
+        per_param = torch_state.get("state", {})
+        if "common_step" not in per_param:
+            step = _saved_adamw_step(loaded, role)
+            has_moments = any(isinstance(v, dict) and v for k, v in per_param.items() if k != "common_step")
+            if step is not None:
+                per_param["common_step"] = step
+            elif has_moments:
+                raise OptimizerStateError(f"the checkpoint has AdamW moments but no step count for {role}")
+        # megatron's own; for a mixed-precision member it also copies the fp32 main params
+        member.load_state_dict(entry)
