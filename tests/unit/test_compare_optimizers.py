@@ -1,28 +1,15 @@
-"""The token-ratio arithmetic of tools/compare_optimizers.py (the runs themselves are an experiment, not a test)."""
+"""The token-ratio arithmetic of tools/compare_optimizers.py (megatron_muon/bench/compare_optimizers.py) (the runs themselves are an experiment, not a test)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from megatron_muon.bench import compare_optimizers
 
 
 @pytest.fixture(scope="module")
 def tool():
-    sys.path.insert(0, str(REPO / "tools"))  # the tool imports its sibling benchmarks_md
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "tool_compare_optimizers", REPO / "tools" / "compare_optimizers.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    return compare_optimizers
 
 
 def test_tokens_to_reach_interpolates_between_evaluations(tool):

@@ -5,16 +5,16 @@ with and without torch.distributed) and the resumable microbatch iterator."""
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from megatron_muon.cli import preprocess_data as preprocess_tool
+from megatron_muon.cli import train_tokenizer as train_tokenizer_tool
 from megatron_muon.data import (
     build_gpt_datasets,
     build_microbatch_iterator,
@@ -36,19 +36,6 @@ WORDS = (
     "much your way well down should because each just those people how too little state good very make world "
     "still own see men work long get here between both life being under never day same another know while"
 ).split()
-
-
-def load_tool(name: str):
-    """A script under tools/ as a module, so its ``main(argv)`` runs in this process."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_tokenizer_tool = load_tool("train_tokenizer")
-preprocess_tool = load_tool("preprocess_data")
 
 
 def make_text(rng: random.Random, paragraphs: int) -> str:

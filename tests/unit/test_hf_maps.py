@@ -329,13 +329,8 @@ def test_shards_round_trip_and_fused_experts_read_per_expert(tmp_path):
 
 
 def test_the_command_line_offers_every_architecture(capsys):
-    import importlib.util
+    from megatron_muon.cli import convert_checkpoint as tool
 
-    spec = importlib.util.spec_from_file_location(
-        "convert_checkpoint", REPO / "tools" / "convert_checkpoint.py"
-    )
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     for name in ["auto", *ARCHITECTURES]:
         assert tool.parse_args(["export", "a", "b", "--architecture", name]).architecture == name
     with pytest.raises(SystemExit):

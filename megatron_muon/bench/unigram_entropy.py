@@ -1,0 +1,93 @@
+"""Unigram entropy of a tokenized corpus: the loss (nats/token) of a model that ignores all context and predicts
+every token from its corpus frequency. A language model's validation loss should end clearly below it.
+
+    .venv/bin/python tools/unigram_entropy.py data/shakespeare/shakespeare_text_document
+
+Reads a megatron indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``). ``--split 949,50,1`` reports the entropy of
+the validation documents' tokens under the training documents' frequencies as well (add-one smoothed): the loss a
+unigram model trained on the training split gets on the validation split, which is what the trainer's validation
+loss should be compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def entropy_nats(counts: np.ndarray) -> float:
+    """H = −Σ p log p of the distribution proportional to ``counts``."""
+    total = counts.sum()
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def cross_entropy_nats(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
+    """Mean −log q(token) over the evaluated tokens, q = add-one smoothed training frequencies."""
+    q = (train_counts + 1.0) / (train_counts.sum() + train_counts.size)
+    return float(-(eval_counts * np.log(q)).sum() / eval_counts.sum())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("prefix", help="indexed dataset prefix (without .bin/.idx)")
+    parser.add_argument(
+        "--split", default=None, help="train,valid,test weights as in data.split, e.g. 949,50,1"
+    )
+    args = parser.parse_args(argv)
+
+    missing = [f"{args.prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{args.prefix}{ext}").is_file()]
+    if missing:
+        print(
+            f"error: cannot read the indexed dataset {args.prefix!r}: missing {', '.join(missing)}",
+            file=sys.stderr,
+        )
+        return 2
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_muon.data.datasets import split_document_counts
+
+    dataset = IndexedDataset(args.prefix, mmap=True)
+    documents = len(dataset)
+    vocab = int(max(int(dataset[i].max()) for i in range(documents) if len(dataset[i])) + 1)
+
+    def counts(first: int, last: int) -> np.ndarray:
+        total = np.zeros(vocab, dtype=np.float64)
+        for i in range(first, last):
+            total += np.bincount(dataset[i], minlength=vocab)
+        return total
+
+    everything = counts(0, documents)
+    print(
+        f"{documents:,} documents, {int(everything.sum()):,} tokens, {int((everything > 0).sum()):,} distinct"
+    )
+    print(
+        f"unigram entropy of the whole corpus: {entropy_nats(everything):.4f} nats/token "
+        f"(perplexity {math.exp(entropy_nats(everything)):.1f})"
+    )
+    if args.split:
+        try:
+            train, valid, _ = split_document_counts(documents, args.split)
+        except ValueError as error:
+            print(f"error: --split {args.split!r}: {error}", file=sys.stderr)
+            return 2
+        train_counts, valid_counts = counts(0, train), counts(train, train + valid)
+        if valid_counts.sum() == 0:
+            print(f"error: --split {args.split!r} leaves no validation documents", file=sys.stderr)
+            return 2
+        cross = cross_entropy_nats(train_counts, valid_counts)
+        print(
+            f"unigram model of the {train:,} training documents on the {valid:,} validation documents: "
+            f"{cross:.4f} nats/token (perplexity {math.exp(cross):.1f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
