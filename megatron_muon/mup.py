@@ -19,7 +19,8 @@ norms (vector-like)            1 (ones)                    AdamW: LR, ε constan
 hidden matrices (attention,    σ·√(fan_in_base/fan_in)     Muon, spectral scale √(fan_out/fan_in): LR
 MLP, experts, shared experts)  = σ/√m  (residual outputs:  constant; weight decay coefficient / m
                                σ/√(2L·m))                  (independent WD ∝ 1/width)
-router (d_model → experts)     σ/√m                        AdamW: LR / m, ε / m (fan-in grows, fan-out fixed)
+router (d_model → experts)     σ/m (output-type: fan-in    AdamW: LR / m, ε constant (its gradient is Θ(1)
+                               grows, fan-out fixed)       per entry, like the output layer's)
 output layer (LM head)         σ, logits × 1/m             AdamW: LR, ε constant (the 1/m multiplier makes
                                                            its effective LR 1/m: TP5 Table 3's "Adam LR
                                                            1/fan_in" for output weights)
@@ -30,7 +31,9 @@ How it reaches megatron-core: ``TransformerConfig.use_mup`` with our explicit ``
 ``mup_output_mult`` (GPTModel multiplies its logits by it, ``LanguageModule._scale_logits``); megatron builds
 the init methods itself from ``init_method_std`` and ``mup_width_mult`` (:func:`init_std` states the rule it
 applies, and ``tests/unit/test_mup.py`` checks they agree) and tags the embedding and output weights
-``is_embedding_parameter``. The optimizer rules are param-group overrides (``optim/build.py``).
+``is_embedding_parameter``. megatron gives the router the hidden init σ/√m; the model builder rescales it by
+:func:`router_init_rescale` to the output-type σ/m. The optimizer rules are param-group overrides
+(``optim/build.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ __all__ = [
     "muon_weight_decay",
     "output_logit_multiplier",
     "residual_output_init_std",
+    "router_init_rescale",
+    "router_init_std",
     "scaled_width_dims",
     "transformer_config_fields",
 ]
@@ -58,9 +63,10 @@ Bernstein, "A Spectral Condition for Feature Learning", arXiv:2310.17813). It is
 matrices, with their own (fan_out, fan_in): (d_ff_expert, d_model) for fc1, (d_model, d_ff_expert) for fc2.
 The config refuses other scale modes under muP rather than silently replacing them."""
 
-ADAMW_CLASSES = ("embedding", "vector", "output", "hidden")
-"""Classes of AdamW parameters: embedding, vector-like (norms, biases), output layer, hidden matrix-like (the
-router; every hidden matrix when AdamW trains the whole model)."""
+ADAMW_CLASSES = ("embedding", "vector", "output", "router", "hidden")
+"""Classes of AdamW parameters: embedding, vector-like (norms, biases), output layer, the MoE router (an
+output-type matrix: fan-in d_model grows, fan-out = the expert count does not), hidden matrix-like (both fans grow:
+every hidden matrix when AdamW trains the whole model)."""
 
 
 def _positive(name: str, value: float) -> None:
@@ -133,6 +139,30 @@ def residual_output_init_std(base_std: float, num_layers: int, width_multiplier:
     return base_std / math.sqrt(2 * num_layers * width_multiplier)
 
 
+def router_init_std(base_std: float, width_multiplier: float) -> float:
+    """Init std of the MoE router (d_model → experts): ``base_std / m``, the output-type rule.
+
+    The router's fan-in (d_model) grows with m, its fan-out (the expert count) does not: the shape of the output
+    layer, not of a hidden matrix. The spectral condition (Yang, Simon & Bernstein, arXiv:2310.17813, Condition
+    1) asks ‖W‖₂ = Θ(√(fan_out/fan_in)) = Θ(1/√d); a Gaussian (fan_out × fan_in) matrix of std s has
+    ‖W‖₂ ≈ s(√fan_in + √fan_out) ≈ s√d, so s ∝ 1/d = 1/fan_in — TP5 Table 3's output-weight init (variance
+    1/fan_in²), not the hidden one (1/fan_in). With the hidden σ/√m, ‖W‖₂ stays Θ(1): the router's backward
+    signal into the residual stream, Wᵀ·∂L/∂logits, is then √m too large against the rest of the network's
+    Θ(1/d) per coordinate, and its logits at init stay Θ(1) instead of vanishing under the learned part.
+    """
+    _positive("base_std", base_std)
+    _positive("width_multiplier", width_multiplier)
+    return base_std / width_multiplier
+
+
+def router_init_rescale(width_multiplier: float) -> float:
+    """Factor that turns megatron's router init under ``use_mup`` (the hidden ``init_method``, σ/√m) into
+    :func:`router_init_std` (σ/m): 1/√m. Rescaling the drawn weights keeps the draw (and every rank's RNG
+    stream) as it is."""
+    _positive("width_multiplier", width_multiplier)
+    return 1.0 / math.sqrt(width_multiplier)
+
+
 def output_logit_multiplier(width_multiplier: float) -> float:
     """Factor on the output logits: 1/m.
 
@@ -157,16 +187,21 @@ def attention_softmax_scale(head_dim: float, base_head_dim: float) -> float:
 def adamw_multipliers(parameter_class: str, width_multiplier: float) -> tuple[float, float]:
     """(LR multiplier, ε multiplier) of an AdamW parameter of ``parameter_class`` (one of ``ADAMW_CLASSES``).
 
-    TP5 Table 3 "Adam LR": input weights and biases 1, hidden weights 1/fan_in; the output weights' 1/fan_in
-    is carried by :func:`output_logit_multiplier`, so their LR multiplier here is 1. ε scales like the LR for
-    hidden weights (TP5 Appendix B.3: Adam's ε must shrink with the gradient, which is ∝ 1/fan_in), as
-    megatron's ``get_mup_config_overrides`` does.
+    TP5 Table 3 "Adam LR": input weights and biases 1, hidden and output weights 1/fan_in; the output layer's
+    1/fan_in is carried by :func:`output_logit_multiplier`, so its LR multiplier here is 1. The router is an
+    output-type matrix without a logit multiplier (:func:`router_init_std`), so its LR is divided by m itself:
+    an Adam step moves each entry by ~LR, and its logits by ~LR·fan_in·(alignment), Θ(1) only with LR ∝ 1/fan_in.
+    ε scales like the gradient (TP5 Appendix B.3): ∝ 1/fan_in for hidden weights, whose gradient comes through
+    the Θ(1/d) backward signal (as megatron's ``get_mup_config_overrides`` does), but constant for the router,
+    whose gradient (∂L/∂logits)·xᵀ has Θ(1) entries at every width.
     """
     _positive("width_multiplier", width_multiplier)
     if parameter_class not in ADAMW_CLASSES:
         raise ValueError(f"parameter_class={parameter_class!r}; valid: {list(ADAMW_CLASSES)}")
     if parameter_class == "hidden":
         return 1.0 / width_multiplier, 1.0 / width_multiplier
+    if parameter_class == "router":
+        return 1.0 / width_multiplier, 1.0
     return 1.0, 1.0
 
 
@@ -178,7 +213,8 @@ def muon_weight_decay(base_weight_decay: float, width_multiplier: float) -> floa
     keeping independent weight decay ∝ 1/width — what Qiu et al. 2025 ("Hyperparameter Transfer Enables
     Consistent Gains of Matrix-Preconditioned Optimizers Across Scales", arXiv:2512.05620) found nearly optimal
     for Muon, Shampoo and SOAP at compute-optimal scale — means the coefficient scales as 1/m. AdamW's matrix-like
-    groups (LR / m) get the same independent 1/m from their LR, with the coefficient unchanged.
+    groups (LR / m: the router, hidden matrices) get the same independent 1/m from their LR, with the coefficient
+    unchanged.
     """
     if isinstance(base_weight_decay, bool) or not base_weight_decay >= 0:
         raise ValueError(f"base_weight_decay={base_weight_decay!r} must be >= 0")

@@ -358,7 +358,7 @@ def build_gpt_moe_model(
     the expert-parallel size (an EP rank draws only its local experts).
     """
     pp_rank = pg_collection.pp.rank()
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(
             config,
@@ -376,6 +376,23 @@ def build_gpt_moe_model(
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
+    _apply_mup_router_init(model, config)
+    return model
+
+
+def _apply_mup_router_init(model: GPTModel, config: TransformerConfig) -> None:
+    """Give the MoE routers muP's output-type init σ/m (``mup.router_init_std``)."""
+    # megatron-core 0.19.2: under use_mup the router is drawn with the hidden init_method (σ/√m), although its
+    # fan-out (the expert count) does not grow with width; rescaling the drawn weights by 1/√m keeps the draw.
+    if not config.use_mup or config.mup_width_mult == 1.0:
+        return
+    from megatron.core.transformer.moe.router import Router
+
+    factor = mup.router_init_rescale(config.mup_width_mult)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Router):
+                module.weight.mul_(factor)
 
 
 def build_gpt_moe_model_chunks(

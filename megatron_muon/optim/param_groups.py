@@ -157,38 +157,44 @@ def mup_width_multiplier(model_chunks: list[torch.nn.Module]) -> float | None:
     return float(config.mup_width_mult) if getattr(config, "use_mup", False) else None
 
 
-def adamw_parameter_class(param: torch.nn.Parameter) -> str:
+def adamw_parameter_class(param: torch.nn.Parameter, module: torch.nn.Module | None = None) -> str:
     """muP class of a parameter AdamW trains (``mup.ADAMW_CLASSES``): the embedding and output weights (megatron
     tags them ``is_embedding_or_output_parameter``; the output layer's 1/m lives in the logit multiplier),
-    vector-like (norms, biases), else hidden matrix-like (the router: fan-in d_model grows, fan-out does not)."""
+    vector-like (norms, biases), the router weight (output-type: fan-in d_model grows, fan-out does not), else
+    hidden matrix-like."""
     if getattr(param, "is_embedding_or_output_parameter", False):
         return "embedding"
     if param.dim() < 2:
         return "vector"
+    if module is not None and isinstance(module, _router_types()):
+        return "router"
     return "hidden"
 
 
 def mup_adamw_overrides(routing: ParamRouting, config, width_multiplier: float) -> dict:
     """megatron param-group overrides with muP's AdamW rules (``mup.adamw_multipliers``) for the parameters
-    ``routing`` sends to AdamW. Only the hidden class changes (LR and ε times 1/m); the rest keep the base
-    values, so they need no override."""
+    ``routing`` sends to AdamW. Only the router and hidden classes change (LR times 1/m; ε times 1/m for hidden
+    matrices only); the rest keep the base values, so they need no override."""
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
     from megatron_muon import mup
 
-    lr_mult, eps_mult = mup.adamw_multipliers("hidden", width_multiplier)
-    hidden_ids = {id(r.param) for r in routing.adamw if adamw_parameter_class(r.param) == "hidden"}
-    if not hidden_ids or width_multiplier == 1.0:
+    if width_multiplier == 1.0:
         return {}
-    key = ParamKey(
-        with_name_predicate=ParamWithNamePredicate(
-            name="mup_adamw_hidden", fn=lambda param, name: id(param) in hidden_ids
+    overrides = {}
+    for parameter_class in ("router", "hidden"):
+        ids = {id(r.param) for r in routing.adamw if adamw_parameter_class(r.param, r.module) == parameter_class}
+        if not ids:
+            continue
+        lr_mult, eps_mult = mup.adamw_multipliers(parameter_class, width_multiplier)
+        key = ParamKey(
+            with_name_predicate=ParamWithNamePredicate(
+                name=f"mup_adamw_{parameter_class}", fn=lambda param, name, ids=ids: id(param) in ids
+            )
         )
-    )
-    return {
-        key: {
+        overrides[key] = {
             "max_lr": config.lr * lr_mult,
             "min_lr": config.min_lr * lr_mult,
             "eps": config.adam_eps * eps_mult,
         }
-    }
+    return overrides

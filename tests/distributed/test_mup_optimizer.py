@@ -129,7 +129,7 @@ def test_param_groups_follow_the_mup_rules(built):
     assert router["max_lr"] == pytest.approx(ADAM_LR / m) and router["min_lr"] == pytest.approx(
         ADAM_MIN_LR / m
     )
-    assert router["eps"] == pytest.approx(ADAM_EPS / m)
+    assert router["eps"] in (None, ADAM_EPS)  # output-type: its gradient does not shrink with width
     for fragment in ("word_embeddings.weight", "output_layer.weight", "final_layernorm.weight"):
         group = _one(groups, fragment)
         assert group["kind"] == "adamw" and group["max_lr"] == ADAM_LR and group["eps"] in (None, ADAM_EPS), (
@@ -155,7 +155,7 @@ def test_weights_are_drawn_with_the_mup_std(built):
     hidden = mup.init_std(0.02, fan_in=WIDTH, base_fan_in=BASE)
     residual = mup.residual_output_init_std(0.02, num_layers=2, width_multiplier=m)
     assert _one(stds, "linear_qkv.weight") == pytest.approx(hidden, rel=0.05)
-    assert _one(stds, "router.weight") == pytest.approx(hidden, rel=0.1)
+    assert _one(stds, "router.weight") == pytest.approx(mup.router_init_std(0.02, m), rel=0.1)
     assert _one(stds, "linear_proj.weight") == pytest.approx(residual, rel=0.05)
     assert _one(stds, "experts.local_experts.0.linear_fc2.weight") == pytest.approx(residual, rel=0.05)
     assert _one(stds, "word_embeddings.weight") == pytest.approx(0.02, rel=0.05)

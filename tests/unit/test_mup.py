@@ -32,10 +32,34 @@ def test_output_multiplier_and_attention_scale():
 
 def test_adamw_multipliers_per_class():
     assert mup.adamw_multipliers("hidden", 4.0) == (0.25, 0.25)
+    # The router is output-type: LR 1/fan_in, but its gradient (dL/dlogits x^T) keeps its size, so ε stays.
+    assert mup.adamw_multipliers("router", 4.0) == (0.25, 1.0)
     for constant in ("embedding", "vector", "output"):
         assert mup.adamw_multipliers(constant, 4.0) == (1.0, 1.0)
     with pytest.raises(ValueError, match="parameter_class='bias'"):
         mup.adamw_multipliers("bias", 2.0)
+
+
+def test_router_init_meets_the_spectral_condition_at_every_width():
+    """Router (experts x d_model): its spectral norm must go as sqrt(fan_out/fan_in) = Θ(1/sqrt(d)) (Yang, Simon &
+    Bernstein, Condition 1). Drawn with router_init_std it does, within sampling noise; drawn with the hidden rule
+    sigma/sqrt(m) it stays Θ(1), i.e. sqrt(m) too large at width m."""
+    import torch
+
+    torch.manual_seed(0)
+    base, experts, sigma = 64, 8, 0.02
+    ratios_output_type, ratios_hidden = [], []
+    for m in (1, 4, 16):
+        d = base * m
+        gaussian = torch.randn(experts, d, dtype=torch.float64)
+        target = math.sqrt(experts / d)
+        ratios_output_type.append(torch.linalg.matrix_norm(gaussian * mup.router_init_std(sigma, m), 2) / target)
+        ratios_hidden.append(torch.linalg.matrix_norm(gaussian * sigma / math.sqrt(m), 2) / target)
+    assert max(ratios_output_type) / min(ratios_output_type) < 1.3
+    assert ratios_hidden[-1] / ratios_hidden[0] > 3.0  # sqrt(16) = 4, less the fan-out's share of the norm
+    # megatron draws the hidden sigma/sqrt(m); the builder's rescale turns it into sigma/m.
+    assert 0.02 / math.sqrt(4.0) * mup.router_init_rescale(4.0) == pytest.approx(mup.router_init_std(0.02, 4.0))
+    assert mup.router_init_std(0.02, 1.0) == 0.02 and mup.router_init_rescale(1.0) == 1.0
 
 
 def test_muon_weight_decay_keeps_independent_decay_proportional_to_one_over_width():
