@@ -1,8 +1,8 @@
 """CPU/gloo stand-ins for the places where megatron-core 0.19.2 assumes CUDA.
 
-Megatron-core runs on CPU with gloo except for a handful of CUDA assumptions (see
-/work/shared/ENVIRONMENT.md for how they were found). :func:`apply_cpu_stand_ins` patches exactly
-those places, and nothing when CUDA is available.
+Megatron-core runs on CPU with gloo except for a handful of CUDA assumptions (numbered in
+docs/architecture.md; each patch below is tagged ``# megatron-core 0.19.2:``).
+:func:`apply_cpu_stand_ins` patches exactly those places, and nothing when CUDA is available.
 
 How narrow each patch is:
 
@@ -125,8 +125,8 @@ class _CompletedEvent:
 
 _THE_STREAM = _InOrderStream()
 
-# Stands in for the CUDA default generator, whose state megatron's RNG tracker reads, forks and
-# restores (tensor_parallel/random.py). Separate from the CPU default generator, as on a GPU.
+# megatron-core 0.19.2: stands in for the CUDA default generator, whose state megatron's RNG tracker
+# reads, forks and restores (tensor_parallel/random.py). Separate from the CPU default generator, as on a GPU.
 _CUDA_GENERATOR_STAND_IN = torch.Generator(device="cpu")
 
 
@@ -237,7 +237,7 @@ TORCH_WITH_CPU_AS_CUDA = _TorchWithCpuAsCuda()
 
 # Megatron modules whose `torch` global becomes TORCH_WITH_CPU_AS_CUDA, with what each needs.
 _MODULES_SEEING_CPU_AS_CUDA: dict[str, str] = {
-    # 1. torch.cuda.current_device() as the allocation device.
+    # megatron-core 0.19.2: 1. torch.cuda.current_device() as the allocation device.
     "megatron.core.tensor_parallel.layers": "current_device() for sequence-parallel gather buffers",
     "megatron.core.tensor_parallel.mappings": "current_device() for all-gather / reduce-scatter outputs",
     "megatron.core.utils": "current_device() in GlobalMemoryBuffer (sequence-parallel all-gather)",
@@ -247,20 +247,21 @@ _MODULES_SEEING_CPU_AS_CUDA: dict[str, str] = {
     "megatron.core.transformer.transformer_layer": "current_device() for static inputs / masks",
     "megatron.core.models.gpt.gpt_model": "current_device() for the sequence-length offset",
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "current_device() for inv_freq",
-    # 2. The tensor-parallel RNG tracker's CUDA RNG state (see also the replaced accessors below).
+    # megatron-core 0.19.2: 2. The tensor-parallel RNG tracker's CUDA RNG state (see also the replaced
+    # accessors below).
     "megatron.core.tensor_parallel.random": "cuda get_rng_state / manual_seed on a CPU generator",
-    # 4. Streams and events used for overlap.
+    # megatron-core 0.19.2: 4. Streams and events used for overlap.
     "megatron.core.distributed.distributed_data_parallel": "Stream for the grad-sync stream",
     "megatron.core.distributed.param_and_grad_buffer": "current_stream / stream / Event, device='cuda'",
     "megatron.core.transformer.moe.token_dispatcher": "the alltoall dispatcher's device-to-host Stream",
-    # 5. Hard-coded device="cuda" and torch.cuda.synchronize().
+    # megatron-core 0.19.2: 5. Hard-coded device="cuda" and torch.cuda.synchronize().
     "megatron.core.pipeline_parallel.schedules": 'device="cuda" for total_num_tokens',
     "megatron.core.pipeline_parallel.p2p_communication": "current_device() shapes, synchronize()",
     "megatron.core.optimizer.optimizer": "device='cuda' for _scale / found_inf / flags",
     "megatron.core.optimizer.distrib_optimizer": "current_device() for gather buffers",
     "megatron.core.optimizer.grad_scaler": "device='cuda' for the loss scale",
     "megatron.core.optimizer.clip_grads": "device='cuda' for the total norm and zero count",
-    # 8. dist_checkpointing.
+    # megatron-core 0.19.2: 8. dist_checkpointing.
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "current_device() in finalize",
     "megatron.core.dist_checkpointing.strategies.fully_parallel": "synchronize() in the preload",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "synchronize() before the write",
@@ -324,18 +325,19 @@ def _posing_cpu_tensors_as_cuda(function: Callable[..., Any]) -> Callable[..., A
 
 # (module, attribute path) of megatron functions that run with cpu_tensors_pose_as_cuda().
 _FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA: dict[tuple[str, str], str] = {
-    # 6. optimizer/clip_grads.py asserts param.grad.type() == 'torch.cuda.FloatTensor'; optimizer.py
+    # megatron-core 0.19.2: 6. optimizer/clip_grads.py asserts param.grad.type() ==
+    #    'torch.cuda.FloatTensor'; optimizer.py
     #    calls it through its own imported name, so both names are wrapped.
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"): "grad type assert",
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): "grad type assert",
-    # 7. The element-sharded DistributedOptimizer sorts params by their CUDA type string.
+    # megatron-core 0.19.2: 7. The element-sharded DistributedOptimizer sorts params by their CUDA type string.
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"): "param.type()",
-    # bf16/fp16 mixed precision sorts params the same way.
+    # megatron-core 0.19.2: bf16/fp16 mixed precision sorts params the same way.
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"): "param.type()",
-    # 5. optimizer/grad_scaler.py moves a loaded loss scale with .cuda(current_device()).
+    # megatron-core 0.19.2: 5. optimizer/grad_scaler.py moves a loaded loss scale with .cuda(current_device()).
     ("megatron.core.optimizer.grad_scaler", "DynamicGradScaler.load_state_dict"): ".cuda()",
-    # models/common/language_module: with pipeline parallelism the tied embedding copy on the last
-    # stage is moved with weight.data.cuda() before its first all-reduce.
+    # megatron-core 0.19.2: models/common/language_module: with pipeline parallelism the tied embedding
+    # copy on the last stage is moved with weight.data.cuda() before its first all-reduce.
     (
         "megatron.core.models.common.language_module.language_module",
         "LanguageModule.setup_embeddings_and_output_layer",
@@ -392,7 +394,9 @@ def _uneven_gather_along_first_dim_on_gloo(original: Callable[..., Any]) -> Call
     """
 
     @functools.wraps(original)
-    def gather(input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False):
+    def gather(
+        input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False
+    ):
         if output_split_sizes is None or group is None or group.size() == 1:
             return original(input_, group, output_split_sizes, use_global_buffer)
         sizes = [int(size) for size in output_split_sizes]
@@ -478,7 +482,7 @@ def _check_megatron_version() -> None:
     import megatron.core
 
     version = getattr(megatron.core, "__version__", None)
-    # megatron's package_info appends "+<git hash>" when its install directory lies inside a git
+    # megatron-core 0.19.2: megatron's package_info appends "+<git hash>" when its install directory lies inside a git
     # repository (a venv inside this project does), so compare the release part only.
     if version is None or version.split("+")[0] != SUPPORTED_MEGATRON_CORE_VERSION:
         raise RuntimeError(
@@ -553,10 +557,10 @@ def _plan() -> list[Callable[[], None]]:
         patches.append(functools.partial(setattr, owner, name, wrapped))
 
     replacements: list[tuple[str, str, Callable[..., Any]]] = [
-        # 2. tensor_parallel/random.py: the tracker reads and sets the CUDA generator's state through these.
+        # megatron-core 0.19.2: 2. tensor_parallel/random.py: the tracker reads and sets the CUDA generator's state through these.
         ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _get_cuda_rng_state_on_cpu),
         ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cuda_rng_state_on_cpu),
-        # 4. transformer/moe/token_dispatcher.py: alltoall split sizes must become numpy on CPU too.
+        # megatron-core 0.19.2: 4. transformer/moe/token_dispatcher.py: alltoall split sizes must become numpy on CPU too.
         (
             "megatron.core.transformer.moe.token_dispatcher",
             "maybe_move_tensor_to_cpu",
@@ -569,7 +573,7 @@ def _plan() -> list[Callable[[], None]]:
         if value is not replacement:
             patches.append(functools.partial(setattr, owner, name, replacement))
 
-    # 9. tensor_parallel/mappings.py: uneven all-gather / reduce-scatter (expert-TP > 1) on gloo.
+    # megatron-core 0.19.2: 9. tensor_parallel/mappings.py: uneven all-gather / reduce-scatter (expert-TP > 1) on gloo.
     for attribute_path, wrapper in (
         ("_gather_along_first_dim", _uneven_gather_along_first_dim_on_gloo),
         ("_reduce_scatter_along_first_dim", _uneven_reduce_scatter_along_first_dim_on_gloo),
@@ -579,7 +583,7 @@ def _plan() -> list[Callable[[], None]]:
         if not _is_stand_in(value):
             patches.append(functools.partial(setattr, owner, name, wrapper(value)))
 
-    # 3. transformer/torch_norm.py asserts `not config.sequence_parallel`.
+    # megatron-core 0.19.2: 3. transformer/torch_norm.py asserts `not config.sequence_parallel`.
     owner, name, value = _resolve("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__")
     original_new = value.__func__ if isinstance(value, staticmethod) else value
     _check_function("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", original_new)
