@@ -1,12 +1,22 @@
 """The collectives of the parallel-aware Muon. Every function takes its process group as an argument
-(``None`` means a world of one: no communication), so nothing here reads megatron's global state."""
+(``None`` means a world of one: no communication), so nothing here reads megatron's global state.
+
+:class:`MatrixTransport` is Muon's transport: it gathers the pieces of logical matrices into whole matrices on
+the ranks a plan names, and sends each holder its piece of the results. It knows shapes, ranks and the plan's
+transfers, nothing of optimizers, momentum or Newton–Schulz.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from megatron_muon.optim.plan import MatrixPlan
 
 
 def group_rank(group) -> int:
@@ -112,3 +122,122 @@ def all_reduce_sum_fn(group) -> Callable[[torch.Tensor], torch.Tensor]:
         return tensor
 
     return all_reduce_sum
+
+
+class MatrixTransport:
+    """Moves the pieces of logical matrices between the ranks of ``group`` as a plan says.
+
+    Args:
+        matrices: the plan's matrices (``plan.MatrixPlan``: shape, shard dim, holders, transfers, bucket); those in
+            ``distributed`` mode never travel and are ignored.
+        rank: this rank's index in ``group``.
+        group: the process group the plan's ranks index (``None``: one process, nothing travels).
+        num_buckets: the plan's exchange buckets; each is one all-to-all, so one bucket's transfer overlaps the
+            caller's work on another.
+
+    Tensors travel in fp32 (``Exchange``).
+    """
+
+    def __init__(self, matrices: Sequence[MatrixPlan], *, rank: int, group, num_buckets: int) -> None:
+        self.rank, self.group = rank, group
+        travelling = [m for m in matrices if m.mode != "distributed"]
+        self.buckets: list[list[MatrixPlan]] = [
+            [m for m in travelling if m.bucket == b] for b in range(num_buckets)
+        ]
+        self._my_shard = {
+            m.key: shard for m in matrices for shard, ranks in m.holders.items() if rank in ranks
+        }
+
+    def start_gathers(self, pieces: Mapping[str, torch.Tensor]) -> list[PendingWholeMatrices]:
+        """Start, for every bucket at once, sending this rank's ``pieces`` (matrix key → the shard it holds) to
+        the ranks that need the whole matrix. ``wait()`` on the b-th result returns the whole matrices of bucket
+        b that this rank is named to compute (matrix key → full tensor)."""
+        pending = []
+        for bucket in self.buckets:
+            exchange, order = self._start(bucket, "gather", lambda matrix, shard: pieces[matrix.key])
+            wanted = [m for m in bucket if self.rank in m.computers]
+            pending.append(PendingWholeMatrices(exchange, order, wanted, pieces, self._my_shard))
+        return pending
+
+    def start_return(self, bucket: int, whole: Mapping[str, torch.Tensor]) -> PendingPieces:
+        """Start sending every holder of the matrices of ``bucket`` its shard of the results in ``whole`` (matrix
+        key → full tensor, for the matrices this rank computed). ``wait()`` returns this rank's shard of every
+        matrix of the bucket it holds (matrix key → tensor): received, or cut from its own result."""
+        matrices = self.buckets[bucket]
+        exchange, order = self._start(
+            matrices, "scatter", lambda matrix, shard: _piece(whole[matrix.key], matrix, shard)
+        )
+        own = {
+            matrix.key: _piece(whole[matrix.key], matrix, self._my_shard[matrix.key])
+            for matrix in matrices
+            if matrix.key in whole
+        }
+        return PendingPieces(exchange, order, own)
+
+    def _start(self, matrices: Sequence[MatrixPlan], kind: str, payload) -> tuple[Exchange, dict]:
+        """One all-to-all of the ``kind`` ("gather" | "scatter") transfers of ``matrices``."""
+        sends: dict[int, list[torch.Tensor]] = defaultdict(list)
+        recv_shapes: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        recv_order: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for matrix in matrices:
+            transfers = matrix.gather if kind == "gather" else matrix.scatter
+            for shard, sender, receiver in transfers:
+                if sender == self.rank:
+                    sends[receiver].append(payload(matrix, shard))
+                if receiver == self.rank:
+                    recv_shapes[sender].append(_piece_shape(matrix))
+                    recv_order[sender].append((matrix.key, shard))
+        return Exchange(dict(sends), dict(recv_shapes), self.group), recv_order
+
+
+def _piece(full: torch.Tensor, matrix: MatrixPlan, shard: int) -> torch.Tensor:
+    return full.chunk(matrix.num_shards, dim=matrix.shard_dim)[shard]
+
+
+def _piece_shape(matrix: MatrixPlan) -> tuple[int, int]:
+    rows, cols = matrix.shape
+    if matrix.shard_dim == 0:
+        return rows // matrix.num_shards, cols
+    return rows, cols // matrix.num_shards
+
+
+def _received(
+    exchange: Exchange, order: dict[int, list[tuple[str, int]]]
+) -> dict[str, dict[int, torch.Tensor]]:
+    result: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for source, tensors in exchange.wait().items():
+        for (key, shard), tensor in zip(order[source], tensors, strict=True):
+            result[key][shard] = tensor
+    return result
+
+
+class PendingWholeMatrices:
+    """A gather in flight (``MatrixTransport.start_gathers``)."""
+
+    def __init__(self, exchange, order, wanted, pieces, my_shard) -> None:
+        self._exchange, self._order, self._wanted = exchange, order, wanted
+        self._pieces, self._my_shard = pieces, my_shard
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        received = _received(self._exchange, self._order)
+        whole = {}
+        for matrix in self._wanted:
+            if matrix.key not in self._pieces:  # the caller left it out (held only here, no gradient)
+                continue
+            shards = dict(received.get(matrix.key, {}))
+            shards[self._my_shard[matrix.key]] = self._pieces[matrix.key]
+            whole[matrix.key] = torch.cat([shards[i] for i in range(matrix.num_shards)], dim=matrix.shard_dim)
+        return whole
+
+
+class PendingPieces:
+    """A return in flight (``MatrixTransport.start_return``)."""
+
+    def __init__(self, exchange, order, own: dict[str, torch.Tensor]) -> None:
+        self._exchange, self._order, self._own = exchange, order, own
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        result = dict(self._own)
+        for key, shards in _received(self._exchange, self._order).items():
+            (result[key],) = shards.values()
+        return result

@@ -1,26 +1,30 @@
 """Muon: momentum orthogonalized by Newton–Schulz (Keller Jordan, 2024; Liu et al. 2025 "Muon is Scalable").
 
-One step loop (the shape of NVIDIA Emerging-Optimizers' ``OrthogonalizedOptimizer``): for every parameter,
-decoupled weight decay ``W ← W·(1 − lr·wd)`` then ``W ← W − lr·D`` where ``D`` is the orthogonalized, scaled
-momentum of every logical matrix the parameter holds. *Where* the momentum lives and *who* runs Newton–Schulz is
-the orthogonalizer's business (``executor.py``): on one process every matrix is local; under TP/EP/DP the plan
-gathers shards to an owner, or runs a distributed Gram iteration, so ``D`` does not depend on the layout.
+One step (:meth:`Muon.step`), reading top to bottom: every logical matrix's gradient is brought whole to the
+rank that orthogonalizes it; there ``momentum → Newton–Schulz → optional NorMuon`` runs once
+(:meth:`Muon._orthogonalize`); each holder gets its piece of the result back and applies ``scale → weight decay +
+update`` to its parameter (:meth:`Muon._apply_updates`). Who computes which matrix and how pieces travel is
+the grid's business (``executor.MatrixOrthogonalizer``: the plan and ``comm.MatrixTransport``), which knows
+nothing of this math; on one process every matrix is local and nothing travels.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from megatron_muon.ops.newton_schulz import resolve_coefficients
+from megatron_muon.ops.newton_schulz import newton_schulz, orthogonality_error, resolve_coefficients
 from megatron_muon.ops.newton_schulz_fp8 import check_fp8_steps
 from megatron_muon.ops.normuon import row_normalize_
-from megatron_muon.ops.scaling import SCALE_MODES
+from megatron_muon.ops.scaling import SCALE_MODES, update_scale
+from megatron_muon.optim.executor import MatrixOrthogonalizer
 from megatron_muon.optim.layout import MatrixPiece, whole_tensor_pieces
+from megatron_muon.optim.plan import MatrixPlan
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,7 @@ ROW_SECOND_MOMENT = "row_second_moment"
 
 @dataclass(frozen=True, slots=True)
 class NorMuonNormalization:
-    """NorMuon (Li et al. 2025) as a plug-in of Muon's one step loop: called by the orthogonalizer on every
+    """NorMuon (Li et al. 2025) as a plug-in of Muon's one step loop: called by ``Muon._orthogonalize`` on every
     batch of freshly orthogonalized matrices, before the scale rule; keeps a per-row second moment (fp32,
     ``[rows]``) in each matrix's state. See ``ops/normuon.py`` for the math."""
 
@@ -103,6 +107,41 @@ class NorMuonNormalization:
         for state, moment in zip(states, moments.unbind(0), strict=True):
             state[ROW_SECOND_MOMENT] = moment.clone()
         return normalized
+
+
+@dataclass(frozen=True, slots=True)
+class NewtonSchulzConfig:
+    """How Muon orthogonalizes (``ops.newton_schulz``); validated on construction."""
+
+    steps: int = 5
+    """Newton–Schulz iterations."""
+    coefficients: str | tuple[tuple[float, ...], ...] = "quintic"
+    """A named schedule (``quintic``, ``polar_express``) or one (a, b, c) triple per step."""
+    compute_dtype: torch.dtype = torch.bfloat16
+    """dtype of the iteration's GEMMs."""
+    fp8_steps: int = 0
+    """How many of the first steps run their GEMMs in FP8 (experimental; ``ops/newton_schulz_fp8.py``)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"ns_steps={self.steps!r} must be an integer >= 1")
+        if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(
+                f"compute_dtype={self.compute_dtype} must be one of float64, float32, bfloat16, float16"
+            )
+        resolve_coefficients(self.coefficients, self.steps)  # raises ValueError on a bad schedule
+        if not isinstance(self.coefficients, str):  # a list of lists from a config: frozen as tuples
+            object.__setattr__(self, "coefficients", tuple(tuple(abc) for abc in self.coefficients))
+        check_fp8_steps(self.fp8_steps, self.steps, self.compute_dtype)
+
+
+@dataclass(slots=True)
+class _HeldPiece:
+    """A matrix piece this rank holds during one step: its parameter, param group and fp32 gradient."""
+
+    param: torch.Tensor
+    group: dict
+    grad: torch.Tensor
 
 
 def _check_hyperparameters(group: dict, where: str) -> None:
@@ -146,7 +185,8 @@ class Muon(torch.optim.Optimizer):
             ``ops/newton_schulz_fp8.py``; needs a device with FP8 ``torch._scaled_mm``).
         pieces: for each param group, for each parameter, its logical matrices (``layout.MatrixPiece``); by
             default each 2-D parameter is one matrix and each N-D one a stack.
-        orthogonalizer: computes the directions; default ``executor.MatrixOrthogonalizer`` on one process.
+        orthogonalizer: where each matrix is orthogonalized and how its pieces travel
+            (``executor.MatrixOrthogonalizer``: the plan and ``comm.MatrixTransport``); default: one process.
         post_orthogonalize: a plug-in applied to each batch of orthogonalized matrices before the scale rule
             (``NorMuonNormalization``); ``None``: plain Muon.
     """
@@ -176,22 +216,14 @@ class Muon(torch.optim.Optimizer):
             scale_mode=scale_mode,
             scale_multiplier=1.0,
         )
-        if not (isinstance(ns_steps, int) and ns_steps >= 1):
-            raise ValueError(f"ns_steps={ns_steps!r} must be an integer >= 1")
-        if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise ValueError(
-                f"compute_dtype={compute_dtype} must be one of float64, float32, bfloat16, float16"
-            )
-        resolve_coefficients(coefficients, ns_steps)  # raises ValueError on a bad schedule
-        check_fp8_steps(ns_fp8_steps, ns_steps, compute_dtype)
+        # Checked before the param groups, so a bad schedule is reported first.
+        self.newton_schulz = NewtonSchulzConfig(
+            steps=ns_steps, coefficients=coefficients, compute_dtype=compute_dtype, fp8_steps=ns_fp8_steps
+        )
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f"param group {index}")
-        self.ns_steps = ns_steps
-        self.coefficients = coefficients
-        self.compute_dtype = compute_dtype
         self.post_orthogonalize = post_orthogonalize
-        self.ns_fp8_steps = ns_fp8_steps
         if pieces is None:
             pieces = [
                 [whole_tensor_pieces(f"group{g}.param{i}", p) for i, p in enumerate(group["params"])]
@@ -201,10 +233,12 @@ class Muon(torch.optim.Optimizer):
             raise ValueError("pieces must list one entry per parameter of every param group")
         self.pieces = pieces
         if orthogonalizer is None:
-            from megatron_muon.optim.executor import MatrixOrthogonalizer
-
             orthogonalizer = MatrixOrthogonalizer([p for group in pieces for ps in group for p in ps])
         self.orthogonalizer = orthogonalizer
+        self.stats: dict[str, float] = {}
+        """Diagnostics of the last step: ``update_rms/<matrix kind>`` (lr-free, over the pieces this rank
+        holds) and ``ns_orthogonality_error`` of one matrix this rank orthogonalized (a different one each step)."""
+        self._step_count = 0
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "pieces", None) is not None:
@@ -213,26 +247,141 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One Muon step over every parameter that has a gradient."""
+        """One Muon step over every parameter that has a gradient. Collective over the grid group: every rank
+        of the grid calls it in the same step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, f"param group {index}")
-        work = [
-            (param, group, self.pieces[g][i])
-            for g, group in enumerate(self.param_groups)
-            for i, param in enumerate(group["params"])
-        ]
-        directions = self.orthogonalizer.directions(self, work)
-        for (param, group, _), direction in zip(work, directions, strict=True):
-            if direction is None:
-                continue
-            if group["weight_decay"] != 0.0:
-                param.mul_(1.0 - group["lr"] * group["weight_decay"])
-            param.add_(direction.to(param.dtype), alpha=-group["lr"])
+        grid, transport = self.orthogonalizer, self.orthogonalizer.transport
+        held = self._held_pieces()
+        grads = {key: piece.grad for key, piece in held.items()}
+
+        # 1. The gradient pieces travel to the ranks that orthogonalize whole matrices (every bucket in flight).
+        gathers = transport.start_gathers(grads)
+        # 2. Meanwhile, the matrices orthogonalized on their shards (Gram matrix all-reduced in Newton–Schulz).
+        directions = self._orthogonalize(grid.sharded_matrices(), grads, held, sharded=True)
+        # 3. Bucket by bucket: whole gradients in, orthogonalized once here, each holder's piece sent back.
+        returns = []
+        whole_directions: dict[str, torch.Tensor] = {}
+        for bucket, gather in enumerate(gathers):
+            whole_grads = gather.wait()
+            computed = self._orthogonalize([grid.matrix(k) for k in whole_grads], whole_grads, held)
+            whole_directions.update(computed)
+            returns.append(transport.start_return(bucket, computed))
+        for pending in returns:
+            directions.update(pending.wait())
+        # 4. Scale, weight decay and update, on every parameter from the pieces of the directions it holds.
+        self._apply_updates(directions)
+        self._sample_orthogonality(whole_directions)
         return loss
+
+    def _held_pieces(self) -> dict[str, _HeldPiece]:
+        """Every matrix piece this rank holds, with its fp32 gradient. A parameter without gradient still takes
+        part in its matrices' collectives (with zeros); a matrix held only here and without gradient is left out
+        and keeps its momentum as it is (torch optimizers skip parameters whose grad is None; megatron always
+        provides grads, so shared matrices always have one)."""
+        held = {}
+        for g, group in enumerate(self.param_groups):
+            for param, pieces in zip(group["params"], self.pieces[g], strict=True):
+                for piece in pieces:
+                    if param.grad is not None:
+                        grad = piece.read(param.grad).to(torch.float32)
+                    elif self.orthogonalizer.held_only_here(piece.key):
+                        continue
+                    else:
+                        grad = torch.zeros(piece.local_shape, dtype=torch.float32, device=param.device)
+                    held[piece.key] = _HeldPiece(param=param, group=group, grad=grad)
+        return held
+
+    def _orthogonalize(
+        self,
+        matrices: Sequence[MatrixPlan],
+        grads: Mapping[str, torch.Tensor],
+        held: Mapping[str, _HeldPiece],
+        *,
+        sharded: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """``momentum → Newton–Schulz → NorMuon`` for ``matrices`` (whole, or this rank's shards when
+        ``sharded``), from their ``grads``; one batched Newton–Schulz call per shape. Returns key → orthogonalized
+        matrix (or shard), before the scale rule."""
+        batches: dict[tuple, list[MatrixPlan]] = defaultdict(list)
+        for matrix in matrices:
+            if matrix.key not in held:
+                continue
+            batch_key = (tuple(grads[matrix.key].shape), matrix.shape)
+            if sharded:
+                batch_key += (matrix.shard_group, matrix.shard_dim)
+            batches[batch_key].append(matrix)
+        results = {}
+        for batch_key in sorted(batches):
+            batch = batches[batch_key]
+            states = [self.matrix_state(held[m.key].param, m.key) for m in batch]
+            # Momentum (fp32, in the matrix's state on the rank that computes it).
+            inputs = []
+            for matrix, state in zip(batch, states, strict=True):
+                grad, hyper = grads[matrix.key], held[matrix.key].group
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(grad)
+                inputs.append(momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"]))
+            # Newton–Schulz, batched; on shards the Gram matrix is summed over the shard group.
+            full_shape = batch[0].shape
+            gram_hook, row_reductions = {}, {}
+            if sharded:
+                all_reduce_sum = self.orthogonalizer.gram_all_reduce(batch[0])
+                gram_hook = {"all_reduce_sum": all_reduce_sum, "transpose": full_shape[0] > full_shape[1]}
+                # NorMuon's row statistics: rows split -> sum the totals; columns split -> sum each row.
+                row_reductions = {
+                    "total_all_reduce" if batch[0].shard_dim == 0 else "row_sum_all_reduce": all_reduce_sum
+                }
+            config = self.newton_schulz
+            orthogonal = newton_schulz(
+                torch.stack(inputs),
+                steps=config.steps,
+                coefficients=config.coefficients,
+                compute_dtype=config.compute_dtype,
+                fp8_steps=config.fp8_steps,
+                **gram_hook,
+            )
+            # NorMuon (optional): per-row normalization by a running second moment.
+            if self.post_orthogonalize is not None:
+                orthogonal = self.post_orthogonalize(
+                    orthogonal, states, full_shape=full_shape, **row_reductions
+                )
+            results.update(zip((m.key for m in batch), orthogonal.unbind(0), strict=True))
+        return results
+
+    def _apply_updates(self, directions: Mapping[str, torch.Tensor]) -> None:
+        """For every parameter with a gradient: its direction assembled from its pieces, each scaled by its
+        logical matrix's rule; then ``W ← W·(1 − lr·wd) − lr·D`` (decoupled weight decay)."""
+        update_sq: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for g, group in enumerate(self.param_groups):
+            for param, pieces in zip(group["params"], self.pieces[g], strict=True):
+                if not pieces or param.grad is None:
+                    continue
+                direction = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                for piece in pieces:
+                    scale = update_scale(group["scale_mode"], piece.shape[0], piece.shape[1])
+                    scaled = directions[piece.key] * (scale * group["scale_multiplier"])
+                    piece.write(direction, scaled)
+                    totals = update_sq[matrix_kind(piece.key)]
+                    totals[0] += float(scaled.square().sum())
+                    totals[1] += scaled.numel()
+                if group["weight_decay"] != 0.0:
+                    param.mul_(1.0 - group["lr"] * group["weight_decay"])
+                param.add_(direction.to(param.dtype), alpha=-group["lr"])
+        self.stats.update({f"update_rms/{k}": (s / max(n, 1)) ** 0.5 for k, (s, n) in update_sq.items()})
+
+    def _sample_orthogonality(self, whole_directions: Mapping[str, torch.Tensor]) -> None:
+        """Orthogonality error of one matrix this rank orthogonalized whole, a different one each step."""
+        self._step_count += 1
+        if not whole_directions:
+            return
+        keys = sorted(whole_directions)
+        key = keys[self._step_count % len(keys)]
+        self.stats["ns_orthogonality_error"] = float(orthogonality_error(whole_directions[key]))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load as torch does, but keep momentum (and NorMuon's second moment) in fp32:
@@ -261,3 +410,22 @@ class Muon(torch.optim.Optimizer):
     def matrix_state(self, param: torch.Tensor, key: str) -> dict:
         """State of the logical matrix ``key`` held in ``param``'s optimizer state (created on first use)."""
         return self.state[param].setdefault(key, {})
+
+
+def matrix_kind(key: str) -> str:
+    """A short name for the kind of a logical matrix, for diagnostics: ``attention.q``, ``mlp.gate``,
+    ``expert.fc2`` ... (from its layout key)."""
+    module, _, part = key.partition("/")
+    name = module.rsplit(".", 2)[-2] if module.endswith(".weight") else module.rsplit(".", 1)[-1]
+    if "shared_expert" in module:
+        prefix = "shared_expert"
+    elif "experts" in module:
+        prefix = "expert"
+    elif "attention" in module:
+        prefix = "attention"
+    elif ".mlp." in module:
+        prefix = "mlp"
+    else:
+        prefix = "matrix"
+    name = name.removeprefix("linear_")
+    return f"{prefix}.{part.split('.')[0]}" if part else f"{prefix}.{name}"

@@ -64,10 +64,10 @@ def muon_stats(optimizer) -> dict[str, float]:
     """``muon/...`` diagnostics of every Muon member of a megatron ChainedOptimizer (last step)."""
     stats: dict[str, float] = {}
     for member in getattr(optimizer, "chained_optimizers", [optimizer]):
-        orthogonalizer = getattr(getattr(member, "optimizer", None), "orthogonalizer", None)
-        if orthogonalizer is None:
+        muon = getattr(member, "optimizer", None)
+        if not hasattr(muon, "orthogonalizer"):
             continue
-        for key, value in orthogonalizer.stats.items():
+        for key, value in muon.stats.items():
             stats[f"muon/{key}"] = value
     return stats
 

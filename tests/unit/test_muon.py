@@ -224,3 +224,33 @@ def test_state_dict_round_trip_continues_identically(param_dtype):
             opt.step()
     for a, b in zip(original, restored, strict=True):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Structure: the transport knows nothing of the optimizer
+
+
+def test_the_grid_and_its_transport_import_nothing_of_the_optimizer():
+    """``executor`` (plan + transport) and ``comm`` load without ``muon``: no import cycle, and the math stays in
+    one module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, megatron_muon.optim.executor, megatron_muon.optim.comm; "
+        "assert 'megatron_muon.optim.muon' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+
+
+def test_the_step_settings_are_one_frozen_config():
+    import dataclasses
+
+    from megatron_muon.optim.muon import NewtonSchulzConfig
+
+    optimizer = Muon([a_matrix()], lr=0.02, ns_steps=3, coefficients=[[3.0, -3.0, 1.0]] * 3)
+    assert optimizer.newton_schulz == NewtonSchulzConfig(
+        steps=3, coefficients=((3.0, -3.0, 1.0),) * 3, compute_dtype=torch.bfloat16
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        optimizer.newton_schulz.steps = 5
