@@ -89,6 +89,10 @@ def _sweep_command(out: Path) -> list[str]:
         "64",
         "--radius",
         "1",
+        "--window-radius",
+        "1",
+        "--max-recentres",
+        "0",
         "--out",
         str(out),
     ]
@@ -134,11 +138,10 @@ def test_sweep_resumes_after_a_kill_without_redoing_trials(tmp_path, launcher_en
     summary = json.loads((out / "best.json").read_text())
     assert [w["width"] for w in summary["widths"]] == [32, 64]
     assert all(len(w["trials"]) == 3 for w in summary["widths"])
-    # The 64-wide window is centred on the 32-wide optimum: its middle point is the best Muon LR found at 32.
-    assert (
-        summary["widths"][1]["trials"][1].split("_", 1)[1]
-        == summary["widths"][0]["best_key"].split("_", 1)[1]
-    )
+    # The 64-wide window (spacing ×√2) is centred on the 32-wide optimum: its middle point is that Muon LR.
+    rows = {row["key"]: row for row in after}
+    middle = rows[summary["widths"][1]["trials"][1]]
+    assert float(middle["optimizer.muon.lr"]) == summary["widths"][0]["best"]["optimizer.muon.lr"]
     assert summary["compute"]["trials"] == 6 and summary["compute"]["full_grid_at_target_in_final_runs"] == 3
     assert (out / "summary.md").exists() and (out / "loss_vs_optimizer_muon_lr.png").stat().st_size > 0
 
