@@ -1,25 +1,35 @@
-"""Muon vs AdamW data efficiency on the Shakespeare MoE: Essential AI's token ratio at several batch sizes.
+"""Muon vs AdamW data efficiency on the Shakespeare MoE: Essential AI's token ratio and Marin's L(D) reading.
 
-    .venv/bin/python tools/compare_optimizers.py --batch-sizes 8 16 32 --tokens 262144 \\
-        --out-dir results/compare_optimizers --markdown docs/benchmarks.md
+    .venv/bin/python tools/compare_optimizers.py --batch-sizes 8 32 --tokens 524288 --seq-length 64 \\
+        --seeds 1234 1235 --out-dir results/compare_optimizers --markdown docs/benchmarks.md
 
-For every global batch size B and optimizer (AdamW for everything; Muon for the hidden matrices + AdamW for the
-rest), a small learning-rate sweep (the same number of points for both: equal tuning effort) trains the same
-model on the same token budget, each run one process through ``launch/pretrain_muon.sh``. Every run evaluates
-the same validation samples (``eval_samples`` sequences) at ``--evals`` points, so losses are comparable across
-runs. Per batch size:
+For every global batch size B, the same model is trained on the same token budget T, each run one process
+through ``launch/pretrain_muon.sh``, every run evaluating the same validation samples at ``--evals`` points:
 
-* AdamW's reference loss L_A = the best final validation loss over its sweep, reached with the whole budget T;
-* Muon's tokens T_M = the fewest tokens at which any Muon run of the sweep reaches L_A (linear interpolation
-  between evaluations);
-* token ratio = T_M / T (Essential AI, "Practical Efficiency of Muon for Pretraining", 2025: < 1 means Muon needs
-  fewer tokens). Empty when no Muon run reaches L_A within T.
+1. **AdamW sweep** (AdamW for every parameter): ``--adamw-lrs`` (≥ 4 points) × ``--seeds``. The best LR is the one
+   with the lowest final validation loss averaged over the seeds; when it is the smallest or largest of the grid
+   the grid is extended by one more step beyond it (the grid's own spacing) and run, up to ``--max-extensions``.
+2. **Muon sweep**: ``--muon-lrs`` (as many points) × seeds, extended the same way; the parameters AdamW manages in
+   a Muon run (embeddings, output layer, norms, router) use **the AdamW sweep's best LR for that batch** — chosen,
+   not swept jointly: a joint grid would cost points², and the AdamW optimum is a property of those parameters
+   that the Muon runs share. (Before issue #16 they kept the config's 3e-3 while AdamW's own optimum moved to
+   3e-2 at batch 32: an unfair comparison.)
+3. **Token ratio** (Essential AI, "Practical Efficiency of Muon for Pretraining", 2025), per seed s: L_A(s) = the
+   final loss of AdamW's best LR; T_M(s) = the tokens at which Muon's best LR first reaches L_A(s) (linear
+   interpolation between evaluations); ratio(s) = T_M(s) / T (< 1: Muon needs fewer tokens). Reported as the mean
+   over seeds with its standard deviation and range. Conservative by construction: every run follows its own
+   warm-up + cosine schedule over the whole budget, so Muon is measured mid-schedule against AdamW's annealed end.
+4. **Marin's reading** (Wen et al. 2025, "Fantastic Pretraining Optimizers and Where to Find Them", arXiv:2509.02046):
+   AdamW at its best LR is also trained to shorter budgets ``--budget-fractions`` · T (each its own full schedule);
+   per seed, its final losses are fitted with L(D) = α·D^−β + γ (:func:`fit_power_law`, least squares in numpy),
+   and Muon's final loss at T is mapped to the AdamW budget D_eq that would reach it. Reported as T / D_eq
+   (comparable to the token ratio) and D_eq / T (Muon's speed-up in data); beyond γ the fit gives no budget.
 
-Conservative by construction: every run follows its own warm-up + cosine schedule over the whole budget, so a
-Muon run is measured mid-schedule, before its learning rate has decayed, against AdamW's annealed end point.
+The budget must give at least ``--min-steps`` optimizer steps at the largest batch (256 by default: with 64 steps
+the warm-up and the schedule dominated the batch-32 result of the first study).
 
-Results: ``<out-dir>/evaluations.csv`` (one row per evaluation of every run; a rerun skips finished runs),
-``summary.csv``, ``loss_vs_tokens.png``, ``token_ratio.png``, and a section of ``--markdown``.
+Results: ``<out-dir>/evaluations.csv`` (one row per evaluation of every run; a rerun skips finished runs, so the
+study resumes), ``summary.csv``, ``loss_vs_tokens.png``, ``token_ratio.png``, and a section of ``--markdown``.
 """
 
 from __future__ import annotations
@@ -32,14 +42,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from megatron_muon.bench.report import cpu_description, load_average, rerun_command, write_section
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATION = re.compile(r"validation at iteration\s+(\d+) \| lm loss ([\d.]+|nan|inf)")
 START, END = "<!-- compare_optimizers:start -->", "<!-- compare_optimizers:end -->"
-FIELDS = ["optimizer", "batch_size", "lr", "iteration", "tokens", "val_loss"]
+FIELDS = ["optimizer", "batch_size", "lr", "adamw_lr", "seed", "budget", "iteration", "tokens", "val_loss"]
 # A smaller MoE than tiny_cpu.yaml (hidden 64, 2 layers: 1 dense + 1 MoE with 4 experts top-2), one process.
 MODEL = [
     "model.num_layers=2",
@@ -57,10 +71,53 @@ MODEL = [
 ]
 
 
-def trial_overrides(optimizer: str, batch: int, lr: float, args) -> list[str]:
+def _num(value: float) -> str:
+    """The canonical spelling of a learning rate (6 significant digits): rows are matched on it."""
+    return f"{float(value):.6g}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """One training run of the study."""
+
+    optimizer: str
+    """adamw (every parameter) | muon (hidden matrices; AdamW for the rest at ``adamw_lr``)."""
+    batch_size: int
+    lr: float
+    """AdamW's LR for an AdamW run, Muon's for a Muon run."""
+    adamw_lr: float
+    """LR of the AdamW-managed parameters (equal to ``lr`` in an AdamW run)."""
+    seed: int
+    budget: int
+    """Training tokens."""
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return (
+            self.optimizer,
+            str(self.batch_size),
+            _num(self.lr),
+            _num(self.adamw_lr),
+            str(self.seed),
+            str(self.budget),
+        )
+
+
+def row_key(row: dict) -> tuple[str, ...]:
+    return (
+        row["optimizer"],
+        str(int(row["batch_size"])),
+        _num(row["lr"]),
+        _num(row["adamw_lr"]),
+        str(int(row["seed"])),
+        str(int(row["budget"])),
+    )
+
+
+def trial_overrides(spec: RunSpec, args) -> list[str]:
     """The launcher overrides of one run."""
-    seq = args.seq_length
-    iters = args.tokens // (batch * seq)
+    seq, batch = args.seq_length, spec.batch_size
+    iters = spec.budget // (batch * seq)
     micro = min(batch, args.micro_batch_size)
     overrides = MODEL + [
         f"model.seq_length={seq}",
@@ -69,16 +126,19 @@ def trial_overrides(optimizer: str, batch: int, lr: float, args) -> list[str]:
         f"training.train_iters={iters}",
         f"training.eval_interval={max(1, iters // args.evals)}",
         f"training.eval_iters={max(1, args.eval_samples // batch)}",
+        f"training.seed={spec.seed}",
         f"optimizer.warmup_iters={max(1, iters // 20)}",
         "optimizer.decay_style=cosine",
         "logging.log_interval=1000000",
         "checkpoint.resume=none",
         "checkpoint.save_interval=0",
+        f"optimizer.lr={spec.adamw_lr}",
+        f"optimizer.min_lr={spec.adamw_lr / 10}",
     ]
-    if optimizer == "adamw":
-        overrides += ["optimizer.use_muon=false", f"optimizer.lr={lr}", f"optimizer.min_lr={lr / 10}"]
+    if spec.optimizer == "adamw":
+        overrides += ["optimizer.use_muon=false"]
     else:
-        overrides += [f"optimizer.muon.lr={lr}", f"optimizer.muon.min_lr={lr / 10}"]
+        overrides += [f"optimizer.muon.lr={spec.lr}", f"optimizer.muon.min_lr={spec.lr / 10}"]
     return overrides
 
 
@@ -118,42 +178,279 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return None
 
 
-def summarize(rows: list[dict], batch_sizes: list[int], budget: int) -> list[dict]:
-    """Per batch size: AdamW's best final loss, Muon's tokens to reach it, and the ratio."""
+@dataclass(frozen=True, slots=True)
+class PowerLaw:
+    """L(D) = α·D^−β + γ: final loss against training tokens D (γ: the loss no budget goes below)."""
+
+    alpha: float
+    beta: float
+    gamma: float
+
+    def loss(self, tokens: float) -> float:
+        return self.alpha * tokens ** (-self.beta) + self.gamma
+
+    def tokens_for(self, loss: float) -> float:
+        """The budget D with L(D) = ``loss``: (α / (loss − γ))^(1/β); inf at or below γ."""
+        if loss <= self.gamma:
+            return math.inf
+        return (self.alpha / (loss - self.gamma)) ** (1.0 / self.beta)
+
+
+def fit_power_law(tokens: list[float], losses: list[float], beta_range=(1e-3, 4.0)) -> PowerLaw:
+    """Least-squares fit of L(D) = α·D^−β + γ (variable projection: for a fixed β the model is linear in α and γ,
+    solved exactly; β is found by a log-spaced scan of ``beta_range`` refined by golden-section search).
+    Needs ≥ 3 distinct budgets (3 parameters) and a loss that falls with D (α > 0)."""
+    budgets, values = np.asarray(tokens, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    if budgets.shape != values.shape or len(set(budgets.tolist())) < 3:
+        raise ValueError(
+            f"{len(set(budgets.tolist()))} distinct token budgets {sorted(set(budgets.tolist()))}: "
+            "L(D) = α·D^−β + γ needs >= 3"
+        )
+    if not (np.all(budgets > 0) and np.all(np.isfinite(values))):
+        raise ValueError(f"budgets {budgets.tolist()} must be > 0 and losses {values.tolist()} finite")
+    scale = budgets.max()
+    x = budgets / scale  # conditioning: the design matrix's columns stay O(1)
+
+    def solve(beta: float) -> tuple[float, np.ndarray]:
+        design = np.stack([x ** (-beta), np.ones_like(x)], axis=1)
+        coefficients, *_ = np.linalg.lstsq(design, values, rcond=None)
+        residual = design @ coefficients - values
+        return float(residual @ residual), coefficients
+
+    betas = np.geomspace(*beta_range, 400)
+    errors = [solve(b)[0] for b in betas]
+    i = int(np.argmin(errors))
+    low, high = betas[max(0, i - 1)], betas[min(len(betas) - 1, i + 1)]
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(100):
+        left, right = high - golden * (high - low), low + golden * (high - low)
+        if solve(left)[0] < solve(right)[0]:
+            high = right
+        else:
+            low = left
+    beta = (low + high) / 2
+    _, (alpha_scaled, gamma) = solve(beta)
+    if not alpha_scaled > 0:
+        raise ValueError(
+            f"final losses {values.tolist()} do not fall with tokens {budgets.tolist()}: no power law"
+        )
+    return PowerLaw(alpha=float(alpha_scaled * scale**beta), beta=float(beta), gamma=float(gamma))
+
+
+def next_learning_rate(grid: list[float], mean_final: dict[str, float]) -> float | None:
+    """The point to add to ``grid`` when its best (lowest mean final loss, ``mean_final`` keyed by :func:`_num`)
+    is its smallest or largest: one more step of the grid's own spacing beyond it; None when the best is inside."""
+    grid = sorted(grid)
+    finite = {lr: mean_final[_num(lr)] for lr in grid if math.isfinite(mean_final.get(_num(lr), math.nan))}
+    if not finite:
+        raise SystemExit(f"every run of the grid {grid} diverged or is missing; move the grid")
+    best = min(finite, key=finite.get)
+    if best == grid[0]:
+        return float(_num(grid[0] ** 2 / grid[1]))
+    if best == grid[-1]:
+        return float(_num(grid[-1] ** 2 / grid[-2]))
+    return None
+
+
+Runner = Callable[[RunSpec], list[tuple[int, float]]]
+
+
+class Study:
+    """The runs of the comparison, in order, each run at most once (``rows`` holds the finished ones; new ones are
+    appended to ``results`` as they finish, so a killed study resumes)."""
+
+    def __init__(self, args, runner: Runner, rows: list[dict], results: Path | None) -> None:
+        self.args, self.runner, self.rows, self.results = args, runner, rows, results
+        self.done = {row_key(r) for r in rows}
+        self.made = 0
+
+    def ensure(self, spec: RunSpec) -> None:
+        if spec.key in self.done:
+            return
+        began = time.time()
+        points = self.runner(spec)
+        new = [
+            dict(
+                optimizer=spec.optimizer,
+                batch_size=spec.batch_size,
+                lr=_num(spec.lr),
+                adamw_lr=_num(spec.adamw_lr),
+                seed=spec.seed,
+                budget=spec.budget,
+                iteration=i,
+                tokens=i * spec.batch_size * self.args.seq_length,
+                val_loss=loss,
+            )
+            for i, loss in points
+        ]
+        if self.results is not None:
+            with self.results.open(
+                "a", newline=""
+            ) as f:  # one run's rows at once: a killed study resumes cleanly
+                csv.DictWriter(f, FIELDS).writerows(new)
+        self.rows += [{k: str(v) for k, v in row.items()} for row in new]
+        self.done.add(spec.key)
+        self.made += 1
+        print(
+            f"[run] {spec.optimizer} batch {spec.batch_size} lr {spec.lr:g} (AdamW part {spec.adamw_lr:g}) seed "
+            f"{spec.seed} budget {spec.budget:,}: final validation loss {points[-1][1]:.4f} "
+            f"({time.time() - began:.0f} s)",
+            flush=True,
+        )
+
+    def mean_final(self, optimizer: str, batch: int, adamw_lr: float | None, budget: int) -> dict[str, float]:
+        """lr → final validation loss averaged over the seeds (inf when a seed diverged)."""
+        finals: dict[str, dict[str, tuple[int, float]]] = {}
+        for row in self.rows:
+            if (row["optimizer"], int(row["batch_size"]), int(row["budget"])) != (optimizer, batch, budget):
+                continue
+            if adamw_lr is not None and _num(row["adamw_lr"]) != _num(adamw_lr):
+                continue
+            last = finals.setdefault(_num(row["lr"]), {}).get(row["seed"], (-1, math.nan))
+            if int(row["tokens"]) > last[0]:
+                finals[_num(row["lr"])][row["seed"]] = (int(row["tokens"]), float(row["val_loss"]))
+        return {
+            lr: (sum(v for _, v in per_seed.values()) / len(per_seed))
+            if all(math.isfinite(v) for _, v in per_seed.values())
+            else math.inf
+            for lr, per_seed in finals.items()
+        }
+
+    def sweep(self, optimizer: str, batch: int, grid: list[float], adamw_lr: float | None) -> float:
+        """Run ``grid`` × seeds, extend it while its best is on an edge; the best LR."""
+        grid = sorted(grid)
+        for extension in range(self.args.max_extensions + 1):
+            for lr in grid:
+                for seed in self.args.seeds:
+                    part = lr if adamw_lr is None else adamw_lr
+                    self.ensure(RunSpec(optimizer, batch, lr, part, seed, self.args.tokens))
+            finals = self.mean_final(optimizer, batch, adamw_lr, self.args.tokens)
+            beyond = next_learning_rate(grid, finals)
+            if beyond is None or extension == self.args.max_extensions:
+                break
+            print(
+                f"[study] {optimizer} batch {batch}: best LR on the grid's edge; adding {beyond:g}",
+                flush=True,
+            )
+            grid = sorted([*grid, beyond])
+        scored = {lr: finals[_num(lr)] for lr in grid}
+        return min(scored, key=scored.get)
+
+    def run(self) -> None:
+        args = self.args
+        best_adamw = {b: self.sweep("adamw", b, args.adamw_lrs, None) for b in args.batch_sizes}
+        for batch in args.batch_sizes:
+            self.sweep("muon", batch, args.muon_lrs, best_adamw[batch])
+        for batch in args.batch_sizes:  # Marin's L(D): AdamW at its best LR on shorter budgets
+            for fraction in args.budget_fractions:
+                budget = int(round(args.tokens * fraction))
+                for seed in args.seeds:
+                    self.ensure(RunSpec("adamw", batch, best_adamw[batch], best_adamw[batch], seed, budget))
+
+
+def _spread(values: list[float]) -> dict:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return dict(mean=None, std=None, min=None, max=None, n=0)
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    return dict(mean=mean, std=std, min=min(finite), max=max(finite), n=len(finite))
+
+
+def _canonical(row: dict) -> dict[str, str]:
+    """A row's identifying fields in one spelling (learning rates by :func:`_num`, integers without decoration)."""
+    return dict(
+        optimizer=row["optimizer"],
+        batch_size=str(int(row["batch_size"])),
+        lr=_num(row["lr"]),
+        adamw_lr=_num(row["adamw_lr"]),
+        seed=str(int(row["seed"])),
+        budget=str(int(row["budget"])),
+    )
+
+
+def _curves(rows: list[dict], **match: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(lr, seed) → sorted (tokens, loss) of the rows whose canonical fields equal ``match``."""
+    curves: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for row in rows:
+        fields = _canonical(row)
+        if all(fields[k] == v for k, v in match.items()):
+            key = (fields["lr"], fields["seed"])
+            curves.setdefault(key, []).append((int(row["tokens"]), float(row["val_loss"])))
+    return {key: sorted(curve) for key, curve in curves.items()}
+
+
+def summarize(rows: list[dict], batch_sizes: list[int], budget: int, seq_length: int) -> list[dict]:
+    """Per batch size: each optimizer's best LR (lowest mean final loss over seeds), the per-seed token ratio with
+    its spread, and Marin's reading (AdamW's L(D) fit per seed, Muon's final loss mapped onto it)."""
     summary = []
     for batch in batch_sizes:
-        curves: dict[tuple[str, float], list[tuple[int, float]]] = {}
-        for row in rows:
-            if int(row["batch_size"]) == batch:
-                key = (row["optimizer"], float(row["lr"]))
-                curves.setdefault(key, []).append((int(row["tokens"]), float(row["val_loss"])))
-        for curve in curves.values():
-            curve.sort()
-        finals = {key: curve[-1][1] for key, curve in curves.items()}
-        adamw = {k: v for k, v in finals.items() if k[0] == "adamw" and math.isfinite(v)}
-        muon = {k: v for k, v in finals.items() if k[0] == "muon" and math.isfinite(v)}
-        if not adamw or not muon:
+        adamw = _curves(rows, optimizer="adamw", batch_size=str(batch), budget=str(budget))
+        adamw_finals = _mean_by_lr(adamw)
+        if not adamw_finals:
             continue
-        best_adamw = min(adamw, key=adamw.get)
-        target = adamw[best_adamw]
-        reach = {k: tokens_to_reach(curves[k], target) for k in muon}
-        reached = {k: t for k, t in reach.items() if t is not None}
-        best_muon = min(reached, key=reached.get) if reached else min(muon, key=muon.get)
-        muon_tokens = reached.get(best_muon)
+        adamw_lr = min(adamw_finals, key=adamw_finals.get)
+        muon = _curves(rows, optimizer="muon", batch_size=str(batch), budget=str(budget), adamw_lr=adamw_lr)
+        muon_finals = _mean_by_lr(muon)
+        if not muon_finals or not math.isfinite(adamw_finals[adamw_lr]):
+            continue
+        muon_lr = min(muon_finals, key=muon_finals.get)
+        seeds = sorted(
+            {seed for lr, seed in adamw if lr == adamw_lr} & {seed for lr, seed in muon if lr == muon_lr}
+        )
+        ratios, marin, fits = [], [], []
+        for seed in seeds:
+            reference = adamw[(adamw_lr, seed)][-1][1]
+            reached = tokens_to_reach(muon[(muon_lr, seed)], reference)
+            ratios.append(None if reached is None else reached / budget)
+            finals = {  # budget -> this seed's final loss at AdamW's best LR
+                int(b): curve[-1][1]
+                for b in {r["budget"] for r in rows}
+                for (lr, s), curve in _curves(
+                    rows, optimizer="adamw", batch_size=str(batch), adamw_lr=adamw_lr, budget=str(int(b))
+                ).items()
+                if lr == adamw_lr and s == seed
+            }
+            try:
+                law = fit_power_law(list(finals), list(finals.values()))
+            except ValueError:
+                marin.append(None)
+                continue
+            fits.append(law)
+            equivalent = law.tokens_for(muon[(muon_lr, seed)][-1][1])
+            marin.append(
+                None if math.isinf(equivalent) else budget / equivalent
+            )  # None: below the asymptote γ
+        grid = lambda curves: sorted({float(lr) for lr, _ in curves})  # noqa: E731
         summary.append(
             dict(
                 batch_size=batch,
-                adamw_lr=best_adamw[1],
-                adamw_final_loss=target,
-                adamw_tokens=curves[best_adamw][-1][0],
-                muon_lr=best_muon[1],
-                muon_final_loss=muon[best_muon],
-                muon_tokens_to_adamw_loss=muon_tokens,
-                token_ratio=None if muon_tokens is None else muon_tokens / curves[best_adamw][-1][0],
+                steps=budget // (batch * seq_length),
+                seeds=len(seeds),
+                adamw_lr=float(adamw_lr),
+                adamw_grid=grid(adamw),
+                adamw_final_loss=adamw_finals[adamw_lr],
+                muon_lr=float(muon_lr),
+                muon_grid=grid(muon),
+                muon_final_loss=muon_finals[muon_lr],
+                token_ratios=ratios,
+                token_ratio=_spread(ratios),
+                marin_ratios=marin,
+                marin_ratio=_spread(marin),
+                fits=[(f.alpha, f.beta, f.gamma) for f in fits],
                 budget=budget,
             )
         )
     return summary
+
+
+def _mean_by_lr(curves: dict[tuple[str, str], list[tuple[int, float]]]) -> dict[str, float]:
+    by_lr: dict[str, list[float]] = {}
+    for (lr, _), curve in curves.items():
+        by_lr.setdefault(lr, []).append(curve[-1][1])
+    return {
+        lr: (sum(v) / len(v) if all(math.isfinite(x) for x in v) else math.inf) for lr, v in by_lr.items()
+    }
 
 
 def plot(rows: list[dict], summary: list[dict], out_dir: Path) -> None:
@@ -164,31 +461,59 @@ def plot(rows: list[dict], summary: list[dict], out_dir: Path) -> None:
 
     fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 4), squeeze=False)
     for ax, entry in zip(axes[0], summary, strict=True):
-        for optimizer, lr, style in (("adamw", entry["adamw_lr"], "-"), ("muon", entry["muon_lr"], "--")):
-            points = sorted(
-                (int(r["tokens"]), float(r["val_loss"]))
-                for r in rows
-                if r["optimizer"] == optimizer
-                and int(r["batch_size"]) == entry["batch_size"]
-                and float(r["lr"]) == lr
+        batch, budget = str(entry["batch_size"]), str(entry["budget"])
+        for optimizer, lr, adamw_lr, style in (
+            ("adamw", entry["adamw_lr"], entry["adamw_lr"], "-"),
+            ("muon", entry["muon_lr"], entry["adamw_lr"], "--"),
+        ):
+            curves = _curves(
+                rows,
+                optimizer=optimizer,
+                batch_size=batch,
+                budget=budget,
+                lr=_num(lr),
+                adamw_lr=_num(adamw_lr),
             )
-            ax.plot(*zip(*points, strict=True), style, marker="o", label=f"{optimizer} lr={lr:g}")
+            for (_, seed), points in sorted(curves.items()):
+                ax.plot(
+                    *zip(*points, strict=True), style, marker="o", label=f"{optimizer} lr={lr:g} seed {seed}"
+                )
         ax.axhline(entry["adamw_final_loss"], color="gray", linewidth=0.8)
         ax.set(title=f"global batch {entry['batch_size']}", xlabel="tokens", ylabel="validation loss")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "loss_vs_tokens.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 4))
-    measured = [e for e in summary if e["token_ratio"] is not None]
-    ax.plot([e["batch_size"] for e in measured], [e["token_ratio"] for e in measured], marker="o")
+    for key, label in (
+        ("token_ratio", "token ratio (Essential AI)"),
+        ("marin_ratio", "T / D_eq (Marin's L(D))"),
+    ):
+        measured = [e for e in summary if e[key]["mean"] is not None]
+        ax.errorbar(
+            [e["batch_size"] for e in measured],
+            [e[key]["mean"] for e in measured],
+            yerr=[e[key]["std"] for e in measured],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
     ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.set(xlabel="global batch size (sequences)", ylabel="Muon tokens ÷ AdamW tokens")
-    if measured:
-        ax.set_xscale("log", base=2)
+    ax.set(xlabel="global batch size (sequences)", ylabel="Muon ÷ AdamW tokens (mean ± std over seeds)")
+    ax.set_xscale("log", base=2)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "token_ratio.png", dpi=120)
     plt.close(fig)
+
+
+def _spread_cell(spread: dict, seeds: int) -> str:
+    if spread["mean"] is None:
+        return f"— (0/{seeds})"
+    return (
+        f"{spread['mean']:.2f} ± {spread['std']:.2f} [{spread['min']:.2f}–{spread['max']:.2f}] "
+        f"({spread['n']}/{seeds})"
+    )
 
 
 def markdown(
@@ -202,35 +527,40 @@ def markdown(
         "",
         f"```bash\n{command}\n```",
         "",
-        f"- CPU: {cpu_description()}; one process per run (~1–2 min each); the last invocation made {runs[0]} "
-        f"runs in {seconds / 60:.0f} min and reused {runs[1]} from `evaluations.csv`; load average {load[0]} "
-        f"before, {load[1]} after (other work shared the machine: no timings here).",
-        f"- Model: `tiny_cpu.yaml` with hidden 64, 2 layers (1 dense, 1 MoE: 4 experts top-2), sequence "
-        f"{args.seq_length}; budget {args.tokens:,} tokens per run; warm-up 5 % + cosine to lr/10; "
-        f"{args.evals} evaluations on the same {args.eval_samples} validation sequences.",
-        f"- Sweeps: AdamW lr {args.adamw_lrs}; Muon lr {args.muon_lrs} (its AdamW part at the config's 3e-3).",
-        "- Token ratio = tokens the best Muon run needs to reach the best AdamW run's final validation loss ÷ the "
-        "AdamW budget (conservative: Muon is measured mid-schedule). Empty: Muon did not reach it.",
+        f"- CPU: {cpu_description()}; one process per run; the last invocation made {runs[0]} runs in "
+        f"{seconds / 60:.0f} min and reused {runs[1]} from `evaluations.csv`; load average {load[0]} before, "
+        f"{load[1]} after.",
+        f"- Model: `{Path(args.config).name}` with hidden 64, 2 layers (1 dense, 1 MoE: 4 experts top-2), sequence "
+        f"{args.seq_length}; budget T = {args.tokens:,} tokens per run; warm-up 5 % + cosine to lr/10; "
+        f"{args.evals} evaluations on the same {args.eval_samples} validation sequences; seeds {args.seeds}.",
+        f"- Sweeps (equal effort, extended by one grid step while the best is on an edge): AdamW lr "
+        f"{args.adamw_lrs}; Muon lr {args.muon_lrs} with its AdamW part at the AdamW sweep's best LR for the batch.",
+        "- Token ratio = tokens Muon's best LR needs to reach AdamW's best final loss ÷ T, per seed: mean ± std "
+        "[range] (seeds where Muon reached it / seeds). Conservative: Muon is measured mid-schedule.",
+        f"- Marin's reading: AdamW at its best LR also trained to {args.budget_fractions} · T; per seed "
+        "L(D) = α·D^−β + γ fitted to its final losses; T / D_eq, D_eq = the AdamW budget that reaches Muon's final "
+        "loss (< 1: Muon is worth more data than it saw; — when Muon's loss is below the fit's γ).",
         "",
-        "| global batch | AdamW best lr | AdamW final loss | Muon best lr | Muon final loss | Muon tokens to AdamW loss | token ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| global batch | steps | AdamW best lr (grid) | AdamW final loss | Muon best lr (grid) | Muon final loss "
+        "| token ratio | T / D_eq (Marin) | fit α, β, γ (first seed) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def lr_cell(lr: float, grid: list[float]) -> str:  # an optimum on the grid's edge may lie beyond it
-        return f"{lr:g} (edge)" if lr in (min(grid), max(grid)) else f"{lr:g}"
+        edge = " (edge)" if lr in (min(grid), max(grid)) else ""
+        return f"{lr:g}{edge} ({len(grid)} pts)"
 
     for e in summary:
-        reached = e["muon_tokens_to_adamw_loss"]
-        adamw_lr, muon_lr = lr_cell(e["adamw_lr"], args.adamw_lrs), lr_cell(e["muon_lr"], args.muon_lrs)
+        fit = "—" if not e["fits"] else "{:.3g}, {:.3f}, {:.3f}".format(*e["fits"][0])
         lines.append(
-            f"| {e['batch_size']} | {adamw_lr} | {e['adamw_final_loss']:.4f} | {muon_lr} | "
-            f"{e['muon_final_loss']:.4f} | {'—' if reached is None else f'{reached:,.0f}'} | "
-            f"{'—' if e['token_ratio'] is None else f'{e["token_ratio"]:.2f}'} |"
+            f"| {e['batch_size']} | {e['steps']} | {lr_cell(e['adamw_lr'], e['adamw_grid'])} | "
+            f"{e['adamw_final_loss']:.4f} | {lr_cell(e['muon_lr'], e['muon_grid'])} | {e['muon_final_loss']:.4f} | "
+            f"{_spread_cell(e['token_ratio'], e['seeds'])} | {_spread_cell(e['marin_ratio'], e['seeds'])} | {fit} |"
         )
     lines += [
         "",
-        "(edge): the best learning rate is the smallest or largest of its sweep, so the optimum may lie outside it.",
-        "Goal (issue #8): ratio ≤ 0.6, and not worse at 4× the smallest batch.",
+        "(edge): the best learning rate is still the smallest or largest of its (extended) sweep.",
+        "Goal (issues #8, #16): ratio ≤ 0.6, and not worse at 4× the smallest batch.",
         END,
     ]
     return "\n".join(lines)
@@ -241,84 +571,64 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default="launch/configs/tiny_cpu.yaml")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--tokens", type=int, default=262_144, help="training tokens per run")
-    parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--tokens", type=int, default=524_288, help="training tokens per run (T)")
+    parser.add_argument("--seq-length", type=int, default=64)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--evals", type=int, default=8, help="evaluations per run")
     parser.add_argument("--eval-samples", type=int, default=64, help="validation sequences per evaluation")
-    parser.add_argument("--adamw-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    parser.add_argument("--muon-lrs", type=float, nargs="+", default=[0.01, 0.02, 0.04])
+    parser.add_argument("--adamw-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
+    parser.add_argument("--muon-lrs", type=float, nargs="+", default=[2.5e-3, 5e-3, 1e-2, 2e-2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
+    parser.add_argument(
+        "--budget-fractions",
+        type=float,
+        nargs="+",
+        default=[0.125, 0.25, 0.5],
+        help="shorter AdamW budgets (fractions of --tokens) for the L(D) fit; with T, >= 3 budgets",
+    )
+    parser.add_argument(
+        "--min-steps", type=int, default=256, help="optimizer steps required at the largest batch"
+    )
+    parser.add_argument(
+        "--max-extensions",
+        type=int,
+        default=2,
+        help="grid points added per sweep while its best is on an edge",
+    )
     parser.add_argument("--out-dir", default="results/compare_optimizers")
     parser.add_argument(
         "--markdown", default=None, help="markdown file whose compare_optimizers section is rewritten"
     )
     args = parser.parse_args(argv)
-    for batch in args.batch_sizes:
-        if batch < 1 or args.tokens < batch * args.seq_length * args.evals:
-            parser.error(
-                f"--batch-sizes {batch}: the budget --tokens={args.tokens} must hold at least --evals={args.evals} "
-                f"steps of {batch} x {args.seq_length} tokens"
-            )
-        if batch > args.micro_batch_size and batch % args.micro_batch_size:
-            parser.error(
-                f"--batch-sizes {batch} is not a multiple of --micro-batch-size={args.micro_batch_size}"
-            )
-    if len(args.adamw_lrs) != len(args.muon_lrs):
-        parser.error("equal tuning effort: --adamw-lrs and --muon-lrs need the same number of points")
+    check_arguments(parser, args)
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "evaluations.csv"
-    rows = list(csv.DictReader(results.open())) if results.exists() else []
-    done = {(r["optimizer"], int(r["batch_size"]), float(r["lr"])) for r in rows}
-    if not results.exists():
+    rows = []
+    if results.exists():
+        with results.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != FIELDS:
+                parser.error(
+                    f"{results} has columns {reader.fieldnames}, not {FIELDS} (an older study): use another --out-dir"
+                )
+            rows = list(reader)
+    else:
         with results.open("w", newline="") as f:
             csv.DictWriter(f, FIELDS).writeheader()
     start, load_before = time.time(), load_average()
-    trials = [
-        (optimizer, batch, lr)
-        for batch in args.batch_sizes
-        for optimizer, lrs in (("adamw", args.adamw_lrs), ("muon", args.muon_lrs))
-        for lr in lrs
-    ]
-    made = 0
-    for index, (optimizer, batch, lr) in enumerate(trials, 1):
-        if (optimizer, batch, lr) in done:
-            print(
-                f"[{index}/{len(trials)}] {optimizer} batch {batch} lr {lr:g}: done before, skipped",
-                flush=True,
-            )
-            continue
-        began, made = time.time(), made + 1
-        points = run_trial(trial_overrides(optimizer, batch, lr, args), args.config)
-        new = [
-            dict(
-                optimizer=optimizer,
-                batch_size=batch,
-                lr=lr,
-                iteration=i,
-                tokens=i * batch * args.seq_length,
-                val_loss=loss,
-            )
-            for i, loss in points
-        ]
-        with results.open("a", newline="") as f:  # one run's rows at once: a killed sweep resumes cleanly
-            csv.DictWriter(f, FIELDS).writerows(new)
-        rows += [{k: str(v) for k, v in row.items()} for row in new]
-        print(
-            f"[{index}/{len(trials)}] {optimizer} batch {batch} lr {lr:g}: final validation loss "
-            f"{points[-1][1]:.4f} ({time.time() - began:.0f} s)",
-            flush=True,
-        )
-    summary = summarize(rows, args.batch_sizes, args.tokens)
+    study = Study(args, lambda spec: run_trial(trial_overrides(spec, args), args.config), rows, results)
+    study.run()
+    summary = summarize(study.rows, args.batch_sizes, args.tokens, args.seq_length)
     with (out_dir / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, list(summary[0]) if summary else ["batch_size"])
         writer.writeheader()
         writer.writerows(summary)
-    plot(rows, summary, out_dir)
+    plot(study.rows, summary, out_dir)
     command = rerun_command("compare_optimizers.py", argv)
-    runs = (made, len(trials) - made)
+    runs = (study.made, len(study.done) - study.made)
     section = markdown(
         summary, args, command.strip(), runs, time.time() - start, (load_before, load_average())
     )
@@ -326,6 +636,42 @@ def main(argv=None) -> int:
     if args.markdown:
         write_section(Path(args.markdown), section, START, END)
     return 0
+
+
+def check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse a study that cannot be fair or conclusive, before any run."""
+    for name in ("adamw_lrs", "muon_lrs"):
+        grid = getattr(args, name)
+        if len(grid) < 4 or len(set(grid)) != len(grid) or min(grid) <= 0:
+            parser.error(f"--{name.replace('_', '-')} {grid}: at least 4 distinct positive learning rates")
+    if len(args.adamw_lrs) != len(args.muon_lrs):
+        parser.error("equal tuning effort: --adamw-lrs and --muon-lrs need the same number of points")
+    if len(args.seeds) < 2 or len(set(args.seeds)) != len(args.seeds):
+        parser.error(
+            f"--seeds {args.seeds}: at least 2 distinct seeds (the ratio is reported with its spread)"
+        )
+    if len({f for f in args.budget_fractions if 0 < f < 1}) < 2 or any(
+        not 0 < f < 1 for f in args.budget_fractions
+    ):
+        parser.error(f"--budget-fractions {args.budget_fractions}: at least 2 distinct fractions in (0, 1)")
+    largest = max(args.batch_sizes)
+    steps = args.tokens // (largest * args.seq_length)
+    if steps < args.min_steps:
+        parser.error(
+            f"--tokens={args.tokens} gives {steps} optimizer steps at batch {largest} × {args.seq_length} tokens; "
+            f"--min-steps={args.min_steps} needs --tokens >= {args.min_steps * largest * args.seq_length}"
+        )
+    for batch in args.batch_sizes:
+        shortest = int(round(args.tokens * min(args.budget_fractions)))
+        if batch < 1 or shortest < batch * args.seq_length * args.evals:
+            parser.error(
+                f"--batch-sizes {batch}: the shortest budget {shortest} must hold at least --evals={args.evals} "
+                f"steps of {batch} x {args.seq_length} tokens"
+            )
+        if batch > args.micro_batch_size and batch % args.micro_batch_size:
+            parser.error(
+                f"--batch-sizes {batch} is not a multiple of --micro-batch-size={args.micro_batch_size}"
+            )
 
 
 if __name__ == "__main__":
