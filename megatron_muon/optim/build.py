@@ -11,6 +11,7 @@ reduce their norms over different groups.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from megatron.core.optimizer import (
@@ -23,7 +24,9 @@ from megatron.core.optimizer import (
     get_mup_config_overrides,
     get_standard_config_overrides,
 )
+from megatron.core.optimizer.optimizer import MegatronOptimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_muon import mup
 from megatron_muon.optim.executor import MatrixOrthogonalizer
@@ -46,7 +49,7 @@ def build_optimizer(
     model_chunks: list[torch.nn.Module],
     config: OptimizerConfig,
     muon: MuonOptions,
-    pg_collection,
+    pg_collection: ProcessGroupCollection,
     *,
     cost_model: CostModel | None = None,
 ) -> ChainedOptimizer:
@@ -112,8 +115,14 @@ def build_optimizer(
 
 
 def _build_muon(
-    groups, routing: ParamRouting, model_chunks, config, muon: MuonOptions, pg_collection, cost_model
-):
+    groups: list[dict[str, Any]],
+    routing: ParamRouting,
+    model_chunks: list[torch.nn.Module],
+    config: OptimizerConfig,
+    muon: MuonOptions,
+    pg_collection: ProcessGroupCollection,
+    cost_model: CostModel | None,
+) -> MegatronOptimizer:
     by_id = {id(r.param): r for r in routing.muon}
     layout_options = LayoutOptions(
         split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up
@@ -123,7 +132,7 @@ def _build_muon(
         group_pieces = []
         for param in group["params"]:
             routed = by_id[id(param)]
-            chunk = model_chunks[routed.chunk]
+            chunk: Any = model_chunks[routed.chunk]  # megatron DDP: .config or .module.config
             transformer_config = getattr(chunk, "config", None) or chunk.module.config
             param_pieces = megatron_param_pieces(
                 routed.name,
@@ -168,11 +177,11 @@ def _build_muon(
     return FP32Optimizer(raw, config, None)
 
 
-def adamw_config_overrides(config: OptimizerConfig, model_chunks: list[torch.nn.Module]) -> dict:
+def adamw_config_overrides(config: OptimizerConfig, model_chunks: list[torch.nn.Module]) -> dict[Any, Any]:
     """Param-group overrides for megatron's own AdamW over the whole model (the ``use_muon=false`` baseline):
     megatron's standard ones, plus its muP rules (``get_mup_config_overrides``: hidden matrices LR / m and
     ε / m) when the model was built with muP."""
-    overrides = get_standard_config_overrides(config)
+    overrides: dict[Any, Any] = get_standard_config_overrides(config)
     width_multiplier = mup_width_multiplier(model_chunks)
     if width_multiplier is not None:
         overrides.update(get_mup_config_overrides(config, width_multiplier, config.optimizer))

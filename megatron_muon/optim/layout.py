@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -135,7 +136,7 @@ class LayoutOptions:
     """Orthogonalize the gate and up halves of a SwiGLU ``linear_fc1`` separately."""
 
 
-def _shard_info(param: torch.Tensor, tp_group) -> tuple[int | None, int, int, int]:
+def _shard_info(param: Any, tp_group: Any) -> tuple[int | None, int, int, int]:
     """(partition dim or None, number of shards, this rank's shard index, partition stride) from megatron's
     TP attributes."""
     if not getattr(param, "tensor_model_parallel", False) or getattr(param, "partition_dim", -1) < 0:
@@ -145,7 +146,7 @@ def _shard_info(param: torch.Tensor, tp_group) -> tuple[int | None, int, int, in
     return int(param.partition_dim), size, rank, int(getattr(param, "partition_stride", 1))
 
 
-def module_tp_group(module: torch.nn.Module):
+def module_tp_group(module: torch.nn.Module) -> Any:
     """The group a linear layer's weight is split over: ``_tp_group`` on megatron's Transformer Engine wrappers
     (the expert-TP group for experts), ``tp_group`` on megatron's local layers; None: not split."""
     if hasattr(module, "_tp_group"):
@@ -174,7 +175,7 @@ def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
         key = key[:start] + str(layer_number - 1) + key[end:]
     match = _LOCAL_EXPERT_RE.search(name)
     if match is not None:
-        moe_layer = None
+        moe_layer: Any = None
         for path, module in module_path.items():
             if hasattr(module, "local_expert_indices") and name.startswith(path + "."):
                 moe_layer = module
@@ -182,6 +183,7 @@ def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
             raise ValueError(f"cannot find the MoE layer of expert parameter {param_name!r}")
         global_index = moe_layer.local_expert_indices[int(match.group(1))]
         key_match = _LOCAL_EXPERT_RE.search(key)
+        assert key_match is not None  # key is name with its layer index made global
         start, end = key_match.span(1)
         key = key[:start] + str(global_index) + key[end:]
     while key.startswith("module."):
@@ -220,7 +222,9 @@ def _split_pieces(
     return pieces
 
 
-def _per_head_pieces(key, heads_per_group, head_dim, groups_local, cols, group_offset) -> list[MatrixPiece]:
+def _per_head_pieces(
+    key: str, heads_per_group: int, head_dim: int, groups_local: int, cols: int, group_offset: int
+) -> list[MatrixPiece]:
     """Each query head and each K / V group of a fused QKV weight as its own (unsharded) matrix."""
     period = (heads_per_group + 2) * head_dim
     pieces = []
@@ -241,7 +245,9 @@ def _per_head_pieces(key, heads_per_group, head_dim, groups_local, cols, group_o
     return pieces
 
 
-def _per_head_parts(key, parts, heads_local, cols, head_offset) -> list[MatrixPiece]:
+def _per_head_parts(
+    key: str, parts: list[tuple[str, int]], heads_local: int, cols: int, head_offset: int
+) -> list[MatrixPiece]:
     """Each head's part ``(name, rows)`` of a weight whose local rows are ``heads_local`` repeats of ``parts`` as
     its own (unsharded) matrix ``{key}/{name}.head{global head}``."""
     period = sum(rows for _, rows in parts)
@@ -257,7 +263,15 @@ def _per_head_parts(key, parts, heads_local, cols, head_offset) -> list[MatrixPi
     return pieces
 
 
-def _mla_pieces(name, key, module_name, config, options, shape, shard) -> list[MatrixPiece] | None:
+def _mla_pieces(
+    name: str,
+    key: str,
+    module_name: str,
+    config: Any,
+    options: LayoutOptions,
+    shape: tuple[int, int],
+    shard: tuple[int | None, int, int],
+) -> list[MatrixPiece] | None:
     """Pieces of MLA's per-head up projections (None: not one of them, or kept whole by ``options``).
 
     ``linear_kv_up_proj`` holds ``[k_C; v]`` per head: with ``split_qkv`` its K and V parts are two logical
@@ -288,7 +302,7 @@ def megatron_param_pieces(
     name: str,
     param: torch.Tensor,
     module: torch.nn.Module,
-    config,
+    config: Any,
     module_path: dict[str, torch.nn.Module],
     options: LayoutOptions = LayoutOptions(),
 ) -> list[MatrixPiece]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -119,7 +120,13 @@ def route_parameters(model_chunks: list[torch.nn.Module], router: str = "adamw")
     return routing
 
 
-def _is_hidden_matrix(module_name, attribute, module, param, linear_types) -> bool:
+def _is_hidden_matrix(
+    module_name: str,
+    attribute: str,
+    module: torch.nn.Module,
+    param: torch.nn.Parameter,
+    linear_types: tuple[type, ...],
+) -> bool:
     class_names = _class_names(module)
     if class_names & TE_GROUPED_LINEAR_CLASS_NAMES:
         if attribute == "weight":  # TE >= 2.14 with moe_single_grouped_weight: one (experts, out, in) tensor
@@ -171,7 +178,7 @@ def adamw_parameter_class(param: torch.nn.Parameter, module: torch.nn.Module | N
     return "hidden"
 
 
-def mup_adamw_overrides(routing: ParamRouting, config, width_multiplier: float) -> dict:
+def mup_adamw_overrides(routing: ParamRouting, config: Any, width_multiplier: float) -> dict[Any, Any]:
     """megatron param-group overrides with muP's AdamW rules (``mup.adamw_multipliers``) for the parameters
     ``routing`` sends to AdamW. Only the router and hidden classes change (LR times 1/m; ε times 1/m for hidden
     matrices only); the rest keep the base values, so they need no override."""
@@ -183,7 +190,9 @@ def mup_adamw_overrides(routing: ParamRouting, config, width_multiplier: float) 
         return {}
     overrides = {}
     for parameter_class in ("router", "hidden"):
-        ids = {id(r.param) for r in routing.adamw if adamw_parameter_class(r.param, r.module) == parameter_class}
+        ids = {
+            id(r.param) for r in routing.adamw if adamw_parameter_class(r.param, r.module) == parameter_class
+        }
         if not ids:
             continue
         lr_mult, eps_mult = mup.adamw_multipliers(parameter_class, width_multiplier)

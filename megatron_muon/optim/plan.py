@@ -75,7 +75,14 @@ class CostModel:
             return cls()
         return cls(flops_per_s=2e10, bytes_per_s=1e9, latency_s=1e-4)
 
-    def mode_costs(self, shape, num_shards, num_holders, long_side_sharded, ns_steps) -> dict[str, float]:
+    def mode_costs(
+        self,
+        shape: tuple[int, int],
+        num_shards: int,
+        num_holders: int,
+        long_side_sharded: bool,
+        ns_steps: int,
+    ) -> dict[str, float]:
         rows, cols = shape
         size = rows * cols * self.bytes_per_element
         flops = newton_schulz_flops(rows, cols, ns_steps)
@@ -227,7 +234,7 @@ class MuonPlan:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def summary(self) -> str:
-        counts = defaultdict(int)
+        counts: defaultdict[str, int] = defaultdict(int)
         for m in self.matrices:
             counts[m.mode] += 1
         loads = sorted(self.loads.values())

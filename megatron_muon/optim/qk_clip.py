@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -74,7 +75,8 @@ class _Attention:
 
     layer_number: int
     """Global, 1-based (megatron's ``TransformerLayer.layer_number`` includes the pipeline offset)."""
-    module: torch.nn.Module
+    module: Any
+    """megatron's ``SelfAttention`` / ``MLASelfAttention`` (its submodules are read by name)."""
     heads: int
     """Query heads on this rank."""
     groups: int
@@ -99,12 +101,12 @@ class QKClip:
 
     def __init__(
         self,
-        model_chunks,
+        model_chunks: list[torch.nn.Module],
         *,
         threshold: float = 100.0,
         alpha: float = 0.5,
-        dp_cp_group=None,
-        mp_group=None,
+        dp_cp_group: Any = None,
+        mp_group: Any = None,
         num_layers: int,
         clip: bool = True,
     ) -> None:
@@ -151,7 +153,7 @@ class QKClip:
         if self.dp_cp_group is not None and recorded:
             dist.all_reduce(all_logits, op=dist.ReduceOp.MAX, group=self.dp_cp_group)
         for attention, logits in zip(
-            self.attentions, all_logits.split([a.heads for a in self.attentions]), strict=True
+            self.attentions, torch.split(all_logits, [a.heads for a in self.attentions]), strict=True
         ):
             per_layer[attention.layer_number - 1] = logits.max().cpu()
             if self.clip and bool((logits > self.threshold).any()):
@@ -170,8 +172,9 @@ class QKClip:
         return {i + 1: float(v) for i, v in enumerate(per_layer.cpu().tolist())}
 
 
-def _self_attentions(chunk) -> list[_Attention]:
+def _self_attentions(chunk: torch.nn.Module) -> list[_Attention]:
     found = []
+    module: Any  # megatron attention modules, read by attribute name
     for module in chunk.modules():
         if not hasattr(module, "core_attention"):
             continue
@@ -210,7 +213,7 @@ def _self_attentions(chunk) -> list[_Attention]:
     return found
 
 
-def _records_itself(core_attention) -> bool:
+def _records_itself(core_attention: Any) -> bool:
     """Transformer Engine's attention fills ``current_max_attn_logits`` itself when ``config.qk_clip`` or
     ``config.log_max_attention_logit`` is set (the trainer sets the latter)."""
     config = core_attention.config
@@ -219,7 +222,7 @@ def _records_itself(core_attention) -> bool:
 
 
 @torch.no_grad()
-def _record_hook(core_attention, args, kwargs):
+def _record_hook(core_attention: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if not core_attention.training:
         return None
     names = ("query", "key", "value", "attention_mask", "attn_mask_type")
@@ -252,6 +255,7 @@ def _scale_mla_rows_(
     """K2's MLA rule on this rank's heads: per head h, ``[q_C; q_R]`` rows of the query projection by
     (``q_compressed[h]``, ``q_rotary[h]``) and the ``k_C`` rows of ``linear_kv_up_proj`` by ``k_compressed[h]``;
     the ``v`` rows and the shared rotary key (in ``linear_kv_down_proj``) are untouched."""
+    assert attention.mla is not None  # only MLA attentions come here
     qk_dim, rope_dim, v_dim = attention.mla
     q_rows = torch.cat(
         [

@@ -7,6 +7,8 @@ produces on the full matrix (tests/distributed/test_parallel_muon.py). It shares
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from megatron_muon.ops.newton_schulz import newton_schulz
@@ -32,7 +34,7 @@ class ReferenceMuon:
         weight_decay: float = 0.0,
         scale_mode: str = "spectral",
         ns_steps: int = 5,
-        coefficients="quintic",
+        coefficients: str | Sequence[Sequence[float]] = "quintic",
         compute_dtype: torch.dtype = torch.float32,
         normuon_beta2: float | None = None,
         normuon_eps: float = 1e-8,

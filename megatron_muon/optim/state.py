@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
@@ -71,7 +72,7 @@ class MomentumSlot:
     def row_key(self) -> str:
         return ROW_SECOND_MOMENT_KEY_PREFIX + self.matrix_key
 
-    def row_layout(self) -> tuple[tuple[int], tuple, int]:
+    def row_layout(self) -> tuple[tuple[int], tuple[tuple[int, int, int], ...], int]:
         """(local shape, rank offsets, replica id) of the per-row second moment (NorMuon)."""
         if not self.rank_offsets:
             return (self.local_shape[0],), (), self.replica_id
@@ -117,7 +118,7 @@ def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
                     matrix_key=matrix.key,
                     param=param,
                     global_shape=tuple(matrix.shape),
-                    local_shape=tuple(piece.local_shape),
+                    local_shape=piece.local_shape,
                     rank_offsets=((matrix.shard_dim, shard, matrix.num_shards),),
                     replica_id=matrix.holders[shard].index(me),
                 )
@@ -194,7 +195,7 @@ def load_muon_momentum_(optimizer: Muon, loaded: Mapping[str, torch.Tensor]) -> 
             state[ROW_SECOND_MOMENT] = loaded[slot.row_key].to(device=slot.param.device, dtype=torch.float32)
 
 
-def muon_param_groups_state(optimizer: Muon) -> list[dict]:
+def muon_param_groups_state(optimizer: Muon) -> list[dict[str, Any]]:
     """The hyperparameters of every param group (everything but ``params``), for the common checkpoint state.
 
     Megatron aligns param groups across all ranks (``_get_param_groups``), so every rank returns the same list.
@@ -202,11 +203,11 @@ def muon_param_groups_state(optimizer: Muon) -> list[dict]:
     return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
-def _group_identifier(group: Mapping) -> tuple:
+def _group_identifier(group: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(group.get(key) for key in param_group_identifier_keys)
 
 
-def load_muon_param_groups_(optimizer: Muon, saved_groups: list[dict]) -> None:
+def load_muon_param_groups_(optimizer: Muon, saved_groups: list[dict[str, Any]]) -> None:
     """Restore the hyperparameters of ``optimizer``'s param groups from :func:`muon_param_groups_state`.
 
     Groups are paired by megatron's identifier keys (``max_lr``, ``wd_mult``, ``is_expert_parallel`` ...), as
