@@ -12,7 +12,7 @@ process per trial run in-process):
 4. the AdamW LR (embeddings, output layer, norms, router) at both widths, with and without muP, the Muon LR fixed
    at each parametrization's base-width optimum.
 
-Trials already in ``--runs`` are reused (``mup_sweep.py`` keys them by width and values), so a rerun only writes
+Trials already in ``--runs`` are reused (``mup_sweep.py`` keys them by a hash of the resolved config), so a rerun only writes
 the section.
 
     .venv/bin/python tools/bench_mup_transfer.py --out docs/benchmarks.md
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         ),
         "",
         f"### The telescoping muP sweep ({' → '.join(map(str, args.widths))}, Muon LR; radius "
-        f"{args.radius} at {base}, halved at each doubling)",
+        f"{args.radius} at {base}, then ±2 points at half the log spacing per doubling, re-centred on an edge)",
         "",
         (dirs["mup"] / "telescoping.md").read_text().rstrip(),
         "",

@@ -53,12 +53,16 @@ def test_router_init_meets_the_spectral_condition_at_every_width():
         d = base * m
         gaussian = torch.randn(experts, d, dtype=torch.float64)
         target = math.sqrt(experts / d)
-        ratios_output_type.append(torch.linalg.matrix_norm(gaussian * mup.router_init_std(sigma, m), 2) / target)
+        ratios_output_type.append(
+            torch.linalg.matrix_norm(gaussian * mup.router_init_std(sigma, m), 2) / target
+        )
         ratios_hidden.append(torch.linalg.matrix_norm(gaussian * sigma / math.sqrt(m), 2) / target)
     assert max(ratios_output_type) / min(ratios_output_type) < 1.3
     assert ratios_hidden[-1] / ratios_hidden[0] > 3.0  # sqrt(16) = 4, less the fan-out's share of the norm
     # megatron draws the hidden sigma/sqrt(m); the builder's rescale turns it into sigma/m.
-    assert 0.02 / math.sqrt(4.0) * mup.router_init_rescale(4.0) == pytest.approx(mup.router_init_std(0.02, 4.0))
+    assert 0.02 / math.sqrt(4.0) * mup.router_init_rescale(4.0) == pytest.approx(
+        mup.router_init_std(0.02, 4.0)
+    )
     assert mup.router_init_std(0.02, 1.0) == 0.02 and mup.router_init_rescale(1.0) == 1.0
 
 
