@@ -3,8 +3,7 @@ initialization (layout-independent, ``training/initialization.py``), Muon + Adam
 
 Each layout trains :data:`STEPS` steps from the same seed and saves after :data:`SAVE_AT`; a load at another
 layout continues from that checkpoint and must reproduce the saving layout's own steps ``SAVE_AT+1 … STEPS``.
-Every layout of one world size runs inside the same processes (megatron's parallel state is rebuilt for each), so
-the whole matrix costs one process start per world size. Used by ``tests/distributed/test_checkpoint_layouts.py``
+One process start per layout does its loads and its own save. Used by ``tests/distributed/test_checkpoint_layouts.py``
 (a covering subset) and ``tools/checkpoint_reshard_matrix.py`` (every pair).
 """
 
@@ -14,7 +13,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LAYOUTS", "MODEL", "SAVE_AT", "STEPS", "load_and_continue", "train_and_save"]
+__all__ = [
+    "LAYOUTS",
+    "MODEL",
+    "SAVE_AT",
+    "STEPS",
+    "matrix_markdown",
+    "run_layout",
+    "run_layout_processes",
+    "run_matrix",
+]
 
 # name: (world size, tp, pp, ep, expert tp)
 LAYOUTS: dict[str, tuple[int, int, int, int, int]] = {
@@ -31,21 +39,26 @@ STEPS, SAVE_AT = 4, 2
 
 
 def _use_layout(name: str) -> None:
+    """Check that this process group was started at ``name``'s layout (``run_distributed``'s sizes) and seed.
+
+    One layout per process start: rebuilding megatron's parallel state inside a process leaves global state
+    behind (megatron-core 0.19.2: the MoE metrics tracker keeps the previous layout's groups and a PP4 step then
+    deadlocks in its all-reduce)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     world, tp, pp, ep, etp = LAYOUTS[name]
-    if torch.distributed.get_world_size() != world:
-        raise ValueError(
-            f"layout {name} needs world size {world}, this run has {torch.distributed.get_world_size()}"
-        )
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
+    actual = (
+        torch.distributed.get_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
+        parallel_state.get_expert_tensor_parallel_world_size(),
     )
+    if actual != (world, tp, pp, ep, etp):
+        raise ValueError(
+            f"layout {name} is (world, tp, pp, ep, etp) = {LAYOUTS[name]}; this process group is {actual}"
+        )
     torch.manual_seed(SEED)
     model_parallel_cuda_manual_seed(SEED)
 
@@ -129,19 +142,28 @@ def _losses(cfg, pg, chunks, optimizer, scheduler, first_step: int, last_step: i
     return losses
 
 
-def train_and_save(root: str, names: list[str]) -> dict[str, tuple[list[float], dict]]:
-    """Collective: for each layout of ``names`` (all of this world size), train :data:`STEPS` steps from the seed
-    and save after :data:`SAVE_AT` to ``root/<name>``. Returns every layout's losses and this rank's pieces of the
-    initial Muon matrices (``testing/canonical.py: collect_pieces``; assemble them over ranks to compare)."""
+def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
+    """Collective, in a process group started at layout ``name``: first load each checkpoint ``root/<source>`` of
+    ``load_from`` and train steps ``SAVE_AT+1 … STEPS`` from it; then (``save``) train :data:`STEPS` steps from
+    the seed and save after :data:`SAVE_AT` to ``root/<name>``.
+
+    Returns ``{"resumed": {source: losses}, "losses": losses or None, "initial": this rank's pieces of the initial
+    Muon matrices}`` (``testing/canonical.py: collect_pieces``; assemble them over ranks to compare layouts)."""
     from megatron_muon.testing.canonical import collect_pieces
-    from megatron_muon.training.checkpoint import save_checkpoint
+    from megatron_muon.training.checkpoint import load_checkpoint, save_checkpoint
 
-    result = {}
-    for name in names:
+    result: dict = {"resumed": {}, "losses": None, "initial": None}
+    for source in load_from:
         cfg, pg, chunks, optimizer, scheduler = _build(name)
-        initial = collect_pieces(chunks)
+        progress = load_checkpoint(Path(root) / source, chunks, optimizer, scheduler)
+        if progress["iteration"] != SAVE_AT:
+            raise RuntimeError(f"{source}: loaded iteration {progress['iteration']}, expected {SAVE_AT}")
+        result["resumed"][source] = _losses(cfg, pg, chunks, optimizer, scheduler, SAVE_AT + 1, STEPS)
+    if save:
+        cfg, pg, chunks, optimizer, scheduler = _build(name)
+        result["initial"] = collect_pieces(chunks)
 
-        def save(chunks, optimizer, scheduler, name=name):
+        def save_now(chunks, optimizer, scheduler):
             save_checkpoint(
                 Path(root) / name,
                 SAVE_AT,
@@ -153,44 +175,37 @@ def train_and_save(root: str, names: list[str]) -> dict[str, tuple[list[float], 
                 keep_last=0,
             )
 
-        result[name] = (_losses(cfg, pg, chunks, optimizer, scheduler, 1, STEPS, save), initial)
+        result["losses"] = _losses(cfg, pg, chunks, optimizer, scheduler, 1, STEPS, save_now)
     return result
 
 
-def load_and_continue(root: str, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], list[float]]:
-    """Collective: for each ``(saved at, load at)`` pair (load layouts of this world size), load ``root/<saved
-    at>`` at the other layout and train steps ``SAVE_AT+1 … STEPS``. Returns their losses."""
-    from megatron_muon.training.checkpoint import load_checkpoint
-
-    result = {}
-    for saved, target in pairs:
-        cfg, pg, chunks, optimizer, scheduler = _build(target)
-        progress = load_checkpoint(Path(root) / saved, chunks, optimizer, scheduler)
-        if progress["iteration"] != SAVE_AT:
-            raise RuntimeError(f"{saved}: loaded iteration {progress['iteration']}, expected {SAVE_AT}")
-        result[(saved, target)] = _losses(cfg, pg, chunks, optimizer, scheduler, SAVE_AT + 1, STEPS)
-    return result
-
-
-def run_matrix(root: str, timeout_s: float = 1800) -> dict:
-    """Every layout saves; every checkpoint loads at every layout (one process start per world size and phase).
-    Returns ``{"losses": {layout: [...]}, "resumed": {(saved, loaded): [...]}}``."""
+def run_layout_processes(
+    root: str, name: str, load_from: list[str], save: bool, timeout_s: float = 1800
+) -> list:
+    """:func:`run_layout` on a fresh process group of ``name``'s layout; its result on every rank."""
     from megatron_muon.testing.multiprocess import run_distributed
 
-    world4 = [name for name, sizes in LAYOUTS.items() if sizes[0] == 4]
-    losses = {
-        name: value[0] for name, value in run_distributed(train_and_save, 1, args=(root, ["w1"]))[0].items()
-    }
-    saved4 = run_distributed(
-        train_and_save, 4, tp=2, pp=2, ep=2, etp=1, args=(root, world4), timeout_s=timeout_s
+    world, tp, pp, ep, etp = LAYOUTS[name]
+    return run_distributed(
+        run_layout,
+        world,
+        tp=tp,
+        pp=pp,
+        ep=ep,
+        etp=etp,
+        args=(root, name, load_from, save),
+        timeout_s=timeout_s,
     )
-    losses |= {name: value[0] for name, value in saved4[0].items()}
-    pairs4 = [(source, target) for source in LAYOUTS for target in world4]
-    pairs1 = [(source, "w1") for source in LAYOUTS]
-    resumed = run_distributed(
-        load_and_continue, 4, tp=2, pp=2, ep=2, etp=1, args=(root, pairs4), timeout_s=timeout_s
-    )[0]
-    resumed |= run_distributed(load_and_continue, 1, args=(root, pairs1), timeout_s=timeout_s)[0]
+
+
+def run_matrix(root: str) -> dict:
+    """Every layout saves; every checkpoint loads at every layout (two process starts per layout).
+    Returns ``{"losses": {layout: [...]}, "resumed": {(saved, loaded): [...]}}``."""
+    losses = {name: run_layout_processes(root, name, [], True)[0]["losses"] for name in LAYOUTS}
+    resumed = {}
+    for target in LAYOUTS:
+        loaded = run_layout_processes(root, target, list(LAYOUTS), False)[0]["resumed"]
+        resumed |= {(source, target): values for source, values in loaded.items()}
     return {"losses": losses, "resumed": resumed}
 
 

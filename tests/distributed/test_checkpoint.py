@@ -511,3 +511,83 @@ def test_normuon_second_moments_reload_at_another_layout(tmp_path):
         assert expected.abs().max() > 0, key
         torch.testing.assert_close(loaded_moments[key], expected, rtol=0, atol=1e-7, msg=key)
     assert abs(saved[0][1] - loaded[0][1]) <= 1e-4, (saved[0][1], loaded[0][1])
+
+
+def _resume_with_changed_settings(root: str):
+    """Save after one step; then a fresh optimizer with another AdamW LR and betas, Muon momentum and Nesterov, and
+    a scheduler with another peak LR loads it. Returns what the loaded optimizer and scheduler hold."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.muon import Muon
+    from megatron_muon.training.checkpoint import load_checkpoint, save_checkpoint
+
+    layout = dict(tp=2, pp=1, ep=1, etp=1)
+    cfg, pg, chunks, optimizer, scheduler = _setup(layout, "auto")
+    data, num_microbatches = _data(cfg, pg, skip_steps=0)
+    _train(cfg, pg, chunks, optimizer, scheduler, data, num_microbatches)
+    save_checkpoint(
+        root,
+        1,
+        chunks,
+        optimizer,
+        scheduler,
+        consumed_samples=GLOBAL_BATCH,
+        config_yaml=CONFIG_YAML,
+        keep_last=1,
+    )
+    changed = build_optimizer(
+        chunks,
+        OptimizerConfig(
+            optimizer="adam", lr=6e-3, min_lr=3e-4, weight_decay=0.01, adam_beta2=0.99, clip_grad=1.0
+        ),
+        MuonOptions(lr=0.02, min_lr=0.002, momentum=0.9, nesterov=False, compute_dtype="float32"),
+        pg,
+    )
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    changed_scheduler = OptimizerParamScheduler(
+        changed,
+        init_lr=6e-4,
+        max_lr=6e-3,
+        min_lr=3e-4,
+        lr_warmup_steps=1,
+        lr_decay_steps=TOTAL_STEPS,
+        lr_decay_style="cosine",
+        start_wd=0.01,
+        end_wd=0.01,
+        wd_incr_steps=TOTAL_STEPS,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+    progress = load_checkpoint(root, chunks, changed, changed_scheduler)
+    seen = {
+        "progress": progress,
+        "scheduler_max_lr": changed_scheduler.max_lr,
+        "steps": changed_scheduler.num_steps,
+    }
+    for member in changed.chained_optimizers:
+        for group in member.optimizer.param_groups:
+            if not group["params"]:
+                continue
+            if isinstance(member.optimizer, Muon):
+                seen.setdefault("muon", set()).add((group["momentum"], group["nesterov"]))
+            else:
+                seen.setdefault("adamw", set()).add((group["max_lr"], group["betas"]))
+                state = member.optimizer.state[group["params"][0]]
+                seen.setdefault("adamw_step", set()).add(float(state["step"]))
+    return seen
+
+
+def test_changed_optimizer_settings_take_effect_on_resume(tmp_path):
+    """One rule for every setting: the resumed run's config is what runs; only the state comes from the checkpoint
+    (megatron pairs saved param groups by identifiers that include the LR, and restores saved betas / momentum)."""
+    seen = run_distributed(
+        _resume_with_changed_settings, 2, tp=2, etp=1, args=(str(tmp_path),), timeout_s=300
+    )[0]
+    assert seen["progress"]["iteration"] == 1
+    assert seen["muon"] == {(0.9, False)}, seen
+    assert seen["adamw"] == {(6e-3, (0.9, 0.99))}, seen
+    assert seen["scheduler_max_lr"] == 6e-3 and seen["steps"] == 1, seen
+    assert seen["adamw_step"] == {1.0}, seen  # the state (step count) did come from the checkpoint
