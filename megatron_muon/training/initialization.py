@@ -33,6 +33,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_muon import mup
 from megatron_muon.optim.layout import LayoutOptions, _global_key, megatron_param_pieces, module_tp_group
 from megatron_muon.optim.param_groups import route_parameters
 
@@ -128,7 +129,9 @@ def _adamw_matrix_std(name: str, config) -> float:
             return init_std(config.embedding_init_method)
         return init_std(config.init_method)
     if name.endswith("router.weight"):
-        return init_std(config.init_method)
+        # muP: the router is an output-type matrix (fan-out = the expert count stays): σ/m, not init_method's σ/√m.
+        rescale = mup.router_init_rescale(config.mup_width_mult) if getattr(config, "use_mup", False) else 1.0
+        return init_std(config.init_method) * rescale
     raise ValueError(
         f"parameter {name!r} is a matrix managed by AdamW that layout-independent initialization does not know "
         "(known: word/position embeddings, output layer, router)"

@@ -123,6 +123,24 @@ def test_megatron_transformer_config_carries_the_rules():
     assert not standard.use_mup and standard.softmax_scale is None and standard.mup_output_mult == 1.0
 
 
+def test_both_router_draws_give_the_output_type_std():
+    """The router is drawn twice: by megatron at build (σ/√m, which the builder rescales) and again by the
+    trainer's layout-independent initialization; both must give σ/m under muP and σ without it."""
+    from megatron_muon.training.initialization import _adamw_matrix_std
+
+    cfg = TinyMoEConfig(
+        num_layers=2, hidden_size=256, ffn_hidden_size=512, moe_layer_freq=[0, 1], mup_base_hidden_size=64
+    )
+    config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
+    name = "decoder.layers.1.mlp.router.weight"
+    assert _adamw_matrix_std(name, config) == pytest.approx(mup.router_init_std(0.02, 4.0))
+    assert _std(config.init_method) * mup.router_init_rescale(4.0) == pytest.approx(
+        mup.router_init_std(0.02, 4.0)
+    )
+    standard = build_transformer_config(TinyMoEConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
+    assert _adamw_matrix_std(name, standard) == pytest.approx(0.02)
+
+
 def test_base_width_model_is_the_standard_one():
     """At m = 1 muP changes nothing but naming: same init, standard 1/sqrt(d_head), no logit multiplier."""
     config = build_transformer_config(
