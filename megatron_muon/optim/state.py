@@ -143,7 +143,7 @@ def muon_momentum_sharded_state_dict(
     """``{"muon.momentum.<matrix key>": ShardedTensor}`` for every momentum this rank keeps.
 
     Saving (``is_loading=False``): the live momentum tensors; a matrix that has no momentum yet (no step taken)
-    is saved as zeros, which is exactly the state Muon starts from (``executor``: ``zeros_like`` then lerp).
+    is saved as zeros, which is exactly the state Muon starts from (``Muon._orthogonalize``: zeros, then lerp).
     Loading: fresh fp32 zero buffers of the shape this rank needs, to be read into and handed to
     :func:`load_muon_momentum_` (live state is left alone until the load has succeeded).
     """
