@@ -122,23 +122,30 @@ def _reference(steps):
 
 
 MODES = ("auto", "owner", "duplicated", "distributed")
+SPARSE = {
+    "only.a": ((32, 32), None, {0: 0, 1: 0, 2: 0, 3: 0}),
+    "only.b": ((32, 64), 1, {0: 0, 1: 1, 2: 0, 3: 1}),
+}
 
 
-def _run_muon_in_every_mode(modes, steps: int, layout: dict):
-    """``_run_muon`` once per mode in the same ranks (fresh parameters, groups and optimizer each time)."""
-    return {mode: _run_muon(mode, steps, layout) for mode in modes}
+def _run_muon_cases(cases: dict[str, tuple[str, int, dict]]):
+    """``_run_muon(mode, steps, layout)`` for every named case in the same ranks (fresh parameters, groups and
+    optimizer each time)."""
+    return {name: _run_muon(*case) for name, case in cases.items()}
 
 
 @pytest.fixture(scope="module")
-def uneven_runs():
-    """Every mode from one 4-rank start-up (the start-up, not the three steps, is what a run costs)."""
-    per_rank = run_distributed(_run_muon_in_every_mode, 4, args=(MODES, 3, LAYOUT), timeout_s=400)
-    return {mode: [rank[mode] for rank in per_rank] for mode in MODES}
+def runs():
+    """Every mode on LAYOUT and the owner mode on SPARSE, from one 4-rank start-up (the start-up, not the few
+    steps, is what a run costs)."""
+    cases = {mode: (mode, 3, LAYOUT) for mode in MODES} | {"sparse": ("owner", 2, SPARSE)}
+    per_rank = run_distributed(_run_muon_cases, 4, args=(cases,), timeout_s=400)
+    return {name: [rank[name] for rank in per_rank] for name in cases}
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_uneven_experts_short_side_shards_and_idle_ranks(mode, uneven_runs):
-    per_rank = uneven_runs[mode]
+def test_uneven_experts_short_side_shards_and_idle_ranks(mode, runs):
+    per_rank = runs[mode]
     expected = _reference(3)
     got = _assemble(per_rank)
     for key, value in expected.items():
@@ -154,14 +161,8 @@ def test_uneven_experts_short_side_shards_and_idle_ranks(mode, uneven_runs):
         assert owners["expert.3"][0] in (1, 3), "an expert is owned by a rank that holds it"
 
 
-SPARSE = {
-    "only.a": ((32, 32), None, {0: 0, 1: 0, 2: 0, 3: 0}),
-    "only.b": ((32, 64), 1, {0: 0, 1: 1, 2: 0, 3: 1}),
-}
-
-
-def test_more_ranks_than_matrices():
-    per_rank = run_distributed(_run_muon, 4, args=("owner", 2, SPARSE), timeout_s=240)
+def test_more_ranks_than_matrices(runs):
+    per_rank = runs["sparse"]
     loads = per_rank[0][3]
     assert sorted(loads.values()).count(0.0) == 2, f"two of four ranks should own nothing: {loads}"
     shapes = {k: s for k, (s, _, _) in SPARSE.items()}
