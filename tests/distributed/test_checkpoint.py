@@ -29,7 +29,6 @@ CONFIG_YAML = "model:\n  num_layers: 4\n"
 
 def _setup(layout: dict, tp_mode: str, bf16: bool = False, normuon: bool = False):
     """Model (canonical, layout-independent weights), Muon + AdamW optimizer and a warmup + cosine schedule."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -47,10 +46,18 @@ def _setup(layout: dict, tp_mode: str, bf16: bool = False, normuon: bool = False
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
     fill_canonical_(chunks, salt="weight")
     optimizer = _build_optimizer(chunks, pg, tp_mode=tp_mode, bf16=bf16, normuon=normuon)
-    scheduler = OptimizerParamScheduler(
+    scheduler = _scheduler(optimizer)
+    return cfg, pg, chunks, optimizer, scheduler
+
+
+def _scheduler(optimizer, max_lr: float = 3e-3, **options):
+    """Warmup (1 step) + cosine to 3e-4 over TOTAL_STEPS, constant weight decay: megatron's scheduler."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
         optimizer,
-        init_lr=3e-4,
-        max_lr=3e-3,
+        init_lr=max_lr / 10,
+        max_lr=max_lr,
         min_lr=3e-4,
         lr_warmup_steps=1,
         lr_decay_steps=TOTAL_STEPS,
@@ -59,8 +66,8 @@ def _setup(layout: dict, tp_mode: str, bf16: bool = False, normuon: bool = False
         end_wd=0.01,
         wd_incr_steps=TOTAL_STEPS,
         wd_incr_style="constant",
+        **options,
     )
-    return cfg, pg, chunks, optimizer, scheduler
 
 
 def _build_optimizer(chunks, pg, *, tp_mode: str, bf16: bool, split_qkv: bool = True, normuon: bool = False):
@@ -544,22 +551,9 @@ def _resume_with_changed_settings(root: str):
         MuonOptions(lr=0.02, min_lr=0.002, momentum=0.9, nesterov=False, compute_dtype="float32"),
         pg,
     )
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    changed_scheduler = OptimizerParamScheduler(
-        changed,
-        init_lr=6e-4,
-        max_lr=6e-3,
-        min_lr=3e-4,
-        lr_warmup_steps=1,
-        lr_decay_steps=TOTAL_STEPS,
-        lr_decay_style="cosine",
-        start_wd=0.01,
-        end_wd=0.01,
-        wd_incr_steps=TOTAL_STEPS,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
+    # As the trainer builds it (training/megatron_configs.py): the config's schedule wins on resume.
+    changed_scheduler = _scheduler(
+        changed, max_lr=6e-3, use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True
     )
     progress = load_checkpoint(root, chunks, changed, changed_scheduler)
     seen = {

@@ -53,19 +53,31 @@ def _arguments(save_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _launch(env, arguments, fault: str | None = None, rank: int = 0, timeout: float = 300):
+def _launch(env, arguments, fault: str | None = None, rank: int = 0, timeout: float = 600):
     run_env = dict(env)
     run_env.pop("MEGATRON_MUON_FAULT", None)
     if fault is not None:
         run_env.update(MEGATRON_MUON_FAULT=fault, MEGATRON_MUON_FAULT_RANK=str(rank))
-    return subprocess.run(
+    process = subprocess.Popen(
         ["bash", str(LAUNCHER), *arguments],
         cwd=REPO,
         env=run_env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun runs in its own session (the launcher's signal handling): stop every process of this run.
+        save_dir = next(a for a in arguments if a.startswith("checkpoint.save_dir="))
+        subprocess.run(["pkill", "-9", "-f", save_dir], check=False)
+        process.kill()
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"the run did not end within {timeout} s (fault {fault}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def _losses(log: str) -> dict[int, float]:
