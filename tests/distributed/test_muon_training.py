@@ -91,9 +91,24 @@ def _train_on_rank(
     return losses
 
 
-def test_single_process_muon_training_loss_falls():
-    (losses,) = run_distributed(_train_on_rank, 1, args=(dict(tp=1, pp=1, ep=1), MODEL, ("auto",), 20, False))
-    curve = losses["auto"]
+def _single_process_runs():
+    layout = dict(tp=1, pp=1, ep=1)
+    return {
+        "seeded": _train_on_rank(layout, MODEL, ("auto",), 20, False),
+        "canonical": _train_on_rank(layout, MODEL, ("auto",), 10, True),
+    }
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """Both one-process runs from one start-up: 20 steps from the seeded init, and the 10-step reference from
+    canonical weights that every layout is compared with."""
+    (runs,) = run_distributed(_single_process_runs, 1)
+    return runs
+
+
+def test_single_process_muon_training_loss_falls(single_process):
+    curve = single_process["seeded"]["auto"]
     assert all(math.isfinite(x) for x in curve)
     assert sum(curve[-5:]) / 5 < sum(curve[:3]) / 3 - 0.5, curve  # nats; ln(vocab 256) = 5.55 at the start
 
@@ -144,9 +159,8 @@ MODES = ("auto", "owner", "duplicated", "distributed")
 
 
 @pytest.fixture(scope="module")
-def reference_losses():
-    (losses,) = run_distributed(_train_on_rank, 1, args=(dict(tp=1, pp=1, ep=1), MODEL, ("auto",), 10, True))
-    return losses["auto"]
+def reference_losses(single_process):
+    return single_process["canonical"]["auto"]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
