@@ -279,6 +279,11 @@ while :; do
   status=$?
   kill -0 "$child" 2>/dev/null || break  # still running: wait was interrupted by a signal
 done
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+  # torchrun is gone; a rank that crashed may have left children behind in its session (dist_checkpointing's
+  # writer processes). End them, as SLURM ends a job's processes.
+  pkill -KILL -s "$child" 2>/dev/null || true
+fi
 
 if [ $status -ne 0 ]; then
   if [ -n "$signalled" ]; then

@@ -9,10 +9,15 @@ every crash the run is started again with the same command, as a requeued job wo
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import re
 import shutil
+import signal
 import subprocess
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -53,31 +58,48 @@ def _arguments(save_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def _processes_of_run(marker: str) -> list[int]:
+    """Processes whose environment carries this run's marker (the launcher, torchrun, the ranks and their
+    children: a rank killed inside a save leaves dist_checkpointing's worker process behind)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def _launch(env, arguments, fault: str | None = None, rank: int = 0, timeout: float = 600):
-    run_env = dict(env)
+    """Run the launcher to its end; output through files, not pipes, so that a process the crash orphaned cannot
+    hold the run open. Whatever of the run is left afterwards is killed, as SLURM ends a job's processes."""
+    marker = f"MEGATRON_MUON_TEST_RUN={uuid.uuid4().hex}"
+    run_env = dict(env, MEGATRON_MUON_TEST_RUN=marker.split("=", 1)[1])
     run_env.pop("MEGATRON_MUON_FAULT", None)
     if fault is not None:
         run_env.update(MEGATRON_MUON_FAULT=fault, MEGATRON_MUON_FAULT_RANK=str(rank))
-    process = subprocess.Popen(
-        ["bash", str(LAUNCHER), *arguments],
-        cwd=REPO,
-        env=run_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # torchrun runs in its own session (the launcher's signal handling): stop every process of this run.
-        save_dir = next(a for a in arguments if a.startswith("checkpoint.save_dir="))
-        subprocess.run(["pkill", "-9", "-f", save_dir], check=False)
-        process.kill()
-        stdout, stderr = process.communicate()
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            ["bash", str(LAUNCHER), *arguments], cwd=REPO, env=run_env, stdout=stdout, stderr=stderr
+        )
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        for pid in _processes_of_run(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+        stdout.seek(0)
+        stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    if returncode is None:
         raise AssertionError(
-            f"the run did not end within {timeout} s (fault {fault}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
-        ) from None
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+            f"the run did not end within {timeout} s (fault {fault}):\n{out[-3000:]}\n{err[-3000:]}"
+        )
+    return subprocess.CompletedProcess(process.args, returncode, out, err)
 
 
 def _losses(log: str) -> dict[int, float]:
