@@ -15,6 +15,7 @@ import functools
 from typing import Any
 
 import pytest
+import torch
 
 from megatron_muon.optim.options import MuonOptions, QKClipOptions
 from megatron_muon.training.config import (
@@ -172,7 +173,14 @@ def _gpt_model_arguments(tiny, config, monkeypatch) -> list[dict[str, Any]]:
     import megatron_muon.models.tiny as builder
 
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(builder, "GPTModel", lambda **kwargs: calls.append(kwargs))
+
+    def record(**kwargs):
+        calls.append(kwargs)
+        return (
+            torch.nn.Module()
+        )  # an empty model: what the builder does after GPTModel() finds nothing to change
+
+    monkeypatch.setattr(builder, "GPTModel", record)
     builder.build_gpt_moe_model_chunks(tiny, config, _Groups())
     return [{k: v for k, v in call.items() if k not in ("config", "pg_collection")} for call in calls]
 
