@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,15 +19,15 @@ if TYPE_CHECKING:
     from megatron_muon.optim.plan import MatrixPlan
 
 
-def group_rank(group) -> int:
+def group_rank(group: Any) -> int:
     return dist.get_rank(group) if group is not None else 0
 
 
-def group_size(group) -> int:
+def group_size(group: Any) -> int:
     return dist.get_world_size(group) if group is not None else 1
 
 
-def all_gather_objects(obj, group) -> list:
+def all_gather_objects(obj: Any, group: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), indexed by rank in ``group``."""
     if group is None:
         return [obj]
@@ -36,7 +36,7 @@ def all_gather_objects(obj, group) -> list:
     return gathered
 
 
-def check_agreement(fingerprint: str, group, what: str) -> None:
+def check_agreement(fingerprint: str, group: Any, what: str) -> None:
     """Fail loudly, on every rank, if the ranks of ``group`` computed different ``what``."""
     fingerprints = all_gather_objects(fingerprint, group)
     if len(set(fingerprints)) > 1:
@@ -47,7 +47,7 @@ def check_agreement(fingerprint: str, group, what: str) -> None:
         raise RuntimeError(f"ranks built different {what} ({groups}); every rank must see the same model")
 
 
-def _empty_send_device(group) -> torch.device:
+def _empty_send_device(group: Any) -> torch.device:
     """Where a rank with nothing to send puts its (empty) send and its receive buffer: on the GPU when the group
     reduces CUDA tensors with NCCL (which takes no CPU tensors, and with a ``cpu:gloo,cuda:nccl`` group a CPU
     buffer would put this rank on another backend than its peers), else on the CPU."""
@@ -65,7 +65,7 @@ class Exchange:
         self,
         sends: dict[int, list[torch.Tensor]],
         recv_shapes: dict[int, list[tuple[int, ...]]],
-        group,
+        group: Any,
     ) -> None:
         world = group_size(group)
         me = group_rank(group)
@@ -101,14 +101,14 @@ class Exchange:
         return received
 
 
-def _numel(shape) -> int:
+def _numel(shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
         n *= s
     return n
 
 
-def all_reduce_sum_fn(group) -> Callable[[torch.Tensor], torch.Tensor]:
+def all_reduce_sum_fn(group: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable that sums a tensor in place over ``group`` and returns it (Newton–Schulz's Gram hook).
     Reduced in fp32: a bf16 sum of Gram matrices loses the precision the iteration relies on."""
 
@@ -138,7 +138,7 @@ class MatrixTransport:
     Tensors travel in fp32 (``Exchange``).
     """
 
-    def __init__(self, matrices: Sequence[MatrixPlan], *, rank: int, group, num_buckets: int) -> None:
+    def __init__(self, matrices: Sequence[MatrixPlan], *, rank: int, group: Any, num_buckets: int) -> None:
         self.rank, self.group = rank, group
         travelling = [m for m in matrices if m.mode != "distributed"]
         self.buckets: list[list[MatrixPlan]] = [
@@ -174,10 +174,12 @@ class MatrixTransport:
         }
         return PendingPieces(exchange, order, own)
 
-    def _start(self, matrices: Sequence[MatrixPlan], kind: str, payload) -> tuple[Exchange, dict]:
+    def _start(
+        self, matrices: Sequence[MatrixPlan], kind: str, payload: Callable[[MatrixPlan, int], torch.Tensor]
+    ) -> tuple[Exchange, dict[int, list[tuple[str, int]]]]:
         """One all-to-all of the ``kind`` ("gather" | "scatter") transfers of ``matrices``."""
         sends: dict[int, list[torch.Tensor]] = defaultdict(list)
-        recv_shapes: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        recv_shapes: dict[int, list[tuple[int, ...]]] = defaultdict(list)
         recv_order: dict[int, list[tuple[str, int]]] = defaultdict(list)
         for matrix in matrices:
             transfers = matrix.gather if kind == "gather" else matrix.scatter
@@ -214,7 +216,14 @@ def _received(
 class PendingWholeMatrices:
     """A gather in flight (``MatrixTransport.start_gathers``)."""
 
-    def __init__(self, exchange, order, wanted, pieces, my_shard) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        order: dict[int, list[tuple[str, int]]],
+        wanted: list[MatrixPlan],
+        pieces: Mapping[str, torch.Tensor],
+        my_shard: dict[str, int],
+    ) -> None:
         self._exchange, self._order, self._wanted = exchange, order, wanted
         self._pieces, self._my_shard = pieces, my_shard
 
@@ -233,7 +242,9 @@ class PendingWholeMatrices:
 class PendingPieces:
     """A return in flight (``MatrixTransport.start_return``)."""
 
-    def __init__(self, exchange, order, own: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, exchange: Exchange, order: dict[int, list[tuple[str, int]]], own: dict[str, torch.Tensor]
+    ) -> None:
         self._exchange, self._order, self._own = exchange, order, own
 
     def wait(self) -> dict[str, torch.Tensor]:

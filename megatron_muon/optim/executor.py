@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 def _record(piece: MatrixPiece, shard_group: str) -> PieceRecord:
     return PieceRecord(
         key=piece.key,
-        shape=tuple(piece.shape),
+        shape=(piece.shape[0], piece.shape[1]),
         shard_dim=piece.shard_dim,
         num_shards=piece.num_shards,
         shard_index=piece.shard_index,
@@ -60,8 +61,8 @@ class MatrixOrthogonalizer:
         self,
         pieces: list[MatrixPiece],
         *,
-        grid_group=None,
-        shard_groups: dict | None = None,
+        grid_group: Any = None,
+        shard_groups: dict[str, Any] | None = None,
         shard_group_of: dict[str, str] | None = None,
         mode: str = "auto",
         ns_steps: int = 5,
@@ -98,7 +99,7 @@ class MatrixOrthogonalizer:
                     )
         logger.info("Muon plan: %s", self.plan.summary())
 
-    def state_bytes(self, optimizer) -> int:
+    def state_bytes(self, optimizer: Any) -> int:
         """Bytes of Muon state (momentum) this rank keeps."""
         total = 0
         for state in optimizer.state.values():

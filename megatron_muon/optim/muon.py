@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -82,15 +83,20 @@ class NorMuonNormalization:
             raise ValueError(f"normuon eps={self.eps!r} must be > 0")
 
     def __call__(
-        self, directions: torch.Tensor, states: list[dict], *, full_shape: tuple[int, int], **all_reduces
+        self,
+        directions: torch.Tensor,
+        states: list[dict[str, Any]],
+        *,
+        full_shape: tuple[int, int],
+        **all_reduces: Any,
     ) -> torch.Tensor:
         """``directions``: ``[B, m, n]`` (shards of) orthogonalized matrices of shape ``full_shape``; ``states``:
         their B state dicts."""
         rows = directions.shape[1]
         moments = torch.stack(
             [
-                state.get(ROW_SECOND_MOMENT)
-                if state.get(ROW_SECOND_MOMENT) is not None
+                moment
+                if (moment := state.get(ROW_SECOND_MOMENT)) is not None
                 else torch.zeros(rows, dtype=torch.float32, device=directions.device)
                 for state in states
             ]
@@ -115,7 +121,7 @@ class NewtonSchulzConfig:
 
     steps: int = 5
     """Newton–Schulz iterations."""
-    coefficients: str | tuple[tuple[float, ...], ...] = "quintic"
+    coefficients: str | Sequence[Sequence[float]] = "quintic"
     """A named schedule (``quintic``, ``polar_express``) or one (a, b, c) triple per step."""
     compute_dtype: torch.dtype = torch.bfloat16
     """dtype of the iteration's GEMMs."""
@@ -140,11 +146,11 @@ class _HeldPiece:
     """A matrix piece this rank holds during one step: its parameter, param group and fp32 gradient."""
 
     param: torch.Tensor
-    group: dict
+    group: dict[str, Any]
     grad: torch.Tensor
 
 
-def _check_hyperparameters(group: dict, where: str) -> None:
+def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
     unknown = set(group) - MUON_GROUP_KEYS - MEGATRON_GROUP_KEYS
     if unknown:
         raise ValueError(
@@ -193,7 +199,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable[torch.Tensor] | Iterable[dict],
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float,
         momentum: float = 0.95,
         nesterov: bool = True,
@@ -204,7 +210,7 @@ class Muon(torch.optim.Optimizer):
         compute_dtype: torch.dtype = torch.bfloat16,
         *,
         pieces: list[list[list[MatrixPiece]]] | None = None,
-        orthogonalizer=None,
+        orthogonalizer: MatrixOrthogonalizer | None = None,
         post_orthogonalize: NorMuonNormalization | None = None,
         ns_fp8_steps: int = 0,
     ) -> None:
@@ -240,13 +246,13 @@ class Muon(torch.optim.Optimizer):
         holds) and ``ns_orthogonality_error`` of one matrix this rank orthogonalized (a different one each step)."""
         self._step_count = 0
 
-    def add_param_group(self, param_group: dict) -> None:
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "pieces", None) is not None:
             raise RuntimeError("Muon cannot take new param groups after construction (its plan is fixed)")
         super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One Muon step over every parameter that has a gradient. Collective over the grid group: every rank
         of the grid calls it in the same step."""
         loss = None
@@ -307,15 +313,15 @@ class Muon(torch.optim.Optimizer):
         """``momentum → Newton–Schulz → NorMuon`` for ``matrices`` (whole, or this rank's shards when
         ``sharded``), from their ``grads``; one batched Newton–Schulz call per shape. Returns key → orthogonalized
         matrix (or shard), before the scale rule."""
-        batches: dict[tuple, list[MatrixPlan]] = defaultdict(list)
+        batches: dict[tuple[Any, ...], list[MatrixPlan]] = defaultdict(list)
         for matrix in matrices:
             if matrix.key not in held:
                 continue
-            batch_key = (tuple(grads[matrix.key].shape), matrix.shape)
+            batch_key: tuple[Any, ...] = (tuple(grads[matrix.key].shape), matrix.shape)
             if sharded:
                 batch_key += (matrix.shard_group, matrix.shard_dim)
             batches[batch_key].append(matrix)
-        results = {}
+        results: dict[str, torch.Tensor] = {}
         for batch_key in sorted(batches):
             batch = batches[batch_key]
             states = [self.matrix_state(held[m.key].param, m.key) for m in batch]
@@ -328,7 +334,8 @@ class Muon(torch.optim.Optimizer):
                 inputs.append(momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"]))
             # Newton–Schulz, batched; on shards the Gram matrix is summed over the shard group.
             full_shape = batch[0].shape
-            gram_hook, row_reductions = {}, {}
+            gram_hook: dict[str, Any] = {}
+            row_reductions: dict[str, Any] = {}
             if sharded:
                 all_reduce_sum = self.orthogonalizer.gram_all_reduce(batch[0])
                 gram_hook = {"all_reduce_sum": all_reduce_sum, "transpose": full_shape[0] > full_shape[1]}
@@ -383,7 +390,7 @@ class Muon(torch.optim.Optimizer):
         key = keys[self._step_count % len(keys)]
         self.stats["ns_orthogonality_error"] = float(orthogonality_error(whole_directions[key]))
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as torch does, but keep momentum (and NorMuon's second moment) in fp32:
         ``Optimizer.load_state_dict`` casts floating state to each parameter's dtype, which would turn the fp32
         momentum of a bf16 parameter into bf16."""
@@ -407,9 +414,10 @@ class Muon(torch.optim.Optimizer):
                     device=param.device, dtype=torch.float32, copy=True
                 )
 
-    def matrix_state(self, param: torch.Tensor, key: str) -> dict:
+    def matrix_state(self, param: torch.Tensor, key: str) -> dict[str, Any]:
         """State of the logical matrix ``key`` held in ``param``'s optimizer state (created on first use)."""
-        return self.state[param].setdefault(key, {})
+        state: dict[str, Any] = self.state[param].setdefault(key, {})
+        return state
 
 
 def matrix_kind(key: str) -> str:

@@ -117,7 +117,7 @@ def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
                 MomentumSlot(
                     matrix_key=matrix.key,
                     param=param,
-                    global_shape=tuple(matrix.shape),
+                    global_shape=(matrix.shape[0], matrix.shape[1]),
                     local_shape=piece.local_shape,
                     rank_offsets=((matrix.shard_dim, shard, matrix.num_shards),),
                     replica_id=matrix.holders[shard].index(me),
@@ -128,8 +128,8 @@ def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
                 MomentumSlot(
                     matrix_key=matrix.key,
                     param=param,
-                    global_shape=tuple(matrix.shape),
-                    local_shape=tuple(matrix.shape),
+                    global_shape=(matrix.shape[0], matrix.shape[1]),
+                    local_shape=(matrix.shape[0], matrix.shape[1]),
                     rank_offsets=(),
                     replica_id=matrix.computers.index(me),
                 )
