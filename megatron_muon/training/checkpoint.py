@@ -264,6 +264,7 @@ def _rng_state() -> dict:
             float(np_gauss),
         ),
         "torch": torch.get_rng_state(),
+        # megatron-core 0.19.2: the accelerator RNG state is reachable only through this private accessor.
         "accelerator": tensor_parallel.random._get_cuda_rng_state(clone=True),
         "tracker": {name: state.clone() for name, state in get_cuda_rng_tracker().get_states().items()},
     }
@@ -274,7 +275,7 @@ def _set_rng_state(state: dict) -> None:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
-    tensor_parallel.random._set_cuda_rng_state(state["accelerator"])
+    tensor_parallel.random._set_cuda_rng_state(state["accelerator"])  # megatron-core 0.19.2: private, as above
     get_cuda_rng_tracker().set_states(dict(state["tracker"]))
 
 
@@ -612,6 +613,8 @@ def load_checkpoint(
         loaded = dist_checkpointing.load(
             request,
             str(checkpoint_dir),
+            # megatron-core 0.19.2: the default fully-parallel load wrapper moves tensors with .cuda(); the plain
+            # torch_dist strategy loads on any device.
             sharded_strategy=TorchDistLoadShardedStrategy(),
             validate_access_integrity=True,
         )

@@ -90,6 +90,7 @@ def _as_lists(groups: dict[str, dict[str, torch.Tensor]]) -> list[list[torch.Ten
     return [[groups[g][i] for i in sorted(groups[g], key=int)] for g in sorted(groups, key=int)]
 
 
+# megatron-core 0.19.2: bf16 members are numbered by float16_groups alone (see the docstring below).
 def _mixed_precision_sharded_state_dict(member, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
     """``Float16OptimizerWithFloat16Params.sharded_state_dict`` (same layout and keys), numbering parameters as
     torch's ``state_dict`` does.
