@@ -275,7 +275,9 @@ def _set_rng_state(state: dict) -> None:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
     torch.set_rng_state(state["torch"])
-    tensor_parallel.random._set_cuda_rng_state(state["accelerator"])  # megatron-core 0.19.2: private, as above
+    tensor_parallel.random._set_cuda_rng_state(
+        state["accelerator"]
+    )  # megatron-core 0.19.2: private, as above
     get_cuda_rng_tracker().set_states(dict(state["tracker"]))
 
 
