@@ -18,6 +18,7 @@ Pure Python: unit-tested without processes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -128,28 +129,22 @@ class GpuProfile:
         return self.peak_bf16_flops_per_s * self.efficiency
 
 
+# H100 SXM: 989 TFLOP/s dense bf16, NVLink 4 (450 GB/s per direction), ConnectX-7 400 Gb/s per GPU;
+# 80 % of the link peaks and 60 % of the FLOP peak are what well-tuned collectives / GEMMs reach.
+_H100 = GpuProfile(
+    name="H100 SXM 80 GB",
+    peak_bf16_flops_per_s=989e12,
+    efficiency=0.6,
+    memory_bytes=80 * 10**9,
+    intra_node_bytes_per_s=0.8 * 450e9,
+    inter_node_bytes_per_s=0.8 * 50e9,
+    latency_s=2e-5,
+)
+
 GPU_PROFILES: dict[str, GpuProfile] = {
-    # H100 SXM: 989 TFLOP/s dense bf16, NVLink 4 (450 GB/s per direction), ConnectX-7 400 Gb/s per GPU;
-    # 80 % of the link peaks and 60 % of the FLOP peak are what well-tuned collectives / GEMMs reach.
-    "h100": GpuProfile(
-        name="H100 SXM 80 GB",
-        peak_bf16_flops_per_s=989e12,
-        efficiency=0.6,
-        memory_bytes=80 * 10**9,
-        intra_node_bytes_per_s=0.8 * 450e9,
-        inter_node_bytes_per_s=0.8 * 50e9,
-        latency_s=2e-5,
-    ),
+    "h100": _H100,
     # H200: the H100's compute and links with 141 GB of HBM3e.
-    "h200": GpuProfile(
-        name="H200 SXM 141 GB",
-        peak_bf16_flops_per_s=989e12,
-        efficiency=0.6,
-        memory_bytes=141 * 10**9,
-        intra_node_bytes_per_s=0.8 * 450e9,
-        inter_node_bytes_per_s=0.8 * 50e9,
-        latency_s=2e-5,
-    ),
+    "h200": dataclasses.replace(_H100, name="H200 SXM 141 GB", memory_bytes=141 * 10**9),
     # B200: 2.25 PFLOP/s dense bf16, NVLink 5 (900 GB/s per direction), ConnectX-8 800 Gb/s per GPU, 180 GB.
     "b200": GpuProfile(
         name="B200 180 GB",
