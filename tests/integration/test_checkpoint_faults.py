@@ -1,5 +1,5 @@
 """Crashes at chosen moments of a 4-process run (SIGKILL inside a step, inside a save, between the renames of a
-publication …), a damaged latest checkpoint, a damaged explicit source and a disk that fills up during a save —
+publication …), a damaged latest checkpoint and a disk that fills up during a save —
 through the launcher, at TP2 · EP2 · expert-TP 2 on Shakespeare.
 
 The kills are placed with ``MEGATRON_MUON_FAULT=<point>@<iteration>`` (``training/checkpoint_files.fault_point``);
@@ -13,7 +13,6 @@ import contextlib
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -124,21 +123,24 @@ def _kill_schedule(rng: random.Random) -> list[tuple[str, int, int]]:
     """(point, iteration, rank) of each crash, in order. Saves happen at 2, 4, 6, 8; the comments give what is
     published after each crash (the run resumes from it)."""
     return [
-        ("step", rng.randint(1, 2), rng.randrange(4)),  # nothing saved yet: starts again from scratch
-        ("during_save", 2, rng.randrange(4)),  # one rank dies before every shard is written
-        ("before_publish", 2, 0),  # complete staging, never published: cleaned at the next start
-        ("after_rename", 2, 0),  # iter 2 in place, no marker: complete, so the next start resumes from it
-        ("after_marker", 4, 0),  # 4 published, pruning not done
+        # one rank dies inside the save (its shards written, before the ranks agree the save succeeded): nothing
+        # published, the next start begins from scratch
+        ("during_save", 2, rng.randrange(4)),
+        # complete staging, never published: deleted at the next start
+        ("before_publish", 2, 0),
+        # iter 2 renamed into place, no marker: complete, so the next start resumes from it
+        ("after_rename", 2, 0),
+        # 4 published, pruning not done
+        ("after_marker", 4, 0),
         ("step", rng.randint(5, 6), rng.randrange(4)),
         ("during_save", 6, rng.randrange(4)),
-        (
-            "after_rename",
-            6,
-            0,
-        ),  # iter 6 complete but unmarked: the next start resumes from the marker's 4 ...
-        ("between_renames", 6, 0),  # ... and re-saves 6: killed with the old 6 moved aside, restored at start
+        # iter 6 complete but unmarked: the next start resumes from the marker's 4 ...
+        ("after_rename", 6, 0),
+        # ... and re-saves 6: killed with the old 6 moved aside, which the next start restores
+        ("between_renames", 6, 0),
         ("step", 7, rng.randrange(4)),
-        ("after_marker", 8, 0),  # the final save published; the restart only re-saves it
+        # the final save published; the restart finds the run complete
+        ("after_marker", 8, 0),
     ]
 
 
@@ -155,7 +157,7 @@ def uninterrupted(tmp_path_factory, shakespeare_data, launcher_env):
 def test_sigkill_at_chosen_moments_loses_nothing_and_resumes_exactly(tmp_path, uninterrupted, launcher_env):
     rng = random.Random(SEED)
     schedule = _kill_schedule(rng)
-    assert len(schedule) >= 10
+    assert len(schedule) == 10
     save_dir = tmp_path / "checkpoints"
     published = None
     for point, iteration, rank in schedule:
@@ -185,8 +187,6 @@ def test_sigkill_at_chosen_moments_loses_nothing_and_resumes_exactly(tmp_path, u
     shard = sorted(files.iteration_dir(save_dir, TRAIN_ITERS).glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 0xFF]))
     previous = files.iteration_dir(save_dir, TRAIN_ITERS - SAVE_INTERVAL)
-    explicit = tmp_path / "explicit_copy"
-    shutil.copytree(previous, explicit)
     resumed = _launch(launcher_env, _arguments(save_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     damaged = f"passing over a damaged checkpoint: checkpoint {files.iteration_dir(save_dir, TRAIN_ITERS)}"
@@ -195,15 +195,6 @@ def test_sigkill_at_chosen_moments_loses_nothing_and_resumes_exactly(tmp_path, u
     relearned = _losses(resumed.stdout)
     assert sorted(relearned) == list(range(TRAIN_ITERS - SAVE_INTERVAL + 1, TRAIN_ITERS + 1))
     assert all(loss == uninterrupted[step] for step, loss in relearned.items()), relearned
-
-    # An explicit source that is damaged (a file deleted) is a one-line error, and nothing is written.
-    name = sorted(files.read_manifest(explicit))[0]
-    (explicit / name).unlink()
-    failed = _launch(launcher_env, _arguments(tmp_path / "new", f"checkpoint.resume={explicit}"))
-    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
-    assert failed.returncode != 0 and len(errors) == 1, failed.stderr[-3000:]
-    assert name in errors[0] and "is missing" in errors[0], errors
-    assert not (tmp_path / "new" / files.LATEST_MARKER).exists()
 
 
 @pytest.fixture
