@@ -122,7 +122,9 @@ def test_rerun_resumes_from_the_checkpoint_and_finishes(runs):
     log = runs.resumed.stdout
     assert runs.resumed.returncode == 0, runs.resumed.stderr[-3000:] + log[-3000:]
     stopped_at = int(SIGNAL_EXIT_LINE.search(runs.interrupted_log)[1])
-    assert f"loaded checkpoint {runs.save_dir} at iteration {stopped_at}" in log
+    own = runs.save_dir / f"iter_{stopped_at:07d}"
+    assert f"resuming from this run's own checkpoint {own}" in log, log[-3000:]
+    assert f"loaded checkpoint {own} at iteration {stopped_at}" in log
     iterations = sorted(iteration_losses(log))
     assert iterations == list(range(stopped_at + 1, TRAIN_ITERS + 1))
     assert (runs.save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(TRAIN_ITERS)
@@ -265,6 +267,6 @@ def test_interleaved_pipeline_trains_and_its_checkpoint_loads_without_interleavi
 
     plain = launch(launcher_env, *common, "training.train_iters=8")
     assert plain.returncode == 0, plain.stderr[-3000:] + plain.stdout[-3000:]
-    assert f"loaded checkpoint {save_dir} at iteration 6" in plain.stdout
+    assert f"loaded checkpoint {save_dir / 'iter_0000006'} at iteration 6" in plain.stdout
     resumed = iteration_losses(plain.stdout)
     assert sorted(resumed) == [7, 8] and resumed[7] < losses[1] - 0.1, resumed

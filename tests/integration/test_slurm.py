@@ -179,7 +179,7 @@ def test_usr1_saves_requeues_and_resumes(slurm_env, tmp_path, shakespeare_data):
     stopped_at = int(SIGNAL_EXIT_LINE.search(log)[1])
     assert stopped_at < train_iters
     assert f"checkpoint at iteration {stopped_at} of {train_iters}: requeueing SLURM job {job}" in log
-    assert f"loaded checkpoint {save_dir} at iteration {stopped_at}" in log
+    assert f"loaded checkpoint {save_dir / f'iter_{stopped_at:07d}'} at iteration {stopped_at}" in log
     iterations = [int(i) for i, _ in ITERATION_LINE.findall(log)]
     assert iterations == list(range(1, train_iters + 1)), iterations  # each once: the second run resumed
     assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(train_iters)
