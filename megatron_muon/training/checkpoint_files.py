@@ -257,7 +257,11 @@ def publish(root: Path, staging: Path, iteration: int, keep_last: int) -> None:
     final = iteration_dir(root, iteration)
     replaced = final.with_name(final.name + REPLACED_SUFFIX)
     if final.exists():
-        if read_marker(root) == iteration:
+        try:
+            marked = read_marker(root)
+        except ValueError:  # an unreadable marker is replaced below anyway
+            marked = None
+        if marked == iteration:
             other = _newest_other_checkpoint(root, excluded=iteration)
             if other is not None:
                 write_text_atomically(root / LATEST_MARKER, f"{other}\n")
