@@ -164,3 +164,56 @@ def test_fault_point_kills_only_at_the_named_point(tmp_path):
     )
     assert survived.returncode == 0 and "survived" in survived.stdout
     assert killed.returncode == -9 and "survived" not in killed.stdout
+
+
+@pytest.fixture
+def own_checkpoints_verified_by_structure(monkeypatch):
+    """``select_resume_checkpoint`` without processes: the first candidate with a manifest is intact."""
+    from megatron_muon.training import checkpoint
+
+    def select(root):
+        candidates = files.resume_candidates(root)
+        intact = [c for c in candidates if (c / files.MANIFEST_FILENAME).is_file()]
+        return (intact[0] if intact else None), []
+
+    monkeypatch.setattr(checkpoint, "select_resume_checkpoint", select)
+
+
+@pytest.mark.parametrize(
+    ("resume", "load_dir", "finetune"),
+    [("auto", None, False), ("SOURCE", None, True), ("auto", "SOURCE", False), ("SOURCE", None, False)],
+)
+def test_the_runs_own_checkpoint_wins_over_an_explicit_source(
+    tmp_path, own_checkpoints_verified_by_structure, resume, load_dir, finetune
+):
+    from megatron_muon.training.resume import choose_resume_source
+
+    source, save_dir = tmp_path / "source", tmp_path / "run"
+    _publish(source, 100)
+    resume = str(source) if resume == "SOURCE" else resume
+    load_dir = str(source) if load_dir == "SOURCE" else None
+    kwargs = dict(save_dir=str(save_dir), load_dir=load_dir, resume=resume, finetune=finetune, warn=print)
+
+    first = choose_resume_source(**kwargs)  # the run has nothing of its own yet
+    if resume == "auto" and load_dir is None:
+        assert first.path is None and "starting from scratch" in first.reason
+    else:
+        assert first.path == source and first.finetune == finetune and not first.own, first
+
+    _publish(save_dir, 7)  # the run saved (then was requeued)
+    again = choose_resume_source(**kwargs)
+    assert again.path == files.iteration_dir(save_dir, 7) and again.own and not again.finetune, again
+    if resume != "auto" or load_dir:
+        assert "takes precedence over" in again.reason and str(source) in again.reason, again.reason
+
+
+def test_resume_none_starts_from_scratch_even_with_own_checkpoints(
+    tmp_path, own_checkpoints_verified_by_structure
+):
+    from megatron_muon.training.resume import choose_resume_source
+
+    _publish(tmp_path, 3)
+    chosen = choose_resume_source(
+        save_dir=str(tmp_path), load_dir=None, resume="none", finetune=False, warn=print
+    )
+    assert chosen.path is None and "resume=none" in chosen.reason
