@@ -257,6 +257,14 @@ class OptimizerSection:
     """False: AdamW (megatron's own optimizer) for every parameter, with the settings above — the baseline."""
     qk_clip: QKClipOptions = field(default_factory=QKClipOptions)
     """MuonClip's QK-clip (Kimi K2) and the per-layer max-logit metric."""
+    distributed_optimizer: bool = False
+    """True: fp32 master weights and optimizer state stored once across data-parallel replicas, gradients
+    reduce-scattered (megatron's DDP with ``use_distributed_optimizer``; Muon on megatron's shard-aligned
+    layer-wise layout, AdamW on megatron's ``DistributedOptimizer``). ``docs/distributed_optimizer.md``."""
+    overlap_grad_reduce: bool = False
+    """Overlap megatron DDP's gradient all-reduce / reduce-scatter with the backward pass (bucketed)."""
+    overlap_param_gather: bool = False
+    """With ``distributed_optimizer``: overlap the parameter all-gather after the step with the next forward."""
     warmup_iters: int = 0
     """Linear warm-up steps from 0 to the peak learning rate."""
     decay_style: str = "cosine"
@@ -304,6 +312,17 @@ class OptimizerSection:
                 f"optimizer.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]",
             )
             _require_choice("optimizer.wsd_decay_style", self.wsd_decay_style, WSD_DECAY_STYLES)
+        _require(
+            not (self.overlap_param_gather and not self.distributed_optimizer),
+            "optimizer.overlap_param_gather=true needs optimizer.distributed_optimizer=true (without it "
+            "parameters are updated on every rank and nothing is gathered)",
+        )
+        if self.distributed_optimizer and self.use_muon:
+            _require(
+                self.muon.tp_mode != "duplicated",
+                "optimizer.distributed_optimizer=true cannot serve optimizer.muon.tp_mode=duplicated (it keeps "
+                "a matrix's momentum on every TP rank); valid: auto, owner, distributed",
+            )
         muon = self.muon
         try:
             muon.validate()
