@@ -109,7 +109,7 @@ def fail(message):
     sys.exit(2)
 
 
-from megatron_muon.training.config import ConfigError, load_config, validate, validate_tokenizer
+from megatron_muon.config import ConfigError, load_config, validate, validate_tokenizer
 
 try:
     cfg = load_config(config, overrides)

@@ -16,8 +16,9 @@ import sys
 
 
 def _dry_run(cfg, dims) -> str:
+    from megatron_muon.config import to_yaml
+    from megatron_muon.config.cli import describe
     from megatron_muon.planning.dry_run import dry_run_lines
-    from megatron_muon.training.config import describe, to_yaml
 
     lines = [to_yaml(cfg).rstrip(), "---", describe(cfg, dims), *dry_run_lines(cfg, dims)]
     return "\n".join(lines)
@@ -36,8 +37,8 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from megatron_muon.config import ConfigError, load_config, validate
     from megatron_muon.logging_setup import silence_known_warnings
-    from megatron_muon.training.config import ConfigError, load_config, validate
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:

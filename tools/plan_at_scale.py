@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from megatron_muon.config import ConfigError, load_config, validate
     from megatron_muon.optim.plan import GPU_PROFILES
-    from megatron_muon.training.config import ConfigError, load_config, validate
 
     if args.gpu not in GPU_PROFILES:
         print(f"error: --gpu {args.gpu!r} is unknown; valid: {sorted(GPU_PROFILES)}", file=sys.stderr)

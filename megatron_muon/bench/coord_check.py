@@ -100,8 +100,8 @@ def measure(config: str, overrides: list[str], width: int, steps: int, out: Path
     """Rows (layer_type, act_rms, update_rms) of one run: ``steps`` training steps at ``width``."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
+    from megatron_muon.config import load_config, validate
     from megatron_muon.data import build_microbatch_iterator
-    from megatron_muon.training.config import load_config, validate
     from megatron_muon.training.local_run import trial_config, width_overrides
     from megatron_muon.training.trainer import Trainer
 

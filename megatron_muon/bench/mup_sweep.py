@@ -82,7 +82,7 @@ def parse_param(text: str, factor: float, config_path: str, overrides: list[str]
     else:
         from omegaconf import OmegaConf
 
-        from megatron_muon.training.config import load_config
+        from megatron_muon.config import load_config
 
         value = OmegaConf.select(OmegaConf.structured(load_config(config_path, overrides)), name)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -171,7 +171,7 @@ class TrainerObjective:
         self.config, self.overrides, self._stack, self._world = config, overrides, stack, None
 
     def _overrides(self, width: int, values: dict[str, float]) -> list[str]:
-        from megatron_muon.training.config import load_config
+        from megatron_muon.config import load_config
         from megatron_muon.training.local_run import width_overrides
 
         base = load_config(self.config, self.overrides)
@@ -185,7 +185,7 @@ class TrainerObjective:
     def resolve(self, width: int, values: dict[str, float]) -> dict:
         from omegaconf import OmegaConf
 
-        from megatron_muon.training.config import validate
+        from megatron_muon.config import validate
 
         cfg = self._config(width, values, Path("tensorboard"))  # a fixed stand-in: the trial's dir is its key
         validate(cfg, world_size=1)
@@ -203,7 +203,7 @@ class TrainerObjective:
         )
 
     def final_run_flops(self, width: int, values: dict[str, float]) -> float:
-        from megatron_muon.training.config import load_config
+        from megatron_muon.config import load_config
         from megatron_muon.training.local_run import trial_flops
 
         return trial_flops(load_config(self.config, self._overrides(width, values)))
@@ -516,7 +516,7 @@ def main(argv=None) -> int:
         telescope=not args.no_telescope,
     )
     start = time.perf_counter()
-    from megatron_muon.training.config import ConfigError
+    from megatron_muon.config import ConfigError
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {

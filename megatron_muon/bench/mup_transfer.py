@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra overrides for every trial")
     args = parser.parse_args(argv)
     base, target = args.widths[0], args.widths[-1]
-    from megatron_muon.training.config import load_config
+    from megatron_muon.config import load_config
 
     cfg = load_config(REPO / CONFIG, args.overrides)
     model, train = cfg.model, cfg.training

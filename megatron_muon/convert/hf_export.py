@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_muon.config import ConfigError, ModelConfig
+from megatron_muon.config.checks import check_model
 from megatron_muon.convert.hf_files import CONFIG_FILE, INDEX_FILE, SafetensorsWriter, parse_size
 from megatron_muon.convert.hf_maps import (
     ConversionError,
@@ -37,8 +39,6 @@ from megatron_muon.convert.megatron_io import (
     single_process_group,
 )
 from megatron_muon.training.checkpoint import CONFIG_FILENAME
-from megatron_muon.training.config_checks import ConfigError
-from megatron_muon.training.model_config import ModelConfig
 
 __all__ = [
     "ExportReport",
@@ -82,14 +82,14 @@ class ExportReport:
 
 def load_run_config(checkpoint_dir: Path, config_path: str | Path | None) -> tuple[ModelConfig, object]:
     """The run config saved beside the shards (``config.yaml``) or ``config_path``: (model section, whole)."""
-    from megatron_muon.training.config import load_config
+    from megatron_muon.config import load_config
 
     path = Path(config_path) if config_path is not None else checkpoint_dir / CONFIG_FILENAME
     if not path.is_file():
         raise ConversionError(f"{path} does not exist; pass the run's config with --config RUN.yaml")
     try:
         cfg = load_config(str(path))
-        cfg.model.validate()
+        check_model(cfg.model)
     except ConfigError as error:
         raise ConversionError(f"{path}: {error}") from None
     return cfg.model, cfg

@@ -21,6 +21,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_muon.config import ConfigError, ModelConfig
+from megatron_muon.config.checks import check_model, check_parallel
 from megatron_muon.convert.hf_export import (
     check_output_dir,
     compare_tensor_sets,
@@ -35,8 +37,6 @@ from megatron_muon.convert.hf_maps import (
     tensor_mappings,
 )
 from megatron_muon.convert.megatron_io import build_single_process_model, single_process_group
-from megatron_muon.training.config_checks import ConfigError
-from megatron_muon.training.model_config import ModelConfig
 
 __all__ = ["ImportReport", "Layout", "import_from_hf"]
 
@@ -68,7 +68,7 @@ class Layout:
 
 def check_layout(model: ModelConfig, layout: Layout):
     """``parallel`` config of ``layout``, validated against ``model``; ``ConversionError`` naming the obstacle."""
-    from megatron_muon.training.config import ParallelConfig
+    from megatron_muon.config import ParallelConfig
 
     parallel = ParallelConfig(
         world_size=layout.resolved_world_size(),
@@ -79,7 +79,7 @@ def check_layout(model: ModelConfig, layout: Layout):
         vpp=layout.vpp,
     )
     try:
-        parallel.validate(layout.resolved_world_size(), model)
+        check_parallel(parallel, layout.resolved_world_size(), model)
     except ConfigError as error:
         raise ConversionError(f"layout {layout.describe()} does not fit the model: {error}") from None
     return parallel
@@ -124,9 +124,9 @@ def import_from_hf(
     """
     from tqdm import tqdm
 
+    from megatron_muon.config import CheckpointConfig, PretrainConfig, to_yaml
+    from megatron_muon.models.model_bridge import tiny_moe_config
     from megatron_muon.training.checkpoint import save_weights_only
-    from megatron_muon.training.config import CheckpointConfig, PretrainConfig, to_yaml
-    from megatron_muon.training.model_config import tiny_moe_config
 
     source, output = Path(source), Path(output)
     check_output_dir(output, overwrite)
@@ -138,7 +138,7 @@ def import_from_hf(
         read_hf_config(source), where=str(source), seq_length=seq_length, precision=precision
     )
     try:
-        model.validate()
+        check_model(model)
         tiny_moe_config(model)
     except ConfigError as error:
         raise ConversionError(f"{source}: {error}") from None

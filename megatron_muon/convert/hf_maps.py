@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from megatron_muon.training.model_config import ModelConfig
+from megatron_muon.config import ModelConfig
 
 __all__ = [
     "ARCHITECTURES",

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_muon.config import ModelConfig
 from megatron_muon.convert.hf_maps import ConversionError
 from megatron_muon.training.checkpoint import (
     LATEST_MARKER,
@@ -43,7 +44,6 @@ from megatron_muon.training.checkpoint import (
     find_latest,
     verify_checkpoint_files,
 )
-from megatron_muon.training.model_config import ModelConfig
 
 __all__ = [
     "SavedTensor",
@@ -201,8 +201,8 @@ def build_single_process_model(model: ModelConfig):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_muon.models.model_bridge import tiny_moe_config
     from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
-    from megatron_muon.training.model_config import tiny_moe_config
 
     tiny = tiny_moe_config(model)
     config = build_transformer_config(tiny, tp=1, pp=1, ep=1)

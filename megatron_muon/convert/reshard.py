@@ -14,7 +14,7 @@ What :func:`verify_reshard` checks, from metadata only (no tensor data, no proce
 - the optimizer state is consistent: every AdamW state tensor (``optimizer.state.<name>.<param>``) belongs to a
   saved model tensor and has its shape; every Muon momentum (``muon.momentum.<matrix>[/part]``) belongs to a
   model matrix, with its columns, and its parts add up to the matrix;
-- the requested layout fits the model (``ParallelConfig.validate``: heads, groups, vocabulary, FFN and experts
+- the requested layout fits the model (``config.checks.check_parallel``: heads, groups, vocabulary, FFN and experts
   divisible, layers per stage, sequence parallelism).
 """
 

@@ -1,17 +1,9 @@
-"""MoE GPT models built from megatron-core specs."""
+"""MoE GPT models built from megatron-core specs, with what derives from the run config's ``ModelConfig``:
 
-from megatron_muon.models.tiny import (
-    TinyMoEConfig,
-    build_gpt_moe_model,
-    build_gpt_moe_model_chunks,
-    build_transformer_config,
-    causal_attention_mask,
-)
+- ``tiny.py``: the builder (``TinyMoEConfig`` -> megatron ``TransformerConfig`` -> ``GPTModel`` chunks);
+- ``mla_attention.py``: the local spec's multi-latent attention;
+- ``model_bridge.py``: ``ModelConfig`` -> ``TinyMoEConfig``, refusing what the builder does not build;
+- ``param_count.py``: the parameter counts of the model a ``ModelConfig`` describes.
 
-__all__ = [
-    "TinyMoEConfig",
-    "build_gpt_moe_model",
-    "build_gpt_moe_model_chunks",
-    "build_transformer_config",
-    "causal_attention_mask",
-]
+Nothing is re-exported here, so importing the parameter count does not import megatron.
+"""

@@ -192,7 +192,7 @@ def build_transformer_config(
         if cfg.multi_latent_attention:
             raise ValueError(
                 "mup_base_hidden_size is set with multi_latent_attention=True: muP's attention scale is not "
-                "defined for MLA's two head dims here (see ModelConfig._validate_mup)"
+                "defined for MLA's two head dims here (see config/checks.py: _check_mup)"
             )
         mup_fields = mup.transformer_config_fields(
             mup.MupWidth.of_model(

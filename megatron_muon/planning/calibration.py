@@ -51,8 +51,8 @@ MEASURED = {
 
 def predict(layout: str) -> dict[str, tuple[float, tuple[float, float]]]:
     """Contender → (predicted step seconds, (min, max) Muon state MiB per rank) on the CPU cost model."""
+    from megatron_muon.config import load_config, validate
     from megatron_muon.planning.report import plan_at_scale
-    from megatron_muon.training.config import load_config, validate
 
     cfg = load_config(ROOT / "launch/configs/tiny_cpu.yaml", MODEL + LAYOUTS[layout])
     dims = validate(cfg)

@@ -9,8 +9,8 @@ from collections import Counter
 
 
 def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
+    from megatron_muon.config import ConfigError
     from megatron_muon.planning.rank_params import parameters_of_stage
-    from megatron_muon.training.config import ConfigError
 
     lines = []
     for pp_rank in range(dims.pp):

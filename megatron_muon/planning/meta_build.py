@@ -152,8 +152,8 @@ class MetaRank:
 
 def _buildable(model):
     """The model section with the shape-neutral settings the local-spec builder needs (module docstring)."""
-    from megatron_muon.training.config import ConfigError
-    from megatron_muon.training.model_bridge import tiny_moe_config
+    from megatron_muon.config import ConfigError
+    from megatron_muon.models.model_bridge import tiny_moe_config
 
     model = dataclasses.replace(model, transformer_impl="local", fp8=None)
     try:

@@ -142,7 +142,7 @@ def require_device_for(cfg, device: Device) -> None:
     """Raise a one-line ``ConfigError`` if ``cfg`` (a ``PretrainConfig``) asks for something ``device`` cannot run:
     Transformer Engine or FP8 GEMMs without a GPU (or without Transformer Engine), FP8 Newton–Schulz where
     ``torch._scaled_mm`` has no e4m3 kernel. Called before any process group starts."""
-    from megatron_muon.training.config_checks import ConfigError
+    from megatron_muon.config import ConfigError
 
     model = cfg.model
     no_gpu = "torch.cuda.is_available() is False"

@@ -1,7 +1,7 @@
 """Training runs inside this process, one after another, on a world of one gloo process: what the muP tools
 (``tools/coord_check.py``, ``tools/mup_sweep.py``) run their trials with.
 
-A trial is a :class:`~megatron_muon.training.config.PretrainConfig` trained by our
+A trial is a :class:`~megatron_muon.config.PretrainConfig` trained by our
 :class:`~megatron_muon.training.trainer.Trainer`; its result is read back from the TensorBoard scalars the
 trainer writes (``loss/train``, ``loss/validation``), so nothing here depends on log-line formats. Megatron's
 parallel state is initialized once (TP = PP = EP = 1) and shared by the trials; each trial builds its own model,
@@ -19,7 +19,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_muon.training.config import PretrainConfig, count_parameters, load_config
+from megatron_muon.config import PretrainConfig, load_config
+from megatron_muon.models.param_count import count_parameters
 
 __all__ = [
     "TrialResult",
@@ -160,7 +161,7 @@ def run_trial(cfg: PretrainConfig, pg_collection) -> TrialResult:
 
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
-    from megatron_muon.training.config import validate
+    from megatron_muon.config import validate
     from megatron_muon.training.trainer import StopTraining, Trainer
 
     dims = validate(cfg, world_size=1)

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from megatron_muon.config import ConfigError, ParallelDims, PretrainConfig
+from megatron_muon.models.model_bridge import tiny_moe_config
 from megatron_muon.platform.device import Device
-from megatron_muon.training.config import ConfigError, ParallelDims, PretrainConfig, tiny_moe_config
 
 __all__ = ["adamw_optimizer_config", "check_buildable", "model_build_configs", "scheduler_arguments"]
 

@@ -61,7 +61,7 @@ TEXT = " ".join(
 
 
 def _model_config():
-    from megatron_muon.training.model_config import ModelConfig
+    from megatron_muon.config import ModelConfig
 
     return ModelConfig(**MODEL)
 
@@ -78,8 +78,8 @@ def _batch(vocab_size: int) -> torch.Tensor:
 def _build(model_config, pg, layout):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_muon.models.model_bridge import tiny_moe_config
     from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
-    from megatron_muon.training.model_config import tiny_moe_config
     from megatron_muon.training.step import wrap_in_ddp
 
     tiny = tiny_moe_config(model_config)
@@ -161,9 +161,9 @@ def _train_save_and_run(root: str, tokenizer_dir: str, tokens: torch.Tensor):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from megatron_muon.config import DataConfig, ParallelConfig, PretrainConfig, to_yaml
     from megatron_muon.optim.build import MuonOptions, build_optimizer
     from megatron_muon.training.checkpoint import save_checkpoint
-    from megatron_muon.training.config import DataConfig, ParallelConfig, PretrainConfig, to_yaml
     from megatron_muon.training.step import synthetic_batches, train_step
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
@@ -225,13 +225,13 @@ def _load_and_run(checkpoint: str, layout: dict, tokens: torch.Tensor):
     ``tokens``, the progress loaded, and the error of a load that is not ``finetune``."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from megatron_muon.config import load_config
     from megatron_muon.training.checkpoint import (
         CONFIG_FILENAME,
         CheckpointError,
         iteration_dir,
         load_checkpoint,
     )
-    from megatron_muon.training.config import load_config
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     model_config = load_config(str(iteration_dir(checkpoint, 0) / CONFIG_FILENAME)).model
@@ -250,8 +250,8 @@ def _train_from(checkpoint: str, world_size: int, tokens: torch.Tensor):
     ``tokens`` after loading, its iteration then, and after one training step."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from megatron_muon.config import load_config, validate
     from megatron_muon.training.checkpoint import CONFIG_FILENAME, iteration_dir
-    from megatron_muon.training.config import load_config, validate
     from megatron_muon.training.trainer import Trainer
 
     overrides = [
@@ -545,9 +545,9 @@ def _import_load_and_export(names: list[str], root: str, tokens: torch.Tensor):
     it back to ``root/<name>/back``."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from megatron_muon.config import load_config
     from megatron_muon.convert import export_to_hf, import_from_hf
     from megatron_muon.training.checkpoint import CONFIG_FILENAME, iteration_dir, load_checkpoint
-    from megatron_muon.training.config import load_config
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     results = {}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_muon.config import ModelConfig
 from megatron_muon.testing import run_distributed
-from megatron_muon.training.config import ModelConfig
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +43,19 @@ def _build_and_forward(variants: dict, tp: int):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from megatron_muon.config.checks import check_model
+    from megatron_muon.models.model_bridge import tiny_moe_config
     from megatron_muon.models.tiny import (
         build_gpt_moe_model_chunks,
         build_transformer_config,
         causal_attention_mask,
     )
-    from megatron_muon.training.model_config import tiny_moe_config
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     results = {}
     for name, overrides in variants.items():
         model = ModelConfig(**(SHAPE | overrides))
-        model.validate()
+        check_model(model)
         tiny = tiny_moe_config(model)
         config = build_transformer_config(tiny, tp=tp, pp=1, ep=1, etp=1)
         torch.manual_seed(1234)
@@ -84,7 +85,7 @@ def _build_and_forward(variants: dict, tp: int):
 
 
 def test_mla_parameter_counts_match_megatron_and_tp2_computes_the_same_loss():
-    from megatron_muon.training.param_count import count_parameters
+    from megatron_muon.models.param_count import count_parameters
 
     (one,) = run_distributed(
         _build_and_forward, 1, tp=1, pp=1, ep=1, etp=1, args=(VARIANTS, 1), timeout_s=300

@@ -44,7 +44,7 @@ def _one_step_per_variant_on_rank():
     import torch
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.training.config import load_config, validate
+    from megatron_muon.config import load_config, validate
     from megatron_muon.training.step import LOAD_BALANCING_LOSS, train_step
     from megatron_muon.training.trainer import Trainer
 

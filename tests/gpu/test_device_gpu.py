@@ -9,9 +9,9 @@ import torch
 
 
 def test_the_trainer_builds_and_steps_on_the_chosen_gpu(cuda_world):
+    from megatron_muon.config import load_config, validate
     from megatron_muon.platform import cpu_stand_ins_active
     from megatron_muon.platform.device import choose_device, max_memory_allocated_mib, peak_flops, use_device
-    from megatron_muon.training.config import load_config, validate
     from megatron_muon.training.step import LOAD_BALANCING_LOSS, train_step
     from megatron_muon.training.trainer import Trainer
 

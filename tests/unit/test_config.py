@@ -11,22 +11,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_muon.training.config import (
+from megatron_muon.config import (
     ConfigError,
     DataBlendEntry,
     ModelConfig,
     ParallelConfig,
     ParallelDims,
     PretrainConfig,
-    count_parameters,
     load_config,
     padded_vocab_size,
-    tiny_moe_config,
     to_yaml,
     validate,
     validate_tokenizer,
 )
-from megatron_muon.training.config_loading import main
+from megatron_muon.config.cli import main
+from megatron_muon.models.model_bridge import tiny_moe_config
+from megatron_muon.models.param_count import count_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))
@@ -329,7 +329,7 @@ def test_cli_print_outputs_the_resolved_yaml():
         [
             sys.executable,
             "-m",
-            "megatron_muon.training.config",
+            "megatron_muon.config",
             str(TINY),
             "model.hidden_size=256",
             "--print",

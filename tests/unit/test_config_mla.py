@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_muon.training.config import ConfigError, ModelConfig, ParallelConfig
-from megatron_muon.training.config_loading import main
+from megatron_muon.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_muon.config.checks import check_model, check_parallel
+from megatron_muon.config.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 PROXY = REPO / "launch" / "configs" / "moonlight_proxy_cpu.yaml"
@@ -29,7 +30,7 @@ MLA = dict(multi_latent_attention=True, num_query_groups=None, kv_lora_rank=64, 
 )
 def test_inconsistent_mla_shapes_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError, match=message) as error:
-        ModelConfig(**(MLA | overrides)).validate()
+        check_model(ModelConfig(**(MLA | overrides)))
     assert "\n" not in str(error.value)
 
 
@@ -47,9 +48,9 @@ def test_inconsistent_mla_shapes_are_one_line_errors(overrides, message):
 )
 def test_layouts_tensor_parallelism_does_not_divide_are_one_line_errors(model, tp, message):
     config = ModelConfig(**(MLA | dict(num_attention_heads=8, vocab_size=512) | model))
-    config.validate()
+    check_model(config)
     with pytest.raises(ConfigError, match=message) as error:
-        ParallelConfig(tp=tp).validate(tp, config)
+        check_parallel(ParallelConfig(tp=tp), tp, config)
     assert "\n" not in str(error.value)
 
 

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from megatron_muon.optim.options import MuonOptions, QKClipOptions
-from megatron_muon.training.config import (
+from megatron_muon.config import (
     ConfigError,
     ModelConfig,
     OptimizerSection,
@@ -26,6 +25,7 @@ from megatron_muon.training.config import (
     load_config,
     validate,
 )
+from megatron_muon.optim.options import MuonOptions, QKClipOptions
 
 MLA = {
     "model.multi_latent_attention": True,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_muon.config import ConfigError, load_config
 from megatron_muon.platform import device as device_module
 from megatron_muon.platform.device import Device
-from megatron_muon.training.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,7 +105,7 @@ def test_memory_and_peak_flops_come_from_the_chosen_gpu_and_are_absent_on_the_cp
 
 
 def test_the_model_is_built_where_the_device_says(monkeypatch):
-    from megatron_muon.training.config import validate
+    from megatron_muon.config import validate
     from megatron_muon.training.megatron_configs import model_build_configs
 
     cfg = load_config(None, ["data.mock=true"])
@@ -221,7 +221,7 @@ def test_only_the_device_module_installs_the_stand_ins_in_production_code():
 
 def test_pretrain_on_a_cuda_machine_joins_nccl_from_its_local_gpu(cuda_machine, stand_in_calls, monkeypatch):
     from megatron_muon import pretrain
-    from megatron_muon.training.config import validate
+    from megatron_muon.config import validate
 
     class Joined(Exception):
         """Stops the run where the process group would start."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_muon.config import ModelConfig, load_config
 from megatron_muon.convert.hf_maps import (
     ARCHITECTURES,
     ConversionError,
@@ -22,8 +23,6 @@ from megatron_muon.convert.hf_maps import (
     split_to_hf,
     tensor_mappings,
 )
-from megatron_muon.training.config import load_config
-from megatron_muon.training.model_config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

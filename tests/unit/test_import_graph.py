@@ -15,27 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import megatron_muon
 
 PACKAGE = "megatron_muon"
 ROOT = Path(megatron_muon.__file__).resolve().parent
-
-# Cycles known when this test was written, each with why it is still there. A new cycle fails
-# test_no_import_cycle_in_the_package; removing a known one makes test_known_cycles_are_gone pass, which
-# (strict xfail) fails the run until its entry here is deleted.
-KNOWN_CYCLES = {
-    frozenset(
-        {
-            "megatron_muon.training.config",
-            "megatron_muon.training.config_loading",
-            "megatron_muon.training.model_bridge",
-            "megatron_muon.training.model_config",
-            "megatron_muon.training.param_count",
-        }
-    ): "the training/ config cluster, to become a one-way config package (issue #15, item 1)",
-}
 
 
 def module_files(root: Path = ROOT, package: str = PACKAGE) -> dict[str, Path]:
@@ -168,17 +151,6 @@ def test_the_graph_reader_finds_function_level_cycles_and_ignores_type_checking_
 
 
 def test_no_import_cycle_in_the_package():
-    graph = import_graph(module_files())
-    cycles = [
-        describe_cycle(component, graph)
-        for component in import_cycles(graph)
-        if frozenset(component) not in KNOWN_CYCLES
-    ]
-    assert not cycles, "\n".join(cycles)
-
-
-@pytest.mark.xfail(strict=True, reason="; ".join(KNOWN_CYCLES.values()))
-def test_known_cycles_are_gone():
     graph = import_graph(module_files())
     cycles = [describe_cycle(component, graph) for component in import_cycles(graph)]
     assert not cycles, "\n".join(cycles)

@@ -8,8 +8,9 @@ import math
 import pytest
 
 from megatron_muon import mup
+from megatron_muon.config import ConfigError, ModelConfig, load_config, validate
+from megatron_muon.models.model_bridge import tiny_moe_config
 from megatron_muon.models.tiny import TinyMoEConfig, build_transformer_config
-from megatron_muon.training.config import ConfigError, ModelConfig, load_config, tiny_moe_config, validate
 
 
 def test_init_std_falls_as_one_over_sqrt_fan_in_from_the_base():

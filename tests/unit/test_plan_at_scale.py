@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from megatron_muon.config import load_config, validate
 from megatron_muon.planning.at_scale import _records_for, _template_records, rank_coordinates
 from megatron_muon.planning.meta_build import build_rank_on_meta
 from megatron_muon.planning.rank_params import parameters_of_stage
-from megatron_muon.training.config import load_config, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 MOE_1B = ROOT / "launch/configs/moe_1b_8gpu.yaml"
@@ -142,7 +142,7 @@ def test_tool_refuses_bad_input_with_one_line(args, message, capsys):
 
 def test_moonlight_mla_rank_on_meta_matches_formula():
     """The flagship MLA model: sampled ranks of a TP2 x EP8 layout built on meta hold the formula's count."""
-    from megatron_muon.training.config import ConfigError
+    from megatron_muon.config import ConfigError
 
     cfg = load_config(ROOT / "launch/configs/moonlight_16b_a3b_64gpu.yaml", ["parallel.world_size=16"])
     dims = validate(cfg)

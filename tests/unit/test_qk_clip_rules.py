@@ -54,7 +54,7 @@ def test_max_logit_matches_a_brute_force_loop_with_gqa_and_the_causal_mask():
 
 
 def test_config_refuses_qk_clip_with_qk_layernorm_and_a_bad_threshold():
-    from megatron_muon.training.config import ConfigError, load_config, validate
+    from megatron_muon.config import ConfigError, load_config, validate
 
     def check(*overrides):
         validate(load_config("launch/configs/tiny_cpu.yaml", list(overrides)), world_size=4)

@@ -1,16 +1,14 @@
-"""Loading :class:`~megatron_muon.training.config.PretrainConfig` from YAML and dotted overrides with OmegaConf
-structured configs, one-line errors naming the key (and the closest valid key), and the command line:
-
-    python -m megatron_muon.training.config_loading launch/configs/tiny_cpu.yaml model.hidden_size=256 --print
+"""Loading a :class:`~megatron_muon.config.schema.PretrainConfig` from YAML and dotted overrides with OmegaConf
+structured configs: an unknown key or a value of the wrong type fails at once, with a one-line ``ConfigError``
+naming the key (and the closest valid key). Loading does not validate (``checks.py``): the world size may not be
+known yet.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import re
-import sys
 import types
 import typing
 from pathlib import Path
@@ -25,7 +23,10 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from megatron_muon.training.config import ConfigError, PretrainConfig, _require, describe, validate
+from megatron_muon.config.errors import ConfigError, require
+from megatron_muon.config.schema import PretrainConfig
+
+__all__ = ["load_config", "to_yaml"]
 
 
 def _unwrap(hint: Any) -> Any:
@@ -135,11 +136,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-        _require(isinstance(file_cfg, DictConfig), f"{path}: the top level must be a mapping of sections")
+        require(isinstance(file_cfg, DictConfig), f"{path}: the top level must be a mapping of sections")
         merged = _merge(merged, typing.cast(DictConfig, file_cfg), f"in {path}")
     for item in overrides:
         key, sep, _ = item.partition("=")
-        _require(bool(sep) and bool(key.strip()), f"override {item!r} is not of the form key=value")
+        require(bool(sep) and bool(key.strip()), f"override {item!r} is not of the form key=value")
         try:
             dotlist = OmegaConf.from_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as error:
@@ -156,33 +157,3 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 def to_yaml(cfg: PretrainConfig) -> str:
     """The resolved config as YAML; :func:`load_config` reads it back to an equal ``PretrainConfig``."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def main(argv: typing.Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_muon.training.config",
-        description="Load, validate and print a pretraining config (YAML + dotted overrides).",
-    )
-    parser.add_argument("config", help="YAML file, or 'none' for the defaults")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.hidden_size=128")
-    parser.add_argument("--print", action="store_true", help="print the resolved YAML instead of the summary")
-    parser.add_argument("--world-size", type=int, default=None, help="default: parallel.world_size")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(None if args.config == "none" else args.config, args.overrides)
-        if args.print and args.world_size is None and cfg.parallel.world_size is None:
-            print("note: not validated (world size unknown; pass --world-size)", file=sys.stderr)
-        else:
-            dims = validate(cfg, args.world_size)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        return 2
-    if args.print:
-        print(to_yaml(cfg), end="")
-    else:
-        print(describe(cfg, dims))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
