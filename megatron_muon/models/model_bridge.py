@@ -1,27 +1,27 @@
-"""From the typed :class:`~megatron_muon.training.config.ModelConfig` to the model builder's own config, refusing
-what the builder does not build (never silently replacing it)."""
+"""From the run config's :class:`~megatron_muon.config.schema.ModelConfig` to the model builder's own config,
+refusing what the builder does not build (never silently replacing it)."""
 
 from __future__ import annotations
 
-from megatron_muon.training.config import ModelConfig, _require
+from megatron_muon.config.errors import require
+from megatron_muon.config.schema import ModelConfig
+from megatron_muon.models.tiny import TinyMoEConfig
 
 
-def tiny_moe_config(model: ModelConfig):
+def tiny_moe_config(model: ModelConfig) -> TinyMoEConfig:
     """The ``models.tiny.TinyMoEConfig`` of ``model``, for the local-spec builder; raises ``ConfigError`` for
     features that builder does not construct."""
-    from megatron_muon.models.tiny import TinyMoEConfig
-
-    _require(not model.fp8, f"model.fp8={model.fp8!r} is not supported by models.tiny (local spec builder)")
+    require(not model.fp8, f"model.fp8={model.fp8!r} is not supported by models.tiny (local spec builder)")
     # What the local-spec builder hard-wires; anything else must fail rather than be silently replaced.
     fixed = {
         "normalization": (model.normalization, "RMSNorm"),
     }
     for name, (value, supported) in fixed.items():
-        _require(
+        require(
             value == supported,
             f"model.{name}={value!r} is not supported by models.tiny (local spec builder); it builds {supported!r}",
         )
-    _require(
+    require(
         model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
         f"model.kv_channels={model.kv_channels} is not supported by models.tiny",
     )

@@ -1,10 +1,10 @@
-"""Parameter counts of the megatron GPTModel a :class:`~megatron_muon.training.config.ModelConfig` describes,
+"""Parameter counts of the megatron GPTModel a :class:`~megatron_muon.config.schema.ModelConfig` describes,
 layer by layer as megatron-core builds it (checked against ``sum(p.numel())`` of real models), for the configs'
 arithmetic, dry runs and MFU."""
 
 from __future__ import annotations
 
-from megatron_muon.training.config import ModelConfig
+from megatron_muon.config.schema import ModelConfig
 
 
 def _norm_parameters(model: ModelConfig, size: int) -> int:
