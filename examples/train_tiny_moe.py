@@ -25,14 +25,16 @@ def _train(args):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
     from megatron_muon.optim.build import MuonOptions, build_optimizer
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig(
-        seq_length=args.seq_length, hidden_size=args.hidden_size, num_moe_experts=args.experts
-    )
+    cfg = GptMoeConfig(seq_length=args.seq_length, hidden_size=args.hidden_size, num_moe_experts=args.experts)
     config = build_transformer_config(cfg, tp=args.tp, pp=args.pp, ep=args.ep, etp=1)
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)

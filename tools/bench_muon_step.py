@@ -335,13 +335,17 @@ def _bench_on_rank(layout: dict, model: dict, chosen: list[Contender], settings:
     hits every contender alike. Returns name -> measurements of this rank."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
     from megatron_muon.optim.layout import LayoutOptions
     from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
     from megatron_muon.training.step import wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig(**model)
+    cfg = GptMoeConfig(**model)
     config = build_transformer_config(cfg, **layout)
     torch.manual_seed(0)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
@@ -673,7 +677,7 @@ def render_section(args, command: str, measured: dict[str, dict]) -> str:
         "ratios are indicative, not what a GPU cluster would show.",
         f"- torch {versions['torch']}, megatron-core {versions['megatron-core']}, emerging-optimizers "
         f"{versions['emerging-optimizers']}, Python {platform.python_version()}",
-        f"- Model: `TinyMoEConfig({', '.join(f'{k}={v}' for k, v in model.items())})`, "
+        f"- Model: `GptMoeConfig({', '.join(f'{k}={v}' for k, v in model.items())})`, "
         "MoE layers 1–3 (layer 0 dense), fp32 params and gradients.",
         f"- Step time: median over {args.steps} rounds after {args.warmup} warm-up rounds (plus one agreement "
         "step) of the slowest rank's `optimizer.step()` (whole chained optimizer: Muon + AdamW), between two "

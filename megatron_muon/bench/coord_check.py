@@ -76,7 +76,7 @@ def record(model, batch) -> dict[str, list]:
     """Activations of ``model`` (a DDP-wrapped megatron GPTModel) on ``batch``, forward only, by layer type."""
     import torch
 
-    from megatron_muon.models.tiny import causal_attention_mask
+    from megatron_muon.models.gpt_moe import causal_attention_mask
 
     gpt = model.module
     recorder = ActivationRecorder(gpt)

@@ -65,7 +65,7 @@ RESUME_MODES = ("auto", "none")
 class ModelConfig:
     """Shape and numerics of the MoE GPT (megatron-core ``GPTModel``: SwiGLU MLPs, RoPE, no linear biases).
 
-    Defaults are a ~0.26 M-parameter model that runs on one CPU core (the shape of ``models.tiny.TinyMoEConfig``).
+    Defaults are a ~0.26 M-parameter model that runs on one CPU core (the shape of ``models.gpt_moe.GptMoeConfig``).
     """
 
     num_layers: int = 4

@@ -2,7 +2,7 @@
 
 Pure: configs and tensors only, no files, no processes, no ``transformers`` import (it is a test/dev dependency).
 
-Our model (``models/tiny.py`` on megatron's local spec) is: RMSNorm (ε = ``model.norm_epsilon``, on the input of
+Our model (``models/gpt_moe.py`` on megatron's local spec) is: RMSNorm (ε = ``model.norm_epsilon``, on the input of
 attention and of the MLP, and at the end), grouped-query attention without biases, RoPE on the whole head
 (``rotary_percent=1``, halves rotated as in GPT-NeoX, θ = ``model.rotary_base``), optional RMSNorm per head on
 queries and keys (``qk_layernorm``), SwiGLU MLPs without biases, top-k routed experts, optional ungated shared
@@ -182,7 +182,7 @@ def obstacles(arch: Architecture, model: ModelConfig) -> list[str]:
     if model.normalization != "RMSNorm":
         found.append(f"model.normalization={model.normalization!r} ({arch.name} uses RMSNorm)")
     if model.kv_channels not in (None, model.hidden_size // model.num_attention_heads):
-        found.append(f"model.kv_channels={model.kv_channels} (models.tiny builds hidden/heads)")
+        found.append(f"model.kv_channels={model.kv_channels} (models.gpt_moe builds hidden/heads)")
     if model.num_moe_experts == 0 or not any(model.moe_layer_pattern()):
         found.append(
             f"model.num_moe_experts={model.num_moe_experts}: no MoE layer ({arch.name} is a MoE architecture)"

@@ -201,10 +201,10 @@ def build_single_process_model(model: ModelConfig):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.model_bridge import tiny_moe_config
-    from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.model_bridge import gpt_moe_config
 
-    tiny = tiny_moe_config(model)
+    tiny = gpt_moe_config(model)
     config = build_transformer_config(tiny, tp=1, pp=1, ep=1)
     if model.precision == "bf16":
         config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16

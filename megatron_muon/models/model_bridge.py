@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from megatron_muon.config.errors import require
 from megatron_muon.config.schema import ModelConfig
-from megatron_muon.models.tiny import TinyMoEConfig
+from megatron_muon.models.gpt_moe import GptMoeConfig
 
 
-def tiny_moe_config(model: ModelConfig) -> TinyMoEConfig:
-    """The ``models.tiny.TinyMoEConfig`` of ``model``, for the local-spec builder; raises ``ConfigError`` for
+def gpt_moe_config(model: ModelConfig) -> GptMoeConfig:
+    """The ``models.gpt_moe.GptMoeConfig`` of ``model``, for the local-spec builder; raises ``ConfigError`` for
     features that builder does not construct."""
-    require(not model.fp8, f"model.fp8={model.fp8!r} is not supported by models.tiny (local spec builder)")
+    require(not model.fp8, f"model.fp8={model.fp8!r} is not supported by models.gpt_moe (local spec builder)")
     # What the local-spec builder hard-wires; anything else must fail rather than be silently replaced.
     fixed = {
         "normalization": (model.normalization, "RMSNorm"),
@@ -19,13 +19,13 @@ def tiny_moe_config(model: ModelConfig) -> TinyMoEConfig:
     for name, (value, supported) in fixed.items():
         require(
             value == supported,
-            f"model.{name}={value!r} is not supported by models.tiny (local spec builder); it builds {supported!r}",
+            f"model.{name}={value!r} is not supported by models.gpt_moe (local spec builder); it builds {supported!r}",
         )
     require(
         model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
-        f"model.kv_channels={model.kv_channels} is not supported by models.tiny",
+        f"model.kv_channels={model.kv_channels} is not supported by models.gpt_moe",
     )
-    return TinyMoEConfig(
+    return GptMoeConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,

@@ -2,7 +2,7 @@
 
 The world is torch's fake process group (collectives return at once and move nothing; megatron's parallel state
 only needs the groups' sizes and ranks), and the model is megatron's own ``GPTModel`` from
-``models.tiny.build_gpt_moe_model_chunks`` built under ``torch.device("meta")``: parameters have their true
+``models.gpt_moe.build_gpt_moe_model_chunks`` built under ``torch.device("meta")``: parameters have their true
 per-rank shapes and megatron's TP/EP attributes but no storage, so a 16 B-parameter model costs nothing.
 
 What is normalised for the build (none of it changes a parameter's shape, name or parallel attributes):
@@ -153,15 +153,15 @@ class MetaRank:
 def _buildable(model):
     """The model section with the shape-neutral settings the local-spec builder needs (module docstring)."""
     from megatron_muon.config import ConfigError
-    from megatron_muon.models.model_bridge import tiny_moe_config
+    from megatron_muon.models.model_bridge import gpt_moe_config
 
     model = dataclasses.replace(model, transformer_impl="local", fp8=None)
     try:
-        return tiny_moe_config(model)
+        return gpt_moe_config(model)
     except ConfigError as error:
         if "moe_router_load_balancing_type" not in str(error):
             raise
-    return tiny_moe_config(dataclasses.replace(model, moe_router_load_balancing_type="aux_loss"))
+    return gpt_moe_config(dataclasses.replace(model, moe_router_load_balancing_type="aux_loss"))
 
 
 def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
@@ -171,7 +171,7 @@ def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
     Raises ``ConfigError`` / ``ValueError`` (one line) for a model the builder cannot construct."""
     from megatron.core import parallel_state
 
-    from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks, build_transformer_config
     from megatron_muon.platform import apply_cpu_stand_ins
 
     tiny = _buildable(cfg.model)

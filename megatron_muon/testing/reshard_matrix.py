@@ -68,7 +68,11 @@ def _build(name: str):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
     from megatron_muon.optim.build import MuonOptions, build_optimizer
     from megatron_muon.training.initialization import initialize_layout_independent_
     from megatron_muon.training.step import wrap_in_ddp
@@ -76,7 +80,7 @@ def _build(name: str):
     _use_layout(name)
     _, tp, pp, ep, etp = LAYOUTS[name]
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig(**MODEL)
+    cfg = GptMoeConfig(**MODEL)
     config = build_transformer_config(cfg, tp=tp, pp=pp, ep=ep, etp=etp)
     chunks = build_gpt_moe_model_chunks(cfg, config, pg)
     initialize_layout_independent_(chunks, config, SEED)

@@ -73,7 +73,11 @@ def train_tiny_moe(
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
     from megatron_muon.optim.build import MuonOptions, build_optimizer
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
@@ -84,7 +88,7 @@ def train_tiny_moe(
         )
     if fp8_param and not fp8_recipe:
         raise ValueError("fp8_param=True needs an fp8_recipe")
-    cfg = TinyMoEConfig(**(model or DEFAULT_MODEL), transformer_impl=transformer_impl)
+    cfg = GptMoeConfig(**(model or DEFAULT_MODEL), transformer_impl=transformer_impl)
     config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
     # As the trainer does: precision fields set before the model is built.
     if bf16 or fp8_recipe:

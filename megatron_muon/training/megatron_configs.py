@@ -1,5 +1,5 @@
 """From our config sections to megatron's own config objects, in one place: the model builder's
-``TinyMoEConfig`` and ``TransformerConfig``, the AdamW side's ``OptimizerConfig`` and the
+``GptMoeConfig`` and ``TransformerConfig``, the AdamW side's ``OptimizerConfig`` and the
 ``OptimizerParamScheduler`` arguments. Pure functions of the config (no process group, no model), so the trainer
 builds from them and ``tests/unit/test_config_reaches_megatron.py`` checks that every key reaches them.
 """
@@ -11,19 +11,19 @@ from typing import Any
 import torch
 
 from megatron_muon.config import ConfigError, ParallelDims, PretrainConfig
-from megatron_muon.models.model_bridge import tiny_moe_config
+from megatron_muon.models.model_bridge import gpt_moe_config
 from megatron_muon.platform.device import Device
 
 __all__ = ["adamw_optimizer_config", "check_buildable", "model_build_configs", "scheduler_arguments"]
 
 
 def model_build_configs(cfg: PretrainConfig, dims: ParallelDims, device: Device):
-    """(``TinyMoEConfig``, megatron ``TransformerConfig``) of ``cfg``'s model at the process grid ``dims``, built on
+    """(``GptMoeConfig``, megatron ``TransformerConfig``) of ``cfg``'s model at the process grid ``dims``, built on
     ``device`` (CPU initialization on the CPU only). Raises ``ConfigError`` (one line) for what the builder cannot
     build."""
-    from megatron_muon.models.tiny import build_transformer_config
+    from megatron_muon.models.gpt_moe import build_transformer_config
 
-    tiny = tiny_moe_config(cfg.model)
+    tiny = gpt_moe_config(cfg.model)
     try:
         config = build_transformer_config(
             tiny,

@@ -30,7 +30,7 @@ from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_model_config
 
-from megatron_muon.models.tiny import causal_attention_mask
+from megatron_muon.models.gpt_moe import causal_attention_mask
 
 __all__ = [
     "LOAD_BALANCING_LOSS",

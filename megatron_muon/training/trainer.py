@@ -19,8 +19,8 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_muon.config import PretrainConfig, to_yaml, validate_tokenizer
 from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, load_tokenizer, null_tokenizer
+from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks
 from megatron_muon.models.param_count import count_parameters
-from megatron_muon.models.tiny import build_gpt_moe_model_chunks
 from megatron_muon.optim.build import adamw_config_overrides, build_optimizer
 from megatron_muon.optim.qk_clip import QKClip
 from megatron_muon.platform import device as platform_device

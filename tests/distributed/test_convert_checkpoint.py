@@ -78,11 +78,11 @@ def _batch(vocab_size: int) -> torch.Tensor:
 def _build(model_config, pg, layout):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.model_bridge import tiny_moe_config
-    from megatron_muon.models.tiny import build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.model_bridge import gpt_moe_config
     from megatron_muon.training.step import wrap_in_ddp
 
-    tiny = tiny_moe_config(model_config)
+    tiny = gpt_moe_config(model_config)
     config = build_transformer_config(tiny, **layout)
     torch.manual_seed(1234)
     model_parallel_cuda_manual_seed(1234)
@@ -96,7 +96,7 @@ def _logits(chunks, pg, tokens: torch.Tensor) -> torch.Tensor | None:
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
     from megatron.core.utils import get_model_config
 
-    from megatron_muon.models.tiny import causal_attention_mask
+    from megatron_muon.models.gpt_moe import causal_attention_mask
 
     config = get_model_config(chunks[0])
     batch, length = tokens.shape

@@ -24,11 +24,15 @@ def _train_tiny_moe(*, steps: int, num_microbatches: int, tp: int, pp: int, ep: 
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig()
+    cfg = GptMoeConfig()
     config = build_transformer_config(cfg, tp=tp, pp=pp, ep=ep, etp=etp)
     torch.manual_seed(SEED)
     model_parallel_cuda_manual_seed(SEED)

@@ -44,19 +44,19 @@ def _build_and_forward(variants: dict, tp: int):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_muon.config.checks import check_model
-    from megatron_muon.models.model_bridge import tiny_moe_config
-    from megatron_muon.models.tiny import (
+    from megatron_muon.models.gpt_moe import (
         build_gpt_moe_model_chunks,
         build_transformer_config,
         causal_attention_mask,
     )
+    from megatron_muon.models.model_bridge import gpt_moe_config
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     results = {}
     for name, overrides in variants.items():
         model = ModelConfig(**(SHAPE | overrides))
         check_model(model)
-        tiny = tiny_moe_config(model)
+        tiny = gpt_moe_config(model)
         config = build_transformer_config(tiny, tp=tp, pp=1, ep=1, etp=1)
         torch.manual_seed(1234)
         model_parallel_cuda_manual_seed(1234)

@@ -27,13 +27,17 @@ def _train_on_rank(
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
     from megatron_muon.optim.build import MuonOptions, build_optimizer
     from megatron_muon.testing.canonical import fill_canonical_
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig(**model)
+    cfg = GptMoeConfig(**model)
     config = build_transformer_config(cfg, **layout)
     if bf16:  # bf16 model params; megatron's Float16 wrapper keeps fp32 main params and grads for Muon
         config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16

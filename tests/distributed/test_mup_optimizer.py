@@ -22,8 +22,8 @@ def _build_on_rank(base_hidden_size):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.tiny import (
-        TinyMoEConfig,
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
         build_gpt_moe_model_chunks,
         build_transformer_config,
         causal_attention_mask,
@@ -32,7 +32,7 @@ def _build_on_rank(base_hidden_size):
     from megatron_muon.training.step import wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig(
+    cfg = GptMoeConfig(
         num_layers=2,
         hidden_size=WIDTH,
         ffn_hidden_size=2 * WIDTH,

@@ -27,14 +27,18 @@ def _muon_steps_on_rank(layout: dict, model: dict, modes, steps: int, extra_muon
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
     from megatron_muon.optim.build import MuonOptions, build_optimizer
     from megatron_muon.optim.layout import LayoutOptions
     from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
     from megatron_muon.training.step import wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig(**model)
+    cfg = GptMoeConfig(**model)
     config = build_transformer_config(cfg, **layout)
     torch.manual_seed(0)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)

@@ -32,8 +32,8 @@ def _qk_clip_step_on_rank(layout: dict, model: dict, clip: bool):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.tiny import (
-        TinyMoEConfig,
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
         build_gpt_moe_model_chunks,
         build_transformer_config,
         causal_attention_mask,
@@ -44,7 +44,7 @@ def _qk_clip_step_on_rank(layout: dict, model: dict, clip: bool):
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig(**model)
+    cfg = GptMoeConfig(**model)
     config = build_transformer_config(cfg, **layout)
     torch.manual_seed(1234)
     model_parallel_cuda_manual_seed(1234)

@@ -14,13 +14,17 @@ def _route_on_rank(router: str):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
     from megatron_muon.optim.build import MuonOptions, build_optimizer
     from megatron_muon.optim.param_groups import route_parameters
     from megatron_muon.training.step import wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = TinyMoEConfig()
+    cfg = GptMoeConfig()
     config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
     torch.manual_seed(0)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)

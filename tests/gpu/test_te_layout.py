@@ -5,7 +5,7 @@ doubles is tests/unit/test_layout_te.py."""
 
 from __future__ import annotations
 
-from megatron_muon.models.tiny import TinyMoEConfig, build_gpt_moe_model_chunks, build_transformer_config
+from megatron_muon.models.gpt_moe import GptMoeConfig, build_gpt_moe_model_chunks, build_transformer_config
 from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
 from megatron_muon.optim.param_groups import TE_GROUPED_LINEAR_CLASS_NAMES, route_parameters
 from megatron_muon.testing.tiny_training import DEFAULT_MODEL
@@ -14,7 +14,7 @@ from megatron_muon.testing.tiny_training import DEFAULT_MODEL
 def _model(pg, transformer_impl: str):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    cfg = TinyMoEConfig(**DEFAULT_MODEL, transformer_impl=transformer_impl)
+    cfg = GptMoeConfig(**DEFAULT_MODEL, transformer_impl=transformer_impl)
     config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
     config.use_cpu_initialization = False
     model_parallel_cuda_manual_seed(0)

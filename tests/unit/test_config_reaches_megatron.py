@@ -170,7 +170,7 @@ class _Groups:
 
 def _gpt_model_arguments(tiny, config, monkeypatch) -> list[dict[str, Any]]:
     """The keyword arguments megatron's ``GPTModel`` gets from our builder (layer spec included), without building."""
-    import megatron_muon.models.tiny as builder
+    import megatron_muon.models.gpt_moe as builder
 
     calls: list[dict[str, Any]] = []
 

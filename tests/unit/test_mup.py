@@ -9,8 +9,8 @@ import pytest
 
 from megatron_muon import mup
 from megatron_muon.config import ConfigError, ModelConfig, load_config, validate
-from megatron_muon.models.model_bridge import tiny_moe_config
-from megatron_muon.models.tiny import TinyMoEConfig, build_transformer_config
+from megatron_muon.models.gpt_moe import GptMoeConfig, build_transformer_config
+from megatron_muon.models.model_bridge import gpt_moe_config
 
 
 def test_init_std_falls_as_one_over_sqrt_fan_in_from_the_base():
@@ -109,7 +109,7 @@ def _std(init_method) -> float:
 
 def test_megatron_transformer_config_carries_the_rules():
     """Width 256 over a base of 64 (m = 4), 4 heads: megatron's own muP fields and init methods match mup.py."""
-    cfg = TinyMoEConfig(
+    cfg = GptMoeConfig(
         num_layers=2, hidden_size=256, ffn_hidden_size=512, moe_layer_freq=[0, 1], mup_base_hidden_size=64
     )
     config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
@@ -120,7 +120,7 @@ def test_megatron_transformer_config_carries_the_rules():
     assert _std(config.output_layer_init_method) == pytest.approx(mup.residual_output_init_std(0.02, 2, 4.0))
     assert _std(config.embedding_init_method) == pytest.approx(0.02)  # embedding (and untied LM head): base σ
 
-    standard = build_transformer_config(TinyMoEConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
+    standard = build_transformer_config(GptMoeConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
     assert not standard.use_mup and standard.softmax_scale is None and standard.mup_output_mult == 1.0
 
 
@@ -129,7 +129,7 @@ def test_both_router_draws_give_the_output_type_std():
     trainer's layout-independent initialization; both must give σ/m under muP and σ without it."""
     from megatron_muon.training.initialization import _adamw_matrix_std
 
-    cfg = TinyMoEConfig(
+    cfg = GptMoeConfig(
         num_layers=2, hidden_size=256, ffn_hidden_size=512, moe_layer_freq=[0, 1], mup_base_hidden_size=64
     )
     config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
@@ -138,14 +138,14 @@ def test_both_router_draws_give_the_output_type_std():
     assert _std(config.init_method) * mup.router_init_rescale(4.0) == pytest.approx(
         mup.router_init_std(0.02, 4.0)
     )
-    standard = build_transformer_config(TinyMoEConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
+    standard = build_transformer_config(GptMoeConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
     assert _adamw_matrix_std(name, standard) == pytest.approx(0.02)
 
 
 def test_base_width_model_is_the_standard_one():
     """At m = 1 muP changes nothing but naming: same init, standard 1/sqrt(d_head), no logit multiplier."""
     config = build_transformer_config(
-        TinyMoEConfig(num_layers=2, hidden_size=64, moe_layer_freq=[0, 1], mup_base_hidden_size=64),
+        GptMoeConfig(num_layers=2, hidden_size=64, moe_layer_freq=[0, 1], mup_base_hidden_size=64),
         tp=1,
         pp=1,
         ep=1,
@@ -159,7 +159,7 @@ def test_model_config_reaches_the_builder():
     model = ModelConfig(hidden_size=128, mup_base_hidden_size=32, mup_base_head_dim=8.0)
     width = model.mup_width()
     assert (width.multiplier, width.head_dim, width.base_head_dim) == (4.0, 32, 8.0)
-    tiny = tiny_moe_config(model)
+    tiny = gpt_moe_config(model)
     assert (tiny.mup_base_hidden_size, tiny.mup_base_head_dim) == (32, 8.0)
     assert ModelConfig().mup_width() is None
     assert (

@@ -1,10 +1,11 @@
-"""A tiny MoE GPT on megatron-core's local (no Transformer Engine) spec, for tests and CPU runs.
+"""The MoE GPT on megatron-core's ``GPTModel``, at every size (the tiny test models up to the 16 B configuration),
+on the local spec (no Transformer Engine; CPU and tests) or Transformer Engine's.
 
-The config is megatron's own :class:`TransformerConfig` with the settings that run on CPU
-(see /work/shared/ENVIRONMENT.md): fp32, every fusion off, no grouped GEMM, no
-linear biases, sequence parallelism whenever TP > 1, per-token loss. The architecture is a small
-modern MoE decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, top-k routed experts with a
-load-balancing loss (switch, per sequence, or none) and optionally the expert bias.
+:class:`GptMoeConfig` is its shape; :func:`build_transformer_config` turns it into megatron's own
+:class:`TransformerConfig` with settings that also run on CPU: fp32, every fusion off, no grouped GEMM, no
+linear biases, sequence parallelism whenever TP > 1, per-token loss. The architecture is a modern MoE decoder:
+RMSNorm, SwiGLU, RoPE, grouped-query or multi-latent attention, top-k routed experts with a load-balancing loss
+(switch, per sequence, or none) and optionally the expert bias.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from megatron_muon import mup
 from megatron_muon.models.mla_attention import LocalMLASelfAttention, MLACoreAttention
 
 __all__ = [
-    "TinyMoEConfig",
+    "GptMoeConfig",
     "build_gpt_moe_model",
     "build_gpt_moe_model_chunks",
     "build_transformer_config",
@@ -39,8 +40,8 @@ __all__ = [
 
 
 @dataclass(kw_only=True, slots=True)
-class TinyMoEConfig:
-    """Shape of the tiny MoE GPT. Defaults: ~0.2 M parameters, a few ms per microbatch on one core."""
+class GptMoeConfig:
+    """Shape of the MoE GPT. Defaults: ~0.2 M parameters, a few ms per microbatch on one core."""
 
     num_layers: int = 4
     """Transformer layers (dense and MoE together)."""
@@ -136,7 +137,7 @@ def _require_divisible(numerator_name: str, numerator: int, denominator_name: st
 
 
 def build_transformer_config(
-    cfg: TinyMoEConfig,
+    cfg: GptMoeConfig,
     *,
     tp: int,
     pp: int,
@@ -285,7 +286,7 @@ def build_transformer_config(
     )
 
 
-def _require_mla_shapes(cfg: TinyMoEConfig, tp: int) -> None:
+def _require_mla_shapes(cfg: GptMoeConfig, tp: int) -> None:
     """One-line errors for MLA shapes megatron would fail on deep inside the build."""
     for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
         if getattr(cfg, name) < 1:
@@ -339,7 +340,7 @@ def _with_mla_core_attention(layer_spec, config: TransformerConfig):
 
 
 def build_gpt_moe_model(
-    cfg: TinyMoEConfig,
+    cfg: GptMoeConfig,
     config: TransformerConfig,
     *,
     pre_process: bool,
@@ -396,7 +397,7 @@ def _apply_mup_router_init(model: GPTModel, config: TransformerConfig) -> None:
 
 
 def build_gpt_moe_model_chunks(
-    cfg: TinyMoEConfig, config: TransformerConfig, pg_collection: ProcessGroupCollection
+    cfg: GptMoeConfig, config: TransformerConfig, pg_collection: ProcessGroupCollection
 ) -> list[GPTModel]:
     """The model chunks this rank holds: one per virtual pipeline stage (one without interleaving),
     with ``pre_process`` / ``post_process`` set from the pipeline position."""
