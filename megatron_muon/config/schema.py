@@ -15,7 +15,7 @@ keyword construction).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from megatron_muon.config.errors import product, require
 from megatron_muon.optim.options import MuonOptions, QKClipOptions
@@ -33,6 +33,14 @@ __all__ = [
     "ROUTER_SCORE_FUNCTIONS",
     "TRANSFORMER_IMPLS",
     "WSD_DECAY_STYLES",
+    "DecayStyle",
+    "Fp8Recipe",
+    "LoadBalancingType",
+    "Normalization",
+    "Precision",
+    "RouterScoreFunction",
+    "TransformerImpl",
+    "WsdDecayStyle",
     "CheckpointConfig",
     "DataBlendEntry",
     "DataConfig",
@@ -46,16 +54,29 @@ __all__ = [
     "padded_vocab_size",
 ]
 
-NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
-PRECISIONS = ("fp32", "bf16")
-FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise", "mxfp8": "mxfp8"}
+# The valid values of the mode fields, as ``Literal`` types for signatures (the builder's ``GptMoeConfig``, the
+# planner) and as tuples for the checks. The fields themselves are typed ``str``: their values are checked in one
+# place (``checks.py``) with one-line errors naming the key, not by OmegaConf while loading.
+Normalization = Literal["RMSNorm", "LayerNorm"]
+TransformerImpl = Literal["local", "transformer_engine"]
+Precision = Literal["fp32", "bf16"]
+Fp8Recipe = Literal["delayed", "current", "mxfp8"]
+RouterScoreFunction = Literal["softmax", "sigmoid"]
+LoadBalancingType = Literal["aux_loss", "seq_aux_loss", "none"]
+DecayStyle = Literal["cosine", "linear", "constant", "WSD"]
+WsdDecayStyle = Literal["linear", "cosine", "exponential", "minus_sqrt"]
+
+NORMALIZATIONS: tuple[Normalization, ...] = get_args(Normalization)
+TRANSFORMER_IMPLS: tuple[TransformerImpl, ...] = get_args(TransformerImpl)
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+FP8_RECIPES: dict[Fp8Recipe, str] = {"delayed": "delayed", "current": "tensorwise", "mxfp8": "mxfp8"}
 """Our fp8 names -> megatron's ``TransformerConfig.fp8_recipe`` (per-tensor current scaling is "tensorwise")."""
-ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
-LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
-DECAY_STYLES = ("cosine", "linear", "constant", "WSD")
-WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+ROUTER_SCORE_FUNCTIONS: tuple[RouterScoreFunction, ...] = get_args(RouterScoreFunction)
+LOAD_BALANCING_TYPES: tuple[LoadBalancingType, ...] = get_args(LoadBalancingType)
+DECAY_STYLES: tuple[DecayStyle, ...] = get_args(DecayStyle)
+WSD_DECAY_STYLES: tuple[WsdDecayStyle, ...] = get_args(WsdDecayStyle)
 RESUME_MODES = ("auto", "none")
+"""The keywords of ``checkpoint.resume``; any other value is a checkpoint path."""
 
 
 # --------------------------------------------------------------------------------------------- model

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 
 from megatron_muon import mup
 from megatron_muon.models.mla_attention import LocalMLASelfAttention, MLACoreAttention
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import LoadBalancingType, RouterScoreFunction, TransformerImpl
 
 __all__ = [
     "GptMoeConfig",
@@ -63,7 +67,7 @@ class GptMoeConfig:
     """Per layer: 1 = MoE, 0 = dense. A dense first layer is the DeepSeek-V3 / Moonlight layout."""
     moe_aux_loss_coeff: float = 1e-2
     """Weight of the load-balancing loss (Fedus et al. 2021, eq. 4)."""
-    moe_router_load_balancing_type: str = "aux_loss"
+    moe_router_load_balancing_type: LoadBalancingType = "aux_loss"
     """aux_loss (switch loss over each micro batch) | seq_aux_loss (per sequence, DeepSeek-V3) | none."""
     vocab_size: int = 256
     """Vocabulary size; must be divisible by the tensor-parallel size."""
@@ -77,7 +81,7 @@ class GptMoeConfig:
     """Tie the input embedding and the output layer."""
     moe_shared_expert_intermediate_size: int = 0
     """Hidden size of the shared expert every token also goes through (DeepSeek-MoE); 0: none."""
-    moe_router_score_function: str = "softmax"
+    moe_router_score_function: RouterScoreFunction = "softmax"
     """Router scores: softmax | sigmoid (DeepSeek-V3 / Moonlight)."""
     moe_router_enable_expert_bias: bool = False
     """Aux-loss-free load balancing (Wang et al. 2024): a per-expert bias on the routing scores, updated from
@@ -107,7 +111,7 @@ class GptMoeConfig:
     """MLA: per-head dim of the decoupled rotary query/key part, the key part shared by all heads."""
     v_head_dim: int = 16
     """MLA: per-head value dim."""
-    transformer_impl: str = "local"
+    transformer_impl: TransformerImpl = "local"
     """local (megatron's torch layers; CPU) | transformer_engine (megatron's TE spec: TE linears with fused norms,
     TE attention, grouped-GEMM experts; needs CUDA and transformer_engine)."""
 

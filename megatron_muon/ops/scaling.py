@@ -20,10 +20,13 @@ Beware the names in NVIDIA's Emerging-Optimizers (the backend of megatron-core's
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
-__all__ = ["SCALE_MODES", "update_scale"]
+__all__ = ["SCALE_MODES", "ScaleMode", "update_scale"]
 
-SCALE_MODES: tuple[str, ...] = ("spectral", "moonlight", "shape", "none")
+ScaleMode = Literal["spectral", "moonlight", "shape", "none"]
+"""The update-scale rules of :func:`update_scale`."""
+SCALE_MODES: tuple[ScaleMode, ...] = get_args(ScaleMode)
 
 # Moonlight's target update RMS. Liu et al. (2025), "Muon is Scalable for LLM Training" (Moonshot AI,
 # arXiv:2502.16982), "consistent update RMS": AdamW's update RMS is empirically 0.2–0.4, and scaling Muon's update to
@@ -31,7 +34,7 @@ SCALE_MODES: tuple[str, ...] = ("spectral", "moonlight", "shape", "none")
 MOONLIGHT_UPDATE_RMS = 0.2
 
 
-def update_scale(mode: str, fan_out: int, fan_in: int) -> float:
+def update_scale(mode: ScaleMode, fan_out: int, fan_in: int) -> float:
     """Scale factor for the orthogonalized update of one logical (fan_out, fan_in) weight matrix.
 
     Args:

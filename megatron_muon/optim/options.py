@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-MODES = ("auto", "owner", "duplicated", "distributed")
+TpMode = Literal["auto", "owner", "duplicated", "distributed"]
+"""Who orthogonalizes a tensor-parallel-sharded matrix (``optim/plan.py``)."""
+MODES: tuple[TpMode, ...] = get_args(TpMode)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(kw_only=True, slots=True)
 class MuonOptions:
-    """Muon's own settings; everything AdamW and the schedule need stays in megatron's ``OptimizerConfig``."""
+    """Muon's own settings; everything AdamW and the schedule need stays in megatron's ``OptimizerConfig``.
+
+    The mode fields are typed ``str``, not their ``Literal`` (``TpMode``, ``ScaleMode``, ``Router``): this is the
+    ``optimizer.muon`` section of the run config, whose values are checked in one place with one-line errors
+    (``validate`` here and ``megatron_muon/config/checks.py``), not by OmegaConf while loading.
+    """
 
     lr: float = 0.02
     """Peak learning rate of the Muon groups (the scheduler decays it like the AdamW one)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -33,7 +33,9 @@ HIDDEN_LINEAR_NAMES = frozenset(
         "linear_kv_up_proj",
     }
 )
-ROUTER_CHOICES = ("adamw", "muon")
+Router = Literal["adamw", "muon"]
+"""Which optimizer updates the MoE router weight."""
+ROUTER_CHOICES: tuple[Router, ...] = get_args(Router)
 
 # megatron's Transformer Engine wrappers (megatron/core/extensions/transformer_engine.py), recognised by class name
 # anywhere in the module's MRO so that nothing here imports TE (absent on CPU machines, where megatron binds these

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_muon.ops.newton_schulz import newton_schulz
-from megatron_muon.ops.scaling import update_scale
+from megatron_muon.ops.scaling import ScaleMode, update_scale
 
 
 class ReferenceMuon:
@@ -32,7 +32,7 @@ class ReferenceMuon:
         momentum: float = 0.95,
         nesterov: bool = True,
         weight_decay: float = 0.0,
-        scale_mode: str = "spectral",
+        scale_mode: ScaleMode = "spectral",
         ns_steps: int = 5,
         coefficients: str | Sequence[Sequence[float]] = "quintic",
         compute_dtype: torch.dtype = torch.float32,

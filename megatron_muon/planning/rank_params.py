@@ -6,6 +6,10 @@ dry run can print it without building anything."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import ModelConfig, ParallelDims, TransformerImpl
 
 __all__ = ["RankParameters", "parameters_of_stage", "stage_layers"]
 
@@ -44,7 +48,7 @@ def _norm(model, size: int) -> int:
     return size * (2 if model.normalization == "LayerNorm" else 1)
 
 
-def _attention(model, tp: int, transformer_impl: str) -> tuple[int, int]:
+def _attention(model: ModelConfig, tp: int, transformer_impl: TransformerImpl) -> tuple[int, int]:
     """(split over TP, replicated) elements of one attention block with its input norm.
 
     MLA's down projections are duplicated over TP with Transformer Engine (``TELinear``, parallel_mode
@@ -79,7 +83,9 @@ def _attention(model, tp: int, transformer_impl: str) -> tuple[int, int]:
     return split, replicated
 
 
-def parameters_of_stage(model, dims, pp_rank: int, transformer_impl: str | None = None) -> RankParameters:
+def parameters_of_stage(
+    model: ModelConfig, dims: ParallelDims, pp_rank: int, transformer_impl: TransformerImpl | None = None
+) -> RankParameters:
     """Parameter elements of any rank of pipeline stage ``pp_rank`` for ``model`` (a ``ModelConfig``) at ``dims``
     (a ``ParallelDims``), built with ``transformer_impl`` (default: the model's)."""
     h, tp = model.hidden_size, dims.tp

@@ -9,9 +9,12 @@ Call inside a process whose megatron parallel state is initialized (``run_distri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import TransformerImpl
 
 __all__ = ["TinyRun", "train_tiny_moe"]
 
@@ -52,7 +55,7 @@ def train_tiny_moe(
     device: str | torch.device = "cpu",
     model: dict | None = None,
     bf16: bool = False,
-    transformer_impl: str = "local",
+    transformer_impl: TransformerImpl = "local",
     fp8_recipe: str | None = None,
     fp8_param: bool = False,
     ns_compute_dtype: str = "bfloat16",
