@@ -84,16 +84,24 @@ class CostModel:
         long_side_sharded: bool,
         ns_steps: int,
     ) -> dict[str, float]:
+        """Seconds each mode adds to the busiest rank of the matrix's holders, per mode that applies.
+
+        ``owner``: the owner receives the ``num_shards - 1`` shards it lacks and sends a direction shard to each of
+        the other ``num_holders - 1`` holders (every replica of every shard: without the distributed optimizer each
+        DP replica holds the matrix), so its link carries ``(num_holders - 1) / num_shards`` of the matrix out,
+        sending and receiving at once. The bin packing spreads owners, and with them compute and bytes, over the
+        holders; but one matrix's fan-out cannot be split, so the owner's send time is a floor: at large DP it
+        exceeds running Newton–Schulz on every holder and ``duplicated`` wins."""
         rows, cols = shape
         size = rows * cols * self.bytes_per_element
         flops = newton_schulz_flops(rows, cols, ns_steps)
         compute = flops / self.flops_per_s
+        owner_receives = (num_shards - 1) / num_shards * size / self.bytes_per_s
+        owner_sends = (num_holders - 1) / num_shards * size / self.bytes_per_s
         costs = {
             # every holder computes the whole matrix after receiving the shards it lacks
-            "duplicated": compute + (num_shards - 1) / num_shards * size / self.bytes_per_s,
-            # one owner computes; its work and bytes are spread over the holders by the bin packing
-            "owner": (compute + ((num_shards - 1) + (num_holders - 1)) / num_shards * size / self.bytes_per_s)
-            / num_holders,
+            "duplicated": compute + owner_receives,
+            "owner": max((compute + max(owner_receives, owner_sends)) / num_holders, owner_sends),
         }
         if num_shards > 1 and long_side_sharded:
             small = min(rows, cols)
