@@ -4,12 +4,12 @@ runs on a flagship config and refuses bad input with one line."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from megatron_muon.cli.plan_at_scale import main as plan_at_scale_main
 from megatron_muon.config import load_config, validate
 from megatron_muon.planning.at_scale import _records_for, _template_records, rank_coordinates
 from megatron_muon.planning.meta_build import build_rank_on_meta
@@ -88,11 +88,9 @@ def test_meta_build_matches_formula_and_derived_pieces(overrides, ranks):
 
 
 def _tool(capsys, *args) -> tuple[int, str, str]:
-    """Run tools/plan_at_scale.py's main in this process: (exit code, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location("plan_at_scale_tool", ROOT / "tools/plan_at_scale.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    code = tool.main([str(a) for a in args])
+    """Run tools/plan_at_scale.py's main (``megatron_muon.cli.plan_at_scale``) in this process: (exit code,
+    stdout, stderr)."""
+    code = plan_at_scale_main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
