@@ -24,11 +24,11 @@ from megatron.core.optimizer import (
     get_mup_config_overrides,
     get_standard_config_overrides,
 )
-from megatron.core.optimizer.optimizer import MegatronOptimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_muon import mup
+from megatron_muon.optim import layer_wise
 from megatron_muon.optim.executor import MatrixOrthogonalizer
 from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
 from megatron_muon.optim.muon import Muon, NorMuonNormalization
@@ -61,15 +61,14 @@ def build_optimizer(
     muon.validate()
     if config.optimizer != "adam":
         raise ValueError(f"OptimizerConfig.optimizer={config.optimizer!r}; the AdamW side needs 'adam'")
-    if config.use_distributed_optimizer:
-        raise ValueError(
-            "use_distributed_optimizer=True shards parameters element-wise across DP ranks, which splits the "
-            "matrices Muon needs whole; Muon divides its own work over the TP x DP grid instead"
-        )
     if config.fp16:
         raise ValueError("fp16 is not supported with Muon; use bf16")
     routing = route_parameters(model_chunks, router=muon.router)
     muon_ids = {id(r.param) for r in routing.muon}
+    owned = None
+    if config.use_distributed_optimizer:
+        _check_distributed_optimizer(model_chunks, muon, muon_ids)
+        owned = layer_wise.owned_params(model_chunks, pg_collection)
     overrides = get_standard_config_overrides(config)
     muon_key = ParamKey(predicate=ParamPredicate(name="megatron_muon", fn=lambda p: id(p) in muon_ids))
     width_multiplier = mup_width_multiplier(model_chunks)
@@ -87,6 +86,7 @@ def build_optimizer(
     groups = _get_param_groups(model_chunks, config, overrides)
 
     results = []
+    layer_wise_muons = []
     for use_muon, is_expert in ((True, False), (True, True), (False, False), (False, True)):
         bucket = [
             g
@@ -96,11 +96,28 @@ def build_optimizer(
         if not bucket:
             continue
         model_parallel_group = pg_collection.tp_ep_pp if is_expert else pg_collection.mp
-        if use_muon:
-            optimizer = _build_muon(bucket, routing, model_chunks, config, muon, pg_collection, cost_model)
-            optimizer.grad_stats_parallel_group = model_parallel_group
+
+        def configure(optimizer: Any, group: Any = model_parallel_group) -> None:
+            optimizer.grad_stats_parallel_group = group
             optimizer.tp_group = pg_collection.tp
             optimizer.expert_tp_group = pg_collection.expt_tp
+
+        if use_muon and owned is not None:
+            # Distributed optimizer: this data-parallel rank updates (and keeps state for) its own params only.
+            bucket = [{**g, "params": [p for p in g["params"] if id(p) in owned]} for g in bucket]
+            raw = _build_muon(bucket, routing, model_chunks, muon, pg_collection, cost_model)
+            layer_wise_muons.append((raw, configure))
+            continue
+        if use_muon:
+            raw = _build_muon(bucket, routing, model_chunks, muon, pg_collection, cost_model)
+            optimizer = (
+                Float16OptimizerWithFloat16Params(raw, config, None, None)
+                if config.bf16
+                else FP32Optimizer(raw, config, None)
+            )
+            configure(optimizer)
+        elif owned is not None:
+            continue  # AdamW groups: megatron's DistributedOptimizer, below
         else:
             optimizer = _get_megatron_optimizer_based_on_param_groups(
                 config=config,
@@ -111,18 +128,48 @@ def build_optimizer(
             )
         results.append(optimizer)
     logger.info("Optimizer: %s", routing.summary())
+    if owned is not None:
+        return layer_wise.build_layer_wise_chain(
+            muon_optimizers=layer_wise_muons,
+            adamw_groups=[g for g in groups if g.get("optimizer") != "muon"],
+            model_chunks=model_chunks,
+            config=config,
+            pg_collection=pg_collection,
+        )
     return ChainedOptimizer(results)
+
+
+def _check_distributed_optimizer(model_chunks: list[Any], muon: MuonOptions, muon_ids: set[int]) -> None:
+    """One-line errors for what ``use_distributed_optimizer=True`` cannot serve."""
+    if muon.tp_mode == "duplicated":
+        raise ValueError(
+            "use_distributed_optimizer=True cannot serve tp_mode='duplicated' (it keeps a matrix's momentum on "
+            "every TP rank); valid: auto, owner, distributed"
+        )
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is None or not ddp_config.use_distributed_optimizer:
+            raise ValueError(
+                "use_distributed_optimizer=True needs model chunks wrapped by wrap_in_ddp with "
+                "DistributedDataParallelConfig(use_distributed_optimizer=True)"
+            )
+        if ddp_config.num_distributed_optimizer_instances != 1:
+            raise ValueError(
+                f"num_distributed_optimizer_instances={ddp_config.num_distributed_optimizer_instances} with "
+                "Muon's distributed optimizer; valid: 1 (megatron's layer-wise layout spans the whole DP group)"
+            )
+    layer_wise.check_tags_match(model_chunks, muon_ids)
 
 
 def _build_muon(
     groups: list[dict[str, Any]],
     routing: ParamRouting,
     model_chunks: list[torch.nn.Module],
-    config: OptimizerConfig,
     muon: MuonOptions,
     pg_collection: ProcessGroupCollection,
     cost_model: CostModel | None,
-) -> MegatronOptimizer:
+) -> Muon:
+    """Our Muon (a torch optimizer) over ``groups``, its logical matrices and plan over the TP x DP grid."""
     by_id = {id(r.param): r for r in routing.muon}
     layout_options = LayoutOptions(
         split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up
@@ -172,9 +219,7 @@ def _build_muon(
             NorMuonNormalization(beta2=muon.normuon_beta2, eps=muon.normuon_eps) if muon.normuon else None
         ),
     )
-    if config.bf16:
-        return Float16OptimizerWithFloat16Params(raw, config, None, None)
-    return FP32Optimizer(raw, config, None)
+    return raw
 
 
 def adamw_config_overrides(config: OptimizerConfig, model_chunks: list[torch.nn.Module]) -> dict[Any, Any]:

@@ -259,6 +259,7 @@ _MODULES_SEEING_CPU_AS_CUDA: dict[str, str] = {
     "megatron.core.pipeline_parallel.p2p_communication": "current_device() shapes, synchronize()",
     "megatron.core.optimizer.optimizer": "device='cuda' for _scale / found_inf / flags",
     "megatron.core.optimizer.distrib_optimizer": "current_device() for gather buffers",
+    "megatron.core.optimizer.layer_wise_optimizer": "device='cuda' for the has_grad_norm_group flag",
     "megatron.core.optimizer.grad_scaler": "device='cuda' for the loss scale",
     "megatron.core.optimizer.clip_grads": "device='cuda' for the total norm and zero count",
     # megatron-core 0.19.2: 8. dist_checkpointing.
@@ -332,6 +333,8 @@ _FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA: dict[tuple[str, str], str] = {
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): "grad type assert",
     # megatron-core 0.19.2: 7. The element-sharded DistributedOptimizer sorts params by their CUDA type string.
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"): "param.type()",
+    # megatron-core 0.19.2: its model-space checkpoint format gathers the state shards with .cuda() tensors.
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"): ".cuda()",
     # megatron-core 0.19.2: bf16/fp16 mixed precision sorts params the same way.
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"): "param.type()",
     # megatron-core 0.19.2: 5. optimizer/grad_scaler.py moves a loaded loss scale with .cuda(current_device()).

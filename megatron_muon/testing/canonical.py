@@ -96,15 +96,20 @@ def fill_canonical_(
 
 
 def collect_pieces(
-    model_chunks, options: LayoutOptions = DEFAULT_LAYOUT
+    model_chunks, options: LayoutOptions = DEFAULT_LAYOUT, *, main_params: bool = False
 ) -> dict[str, dict[int, torch.Tensor]]:
-    """This rank's value of every Muon matrix piece: key → shard index → tensor (for assembling in a test)."""
+    """This rank's value of every Muon matrix piece: key → shard index → tensor (for assembling in a test).
+    ``main_params``: the fp32 main copies megatron's mixed-precision wrapper keeps (``param.main_param``) instead
+    of the bf16 parameters, from the parameters that have one here (with the distributed optimizer: the owned)."""
     _, muon = logical_pieces(model_chunks, options)
     out: dict[str, dict] = {}
     for routed, pieces in muon:
+        source = getattr(routed.param, "main_param", None) if main_params else routed.param.data
+        if source is None:
+            continue
         for piece in pieces:
             out.setdefault(piece.key, {})[piece.shard_index] = (
-                piece.read(routed.param.data).clone(),
+                piece.read(source).clone(),
                 piece.shard_dim,
                 piece.num_shards,
             )

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "DISTRIBUTED_OPTIMIZER_LAYOUTS",
     "LAYOUTS",
     "MODEL",
     "SAVE_AT",
@@ -32,7 +33,10 @@ LAYOUTS: dict[str, tuple[int, int, int, int, int]] = {
     "tp2_dp2": (4, 2, 1, 1, 1),
     "pp4": (4, 1, 4, 1, 1),
     "tp2_etp2_ep2": (4, 2, 1, 2, 2),
+    "tp2_dp2_distopt": (4, 2, 1, 1, 1),
 }
+DISTRIBUTED_OPTIMIZER_LAYOUTS = frozenset({"tp2_dp2_distopt"})
+"""Layouts trained with ``optimizer.distributed_optimizer: true`` (Muon and AdamW state sharded over DP)."""
 MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, num_moe_experts=4)
 GLOBAL_BATCH, MICRO_BATCH, SEED = 8, 2, 1234
 STEPS, SAVE_AT = 4, 2
@@ -64,6 +68,7 @@ def _use_layout(name: str) -> None:
 
 
 def _build(name: str):
+    from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -74,20 +79,34 @@ def _build(name: str):
         build_transformer_config,
     )
     from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.layer_wise import tag_muon_params
     from megatron_muon.training.initialization import initialize_layout_independent_
     from megatron_muon.training.step import wrap_in_ddp
 
     _use_layout(name)
     _, tp, pp, ep, etp = LAYOUTS[name]
+    distributed = name in DISTRIBUTED_OPTIMIZER_LAYOUTS
     pg = ProcessGroupCollection.use_mpu_process_groups()
     cfg = GptMoeConfig(**MODEL)
     config = build_transformer_config(cfg, tp=tp, pp=pp, ep=ep, etp=etp)
     chunks = build_gpt_moe_model_chunks(cfg, config, pg)
     initialize_layout_independent_(chunks, config, SEED)
-    chunks = wrap_in_ddp(chunks, config, pg_collection=pg)
+    if distributed:
+        tag_muon_params(chunks, router="adamw")
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
+    )
+    chunks = wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
     optimizer = build_optimizer(
         chunks,
-        OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0),
+        OptimizerConfig(
+            optimizer="adam",
+            lr=3e-3,
+            min_lr=3e-4,
+            weight_decay=0.01,
+            clip_grad=1.0,
+            use_distributed_optimizer=distributed,
+        ),
         # fp32 Newton–Schulz: layouts then agree to rounding (bf16 NS differs by its own rounding per layout)
         MuonOptions(lr=0.02, min_lr=0.002, weight_decay=0.01, compute_dtype="float32", tp_mode="auto"),
         pg,

@@ -4,6 +4,7 @@ position, so a checkpoint of one layout loads at any other (world 1 included).""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from megatron.core.dist_checkpointing.optimizer import (
     make_sharded_optimizer_tensor,
     optim_state_to_sharding_state,
 )
-from megatron.core.optimizer import ChainedOptimizer
+from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
 
 from megatron_muon.optim.muon import Muon
 from megatron_muon.optim.state import (
@@ -29,13 +30,21 @@ class OptimizerStateError(RuntimeError):
     """The checkpoint's optimizer state does not fit this optimizer (one line)."""
 
 
+def _flatten(optimizer) -> list[Any]:
+    """The leaf members of a (nested) megatron ``ChainedOptimizer``: with the distributed optimizer the chain
+    holds megatron's layer-wise optimizer (itself a chain of the Muon members) and its ``DistributedOptimizer``."""
+    if isinstance(optimizer, ChainedOptimizer):
+        return [leaf for member in optimizer.chained_optimizers for leaf in _flatten(member)]
+    return [optimizer]
+
+
 def _members(optimizer) -> dict[str, Any]:
     """Role (``muon_dense``, ``muon_expert``, ``adamw_dense``, ``adamw_expert``) → member of the chain.
 
     Roles rather than positions: they say what the state is, and megatron aligns param groups across ranks so
     every rank has the same roles.
     """
-    members = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    members = _flatten(optimizer)
     roles = {}
     for member in members:
         groups = member.optimizer.param_groups
@@ -54,7 +63,7 @@ def _is_mixed_precision(member) -> bool:
 
 
 def _fp32_main_params(
-    member, model_sharded_state_dict: dict, *, is_loading: bool
+    member, model_sharded_state_dict: dict, *, is_loading: bool, owned_here: bool = False
 ) -> dict[str, dict[str, ShardedTensor]]:
     """The fp32 main copies of a mixed-precision member's bf16 params, ``{group index: {index: tensor}}``, under
     the key megatron gives them (``optimizer.state.fp32_param.<param key>``). fp32 members have none: their main
@@ -72,7 +81,14 @@ def _fp32_main_params(
 
     def sharded(main, model):
         data = main.detach().clone() if is_loading else main
-        return make_sharded_optimizer_tensor(sharded_of[id(model)], data, prefix="optimizer.state.fp32_param")
+        tensor = make_sharded_optimizer_tensor(
+            sharded_of[id(model)], data, prefix="optimizer.state.fp32_param"
+        )
+        if (
+            owned_here
+        ):  # the one data-parallel rank holding this main param writes it (as megatron's layer-wise)
+            tensor.replica_id = (*tensor.replica_id[:2], 0) if isinstance(tensor.replica_id, tuple) else 0
+        return tensor
 
     return {
         str(g): {
@@ -121,6 +137,66 @@ def _mixed_precision_sharded_state_dict(member, model_sharded_state_dict: dict, 
     return state
 
 
+def _adamw_in_state_order(member) -> list[torch.nn.Parameter]:
+    """The model params of a ``DistributedOptimizer`` in the order of its ``sharded_param_state_fully_reshardable``."""
+    return [
+        model_param
+        for gbuf_index, gbuf_range_maps in enumerate(member.gbuf_ranges)
+        for _ in gbuf_range_maps
+        for model_param in member.buffers[gbuf_index].param_index_map
+    ]
+
+
+_MAIN_PARAM_PREFIX, _OUR_MAIN_PARAM_PREFIX = "optimizer.state.param.", "optimizer.state.fp32_param."
+
+
+# megatron-core 0.19.2: DistributedOptimizer's own sharded_state_dict nests its state differently from the
+# mixed-precision wrapper's (so neither loads the other's) and names the main params ``param``; the tensors' keys
+# and shapes are otherwise the same, so only the entry around them is ours.
+def _distributed_adamw_sharded_state_dict(
+    member, model_sharded_state_dict: dict, *, is_loading: bool
+) -> dict:
+    """Megatron's ``DistributedOptimizer`` state (``optimizer.distributed_optimizer: true``) in its model-space
+    format (``fully_reshardable``: each buffer's shards gathered, cut into whole-param tensors
+    ``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<param key>``, the keys and shapes the non-distributed members
+    save), plus the common step under the path the non-distributed members use: either kind loads the other's
+    checkpoint. An fp32 model has no separate main params."""
+    if is_loading and not member.optimizer.state:
+        member._init_optimizer_states_with_dummy_values()  # megatron's own: state to load into
+    per_param = member.sharded_param_state_fully_reshardable(
+        model_sharded_state_dict, is_loading=is_loading, metadata={}
+    )
+    for tensors in per_param.values():
+        main = tensors.pop("param", None)
+        if main is not None and member.config.bf16:
+            tensors["fp32_param"] = dataclasses.replace(
+                main, key=_OUR_MAIN_PARAM_PREFIX + main.key.removeprefix(_MAIN_PARAM_PREFIX)
+            )
+    entry: dict[str, Any] = {"param_state": per_param}
+    if not is_loading:
+        steps = {float(state["step"]) for state in member.optimizer.state.values() if "step" in state}
+        if len(steps) > 1:
+            raise OptimizerStateError(f"AdamW shards disagree about the step count: {sorted(steps)}")
+        entry["optimizer"] = {"state": {"common_step": steps.pop()} if steps else {}}
+    return entry
+
+
+def _load_distributed_adamw(member, entry: dict, step) -> None:
+    per_param = entry["param_state"]
+    for index, model_param in enumerate(_adamw_in_state_order(member)):
+        if "fp32_param" not in per_param[index]:  # fp32 model: the main param is the loaded weight itself
+            per_param[index]["fp32_param"] = model_param.detach().float()
+    # megatron-core 0.19.2: with torch's Adam (no Apex / Transformer Engine) the per-param state holds a "step"
+    # tensor that _set_main_param_and_optimizer_states asks the loaded state for; it is set from the common step.
+    steps = [state.pop("step", None) for state in member.optimizer.state.values()]
+    member.load_parameter_state_from_fully_reshardable(per_param)
+    for state, previous in zip(member.optimizer.state.values(), steps, strict=True):
+        if step is not None:
+            state["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+        elif previous is not None:
+            state["step"] = previous
+
+
 def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
     state = {}
     for role, member in _members(optimizer).items():
@@ -131,9 +207,16 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, i
             }
             if _is_mixed_precision(member):
                 entry["fp32_param"] = _fp32_main_params(
-                    member, model_sharded_state_dict, is_loading=is_loading
+                    member,
+                    model_sharded_state_dict,
+                    is_loading=is_loading,
+                    owned_here=bool(getattr(optimizer.config, "use_distributed_optimizer", False)),
                 )
             state[role] = entry
+        elif isinstance(member, DistributedOptimizer):
+            state[role] = _distributed_adamw_sharded_state_dict(
+                member, model_sharded_state_dict, is_loading=is_loading
+            )
         elif _is_mixed_precision(member):
             state[role] = _mixed_precision_sharded_state_dict(
                 member, model_sharded_state_dict, is_loading=is_loading
@@ -145,11 +228,16 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, i
     return state
 
 
-def _torch_state(entry: dict) -> dict:
-    """The torch ``Optimizer.state_dict()`` part of a megatron member's (loaded) state: under ``optimizer`` for
-    a mixed-precision member, the entry itself for an fp32 one."""
-    inner = entry.get("optimizer")
-    return inner if isinstance(inner, dict) and "state" in inner else entry
+def _saved_common_step(entry: Any):
+    """The common AdamW step an entry holds, in whichever member's format it was saved: under ``optimizer.state``
+    (mixed precision, distributed optimizer) or under ``state`` (fp32)."""
+    if not isinstance(entry, dict):
+        return None
+    for candidate in (entry.get("optimizer"), entry):
+        state = candidate.get("state") if isinstance(candidate, dict) else None
+        if isinstance(state, dict) and state.get("common_step") is not None:
+            return state["common_step"]
+    return None
 
 
 def _saved_adamw_step(loaded: dict, role: str):
@@ -159,8 +247,7 @@ def _saved_adamw_step(loaded: dict, role: str):
     parallelism has expert members the checkpoint never named. Their per-parameter state is found by parameter
     key (role-free); only the common step count lives under the role, and every member steps together."""
     for candidate in (role, "adamw_expert" if role == "adamw_dense" else "adamw_dense"):
-        entry = loaded.get(candidate)
-        step = _torch_state(entry).get("state", {}).get("common_step") if isinstance(entry, dict) else None
+        step = _saved_common_step(loaded.get(candidate))
         if step is not None:
             return step
     return None
@@ -182,9 +269,14 @@ def load_optimizer_state(optimizer, loaded: dict) -> None:
                     for main, value in zip(mains, values, strict=True):
                         main.data.copy_(value)
             continue
+        if isinstance(member, DistributedOptimizer):
+            _load_distributed_adamw(member, entry, _saved_adamw_step(loaded, role))
+            continue
         if _is_mixed_precision(member):
             entry["fp32_from_fp16_params"] = _as_lists(entry["fp32_from_fp16_params"])
-        torch_state = _torch_state(entry)
+        # The torch Optimizer.state_dict() part: under "optimizer" for a mixed-precision member, the entry itself
+        # for an fp32 one.
+        torch_state = entry.setdefault("optimizer", {}) if _is_mixed_precision(member) else entry
         # This run's groups (same ids as the request's numbering): megatron pairs saved groups by identifier
         # keys that include the learning rate, so a changed LR would not find its group, and the saved
         # betas / eps would silently replace the configured ones.

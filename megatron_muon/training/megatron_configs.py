@@ -1,5 +1,5 @@
 """From our config sections to megatron's own config objects, in one place: the model builder's
-``GptMoeConfig`` and ``TransformerConfig``, the AdamW side's ``OptimizerConfig`` and the
+``GptMoeConfig`` and ``TransformerConfig``, DDP's and the AdamW side's ``OptimizerConfig`` and the
 ``OptimizerParamScheduler`` arguments. Pure functions of the config (no process group, no model), so the trainer
 builds from them and ``tests/unit/test_config_reaches_megatron.py`` checks that every key reaches them.
 """
@@ -14,7 +14,13 @@ from megatron_muon.config import ConfigError, ParallelDims, PretrainConfig
 from megatron_muon.models.model_bridge import gpt_moe_config
 from megatron_muon.platform.device import Device
 
-__all__ = ["adamw_optimizer_config", "check_buildable", "model_build_configs", "scheduler_arguments"]
+__all__ = [
+    "adamw_optimizer_config",
+    "check_buildable",
+    "ddp_config",
+    "model_build_configs",
+    "scheduler_arguments",
+]
 
 
 def model_build_configs(cfg: PretrainConfig, dims: ParallelDims, device: Device):
@@ -62,6 +68,23 @@ def adamw_optimizer_config(cfg: PretrainConfig):
         clip_grad=opt.clip_grad,
         bf16=cfg.model.precision == "bf16",
         fp16=False,
+        use_distributed_optimizer=opt.distributed_optimizer,
+        overlap_param_gather=opt.overlap_param_gather,
+    )
+
+
+def ddp_config(cfg: PretrainConfig):
+    """Megatron's ``DistributedDataParallelConfig``: fp32 gradient reduction (the optimizers' main grads); with
+    ``optimizer.distributed_optimizer`` a reduce-scatter into megatron's layer-wise layout and a parameter
+    all-gather after the step (``optim/layer_wise.py``); the overlap switches of the config."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    opt = cfg.optimizer
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=opt.distributed_optimizer,
+        overlap_grad_reduce=opt.overlap_grad_reduce,
+        overlap_param_gather=opt.overlap_param_gather,
     )
 
 

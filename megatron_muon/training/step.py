@@ -8,6 +8,7 @@ Process groups come in as a ``ProcessGroupCollection`` (e.g.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -31,10 +32,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_model_config
 
 from megatron_muon.models.gpt_moe import causal_attention_mask
+from megatron_muon.optim.layer_wise import shard_aligned_layout
 
 __all__ = [
     "LOAD_BALANCING_LOSS",
     "evaluate",
+    "parameters_gathered",
     "step_unless_nonfinite",
     "synthetic_batches",
     "train_step",
@@ -58,7 +61,8 @@ def wrap_in_ddp(
     """Wrap each model chunk in megatron's ``DistributedDataParallel`` and hook it into ``config``.
 
     Default ``ddp_config``: plain all-reduce of fp32 grads (``use_distributed_optimizer=False``), no
-    overlap. Sets ``config.no_sync_func`` (one per chunk under interleaving) and
+    overlap. With ``use_distributed_optimizer=True`` the buffers get megatron's shard-aligned layout for the
+    parameters tagged by ``optim.layer_wise.tag_muon_params`` (call it first) and the byte-level one for the rest. Sets ``config.no_sync_func`` (one per chunk under interleaving) and
     ``config.finalize_model_grads_func``, which the schedule calls after the last backward.
 
     ``config.calculate_per_token_loss`` must already hold its final value: DDP reads it here to decide
@@ -72,6 +76,7 @@ def wrap_in_ddp(
             overlap_grad_reduce=False,
             grad_reduce_in_fp32=True,
         )
+    later_stage = pg_collection.pp.rank() > 0
     wrapped = [
         DistributedDataParallel(
             config=config,
@@ -80,6 +85,12 @@ def wrap_in_ddp(
             # As megatron's training loop: only the first chunk's grads are bucketed.
             disable_bucketing=index > 0,
             pg_collection=pg_collection,
+            # Distributed optimizer: megatron's layer-wise layout (whole Muon params per DP shard).
+            full_param_layout=(
+                shard_aligned_layout(chunk, ddp_config, pg_collection, unbucketed=index > 0 or later_stage)
+                if ddp_config.use_distributed_optimizer
+                else None
+            ),
         )
         for index, chunk in enumerate(model_chunks)
     ]
@@ -87,6 +98,21 @@ def wrap_in_ddp(
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     config.finalize_model_grads_func = finalize_model_grads
     return wrapped
+
+
+@contextlib.contextmanager
+def parameters_gathered(model_chunks: list[DistributedDataParallel]) -> Iterator[None]:
+    """Every rank's parameters up to date inside the block (a checkpoint save): with ``overlap_param_gather``
+    the all-gather of the last step's updates waits for the next forward; as megatron's training loop does
+    around checkpoints, the forward pre-hooks are removed with a synchronous all-gather and put back after."""
+    overlapped = [c for c in model_chunks if c.ddp_config.overlap_param_gather]
+    for chunk in overlapped:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in overlapped:
+            chunk.enable_forward_pre_hook()
 
 
 def _arithmetic_sequences(

@@ -22,6 +22,7 @@ from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, lo
 from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks
 from megatron_muon.models.param_count import count_parameters
 from megatron_muon.optim.build import adamw_config_overrides, build_optimizer
+from megatron_muon.optim.layer_wise import tag_muon_params
 from megatron_muon.optim.qk_clip import QKClip
 from megatron_muon.platform import device as platform_device
 from megatron_muon.training import checkpoint as ckpt
@@ -29,6 +30,7 @@ from megatron_muon.training.expert_load import ExpertLoadTracker
 from megatron_muon.training.initialization import initialize_layout_independent_
 from megatron_muon.training.megatron_configs import (
     adamw_optimizer_config,
+    ddp_config,
     model_build_configs,
     scheduler_arguments,
 )
@@ -40,7 +42,13 @@ from megatron_muon.training.metrics import (
     muon_stats,
 )
 from megatron_muon.training.resume import choose_resume_source, resume_setting_changes
-from megatron_muon.training.step import LOAD_BALANCING_LOSS, evaluate, train_step, wrap_in_ddp
+from megatron_muon.training.step import (
+    LOAD_BALANCING_LOSS,
+    evaluate,
+    parameters_gathered,
+    train_step,
+    wrap_in_ddp,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +92,9 @@ class Trainer:
         chunks = build_gpt_moe_model_chunks(self.tiny, config, pg_collection)
         # The same seed gives the same initial model at every TP/PP/EP/DP layout (megatron's own draw does not).
         initialize_layout_independent_(chunks, config, train.seed)
-        self.model = wrap_in_ddp(chunks, config, pg_collection=pg_collection)
+        if cfg.optimizer.distributed_optimizer and cfg.optimizer.use_muon:
+            tag_muon_params(chunks, router=cfg.optimizer.muon.router)  # Muon's params: whole per DP shard
+        self.model = wrap_in_ddp(chunks, config, pg_collection=pg_collection, ddp_config=ddp_config(cfg))
 
         opt = cfg.optimizer
         adam_config = adamw_optimizer_config(cfg)
@@ -285,16 +295,17 @@ class Trainer:
         if not c.save_dir or getattr(self, "_saved_iteration", None) == self.iteration:
             return
         self._saved_iteration = self.iteration
-        path = ckpt.save_checkpoint(
-            c.save_dir,
-            self.iteration,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            consumed_samples=self.consumed_samples,
-            config_yaml=to_yaml(self.cfg),
-            keep_last=c.keep_last or 0,
-        )
+        with parameters_gathered(self.model):  # overlap_param_gather: the last step's all-gather is still due
+            path = ckpt.save_checkpoint(
+                c.save_dir,
+                self.iteration,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                consumed_samples=self.consumed_samples,
+                config_yaml=to_yaml(self.cfg),
+                keep_last=c.keep_last or 0,
+            )
         self._log(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------------------------------------- logging

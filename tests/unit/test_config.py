@@ -205,6 +205,16 @@ def tiny(*overrides: str) -> PretrainConfig:
         (["model.fp8=current"], 4, "model.fp8='current' needs model.precision='bf16'"),
         (["optimizer.muon.tp_mode=bogus"], 4, "optimizer.muon.tp_mode='bogus'"),
         (["optimizer.muon.scale_mode=adam"], 4, "optimizer.muon.scale_mode='adam' is not one of"),
+        (
+            ["optimizer.distributed_optimizer=true", "optimizer.muon.tp_mode=duplicated"],
+            4,
+            "optimizer.distributed_optimizer=true cannot serve optimizer.muon.tp_mode=duplicated",
+        ),
+        (
+            ["optimizer.overlap_param_gather=true"],
+            4,
+            "optimizer.overlap_param_gather=true needs optimizer.distributed_optimizer=true",
+        ),
         (["optimizer.decay_style=step"], 4, "optimizer.decay_style='step' is not one of"),
         (
             ["optimizer.warmup_iters=501"],

@@ -105,6 +105,9 @@ CHANGES: list[tuple[str, Any, dict[str, Any]]] = [
     ("optimizer.lr_decay_iters", 50, {}),
     ("optimizer.wsd_decay_fraction", 0.5, WSD),
     ("optimizer.wsd_decay_style", "cosine", WSD),
+    ("optimizer.distributed_optimizer", True, {}),
+    ("optimizer.overlap_grad_reduce", True, {}),
+    ("optimizer.overlap_param_gather", True, {"optimizer.distributed_optimizer": True}),
     ("optimizer.qk_clip.enabled", True, {}),
     ("optimizer.qk_clip.log_max_logits", True, {}),
 ]
@@ -204,6 +207,7 @@ def _built(settings: dict[str, Any], monkeypatch) -> Any:
     from megatron_muon.platform.device import Device
     from megatron_muon.training.megatron_configs import (
         adamw_optimizer_config,
+        ddp_config,
         model_build_configs,
         scheduler_arguments,
     )
@@ -220,6 +224,7 @@ def _built(settings: dict[str, Any], monkeypatch) -> Any:
         "TransformerConfig": _comparable(config),
         "GPTModel": _comparable(_gpt_model_arguments(tiny, config, monkeypatch)),
         "OptimizerConfig": _comparable(adamw_optimizer_config(cfg)),
+        "DistributedDataParallelConfig": _comparable(ddp_config(cfg)),
         "scheduler": _comparable(scheduler_arguments(cfg)),
     }
 
