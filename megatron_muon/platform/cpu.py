@@ -334,7 +334,10 @@ _FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA: dict[tuple[str, str], str] = {
     # megatron-core 0.19.2: 7. The element-sharded DistributedOptimizer sorts params by their CUDA type string.
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"): "param.type()",
     # megatron-core 0.19.2: its model-space checkpoint format gathers the state shards with .cuda() tensors.
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"): ".cuda()",
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+    ): ".cuda()",
     # megatron-core 0.19.2: bf16/fp16 mixed precision sorts params the same way.
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"): "param.type()",
     # megatron-core 0.19.2: 5. optimizer/grad_scaler.py moves a loaded loss scale with .cuda(current_device()).
