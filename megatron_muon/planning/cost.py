@@ -4,15 +4,18 @@ megatron-core 0.19.2's Muon modes, from the same logical matrices (``at_scale.La
 Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's, u = Muon's):
 
 * parameters: p × 2 B (bf16) or 4 B (fp32); gradients: p × 4 B (megatron's fp32 grad buffer,
-  ``grad_reduce_in_fp32``; kept whole with the distributed optimizer too); master weights: p × 4 B under bf16.
+  ``grad_reduce_in_fp32``; kept whole with the distributed optimizer too); master weights: p × 4 B under bf16
+  (distributed optimizer on: only for the params this rank owns, below).
 * optimizer state, distributed optimizer **off**: AdamW 8 B × a; Muon momentum 4 B per element of every matrix the
   rank orthogonalizes (ours: the owner keeps the whole matrix, ``duplicated`` every holder the whole matrix,
   ``distributed`` its shard; megatron's duplicated / distributed modes: the rank's own shard).
-* distributed optimizer **on** (ours): megatron's element-sharded optimizer for AdamW: (4 B master + 8 B state) ×
-  a / DP (dense: DP·CP, experts: expert-DP); Muon: master (4 B, bf16 only) and momentum (4 B) only for the
-  matrices (or shards, ``distributed``) this rank orthogonalizes, whole there; its local master copy is dropped.
-  Megatron's counterpart is its ``LayerWiseDistributedOptimizer``: every whole parameter's master and state on one
-  DP rank (balanced by Newton–Schulz cost), AdamW likewise (balanced by elements).
+* distributed optimizer **on** (ours, docs/distributed_optimizer.md): AdamW on megatron's element-sharded
+  ``DistributedOptimizer``: (4 B master + 8 B state) × a / d, i.e. 6 + 12/d B per param with params and grads
+  (d: dense DP·CP, experts expert-DP); Muon on megatron's shard-aligned layer-wise layout: each DP rank owns
+  whole TP-local params (balanced by Newton–Schulz cost) and keeps the fp32 master (4 B, bf16 only) of those,
+  and the owner inside the TP group keeps the momentum (4 B) of the whole logical matrix: 6 + 8/d B per param on
+  average. Megatron's ``LayerWiseDistributedOptimizer`` holds the same bytes (its TP-split matrices' momentum
+  per shard on every TP rank of the DP owner).
 * activations (megatron's theoretical estimate, Korthikanti et al. 2022, selective recompute, sequence parallel):
   per layer s·b·h·(18 + 4·F/h)/TP bytes with F the dense FFN size, or top-k × expert FFN + shared FFN for an MoE
   layer (tokens balanced over experts); × the micro-batches in flight on pipeline rank r under 1F1B,
@@ -20,11 +23,15 @@ Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's
   last stage.
 * Newton–Schulz FLOPs: ``newton_schulz_flops`` per whole matrix; a shard of the ``distributed`` mode runs
   steps × (4k²K/n + 2k³) (k × k Gram work is repeated on every shard).
-* communication (fp32 gradients / directions, 4 B): ours, the plan's gather and scatter transfers (one all-to-all
-  per bucket each way) and the ``distributed`` mode's Gram all-reduce (ring: 2(n−1)/n of k² × 4 B per NS step);
-  megatron duplicated: a ring all-gather of every TP-sharded matrix ((n−1)/n of it); distributed: the Gram
-  all-reduce; layer-wise: its TP gathers for the parameters it owns plus a ring all-gather of the updated bf16
-  parameters over DP.
+* communication in the optimizer step (fp32 gradients / directions, 4 B): ours, the plan's gather and scatter
+  transfers (one all-to-all per bucket each way) and the ``distributed`` mode's Gram all-reduce (ring: 2(n−1)/n of
+  k² × 4 B per NS step); megatron duplicated: a ring all-gather of every TP-sharded matrix ((n−1)/n of it);
+  distributed: the Gram all-reduce. With a distributed optimizer (ours, megatron layer-wise) the plan or the TP
+  gathers cover only the owned params, then the updated params of every param (Muon and AdamW) are all-gathered
+  over DP: ring, 2 B (bf16; fp32: 4 B) × P·(d−1)/d sent.
+* gradient sync (backward pass, overlapped with it, not part of the optimizer step; ``grad_sync``): fp32 grads
+  all-reduced over DP without a distributed optimizer, 8·P·(d−1)/d sent; reduce-scattered with one,
+  4·P·(d−1)/d.
 * time: NS FLOPs / (peak × efficiency) + bytes / bandwidth (NVLink when both ends are in one node of
   ``gpus_per_node``, else InfiniBand; the larger of send and receive) + latency per collective. Ours overlaps
   bucket b's exchange with bucket b+1's Newton–Schulz: max(compute, exchange) + min(...)/buckets. Megatron's
@@ -74,6 +81,9 @@ class RankCost:
     param_gather_seconds: float = 0.0
     """Of the send/receive seconds: the all-gather of updated bf16 parameters over DP (distributed optimizers),
     which megatron can overlap with the next forward (``overlap_param_gather``)."""
+    grad_sync: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    """Bytes this rank sends (and receives) in the gradient sync of the backward pass, by collective: not part of
+    the optimizer step's time."""
 
     def add(self, other: RankCost) -> None:
         """Accumulate ``other``'s work and traffic (a distinct rank's figures applied to one of its replicas)."""
@@ -88,6 +98,8 @@ class RankCost:
         self.receive_seconds += other.receive_seconds
         self.collectives += other.collectives
         self.param_gather_seconds += other.param_gather_seconds
+        for name, count in other.grad_sync.items():
+            self.grad_sync[name] += count
 
     def step_seconds(self, flops_per_s: float, latency_s: float, *, param_gather: bool = True) -> float:
         """Predicted seconds of this rank's optimizer step; ``param_gather=False`` leaves out the DP all-gather
@@ -240,7 +252,7 @@ def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int):
     pieces of one tensor) goes to one member, longest-processing-time first by Newton–Schulz cost. Yields
     (members, params: name → records, owner_of: name → member)."""
     dims, coordinates = facts.dims, facts.coordinates
-    replica = ("tp", "cp") if kind == "dense" else ("ep", "etp")
+    replica = ("tp",) if kind == "dense" else ("ep", "etp")  # dense DP group: DP × CP (megatron's dp_cp)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for grid in range(dims.stage_size):
         groups[tuple(coordinates[first + grid][c] for c in replica)].append(grid)
@@ -260,12 +272,16 @@ def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int):
         yield members, params, owner_of
 
 
-def _param_all_gather(facts, links, costs, first, members, records) -> None:
-    """Updated bf16 parameters gathered from their DP owners (ring all-gather over the DP group)."""
+def _param_bytes(facts) -> int:
+    return 2 if facts.cfg.model.precision == "bf16" else 4
+
+
+def _param_all_gather(facts, links, costs, first, members, elements: float) -> None:
+    """Updated parameters (``elements`` per rank: every param of the DP group's buffers, Muon and AdamW) gathered
+    from their DP owners: a ring all-gather over the DP group."""
     if len(members) < 2:
         return
-    elements = sum(r.shape[0] * r.shape[1] / r.num_shards for r in records)
-    each_way = (len(members) - 1) / len(members) * elements * 2
+    each_way = (len(members) - 1) / len(members) * elements * _param_bytes(facts)
     bandwidth = links.group_bandwidth([first + m for m in members])
     for member in members:
         _ring(costs[first + member], each_way, bandwidth, "DP all-gather (params)", 1)
@@ -288,7 +304,7 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
             for members, _params, owner_of in _dp_owners(facts, first, kind, records_by_rank, muon.ns_steps):
                 for name, owner in owner_of.items():
                     owned_names[owner].add(name)
-                _param_all_gather(facts, links, costs, first, members, records_by_rank[members[0]])
+                _param_all_gather(facts, links, costs, first, members, _kind_elements(stage, kind))
             # The shard groups: the ranks of one DP index that hold the other shards of the same matrices.
             same = ("cp", "dp") if kind == "dense" else ("ep", "edp")
             groups: dict[tuple, list[int]] = defaultdict(list)
@@ -371,8 +387,29 @@ def _megatron(facts, links, mode: str) -> dict[int, RankCost]:
                 for name, owner in owner_of.items():
                     for record in params[name]:
                         matrix_work(costs[first + owner], record)
-                _param_all_gather(facts, links, costs, first, members, fused[members[0]])
+                _param_all_gather(facts, links, costs, first, members, _kind_elements(stage, kind))
     return costs
+
+
+def _kind_elements(stage, kind: str) -> int:
+    """Parameter elements of one rank of ``stage`` in the DP buffers of ``kind``: dense (everything but the routed
+    experts, AdamW params included) or expert."""
+    return stage.parameters.dense if kind == "dense" else stage.parameters.expert
+
+
+def _grad_sync(facts, costs, sharded: bool) -> None:
+    """The backward pass's gradient sync over DP (dense: DP·CP, experts: expert-DP), fp32: a ring all-reduce, or a
+    reduce-scatter with a distributed optimizer."""
+    dims = facts.dims
+    name = "DP reduce-scatter (grads)" if sharded else "DP all-reduce (grads)"
+    for stage in facts.stages:
+        first = stage.pp_rank * dims.stage_size
+        sent = sum(
+            _kind_elements(stage, kind) * _FP32 * (d - 1) / d * (1 if sharded else 2)
+            for kind, d in (("dense", dims.dp * dims.cp), ("expert", dims.expert_dp))
+        )
+        for rank in range(first, first + dims.stage_size):
+            costs[rank].grad_sync[name] += sent
 
 
 def layout_costs(facts) -> dict[str, dict[int, RankCost]]:
@@ -384,4 +421,6 @@ def layout_costs(facts) -> dict[str, dict[int, RankCost]]:
     }
     for mode in MODES[2:]:
         result[mode] = _megatron(facts, links, mode)
+    for mode, costs in result.items():
+        _grad_sync(facts, costs, sharded=mode in ("ours + distributed optimizer", "megatron layer-wise"))
     return result

@@ -1,6 +1,8 @@
 """What ``python -m megatron_muon.pretrain CONFIG --dry-run`` prints about the model and the optimizer at the
 config's layout: exact parameters per rank (formula), the first rank built on meta (count, Muon / AdamW routing,
-logical matrices at their true shapes) and the predicted optimizer step of every mode (``report.py``)."""
+logical matrices at their true shapes), our memory per GPU item by item with the distributed optimizer off and on
+(the config's ``optimizer.distributed_optimizer`` marked) and the predicted optimizer step of every mode
+(``report.py``)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
         )
     try:
         from megatron_muon.planning.meta_build import build_rank_on_meta
-        from megatron_muon.planning.report import plan_at_scale, render_table
+        from megatron_muon.planning.report import itemized_memory_lines, plan_at_scale, render_table
 
         built = build_rank_on_meta(cfg, dims, 0)
         local = parameters_of_stage(cfg.model, dims, 0, transformer_impl="local")
@@ -48,7 +50,9 @@ def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
             f"  {count} x {part} {shape} /{shards}"
             for (part, shape, shards), count in sorted(matrices.items())
         ]
-        lines.append(render_table(plan_at_scale(cfg, dims, gpu, with_matrices=False)))
+        report = plan_at_scale(cfg, dims, gpu, with_matrices=False)
+        lines += itemized_memory_lines(report, cfg.optimizer.distributed_optimizer)
+        lines.append(render_table(report))
     except (ConfigError, ValueError) as error:
         lines.append(f"meta build and optimizer plan: not available: {str(error).splitlines()[0]}")
     return lines

@@ -11,7 +11,7 @@ from megatron_muon.optim.plan import GPU_PROFILES
 from megatron_muon.planning.at_scale import collect_layout
 from megatron_muon.planning.cost import MODES, activation_bytes, layout_costs
 
-__all__ = ["plan_at_scale", "render_table"]
+__all__ = ["itemized_memory_lines", "plan_at_scale", "render_table"]
 
 _GB = 1e9
 
@@ -21,7 +21,8 @@ _SHARDED = ("ours + distributed optimizer", "megatron layer-wise")
 
 
 def _memory(facts, stage, cost, mode: str, pp_rank: int) -> dict[str, float]:
-    """Bytes per rank: params, grads, master weights, optimizer state, activations, total (``cost.py``)."""
+    """Bytes per rank: params, grads, master weights, optimizer state (AdamW + Muon), activations, total
+    (``cost.py``)."""
     model, dims = facts.cfg.model, facts.dims
     bf16 = model.precision == "bf16"
     p = stage.parameters
@@ -39,8 +40,10 @@ def _memory(facts, stage, cost, mode: str, pp_rank: int) -> dict[str, float]:
     else:
         adamw = adamw_dense + adamw_expert
         memory["master"] = master_bytes * p.total
-    memory["optimizer_state"] = 8 * adamw + 4 * cost.muon_state_elements
-    memory["total"] = sum(memory.values())
+    memory["adamw_state"] = 8 * adamw
+    memory["muon_state"] = 4 * cost.muon_state_elements
+    memory["optimizer_state"] = memory["adamw_state"] + memory["muon_state"]
+    memory["total"] = sum(memory[k] for k in ("params", "grads", "master", "optimizer_state", "activations"))
     return memory
 
 
@@ -87,6 +90,7 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
                     "step_seconds_max": seconds[worst],
                     "bytes_sent": dict(cost.sent),
                     "bytes_received": dict(cost.received),
+                    "grad_sync_bytes_sent": dict(cost.grad_sync),
                     "memory_bytes": memory[worst],
                 }
             )
@@ -100,6 +104,9 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
             "ns_flops_mean": sum(flops) / len(flops),
             "bytes_sent_max": max(sum(per_rank[r].sent.values()) for r in range(dims.world_size)),
             "bytes_received_max": max(sum(per_rank[r].received.values()) for r in range(dims.world_size)),
+            "grad_sync_bytes_sent_max": max(
+                sum(per_rank[r].grad_sync.values()) for r in range(dims.world_size)
+            ),
             "memory_max_bytes": max(m["total"] for m in memory.values()),
             "distributed_optimizer": mode in _SHARDED,
             "muon_state_bytes": [4 * per_rank[r].muon_state_elements for r in range(dims.world_size)],
@@ -152,6 +159,34 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
     }
 
 
+def itemized_memory_lines(report: dict, configured_on: bool) -> list[str]:
+    """Our bytes per GPU (the largest rank), item by item, with the distributed optimizer off and on; the
+    configured setting (``optimizer.distributed_optimizer``) marked."""
+    lines = [
+        "memory per GPU, ours, largest rank (PREDICTED; cuda context, NCCL buffers and fragmentation not counted):"
+    ]
+    for on, mode in ((False, "ours"), (True, "ours + distributed optimizer")):
+        rows = report["modes"][mode]["classes"]
+        mem = max(rows, key=lambda row: row["memory_bytes"]["total"])["memory_bytes"]
+        items = " + ".join(
+            f"{label} {mem[key] / 2**30:.2f}"
+            for key, label in (
+                ("params", "params"),
+                ("grads", "grads"),
+                ("master", "masters"),
+                ("adamw_state", "AdamW state"),
+                ("muon_state", "Muon momentum"),
+                ("activations", "activations"),
+            )
+        )
+        mark = " (configured)" if on == configured_on else ""
+        lines.append(
+            f"  distributed_optimizer {'on' if on else 'off'}{mark}: {items} = {mem['total'] / 2**30:.2f} GiB "
+            f"({(mem['total'] - mem['activations']) / 2**30:.2f} GiB without activations)"
+        )
+    return lines
+
+
 def _gb(value) -> str:
     return "n/a" if value is None else f"{value / _GB:.1f}"
 
@@ -168,8 +203,8 @@ def render_table(report: dict) -> str:
         ),
         "",
         "| optimizer | distributed optimizer | step (ms) | without DP param all-gather (ms) | NS GFLOP max / mean per rank | sent / received max (GB) "
-        f"| memory max per rank (GB) | fits {capacity / _GB:.0f} GB |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        f"| grad sync sent (GB) | memory max per rank (GB) | fits {capacity / _GB:.0f} GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for mode, m in report["modes"].items():
         mem = m["memory_max_bytes"]
@@ -177,7 +212,7 @@ def render_table(report: dict) -> str:
         lines.append(
             f"| {mode} | {'on' if m['distributed_optimizer'] else 'off'} | {m['step_seconds'] * 1e3:.1f} | {m['step_seconds_without_param_gather'] * 1e3:.1f} | {m['ns_flops_max'] / 1e9:,.0f} / "
             f"{m['ns_flops_mean'] / 1e9:,.0f} | {m['bytes_sent_max'] / _GB:.2f} / {m['bytes_received_max'] / _GB:.2f} "
-            f"| {_gb(mem)} | {fits} |"
+            f"| {m['grad_sync_bytes_sent_max'] / _GB:.2f} | {_gb(mem)} | {fits} |"
         )
     lines += ["", *[f"plan {name}: {entry['summary']}" for name, entry in report["plans"].items()]]
     lines += ["", "ours, per rank class (pp, tp, ep, etp; the slowest rank of each class):", ""]

@@ -1,0 +1,69 @@
+"""The planner's figures with the distributed optimizer on follow docs/distributed_optimizer.md exactly: per rank
+bf16 params (2 B) and fp32 grads (4 B) of every param, AdamW state 8/d, every logical Muon matrix's momentum stored
+once in the grid, grads reduce-scattered (fp32, 4·P·(d−1)/d sent) and params all-gathered (bf16, 2·P·(d−1)/d);
+off: grads all-reduced (8·P·(d−1)/d). The dry run itemizes memory for both settings, marking the configured one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_muon.config import load_config, validate
+from megatron_muon.planning.report import plan_at_scale
+
+ROOT = Path(__file__).resolve().parents[2]
+MOE_1B = ROOT / "launch/configs/moe_1b_8gpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def report():
+    cfg = load_config(MOE_1B, [])
+    dims = validate(cfg)
+    return cfg, dims, plan_at_scale(cfg, dims, "h100", with_matrices=False)
+
+
+def test_bytes_per_rank_and_per_step_follow_the_design(report):
+    cfg, dims, figures = report
+    assert cfg.model.precision == "bf16" and dims.pp == 1 and dims.cp == 1
+    stage = figures["parameters_per_rank"]["stage0"]
+    dense, expert, total = stage["dense"], stage["expert"], stage["total"]
+    d, e = dims.dp * dims.cp, dims.expert_dp
+    assert d > 1 and e > 1
+    both_ways = dense * (d - 1) / d + expert * (e - 1) / e
+    for mode, sync, factor in (
+        ("ours", "DP all-reduce (grads)", 8),
+        ("ours + distributed optimizer", "DP reduce-scatter (grads)", 4),
+        ("megatron layer-wise", "DP reduce-scatter (grads)", 4),
+    ):
+        for row in figures["modes"][mode]["classes"]:
+            assert row["grad_sync_bytes_sent"] == {sync: pytest.approx(factor * both_ways)}, mode
+            memory = row["memory_bytes"]
+            assert memory["params"] == 2 * total and memory["grads"] == 4 * total, mode
+            if mode != "ours":
+                assert row["bytes_sent"]["DP all-gather (params)"] == pytest.approx(2 * both_ways), mode
+    # AdamW (everything but the Muon matrices; no routed expert is AdamW's here) on megatron's DistributedOptimizer.
+    on = figures["modes"]["ours + distributed optimizer"]
+    muon_per_rank = stage["muon"]
+    adamw = total - muon_per_rank
+    for row in on["classes"]:
+        assert row["memory_bytes"]["adamw_state"] == pytest.approx(8 * adamw / d)
+    # Every logical Muon matrix's momentum is stored once in the TP×DP grid: the per-rank state sums to the whole.
+    report_off = figures["modes"]["ours"]
+    assert sum(report_off["muon_state_bytes"]) > sum(on["muon_state_bytes"])
+    dense_muon = muon_per_rank - expert  # every routed-expert param is a Muon matrix
+    logical = dense_muon * dims.tp + expert * dims.ep * dims.etp
+    assert sum(on["muon_state_bytes"]) == pytest.approx(4 * logical)
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_dry_run_itemizes_memory_for_both_settings(configured):
+    from megatron_muon.pretrain import _dry_run
+
+    cfg = load_config(MOE_1B, [f"optimizer.distributed_optimizer={str(configured).lower()}"])
+    text = _dry_run(cfg, validate(cfg))
+    off = next(line for line in text.splitlines() if line.startswith("  distributed_optimizer off"))
+    on = next(line for line in text.splitlines() if line.startswith("  distributed_optimizer on"))
+    for line in (off, on):
+        assert "params" in line and "grads" in line and "masters" in line and "Muon momentum" in line
+    assert ("(configured)" in on) == configured and ("(configured)" in off) != configured
