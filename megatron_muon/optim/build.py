@@ -139,6 +139,15 @@ def build_optimizer(
     return ChainedOptimizer(results)
 
 
+def chain_members(optimizer: Any) -> list[Any]:
+    """The megatron optimizers at the leaves of a (nested) ``ChainedOptimizer``, each wrapping one torch optimizer
+    (``.optimizer``): with the distributed optimizer the chain holds megatron's layer-wise optimizer, itself a
+    chain of the Muon members, beside megatron's ``DistributedOptimizer``."""
+    if isinstance(optimizer, ChainedOptimizer):
+        return [leaf for member in optimizer.chained_optimizers for leaf in chain_members(member)]
+    return [optimizer]
+
+
 def _check_distributed_optimizer(model_chunks: list[Any], muon: MuonOptions, muon_ids: set[int]) -> None:
     """One-line errors for what ``use_distributed_optimizer=True`` cannot serve."""
     if muon.tp_mode == "duplicated":

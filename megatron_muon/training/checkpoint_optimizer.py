@@ -14,8 +14,9 @@ from megatron.core.dist_checkpointing.optimizer import (
     make_sharded_optimizer_tensor,
     optim_state_to_sharding_state,
 )
-from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
+from megatron.core.optimizer import DistributedOptimizer
 
+from megatron_muon.optim.build import chain_members
 from megatron_muon.optim.muon import Muon
 from megatron_muon.optim.state import (
     load_muon_momentum_,
@@ -30,21 +31,13 @@ class OptimizerStateError(RuntimeError):
     """The checkpoint's optimizer state does not fit this optimizer (one line)."""
 
 
-def _flatten(optimizer) -> list[Any]:
-    """The leaf members of a (nested) megatron ``ChainedOptimizer``: with the distributed optimizer the chain
-    holds megatron's layer-wise optimizer (itself a chain of the Muon members) and its ``DistributedOptimizer``."""
-    if isinstance(optimizer, ChainedOptimizer):
-        return [leaf for member in optimizer.chained_optimizers for leaf in _flatten(member)]
-    return [optimizer]
-
-
 def _members(optimizer) -> dict[str, Any]:
     """Role (``muon_dense``, ``muon_expert``, ``adamw_dense``, ``adamw_expert``) → member of the chain.
 
     Roles rather than positions: they say what the state is, and megatron aligns param groups across ranks so
     every rank has the same roles.
     """
-    members = _flatten(optimizer)
+    members = chain_members(optimizer)
     roles = {}
     for member in members:
         groups = member.optimizer.param_groups

@@ -14,6 +14,8 @@ import os
 import psutil
 import torch.distributed as dist
 
+from megatron_muon.optim.build import chain_members
+
 
 def is_logging_rank(pg_collection) -> bool:
     """The last pipeline stage's first TP / DP rank: it has the loss and one copy of everything else."""
@@ -63,7 +65,7 @@ def memory_mib() -> float:
 def muon_stats(optimizer) -> dict[str, float]:
     """``muon/...`` diagnostics of every Muon member of a megatron ChainedOptimizer (last step)."""
     stats: dict[str, float] = {}
-    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for member in chain_members(optimizer):
         muon = getattr(member, "optimizer", None)
         if not hasattr(muon, "orthogonalizer"):
             continue

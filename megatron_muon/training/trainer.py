@@ -21,7 +21,7 @@ from megatron_muon.config import PretrainConfig, to_yaml, validate_tokenizer
 from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, load_tokenizer, null_tokenizer
 from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks
 from megatron_muon.models.param_count import count_parameters
-from megatron_muon.optim.build import adamw_config_overrides, build_optimizer
+from megatron_muon.optim.build import adamw_config_overrides, build_optimizer, chain_members
 from megatron_muon.optim.layer_wise import tag_muon_params
 from megatron_muon.optim.qk_clip import QKClip
 from megatron_muon.platform import device as platform_device
@@ -329,7 +329,7 @@ class Trainer:
         peak = platform_device.peak_flops()  # None on the CPU
         mfu = None if peak is None else self.flops_per_token * tokens_per_s / (peak * dist.get_world_size())
         lrs = {}
-        for member in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for member in chain_members(self.optimizer):
             kind = "muon" if hasattr(member.optimizer, "orthogonalizer") else "adamw"
             for group in member.param_groups:
                 if group["params"]:
