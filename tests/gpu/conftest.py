@@ -17,7 +17,7 @@ import pytest
 import torch
 
 _HERE = Path(__file__).resolve().parent
-NO_TE_REASON = "needs transformer_engine (not in the GPU image; bring a wheel as /work/.library/device/README.md explains)"
+NO_TE_REASON = "needs transformer_engine (the `te` extra in pyproject.toml; not in the GPU image)"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
