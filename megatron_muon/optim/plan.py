@@ -83,25 +83,32 @@ class CostModel:
         num_holders: int,
         long_side_sharded: bool,
         ns_steps: int,
+        *,
+        group_duplicated_s: float | None = None,
     ) -> dict[str, float]:
         """Seconds each mode adds to the busiest rank of the matrix's holders, per mode that applies.
 
         ``owner``: the owner receives the ``num_shards - 1`` shards it lacks and sends a direction shard to each of
         the other ``num_holders - 1`` holders (every replica of every shard: without the distributed optimizer each
-        DP replica holds the matrix), so its link carries ``(num_holders - 1) / num_shards`` of the matrix out,
-        sending and receiving at once. The bin packing spreads owners, and with them compute and bytes, over the
-        holders; but one matrix's fan-out cannot be split, so the owner's send time is a floor: at large DP it
-        exceeds running Newton–Schulz on every holder and ``duplicated`` wins."""
+        DP replica holds the matrix), so its link carries ``(num_holders - 1) / num_shards`` of the matrix out:
+        one job of receive, compute, send on one rank, in that order. The bin packing
+        spreads owners' jobs over the holders, so a job costs the busiest rank 1 / ``num_holders`` of itself; but
+        one job cannot be split, and if it is longer than ``group_duplicated_s`` (what each holder spends when every
+        matrix it shares with the same holders runs ``duplicated``; default: this matrix's own) it sets the step by
+        itself and costs all of it. That is the fan-out bottleneck: at large DP one owner sends a shard to hundreds
+        of replicas."""
         rows, cols = shape
         size = rows * cols * self.bytes_per_element
         flops = newton_schulz_flops(rows, cols, ns_steps)
         compute = flops / self.flops_per_s
         owner_receives = (num_shards - 1) / num_shards * size / self.bytes_per_s
         owner_sends = (num_holders - 1) / num_shards * size / self.bytes_per_s
+        duplicated = compute + owner_receives  # every holder gathers the shards it lacks and computes
+        owner_job = owner_receives + compute + owner_sends
+        bound = duplicated if group_duplicated_s is None else group_duplicated_s
         costs = {
-            # every holder computes the whole matrix after receiving the shards it lacks
-            "duplicated": compute + owner_receives,
-            "owner": max((compute + max(owner_receives, owner_sends)) / num_holders, owner_sends),
+            "duplicated": duplicated,
+            "owner": owner_job / num_holders if owner_job <= bound else owner_job,
         }
         if num_shards > 1 and long_side_sharded:
             small = min(rows, cols)
@@ -298,8 +305,18 @@ def build_plan(
             )
         )
 
+    # What each group of matrices sharing the same holders costs every holder when all run duplicated: the
+    # longest single owner job the bin packing can hide (CostModel.mode_costs).
+    group_duplicated: defaultdict[tuple[int, ...], float] = defaultdict(float)
+    if mode == "auto":
+        for matrix in matrices:
+            group_duplicated[tuple(matrix.all_holders)] += cost_model.mode_costs(
+                matrix.shape, matrix.num_shards, len(matrix.all_holders), matrix.long_side_sharded, ns_steps
+            )["duplicated"]
     for matrix in matrices:
-        matrix.mode = _choose_mode(matrix, mode, cost_model, ns_steps)
+        matrix.mode = _choose_mode(
+            matrix, mode, cost_model, ns_steps, group_duplicated[tuple(matrix.all_holders)]
+        )
 
     loads = {rank: 0.0 for rank in range(len(records_by_rank))}
     for matrix in matrices:
@@ -334,7 +351,9 @@ def _assign_buckets(matrices: list[MatrixPlan], num_buckets: int) -> None:
         done += matrix.cost_flops
 
 
-def _choose_mode(matrix: MatrixPlan, mode: str, cost_model: CostModel, ns_steps: int) -> str:
+def _choose_mode(
+    matrix: MatrixPlan, mode: str, cost_model: CostModel, ns_steps: int, group_duplicated_s: float
+) -> str:
     holders = matrix.all_holders
     if mode == "distributed":
         # Only a sharded matrix split along its long side can run the Gram iteration on shards; everything
@@ -345,7 +364,12 @@ def _choose_mode(matrix: MatrixPlan, mode: str, cost_model: CostModel, ns_steps:
     if len(holders) == 1:
         return "duplicated"  # held whole by one rank: local work, nothing to share
     costs = cost_model.mode_costs(
-        matrix.shape, matrix.num_shards, len(holders), matrix.long_side_sharded, ns_steps
+        matrix.shape,
+        matrix.num_shards,
+        len(holders),
+        matrix.long_side_sharded,
+        ns_steps,
+        group_duplicated_s=group_duplicated_s,
     )
     return min(sorted(costs), key=lambda name: costs[name])
 

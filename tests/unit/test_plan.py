@@ -219,49 +219,60 @@ def test_forced_distributed_runs_unsharded_matrices_locally():
 
 
 def test_default_cost_model_prefers_duplicated_for_small_and_owner_for_large_replicated_matrices():
-    # Unsharded, on H holders: duplicated costs the Newton–Schulz time t; owner costs max((t + (H−1)·s)/H, (H−1)·s)
-    # with s the time to move the matrix once: spread over the holders, but never below the owner's own sends.
-    # Owner wins exactly when t > (H−1)·s, i.e. at H = 4 for a square n × n matrix when
-    # 30·n³ / 4e14 FLOP/s > 3 · 4·n² B / 1e11 B/s, n > 1600.
+    # Unsharded, on H holders, among many matrices: duplicated costs the Newton–Schulz time t; owner costs
+    # (t + (H−1)·s)/H with s the time to move the matrix once (the owner's sends; the bin packing spreads owners),
+    # unless that one job outlasts the group's duplicated work (16·t).
+    # Owner wins exactly when t > s, i.e. for a square n × n matrix when 30·n³ / 4e14 FLOP/s > 4·n² B / 1e11 B/s,
+    # n > 533.
     model = CostModel()
-    holders = 4
-    for n in (32, 64, 256, 512, 1024, 1536, 1700, 4096):
-        costs = model.mode_costs((n, n), 1, holders, False, NS_STEPS)
+    holders, many = 4, 16
+    for n in (32, 64, 256, 512, 640, 1024, 4096):
         compute = newton_schulz_flops(n, n, NS_STEPS) / model.flops_per_s
         transfer = n * n * model.bytes_per_element / model.bytes_per_s
-        fan_out = (holders - 1) * transfer
+        costs = model.mode_costs((n, n), 1, holders, False, NS_STEPS, group_duplicated_s=many * compute)
         assert costs["duplicated"] == pytest.approx(compute)
-        assert costs["owner"] == pytest.approx(max((compute + fan_out) / holders, fan_out))
+        job = compute + (holders - 1) * transfer
+        assert costs["owner"] == pytest.approx(job / holders if job <= many * compute else job)
         assert "distributed" not in costs  # an unsharded matrix has no shards to iterate on
-        records = replicated_records({"w": (n, n)}, ranks=holders)
-        chosen = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=model).matrices[0].mode
-        assert chosen == ("owner" if compute > fan_out else "duplicated"), n
-    for n, expected in ((32, "duplicated"), (4096, "owner")):
+        records = replicated_records({f"w{i:02d}": (n, n) for i in range(many)}, ranks=holders)
+        plan = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=model)
+        assert {m.mode for m in plan.matrices} == {"owner" if compute > transfer else "duplicated"}, n
+
+
+def test_one_owner_job_longer_than_the_groups_duplicated_work_sets_the_step():
+    # A single replicated matrix: its owner computes it and sends it to H − 1 holders, more than any holder spends
+    # computing it itself, so duplicated wins whatever its size.
+    model = CostModel()
+    for n in (512, 4096):
         plan = build_plan(replicated_records({"w": (n, n)}, 4), ns_steps=NS_STEPS, cost_model=model)
-        assert plan.matrices[0].mode == expected
+        assert plan.matrices[0].mode == "duplicated", n
+        compute = newton_schulz_flops(n, n, NS_STEPS) / model.flops_per_s
+        transfer = n * n * model.bytes_per_element / model.bytes_per_s
+        assert model.mode_costs((n, n), 1, 4, False, NS_STEPS)["owner"] == pytest.approx(
+            compute + 3 * transfer
+        )
 
 
-def test_owner_cost_charges_the_owners_fan_out_to_every_replica():
-    # A TP2-split matrix on 2 × R holders (R DP replicas): the owner receives the other half once and sends a half
-    # to each of the 2R − 1 other holders. Spreading over the holders hides that at small R, not at large R.
+@pytest.mark.parametrize(("replicas", "expected"), [(2, "owner"), (256, "duplicated")])
+def test_owner_fan_out_to_every_replica_is_charged_to_the_owner(replicas, expected):
+    # 24 TP2-split matrices on 2 × R holders (R DP replicas): an owner receives the other half and sends a half to
+    # each of the 2R − 1 other holders. At R = 2 the owners' jobs are short and spread; at R = 256 one owner sends
+    # 511 halves (~23 GB), longer than every holder running all 24 matrices itself.
     model = CostModel(flops_per_s=6e14, bytes_per_s=4e10, latency_s=0.0)
-    shape = (11264, 2048)
+    shape, count = (11264, 2048), 24
+    holders = 2 * replicas
     half = shape[0] * shape[1] * model.bytes_per_element / 2 / model.bytes_per_s
     compute = newton_schulz_flops(*shape, NS_STEPS) / model.flops_per_s
-    for replicas in (2, 8, 256):
-        holders = 2 * replicas
-        costs = model.mode_costs(shape, 2, holders, False, NS_STEPS)
-        assert costs["owner"] >= (holders - 1) * half
-        assert costs["owner"] == pytest.approx(
-            max((compute + (holders - 1) * half) / holders, (holders - 1) * half)
-        )
-        records = [
-            [piece("w", shape, shard_dim=1, num_shards=2, shard_index=rank % 2)] for rank in range(holders)
-        ]
-        chosen = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=model).matrices[0].mode
-        assert chosen == min(costs, key=lambda name: costs[name]), replicas
-    # 256 replicas: the owner would send 511 halves (~23 GB); duplicated runs NS on every holder instead.
-    assert chosen == "duplicated"
+    job = half + compute + (holders - 1) * half
+    group = count * (compute + half)
+    costs = model.mode_costs(shape, 2, holders, False, NS_STEPS, group_duplicated_s=group)
+    assert costs["owner"] == pytest.approx(job / holders if job <= group else job)
+    records = [
+        [piece(f"w{i:02d}", shape, shard_dim=1, num_shards=2, shard_index=rank % 2) for i in range(count)]
+        for rank in range(holders)
+    ]
+    plan = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=model)
+    assert {m.mode for m in plan.matrices} == {expected}
 
 
 def test_without_a_cost_model_the_plan_uses_this_machines_numbers():
