@@ -58,24 +58,43 @@ CLOCK_NAMES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def parse_shape(text: str) -> tuple[int, int]:
+def parse_sizes(text: str, what: str, form: str, example: str) -> tuple[int, ...]:
+    """``text`` as positive sizes joined by ``x``, as many as ``form`` (e.g. ``ROWSxCOLS``) names."""
     try:
-        rows, cols = (int(part) for part in text.lower().split("x"))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"shape {text!r} is not ROWSxCOLS, e.g. 1024x4096") from error
-    if rows < 1 or cols < 1:
-        raise argparse.ArgumentTypeError(f"shape {text!r} needs positive sizes")
-    return rows, cols
+        sizes = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != len(form.split("x")):
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not {form}, e.g. {example}")
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} needs positive sizes")
+    return sizes
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    return parse_sizes(text, "shape", "ROWSxCOLS", "1024x4096")
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def plain_gemm_sequence(rows: int, cols: int, steps: int, dtype: torch.dtype) -> Callable[[], None]:
-    """The GEMMs of ``steps`` NS iterations as bare ``torch.matmul`` calls on random operands."""
+def gemm_operands(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random operands of NS's GEMMs on a ``shape`` input (``(count, rows, cols)`` for a stack): the iterate X,
+    k × K, and a k × k Gram matrix, k = min(rows, cols), K = max(rows, cols)."""
+    *batch, rows, cols = shape
     small, large = min(rows, cols), max(rows, cols)
-    x = torch.randn(small, large).to(dtype)
-    gram = torch.randn(small, small).to(dtype)
+    x = torch.randn(*batch, small, large, device=device, dtype=dtype)
+    return x, torch.randn(*batch, small, small, device=device, dtype=dtype)
+
+
+def plain_gemm_sequence(
+    shape: tuple[int, ...], steps: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> Callable[[], None]:
+    """The GEMMs of ``steps`` NS iterations as bare ``torch.matmul`` calls on random operands (batched for a
+    stack): per step X·Xᵀ, A·A and B·X."""
+    x, gram = gemm_operands(shape, dtype, device)
 
     def run() -> None:
         for _ in range(steps):
@@ -106,7 +125,7 @@ def measure_flops_table(
                 return newton_schulz(x, args.steps, args.coefficients, dtype)
 
             medians = interleaved_medians(
-                {"ns": orthogonalize, "gemm": plain_gemm_sequence(rows, cols, args.steps, dtype)},
+                {"ns": orthogonalize, "gemm": plain_gemm_sequence((rows, cols), args.steps, dtype)},
                 args.warmup,
                 args.repeats,
                 clock_timer(CLOCKS[args.clock]),

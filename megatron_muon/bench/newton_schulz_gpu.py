@@ -29,7 +29,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_muon.bench.newton_schulz import parse_shape
+from megatron_muon.bench.newton_schulz import (
+    gemm_operands,
+    parse_shape,
+    parse_sizes,
+    plain_gemm_sequence,
+)
 from megatron_muon.bench.report import (
     clock_timer,
     cpu_description,
@@ -55,14 +60,8 @@ def device_description(device: torch.device) -> str:
     return f"CPU: {cpu_description()}"
 
 
-def parse_stack(text: str) -> tuple[int, int, int]:
-    try:
-        count, rows, cols = (int(part) for part in text.lower().split("x"))
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"stack {text!r} is not COUNTxROWSxCOLS, e.g. 64x1024x2048"
-        ) from error
-    return count, rows, cols
+def parse_stack(text: str) -> tuple[int, ...]:
+    return parse_sizes(text, "stack", "COUNTxROWSxCOLS", "64x1024x2048")
 
 
 def device_timer(device: torch.device):
@@ -84,19 +83,9 @@ def device_timer(device: torch.device):
 def plain_gemms(shape: tuple[int, ...], steps: int, device: torch.device, *, fp8_gemms: bool):
     """The GEMMs of ``steps`` NS iterations on random operands: bf16 ``torch.matmul`` (batched for a stack), or
     e4m3 ``torch._scaled_mm`` with per-tensor scales (a loop over a stack, as ``newton_schulz`` does)."""
-    *batch, rows, cols = shape
-    small, large = min(rows, cols), max(rows, cols)
-    x = torch.randn(*batch, small, large, device=device, dtype=torch.bfloat16)
-    gram = torch.randn(*batch, small, small, device=device, dtype=torch.bfloat16)
     if not fp8_gemms:
-
-        def run() -> None:
-            for _ in range(steps):
-                torch.matmul(x, x.mT)
-                torch.matmul(gram, gram)
-                torch.matmul(gram, x)
-
-        return run
+        return plain_gemm_sequence(shape, steps, torch.bfloat16, device)
+    x, gram = gemm_operands(shape, torch.bfloat16, device)
     x_q, x_scale = fp8.quantize_e4m3(fp8.pad_to_alignment(x))
     gram_q, gram_scale = fp8.quantize_e4m3(fp8.pad_to_alignment(gram))
     x_columns, gram_columns = x_q.mT.contiguous().mT, gram_q.mT.contiguous().mT
