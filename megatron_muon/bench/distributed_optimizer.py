@@ -1,0 +1,309 @@
+"""Memory and traffic per rank of the optimizers with bf16 parameters: ours with ``optimizer.distributed_optimizer``
+off and on, and megatron-core 0.19.2's Muon with its layer-wise distributed optimizer, in one run (world 4, CPU,
+gloo), and the table in docs/benchmarks.md.
+
+Every contender gets its own copy of the same MoE GPT (its DDP buffers differ), bf16 parameters with fp32 main
+params and fp32 gradient reduction, canonical weights and gradients (``megatron_muon.testing.canonical``), the
+same Muon settings (lr, weight decay, Nesterov momentum, five fp32 Newton–Schulz steps, √(fan_out/fan_in)
+scale, Q/K/V and the router weight in Muon, as megatron routes them):
+
+* ``ours``: ``build_optimizer`` with ``tp_mode=auto`` on megatron's DDP (``use_distributed_optimizer=False``: fp32
+  grads all-reduced, every data-parallel replica keeps fp32 main params and AdamW state);
+* ``ours + distributed optimizer``: the same with ``use_distributed_optimizer=True`` (``optim/layer_wise.py``);
+* ``megatron layer-wise``: ``get_megatron_optimizer(OptimizerConfig(optimizer="muon", muon_tp_mode="duplicated",
+  use_layer_wise_distributed_optimizer=True))`` on DDP with megatron's own parameter tags and shard-aligned layout
+  (its exact TP mode; megatron also fuses SwiGLU gate/up into one matrix, ours splits them).
+
+Per rank, after one step: bytes of parameters, gradient buffers, fp32 main params (the optimizers' params that are
+not model params) and optimizer state (every tensor in the torch optimizers' state but step counts). Per step: the
+bytes each rank sends (``bench/traffic.py``: gradient sync by megatron's ``finalize_model_grads``, then
+``optimizer.step()`` with its exchanges and parameter all-gather), and the optimizer step's time, median over
+``--steps`` round-robin rounds. One step = canonical gradients into ``main_grad``, gradient sync, optimizer step.
+
+Usage: ``python tools/bench_distributed_optimizer.py --out docs/benchmarks.md`` (rewrites the text between
+``<!-- bench_distributed_optimizer:start -->`` and ``<!-- bench_distributed_optimizer:end -->``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_muon.bench.report import cpu_description, load_average, publish, rerun_command
+from megatron_muon.testing import run_distributed
+
+START_MARKER = "<!-- bench_distributed_optimizer:start -->"
+END_MARKER = "<!-- bench_distributed_optimizer:end -->"
+WORLD_SIZE = 4
+LAYOUTS = {
+    "tp2_dp2": (dict(tp=2, pp=1, ep=1, etp=1), "TP2·DP2 (experts ETP1·EP1·EDP4)"),
+    "tp2_ep2": (dict(tp=2, pp=1, ep=2, etp=1), "TP2·EP2 (dense DP2; experts ETP1·EP2·EDP2)"),
+}
+CONTENDERS = ("ours", "ours + distributed optimizer", "megatron layer-wise")
+MEMORY_COLUMNS = ("params", "grads", "main params", "optimizer state")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    lr: float = 0.02
+    weight_decay: float = 0.1
+    momentum: float = 0.95
+    ns_steps: int = 5
+    steps: int = 5
+
+
+def _build_model(model: dict, layout: dict, pg: Any, contender: str) -> list[Any]:
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer.layer_wise_optimizer import tag_params_for_buffer_routing
+
+    from megatron_muon.models.gpt_moe import (
+        GptMoeConfig,
+        build_gpt_moe_model_chunks,
+        build_transformer_config,
+    )
+    from megatron_muon.optim.layer_wise import tag_muon_params
+    from megatron_muon.training.step import wrap_in_ddp
+
+    config = build_transformer_config(GptMoeConfig(**model), **layout)
+    config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
+    torch.manual_seed(0)
+    chunks = build_gpt_moe_model_chunks(GptMoeConfig(**model), config, pg)
+    distributed = contender != "ours"
+    if contender == "ours + distributed optimizer":
+        tag_muon_params(chunks, router="muon")
+    elif contender == "megatron layer-wise":
+        tag_params_for_buffer_routing(chunks)  # megatron's rule: every 2-D non-embedding weight to Muon
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
+    )
+    return wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
+
+
+def _build_optimizer(chunks: list[Any], pg: Any, contender: str, settings: Settings) -> Any:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_muon.optim.build import MuonOptions, build_optimizer
+
+    common = dict(lr=settings.lr, weight_decay=settings.weight_decay, clip_grad=1.0, bf16=True, fp16=False)
+    if contender == "megatron layer-wise":
+        config = OptimizerConfig(
+            optimizer="muon",
+            muon_momentum=settings.momentum,
+            muon_nesterov=True,
+            muon_split_qkv=True,
+            muon_scale_mode="unit_rms_norm",  # = our "spectral"
+            muon_fp32_matmul_prec="highest",
+            muon_coefficient_type="simple",  # = our "quintic"
+            muon_num_ns_steps=settings.ns_steps,
+            muon_tp_mode="duplicated",  # its exact TP mode
+            use_layer_wise_distributed_optimizer=True,
+            **common,
+        )
+        return get_megatron_optimizer(config, chunks, pg_collection=pg)
+    return build_optimizer(
+        chunks,
+        OptimizerConfig(optimizer="adam", use_distributed_optimizer=contender != "ours", **common),
+        MuonOptions(
+            lr=settings.lr,
+            weight_decay=settings.weight_decay,
+            momentum=settings.momentum,
+            nesterov=True,
+            scale_mode="spectral",
+            ns_steps=settings.ns_steps,
+            compute_dtype="float32",
+            tp_mode="auto",
+            split_qkv=True,
+            split_gate_up=True,
+            router="muon",
+        ),
+        pg,
+    )
+
+
+def _tensor_bytes(value: Any, skip: frozenset[str] = frozenset({"step"})) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for k, v in value.items() if k not in skip)
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    from megatron_muon.optim.build import chain_members
+
+    return [
+        m.optimizer
+        for m in chain_members(optimizer)
+        if isinstance(getattr(m, "optimizer", None), torch.optim.Optimizer)
+    ]
+
+
+def _memory(chunks: list[Any], optimizer: Any) -> dict[str, int]:
+    """Bytes of this rank's parameters, gradient buffers, fp32 main params and optimizer state."""
+    model_storage = {p.data_ptr() for chunk in chunks for p in chunk.parameters()}
+    inner = _torch_optimizers(optimizer)
+    main = {
+        id(p): p
+        for o in inner
+        for g in o.param_groups
+        for p in g["params"]
+        if p.data_ptr() not in model_storage
+    }
+    return {
+        "params": sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters()),
+        "grads": sum(
+            _tensor_bytes(b.grad_data)
+            for chunk in chunks
+            for b in chunk.buffers + chunk.expert_parallel_buffers
+        ),
+        "main params": sum(_tensor_bytes(p) for p in main.values()),
+        "optimizer state": sum(_tensor_bytes(state) for o in inner for state in o.state.values()),
+    }
+
+
+def _step(chunks: list[Any], optimizer: Any, salt: str, options: Any, pg: Any) -> tuple[float, Counter[str]]:
+    """One step from canonical gradients: gradient sync, then the optimizer; (optimizer seconds, bytes sent)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_muon.bench.traffic import count_sent_bytes
+    from megatron_muon.testing.canonical import fill_canonical_
+
+    fill_canonical_(chunks, salt=salt, grads=True, options=options)
+    torch.distributed.barrier()
+    with count_sent_bytes() as sent:
+        finalize_model_grads(chunks, pg_collection=pg)
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        optimizer.step()
+        torch.distributed.barrier()
+        elapsed = time.perf_counter() - start
+    return elapsed, sent
+
+
+def _on_rank(layout: dict, model: dict, settings: Settings) -> dict[str, dict]:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_muon.optim.layout import LayoutOptions
+    from megatron_muon.testing.canonical import fill_canonical_
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    options = LayoutOptions(split_qkv=True, split_gate_up=True)
+    runs: dict[str, tuple[list[Any], Any]] = {}
+    results: dict[str, dict] = {}
+    for contender in CONTENDERS:
+        chunks = _build_model(model, layout, pg, contender)
+        fill_canonical_(chunks, salt="weight", options=options)
+        optimizer = _build_optimizer(chunks, pg, contender, settings)
+        _, sent = _step(chunks, optimizer, "grad0", options, pg)  # allocates the state
+        results[contender] = {"memory": _memory(chunks, optimizer), "sent": dict(sent), "times": []}
+        runs[contender] = (chunks, optimizer)
+    for round_index in range(settings.steps):  # round-robin: outside load hits every contender alike
+        for contender, (chunks, optimizer) in runs.items():
+            elapsed, _ = _step(chunks, optimizer, f"grad{round_index + 1}", options, pg)
+            slowest = torch.tensor([elapsed], dtype=torch.float64)
+            torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+            results[contender]["times"].append(float(slowest))
+    return results
+
+
+def measure_layout(name: str, model: dict, settings: Settings) -> list[dict[str, dict]]:
+    layout, _ = LAYOUTS[name]
+    return run_distributed(_on_rank, WORLD_SIZE, **layout, args=(layout, model, settings), timeout_s=1800)
+
+
+def _mib(count: float) -> str:
+    return f"{count / 2**20:.2f}"
+
+
+def render_layout(name: str, per_rank: list[dict[str, dict]]) -> list[str]:
+    _, title = LAYOUTS[name]
+    lines = [
+        f"**{title}**, MiB per rank (max over the 4 ranks; mean in brackets where they differ), KiB sent per rank "
+        "and step (max), optimizer step (median, slowest rank):",
+        "",
+        "| | " + " | ".join(MEMORY_COLUMNS) + " | total | sent per step | by collective | step ms |",
+        "|---|" + "---:|" * (len(MEMORY_COLUMNS) + 3) + "---|",
+    ]
+    for contender in CONTENDERS:
+        rows = [rank[contender] for rank in per_rank]
+        cells = []
+        for column in (*MEMORY_COLUMNS, "total"):
+            values = [sum(r["memory"].values()) if column == "total" else r["memory"][column] for r in rows]
+            high, mean = max(values), statistics.fmean(values)
+            cells.append(_mib(high) + ("" if high == min(values) else f" ({_mib(mean)})"))
+        sent = [sum(r["sent"].values()) for r in rows]
+        busiest = rows[sent.index(max(sent))]["sent"]
+        by_kind = ", ".join(f"{kind} {value / 1024:.0f}" for kind, value in sorted(busiest.items()) if value)
+        step_ms = statistics.median(rows[0]["times"]) * 1e3
+        lines.append(
+            f"| {contender} | "
+            + " | ".join(cells)
+            + f" | {max(sent) / 1024:.0f} | {by_kind} | {step_ms:.0f} |"
+        )
+    return lines
+
+
+def render_section(command: str, model: dict, measured: dict[str, list[dict[str, dict]]]) -> str:
+    import importlib.metadata
+
+    lines = [
+        START_MARKER,
+        "## Distributed optimizer: memory and traffic per rank (issue #12)",
+        "",
+        f"Measured with `{command}` ({cpu_description()}; load average {load_average()} at the end; "
+        f"megatron-core {importlib.metadata.version('megatron-core')}, torch {torch.__version__}). Model: "
+        + ", ".join(f"{k}={v}" for k, v in model.items())
+        + "; bf16 parameters, fp32 main params and gradient reduction. What each column counts and how bytes are "
+        "charged: `megatron_muon/bench/distributed_optimizer.py`, `megatron_muon/bench/traffic.py`.",
+        "",
+    ]
+    for name, per_rank in measured.items():
+        lines += render_layout(name, per_rank) + [""]
+    lines.append(END_MARKER)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per contender (median reported)")
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--num-moe-experts", type=int, default=8)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--out", type=Path, help="markdown file whose section to rewrite")
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps={args.steps} must be >= 1")
+    model = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=2 * args.hidden_size,
+        moe_ffn_hidden_size=args.hidden_size,
+        num_attention_heads=8,
+        num_query_groups=4,
+        num_moe_experts=args.num_moe_experts,
+        vocab_size=args.vocab_size,
+        moe_layer_freq=[0] + [1] * (args.num_layers - 1),
+    )
+    settings = Settings(steps=args.steps)
+    measured = {name: measure_layout(name, model, settings) for name in args.layouts}
+    publish(
+        render_section(rerun_command("bench_distributed_optimizer.py", argv), model, measured),
+        args.out,
+        START_MARKER,
+        END_MARKER,
+    )
+
+
+if __name__ == "__main__":
+    main()

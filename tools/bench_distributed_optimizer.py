@@ -1,0 +1,9 @@
+"""Command line of ``megatron_muon.bench.distributed_optimizer`` (``--help``, or that module's docstring, says what it
+does)."""
+
+import sys
+
+from megatron_muon.bench.distributed_optimizer import main
+
+if __name__ == "__main__":
+    sys.exit(main())
