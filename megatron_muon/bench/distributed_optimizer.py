@@ -227,8 +227,8 @@ def _mib(count: float) -> str:
 def render_layout(name: str, per_rank: list[dict[str, dict]]) -> list[str]:
     _, title = LAYOUTS[name]
     lines = [
-        f"**{title}**, MiB per rank (max over the 4 ranks; mean in brackets where they differ), KiB sent per rank "
-        "and step (max), optimizer step (median, slowest rank):",
+        f"**{title}**: MiB per rank (max over the 4 ranks; mean in brackets where they differ); KiB sent per rank "
+        "and step (max, mean in brackets; by collective: the busiest rank's); optimizer step (median, slowest rank):",
         "",
         "| | " + " | ".join(MEMORY_COLUMNS) + " | total | sent per step | by collective | step ms |",
         "|---|" + "---:|" * (len(MEMORY_COLUMNS) + 3) + "---|",
@@ -247,7 +247,7 @@ def render_layout(name: str, per_rank: list[dict[str, dict]]) -> list[str]:
         lines.append(
             f"| {contender} | "
             + " | ".join(cells)
-            + f" | {max(sent) / 1024:.0f} | {by_kind} | {step_ms:.0f} |"
+            + f" | {max(sent) / 1024:.0f} ({statistics.fmean(sent) / 1024:.0f}) | {by_kind} | {step_ms:.0f} |"
         )
     return lines
 
