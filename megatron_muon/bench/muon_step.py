@@ -245,13 +245,15 @@ def _build_megatron(chunks, contender: Contender, settings: Settings, pg):
 
 
 def _leaves(optimizer):
-    """The innermost torch optimizers of a megatron optimizer tree."""
-    if hasattr(optimizer, "chained_optimizers"):
-        return [leaf for child in optimizer.chained_optimizers for leaf in _leaves(child)]
-    inner = getattr(optimizer, "optimizer", None)
-    if isinstance(inner, torch.optim.Optimizer):
-        return _leaves(inner)
-    return [optimizer]
+    """The innermost torch optimizers of a megatron optimizer tree: the torch optimizer each leaf megatron
+    optimizer of the (nested) chain wraps."""
+    from megatron_muon.optim.build import chain_members
+
+    leaves = []
+    for member in chain_members(optimizer):
+        inner = getattr(member, "optimizer", None)
+        leaves.append(inner if isinstance(inner, torch.optim.Optimizer) else member)
+    return leaves
 
 
 def _muon_state_bytes(optimizer, family: str) -> int:
