@@ -105,7 +105,9 @@ def build_optimizer(
         if use_muon and owned is not None:
             # Distributed optimizer: this data-parallel rank updates (and keeps state for) its own params only.
             bucket = [{**g, "params": [p for p in g["params"] if id(p) in owned]} for g in bucket]
-            raw = _build_muon(bucket, routing, model_chunks, muon, pg_collection, cost_model)
+            raw = _build_muon(
+                bucket, routing, model_chunks, muon, pg_collection, cost_model, replicate_state=False
+            )
             layer_wise_muons.append((raw, configure))
             continue
         if use_muon:
@@ -177,6 +179,8 @@ def _build_muon(
     muon: MuonOptions,
     pg_collection: ProcessGroupCollection,
     cost_model: CostModel | None,
+    *,
+    replicate_state: bool = True,
 ) -> Muon:
     """Our Muon (a torch optimizer) over ``groups``, its logical matrices and plan over the TP x DP grid."""
     by_id = {id(r.param): r for r in routing.muon}
@@ -210,6 +214,7 @@ def _build_muon(
         mode=muon.tp_mode,
         ns_steps=muon.ns_steps,
         cost_model=cost_model,
+        replicate_state=replicate_state,
     )
     raw = Muon(
         groups,

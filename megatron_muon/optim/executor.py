@@ -53,6 +53,8 @@ class MatrixOrthogonalizer:
         mode: ``auto`` | ``owner`` | ``duplicated`` | ``distributed`` (see ``plan.py``).
         ns_steps, cost_model: inputs of the cost model that picks modes under ``auto``.
         num_buckets: exchange buckets per step; communication of one overlaps Newton–Schulz of the next.
+        replicate_state: False (the distributed optimizer): no matrix held by several ranks runs ``duplicated``
+            (``plan.build_plan``), so each momentum is stored once.
 
     Builds the plan collectively at construction and checks that every rank of the grid derived the same one.
     """
@@ -68,6 +70,7 @@ class MatrixOrthogonalizer:
         ns_steps: int = 5,
         cost_model: CostModel | None = None,
         num_buckets: int = 4,
+        replicate_state: bool = True,
     ) -> None:
         self.grid_group = grid_group
         self.shard_groups = shard_groups or {}
@@ -83,6 +86,7 @@ class MatrixOrthogonalizer:
             ns_steps=ns_steps,
             cost_model=cost_model,
             num_buckets=num_buckets,
+            replicate_state=replicate_state,
         )
         check_agreement(self.plan.fingerprint(), grid_group, "Muon plans")
         self.rank = group_rank(grid_group)

@@ -263,16 +263,25 @@ def build_plan(
     ns_steps: int = 5,
     cost_model: CostModel | None = None,
     num_buckets: int = 4,
+    replicate_state: bool = True,
 ) -> MuonPlan:
     """Build the plan from every grid rank's announced pieces (index = rank in the grid group).
 
     ``num_buckets``: the gathered/orthogonalized/scattered matrices are cut into this many exchange buckets of
     about equal Newton–Schulz cost, so communication of one bucket overlaps computation of the next.
+    ``replicate_state=False`` (the distributed optimizer): a matrix held by several ranks never runs
+    ``duplicated``, whose every holder keeps the momentum; ``auto`` chooses between ``owner`` and
+    ``distributed``, and ``distributed`` falls back to ``owner`` where the shards cannot run it.
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets={num_buckets} must be >= 1")
     if mode not in MODES:
         raise ValueError(f"tp_mode={mode!r}; valid: {list(MODES)}")
+    if mode == "duplicated" and not replicate_state:
+        raise ValueError(
+            "tp_mode='duplicated' keeps every holder's momentum; valid without replicated state: "
+            "auto, owner, distributed"
+        )
     cost_model = cost_model or CostModel.for_this_machine()
     by_key: dict[str, list[tuple[int, PieceRecord]]] = defaultdict(list)
     for rank, records in enumerate(records_by_rank):
@@ -315,7 +324,7 @@ def build_plan(
             )["duplicated"]
     for matrix in matrices:
         matrix.mode = _choose_mode(
-            matrix, mode, cost_model, ns_steps, group_duplicated[tuple(matrix.all_holders)]
+            matrix, mode, cost_model, ns_steps, group_duplicated[tuple(matrix.all_holders)], replicate_state
         )
 
     loads = {rank: 0.0 for rank in range(len(records_by_rank))}
@@ -352,16 +361,24 @@ def _assign_buckets(matrices: list[MatrixPlan], num_buckets: int) -> None:
 
 
 def _choose_mode(
-    matrix: MatrixPlan, mode: str, cost_model: CostModel, ns_steps: int, group_duplicated_s: float
+    matrix: MatrixPlan,
+    mode: str,
+    cost_model: CostModel,
+    ns_steps: int,
+    group_duplicated_s: float,
+    replicate_state: bool = True,
 ) -> str:
     holders = matrix.all_holders
+    shared = len(holders) > 1
     if mode == "distributed":
         # Only a sharded matrix split along its long side can run the Gram iteration on shards; everything
         # else falls back to duplicated, which is exact too (a matrix held whole needs no communication).
-        return "distributed" if matrix.num_shards > 1 and matrix.long_side_sharded else "duplicated"
+        if matrix.num_shards > 1 and matrix.long_side_sharded:
+            return "distributed"
+        return "owner" if shared and not replicate_state else "duplicated"
     if mode != "auto":
         return mode
-    if len(holders) == 1:
+    if not shared:
         return "duplicated"  # held whole by one rank: local work, nothing to share
     costs = cost_model.mode_costs(
         matrix.shape,
@@ -371,6 +388,8 @@ def _choose_mode(
         ns_steps,
         group_duplicated_s=group_duplicated_s,
     )
+    if not replicate_state:
+        del costs["duplicated"]
     return min(sorted(costs), key=lambda name: costs[name])
 
 
