@@ -53,8 +53,8 @@ class MatrixOrthogonalizer:
         mode: ``auto`` | ``owner`` | ``duplicated`` | ``distributed`` (see ``plan.py``).
         ns_steps, cost_model: inputs of the cost model that picks modes under ``auto``.
         num_buckets: exchange buckets per step; communication of one overlaps Newton–Schulz of the next.
-        replicate_state: False (the distributed optimizer): no matrix held by several ranks runs ``duplicated``
-            (``plan.build_plan``), so each momentum is stored once.
+        replicate_state: False (the distributed optimizer): no sharded matrix runs ``duplicated``
+            (``plan.build_plan``), so its momentum is stored once.
 
     Builds the plan collectively at construction and checks that every rank of the grid derived the same one.
     """

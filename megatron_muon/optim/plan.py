@@ -269,9 +269,10 @@ def build_plan(
 
     ``num_buckets``: the gathered/orthogonalized/scattered matrices are cut into this many exchange buckets of
     about equal Newton–Schulz cost, so communication of one bucket overlaps computation of the next.
-    ``replicate_state=False`` (the distributed optimizer): a matrix held by several ranks never runs
-    ``duplicated``, whose every holder keeps the momentum; ``auto`` chooses between ``owner`` and
-    ``distributed``, and ``distributed`` falls back to ``owner`` where the shards cannot run it.
+    ``replicate_state=False`` (the distributed optimizer): a sharded matrix never runs ``duplicated``, whose
+    every holder would keep the whole momentum; ``auto`` chooses between ``owner`` and ``distributed`` for it, and
+    ``distributed`` falls back to ``owner`` where the shards cannot run it. A whole matrix several TP ranks hold
+    (the router, MLA's down-projections) may still be duplicated, as its parameter and fp32 main param are.
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets={num_buckets} must be >= 1")
@@ -370,12 +371,13 @@ def _choose_mode(
 ) -> str:
     holders = matrix.all_holders
     shared = len(holders) > 1
+    sharded = matrix.num_shards > 1
     if mode == "distributed":
         # Only a sharded matrix split along its long side can run the Gram iteration on shards; everything
         # else falls back to duplicated, which is exact too (a matrix held whole needs no communication).
-        if matrix.num_shards > 1 and matrix.long_side_sharded:
+        if sharded and matrix.long_side_sharded:
             return "distributed"
-        return "owner" if shared and not replicate_state else "duplicated"
+        return "owner" if sharded and not replicate_state else "duplicated"
     if mode != "auto":
         return mode
     if not shared:
@@ -388,7 +390,7 @@ def _choose_mode(
         ns_steps,
         group_duplicated_s=group_duplicated_s,
     )
-    if not replicate_state:
+    if sharded and not replicate_state:
         del costs["duplicated"]
     return min(sorted(costs), key=lambda name: costs[name])
 

@@ -97,8 +97,11 @@ def _muon_steps_on_rank(
         members = [m for o in optimizer.chained_optimizers for m in getattr(o, "chained_optimizers", [o])]
         muon_parts = [o for o in members if hasattr(o.optimizer, "orthogonalizer")]
         state_bytes = sum(o.optimizer.orthogonalizer.state_bytes(o.optimizer) for o in muon_parts)
-        modes_used = sorted({m.mode for o in muon_parts for m in o.optimizer.orthogonalizer.plan.matrices})
+        plans = [m for o in muon_parts for m in o.optimizer.orthogonalizer.plan.matrices]
+        modes_used = sorted({m.mode for m in plans})
+        duplicated_shards = sorted(m.key for m in plans if m.mode == "duplicated" and m.num_shards > 1)
         results[name] = (collect_pieces(chunks, options, main_params=bf16), state_bytes, modes_used)
+        results[name + "/duplicated sharded"] = duplicated_shards
     return results
 
 
@@ -209,22 +212,27 @@ def test_one_layout_matches_single_process_reference(name):
         assert owner_modes == {"owner"} or (suffix and owner_modes <= {"owner", "duplicated"}), owner_modes
 
         # Owner mode keeps each matrix's momentum once in its pipeline stage, spread over the stage's TP x DP
-        # ranks (with the distributed optimizer: over the DP ranks by megatron's layout, then over TP by ours);
-        # with the distributed optimizer every mode does (no matrix is duplicated over its holders).
-        for mode in ("owner",) if not suffix else ("owner", "auto", "distributed"):
-            stage_bytes: dict[int, list[int]] = {}
-            for rank_results in per_rank:
-                stage_bytes.setdefault(rank_results["pp_rank"], []).append(rank_results[mode + suffix][1])
-            stage_total = sum(sum(b) for b in stage_bytes.values())
-            assert stage_total == 4 * sum(v.numel() for v in expected.values()), (
-                f"{name} {mode}{suffix}: the momentum must exist exactly once"
+        # ranks (with the distributed optimizer: over the DP ranks by megatron's layout, then over TP by ours).
+        stage_bytes: dict[int, list[int]] = {}
+        for rank_results in per_rank:
+            stage_bytes.setdefault(rank_results["pp_rank"], []).append(rank_results["owner" + suffix][1])
+        stage_total = sum(sum(b) for b in stage_bytes.values())
+        assert stage_total == 4 * sum(v.numel() for v in expected.values()), (
+            f"{name}{suffix}: the momentum must exist exactly once"
+        )
+        for stage, per_rank_bytes in stage_bytes.items():
+            target = sum(per_rank_bytes) / len(per_rank_bytes)
+            worst = max(abs(b - target) / target for b in per_rank_bytes)
+            assert worst <= 0.2, (
+                f"{name}{suffix} stage {stage}: Muon state per rank {per_rank_bytes} vs target {target:.0f}"
             )
-            for stage, per_rank_bytes in stage_bytes.items():
-                target = sum(per_rank_bytes) / len(per_rank_bytes)
-                worst = max(abs(b - target) / target for b in per_rank_bytes)
-                assert worst <= 0.2 or mode != "owner", (
-                    f"{name}{suffix} stage {stage}: Muon state per rank {per_rank_bytes} vs target {target:.0f}"
-                )
+    # With the distributed optimizer no sharded matrix is duplicated over its TP holders, in any mode.
+    for mode in MODES_BOTH:
+        if mode.endswith(DISTRIBUTED_OPTIMIZER):
+            duplicated = {
+                key for rank_results in per_rank for key in rank_results[mode + "/duplicated sharded"]
+            }
+            assert not duplicated, f"{name} {mode}: sharded matrices duplicated: {sorted(duplicated)[:3]}"
 
 
 @pytest.mark.parametrize("name", ["tp2_ep2", "tp2_etp2"])

@@ -389,3 +389,22 @@ def test_a_shard_no_rank_holds_raises():
     ]
     with pytest.raises(RuntimeError, match=r"'w'.*shard\(s\) \[1\]"):
         build_plan(records, ns_steps=NS_STEPS)
+
+
+def test_without_replicated_state_no_sharded_matrix_is_duplicated():
+    """The distributed optimizer's plan (``replicate_state=False``): with links so slow that ``auto`` duplicates
+    everything otherwise, a TP-sharded matrix goes to one owner (or runs on its shards) and only a whole matrix both
+    TP ranks hold (a router) stays duplicated; ``duplicated`` itself is refused."""
+    records = [
+        [piece("layer.fc1", (512, 256), shard_dim=0, num_shards=2, shard_index=0), piece("router", (8, 256))],
+        [piece("layer.fc1", (512, 256), shard_dim=0, num_shards=2, shard_index=1), piece("router", (8, 256))],
+    ]
+    slow_links = CostModel(flops_per_s=1e15, bytes_per_s=1.0, latency_s=1.0)
+    replicated = {m.key: m.mode for m in build_plan(records, cost_model=slow_links).matrices}
+    assert replicated == {"layer.fc1": "duplicated", "router": "duplicated"}
+    once = {m.key: m.mode for m in build_plan(records, cost_model=slow_links, replicate_state=False).matrices}
+    assert once["router"] == "duplicated" and once["layer.fc1"] in ("owner", "distributed"), once
+    fallback = build_plan(records, mode="distributed", replicate_state=False)
+    assert {m.key: m.mode for m in fallback.matrices}["router"] == "duplicated"
+    with pytest.raises(ValueError, match="tp_mode='duplicated' keeps every holder's momentum"):
+        build_plan(records, mode="duplicated", replicate_state=False)
