@@ -272,7 +272,7 @@ def build_plan(
     ``replicate_state=False`` (the distributed optimizer): a sharded matrix never runs ``duplicated``, whose
     every holder would keep the whole momentum; ``auto`` chooses between ``owner`` and ``distributed`` for it, and
     ``distributed`` falls back to ``owner`` where the shards cannot run it. A whole matrix several TP ranks hold
-    (the router, MLA's down-projections) may still be duplicated, as its parameter and fp32 main param are.
+    (the router, MLA's down-projections) is duplicated under ``auto``, as its parameter and fp32 main param are.
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets={num_buckets} must be >= 1")
@@ -382,6 +382,10 @@ def _choose_mode(
         return mode
     if not shared:
         return "duplicated"  # held whole by one rank: local work, nothing to share
+    if not sharded and not replicate_state:
+        # Held whole by several TP ranks of one data-parallel index (the distributed optimizer): its param and
+        # fp32 main param are replicated over them anyway; computing it on each moves no bytes (as megatron does).
+        return "duplicated"
     costs = cost_model.mode_costs(
         matrix.shape,
         matrix.num_shards,

@@ -404,6 +404,10 @@ def test_without_replicated_state_no_sharded_matrix_is_duplicated():
     assert replicated == {"layer.fc1": "duplicated", "router": "duplicated"}
     once = {m.key: m.mode for m in build_plan(records, cost_model=slow_links, replicate_state=False).matrices}
     assert once["router"] == "duplicated" and once["layer.fc1"] in ("owner", "distributed"), once
+    fast_links = CostModel(flops_per_s=1.0, bytes_per_s=1e15, latency_s=0.0)  # owner would be cheapest
+    assert {m.key: m.mode for m in build_plan(records, cost_model=fast_links).matrices}["router"] == "owner"
+    fast = build_plan(records, cost_model=fast_links, replicate_state=False)
+    assert {m.key: m.mode for m in fast.matrices}["router"] == "duplicated"  # whole, TP-replicated: no bytes
     fallback = build_plan(records, mode="distributed", replicate_state=False)
     assert {m.key: m.mode for m in fallback.matrices}["router"] == "duplicated"
     with pytest.raises(ValueError, match="tp_mode='duplicated' keeps every holder's momentum"):
