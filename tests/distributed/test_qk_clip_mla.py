@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_muon.testing import run_distributed
+from megatron_muon.testing.planted_logit import PlantedHead, run_planted
 
 pytestmark = pytest.mark.slow
 
-MICRO_BATCH = 2
 PLANTED_LAYER = 2  # global, 1-based
 PLANT = 8.0  # head 0's q_C and k_C rows are multiplied by this: the non-rotary part of its logits by 64
 THRESHOLD = 0.5  # the canonical weights' logits are ~0.04; the planted head's ~1.4 (compressed q) to ~5
@@ -29,139 +28,46 @@ MLA = dict(
 )
 
 
+def _is_attention(module) -> bool:
+    return hasattr(module, "linear_kv_up_proj")
+
+
+def _query(attention):
+    return attention.linear_q_proj if attention.config.q_lora_rank is None else attention.linear_q_up_proj
+
+
+def _plant(attention) -> None:
+    """Head 0's q_C and k_C rows (per head: [q_C; q_R] query rows and [k_C; v] kv_up rows)."""
+    _query(attention).weight[:QK] *= PLANT
+    attention.linear_kv_up_proj.weight[:QK] *= PLANT
+
+
 def _attention_weights(attention) -> dict[str, torch.Tensor]:
-    q = attention.linear_q_proj if attention.config.q_lora_rank is None else attention.linear_q_up_proj
     return {
-        "q": q.weight.detach().clone(),
+        "q": _query(attention).weight.detach().clone(),
         "kv_up": attention.linear_kv_up_proj.weight.detach().clone(),
         "kv_down": attention.linear_kv_down_proj.weight.detach().clone(),
     }
 
 
-def _one_run(layout: dict, model: dict, clip: bool) -> dict:
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+HEAD = PlantedHead(
+    is_attention=_is_attention,
+    plant=_plant,
+    weights=_attention_weights,
+    threshold=THRESHOLD,
+    planted_layer=PLANTED_LAYER,
+)
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-        causal_attention_mask,
-    )
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
-    from megatron_muon.optim.qk_clip import QKClip
-    from megatron_muon.testing.canonical import fill_canonical_
-    from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
-
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(**model)
-    config = build_transformer_config(cfg, **layout)
-    torch.manual_seed(1234)
-    model_parallel_cuda_manual_seed(1234)
-    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
-    fill_canonical_(chunks, salt="weight")
-    attentions = {int(m.layer_number): m for m in chunks[0].modules() if hasattr(m, "linear_kv_up_proj")}
-    planted = attentions[PLANTED_LAYER]
-    if pg.tp.rank() == 0:  # global head 0 lives on TP rank 0: [q_C; q_R] and [k_C; v] rows per head
-        weights = _attention_weights(planted)
-        q = planted.linear_q_proj if cfg.q_lora_rank is None else planted.linear_q_up_proj
-        with torch.no_grad():
-            q.weight[:QK] *= PLANT
-            planted.linear_kv_up_proj.weight[:QK] *= PLANT
-    optimizer = build_optimizer(
-        chunks,
-        OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False),
-        MuonOptions(lr=1e-5, weight_decay=0.0, compute_dtype="float32"),
-        pg,
-    )
-    qk_clip = QKClip(
-        chunks,
-        threshold=THRESHOLD,
-        dp_cp_group=pg.dp_cp,
-        mp_group=pg.mp,
-        num_layers=cfg.num_layers,
-        clip=clip,
-    )
-    stream = dict(
-        vocab_size=cfg.vocab_size,
-        seq_length=cfg.seq_length,
-        micro_batch_size=MICRO_BATCH,
-        num_microbatches=1,
-        data_parallel_rank=0,
-        data_parallel_size=1,
-        seed=7,
-    )
-    batch = next(synthetic_batches(**stream))
-    result = train_step(
-        chunks,
-        optimizer,
-        synthetic_batches(**stream),
-        num_microbatches=1,
-        seq_length=cfg.seq_length,
-        micro_batch_size=MICRO_BATCH,
-        pg_collection=pg,
-    )
-    assert not result["skipped"]
-    before = {n: a.core_attention.current_max_attn_logits.clone() for n, a in attentions.items()}
-    per_layer = qk_clip.after_step()
-    with torch.no_grad():  # the same batch again, in training mode so the hooks record
-        chunks[0](batch["tokens"], batch["position_ids"], causal_attention_mask(cfg.seq_length))
-    after = {n: a.core_attention.current_max_attn_logits.clone() for n, a in attentions.items()}
-    weights = {n: _attention_weights(a) for n, a in attentions.items()}
-    return dict(before=before, after=after, weights=weights, per_layer=per_layer)
-
-
-def _qk_clip_runs_on_rank(layout: dict, variants: dict) -> dict:
-    """Per model variant: the same step with QK-clip and with recording only, from the same weights and batch."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    tp_rank = ProcessGroupCollection.use_mpu_process_groups().tp.rank()
-    return {
-        name: dict(
-            tp_rank=tp_rank, clipped=_one_run(layout, model, True), plain=_one_run(layout, model, False)
-        )
-        for name, model in variants.items()
-    }
-
-
-LAYOUTS = {  # name: (tp, model overrides); one process group per TP size, its variants run in turn
-    "tp1_direct_q": (1, dict(q_lora_rank=None)),
-    "tp2_direct_q": (2, dict(q_lora_rank=None)),
-    "tp2_compressed_q": (2, dict(q_lora_rank=16)),
+LAYOUTS = {  # name: (tp, model); one process group per TP size, its variants run in turn
+    "tp1_direct_q": (1, MLA | dict(q_lora_rank=None)),
+    "tp2_direct_q": (2, MLA | dict(q_lora_rank=None)),
+    "tp2_compressed_q": (2, MLA | dict(q_lora_rank=16)),
 }
-
-
-def _gather(per_rank: list[dict], run: str) -> dict:
-    """Per-head logits in global head order and full weights (TP ranks hold consecutive heads / rows)."""
-    first = per_rank[0][run]
-    layers = first["before"].keys()
-    return dict(
-        before={n: torch.cat([r[run]["before"][n] for r in per_rank]) for n in layers},
-        after={n: torch.cat([r[run]["after"][n] for r in per_rank]) for n in layers},
-        weights={
-            n: {w: torch.cat([r[run]["weights"][n][w] for r in per_rank]) for w in first["weights"][n]}
-            for n in layers
-        },
-        per_layer=first["per_layer"],
-    )
 
 
 @pytest.fixture(scope="module")
 def runs():
-    results = {}
-    for tp in sorted({tp for tp, _ in LAYOUTS.values()}):
-        variants = {name: MLA | overrides for name, (size, overrides) in LAYOUTS.items() if size == tp}
-        layout = dict(tp=tp, pp=1, ep=1, etp=1)
-        per_rank = run_distributed(
-            _qk_clip_runs_on_rank, tp, **layout, args=(layout, variants), timeout_s=300
-        )
-        for name in variants:
-            by_rank = sorted((r[name] for r in per_rank), key=lambda r: r["tp_rank"])
-            for run in ("clipped", "plain"):
-                assert all(r[run]["per_layer"] == by_rank[0][run]["per_layer"] for r in by_rank)
-                results[name, run] = _gather(by_rank, run)
-    return results
+    return run_planted(LAYOUTS, HEAD)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
