@@ -215,6 +215,9 @@ def _build_muon(
         ns_steps=muon.ns_steps,
         cost_model=cost_model,
         replicate_state=replicate_state,
+        # The distributed optimizer spreads the momentum as the params (NorMuon's row statistics stay whole on
+        # the owner, so its momentum does too).
+        momentum_with_shards=not replicate_state and not muon.normuon,
     )
     raw = Muon(
         groups,

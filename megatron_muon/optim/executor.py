@@ -55,6 +55,7 @@ class MatrixOrthogonalizer:
         num_buckets: exchange buckets per step; communication of one overlaps Newton–Schulz of the next.
         replicate_state: False (the distributed optimizer): no sharded matrix runs ``duplicated``
             (``plan.build_plan``), so its momentum is stored once.
+        momentum_with_shards: ``owner`` matrices keep their momentum with the shards' holders (``plan.build_plan``).
 
     Builds the plan collectively at construction and checks that every rank of the grid derived the same one.
     """
@@ -71,6 +72,7 @@ class MatrixOrthogonalizer:
         cost_model: CostModel | None = None,
         num_buckets: int = 4,
         replicate_state: bool = True,
+        momentum_with_shards: bool = False,
     ) -> None:
         self.grid_group = grid_group
         self.shard_groups = shard_groups or {}
@@ -87,6 +89,7 @@ class MatrixOrthogonalizer:
             cost_model=cost_model,
             num_buckets=num_buckets,
             replicate_state=replicate_state,
+            momentum_with_shards=momentum_with_shards,
         )
         check_agreement(self.plan.fingerprint(), grid_group, "Muon plans")
         self.rank = group_rank(grid_group)

@@ -264,6 +264,11 @@ class Muon(torch.optim.Optimizer):
         grid, transport = self.orthogonalizer, self.orthogonalizer.transport
         held = self._held_pieces()
         grads = {key: piece.grad for key, piece in held.items()}
+        # 0. Matrices whose momentum stays with their shards (the distributed optimizer): each holder updates its
+        #    shard's momentum here and sends the owner the Newton–Schulz input instead of the gradient.
+        for key, piece in held.items():
+            if grid.matrix(key).momentum_with_shards:
+                grads[key] = self._momentum_input(piece.param, key, piece.grad, piece.group)
 
         # 1. The gradient pieces travel to the ranks that orthogonalize whole matrices (every bucket in flight).
         gathers = transport.start_gathers(grads)
@@ -325,13 +330,14 @@ class Muon(torch.optim.Optimizer):
         for batch_key in sorted(batches):
             batch = batches[batch_key]
             states = [self.matrix_state(held[m.key].param, m.key) for m in batch]
-            # Momentum (fp32, in the matrix's state on the rank that computes it).
-            inputs = []
-            for matrix, state in zip(batch, states, strict=True):
-                grad, hyper = grads[matrix.key], held[matrix.key].group
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(grad)
-                inputs.append(momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"]))
+            # Momentum (fp32, in the matrix's state on the rank that computes it; already applied by the shards'
+            # holders for momentum_with_shards).
+            inputs = [
+                grads[m.key]
+                if m.momentum_with_shards
+                else self._momentum_input(held[m.key].param, m.key, grads[m.key], held[m.key].group)
+                for m in batch
+            ]
             # Newton–Schulz, batched; on shards the Gram matrix is summed over the shard group.
             full_shape = batch[0].shape
             gram_hook: dict[str, Any] = {}
@@ -359,6 +365,16 @@ class Muon(torch.optim.Optimizer):
                 )
             results.update(zip((m.key for m in batch), orthogonal.unbind(0), strict=True))
         return results
+
+    def _momentum_input(
+        self, param: torch.Tensor, key: str, grad: torch.Tensor, hyper: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """Update matrix ``key``'s fp32 momentum (of the whole matrix, or of this rank's shard) with ``grad``;
+        return what Newton–Schulz orthogonalizes."""
+        state = self.matrix_state(param, key)
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(grad)
+        return momentum_input_(state["momentum"], grad, hyper["momentum"], hyper["nesterov"])
 
     def _apply_updates(self, directions: Mapping[str, torch.Tensor]) -> None:
         """For every parameter with a gradient: its direction assembled from its pieces, each scaled by its

@@ -208,6 +208,9 @@ class MatrixPlan:
     scatter: list[tuple[int, int, int]] = field(default_factory=list)
     """(shard, sender, receiver) transfers of direction shards from a computer to holders that did not compute."""
     bucket: int = 0
+    momentum_with_shards: bool = False
+    """``owner`` mode with the momentum kept by the holders, each of its own shard (the distributed optimizer: one
+    holder per shard): they send the owner Newton–Schulz inputs instead of gradients."""
     """Exchange bucket: the shards of bucket b travel while the computers orthogonalize bucket b + 1."""
 
     @property
@@ -241,6 +244,7 @@ class MuonPlan:
                     m.gather,
                     m.scatter,
                     m.bucket,
+                    m.momentum_with_shards,
                 )
                 for m in self.matrices
             ]
@@ -264,6 +268,7 @@ def build_plan(
     cost_model: CostModel | None = None,
     num_buckets: int = 4,
     replicate_state: bool = True,
+    momentum_with_shards: bool = False,
 ) -> MuonPlan:
     """Build the plan from every grid rank's announced pieces (index = rank in the grid group).
 
@@ -273,6 +278,8 @@ def build_plan(
     every holder would keep the whole momentum; ``auto`` chooses between ``owner`` and ``distributed`` for it, and
     ``distributed`` falls back to ``owner`` where the shards cannot run it. A whole matrix several TP ranks hold
     (the router, MLA's down-projections) is duplicated under ``auto``, as its parameter and fp32 main param are.
+    ``momentum_with_shards``: an ``owner`` matrix whose every shard has one holder keeps its momentum with the
+    shards (``MatrixPlan.momentum_with_shards``), so the state is spread as the parameters are.
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets={num_buckets} must be >= 1")
@@ -349,6 +356,10 @@ def build_plan(
         if matrix.mode != "distributed":
             _assign_transfers(matrix)
     _assign_buckets([m for m in matrices if m.mode != "distributed"], num_buckets)
+    if momentum_with_shards:
+        for matrix in matrices:
+            one_holder_each = all(len(ranks) == 1 for ranks in matrix.holders.values())
+            matrix.momentum_with_shards = matrix.mode == "owner" and matrix.num_shards > 1 and one_holder_each
     return MuonPlan(matrices=matrices, loads=loads)
 
 

@@ -5,8 +5,8 @@ on the ranks the plan (``plan.py``) makes compute that matrix:
 
 * ``owner``: the whole matrix, on its one owner;
 * ``duplicated``: the whole matrix, on every holder (identical copies);
-* ``distributed``: each holder keeps the momentum of its own shard (``shard_index`` of ``num_shards`` along
-  ``shard_dim``).
+* ``distributed``, and ``owner`` with ``momentum_with_shards`` (the distributed optimizer): each holder keeps the
+  momentum of its own shard (``shard_index`` of ``num_shards`` along ``shard_dim``).
 
 Here every such tensor becomes a megatron ``ShardedTensor`` named ``muon.momentum.<matrix key>`` whose global
 shape is the logical matrix's full shape. Matrix keys do not depend on TP/PP/EP/DP (``layout.py``), so a
@@ -103,6 +103,20 @@ def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
     held = _held_pieces(optimizer)
     slots = []
     for matrix in orthogonalizer.plan.matrices:
+        if matrix.momentum_with_shards:  # each shard's one holder keeps (and writes) that shard's momentum
+            if matrix.key in held:
+                param, piece = held[matrix.key]
+                slots.append(
+                    MomentumSlot(
+                        matrix_key=matrix.key,
+                        param=param,
+                        global_shape=(matrix.shape[0], matrix.shape[1]),
+                        local_shape=piece.local_shape,
+                        rank_offsets=((matrix.shard_dim, piece.shard_index, matrix.num_shards),),
+                        replica_id=0,
+                    )
+                )
+            continue
         if me not in matrix.computers:
             continue
         if matrix.key not in held:
