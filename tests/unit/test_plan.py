@@ -412,3 +412,16 @@ def test_without_replicated_state_no_sharded_matrix_is_duplicated():
     assert {m.key: m.mode for m in fallback.matrices}["router"] == "duplicated"
     with pytest.raises(ValueError, match="tp_mode='duplicated' keeps every holder's momentum"):
         build_plan(records, mode="duplicated", replicate_state=False)
+
+
+def test_momentum_with_shards_marks_owner_matrices_whose_shards_have_one_holder_each():
+    tp_group = [
+        [piece("layer.fc1", (512, 256), shard_dim=0, num_shards=2, shard_index=0), piece("router", (8, 256))],
+        [piece("layer.fc1", (512, 256), shard_dim=0, num_shards=2, shard_index=1), piece("router", (8, 256))],
+    ]
+    plan = build_plan(tp_group, mode="owner", replicate_state=False, momentum_with_shards=True)
+    assert {m.key: m.momentum_with_shards for m in plan.matrices} == {"layer.fc1": True, "router": False}
+    assert not any(m.momentum_with_shards for m in build_plan(tp_group, mode="owner").matrices)
+    replicas = tp_group + [list(tp_group[0]), list(tp_group[1])]  # two data-parallel replicas hold every shard
+    plan = build_plan(replicas, mode="owner", momentum_with_shards=True)
+    assert not any(m.momentum_with_shards for m in plan.matrices)  # a shard held twice: momentum stays whole
