@@ -2,7 +2,9 @@
 
 Two real runs are shared by most tests (each start-up costs ~30 s on 2 cores): a 20-iteration run stopped by
 SIGTERM after its first iteration, then the same command again, which resumes from that checkpoint and
-finishes (what a requeued SLURM job does). Bad inputs stop in the launcher's checks before any training
+finishes (what a requeued SLURM job does). They also show that a default run prints the launcher's lines, the
+iteration lines and real problems, not the known benign third-party warnings (megatron_muon/logging_setup.py);
+``logging.verbose=true`` brings those back. Bad inputs stop in the launcher's checks before any training
 process starts.
 """
 
@@ -29,6 +31,9 @@ TRAIN_ITERS = 20
 ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/(\d+) \|.*\| lm loss ([0-9.]+) \|", re.MULTILINE)
 VALIDATION_LINE = re.compile(r"validation at iteration (\d+) \| lm loss ([0-9.]+)")
 SIGNAL_EXIT_LINE = re.compile(r"exit requested by a signal: checkpoint saved at iteration (\d+)")
+# Python warnings ("...: UserWarning: ...", "FutureWarning"), logging records at WARNING, and torch's glog-style
+# "W1204 21:20:37.065000 ..." lines.
+WARNING_LINE = re.compile(r"Warning\b|\bWARNING\b|^W\d{4} \d\d:\d\d:\d\d", re.MULTILINE)
 
 
 def iteration_losses(log: str) -> dict[int, float]:
@@ -140,6 +145,39 @@ def test_loss_falls(runs):
     assert sorted(validation) == [10, 20] and validation[20] < validation[10], validation
 
 
+def test_a_default_run_prints_no_warning_lines(runs):
+    # Start-up, model building, training, validation, saving, a signal, and resuming from a checkpoint.
+    for output in (runs.interrupted_log, runs.resumed.stdout + runs.resumed.stderr):
+        warning_lines = [line for line in output.splitlines() if WARNING_LINE.search(line)]
+        assert not warning_lines, "\n".join(warning_lines)
+
+
+def test_verbose_brings_the_known_warnings_back(tmp_path, shakespeare_data, launcher_env):
+    # One process is enough to show that the filters are off (and costs a quarter of the start-up).
+    result = launch(
+        launcher_env,
+        TINY_CONFIG,
+        *("parallel.world_size=1", "parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.etp=1"),
+        "training.global_batch_size=2",
+        "training.train_iters=1",
+        "optimizer.warmup_iters=0",
+        "training.eval_interval=1",
+        "training.eval_iters=1",
+        f"checkpoint.save_dir={tmp_path / 'checkpoints'}",
+        "logging.log_interval=1",
+        "logging.tensorboard_dir=null",
+        "logging.verbose=true",
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert ITERATION_LINE.search(output) and "saved checkpoint" in output, output[-4000:]
+    warning_lines = [line for line in output.splitlines() if WARNING_LINE.search(line)]
+    # Megatron's import-time fallback notices (optimizer, clip_grads, norms: 4 or more) and its GPTModel record.
+    assert sum("Apex" in line for line in warning_lines) >= 4, "\n".join(warning_lines)
+    assert any("GPTModel IS DEPRECATED" in line for line in warning_lines), "\n".join(warning_lines)
+
+
 def test_tensorboard_has_the_metrics(runs):
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
@@ -218,6 +256,11 @@ def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
             [TINY_CONFIG, "model.vocab_size=1024"],
             "the tokenizer has 4000 tokens but model.vocab_size=1024",
             id="vocab-too-small",
+        ),
+        pytest.param(
+            [TINY_CONFIG, "optimizer.distributed_optimizer=true", "optimizer.muon.tp_mode=duplicated"],
+            "optimizer.distributed_optimizer=true cannot serve optimizer.muon.tp_mode=duplicated",
+            id="distributed-optimizer-duplicated",
         ),
     ],
 )
