@@ -124,31 +124,9 @@ def wait_until_gone(env: dict[str, str], job: str, timeout: float) -> dict[str, 
         time.sleep(2)
 
 
-def test_sbatch_trains_and_saves(slurm_env, tmp_path, shakespeare_data):
-    output, save_dir = tmp_path / "job.out", tmp_path / "checkpoints"
-    job = sbatch(
-        slurm_env,
-        output,
-        "training.train_iters=4",
-        "optimizer.warmup_iters=1",
-        "training.eval_interval=2",
-        "training.eval_iters=1",
-        f"checkpoint.save_dir={save_dir}",
-        "logging.log_interval=1",
-    )
-    fields = wait_until_gone(slurm_env, job, timeout=600)
-    log = output.read_text()
-    assert (fields.get("JobState"), fields.get("ExitCode")) == ("COMPLETED", "0:0"), log[-3000:]
-    port = 20000 + int(job) % 20000
-    assert f"4 processes (cpu) with srun in SLURM job {job}" in log and f"MASTER_PORT={port}" in log
-    assert [int(i) for i, _ in ITERATION_LINE.findall(log)] == [1, 2, 3, 4], log[-3000:]
-    assert "validation at iteration 4" in log
-    assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert (save_dir / "iter_0000004").is_dir()
-    assert log.rstrip().endswith("pretrain_muon.sh: done")
-
-
-def test_usr1_saves_requeues_and_resumes(slurm_env, tmp_path, shakespeare_data):
+def test_sbatch_trains_and_usr1_saves_requeues_and_resumes(slurm_env, tmp_path, shakespeare_data):
+    """One job (each start of 4 processes costs ~25 s on 2 cores): srun starts the processes, they train, evaluate
+    and save; USR1 makes the run save, requeue itself and finish from its checkpoint."""
     output, save_dir = tmp_path / "job.out", tmp_path / "checkpoints"
     train_iters = 8
     job = sbatch(
@@ -156,7 +134,8 @@ def test_usr1_saves_requeues_and_resumes(slurm_env, tmp_path, shakespeare_data):
         output,
         f"training.train_iters={train_iters}",
         "optimizer.warmup_iters=1",
-        "training.eval_interval=0",
+        f"training.eval_interval={train_iters}",
+        "training.eval_iters=1",
         f"checkpoint.save_dir={save_dir}",
         "logging.log_interval=1",
     )
@@ -175,6 +154,8 @@ def test_usr1_saves_requeues_and_resumes(slurm_env, tmp_path, shakespeare_data):
         log[-3000:] + "\n" + daemon_logs(slurm_env)
     )
     assert fields.get("Restarts") == "1", fields
+    port = 20000 + int(job) % 20000
+    assert f"4 processes (cpu) with srun in SLURM job {job}" in log and f"MASTER_PORT={port}" in log
     assert "got SIGUSR1" in log
     stopped_at = int(SIGNAL_EXIT_LINE.search(log)[1])
     assert stopped_at < train_iters
@@ -183,6 +164,9 @@ def test_usr1_saves_requeues_and_resumes(slurm_env, tmp_path, shakespeare_data):
     iterations = [int(i) for i, _ in ITERATION_LINE.findall(log)]
     assert iterations == list(range(1, train_iters + 1)), iterations  # each once: the second run resumed
     assert (save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(train_iters)
+    assert (save_dir / f"iter_{train_iters:07d}").is_dir()
+    assert f"validation at iteration {train_iters}" in log
+    assert log.rstrip().endswith("pretrain_muon.sh: done")
 
 
 def test_task_count_other_than_the_world_size_is_refused(slurm_env, tmp_path, shakespeare_data):
