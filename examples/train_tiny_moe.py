@@ -30,7 +30,7 @@ def _train(args):
         build_gpt_moe_model_chunks,
         build_transformer_config,
     )
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
@@ -44,7 +44,7 @@ def _train(args):
         OptimizerConfig(
             optimizer="adam", lr=args.adam_lr, weight_decay=0.1, clip_grad=1.0, bf16=False, fp16=False
         ),
-        MuonOptions(lr=args.muon_lr, weight_decay=0.1, tp_mode=args.tp_mode, compute_dtype="float32"),
+        MuonConfig(lr=args.muon_lr, weight_decay=0.1, tp_mode=args.tp_mode, compute_dtype="float32"),
         pg,
     )
     dp_size = parallel_state.get_data_parallel_world_size()

@@ -89,7 +89,7 @@ def _build_model(model: dict, layout: dict, pg: Any, contender: str) -> list[Any
 def _build_optimizer(chunks: list[Any], pg: Any, contender: str, settings: Settings) -> Any:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
 
     common = dict(lr=settings.lr, weight_decay=settings.weight_decay, clip_grad=1.0, bf16=True, fp16=False)
     if contender == "megatron layer-wise":
@@ -110,7 +110,7 @@ def _build_optimizer(chunks: list[Any], pg: Any, contender: str, settings: Setti
     return build_optimizer(
         chunks,
         OptimizerConfig(optimizer="adam", use_distributed_optimizer=contender != "ours", **common),
-        MuonOptions(
+        MuonConfig(
             lr=settings.lr,
             weight_decay=settings.weight_decay,
             momentum=settings.momentum,
@@ -192,11 +192,11 @@ def _step(chunks: list[Any], optimizer: Any, salt: str, options: Any, pg: Any) -
 def _on_rank(layout: dict, model: dict, settings: Settings) -> dict[str, dict]:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.optim.layout import LayoutOptions
+    from megatron_muon.optim.layout import LayoutConfig
     from megatron_muon.testing.canonical import fill_canonical_
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    options = LayoutOptions(split_qkv=True, split_gate_up=True)
+    options = LayoutConfig(split_qkv=True, split_gate_up=True)
     runs: dict[str, tuple[list[Any], Any]] = {}
     results: dict[str, dict] = {}
     for contender in CONTENDERS:

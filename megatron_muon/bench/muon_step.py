@@ -4,7 +4,7 @@ docs/benchmarks.md.
 Same MoE GPT, same parallel layout, same canonical weights and gradients (``megatron_muon.testing.canonical``),
 world 4 on CPU with gloo. Contenders:
 
-* ours: ``build_optimizer(..., MuonOptions(tp_mode=X))`` for X in auto, owner, duplicated, distributed, and auto
+* ours: ``build_optimizer(..., MuonConfig(tp_mode=X))`` for X in auto, owner, duplicated, distributed, and auto
   with the GPU cost model ``CostModel()`` instead of ``CostModel.for_this_machine()``;
 * megatron-core's Muon: ``get_megatron_optimizer(OptimizerConfig(optimizer="muon", muon_tp_mode=X, ...))`` for
   X in duplicated and distributed, each with and without its ``LayerWiseDistributedOptimizer``, and ``blockwise``
@@ -189,7 +189,7 @@ def _layer_wise_cpu_workarounds():
 def _build_ours(chunks, contender: Contender, settings: Settings, pg):
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.optim.plan import CostModel
 
     return build_optimizer(
@@ -202,7 +202,7 @@ def _build_ours(chunks, contender: Contender, settings: Settings, pg):
             bf16=False,
             fp16=False,
         ),
-        MuonOptions(
+        MuonConfig(
             lr=settings.lr,
             weight_decay=settings.weight_decay,
             momentum=settings.momentum,
@@ -342,7 +342,7 @@ def _bench_on_rank(layout: dict, model: dict, chosen: list[Contender], settings:
         build_gpt_moe_model_chunks,
         build_transformer_config,
     )
-    from megatron_muon.optim.layout import LayoutOptions
+    from megatron_muon.optim.layout import LayoutConfig
     from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
     from megatron_muon.training.step import wrap_in_ddp
 
@@ -351,7 +351,7 @@ def _bench_on_rank(layout: dict, model: dict, chosen: list[Contender], settings:
     config = build_transformer_config(cfg, **layout)
     torch.manual_seed(0)
     chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
-    options = LayoutOptions(split_qkv=True, split_gate_up=True)
+    options = LayoutConfig(split_qkv=True, split_gate_up=True)
     builders = {"ours": _build_ours, "megatron": _build_megatron}
 
     def record_failure(result: dict, error: Exception) -> None:

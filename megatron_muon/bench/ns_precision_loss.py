@@ -5,7 +5,7 @@ docs/benchmarks.md.
     python tools/bench_ns_precision_loss.py --steps 200 --out docs/benchmarks.md
 
 One process (gloo, the CPU stand-ins; on a GPU machine it still trains on the CPU: the GPU comparison is
-tests/gpu/test_train_step_gpu.py). FP8 NS is switched on with ``MuonOptions.ns_fp8_steps``.
+tests/gpu/test_train_step_gpu.py). FP8 NS is switched on with ``MuonConfig.ns_fp8_steps``.
 """
 
 from __future__ import annotations

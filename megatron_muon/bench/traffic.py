@@ -124,7 +124,9 @@ def count_sent_bytes() -> Iterator[Counter[str]]:
     targets: list[tuple[Any, str, str]] = [(dist, name, name) for name in _CHARGES if hasattr(dist, name)]
     for module_name, names in _ALIASES.items():
         module = sys.modules.get(module_name)
-        targets += [(module, attribute, kind) for attribute, kind in names.items() if hasattr(module, attribute)]
+        targets += [
+            (module, attribute, kind) for attribute, kind in names.items() if hasattr(module, attribute)
+        ]
     originals = [(owner, attribute, kind, getattr(owner, attribute)) for owner, attribute, kind in targets]
     depth = [0]
 

@@ -29,7 +29,7 @@ from megatron_muon.config.schema import (
     CheckpointConfig,
     DataConfig,
     ModelConfig,
-    OptimizerSection,
+    OptimizationConfig,
     ParallelConfig,
     ParallelDims,
     PretrainConfig,
@@ -241,7 +241,7 @@ def check_parallel(parallel: ParallelConfig, world_size: int, model: ModelConfig
 # -------------------------------------------------------------------------------------------------- optimizer
 
 
-def check_optimizer(optimizer: OptimizerSection, train_iters: int) -> None:
+def check_optimizer(optimizer: OptimizationConfig, train_iters: int) -> None:
     """The optimizer section, its schedule over ``train_iters`` steps and Muon's options."""
     require(optimizer.lr > 0, f"optimizer.lr={optimizer.lr} must be > 0")
     require(

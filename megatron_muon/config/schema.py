@@ -2,7 +2,7 @@
 
 Each component gets its own section (``model``, ``parallel``, ``optimizer``, ``training``, ``data``,
 ``checkpoint``, ``logging``), the torchtitan shape: typed fields with a docstring under each, handed to the
-part of the code that needs them. Muon's own options are :class:`megatron_muon.optim.options.MuonOptions`,
+part of the code that needs them. Muon's own options are :class:`megatron_muon.optim.options.MuonConfig`,
 reused as ``optimizer.muon`` rather than copied.
 
 The bottom of the package's one-way chain ``errors`` <- ``schema`` <- ``checks`` <- ``loading`` <- ``cli``: fields,
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
 from megatron_muon.config.errors import product, require
-from megatron_muon.optim.options import MuonOptions, QKClipOptions
+from megatron_muon.optim.options import MuonConfig, QKClipConfig
 
 if TYPE_CHECKING:
     from megatron_muon.mup import MupWidth
@@ -46,7 +46,7 @@ __all__ = [
     "DataConfig",
     "LoggingConfig",
     "ModelConfig",
-    "OptimizerSection",
+    "OptimizationConfig",
     "ParallelConfig",
     "ParallelDims",
     "PretrainConfig",
@@ -327,10 +327,11 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class OptimizerSection:
+class OptimizationConfig:
     """AdamW (embeddings, output layer, norms, router), Muon (hidden matrices) and the learning-rate schedule.
 
-    Named ``Section`` so it is not confused with megatron's ``OptimizerConfig``, which the AdamW side is built from.
+    Named for optimization (both optimizers, clipping, the schedule), not ``OptimizerConfig``: that is megatron's
+    config of the AdamW side, built from this one (``training/megatron_configs.py``).
     """
 
     lr: float = 3e-4
@@ -345,11 +346,11 @@ class OptimizerSection:
     """AdamW ε."""
     clip_grad: float = 1.0
     """Global gradient-norm clip over all parameters (Muon and AdamW); 0: off."""
-    muon: MuonOptions = field(default_factory=MuonOptions)
+    muon: MuonConfig = field(default_factory=MuonConfig)
     """Muon's own options (``optim/build.py``): lr, min_lr, weight decay, momentum, scale rule, Newton–Schulz."""
     use_muon: bool = True
     """False: AdamW (megatron's own optimizer) for every parameter, with the settings above — the baseline."""
-    qk_clip: QKClipOptions = field(default_factory=QKClipOptions)
+    qk_clip: QKClipConfig = field(default_factory=QKClipConfig)
     """MuonClip's QK-clip (Kimi K2) and the per-layer max-logit metric."""
     distributed_optimizer: bool = False
     """True: fp32 master weights and optimizer state stored once across data-parallel replicas, gradients
@@ -471,7 +472,7 @@ class PretrainConfig:
     """Model shape and numerics."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Process grid."""
-    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    optimizer: OptimizationConfig = field(default_factory=OptimizationConfig)
     """AdamW, Muon and the learning-rate schedule."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Loop length and batch."""

@@ -65,7 +65,7 @@ MAX_STABLE_FP8_STEPS = {"quintic": 2, "polar_express": 1}
 """Most leading FP8 steps (of 5) per named schedule that stayed within bf16-like accuracy in the measurements of
 ``tests/unit/test_newton_schulz_fp8.py``: quintic diverged on a 48×48 matrix with 3, Polar Express on most shapes
 with 2 (its early polynomials are tuned for the exact interval the previous step leaves). The optimizer's option
-(``MuonOptions.ns_fp8_steps``) is limited to these; ``newton_schulz`` itself accepts any 0..steps, for studies."""
+(``MuonConfig.ns_fp8_steps``) is limited to these; ``newton_schulz`` itself accepts any 0..steps, for studies."""
 
 # An all-zero matrix has amax 0; clamping keeps its scale finite (448 / (448·tiny) = 1 / tiny < fp32 max), and
 # no entry of a matrix whose amax is below the clamp can overflow after scaling.

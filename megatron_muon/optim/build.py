@@ -30,10 +30,10 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron_muon import mup
 from megatron_muon.optim import layer_wise
 from megatron_muon.optim.executor import MatrixOrthogonalizer
-from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
+from megatron_muon.optim.layout import LayoutConfig, megatron_param_pieces
 from megatron_muon.optim.muon import Muon, NorMuonNormalization
 from megatron_muon.optim.options import DTYPES as _DTYPES
-from megatron_muon.optim.options import MuonOptions
+from megatron_muon.optim.options import MuonConfig
 from megatron_muon.optim.param_groups import (
     ParamRouting,
     mup_adamw_overrides,
@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 def build_optimizer(
     model_chunks: list[torch.nn.Module],
     config: OptimizerConfig,
-    muon: MuonOptions,
+    muon: MuonConfig,
     pg_collection: ProcessGroupCollection,
     *,
     cost_model: CostModel | None = None,
@@ -150,7 +150,7 @@ def chain_members(optimizer: Any) -> list[Any]:
     return [optimizer]
 
 
-def _check_distributed_optimizer(model_chunks: list[Any], muon: MuonOptions, muon_ids: set[int]) -> None:
+def _check_distributed_optimizer(model_chunks: list[Any], muon: MuonConfig, muon_ids: set[int]) -> None:
     """One-line errors for what ``use_distributed_optimizer=True`` cannot serve."""
     if muon.tp_mode == "duplicated":
         raise ValueError(
@@ -176,7 +176,7 @@ def _build_muon(
     groups: list[dict[str, Any]],
     routing: ParamRouting,
     model_chunks: list[torch.nn.Module],
-    muon: MuonOptions,
+    muon: MuonConfig,
     pg_collection: ProcessGroupCollection,
     cost_model: CostModel | None,
     *,
@@ -184,7 +184,7 @@ def _build_muon(
 ) -> Muon:
     """Our Muon (a torch optimizer) over ``groups``, its logical matrices and plan over the TP x DP grid."""
     by_id = {id(r.param): r for r in routing.muon}
-    layout_options = LayoutOptions(
+    layout_options = LayoutConfig(
         split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up
     )
     pieces, shard_group_of = [], {}

@@ -55,7 +55,7 @@ LAYER_WISE_ATTRIBUTE = "is_managed_by_layer_wise_optimizer"
 
 def tag_muon_params(model_chunks: Iterable[torch.nn.Module], *, router: str) -> None:
     """Mark every trainable parameter of the *unwrapped* ``model_chunks``: True for the ones Muon updates
-    (``param_groups.route_parameters``, ``router`` as ``MuonOptions.router``), False for AdamW's. Call before
+    (``param_groups.route_parameters``, ``router`` as ``MuonConfig.router``), False for AdamW's. Call before
     :func:`~megatron_muon.training.step.wrap_in_ddp` builds the buffers."""
     chunks = list(model_chunks)
     muon_ids = {id(r.param) for r in route_parameters(chunks, router=router).muon}
@@ -76,7 +76,7 @@ def check_tags_match(model_chunks: Iterable[torch.nn.Module], muon_ids: set[int]
                 raise ValueError(
                     f"parameter {name} is {'' if id(param) in muon_ids else 'not '}updated by Muon but "
                     f"{LAYER_WISE_ATTRIBUTE}={tagged}; call optim.layer_wise.tag_muon_params(chunks, "
-                    "router=<MuonOptions.router>) before wrap_in_ddp"
+                    "router=<MuonConfig.router>) before wrap_in_ddp"
                 )
 
 

@@ -123,7 +123,7 @@ def whole_tensor_pieces(name: str, param: torch.Tensor) -> list[MatrixPiece]:
 
 
 @dataclass(frozen=True, slots=True)
-class LayoutOptions:
+class LayoutConfig:
     """Choices about what counts as one logical matrix."""
 
     split_qkv: bool = True
@@ -268,7 +268,7 @@ def _mla_pieces(
     key: str,
     module_name: str,
     config: Any,
-    options: LayoutOptions,
+    options: LayoutConfig,
     shape: tuple[int, int],
     shard: tuple[int | None, int, int],
 ) -> list[MatrixPiece] | None:
@@ -304,7 +304,7 @@ def megatron_param_pieces(
     module: torch.nn.Module,
     config: Any,
     module_path: dict[str, torch.nn.Module],
-    options: LayoutOptions = LayoutOptions(),
+    options: LayoutConfig = LayoutConfig(),
 ) -> list[MatrixPiece]:
     """The logical-matrix pieces of the weight ``param`` (named ``name``) of the linear layer ``module``.
 

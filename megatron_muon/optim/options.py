@@ -14,7 +14,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch
 
 
 @dataclass(kw_only=True, slots=True)
-class MuonOptions:
+class MuonConfig:
     """Muon's own settings; everything AdamW and the schedule need stays in megatron's ``OptimizerConfig``.
 
     The mode fields are typed ``str``, not their ``Literal`` (``TpMode``, ``ScaleMode``, ``Router``): this is the
@@ -91,7 +91,7 @@ class MuonOptions:
 
 
 @dataclass(kw_only=True, slots=True)
-class QKClipOptions:
+class QKClipConfig:
     """MuonClip's QK-clip (Kimi K2): after each step, shrink the query and key weights of every attention head
     whose largest pre-softmax logit exceeded ``threshold`` (``optim/qk_clip.py``, rule in ``ops/qk_clip.py``)."""
 
@@ -114,3 +114,7 @@ class QKClipOptions:
     def records(self) -> bool:
         """Whether the per-head maxima are recorded at all."""
         return self.enabled or self.log_max_logits
+
+
+MuonOptions = MuonConfig
+"""The name before 2026-12-05 (one suffix for config classes since): kept so user code importing it still works."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_muon.optim.layout import LayoutOptions, MatrixPiece, megatron_param_pieces
+from megatron_muon.optim.layout import LayoutConfig, MatrixPiece, megatron_param_pieces
 from megatron_muon.optim.param_groups import ParamRouting, route_parameters
 
 __all__ = ["MetaRank", "build_rank_on_meta", "fake_world", "megatron_allocates_on_meta"]
@@ -177,7 +177,7 @@ def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
     tiny = _buildable(cfg.model)
     apply_cpu_stand_ins()  # megatron's torch norm learns sequence parallelism there (no-op with CUDA)
     muon = cfg.optimizer.muon
-    options = LayoutOptions(
+    options = LayoutConfig(
         split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up
     )
     with fake_world(dims, rank) as pg_collection:

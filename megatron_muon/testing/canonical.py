@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_muon.optim.layout import (
-    LayoutOptions,
+    LayoutConfig,
     MatrixPiece,
     _global_key,
     megatron_param_pieces,
@@ -22,7 +22,7 @@ from megatron_muon.optim.layout import (
 )
 from megatron_muon.optim.param_groups import route_parameters
 
-DEFAULT_LAYOUT = LayoutOptions()
+DEFAULT_LAYOUT = LayoutConfig()
 
 
 def canonical_tensor(key: str, shape, *, salt: str = "", std: float = 0.02) -> torch.Tensor:
@@ -50,7 +50,7 @@ def _other_param_full_and_shard(name, param, module, module_paths):
     return key, tuple(full), dim, size, rank
 
 
-def logical_pieces(model_chunks, options: LayoutOptions = DEFAULT_LAYOUT):
+def logical_pieces(model_chunks, options: LayoutConfig = DEFAULT_LAYOUT):
     """(param, pieces) for every Muon parameter of ``model_chunks`` (as the optimizer builder lays them out)."""
     routing = route_parameters(model_chunks)
     result = []
@@ -66,7 +66,7 @@ def logical_pieces(model_chunks, options: LayoutOptions = DEFAULT_LAYOUT):
 
 @torch.no_grad()
 def fill_canonical_(
-    model_chunks, *, salt: str = "weight", grads: bool = False, options: LayoutOptions = DEFAULT_LAYOUT
+    model_chunks, *, salt: str = "weight", grads: bool = False, options: LayoutConfig = DEFAULT_LAYOUT
 ) -> None:
     """Write canonical values into every parameter (``grads=False``) or its ``main_grad`` / ``grad``."""
     routing, muon = logical_pieces(model_chunks, options)
@@ -96,7 +96,7 @@ def fill_canonical_(
 
 
 def collect_pieces(
-    model_chunks, options: LayoutOptions = DEFAULT_LAYOUT, *, main_params: bool = False
+    model_chunks, options: LayoutConfig = DEFAULT_LAYOUT, *, main_params: bool = False
 ) -> dict[str, dict[int, torch.Tensor]]:
     """This rank's value of every Muon matrix piece: key → shard index → tensor (for assembling in a test).
     ``main_params``: the fp32 main copies megatron's mixed-precision wrapper keeps (``param.main_param``) instead

@@ -49,7 +49,7 @@ def _one_step(layout: dict, model: dict, head: PlantedHead, clip: bool) -> dict:
         build_transformer_config,
         causal_attention_mask,
     )
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.optim.qk_clip import QKClip
     from megatron_muon.testing.canonical import fill_canonical_
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
@@ -68,7 +68,7 @@ def _one_step(layout: dict, model: dict, head: PlantedHead, clip: bool) -> dict:
     optimizer = build_optimizer(
         chunks,
         OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False),
-        MuonOptions(lr=1e-5, weight_decay=0.0, compute_dtype="float32"),
+        MuonConfig(lr=1e-5, weight_decay=0.0, compute_dtype="float32"),
         pg,
     )
     qk_clip = QKClip(

@@ -78,7 +78,7 @@ def _build(name: str):
         build_gpt_moe_model_chunks,
         build_transformer_config,
     )
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.optim.layer_wise import tag_muon_params
     from megatron_muon.training.initialization import initialize_layout_independent_
     from megatron_muon.training.step import wrap_in_ddp
@@ -108,7 +108,7 @@ def _build(name: str):
             use_distributed_optimizer=distributed,
         ),
         # fp32 Newton–Schulz: layouts then agree to rounding (bf16 NS differs by its own rounding per layout)
-        MuonOptions(lr=0.02, min_lr=0.002, weight_decay=0.01, compute_dtype="float32", tp_mode="auto"),
+        MuonConfig(lr=0.02, min_lr=0.002, weight_decay=0.01, compute_dtype="float32", tp_mode="auto"),
         pg,
     )
     scheduler = OptimizerParamScheduler(

@@ -72,7 +72,7 @@ def train_tiny_moe(
     ``bf16``: bf16 params, fp32 main params in the optimizer (as ``model.precision: bf16``). ``fp8_recipe``:
     megatron's ``fp8_recipe`` (delayed | tensorwise | mxfp8) with ``fp8="hybrid"`` (e4m3 forward, e5m2
     gradients), Transformer Engine only; ``fp8_param``: FP8 primary weights. ``ns_fp8_steps``: FP8 Newton–Schulz
-    (``MuonOptions.ns_fp8_steps``)."""
+    (``MuonConfig.ns_fp8_steps``)."""
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -81,7 +81,7 @@ def train_tiny_moe(
         build_gpt_moe_model_chunks,
         build_transformer_config,
     )
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
     device = torch.device(device)
@@ -109,7 +109,7 @@ def train_tiny_moe(
         OptimizerConfig(
             optimizer="adam", lr=adam_lr, weight_decay=0.01, clip_grad=1.0, bf16=config.bf16, fp16=False
         ),
-        MuonOptions(lr=muon_lr, weight_decay=0.01, compute_dtype=ns_compute_dtype, ns_fp8_steps=ns_fp8_steps),
+        MuonConfig(lr=muon_lr, weight_decay=0.01, compute_dtype=ns_compute_dtype, ns_fp8_steps=ns_fp8_steps),
         pg_collection,
     )
     data = _on_device(

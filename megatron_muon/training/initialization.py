@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_muon import mup
-from megatron_muon.optim.layout import LayoutOptions, _global_key, megatron_param_pieces, module_tp_group
+from megatron_muon.optim.layout import LayoutConfig, _global_key, megatron_param_pieces, module_tp_group
 from megatron_muon.optim.param_groups import route_parameters
 
 __all__ = ["ROW_BLOCK", "initialize_layout_independent_", "init_std"]
@@ -44,7 +44,7 @@ ROW_BLOCK = 128
 changes the blocks that hold real tokens."""
 
 # Init layout: a fixed split of fused weights, so the initial model does not depend on optimizer options.
-_INIT_LAYOUT = LayoutOptions()
+_INIT_LAYOUT = LayoutConfig()
 
 # Linear layers megatron initializes with ``output_layer_init_method`` (attention.py ``linear_proj``, mlp.py
 # ``linear_fc2``, experts' fc2): the depth-scaled std of residual-branch outputs.

@@ -77,13 +77,13 @@ def _scheduler(optimizer, max_lr: float = 3e-3, **options):
 def _build_optimizer(chunks, pg, *, tp_mode: str, bf16: bool, split_qkv: bool = True, normuon: bool = False):
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
 
     return build_optimizer(
         chunks,
         OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0, bf16=bf16),
         # fp32 Newton–Schulz: the losses of different layouts then agree to ~1e-5 (test_muon_training.py)
-        MuonOptions(
+        MuonConfig(
             lr=0.02,
             min_lr=0.002,
             weight_decay=0.01,
@@ -529,7 +529,7 @@ def _resume_with_changed_settings(root: str):
     a scheduler with another peak LR loads it. Returns what the loaded optimizer and scheduler hold."""
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.optim.muon import Muon
     from megatron_muon.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -552,7 +552,7 @@ def _resume_with_changed_settings(root: str):
         OptimizerConfig(
             optimizer="adam", lr=6e-3, min_lr=3e-4, weight_decay=0.01, adam_beta2=0.99, clip_grad=1.0
         ),
-        MuonOptions(lr=0.02, min_lr=0.002, momentum=0.9, nesterov=False, compute_dtype="float32"),
+        MuonConfig(lr=0.02, min_lr=0.002, momentum=0.9, nesterov=False, compute_dtype="float32"),
         pg,
     )
     # As the trainer builds it (training/megatron_configs.py): the config's schedule wins on resume.

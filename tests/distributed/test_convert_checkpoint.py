@@ -162,7 +162,7 @@ def _train_save_and_run(root: str, tokenizer_dir: str, tokens: torch.Tensor):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_muon.config import DataConfig, ParallelConfig, PretrainConfig, to_yaml
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.training.checkpoint import save_checkpoint
     from megatron_muon.training.step import synthetic_batches, train_step
 
@@ -172,7 +172,7 @@ def _train_save_and_run(root: str, tokenizer_dir: str, tokens: torch.Tensor):
     optimizer = build_optimizer(
         chunks,
         OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-3, weight_decay=0.01, clip_grad=1.0),
-        MuonOptions(lr=0.02, weight_decay=0.01, compute_dtype="float32"),
+        MuonConfig(lr=0.02, weight_decay=0.01, compute_dtype="float32"),
         pg,
     )
     scheduler = OptimizerParamScheduler(

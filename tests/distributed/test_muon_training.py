@@ -32,7 +32,7 @@ def _train_on_rank(
         build_gpt_moe_model_chunks,
         build_transformer_config,
     )
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.testing.canonical import fill_canonical_
     from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
 
@@ -62,7 +62,7 @@ def _train_on_rank(
             OptimizerConfig(
                 optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=bf16, fp16=False
             ),
-            MuonOptions(lr=muon_lr, weight_decay=0.01, tp_mode=mode, compute_dtype="float32"),
+            MuonConfig(lr=muon_lr, weight_decay=0.01, tp_mode=mode, compute_dtype="float32"),
             pg,
         )
         data = synthetic_batches(

@@ -28,7 +28,7 @@ def _build_on_rank(base_hidden_size):
         build_transformer_config,
         causal_attention_mask,
     )
-    from megatron_muon.optim.build import MuonOptions, adamw_config_overrides, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, adamw_config_overrides, build_optimizer
     from megatron_muon.training.step import wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
@@ -48,7 +48,7 @@ def _build_on_rank(base_hidden_size):
         optimizer="adam", lr=ADAM_LR, min_lr=ADAM_MIN_LR, adam_eps=ADAM_EPS, bf16=False, fp16=False
     )
     optimizer = build_optimizer(
-        chunks, adam_config, MuonOptions(lr=MUON_LR, weight_decay=MUON_WD, compute_dtype="float32"), pg
+        chunks, adam_config, MuonConfig(lr=MUON_LR, weight_decay=MUON_WD, compute_dtype="float32"), pg
     )
     names = {id(p): n for n, p in chunks[0].named_parameters()}
     # The all-AdamW baseline (optimizer.use_muon=false): megatron's optimizer with megatron's muP overrides.

@@ -42,9 +42,9 @@ def _muon_steps_on_rank(
         build_gpt_moe_model_chunks,
         build_transformer_config,
     )
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.optim.layer_wise import tag_muon_params
-    from megatron_muon.optim.layout import LayoutOptions
+    from megatron_muon.optim.layout import LayoutConfig
     from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
     from megatron_muon.training.step import wrap_in_ddp
 
@@ -70,7 +70,7 @@ def _muon_steps_on_rank(
     results = {"pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     # The matrices the optimizer is asked to see (e.g. per head) are the ones filled and collected.
     layout_fields = ("split_qkv", "qkv_per_head", "split_gate_up")
-    options = LayoutOptions(**{k: v for k, v in (extra_muon or {}).items() if k in layout_fields})
+    options = LayoutConfig(**{k: v for k, v in (extra_muon or {}).items() if k in layout_fields})
     for name in modes:
         mode, distributed = name.removesuffix(DISTRIBUTED_OPTIMIZER), name.endswith(DISTRIBUTED_OPTIMIZER)
         chunks = wrapped(distributed)
@@ -86,7 +86,7 @@ def _muon_steps_on_rank(
                 fp16=False,
                 use_distributed_optimizer=distributed,
             ),
-            MuonOptions(
+            MuonConfig(
                 tp_mode=mode, compute_dtype="bfloat16" if bf16 else "float32", **MUON, **(extra_muon or {})
             ),
             pg,

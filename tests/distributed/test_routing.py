@@ -19,7 +19,7 @@ def _route_on_rank(router: str):
         build_gpt_moe_model_chunks,
         build_transformer_config,
     )
-    from megatron_muon.optim.build import MuonOptions, build_optimizer
+    from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.optim.param_groups import route_parameters
     from megatron_muon.training.step import wrap_in_ddp
 
@@ -32,7 +32,7 @@ def _route_on_rank(router: str):
     optimizer = build_optimizer(
         chunks,
         OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False, fp16=False),
-        MuonOptions(router=router, lr=0.02, weight_decay=0.05),
+        MuonConfig(router=router, lr=0.02, weight_decay=0.05),
         pg,
     )
     names = {id(p): n for n, p in chunks[0].named_parameters()}

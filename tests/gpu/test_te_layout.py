@@ -6,7 +6,7 @@ doubles is tests/unit/test_layout_te.py."""
 from __future__ import annotations
 
 from megatron_muon.models.gpt_moe import GptMoeConfig, build_gpt_moe_model_chunks, build_transformer_config
-from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
+from megatron_muon.optim.layout import LayoutConfig, megatron_param_pieces
 from megatron_muon.optim.param_groups import TE_GROUPED_LINEAR_CLASS_NAMES, route_parameters
 from megatron_muon.testing.tiny_training import DEFAULT_MODEL
 
@@ -28,7 +28,7 @@ def _logical_matrices(chunk, config) -> dict[str, tuple[int, int]]:
         piece.key: piece.shape
         for routed in routing.muon
         for piece in megatron_param_pieces(
-            routed.name, routed.param, routed.module, config, routing.module_paths[0], LayoutOptions()
+            routed.name, routed.param, routed.module, config, routing.module_paths[0], LayoutConfig()
         )
     }
 

@@ -20,12 +20,12 @@ import torch
 from megatron_muon.config import (
     ConfigError,
     ModelConfig,
-    OptimizerSection,
+    OptimizationConfig,
     ParallelConfig,
     load_config,
     validate,
 )
-from megatron_muon.optim.options import MuonOptions, QKClipOptions
+from megatron_muon.optim.options import MuonConfig, QKClipConfig
 
 MLA = {
     "model.multi_latent_attention": True,
@@ -118,9 +118,9 @@ ACTS_ELSEWHERE = {
     "parallel.world_size": "launcher only: must equal the number of processes started",
     # The trainer picks the optimizer builder: ours (Muon + AdamW) or megatron's get_megatron_optimizer (AdamW).
     "optimizer.use_muon": "trainer: build_optimizer vs get_megatron_optimizer",
-    # Handed whole, as one MuonOptions object, to optim.build.build_optimizer (tests/unit/test_muon.py and the
+    # Handed whole, as one MuonConfig object, to optim.build.build_optimizer (tests/unit/test_muon.py and the
     # distributed optimizer tests check what each option does).
-    **{f"optimizer.muon.{f.name}": "optim.build.build_optimizer" for f in dataclasses.fields(MuonOptions)},
+    **{f"optimizer.muon.{f.name}": "optim.build.build_optimizer" for f in dataclasses.fields(MuonConfig)},
     # QK-clip's rule parameters go to optim.qk_clip.QKClip (tests/distributed/test_qk_clip.py).
     "optimizer.qk_clip.threshold": "optim.qk_clip.QKClip",
     "optimizer.qk_clip.alpha": "optim.qk_clip.QKClip",
@@ -234,11 +234,11 @@ def _section_keys() -> set[str]:
     for prefix, section in (
         ("model", ModelConfig),
         ("parallel", ParallelConfig),
-        ("optimizer", OptimizerSection),
+        ("optimizer", OptimizationConfig),
     ):
         for f in dataclasses.fields(section):
             nested = (
-                {"muon": MuonOptions, "qk_clip": QKClipOptions}.get(f.name) if prefix == "optimizer" else None
+                {"muon": MuonConfig, "qk_clip": QKClipConfig}.get(f.name) if prefix == "optimizer" else None
             )
             if nested is None:
                 keys.add(f"{prefix}.{f.name}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_muon.optim.layout import (
-    LayoutOptions,
+    LayoutConfig,
     RowBlocks,
     megatron_param_pieces,
     whole_tensor_pieces,
@@ -156,7 +156,7 @@ def test_per_head_mode_gives_one_piece_per_query_head_and_per_key_value_group(he
     module = FakeLinear(weight.clone())
     config = attention_config(heads, groups, head_dim)
     pieces = megatron_param_pieces(
-        QKV_NAME, module.weight, module, config, MODULE_PATH, LayoutOptions(qkv_per_head=True)
+        QKV_NAME, module.weight, module, config, MODULE_PATH, LayoutConfig(qkv_per_head=True)
     )
 
     q, k, v = megatron_qkv_split(weight, heads, groups, head_dim)
@@ -174,7 +174,7 @@ def test_per_head_mode_gives_one_piece_per_query_head_and_per_key_value_group(he
 def test_split_qkv_off_keeps_the_fused_weight_whole():
     weight = numbered(48, 16)
     module = FakeLinear(weight)
-    options = LayoutOptions(split_qkv=False)
+    options = LayoutConfig(split_qkv=False)
     (piece,) = megatron_param_pieces(
         QKV_NAME, module.weight, module, attention_config(8, 2, 4), MODULE_PATH, options
     )
@@ -224,7 +224,7 @@ def test_ungated_fc1_and_split_gate_up_off_are_one_matrix():
         module,
         SimpleNamespace(gated_linear_unit=True),
         MODULE_PATH,
-        LayoutOptions(split_gate_up=False),
+        LayoutConfig(split_gate_up=False),
     )
     assert plain.shape == unsplit.shape == (24, 8)
 

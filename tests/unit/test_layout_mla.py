@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces
+from megatron_muon.optim.layout import LayoutConfig, megatron_param_pieces
 
 HEADS, QK, ROPE, V, LATENT, HIDDEN = 3, 4, 2, 5, 6, 7
 MODULE_PATH = {"decoder.layers.0": SimpleNamespace(layer_number=1)}
@@ -51,10 +51,10 @@ def megatron_kv_split(weight: torch.Tensor):
     return k.reshape(-1, weight.shape[-1]), v.reshape(-1, weight.shape[-1])
 
 
-def pieces_of(module_name: str, weight: torch.Tensor, options: LayoutOptions | None = None):
+def pieces_of(module_name: str, weight: torch.Tensor, options: LayoutConfig | None = None):
     module = FakeLinear(weight.clone())
     name = f"{PREFIX}.{module_name}.weight"
-    options = options or LayoutOptions()
+    options = options or LayoutConfig()
     return (
         name,
         module,
@@ -77,7 +77,7 @@ def test_kv_up_projection_splits_into_the_key_and_value_parts_of_every_head():
 
 def test_per_head_mode_gives_every_head_its_query_key_and_value_matrices():
     kv = numbered(HEADS * (QK + V), LATENT)
-    name, module, pieces = pieces_of("linear_kv_up_proj", kv, LayoutOptions(qkv_per_head=True))
+    name, module, pieces = pieces_of("linear_kv_up_proj", kv, LayoutConfig(qkv_per_head=True))
     k, v = megatron_kv_split(kv)
     expected = {f"{name}/k.head{h}": k[h * QK : (h + 1) * QK] for h in range(HEADS)}
     expected |= {f"{name}/v.head{h}": v[h * V : (h + 1) * V] for h in range(HEADS)}
@@ -86,7 +86,7 @@ def test_per_head_mode_gives_every_head_its_query_key_and_value_matrices():
         torch.testing.assert_close(piece.read(module.weight.detach()), expected[piece.key], rtol=0, atol=0)
 
     q = numbered(HEADS * (QK + ROPE), HIDDEN)
-    name, module, pieces = pieces_of("linear_q_proj", q, LayoutOptions(qkv_per_head=True))
+    name, module, pieces = pieces_of("linear_q_proj", q, LayoutConfig(qkv_per_head=True))
     assert [p.key for p in pieces] == [f"{name}/q.head{h}" for h in range(HEADS)]
     for h, piece in enumerate(pieces):
         head_rows = q.view(HEADS, QK + ROPE, HIDDEN)[h]  # [q_C; q_R] of head h
@@ -103,13 +103,13 @@ def test_the_query_projection_is_one_matrix(module_name):
 @pytest.mark.parametrize("module_name", ["linear_kv_down_proj", "linear_q_down_proj"])
 def test_down_projections_are_one_matrix(module_name):
     weight = numbered(LATENT + ROPE, HIDDEN)
-    name, _, (piece,) = pieces_of(module_name, weight, LayoutOptions(qkv_per_head=True))
+    name, _, (piece,) = pieces_of(module_name, weight, LayoutConfig(qkv_per_head=True))
     assert (piece.key, piece.shape) == (name, (LATENT + ROPE, HIDDEN))
 
 
 def test_split_qkv_off_keeps_kv_up_whole():
     weight = numbered(HEADS * (QK + V), LATENT)
-    name, _, (piece,) = pieces_of("linear_kv_up_proj", weight, LayoutOptions(split_qkv=False))
+    name, _, (piece,) = pieces_of("linear_kv_up_proj", weight, LayoutConfig(split_qkv=False))
     assert (piece.key, piece.shape) == (name, tuple(weight.shape))
 
 

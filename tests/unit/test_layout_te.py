@@ -20,7 +20,7 @@ import pytest
 import torch
 from megatron.core.extensions.transformer_engine import _set_expert_parameter_attributes
 
-from megatron_muon.optim.layout import LayoutOptions, megatron_param_pieces, module_tp_group
+from megatron_muon.optim.layout import LayoutConfig, megatron_param_pieces, module_tp_group
 from megatron_muon.optim.param_groups import route_parameters
 
 HIDDEN, FFN, EXPERT_FFN, HEADS, GROUPS, HEAD_DIM = 16, 32, 8, 4, 2, 4
@@ -202,7 +202,7 @@ def pieces_by_name(model):
     routing = route_parameters([model])
     return {
         r.name: megatron_param_pieces(
-            r.name, r.param, r.module, CONFIG, routing.module_paths[0], LayoutOptions()
+            r.name, r.param, r.module, CONFIG, routing.module_paths[0], LayoutConfig()
         )
         for r in routing.muon
     }

@@ -239,7 +239,7 @@ def test_a_device_without_fp8_gemms_is_refused_not_silently_run_in_bf16(monkeypa
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The optimizer option (MuonOptions.ns_fp8_steps)
+# The optimizer option (MuonConfig.ns_fp8_steps)
 
 
 @pytest.mark.parametrize(
@@ -259,17 +259,17 @@ def test_a_device_without_fp8_gemms_is_refused_not_silently_run_in_bf16(monkeypa
     ],
 )
 def test_muon_option_limits_fp8_steps_to_the_measured_stable_range(fields, message):
-    from megatron_muon.optim.options import MuonOptions
+    from megatron_muon.optim.options import MuonConfig
 
     with pytest.raises(ValueError, match=message) as error:
-        MuonOptions(**fields).validate()
+        MuonConfig(**fields).validate()
     assert "\n" not in str(error.value)
 
 
 def test_muon_option_defaults_to_no_fp8():
-    from megatron_muon.optim.options import MuonOptions
+    from megatron_muon.optim.options import MuonConfig
 
-    options = MuonOptions()
+    options = MuonConfig()
     options.validate()
     assert options.ns_fp8_steps == 0
 

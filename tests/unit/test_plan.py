@@ -422,6 +422,7 @@ def test_momentum_with_shards_marks_owner_matrices_whose_shards_have_one_holder_
     plan = build_plan(tp_group, mode="owner", replicate_state=False, momentum_with_shards=True)
     assert {m.key: m.momentum_with_shards for m in plan.matrices} == {"layer.fc1": True, "router": False}
     assert not any(m.momentum_with_shards for m in build_plan(tp_group, mode="owner").matrices)
-    replicas = tp_group + [list(tp_group[0]), list(tp_group[1])]  # two data-parallel replicas hold every shard
+    # Two data-parallel replicas hold every shard.
+    replicas = tp_group + [list(tp_group[0]), list(tp_group[1])]
     plan = build_plan(replicas, mode="owner", momentum_with_shards=True)
     assert not any(m.momentum_with_shards for m in plan.matrices)  # a shard held twice: momentum stays whole
