@@ -47,8 +47,12 @@ fi
 
 "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 echo "setup: installing megatron-muon[$extras] (megatron-core 0.19.2, torch, ...); the first time takes a few minutes"
-"$venv/bin/python" -m pip install --quiet -e "$repo[$extras]" 2> >(grep -v "^WARNING: Location" >&2)
+# The editable build's setuptools notice (BuildBackendWarning: "be careful with folders ... same name as your
+# package") is about developing setuptools layouts, not something a user acts on: warnings off for the build only.
+PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install --quiet -e "$repo[$extras]" 2> >(grep -v "^WARNING: Location" >&2)
 "$venv/bin/python" -W ignore - <<'PY'
+import logging
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on CPU machines
 import megatron.core, torch, megatron_muon
 release = megatron.core.__version__.split("+")[0]
 print(f"setup: ok: torch {torch.__version__}, megatron-core {release}, megatron-muon {megatron_muon.__version__}")
