@@ -72,6 +72,22 @@ KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
         logger="megatron.core.models.gpt.gpt_model",
     ),
     KnownWarning(
+        r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a "
+        r"single process",
+        "torch's distributed checkpoint on every checkpoint load: megatron-core 0.19.2's torch strategy calls it "
+        "with no_dist=True on purpose (each rank reads the shards megatron planned for it)",
+    ),
+    KnownWarning(
+        r"The argument order of load has been changed",
+        "torch's distributed checkpoint on every checkpoint load: megatron-core 0.19.2's call site",
+    ),
+    KnownWarning(
+        r"Please use DTensor instead and we are deprecating ShardedTensor",
+        "torch's distributed checkpoint planner on every checkpoint load: megatron-core 0.19.2's "
+        "dist_checkpointing is built on torch's ShardedTensor",
+        category=FutureWarning,
+    ),
+    KnownWarning(
         r"MCore's async save is deprecated",
         "megatron-core 0.19.2 dist_checkpointing's torch strategy on every save, also a synchronous one",
         logger="megatron.core.dist_checkpointing.strategies.torch",

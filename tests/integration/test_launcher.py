@@ -150,8 +150,12 @@ def warning_lines(output: str) -> list[str]:
 
 
 def test_a_default_run_prints_no_warning_lines(runs):
-    # Start-up, model building, training, a signal and its save (validation: the interleaved run below).
+    # Start-up, model building, training, a signal and its save (validation: the interleaved run below); then
+    # the resumed run's checkpoint load.
     assert not warning_lines(runs.interrupted_log), "\n".join(warning_lines(runs.interrupted_log))
+    resumed = runs.resumed.stdout + runs.resumed.stderr
+    assert "loaded checkpoint" in resumed, resumed[-3000:]
+    assert not warning_lines(resumed), "\n".join(warning_lines(resumed))
 
 
 def test_verbose_brings_the_known_warnings_back(tmp_path, shakespeare_data, launcher_env):
