@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from megatron_muon.bench.matched_muon import megatron_muon_config, ours_muon_config, torch_optimizers
 from megatron_muon.bench.report import cpu_description, load_average, publish, rerun_command
 from megatron_muon.testing import run_distributed
 
@@ -71,10 +72,11 @@ def _build_model(model: dict, layout: dict, pg: Any, contender: str) -> list[Any
     from megatron_muon.optim.layer_wise import tag_muon_params
     from megatron_muon.training.step import wrap_in_ddp
 
-    config = build_transformer_config(GptMoeConfig(**model), **layout)
+    cfg = GptMoeConfig(**model)
+    config = build_transformer_config(cfg, **layout)
     config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
     torch.manual_seed(0)
-    chunks = build_gpt_moe_model_chunks(GptMoeConfig(**model), config, pg)
+    chunks = build_gpt_moe_model_chunks(cfg, config, pg)
     distributed = contender != "ours"
     if contender == "ours + distributed optimizer":
         tag_muon_params(chunks, router="muon")
@@ -89,40 +91,29 @@ def _build_model(model: dict, layout: dict, pg: Any, contender: str) -> list[Any
 def _build_optimizer(chunks: list[Any], pg: Any, contender: str, settings: Settings) -> Any:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
+    from megatron_muon.optim.build import build_optimizer
 
-    common = dict(lr=settings.lr, weight_decay=settings.weight_decay, clip_grad=1.0, bf16=True, fp16=False)
-    if contender == "megatron layer-wise":
-        config = OptimizerConfig(
-            optimizer="muon",
-            muon_momentum=settings.momentum,
-            muon_nesterov=True,
-            muon_split_qkv=True,
-            muon_scale_mode="unit_rms_norm",  # = our "spectral"
-            muon_fp32_matmul_prec="highest",
-            muon_coefficient_type="simple",  # = our "quintic"
-            muon_num_ns_steps=settings.ns_steps,
-            muon_tp_mode="duplicated",  # its exact TP mode
-            use_layer_wise_distributed_optimizer=True,
-            **common,
-        )
+    muon = dict(
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        momentum=settings.momentum,
+        ns_steps=settings.ns_steps,
+    )
+    if contender == "megatron layer-wise":  # its exact TP mode
+        config = megatron_muon_config(**muon, tp_mode="duplicated", layer_wise=True, clip_grad=1.0, bf16=True)
         return get_megatron_optimizer(config, chunks, pg_collection=pg)
     return build_optimizer(
         chunks,
-        OptimizerConfig(optimizer="adam", use_distributed_optimizer=contender != "ours", **common),
-        MuonConfig(
+        OptimizerConfig(
+            optimizer="adam",
             lr=settings.lr,
             weight_decay=settings.weight_decay,
-            momentum=settings.momentum,
-            nesterov=True,
-            scale_mode="spectral",
-            ns_steps=settings.ns_steps,
-            compute_dtype="float32",
-            tp_mode="auto",
-            split_qkv=True,
-            split_gate_up=True,
-            router="muon",
+            clip_grad=1.0,
+            bf16=True,
+            fp16=False,
+            use_distributed_optimizer=contender != "ours",
         ),
+        ours_muon_config(**muon, tp_mode="auto"),
         pg,
     )
 
@@ -137,20 +128,10 @@ def _tensor_bytes(value: Any, skip: frozenset[str] = frozenset({"step"})) -> int
     return 0
 
 
-def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    from megatron_muon.optim.build import chain_members
-
-    return [
-        m.optimizer
-        for m in chain_members(optimizer)
-        if isinstance(getattr(m, "optimizer", None), torch.optim.Optimizer)
-    ]
-
-
 def _memory(chunks: list[Any], optimizer: Any) -> dict[str, int]:
     """Bytes of this rank's parameters, gradient buffers, fp32 main params and optimizer state."""
     model_storage = {p.data_ptr() for chunk in chunks for p in chunk.parameters()}
-    inner = _torch_optimizers(optimizer)
+    inner = [o for o in torch_optimizers(optimizer) if isinstance(o, torch.optim.Optimizer)]
     main = {
         id(p): p
         for o in inner

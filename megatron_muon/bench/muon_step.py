@@ -69,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_muon.bench.matched_muon import megatron_muon_config, ours_muon_config, torch_optimizers
 from megatron_muon.bench.report import cpu_description, load_average, publish, rerun_command
 from megatron_muon.testing import run_distributed
 
@@ -189,7 +190,7 @@ def _layer_wise_cpu_workarounds():
 def _build_ours(chunks, contender: Contender, settings: Settings, pg):
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
+    from megatron_muon.optim.build import build_optimizer
     from megatron_muon.optim.plan import CostModel
 
     return build_optimizer(
@@ -202,19 +203,12 @@ def _build_ours(chunks, contender: Contender, settings: Settings, pg):
             bf16=False,
             fp16=False,
         ),
-        MuonConfig(
+        ours_muon_config(
             lr=settings.lr,
             weight_decay=settings.weight_decay,
             momentum=settings.momentum,
-            nesterov=True,
-            scale_mode="spectral",
             ns_steps=settings.ns_steps,
-            coefficients="quintic",
-            compute_dtype="float32",
             tp_mode=contender.tp_mode,
-            split_qkv=True,
-            split_gate_up=True,  # megatron fuses gate and up; our layout cannot under TP (see the docstring)
-            router="muon",
         ),
         pg,
         cost_model=CostModel() if contender.gpu_cost_model else None,
@@ -222,43 +216,24 @@ def _build_ours(chunks, contender: Contender, settings: Settings, pg):
 
 
 def _build_megatron(chunks, contender: Contender, settings: Settings, pg):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
 
-    config = OptimizerConfig(
-        optimizer="muon",
+    config = megatron_muon_config(
         lr=settings.lr,
         weight_decay=settings.weight_decay,
+        momentum=settings.momentum,
+        ns_steps=settings.ns_steps,
+        tp_mode=contender.tp_mode,
+        layer_wise=contender.layer_wise,
         clip_grad=0.0,
         bf16=False,
-        fp16=False,
-        muon_momentum=settings.momentum,
-        muon_nesterov=True,
-        muon_split_qkv=True,
-        muon_scale_mode="unit_rms_norm",  # = our "spectral": sqrt(fan_out / fan_in)
-        muon_fp32_matmul_prec="highest",  # fp32 Newton-Schulz ("medium" casts the iterate to bf16)
-        muon_coefficient_type="simple",  # = our "quintic": (3.4445, -4.7750, 2.0315) every step
-        muon_num_ns_steps=settings.ns_steps,
-        muon_tp_mode=contender.tp_mode,
-        use_layer_wise_distributed_optimizer=contender.layer_wise,
     )
     return get_megatron_optimizer(config, chunks, pg_collection=pg)
 
 
-def _leaves(optimizer):
-    """The innermost torch optimizers of a megatron optimizer tree: the torch optimizer each leaf megatron
-    optimizer of the (nested) chain wraps."""
-    from megatron_muon.optim.build import chain_members
-
-    leaves = []
-    for member in chain_members(optimizer):
-        inner = getattr(member, "optimizer", None)
-        leaves.append(inner if isinstance(inner, torch.optim.Optimizer) else member)
-    return leaves
-
-
 def _muon_state_bytes(optimizer, family: str) -> int:
     total = 0
-    for leaf in _leaves(optimizer):
+    for leaf in torch_optimizers(optimizer):
         if family == "ours" and hasattr(leaf, "orthogonalizer"):
             total += leaf.orthogonalizer.state_bytes(leaf)
         elif family == "megatron" and type(leaf).__name__ == "TensorParallelMuon":
@@ -272,7 +247,7 @@ def _ours_plan_facts(optimizer) -> dict:
     modes: dict[str, int] = {}
     stage_bytes = 0
     loads: dict[int, float] = {}
-    for leaf in _leaves(optimizer):
+    for leaf in torch_optimizers(optimizer):
         if hasattr(leaf, "orthogonalizer"):
             plan = leaf.orthogonalizer.plan
             for matrix in plan.matrices:
