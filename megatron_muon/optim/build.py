@@ -67,7 +67,7 @@ def build_optimizer(
     muon_ids = {id(r.param) for r in routing.muon}
     owned = None
     if config.use_distributed_optimizer:
-        _check_distributed_optimizer(model_chunks, muon, muon_ids)
+        _check_distributed_optimizer(model_chunks, muon_ids)
         owned = layer_wise.owned_params(model_chunks, pg_collection)
     overrides = get_standard_config_overrides(config)
     muon_key = ParamKey(predicate=ParamPredicate(name="megatron_muon", fn=lambda p: id(p) in muon_ids))
@@ -150,13 +150,9 @@ def chain_members(optimizer: Any) -> list[Any]:
     return [optimizer]
 
 
-def _check_distributed_optimizer(model_chunks: list[Any], muon: MuonConfig, muon_ids: set[int]) -> None:
-    """One-line errors for what ``use_distributed_optimizer=True`` cannot serve."""
-    if muon.tp_mode == "duplicated":
-        raise ValueError(
-            "use_distributed_optimizer=True cannot serve tp_mode='duplicated' (it keeps a matrix's momentum on "
-            "every TP rank); valid: auto, owner, distributed"
-        )
+def _check_distributed_optimizer(model_chunks: list[Any], muon_ids: set[int]) -> None:
+    """One-line errors for what ``use_distributed_optimizer=True`` cannot serve (``tp_mode='duplicated'``: the
+    plan refuses it without replicated state)."""
     for chunk in model_chunks:
         ddp_config = getattr(chunk, "ddp_config", None)
         if ddp_config is None or not ddp_config.use_distributed_optimizer:

@@ -329,7 +329,6 @@ class Muon(torch.optim.Optimizer):
         results: dict[str, torch.Tensor] = {}
         for batch_key in sorted(batches):
             batch = batches[batch_key]
-            states = [self.matrix_state(held[m.key].param, m.key) for m in batch]
             # Momentum (fp32, in the matrix's state on the rank that computes it; already applied by the shards'
             # holders for momentum_with_shards).
             inputs = [
@@ -360,6 +359,7 @@ class Muon(torch.optim.Optimizer):
             )
             # NorMuon (optional): per-row normalization by a running second moment.
             if self.post_orthogonalize is not None:
+                states = [self.matrix_state(held[m.key].param, m.key) for m in batch]
                 orthogonal = self.post_orthogonalize(
                     orthogonal, states, full_shape=full_shape, **row_reductions
                 )
