@@ -222,16 +222,27 @@ def muon_weight_decay(base_weight_decay: float, width_multiplier: float) -> floa
     return base_weight_decay / width_multiplier
 
 
-def transformer_config_fields(width: MupWidth) -> dict[str, object]:
+def transformer_config_fields(
+    width: MupWidth, *, output_logit_base: float = 1.0, attention_scale_base: float = 1.0
+) -> dict[str, object]:
     """megatron ``TransformerConfig`` fields that switch its muP on for ``width``: megatron then derives the
     init methods (:func:`init_std`, :func:`residual_output_init_std`; the embedding and the untied output
-    layer keep σ); the attention scale and the logit multiplier are given explicitly from the rules above."""
+    layer keep σ); the attention scale and the logit multiplier are given explicitly from the rules above.
+
+    ``output_logit_base`` and ``attention_scale_base`` are the base model's own multipliers (tuned once at the
+    base width, TP5 §5 "base multipliers"): the logits are multiplied by ``output_logit_base / m`` and q·k by
+    ``attention_scale_base · √d_head,base / d_head``. The width rules are unchanged; at m = 1 these are the
+    only difference from the standard model. A standard-parametrization model with base multipliers is this at
+    m = 1 (``MupWidth`` with base = itself): every other muP rule is then the identity.
+    """
+    _positive("output_logit_base", output_logit_base)
+    _positive("attention_scale_base", attention_scale_base)
     return {
         "use_mup": True,
         "mup_base_hidden_size": width.base_hidden_size,
         "mup_base_head_dim": float(width.base_head_dim),
-        "softmax_scale": attention_softmax_scale(width.head_dim, width.base_head_dim),
-        "mup_output_mult": output_logit_multiplier(width.multiplier),
+        "softmax_scale": attention_scale_base * attention_softmax_scale(width.head_dim, width.base_head_dim),
+        "mup_output_mult": output_logit_base * output_logit_multiplier(width.multiplier),
     }
 
 

@@ -159,6 +159,14 @@ def _check_mla(model: ModelConfig) -> None:
 
 
 def _check_mup(model: ModelConfig) -> None:
+    for name in ("output_logit_multiplier", "attention_scale_multiplier"):
+        value = getattr(model, name)
+        require(value > 0, f"model.{name}={value} must be > 0 (1: no multiplier)")
+        require(
+            value == 1.0 or not model.multi_latent_attention,
+            f"model.{name}={value} with model.multi_latent_attention=true: base multipliers are not "
+            "implemented for MLA (set it to 1)",
+        )
     base, base_head = model.mup_base_hidden_size, model.mup_base_head_dim
     if base is None:
         require(
@@ -254,6 +262,14 @@ def check_optimizer(optimizer: OptimizationConfig, train_iters: int) -> None:
         f"optimizer.betas={list(optimizer.betas)} must be two values in [0, 1)",
     )
     require(optimizer.eps > 0, f"optimizer.eps={optimizer.eps} must be > 0")
+    multiplier = optimizer.router_lr_multiplier
+    require(multiplier > 0, f"optimizer.router_lr_multiplier={multiplier} must be > 0 (1: the AdamW LR)")
+    require(
+        multiplier == 1.0 or (optimizer.use_muon and optimizer.muon.router == "adamw"),
+        f"optimizer.router_lr_multiplier={multiplier} applies to the router on AdamW beside Muon; it needs "
+        f"optimizer.use_muon=true and optimizer.muon.router=adamw (got use_muon={optimizer.use_muon}, "
+        f"router={optimizer.muon.router!r})",
+    )
     require(optimizer.clip_grad >= 0, f"optimizer.clip_grad={optimizer.clip_grad} must be >= 0 (0: off)")
     require_choice("optimizer.decay_style", optimizer.decay_style, DECAY_STYLES)
     decay_iters = optimizer.resolved_lr_decay_iters(train_iters)

@@ -147,6 +147,11 @@ class ModelConfig:
     mup_base_head_dim: float | None = None
     """muP: head dim of the base model (attention scale √this / head_dim); None: mup_base_hidden_size /
     num_attention_heads (the head count stays fixed as the model widens)."""
+    output_logit_multiplier: float = 1.0
+    """Base multiplier of the output logits, tuned at the base width (docs/mup.md); under muP the logits are
+    multiplied by this / m, without muP by this."""
+    attention_scale_multiplier: float = 1.0
+    """Base multiplier of the attention scale: q·k × this / √d_head (under muP × this · √d_head,base / d_head)."""
     share_embeddings_and_output_weights: bool = False
     """Tie the input embedding and the output layer."""
     normalization: str = "RMSNorm"
@@ -346,6 +351,9 @@ class OptimizationConfig:
     """AdamW ε."""
     clip_grad: float = 1.0
     """Global gradient-norm clip over all parameters (Muon and AdamW); 0: off."""
+    router_lr_multiplier: float = 1.0
+    """The MoE router's AdamW LR is ``lr`` × this (× 1/m under muP): a base multiplier tuned at the base width
+    (docs/mup.md). Needs the router on AdamW (``muon.router: adamw``) and ``use_muon``."""
     muon: MuonConfig = field(default_factory=MuonConfig)
     """Muon's own options (``optim/build.py``): lr, min_lr, weight decay, momentum, scale rule, Newton–Schulz."""
     use_muon: bool = True

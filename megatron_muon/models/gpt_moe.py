@@ -98,6 +98,10 @@ class GptMoeConfig:
     """muP base width (``megatron_muon/mup.py``); None: standard parametrization."""
     mup_base_head_dim: float | None = None
     """muP base head dim; None: mup_base_hidden_size / num_attention_heads."""
+    output_logit_multiplier: float = 1.0
+    """Base multiplier of the output logits (under muP the logits are multiplied by this / m)."""
+    attention_scale_multiplier: float = 1.0
+    """Base multiplier of the attention scale (q·k × this / √d_head; under muP × this · √d_head,base / d_head)."""
     multi_latent_attention: bool = False
     """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434) instead of grouped-query attention: megatron's
     ``MLASelfAttention`` (``num_query_groups`` unused)."""
@@ -192,21 +196,27 @@ def build_transformer_config(
     _require_divisible("num_layers", cfg.num_layers, "pipeline_parallel_size * (vpp or 1)", pp * (vpp or 1))
 
     # muP through megatron's own hooks: init methods, logit multiplier, attention scale (megatron_muon/mup.py).
-    mup_fields = {}
-    if cfg.mup_base_hidden_size is not None:
+    mup_fields: dict[str, object] = {}
+    base_multipliers = (cfg.output_logit_multiplier, cfg.attention_scale_multiplier) != (1.0, 1.0)
+    if cfg.mup_base_hidden_size is not None or base_multipliers:
         if cfg.multi_latent_attention:
             raise ValueError(
-                "mup_base_hidden_size is set with multi_latent_attention=True: muP's attention scale is not "
-                "defined for MLA's two head dims here (see config/checks.py: _check_mup)"
+                "mup_base_hidden_size or a base multiplier is set with multi_latent_attention=True: muP's "
+                "attention scale is not defined for MLA's two head dims here (see config/checks.py: _check_mup)"
             )
+        # Without muP, base multipliers are muP at m = 1 (every width rule the identity): megatron applies a
+        # logit multiplier only under use_mup.
+        base_hidden_size = cfg.mup_base_hidden_size or cfg.hidden_size
         mup_fields = mup.transformer_config_fields(
             mup.MupWidth.of_model(
                 hidden_size=cfg.hidden_size,
                 head_dim=cfg.hidden_size / cfg.num_attention_heads,
                 num_attention_heads=cfg.num_attention_heads,
-                base_hidden_size=cfg.mup_base_hidden_size,
-                base_head_dim=cfg.mup_base_head_dim,
-            )
+                base_hidden_size=base_hidden_size,
+                base_head_dim=cfg.mup_base_head_dim if cfg.mup_base_hidden_size is not None else None,
+            ),
+            output_logit_base=cfg.output_logit_multiplier,
+            attention_scale_base=cfg.attention_scale_multiplier,
         )
 
     config_class, mla_fields = TransformerConfig, {}
@@ -225,7 +235,7 @@ def build_transformer_config(
             # MLA resolves its q / kv norms through the backend this names (megatron's default: TE).
             transformer_impl=cfg.transformer_impl,
         )
-    return config_class(
+    config = config_class(
         # Shape.
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -288,6 +298,11 @@ def build_transformer_config(
         **mup_fields,
         **mla_fields,
     )
+    if mup_fields:
+        # megatron-core 0.19.2 replaces a logit multiplier of exactly 1.0 by 1/m (its "not set" value), which
+        # a base multiplier equal to m would hit; the value asked for is put back.
+        config.mup_output_mult = mup_fields["mup_output_mult"]
+    return config
 
 
 def _require_mla_shapes(cfg: GptMoeConfig, tp: int) -> None:

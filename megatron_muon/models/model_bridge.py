@@ -57,5 +57,7 @@ def gpt_moe_config(model: ModelConfig) -> GptMoeConfig:
         norm_epsilon=model.norm_epsilon,
         mup_base_hidden_size=model.mup_base_hidden_size,
         mup_base_head_dim=model.mup_base_head_dim,
+        output_logit_multiplier=model.output_logit_multiplier,
+        attention_scale_multiplier=model.attention_scale_multiplier,
         transformer_impl=model.transformer_impl,
     )

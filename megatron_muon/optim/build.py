@@ -36,7 +36,7 @@ from megatron_muon.optim.options import DTYPES as _DTYPES
 from megatron_muon.optim.options import MuonConfig
 from megatron_muon.optim.param_groups import (
     ParamRouting,
-    mup_adamw_overrides,
+    adamw_matrix_overrides,
     mup_width_multiplier,
     route_parameters,
 )
@@ -52,12 +52,18 @@ def build_optimizer(
     pg_collection: ProcessGroupCollection,
     *,
     cost_model: CostModel | None = None,
+    router_lr_multiplier: float = 1.0,
 ) -> ChainedOptimizer:
     """Muon + AdamW for megatron ``model_chunks`` (DDP-wrapped), as one megatron ``ChainedOptimizer``.
 
     ``config`` is megatron's ``OptimizerConfig`` with ``optimizer="adam"`` (the AdamW side, clipping, precision,
     the default LR schedule); ``pg_collection`` a megatron ``ProcessGroupCollection``; only its groups are used.
+    ``router_lr_multiplier``: the MoE router's AdamW LR is ``config.lr`` times this (times muP's 1/m).
     """
+    if router_lr_multiplier != 1.0 and muon.router != "adamw":
+        raise ValueError(
+            f"router_lr_multiplier={router_lr_multiplier} needs the router on AdamW (router={muon.router!r})"
+        )
     muon.validate()
     if config.optimizer != "adam":
         raise ValueError(f"OptimizerConfig.optimizer={config.optimizer!r}; the AdamW side needs 'adam'")
@@ -75,7 +81,7 @@ def build_optimizer(
     weight_decay = muon.weight_decay
     if width_multiplier is not None:  # muP: Muon's LR transfers as is (spectral scale); its WD goes as 1/m
         weight_decay = mup.muon_weight_decay(muon.weight_decay, width_multiplier)
-        overrides.update(mup_adamw_overrides(routing, config, width_multiplier))
+    overrides.update(adamw_matrix_overrides(routing, config, width_multiplier, router_lr_multiplier))
     overrides[muon_key] = {
         "optimizer": "muon",
         "max_lr": muon.lr,

@@ -180,27 +180,34 @@ def adamw_parameter_class(param: torch.nn.Parameter, module: torch.nn.Module | N
     return "hidden"
 
 
-def mup_adamw_overrides(routing: ParamRouting, config: Any, width_multiplier: float) -> dict[Any, Any]:
-    """megatron param-group overrides with muP's AdamW rules (``mup.adamw_multipliers``) for the parameters
-    ``routing`` sends to AdamW. Only the router and hidden classes change (LR times 1/m; ε times 1/m for hidden
-    matrices only); the rest keep the base values, so they need no override."""
+def adamw_matrix_overrides(
+    routing: ParamRouting, config: Any, width_multiplier: float | None, router_lr_multiplier: float = 1.0
+) -> dict[Any, Any]:
+    """megatron param-group overrides for the AdamW matrices ``routing`` sends to AdamW beside Muon: muP's rules
+    (``mup.adamw_multipliers``; ``width_multiplier`` None: muP off) and the router's base LR multiplier. Only the
+    router and hidden classes change (LR times 1/m; ε times 1/m for hidden matrices only; the router's LR times
+    ``router_lr_multiplier`` at every width); the rest keep the base values, so they need no override."""
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
     from megatron_muon import mup
 
-    if width_multiplier == 1.0:
-        return {}
     overrides = {}
     for parameter_class in ("router", "hidden"):
+        lr_mult, eps_mult = 1.0, 1.0
+        if width_multiplier is not None:
+            lr_mult, eps_mult = mup.adamw_multipliers(parameter_class, width_multiplier)
+        if parameter_class == "router":
+            lr_mult *= router_lr_multiplier
+        if (lr_mult, eps_mult) == (1.0, 1.0):
+            continue
         ids = {
             id(r.param) for r in routing.adamw if adamw_parameter_class(r.param, r.module) == parameter_class
         }
         if not ids:
             continue
-        lr_mult, eps_mult = mup.adamw_multipliers(parameter_class, width_multiplier)
         key = ParamKey(
             with_name_predicate=ParamWithNamePredicate(
-                name=f"mup_adamw_{parameter_class}", fn=lambda param, name, ids=ids: id(param) in ids
+                name=f"adamw_{parameter_class}", fn=lambda param, name, ids=ids: id(param) in ids
             )
         )
         overrides[key] = {

@@ -99,7 +99,13 @@ class Trainer:
         opt = cfg.optimizer
         adam_config = adamw_optimizer_config(cfg)
         if opt.use_muon:
-            self.optimizer = build_optimizer(self.model, adam_config, opt.muon, pg_collection)
+            self.optimizer = build_optimizer(
+                self.model,
+                adam_config,
+                opt.muon,
+                pg_collection,
+                router_lr_multiplier=opt.router_lr_multiplier,
+            )
         else:  # the AdamW baseline: megatron's own optimizer for every parameter
             self.optimizer = get_megatron_optimizer(
                 adam_config,

@@ -14,9 +14,10 @@ pytestmark = pytest.mark.slow
 
 BASE, WIDTH = 32, 128  # m = 4
 ADAM_LR, ADAM_MIN_LR, ADAM_EPS, MUON_LR, MUON_WD = 1e-3, 1e-4, 1e-8, 0.02, 0.1
+ROUTER_MULT = 3.0
 
 
-def _build_on_rank(base_hidden_size):
+def _build_on_rank(base_hidden_size, output_logit_multiplier=1.0):
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -39,6 +40,7 @@ def _build_on_rank(base_hidden_size):
         moe_ffn_hidden_size=WIDTH,
         moe_layer_freq=[0, 1],
         mup_base_hidden_size=base_hidden_size,
+        output_logit_multiplier=output_logit_multiplier,
     )
     config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
     torch.manual_seed(0)
@@ -51,6 +53,19 @@ def _build_on_rank(base_hidden_size):
         chunks, adam_config, MuonConfig(lr=MUON_LR, weight_decay=MUON_WD, compute_dtype="float32"), pg
     )
     names = {id(p): n for n, p in chunks[0].named_parameters()}
+    with_router_multiplier = build_optimizer(
+        chunks,
+        adam_config,
+        MuonConfig(lr=MUON_LR, weight_decay=MUON_WD, compute_dtype="float32"),
+        pg,
+        router_lr_multiplier=ROUTER_MULT,
+    )
+    lr_with_router_multiplier = {
+        names[id(param)]: group["max_lr"]
+        for member in with_router_multiplier.chained_optimizers
+        for group in member.optimizer.param_groups
+        for param in group["params"]
+    }
     # The all-AdamW baseline (optimizer.use_muon=false): megatron's optimizer with megatron's muP overrides.
     adamw_only = get_megatron_optimizer(
         adam_config,
@@ -94,7 +109,7 @@ def _build_on_rank(base_hidden_size):
             attention_mask=causal_attention_mask(cfg.seq_length),
         )
     ratio = float(logits.transpose(0, 1).norm() / captured["raw"].norm())
-    return groups, stds, ratio, adamw_only_lr
+    return groups, stds, ratio, adamw_only_lr, lr_with_router_multiplier
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +117,7 @@ def built():
     return {
         "mup": run_distributed(_build_on_rank, 1, args=(BASE,))[0],
         "standard": run_distributed(_build_on_rank, 1, args=(None,))[0],
+        "standard_logits_x2": run_distributed(_build_on_rank, 1, args=(None, 2.0))[0],
     }
 
 
@@ -112,7 +128,7 @@ def _one(groups, fragment):
 
 
 def test_param_groups_follow_the_mup_rules(built):
-    groups, _, _, _ = built["mup"]
+    groups, _, _, _, _ = built["mup"]
     m = WIDTH / BASE
     for fragment in (
         "linear_qkv.weight",
@@ -138,19 +154,19 @@ def test_param_groups_follow_the_mup_rules(built):
 
 
 def test_standard_parametrization_keeps_the_base_values(built):
-    groups, _, ratio, _ = built["standard"]
+    groups, _, ratio, _, _ = built["standard"]
     assert _one(groups, "router.weight")["max_lr"] == ADAM_LR
     assert _one(groups, "linear_qkv.weight")["start_wd"] == MUON_WD
     assert ratio == pytest.approx(1.0)
 
 
 def test_logits_leave_the_model_times_one_over_m(built):
-    _, _, ratio, _ = built["mup"]
+    _, _, ratio, _, _ = built["mup"]
     assert ratio == pytest.approx(BASE / WIDTH, rel=1e-5)
 
 
 def test_weights_are_drawn_with_the_mup_std(built):
-    _, stds, _, _ = built["mup"]
+    _, stds, _, _, _ = built["mup"]
     m = WIDTH / BASE
     hidden = mup.init_std(0.02, fan_in=WIDTH, base_fan_in=BASE)
     residual = mup.residual_output_init_std(0.02, num_layers=2, width_multiplier=m)
@@ -170,3 +186,23 @@ def test_adamw_only_baseline_gets_megatrons_mup_learning_rates(built):
     for fragment in ("word_embeddings.weight", "output_layer.weight", "final_layernorm.weight"):
         assert _one(lrs, fragment) == ADAM_LR, fragment
     assert set(built["standard"][3].values()) == {ADAM_LR}
+
+
+def test_router_lr_multiplier_is_a_base_multiplier(built):
+    """optimizer.router_lr_multiplier scales the router's AdamW LR at every width, on top of muP's 1/m; nothing
+    else moves."""
+    m = WIDTH / BASE
+    for name, width_factor in (("mup", 1 / m), ("standard", 1.0)):
+        plain, scaled = built[name][0], built[name][4]
+        assert _one(scaled, "router.weight") == pytest.approx(ADAM_LR * ROUTER_MULT * width_factor), name
+        for fragment in ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight"):
+            assert _one(scaled, fragment) == _one(plain, fragment)["max_lr"], (name, fragment)
+
+
+def test_output_logit_multiplier_without_mup_multiplies_the_logits(built):
+    """A base logit multiplier without muP: megatron's logit hook at m = 1, the logits times the multiplier, the
+    optimizer's groups as in the standard model."""
+    groups, _, ratio, _, _ = built["standard_logits_x2"]
+    assert ratio == pytest.approx(2.0, rel=1e-5)
+    standard = built["standard"][0]
+    assert {k: g["max_lr"] for k, g in groups.items()} == {k: g["max_lr"] for k, g in standard.items()}

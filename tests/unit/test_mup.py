@@ -142,6 +142,47 @@ def test_both_router_draws_give_the_output_type_std():
     assert _adamw_matrix_std(name, standard) == pytest.approx(0.02)
 
 
+def test_base_multipliers_reach_megatron_on_top_of_the_width_rules():
+    """Tuned base multipliers: logits × α_out / m, q·k × α_attn · √d_head,base / d_head; α_out = m, whose product
+    is exactly 1, survives megatron's "1.0 means unset" default (which would make it 1/m)."""
+    shape = dict(
+        num_layers=2, hidden_size=256, ffn_hidden_size=512, moe_layer_freq=[0, 1], mup_base_hidden_size=64
+    )
+    config = build_transformer_config(
+        GptMoeConfig(**shape, output_logit_multiplier=2.0, attention_scale_multiplier=0.5), tp=1, pp=1, ep=1
+    )
+    assert config.mup_output_mult == pytest.approx(2.0 / 4)
+    assert config.softmax_scale == pytest.approx(0.5 * mup.attention_softmax_scale(64, 16))
+    equal_to_m = build_transformer_config(
+        GptMoeConfig(**shape, output_logit_multiplier=4.0), tp=1, pp=1, ep=1
+    )
+    assert equal_to_m.mup_output_mult == 1.0
+
+
+def test_base_multipliers_without_mup_are_mup_at_m_1():
+    """Without muP the multipliers still act (the SP arm of a muP-vs-SP comparison keeps the tuned base
+    multipliers); every width rule is then the identity: standard init, 1/√d_head times α_attn."""
+    config = build_transformer_config(
+        GptMoeConfig(
+            num_layers=2,
+            hidden_size=256,
+            moe_layer_freq=[0, 1],
+            output_logit_multiplier=3.0,
+            attention_scale_multiplier=2.0,
+        ),
+        tp=1,
+        pp=1,
+        ep=1,
+    )
+    assert config.use_mup and config.mup_width_mult == 1.0
+    assert config.mup_output_mult == pytest.approx(3.0)
+    assert config.softmax_scale == pytest.approx(2.0 / math.sqrt(64))
+    assert _std(config.init_method) == pytest.approx(0.02)
+    assert _std(config.output_layer_init_method) == pytest.approx(0.02 / math.sqrt(2 * 2))
+    with pytest.raises(ValueError, match="output_logit_base=0"):
+        mup.transformer_config_fields(mup.MupWidth(64, 64, 16, 16), output_logit_base=0)
+
+
 def test_base_width_model_is_the_standard_one():
     """At m = 1 muP changes nothing but naming: same init, standard 1/sqrt(d_head), no logit multiplier."""
     config = build_transformer_config(
@@ -161,6 +202,8 @@ def test_model_config_reaches_the_builder():
     assert (width.multiplier, width.head_dim, width.base_head_dim) == (4.0, 32, 8.0)
     tiny = gpt_moe_config(model)
     assert (tiny.mup_base_hidden_size, tiny.mup_base_head_dim) == (32, 8.0)
+    multiplied = gpt_moe_config(ModelConfig(output_logit_multiplier=2.0, attention_scale_multiplier=0.5))
+    assert (multiplied.output_logit_multiplier, multiplied.attention_scale_multiplier) == (2.0, 0.5)
     assert ModelConfig().mup_width() is None
     assert (
         ModelConfig(hidden_size=128, mup_base_hidden_size=32).mup_width().base_head_dim == 8.0
@@ -179,6 +222,20 @@ def test_model_config_reaches_the_builder():
         (
             ["model.mup_base_hidden_size=64", "optimizer.muon.scale_mode=moonlight"],
             "optimizer.muon.scale_mode='moonlight' with muP",
+        ),
+        (["model.output_logit_multiplier=0"], "model.output_logit_multiplier=0.0 must be > 0"),
+        (
+            ["model.attention_scale_multiplier=2", "model.multi_latent_attention=true"],
+            "model.attention_scale_multiplier=2.0 with model.multi_latent_attention=true",
+        ),
+        (["optimizer.router_lr_multiplier=-1"], "optimizer.router_lr_multiplier=-1.0 must be > 0"),
+        (
+            ["optimizer.router_lr_multiplier=2", "optimizer.use_muon=false"],
+            "optimizer.router_lr_multiplier=2.0 applies to the router on AdamW beside Muon",
+        ),
+        (
+            ["optimizer.router_lr_multiplier=2", "optimizer.muon.router=muon"],
+            "optimizer.router_lr_multiplier=2.0 applies to the router on AdamW beside Muon",
         ),
     ],
 )
