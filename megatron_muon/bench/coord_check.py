@@ -96,7 +96,28 @@ def record(model, batch) -> dict[str, list]:
     return outputs
 
 
-def measure(config: str, overrides: list[str], width: int, steps: int, out: Path, pg) -> list[dict]:
+def router_lr_overrides(base, width: int, router_lr_power: float | None) -> list[str]:
+    """Overrides that give the router an AdamW LR ∝ m^−p (p = ``router_lr_power``) instead of muP's rule
+    (``mup.adamw_multipliers``: 1/m), through its base multiplier: × m^(1−p). None: the rule as it is."""
+    if router_lr_power is None:
+        return []
+    if base.model.mup_base_hidden_size is None:
+        raise SystemExit("--router-lr-power needs muP on (model.mup_base_hidden_size)")
+    m = width / base.model.mup_base_hidden_size
+    return [
+        f"optimizer.router_lr_multiplier={base.optimizer.router_lr_multiplier * m ** (1 - router_lr_power)!r}"
+    ]
+
+
+def measure(
+    config: str,
+    overrides: list[str],
+    width: int,
+    steps: int,
+    out: Path,
+    pg,
+    router_lr_power: float | None = None,
+) -> list[dict]:
     """Rows (layer_type, act_rms, update_rms) of one run: ``steps`` training steps at ``width``."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
@@ -108,7 +129,13 @@ def measure(config: str, overrides: list[str], width: int, steps: int, out: Path
     base = load_config(config, overrides)
     cfg = trial_config(
         config,
-        [*overrides, *width_overrides(base, width), f"training.train_iters={steps}", "training.eval_iters=1"],
+        [
+            *overrides,
+            *width_overrides(base, width),
+            *router_lr_overrides(base, width, router_lr_power),
+            f"training.train_iters={steps}",
+            "training.eval_iters=1",
+        ],
         out / "tensorboard" / f"{'mup' if base.model.mup_base_hidden_size else 'standard'}_w{width}",
     )
     cfg.optimizer.warmup_iters = 0
@@ -147,19 +174,31 @@ def measure(config: str, overrides: list[str], width: int, steps: int, out: Path
     return rows
 
 
-def run_coord_check(config, overrides, standard_overrides, widths, steps, out: Path, which) -> list[dict]:
+def run_coord_check(
+    config,
+    overrides,
+    standard_overrides,
+    widths,
+    steps,
+    out: Path,
+    which,
+    router_lr_power: float | None = None,
+) -> list[dict]:
     from megatron_muon.training.local_run import single_process_world
 
     runs = []
     if which in ("mup", "both"):
-        runs.append(("mup", list(overrides)))
+        runs.append(
+            ("mup" if router_lr_power is None else f"mup, router LR m^-{router_lr_power:g}", list(overrides))
+        )
     if which in ("standard", "both"):
         runs.append(("standard", [*overrides, *standard_overrides]))
     rows = []
     with single_process_world() as pg:
         for parametrization, run_overrides in runs:
             for width in widths:
-                for row in measure(config, run_overrides, width, steps, out, pg):
+                power = router_lr_power if parametrization.startswith("mup") else None
+                for row in measure(config, run_overrides, width, steps, out, pg, power):
                     rows.append({"parametrization": parametrization, "width": width, "steps": steps, **row})
     return rows
 
@@ -247,11 +286,24 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/coord_check"))
     parser.add_argument("--standard", default=STANDARD_OVERRIDES, help="overrides that make the SP baseline")
     parser.add_argument("--which", choices=("both", "mup", "standard"), default="both")
+    parser.add_argument(
+        "--router-lr-power",
+        type=float,
+        default=None,
+        help="muP runs: the router's AdamW LR ∝ m^-P instead of the rule in mup.py (through its base multiplier)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps={args.steps} must be >= 1")
     rows = run_coord_check(
-        args.config, args.overrides, shlex.split(args.standard), args.widths, args.steps, args.out, args.which
+        args.config,
+        args.overrides,
+        shlex.split(args.standard),
+        args.widths,
+        args.steps,
+        args.out,
+        args.which,
+        args.router_lr_power,
     )
     table = write_outputs(rows, args.out)
     print(table)

@@ -257,3 +257,18 @@ def test_mup_with_adamw_only_baseline_validates():
         ],
     )
     validate(cfg, world_size=1)
+
+
+def test_coord_check_router_lr_power_goes_through_the_base_multiplier():
+    """``tools/coord_check.py --router-lr-power p``: router LR ∝ m^-p on top of muP's 1/m, i.e. the base
+    multiplier times m^(1-p); p = 1 is the rule as coded."""
+    from megatron_muon.bench.coord_check import router_lr_overrides
+
+    base = load_config(
+        None, ["data.mock=true", "model.mup_base_hidden_size=64", "optimizer.router_lr_multiplier=2"]
+    )
+    assert router_lr_overrides(base, 256, 0.5) == ["optimizer.router_lr_multiplier=4.0"]
+    assert router_lr_overrides(base, 256, 1.0) == ["optimizer.router_lr_multiplier=2.0"]
+    assert router_lr_overrides(base, 256, None) == []
+    with pytest.raises(SystemExit, match="needs muP on"):
+        router_lr_overrides(load_config(None, ["data.mock=true"]), 256, 0.5)
