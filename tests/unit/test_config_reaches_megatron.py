@@ -71,6 +71,10 @@ CHANGES: list[tuple[str, Any, dict[str, Any]]] = [
     ("model.init_method_std", 0.01, {}),
     ("model.mup_base_hidden_size", 32, {"optimizer.muon.scale_mode": "spectral"}),
     ("model.mup_base_head_dim", 16.0, MUP),
+    ("model.output_logit_multiplier", 2.0, {}),
+    ("model.output_logit_multiplier", 2.0, MUP),
+    ("model.attention_scale_multiplier", 0.5, {}),
+    ("model.attention_scale_multiplier", 0.5, MUP),
     ("model.share_embeddings_and_output_weights", True, {}),
     ("model.normalization", "LayerNorm", {}),
     ("model.norm_epsilon", 1e-6, {}),
@@ -121,6 +125,9 @@ ACTS_ELSEWHERE = {
     # Handed whole, as one MuonConfig object, to optim.build.build_optimizer (tests/unit/test_muon.py and the
     # distributed optimizer tests check what each option does).
     **{f"optimizer.muon.{f.name}": "optim.build.build_optimizer" for f in dataclasses.fields(MuonConfig)},
+    # A base multiplier of the router's AdamW LR, a param-group override in optim.build.build_optimizer
+    # (tests/distributed/test_mup_optimizer.py::test_router_lr_multiplier_is_a_base_multiplier).
+    "optimizer.router_lr_multiplier": "optim.build.build_optimizer",
     # QK-clip's rule parameters go to optim.qk_clip.QKClip (tests/distributed/test_qk_clip.py).
     "optimizer.qk_clip.threshold": "optim.qk_clip.QKClip",
     "optimizer.qk_clip.alpha": "optim.qk_clip.QKClip",
