@@ -197,9 +197,14 @@ class PowerLaw:
 
 
 def fit_power_law(tokens: list[float], losses: list[float], beta_range=(1e-3, 4.0)) -> PowerLaw:
-    """Least-squares fit of L(D) = α·D^−β + γ (variable projection: for a fixed β the model is linear in α and γ,
-    solved exactly; β is found by a log-spaced scan of ``beta_range`` refined by golden-section search).
-    Needs ≥ 3 distinct budgets (3 parameters) and a loss that falls with D (α > 0)."""
+    """Least-squares fit of L(D) = α·D^−β + γ with γ ≥ 0 (variable projection: for a fixed β the model is linear
+    in α and γ, solved exactly — on the bound γ = 0, a pure power law, when the free solution puts the floor below
+    zero; β is found by a log-spaced scan of ``beta_range`` refined by golden-section search).
+    Needs ≥ 3 distinct budgets (3 parameters) and a loss that falls with D (α > 0).
+
+    Why the bound: a cross-entropy has no negative floor, and with a few budgets the free fit of a nearly straight
+    L(log D) runs to β → 0 with a large negative γ (a log-law in disguise), whose extrapolation beyond the largest
+    budget — where Muon's loss maps — is then a straight line in log D rather than a saturating power law."""
     budgets, values = np.asarray(tokens, dtype=np.float64), np.asarray(losses, dtype=np.float64)
     if budgets.shape != values.shape or len(set(budgets.tolist())) < 3:
         raise ValueError(
@@ -214,6 +219,9 @@ def fit_power_law(tokens: list[float], losses: list[float], beta_range=(1e-3, 4.
     def solve(beta: float) -> tuple[float, np.ndarray]:
         design = np.stack([x ** (-beta), np.ones_like(x)], axis=1)
         coefficients, *_ = np.linalg.lstsq(design, values, rcond=None)
+        if coefficients[1] < 0:  # the floor on its bound: L = α·x^−β (a convex problem's minimum lies on it)
+            column = design[:, 0]
+            coefficients = np.array([float(column @ values) / float(column @ column), 0.0])
         residual = design @ coefficients - values
         return float(residual @ residual), coefficients
 

@@ -34,6 +34,17 @@ def test_power_law_fit_recovers_known_parameters_and_the_mapping_inverts_it():
     assert noisy.beta == pytest.approx(BETA, rel=0.1)
 
 
+def test_power_law_fit_keeps_the_floor_at_or_above_zero():
+    """Losses straight in log D (a few budgets, as the study has) make the free fit run to β → 0 with a large
+    negative γ; the floor is bounded at 0, a pure power law through the points, which still maps losses back."""
+    budgets = [2**17, 2**18, 2**19, 2**20]
+    losses = [6.0 - 0.3 * math.log2(d / 2**17) for d in budgets]
+    fit = tool.fit_power_law(budgets, losses)
+    assert fit.gamma == 0.0 and fit.alpha > 0 and fit.beta > 0
+    assert [fit.loss(d) for d in budgets] == pytest.approx(losses, abs=0.02)
+    assert fit.tokens_for(losses[2]) == pytest.approx(budgets[2], rel=0.05)
+
+
 def test_power_law_fit_refuses_what_it_cannot_fit():
     with pytest.raises(ValueError, match="2 distinct token budgets"):
         tool.fit_power_law([1e5, 2e5, 2e5], [4.0, 3.9, 3.9])
