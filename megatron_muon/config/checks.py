@@ -418,6 +418,11 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> ParallelDims
         "optimizer.qk_clip.enabled=true with model.qk_layernorm=true: the norm on queries and keys undoes any "
         "rescaling of their weights; turn one of them off",
     )
+    require(
+        cfg.optimizer.router_lr_multiplier == 1.0 or cfg.model.num_moe_experts > 0,
+        f"optimizer.router_lr_multiplier={cfg.optimizer.router_lr_multiplier} with model.num_moe_experts=0: a "
+        "dense model has no router",
+    )
     if cfg.model.mup_base_hidden_size is not None and cfg.optimizer.use_muon:
         require(
             cfg.optimizer.muon.scale_mode == MUON_SCALE_MODE,

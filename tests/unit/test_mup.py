@@ -230,6 +230,10 @@ def test_model_config_reaches_the_builder():
         ),
         (["optimizer.router_lr_multiplier=-1"], "optimizer.router_lr_multiplier=-1.0 must be > 0"),
         (
+            ["optimizer.router_lr_multiplier=2", "model.num_moe_experts=0"],
+            "optimizer.router_lr_multiplier=2.0 with model.num_moe_experts=0",
+        ),
+        (
             ["optimizer.router_lr_multiplier=2", "optimizer.use_muon=false"],
             "optimizer.router_lr_multiplier=2.0 applies to the router on AdamW beside Muon",
         ),
