@@ -27,6 +27,11 @@ output layer (LM head)         σ, logits × 1/m             AdamW: LR, ε const
 attention logits               softmax scale √d_head_base / d_head  (1/√d_head at the base width, ∝ 1/d_head)
 =============================  ==========================  ===================================================
 
+Base multipliers (TP5 §5: constants tuned once at the base width, the same at every width): the logit multiplier
+and the attention scale's factor (:func:`transformer_config_fields`) and the router's AdamW LR factor
+(``optim/param_groups.adamw_matrix_overrides``); config keys ``model.output_logit_multiplier``,
+``model.attention_scale_multiplier``, ``optimizer.router_lr_multiplier``.
+
 How it reaches megatron-core: ``TransformerConfig.use_mup`` with our explicit ``softmax_scale`` and
 ``mup_output_mult`` (GPTModel multiplies its logits by it, ``LanguageModule._scale_logits``); megatron builds
 the init methods itself from ``init_method_std`` and ``mup_width_mult`` (:func:`init_std` states the rule it
