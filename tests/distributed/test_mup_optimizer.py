@@ -17,6 +17,16 @@ ADAM_LR, ADAM_MIN_LR, ADAM_EPS, MUON_LR, MUON_WD = 1e-3, 1e-4, 1e-8, 0.02, 0.1
 ROUTER_MULT = 3.0
 
 
+def _max_lr_by_name(chained, names):
+    """Peak LR of every parameter of a megatron ``ChainedOptimizer``, by parameter name."""
+    return {
+        names[id(param)]: group["max_lr"]
+        for member in chained.chained_optimizers
+        for group in member.optimizer.param_groups
+        for param in group["params"]
+    }
+
+
 def _build_on_rank(base_hidden_size, output_logit_multiplier=1.0):
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -60,12 +70,7 @@ def _build_on_rank(base_hidden_size, output_logit_multiplier=1.0):
         pg,
         router_lr_multiplier=ROUTER_MULT,
     )
-    lr_with_router_multiplier = {
-        names[id(param)]: group["max_lr"]
-        for member in with_router_multiplier.chained_optimizers
-        for group in member.optimizer.param_groups
-        for param in group["params"]
-    }
+    lr_with_router_multiplier = _max_lr_by_name(with_router_multiplier, names)
     # The all-AdamW baseline (optimizer.use_muon=false): megatron's optimizer with megatron's muP overrides.
     adamw_only = get_megatron_optimizer(
         adam_config,
@@ -74,12 +79,7 @@ def _build_on_rank(base_hidden_size, output_logit_multiplier=1.0):
         use_gloo_process_groups=False,
         pg_collection=pg,
     )
-    adamw_only_lr = {
-        names[id(param)]: group["max_lr"]
-        for member in adamw_only.chained_optimizers
-        for group in member.optimizer.param_groups
-        for param in group["params"]
-    }
+    adamw_only_lr = _max_lr_by_name(adamw_only, names)
     groups = {}
     for member in optimizer.chained_optimizers:
         kind = "muon" if hasattr(member.optimizer, "orthogonalizer") else "adamw"
