@@ -306,23 +306,37 @@ def prune(root: Path, keep_last: int, *, just_published: int) -> list[int]:
     return deleted
 
 
+def _temporary_name_re(target: str) -> re.Pattern[str]:
+    """The names :func:`write_text_atomically` gives its temporary file for ``target``: ``.<target>.tmp<pid>``."""
+    return re.compile(rf"^\.{re.escape(target)}\.tmp\d+$")
+
+
+_STAGING_DIR_RE = re.compile(r"^iter_(\d{7,})" + re.escape(PARTIAL_SUFFIX) + "$")
+_REPLACED_DIR_RE = re.compile(r"^iter_(\d{7,})" + re.escape(REPLACED_SUFFIX) + "$")
+_ROOT_TEMPORARY_RES = (_temporary_name_re(LATEST_MARKER), _temporary_name_re(PUBLICATION_LOG))
+
+
 def recover_root(root: str | os.PathLike) -> list[str]:
     """Repair what a crash during a save can leave in ``root``; return one line per action (for the log).
 
-    * ``iter_N.partial``: a save that never completed: deleted.
-    * ``iter_N.replaced``: the old copy of a re-saved iteration: put back when ``iter_N`` is missing, else deleted.
-    * ``.latest_checkpointed_iteration.txt.tmp*`` / ``.publication_log.txt.tmp*``: deleted.
+    Only names this module writes are touched; everything else in ``root`` is the user's and is left alone:
+    * ``iter_<digits>.partial``: a save that never completed: deleted.
+    * ``iter_<digits>.replaced``: the old copy of a re-saved iteration: put back when ``iter_<digits>`` is
+      missing, else deleted.
+    * ``.latest_checkpointed_iteration.txt.tmp<pid>`` / ``.publication_log.txt.tmp<pid>``: deleted.
+    Any other entry (``notes.partial/``, ``.mine.tmp``, ``iter_x/``, ...) is reported once as ignored.
     Call it before any process of a new run writes into ``root`` (the trainer does at start-up, on rank 0).
     """
     root = Path(root)
     actions: list[str] = []
     if not root.is_dir():
         return actions
+    foreign: list[str] = []
     for child in sorted(root.iterdir()):
-        if child.is_dir() and child.name.endswith(PARTIAL_SUFFIX):
+        if child.is_dir() and not child.is_symlink() and _STAGING_DIR_RE.match(child.name):
             shutil.rmtree(child)
             actions.append(f"deleted the incomplete save {child}")
-        elif child.is_dir() and child.name.endswith(REPLACED_SUFFIX):
+        elif child.is_dir() and not child.is_symlink() and _REPLACED_DIR_RE.match(child.name):
             original = child.with_name(child.name[: -len(REPLACED_SUFFIX)])
             if original.exists():
                 shutil.rmtree(child)
@@ -332,10 +346,22 @@ def recover_root(root: str | os.PathLike) -> list[str]:
             else:
                 os.rename(child, original)
                 actions.append(f"restored {original} from {child.name} (a re-save was interrupted)")
-        elif child.is_file() and child.name.startswith(".") and ".tmp" in child.name:
+        elif child.is_file() and any(pattern.match(child.name) for pattern in _ROOT_TEMPORARY_RES):
             child.unlink()
             actions.append(f"deleted the temporary file {child}")
+        elif not _is_checkpoint_entry(child):
+            foreign.append(child.name)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        actions.append(f"left alone {len(foreign)} entries of {root} that are not checkpoint files: {shown}")
     return actions
+
+
+def _is_checkpoint_entry(child: Path) -> bool:
+    """True for the names a checkpoint root of ours holds once recovered (published directories, marker, log)."""
+    if child.name in (LATEST_MARKER, PUBLICATION_LOG):
+        return child.is_file()
+    return child.is_dir() and iteration_of(child) is not None
 
 
 def resume_candidates(root: str | os.PathLike) -> list[Path]:

@@ -96,6 +96,31 @@ def test_recovery_restores_a_replaced_checkpoint_and_deletes_partial_saves(tmp_p
     assert files.read_marker(tmp_path) == 20
 
 
+def test_recovery_and_pruning_leave_foreign_entries_alone(tmp_path):
+    """A save_dir shared with the user's files: only names the checkpoint code writes are ever touched."""
+    foreign_dirs = ["notes.partial", "data.replaced", "iter_x", "iter_12.partial"]
+    for name in foreign_dirs:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text(name)
+    foreign_files = [".mine.tmp", ".latest_checkpointed_iteration.txt.tmpfoo", "results.tmp"]
+    for name in foreign_files:
+        (tmp_path / name).write_text(name)
+    _publish(tmp_path, 10)
+    _publish(tmp_path, 20)
+    _staged(tmp_path, 30)  # a crash before publication: ours, removed
+    (tmp_path / ".publication_log.txt.tmp77").write_text("x")  # ours, removed
+    actions = files.recover_root(tmp_path)
+    files.prune(tmp_path, keep_last=1, just_published=20)
+    for name in foreign_dirs:
+        assert (tmp_path / name / "keep.txt").read_text() == name
+    for name in foreign_files:
+        assert (tmp_path / name).read_text() == name
+    assert not (tmp_path / "iter_0000030.partial").exists()
+    assert not (tmp_path / ".publication_log.txt.tmp77").exists()
+    assert not (tmp_path / "iter_0000010").exists() and (tmp_path / "iter_0000020").is_dir()
+    assert any("left alone 7 entries" in action for action in actions), actions
+
+
 def test_resume_candidates_try_the_marker_then_recent_publications(tmp_path):
     for iteration in (30, 10, 20):
         _publish(tmp_path, iteration)
