@@ -72,6 +72,45 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raise ConversionError(f"{path} is not valid JSON: {error}") from None
 
 
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index: tensor name -> shard file name, both strings."""
+    try:
+        weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise ConversionError(f"{index_path} is not a JSON object with a weight_map: {error}") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in weight_map.items()
+    ):
+        raise ConversionError(f"{index_path}: weight_map must map tensor names to shard file names (strings)")
+    return weight_map
+
+
+def _check_shard_name(directory: Path, name: str) -> None:
+    """A shard named by an index must be a file inside ``directory``: a relative name without ``..`` that
+    resolves (symbolic links followed) inside it. The index is input (it comes with a downloaded model), so it
+    never makes the reader open a file elsewhere.
+
+    One exception keeps the Hugging Face hub cache readable in place: its ``snapshots/<revision>/`` directories
+    hold symbolic links into the same repository's ``blobs/`` (``huggingface_hub`` writes them, not the index).
+    """
+    path = Path(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ConversionError(
+            f"{directory}: shard name {name!r} in {INDEX_FILE} is not a file name inside the model directory "
+            "(absolute paths, '..' and backslashes are refused)"
+        )
+    inside = directory.resolve()
+    allowed = [inside]
+    if inside.parent.name == "snapshots":
+        allowed.append(inside.parent.parent / "blobs")
+    target = (directory / path).resolve()
+    if not any(target.is_relative_to(root) for root in allowed):
+        raise ConversionError(
+            f"{directory}: shard {name!r} in {INDEX_FILE} resolves to {target}, outside the model directory "
+            "(a symbolic link out of it)"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class _Source:
     file: str
@@ -85,7 +124,8 @@ class HFReader:
     """The tensors of a Hugging Face model directory by name, shapes from the file headers, data on demand.
 
     Raises ``ConversionError`` (one line naming the directory and file) for: no weights, ``.bin`` weights only,
-    a shard listed in the index that is missing, an index entry its shard does not hold.
+    a shard name in the index that is absolute, holds ``..`` or resolves outside the directory, a shard listed in
+    the index that is missing, an index entry its shard does not hold.
     """
 
     def __init__(self, directory: Path, arch: Architecture) -> None:
@@ -93,7 +133,7 @@ class HFReader:
         safetensors = _safetensors()
         index_path, single = directory / INDEX_FILE, directory / SINGLE_FILE
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text()).get("weight_map", {})
+            weight_map = _read_weight_map(index_path)
             files = sorted(set(weight_map.values()))
         elif single.is_file():
             weight_map, files = None, [SINGLE_FILE]
@@ -104,6 +144,7 @@ class HFReader:
         else:
             raise ConversionError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE}")
         for name in files:
+            _check_shard_name(directory, name)
             if not (directory / name).is_file():
                 raise ConversionError(f"{directory}: shard {name} listed in {INDEX_FILE} is missing")
         self._sources: dict[str, _Source] = {}

@@ -337,3 +337,57 @@ def test_the_command_line_offers_every_architecture(capsys):
     assert "invalid choice: 'llama'" in capsys.readouterr().err
     layout = tool.parse_args(["reshard", "c", "--tp", "2", "--ep", "4"])
     assert (layout.tp, layout.pp, layout.ep, layout.etp, layout.world_size) == (2, 1, 4, None, None)
+
+
+@pytest.mark.parametrize(
+    ("shard", "refusal"),
+    [
+        ("../outside.safetensors", "is not a file name inside the model directory"),
+        ("sub/../../outside.safetensors", "is not a file name inside the model directory"),
+        ("ABSOLUTE", "is not a file name inside the model directory"),
+        ("link.safetensors", "outside the model directory (a symbolic link out of it)"),
+        ("linked_dir/outside.safetensors", "outside the model directory (a symbolic link out of it)"),
+    ],
+)
+def test_a_crafted_index_cannot_make_the_import_open_files_outside_the_model(tmp_path, shard, refusal):
+    """An index is input: every shard name must resolve inside the model directory, or one line refuses it."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    from megatron_muon.convert.hf_files import INDEX_FILE, HFReader
+
+    outside = tmp_path / "outside.safetensors"  # a real, readable safetensors file beside the model
+    save_file({"t0": torch.zeros(2)}, str(outside))
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"t1": torch.ones(2)}, str(model / "model-00001-of-00002.safetensors"))
+    (model / "link.safetensors").symlink_to(outside)
+    (model / "linked_dir").symlink_to(tmp_path)
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    weight_map = {"t0": shard, "t1": "model-00001-of-00002.safetensors"}
+    (model / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConversionError) as error:
+        HFReader(model, ARCHITECTURES["mixtral"])
+    message = str(error.value)
+    assert "\n" not in message and repr(shard) in message and refusal in message, message
+
+    # The same model with the shard inside reads; a hub-cache snapshot's links into its blobs/ are accepted.
+    save_file({"t0": torch.zeros(2)}, str(model / "model-00002-of-00002.safetensors"))
+    weight_map["t0"] = "model-00002-of-00002.safetensors"
+    (model / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    assert torch.equal(HFReader(model, ARCHITECTURES["mixtral"]).get("t1"), torch.ones(2))
+    snapshot, blobs = tmp_path / "hub" / "snapshots" / "abc123", tmp_path / "hub" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    save_file({"t0": torch.zeros(2)}, str(blobs / "f00d"))
+    (snapshot / "model.safetensors").symlink_to(Path("../../blobs/f00d"))
+    (snapshot / INDEX_FILE).write_text(json.dumps({"weight_map": {"t0": "model.safetensors"}}))
+    assert torch.equal(HFReader(snapshot, ARCHITECTURES["mixtral"]).get("t0"), torch.zeros(2))
+
+
+def test_an_index_that_is_not_a_weight_map_is_one_line(tmp_path):
+    from megatron_muon.convert.hf_files import INDEX_FILE, HFReader
+
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"t0": 3}}))
+    with pytest.raises(ConversionError, match="weight_map must map tensor names to shard file names"):
+        HFReader(tmp_path, ARCHITECTURES["mixtral"])
