@@ -30,8 +30,9 @@ Completion and integrity (``checkpoint_files.py``, ``docs/checkpoints.md``): sha
 ``iter_0000010.partial/``; after every rank finished (barrier) rank 0 adds the config, the ranks hash the files
 (SHA-256, split over ranks) and rank 0 writes ``manifest.json``; then the directory is renamed to ``iter_0000010``
 and only then ``latest_checkpointed_iteration.txt`` is replaced, so the marker always names a complete checkpoint.
-Loading verifies the manifest first (split over ranks); :func:`select_resume_checkpoint` falls back to the newest
-intact checkpoint of a root when the latest is damaged.
+Loading verifies the manifest first (split over ranks); a checkpoint without one is not intact (only an explicit
+``checkpoint.resume`` naming it, with nothing intact to prefer, loads it, with a warning).
+:func:`select_resume_checkpoint` falls back to the newest intact checkpoint of a root when the latest is damaged.
 
 Layout changes: model, AdamW and Muon state are resharded by dist_checkpointing (every rank reads the regions
 its new layout needs). RNG states are per rank and only restored when the layout is the same as at save time;
@@ -66,6 +67,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_muon.training.checkpoint_files import (
     CONFIG_FILENAME,
     LATEST_MARKER,
+    MANIFEST_FILENAME,
     PARTIAL_SUFFIX,
     checkpoint_files,
     fault_point,
@@ -497,7 +499,9 @@ def _mismatch_with_checkpoint(checkpoint_dir: Path, request: dict) -> str | None
     return f"checkpoint {checkpoint_dir} does not fit this model: {'; '.join(parts)}"
 
 
-def _verify_structure_and_read_manifest(directory: Path) -> tuple[str | None, dict | None]:
+def _verify_structure_and_read_manifest(
+    directory: Path, manifest_required: bool
+) -> tuple[str | None, dict | None]:
     try:
         if not directory.is_dir():
             return f"checkpoint directory {directory} does not exist", None
@@ -505,22 +509,34 @@ def _verify_structure_and_read_manifest(directory: Path) -> tuple[str | None, di
         verify_checkpoint_files(directory)
     except (CheckpointError, ValueError, OSError) as error:
         return str(error).splitlines()[0], None
+    if manifest is None and manifest_required:
+        return (
+            f"checkpoint {directory} has no {MANIFEST_FILENAME}, so its files cannot be checked (an interrupted or "
+            "damaged copy?); to load it anyway, name it alone: checkpoint.resume=<that iter_* directory>"
+        ), None
     if manifest is None:
-        logger.warning("Checkpoint %s has no %s: only its structure is verified", directory, "manifest.json")
+        logger.warning(
+            "Checkpoint %s has no %s: only its structure is verified; a truncated or altered shard would go "
+            "unnoticed (loaded because checkpoint.resume names it and nothing else is available)",
+            directory,
+            MANIFEST_FILENAME,
+        )
     return None, manifest
 
 
-def verify_checkpoint(directory: str | os.PathLike) -> str | None:
+def verify_checkpoint(directory: str | os.PathLike, *, manifest_required: bool = True) -> str | None:
     """Check that ``directory`` is a complete, undamaged checkpoint (collective; every rank gets the same answer).
 
     Rank 0 checks the structure (megatron's and torch's metadata, every shard file the metadata names, long
     enough); then the ranks split the manifest's files and compare each one's size and SHA-256. Returns None,
-    or one line naming the checkpoint and the first bad file.
+    or one line naming the checkpoint and the first bad file. A checkpoint without ``manifest.json`` is not
+    intact, unless ``manifest_required`` is False (an explicit ``checkpoint.resume`` that is the only
+    candidate): then its structure alone is checked, with a warning.
     """
     directory = Path(directory)
     payload: list[Any] = [None, None]
     if dist.get_rank() == 0:
-        payload = list(_verify_structure_and_read_manifest(directory))
+        payload = list(_verify_structure_and_read_manifest(directory, manifest_required))
     dist.broadcast_object_list(payload, src=0)
     message, manifest = payload
     if message is not None or manifest is None:
@@ -560,7 +576,8 @@ def select_resume_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list
         warnings.append(problem)
     raise CheckpointError(
         f"{root} holds no intact checkpoint to resume from ({'; '.join(warnings) or 'no iter_* directory'}); "
-        "repair or move it, or set checkpoint.resume=none to start afresh"
+        "repair or move it, name one of its iter_* directories with checkpoint.resume=<path>, or set "
+        "checkpoint.resume=none to start afresh"
     )
 
 
@@ -571,13 +588,16 @@ def load_checkpoint(
     scheduler,
     *,
     finetune: bool = False,
+    manifest_required: bool = True,
 ) -> dict[str, int]:
     """Load a checkpoint into ``model_chunks``, ``optimizer`` and ``scheduler`` at this run's layout
     (collective). Returns ``{"iteration": ..., "consumed_samples": ...}``.
 
     ``root_or_iter_dir``: a checkpoint root (its ``latest_checkpointed_iteration.txt`` picks the directory) or
     one ``iter_*`` directory. ``finetune``: weights only (no optimizer, scheduler, RNG), iteration and
-    consumed samples 0. ``optimizer`` / ``scheduler`` may be None to skip them.
+    consumed samples 0. ``optimizer`` / ``scheduler`` may be None to skip them. ``manifest_required`` False
+    accepts a checkpoint without ``manifest.json`` (structure checked, a warning): only for a checkpoint the
+    user named explicitly with nothing intact beside it (``training/resume.py``).
 
     Raises:
         CheckpointError: one line naming the path: missing directory, missing marker in a root, missing,
@@ -585,7 +605,7 @@ def load_checkpoint(
             matrices it never saw) or holds with another shape. Nothing is loaded in these cases.
     """
     checkpoint_dir = _resolve_checkpoint_dir(Path(root_or_iter_dir))
-    problem = verify_checkpoint(checkpoint_dir)
+    problem = verify_checkpoint(checkpoint_dir, manifest_required=manifest_required)
     if problem is not None:
         raise CheckpointError(problem)
     common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))

@@ -9,6 +9,12 @@ Precedence (``docs/checkpoints.md``), so that a restart or a SLURM requeue never
    A damaged or missing explicit source is a one-line error.
 3. Otherwise a fresh start. ``checkpoint.resume=none`` skips 1 and 2.
 
+Intact means: complete structure and every file as its ``manifest.json`` lists it. A checkpoint without a
+manifest is never chosen automatically; it is loaded only when ``checkpoint.resume=<path>`` names it, it is the
+only candidate there (an ``iter_*`` directory, or a root holding just it) and ``save_dir`` holds nothing intact —
+with a warning that its files cannot be checked. Naming one of ``save_dir``'s own directories that way is how a
+run resumes from a checkpoint that lost its manifest.
+
 Settings: every optimizer and schedule setting of the current config takes effect on resume (learning rates,
 schedule, weight decay, betas, Muon momentum / Nesterov / scale / Newton–Schulz, QK-clip, NorMuon off); the trainer
 logs each change. A change the saved state cannot serve is a one-line error: see :data:`CHANGES_THAT_CANNOT_RESUME`.
@@ -66,6 +72,8 @@ class ResumeSource:
     finetune: bool
     own: bool
     reason: str
+    manifest_required: bool = True
+    """False only for an explicit ``checkpoint.resume`` that is the sole candidate (see the module docstring)."""
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -110,6 +118,22 @@ def _holds_checkpoints(root: Path) -> bool:
     return (root / LATEST_MARKER).is_file() or bool(resume_candidates(root))
 
 
+def _is_inside(path: Path, root: Path) -> bool:
+    """``path`` is ``root`` or one of its entries (symbolic links and ``..`` resolved)."""
+    path, root = path.resolve(), root.resolve()
+    return path == root or path.parent == root
+
+
+def _is_sole_candidate(path: Path) -> bool:
+    """``path`` names one checkpoint and nothing else: an ``iter_*`` directory (not a root), or a root holding
+    exactly one checkpoint directory."""
+    from megatron_muon.training.checkpoint_files import LATEST_MARKER, resume_candidates
+
+    if not (path / LATEST_MARKER).is_file():
+        return True
+    return len([c for c in resume_candidates(path) if c.is_dir()]) == 1
+
+
 def choose_resume_source(
     *, save_dir: str | None, load_dir: str | None, resume: str, finetune: bool, warn
 ) -> ResumeSource:
@@ -119,10 +143,19 @@ def choose_resume_source(
     Raises:
         CheckpointError: ``save_dir`` holds checkpoints but none is intact.
     """
-    from megatron_muon.training.checkpoint import select_resume_checkpoint
+    from megatron_muon.training.checkpoint import CheckpointError, select_resume_checkpoint
 
+    explicit = resume not in ("auto", "none")
+    nothing_yet = "no checkpoint of this run yet"
     if resume != "none" and save_dir:
-        own, problems = select_resume_checkpoint(save_dir)
+        try:
+            own, problems = select_resume_checkpoint(save_dir)
+        except CheckpointError as error:
+            # Nothing intact of the run's own: an explicit path into save_dir is the user's choice among them.
+            if not (explicit and _is_inside(Path(resume), Path(save_dir))):
+                raise
+            warn(f"WARNING: {error}")
+            own, problems, nothing_yet = None, [], "no intact checkpoint of this run"
         for problem in problems:
             warn(f"WARNING: passing over a damaged checkpoint: {problem}")
         if own is not None:
@@ -141,12 +174,13 @@ def choose_resume_source(
     if resume == "none":
         return ResumeSource(None, False, False, "checkpoint.resume=none: starting from scratch")
     weights = " (weights only: checkpoint.finetune=true)" if finetune else ""
-    if resume != "auto":
+    if explicit:
         return ResumeSource(
             Path(resume),
             finetune,
             False,
-            f"no checkpoint of this run yet: starting from checkpoint.resume={resume}{weights}",
+            f"{nothing_yet}: starting from checkpoint.resume={resume}{weights}",
+            manifest_required=not _is_sole_candidate(Path(resume)),
         )
     if load_dir and Path(load_dir) != Path(save_dir or "") and _holds_checkpoints(Path(load_dir)):
         return ResumeSource(

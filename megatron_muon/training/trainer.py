@@ -178,6 +178,7 @@ class Trainer:
             None if source.finetune else self.optimizer,
             None if source.finetune else self.scheduler,
             finetune=source.finetune,
+            manifest_required=source.manifest_required,
         )
         self.iteration, self.consumed_samples = loaded["iteration"], loaded["consumed_samples"]
         if source.own:
