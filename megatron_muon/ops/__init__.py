@@ -6,9 +6,13 @@ No torch.distributed and no megatron imports here; communication comes in as a c
 
 from megatron_muon.ops.newton_schulz import (
     COEFFICIENT_SCHEDULES,
+    DEFAULT_GRAM_RESTARTS,
     NORMALIZATION_SAFETY,
+    NS_ALGORITHMS,
+    choose_ns_algorithm,
     newton_schulz,
     newton_schulz_flops,
+    ns_algorithm_flops,
     orthogonality_error,
     resolve_coefficients,
 )
@@ -16,10 +20,14 @@ from megatron_muon.ops.scaling import SCALE_MODES, update_scale
 
 __all__ = [
     "COEFFICIENT_SCHEDULES",
+    "DEFAULT_GRAM_RESTARTS",
     "NORMALIZATION_SAFETY",
+    "NS_ALGORITHMS",
     "SCALE_MODES",
+    "choose_ns_algorithm",
     "newton_schulz",
     "newton_schulz_flops",
+    "ns_algorithm_flops",
     "orthogonality_error",
     "resolve_coefficients",
     "update_scale",

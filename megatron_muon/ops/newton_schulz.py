@@ -17,6 +17,10 @@ sharded iteration all-reduces A once per step and is otherwise the same code as 
 (``all_reduce_sum=None``). The Frobenius norm comes from trace(A) of the first, unnormalized Gram, so
 normalization costs no extra collective.
 
+``algorithm="gram"`` runs the same polynomials on the k × k Gram matrix instead (``gram_newton_schulz.py``:
+fewer FLOPs for wide matrices, one collective per restart segment instead of one per step when sharded);
+``"auto"`` takes whichever does fewer FLOPs for the shape (``choose_ns_algorithm``).
+
 This module imports neither torch.distributed nor megatron.
 """
 
@@ -24,21 +28,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import torch
 
 from megatron_muon.ops import newton_schulz_fp8 as fp8
+from megatron_muon.ops.gram_newton_schulz import (
+    DEFAULT_GRAM_RESTARTS,
+    gram_iteration,
+    gram_iteration_flops,
+    gram_matrix,
+    resolve_gram_restarts,
+)
 
 __all__ = [
     "COEFFICIENT_SCHEDULES",
+    "DEFAULT_GRAM_RESTARTS",
     "NORMALIZATION_SAFETY",
+    "NS_ALGORITHMS",
+    "NsAlgorithm",
+    "choose_ns_algorithm",
     "newton_schulz",
     "newton_schulz_flops",
+    "ns_algorithm_flops",
     "orthogonality_error",
     "resolve_coefficients",
 ]
 
 CoefficientTriple = tuple[float, float, float]
+
+NsAlgorithm = Literal["auto", "standard", "gram"]
+"""How a matrix is orthogonalized: ``standard`` (iterate on X), ``gram`` (iterate on X·Xᵀ,
+``gram_newton_schulz.py``) or ``auto`` (the one with fewer FLOPs for its shape, ``choose_ns_algorithm``)."""
+NS_ALGORITHMS: tuple[NsAlgorithm, ...] = get_args(NsAlgorithm)
 
 # Keller Jordan's Muon quintic (https://kellerjordan.github.io/posts/muon/, ``zeropower_via_newtonschulz5``).
 # The coefficients are tuned to maximize the slope p'(0) = a, so that tiny singular values grow fast, while
@@ -142,6 +164,61 @@ def newton_schulz_flops(m: int, n: int, steps: int) -> int:
     return steps * (4 * k * k * big + 2 * k * k * k)
 
 
+def _iterate_flops(k: int, long: float, steps: int, algorithm: str, restarts: Sequence[int]) -> float:
+    """FLOPs of ``algorithm`` on an iterate with Gram side k and long side ``long`` (formulas of
+    ``newton_schulz_flops`` and ``gram_iteration_flops``, with ``long`` possibly a shard's width)."""
+    if algorithm == "standard":
+        return steps * (4 * k * k * long + 2 * k**3)
+    if algorithm == "gram":
+        return gram_iteration_flops(k, long, steps, restarts)
+    raise ValueError(f"ns_algorithm={algorithm!r}; valid: {list(NS_ALGORITHMS)}")
+
+
+def _choose_on_iterate(k: int, long: float, steps: int, algorithm: str, restarts: Sequence[int]) -> str:
+    if algorithm == "auto":
+        gram = _iterate_flops(k, long, steps, "gram", restarts)
+        return "gram" if gram < _iterate_flops(k, long, steps, "standard", restarts) else "standard"
+    if algorithm not in NS_ALGORITHMS:
+        raise ValueError(f"ns_algorithm={algorithm!r}; valid: {list(NS_ALGORITHMS)}")
+    return algorithm
+
+
+def choose_ns_algorithm(
+    m: int,
+    n: int,
+    steps: int,
+    algorithm: str = "auto",
+    restarts: Sequence[int] = DEFAULT_GRAM_RESTARTS,
+    *,
+    shards: int = 1,
+) -> Literal["standard", "gram"]:
+    """``standard`` or ``gram`` for an m × n matrix whose long side is split into ``shards`` slices, one per
+    rank (the ``distributed`` mode: the k × k work is repeated on every slice, the K-long work divided).
+
+    ``auto`` picks Gram only when it does strictly fewer FLOPs per rank. With s steps and S < s restart
+    segments that is exactly (K / shards) / k > 1.5, whatever the restarts: square matrices stay standard.
+    """
+    chosen = _choose_on_iterate(min(m, n), max(m, n) / shards, steps, algorithm, restarts)
+    return "gram" if chosen == "gram" else "standard"
+
+
+def ns_algorithm_flops(
+    m: int,
+    n: int,
+    steps: int,
+    algorithm: str,
+    restarts: Sequence[int] = DEFAULT_GRAM_RESTARTS,
+    *,
+    shards: int = 1,
+) -> float:
+    """FLOPs per rank of orthogonalizing one m × n matrix (its long side split into ``shards`` slices) with
+    ``algorithm`` (``standard``, ``gram``, or ``auto``: the one ``choose_ns_algorithm`` picks)."""
+    if m < 1 or n < 1 or steps < 1 or shards < 1:
+        raise ValueError(f"m={m}, n={n}, steps={steps}, shards={shards} must all be >= 1")
+    chosen = choose_ns_algorithm(m, n, steps, algorithm, restarts, shards=shards)
+    return _iterate_flops(min(m, n), max(m, n) / shards, steps, chosen, restarts)
+
+
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """X·Xᵀ for x of shape (..., k, K) -> (..., k, k)."""
     return torch.matmul(x, x.mT)
@@ -166,6 +243,9 @@ def newton_schulz(
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     transpose: bool | None = None,
     fp8_steps: int = 0,
+    algorithm: str = "standard",
+    gram_restarts: Sequence[int] = DEFAULT_GRAM_RESTARTS,
+    gram_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Approximate polar factor U·Vᵀ of ``x`` (per matrix for a stack) by a Newton–Schulz iteration.
 
@@ -205,6 +285,15 @@ def newton_schulz(
             Experimental; see ``newton_schulz_fp8.py`` for the scheme and what it costs in accuracy. Needs
             ``torch._scaled_mm`` on ``x``'s device (CUDA compute capability >= 8.9, or a CPU build that has
             it); ``RuntimeError`` otherwise — there is no silent fallback to bf16.
+        algorithm: ``"standard"`` (default), ``"gram"`` (the same polynomials iterated on the k × k Gram:
+            ``gram_newton_schulz.py``) or ``"auto"`` (``choose_ns_algorithm`` on this call's shape, after the
+            transpose: for a shard, its own long side). Equal in exact arithmetic. With ``all_reduce_sum`` Gram
+            calls it 1 + len(gram_restarts) times, in ``gram_dtype``, instead of ``steps`` times.
+        gram_restarts: Gram only: the iterations after which X and its Gram are recomputed (strictly
+            increasing, in [1, steps − 1]); default ``(2,)``, the Dao-lab choice.
+        gram_dtype: Gram only: dtype of the k × k iteration and of the Gram all-reduce; default float32 when
+            ``compute_dtype`` is a half type (bf16 would round away the small eigenvalues of X·Xᵀ), else
+            ``compute_dtype``.
 
     Returns:
         A tensor of ``x``'s shape and dtype (contiguous). In the sharded case, this rank's shard of the
@@ -214,7 +303,8 @@ def newton_schulz(
         ValueError: ``x`` has fewer than 2 dims or is not floating point, a dtype is not floating point,
             ``transpose`` is missing with ``all_reduce_sum``, or ``coefficients`` / ``steps`` are invalid
             (see ``resolve_coefficients``), or ``fp8_steps`` is out of [0, steps] or used with a
-            ``compute_dtype`` other than bfloat16 / float32.
+            ``compute_dtype`` other than bfloat16 / float32, or ``algorithm`` / ``gram_restarts`` are
+            invalid (FP8 steps run with the standard algorithm only).
         RuntimeError: ``fp8_steps > 0`` on a device without an FP8 ``torch._scaled_mm``.
 
     Precision limits of deriving the norm from trace(X·Xᵀ): the squared Frobenius norm of each input matrix
@@ -241,6 +331,13 @@ def newton_schulz(
         )
     if transpose is None:
         transpose = x.size(-2) > x.size(-1)
+    # The iterate is (rows, cols) after the transpose; a shard's cols are its own slice of the long side.
+    rows, cols = (x.size(-1), x.size(-2)) if transpose else (x.size(-2), x.size(-1))
+    algorithm = _choose_on_iterate(rows, cols, steps, algorithm, gram_restarts)
+    if algorithm == "gram":
+        restarts = resolve_gram_restarts(gram_restarts, steps)
+        if fp8_steps:
+            raise ValueError(f"fp8_steps={fp8_steps} runs with algorithm='standard' only; got 'gram'")
 
     batch_shape = x.shape[:-2]
     # (..., m, n) -> (batch, m, n) so stacks run as one baddbmm; a plain matrix stays 2-D for addmm.
@@ -248,6 +345,23 @@ def newton_schulz(
     if transpose:
         work = work.mT  # a view; the first polynomial step writes a fresh contiguous (k, K) tensor
     small, large = work.shape[-2:]
+
+    if algorithm == "gram":
+        if gram_dtype is None:
+            half = compute_dtype in (torch.bfloat16, torch.float16)
+            gram_dtype = torch.float32 if half else compute_dtype
+        gram = gram_matrix(work, gram_dtype)
+        if all_reduce_sum is not None:
+            gram = all_reduce_sum(gram)
+        inverse_norm = _inverse_norm(gram, safety, eps)
+        work = gram_iteration(
+            work * inverse_norm.to(compute_dtype),
+            gram * (inverse_norm * inverse_norm).to(gram_dtype),
+            triples,
+            restarts,
+            all_reduce_sum=all_reduce_sum,
+        )
+        return _restore_layout(work, x, transpose, batch_shape)
     if fp8_steps:
         work = fp8.pad_to_alignment(work)  # zero rows / columns stay zero; cropped below
 
@@ -260,9 +374,7 @@ def newton_schulz(
         gram = _gram(work)
     if all_reduce_sum is not None:
         gram = all_reduce_sum(gram)
-    squared_norm = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1, dtype=torch.float32)
-    inverse_norm = 1.0 / (squared_norm.sqrt() * safety + eps)
-    inverse_norm = inverse_norm[..., None, None]
+    inverse_norm = _inverse_norm(gram, safety, eps)
     work = work * inverse_norm.to(compute_dtype)
     gram = gram * (inverse_norm * inverse_norm).to(compute_dtype)
     if quantized is not None:  # the normalization is a per-matrix scalar: it only rescales X̂
@@ -284,6 +396,20 @@ def newton_schulz(
 
     if fp8_steps:
         work = work[..., :small, :large]
+    return _restore_layout(work, x, transpose, batch_shape)
+
+
+def _inverse_norm(gram: torch.Tensor, safety: float, eps: float) -> torch.Tensor:
+    """1 / (‖X‖_F·safety + eps) per matrix, (…, 1, 1) in fp32, from the trace of the unnormalized Gram."""
+    squared_norm = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1, dtype=torch.float32)
+    inverse_norm = 1.0 / (squared_norm.sqrt() * safety + eps)
+    return inverse_norm[..., None, None]
+
+
+def _restore_layout(
+    work: torch.Tensor, x: torch.Tensor, transpose: bool, batch_shape: torch.Size
+) -> torch.Tensor:
+    """Undo the transpose and the batch flattening; ``x``'s dtype, contiguous."""
     if transpose:
         work = work.mT
     # One pass: cast and lay out (m, n) row-major together (``.contiguous()`` is a no-op after a cast).
