@@ -23,8 +23,8 @@
 #
 # What it does:
 # - Checks the config before any training process starts (one Python process): the layout, what this machine can
-#   run (Transformer Engine or FP8 without a GPU is refused), the data files and the tokenizer against
-#   model.vocab_size. A bad config is one line `error: ...` on stderr and exit status 2. When the default
+#   run (Transformer Engine or FP8 without a GPU is refused), an explicit checkpoint.resume path (when save_dir
+#   holds no checkpoint of the run's own), the data files and the tokenizer against model.vocab_size. A bad config is one line `error: ...` on stderr and exit status 2. When the default
 #   Shakespeare data is missing it runs examples/prepare_shakespeare.sh first.
 # - --dry-run: prints the resolved config, its arithmetic and the launch command, and starts nothing (missing
 #   data is a note there, not an error).
@@ -117,6 +117,13 @@ try:
     if not world_size:
         fail("parallel.world_size is not set and there is no SLURM allocation to take it from; set parallel.world_size=N")
     dims = validate(cfg, world_size)
+    from megatron_muon.training.resume import explicit_resume_problem
+
+    resume_problem = explicit_resume_problem(save_dir=cfg.checkpoint.save_dir, resume=cfg.checkpoint.resume)
+    if resume_problem is not None and mode == "dry-run":
+        print(f"note: {resume_problem} (a real launch stops here)")
+    elif resume_problem is not None:
+        fail(resume_problem)
     if mode != "dry-run":  # what this machine cannot run (a GPU-only option without a GPU), and the model builder
         from megatron_muon.platform.device import choose_device
         from megatron_muon.training.megatron_configs import check_buildable

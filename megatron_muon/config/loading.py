@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigKeyError,
     MissingMandatoryValue,
@@ -123,10 +123,64 @@ def _one_line_error(error: OmegaConfBaseException, other: DictConfig, where: str
     return ConfigError(f"{full_key}: {first_line} ({where})")
 
 
+def _list_item_key(merged: DictConfig, key: str, item: str) -> str | None:
+    """``key`` in OmegaConf's index form (``data.blend[0].prefix``) when it reaches into a list of ``merged``
+    (written ``data.blend.0.prefix`` or ``data.blend[0].prefix``); None when it does not.
+
+    Raises:
+        ConfigError: the index is not a number or is out of range (one line naming the key and the valid
+            indices).
+    """
+    segments = [part for part in re.split(r"\.|\[(\d+)\]", key) if part]
+    node: Any = merged
+    canonical, through_list = "", False
+    for segment in segments:
+        if isinstance(node, ListConfig):
+            through_list = True
+            size = len(node)
+            valid = f"valid indices 0..{size - 1}" if size else "the list is empty"
+            require(
+                segment.isdigit() and int(segment) < size,
+                f"override {item!r}: {canonical} has {size} entr{'y' if size == 1 else 'ies'}, so {segment!r} is "
+                f"not an index of it ({valid}); to set the whole list: {canonical}=[...]",
+            )
+            canonical += f"[{segment}]"
+            node = node[int(segment)]
+        elif isinstance(node, DictConfig) and segment in node:
+            canonical += f".{segment}" if canonical else segment
+            node = node[segment]
+        elif isinstance(node, DictConfig) or node is None:  # an unknown key: the ordinary merge reports it
+            canonical += f".{segment}" if canonical else segment
+            node = None
+        else:
+            raise ConfigError(
+                f"override {item!r}: {canonical}={node!r} is a single value, not a list or section; "
+                f"set it as {canonical}=<value>"
+            )
+    return canonical if through_list else None
+
+
+def _apply_list_item_override(merged: DictConfig, key: str, raw_value: str, item: str) -> None:
+    """Set one item (or a field of one item) of a list in ``merged`` in place; errors as one line."""
+    where = f"in override {item!r}"
+    try:
+        value = OmegaConf.from_dotlist([f"value={raw_value}"])["value"]
+        OmegaConf.update(merged, key, value, merge=True)
+    except ValidationError as error:
+        full_key = getattr(error, "full_key", None) or key
+        expected = _field_hint(full_key)
+        valid = f"a valid {_type_name(expected)}" if expected is not None else "valid here"
+        raise ConfigError(f"{full_key}={raw_value!r} is not {valid} ({where})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {item!r}: {str(error).splitlines()[0]}") from None
+    except OmegaConfBaseException as error:
+        raise _one_line_error(error, DictConfig({}), where, key) from None
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> PretrainConfig:
     """The ``PretrainConfig`` of the YAML file at ``path`` (None: the defaults) with dotted ``overrides``
-    (``model.hidden_size=128``, ``optimizer.muon.lr=0.01``, ``data.blend=[{prefix: a, weight: 1}]``) applied in
-    order. Raises ``ConfigError`` for an unknown key, a wrong type or an unreadable file; does not call
+    (``model.hidden_size=128``, ``optimizer.muon.lr=0.01``, ``data.blend=[{prefix: a, weight: 1}]``, one list item
+    by index: ``data.blend.0.prefix=b`` or ``optimizer.betas[1]=0.98``) applied in order. Raises ``ConfigError`` for an unknown key, a wrong type or an unreadable file; does not call
     :func:`validate` (the world size may not be known yet)."""
     merged = OmegaConf.structured(PretrainConfig)
     if path is not None:
@@ -139,8 +193,12 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         require(isinstance(file_cfg, DictConfig), f"{path}: the top level must be a mapping of sections")
         merged = _merge(merged, typing.cast(DictConfig, file_cfg), f"in {path}")
     for item in overrides:
-        key, sep, _ = item.partition("=")
+        key, sep, raw_value = item.partition("=")
         require(bool(sep) and bool(key.strip()), f"override {item!r} is not of the form key=value")
+        list_item_key = _list_item_key(merged, key.strip(), item)
+        if list_item_key is not None:  # OmegaConf cannot merge {blend: {0: ...}} into a list: set it in place
+            _apply_list_item_override(merged, list_item_key, raw_value, item)
+            continue
         try:
             dotlist = OmegaConf.from_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as error:

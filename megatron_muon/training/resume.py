@@ -33,6 +33,7 @@ __all__ = [
     "ResumeSource",
     "SettingChange",
     "choose_resume_source",
+    "explicit_resume_problem",
     "resume_setting_changes",
 ]
 
@@ -132,6 +133,39 @@ def _is_sole_candidate(path: Path) -> bool:
     if not (path / LATEST_MARKER).is_file():
         return True
     return len([c for c in resume_candidates(path) if c.is_dir()]) == 1
+
+
+def explicit_resume_problem(*, save_dir: str | None, resume: str) -> str | None:
+    """One line when ``checkpoint.resume=<path>`` cannot be loaded and this run would need it (``save_dir`` holds
+    no checkpoint of the run's own, which would take precedence); None otherwise. Looks at the file system only
+    (no process group): the launcher calls it before any training process starts.
+    """
+    from megatron_muon.training.checkpoint_files import LATEST_MARKER, iteration_dir, read_marker
+
+    if resume in ("auto", "none") or (save_dir and _holds_checkpoints(Path(save_dir))):
+        return None
+    path, valid = Path(resume), "auto, none, a checkpoint root or one of its iter_* directories"
+    if not path.exists():
+        return f"checkpoint.resume={resume!r} does not exist (valid: {valid})"
+    if not path.is_dir():
+        return f"checkpoint.resume={resume!r} is not a directory (valid: {valid})"
+    if (path / LATEST_MARKER).is_file():
+        try:
+            iteration = read_marker(path)
+        except ValueError as error:
+            return f"checkpoint.resume={resume!r}: {error}"
+        if iteration is not None and not iteration_dir(path, iteration).is_dir():
+            return (
+                f"checkpoint.resume={resume!r}: {LATEST_MARKER} names iteration {iteration} but "
+                f"{iteration_dir(path, iteration)} does not exist"
+            )
+        return None
+    if not ((path / "metadata.json").is_file() or (path / ".metadata").is_file()):
+        return (
+            f"checkpoint.resume={resume!r} is neither a checkpoint root (no {LATEST_MARKER}) nor a checkpoint "
+            "directory (no metadata.json)"
+        )
+    return None
 
 
 def choose_resume_source(

@@ -268,6 +268,11 @@ def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
             "optimizer.distributed_optimizer=true cannot serve optimizer.muon.tp_mode=duplicated",
             id="distributed-optimizer-duplicated",
         ),
+        pytest.param(
+            [TINY_CONFIG, "data.blend.1.prefix=data/other"],
+            "data.blend has 1 entry, so '1' is not an index of it (valid indices 0..0)",
+            id="list-index-out-of-range",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_touches_no_checkpoint(
@@ -291,6 +296,30 @@ def test_bad_input_is_one_line_and_touches_no_checkpoint(
     assert not ITERATION_LINE.search(result.stdout)
     assert snapshot(save_dir) == before
     assert not (tmp_path / "tb").exists()
+
+
+def test_a_missing_resume_path_stops_before_any_process_starts(tmp_path, shakespeare_data, launcher_env):
+    """checkpoint.resume=<path> that does not exist: one line from the pre-launch check (no torchrun, no rank);
+    once the run has a checkpoint of its own (a requeue after the source went away) the path is not needed."""
+    save_dir, missing = tmp_path / "checkpoints", tmp_path / "no_such_checkpoint"
+    arguments = [TINY_CONFIG, f"checkpoint.save_dir={save_dir}", f"checkpoint.resume={missing}"]
+    started = time.monotonic()
+    result = launch(launcher_env, *arguments)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == (
+        f"error: checkpoint.resume={str(missing)!r} does not exist (valid: auto, none, a checkpoint root or one "
+        "of its iter_* directories)"
+    ), result.stderr[-3000:]
+    assert "starting" not in result.stdout and not save_dir.exists(), result.stdout
+    assert elapsed < 60, elapsed  # the check alone: the ranks' start-up was 35 s before it found the path
+
+    (save_dir / "iter_0000004").mkdir(parents=True)  # the run's own checkpoint takes precedence
+    (save_dir / "iter_0000004" / "metadata.json").write_text("{}")
+    (save_dir / "latest_checkpointed_iteration.txt").write_text("4\n")
+    planned = launch(launcher_env, *arguments, "data.blend.0.weight=2", "--dry-run")
+    assert planned.returncode == 0 and "note: checkpoint.resume" not in planned.stdout, planned.stderr[-3000:]
+    assert "weight: 2.0" in planned.stdout  # a list item overridden by index
 
 
 def test_interleaved_pipeline_trains_and_its_checkpoint_loads_without_interleaving(

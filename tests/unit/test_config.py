@@ -86,6 +86,22 @@ def test_overrides_apply_with_their_types():
     assert cfg.model.num_layers == 4  # untouched keys keep the file's values
 
 
+def test_list_items_are_overridable_by_index():
+    cfg = load_config(
+        TINY,
+        [
+            "data.blend=[{prefix: a, weight: 2}, {prefix: b}]",
+            "data.blend.1.prefix=c",  # the dotted form a shell user writes
+            "data.blend[0].weight=5",  # OmegaConf's index form
+            "optimizer.betas.1=0.98",
+        ],
+    )
+    assert cfg.data.blend == [DataBlendEntry(prefix="a", weight=5.0), DataBlendEntry(prefix="c", weight=1.0)]
+    assert cfg.optimizer.betas == [0.9, 0.98]
+    whole_item = load_config(TINY, ["data.blend.0={prefix: d, weight: 3}"])
+    assert whole_item.data.blend == [DataBlendEntry(prefix="d", weight=3.0)]
+
+
 def test_defaults_without_a_file():
     cfg = load_config(None, ["data.mock=true", "parallel.world_size=1"])
     assert cfg.model == ModelConfig()
@@ -104,6 +120,18 @@ def test_defaults_without_a_file():
         ("optimizer.betas=[0.9,x]", r"optimizer.betas\[1\]='x' is not a valid float"),
         ("model.moe_layer_freq=abc", "model.moe_layer_freq='abc' is not a valid"),
         ("hidden_size", "override 'hidden_size' is not of the form key=value"),
+        (
+            "data.blend.1.prefix=x",
+            r"data.blend has 1 entry, so '1' is not an index of it \(valid indices 0..0\)",
+        ),
+        ("data.blend.first.prefix=x", "data.blend has 1 entry, so 'first' is not an index of it"),
+        (
+            "data.blend.0.prefx=x",
+            r"unknown config key 'data.blend\[0\].prefx'.*did you mean 'data.blend\[0\].prefix'",
+        ),
+        ("data.blend.0.weight=heavy", r"data.blend\[0\].weight='heavy' is not a valid float"),
+        ("optimizer.betas.1=x", r"optimizer.betas\[1\]='x' is not a valid float"),
+        ("model.hidden_size.0=1", "model.hidden_size=128 is a single value, not a list or section"),
     ],
 )
 def test_bad_overrides_fail_with_a_one_line_message(override, message):
