@@ -220,6 +220,8 @@ def _build_muon(
         # The distributed optimizer spreads the momentum as the params (NorMuon's row statistics stay whole on
         # the owner, so its momentum does too).
         momentum_with_shards=not replicate_state and not muon.normuon,
+        ns_algorithm=muon.planned_ns_algorithm,
+        gram_restarts=tuple(muon.ns_gram_restarts),
     )
     raw = Muon(
         groups,
@@ -234,6 +236,7 @@ def _build_muon(
         pieces=pieces,
         orthogonalizer=orthogonalizer,
         ns_fp8_steps=muon.ns_fp8_steps,
+        ns_gram_restarts=tuple(muon.ns_gram_restarts),
         post_orthogonalize=(
             NorMuonNormalization(beta2=muon.normuon_beta2, eps=muon.normuon_eps) if muon.normuon else None
         ),

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from megatron_muon.ops.gram_newton_schulz import DEFAULT_GRAM_RESTARTS
 from megatron_muon.optim.comm import (
     MatrixTransport,
     all_gather_objects,
@@ -56,6 +57,8 @@ class MatrixOrthogonalizer:
         replicate_state: False (the distributed optimizer): no sharded matrix runs ``duplicated``
             (``plan.build_plan``), so its momentum is stored once.
         momentum_with_shards: ``owner`` matrices keep their momentum with the shards' holders (``plan.build_plan``).
+        ns_algorithm, gram_restarts: standard or Gram Newton–Schulz per matrix (``auto``: by FLOPs), and the Gram
+            restarts its FLOPs count (``plan.build_plan``); the step reads each matrix's choice from the plan.
 
     Builds the plan collectively at construction and checks that every rank of the grid derived the same one.
     """
@@ -73,6 +76,8 @@ class MatrixOrthogonalizer:
         num_buckets: int = 4,
         replicate_state: bool = True,
         momentum_with_shards: bool = False,
+        ns_algorithm: str = "auto",
+        gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS,
     ) -> None:
         self.grid_group = grid_group
         self.shard_groups = shard_groups or {}
@@ -90,7 +95,10 @@ class MatrixOrthogonalizer:
             num_buckets=num_buckets,
             replicate_state=replicate_state,
             momentum_with_shards=momentum_with_shards,
+            ns_algorithm=ns_algorithm,
+            gram_restarts=gram_restarts,
         )
+        self.ns_algorithm = ns_algorithm
         check_agreement(self.plan.fingerprint(), grid_group, "Muon plans")
         self.rank = group_rank(grid_group)
         self._by_key = {m.key: m for m in self.plan.matrices}

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from megatron_muon.ops.gram_newton_schulz import DEFAULT_GRAM_RESTARTS, resolve_gram_restarts
 from megatron_muon.ops.newton_schulz import newton_schulz, orthogonality_error, resolve_coefficients
 from megatron_muon.ops.newton_schulz_fp8 import check_fp8_steps
 from megatron_muon.ops.normuon import row_normalize_
@@ -127,6 +128,8 @@ class NewtonSchulzConfig:
     """dtype of the iteration's GEMMs."""
     fp8_steps: int = 0
     """How many of the first steps run their GEMMs in FP8 (experimental; ``ops/newton_schulz_fp8.py``)."""
+    gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS
+    """Gram Newton–Schulz's restarts (for the matrices the plan runs with ``gram``)."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.steps, int) and self.steps >= 1):
@@ -139,6 +142,7 @@ class NewtonSchulzConfig:
         if not isinstance(self.coefficients, str):  # a list of lists from a config: frozen as tuples
             object.__setattr__(self, "coefficients", tuple(tuple(abc) for abc in self.coefficients))
         check_fp8_steps(self.fp8_steps, self.steps, self.compute_dtype)
+        object.__setattr__(self, "gram_restarts", resolve_gram_restarts(self.gram_restarts, self.steps))
 
 
 @dataclass(slots=True)
@@ -195,6 +199,10 @@ class Muon(torch.optim.Optimizer):
             (``executor.MatrixOrthogonalizer``: the plan and ``comm.MatrixTransport``); default: one process.
         post_orthogonalize: a plug-in applied to each batch of orthogonalized matrices before the scale rule
             (``NorMuonNormalization``); ``None``: plain Muon.
+        ns_algorithm: ``auto`` | ``standard`` | ``gram`` Newton–Schulz for the default orthogonalizer's plan
+            (default ``auto``; ``standard`` with FP8 steps); with an ``orthogonalizer``, its plan decides and
+            this must be ``None`` or agree with it.
+        ns_gram_restarts: the iterations after which Gram Newton–Schulz restarts (``ops/gram_newton_schulz.py``).
     """
 
     def __init__(
@@ -213,6 +221,8 @@ class Muon(torch.optim.Optimizer):
         orthogonalizer: MatrixOrthogonalizer | None = None,
         post_orthogonalize: NorMuonNormalization | None = None,
         ns_fp8_steps: int = 0,
+        ns_algorithm: str | None = None,
+        ns_gram_restarts: Sequence[int] = DEFAULT_GRAM_RESTARTS,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -224,7 +234,11 @@ class Muon(torch.optim.Optimizer):
         )
         # Checked before the param groups, so a bad schedule is reported first.
         self.newton_schulz = NewtonSchulzConfig(
-            steps=ns_steps, coefficients=coefficients, compute_dtype=compute_dtype, fp8_steps=ns_fp8_steps
+            steps=ns_steps,
+            coefficients=coefficients,
+            compute_dtype=compute_dtype,
+            fp8_steps=ns_fp8_steps,
+            gram_restarts=tuple(ns_gram_restarts),
         )
         super().__init__(params, defaults)
         for index, group in enumerate(self.param_groups):
@@ -239,7 +253,16 @@ class Muon(torch.optim.Optimizer):
             raise ValueError("pieces must list one entry per parameter of every param group")
         self.pieces = pieces
         if orthogonalizer is None:
-            orthogonalizer = MatrixOrthogonalizer([p for group in pieces for ps in group for p in ps])
+            orthogonalizer = MatrixOrthogonalizer(
+                [p for group in pieces for ps in group for p in ps],
+                ns_algorithm=ns_algorithm or ("standard" if ns_fp8_steps else "auto"),
+                gram_restarts=self.newton_schulz.gram_restarts,
+            )
+        elif ns_algorithm is not None and ns_algorithm != orthogonalizer.ns_algorithm:
+            raise ValueError(
+                f"ns_algorithm={ns_algorithm!r} but the orthogonalizer's plan was built with "
+                f"{orthogonalizer.ns_algorithm!r}: pass it to MatrixOrthogonalizer (or leave ns_algorithm None)"
+            )
         self.orthogonalizer = orthogonalizer
         self.stats: dict[str, float] = {}
         """Diagnostics of the last step: ``update_rms/<matrix kind>`` (lr-free, over the pieces this rank
@@ -322,7 +345,7 @@ class Muon(torch.optim.Optimizer):
         for matrix in matrices:
             if matrix.key not in held:
                 continue
-            batch_key: tuple[Any, ...] = (tuple(grads[matrix.key].shape), matrix.shape)
+            batch_key: tuple[Any, ...] = (tuple(grads[matrix.key].shape), matrix.shape, matrix.ns_algorithm)
             if sharded:
                 batch_key += (matrix.shard_group, matrix.shard_dim)
             batches[batch_key].append(matrix)
@@ -355,6 +378,8 @@ class Muon(torch.optim.Optimizer):
                 coefficients=config.coefficients,
                 compute_dtype=config.compute_dtype,
                 fp8_steps=config.fp8_steps,
+                algorithm=batch[0].ns_algorithm,
+                gram_restarts=config.gram_restarts,
                 **gram_hook,
             )
             # NorMuon (optional): per-row normalization by a running second moment.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import torch
+
+from megatron_muon.ops.gram_newton_schulz import DEFAULT_GRAM_RESTARTS, resolve_gram_restarts
+from megatron_muon.ops.newton_schulz import NS_ALGORITHMS
 
 TpMode = Literal["auto", "owner", "duplicated", "distributed"]
 """Who orthogonalizes a tensor-parallel-sharded matrix (``optim/plan.py``)."""
@@ -38,6 +41,13 @@ class MuonConfig:
     """Newton–Schulz iterations."""
     coefficients: str = "quintic"
     """Newton–Schulz schedule: quintic | polar_express."""
+    ns_algorithm: str = "auto"
+    """Newton–Schulz algorithm per logical matrix: standard (iterate on X) | gram (iterate on the k x k Gram X·Xᵀ,
+    ``ops/gram_newton_schulz.py``) | auto (whichever does fewer FLOPs on the rank that runs it: Gram for aspect
+    ratios above 1.5, ``optim/plan.py``). Equal in exact arithmetic; standard only with ``ns_fp8_steps``."""
+    ns_gram_restarts: list[int] = field(default_factory=lambda: list(DEFAULT_GRAM_RESTARTS))
+    """Gram Newton–Schulz: the iterations after which X and its Gram are recomputed, for stability in half
+    precision (strictly increasing, each in [1, ns_steps - 1]; default [2], the Dao-lab choice for 5 steps)."""
     compute_dtype: str = "bfloat16"
     """Newton–Schulz compute dtype: bfloat16 | float32 | float64."""
     ns_fp8_steps: int = 0
@@ -66,11 +76,30 @@ class MuonConfig:
             raise ValueError(f"muon.tp_mode={self.tp_mode!r}; valid: {list(MODES)}")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"muon.compute_dtype={self.compute_dtype!r}; valid: {sorted(DTYPES)}")
+        if self.ns_algorithm not in NS_ALGORITHMS:
+            raise ValueError(f"muon.ns_algorithm={self.ns_algorithm!r}; valid: {list(NS_ALGORITHMS)}")
+        if isinstance(self.ns_steps, int) and self.ns_steps >= 1:  # else the ns_steps check names the error
+            try:
+                resolve_gram_restarts(self.ns_gram_restarts, self.ns_steps)
+            except ValueError as error:
+                raise ValueError(f"muon.ns_gram_restarts: {error}") from None
+        if self.ns_algorithm == "gram" and self.ns_fp8_steps:
+            raise ValueError(
+                f"muon.ns_algorithm='gram' cannot run muon.ns_fp8_steps={self.ns_fp8_steps} (FP8 steps run with "
+                "the standard algorithm); valid: ns_algorithm auto or standard (auto then runs standard), or "
+                "ns_fp8_steps 0"
+            )
         self._validate_ns_fp8_steps()
         if not 0.0 <= self.normuon_beta2 < 1.0:
             raise ValueError(f"muon.normuon_beta2={self.normuon_beta2!r} must be in [0, 1)")
         if not self.normuon_eps > 0.0:
             raise ValueError(f"muon.normuon_eps={self.normuon_eps!r} must be > 0")
+
+    @property
+    def planned_ns_algorithm(self) -> str:
+        """What the plan chooses from: ``ns_algorithm``, but ``standard`` when FP8 steps are on (they have no Gram
+        form)."""
+        return "standard" if self.ns_fp8_steps else self.ns_algorithm
 
     def _validate_ns_fp8_steps(self) -> None:
         from megatron_muon.ops.newton_schulz_fp8 import MAX_STABLE_FP8_STEPS

@@ -9,6 +9,9 @@ those announcements every rank computes the same plan, with no further communica
   and runs Newton–Schulz itself; for an unsharded matrix that is plain local work) or ``distributed`` (every
   holder keeps its shard's momentum and Newton–Schulz runs on shards with the Gram matrix all-reduced over the
   shard group; only when the shards split the long side) — chosen by ``auto`` from a cost model;
+* an algorithm per logical matrix — standard or Gram Newton–Schulz (``ops/gram_newton_schulz.py``), the one with
+  fewer FLOPs on the rank that runs it (a ``distributed`` shard: its own slice of the long side) under ``auto`` —
+  counted in every FLOP figure below, so the mode choice and the owners' balance see the algorithm that runs;
 * owners by longest-processing-time bin packing on Newton–Schulz cost over all ranks holding the matrix, so
   each matrix is orthogonalized exactly once in the grid;
 * for every transfer, who sends which shard to whom, so the exchange is one bucketed all-to-all.
@@ -23,7 +26,12 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from megatron_muon.ops.newton_schulz import newton_schulz_flops
+from megatron_muon.ops.newton_schulz import (
+    DEFAULT_GRAM_RESTARTS,
+    NS_ALGORITHMS,
+    choose_ns_algorithm,
+    ns_algorithm_flops,
+)
 from megatron_muon.optim.options import MODES  # noqa: F401  (re-exported)
 
 
@@ -85,6 +93,8 @@ class CostModel:
         ns_steps: int,
         *,
         group_duplicated_s: float | None = None,
+        ns_algorithm: str = "standard",
+        gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS,
     ) -> dict[str, float]:
         """Seconds each mode adds to the busiest rank of the matrix's holders, per mode that applies.
 
@@ -96,10 +106,14 @@ class CostModel:
         one job cannot be split, and if it is longer than ``group_duplicated_s`` (what each holder spends when every
         matrix it shares with the same holders runs ``duplicated``; default: this matrix's own) it sets the step by
         itself and costs all of it. That is the fan-out bottleneck: at large DP one owner sends a shard to hundreds
-        of replicas."""
+        of replicas.
+
+        Newton–Schulz compute counts the FLOPs of ``ns_algorithm`` (``auto``: the cheaper of standard and Gram
+        for the shape each mode computes on); ``distributed`` pays one Gram all-reduce per step (standard) or per
+        restart segment (Gram)."""
         rows, cols = shape
         size = rows * cols * self.bytes_per_element
-        flops = newton_schulz_flops(rows, cols, ns_steps)
+        flops = ns_algorithm_flops(rows, cols, ns_steps, ns_algorithm, gram_restarts)
         compute = flops / self.flops_per_s
         owner_receives = (num_shards - 1) / num_shards * size / self.bytes_per_s
         owner_sends = (num_holders - 1) / num_shards * size / self.bytes_per_s
@@ -113,7 +127,14 @@ class CostModel:
         if num_shards > 1 and long_side_sharded:
             small = min(rows, cols)
             gram_bytes = small * small * self.bytes_per_element * 2 * (num_shards - 1) / num_shards
-            costs["distributed"] = compute / num_shards + ns_steps * (
+            algorithm = choose_ns_algorithm(
+                rows, cols, ns_steps, ns_algorithm, gram_restarts, shards=num_shards
+            )
+            shard_flops = ns_algorithm_flops(
+                rows, cols, ns_steps, algorithm, gram_restarts, shards=num_shards
+            )
+            all_reduces = ns_steps if algorithm == "standard" else 1 + len(gram_restarts)
+            costs["distributed"] = shard_flops / self.flops_per_s + all_reduces * (
                 gram_bytes / self.bytes_per_s + self.latency_s
             )
         return costs
@@ -201,6 +222,7 @@ class MatrixPlan:
     """shard index → grid ranks holding that shard (sorted)."""
     mode: str
     cost_flops: float
+    """Newton–Schulz FLOPs of one rank that computes it (a ``distributed`` shard: of its slice)."""
     computers: list[int] = field(default_factory=list)
     """Ranks that run Newton–Schulz on the whole matrix (owner: one; duplicated: all holders)."""
     gather: list[tuple[int, int, int]] = field(default_factory=list)
@@ -212,10 +234,17 @@ class MatrixPlan:
     """``owner`` mode with the momentum kept by the holders, each of its own shard (the distributed optimizer: one
     holder per shard): they send the owner Newton–Schulz inputs instead of gradients."""
     """Exchange bucket: the shards of bucket b travel while the computers orthogonalize bucket b + 1."""
+    ns_algorithm: str = "standard"
+    """``standard`` or ``gram`` Newton–Schulz (chosen by ``build_plan``'s ``ns_algorithm``)."""
 
     @property
     def all_holders(self) -> list[int]:
         return sorted({r for ranks in self.holders.values() for r in ranks})
+
+    def gram_all_reduces(self, ns_steps: int, gram_restarts: tuple[int, ...]) -> int:
+        """All-reduces of the Gram per optimizer step in the ``distributed`` mode: one per Newton–Schulz step
+        (standard) or per restart segment (Gram)."""
+        return ns_steps if self.ns_algorithm == "standard" else 1 + len(gram_restarts)
 
     @property
     def long_side_sharded(self) -> bool:
@@ -245,11 +274,22 @@ class MuonPlan:
                     m.scatter,
                     m.bucket,
                     m.momentum_with_shards,
+                    m.ns_algorithm,
                 )
                 for m in self.matrices
             ]
         )
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def algorithm_totals(self) -> dict[str, tuple[int, float]]:
+        """Newton–Schulz algorithm → (matrices, FLOPs of orthogonalizing each once: a ``distributed`` matrix
+        counts all its shards)."""
+        totals: dict[str, tuple[int, float]] = {}
+        for m in self.matrices:
+            count, flops = totals.get(m.ns_algorithm, (0, 0.0))
+            copies = m.num_shards if m.mode == "distributed" else 1
+            totals[m.ns_algorithm] = (count + 1, flops + m.cost_flops * copies)
+        return totals
 
     def summary(self) -> str:
         counts: defaultdict[str, int] = defaultdict(int)
@@ -257,7 +297,16 @@ class MuonPlan:
             counts[m.mode] += 1
         loads = sorted(self.loads.values())
         spread = f"{loads[0]:.3g}..{loads[-1]:.3g}" if loads else "-"
-        return f"{len(self.matrices)} matrices, modes {dict(counts)}, NS FLOPs per rank {spread}"
+        totals = self.algorithm_totals()
+        all_flops = sum(flops for _, flops in totals.values()) or 1.0
+        algorithms = ", ".join(
+            f"{name} {count} ({flops / all_flops:.0%} of FLOPs)"
+            for name, (count, flops) in sorted(totals.items())
+        )
+        return (
+            f"{len(self.matrices)} matrices, modes {dict(counts)}, NS algorithms {algorithms or '-'}, "
+            f"NS FLOPs per rank {spread}"
+        )
 
 
 def build_plan(
@@ -269,6 +318,8 @@ def build_plan(
     num_buckets: int = 4,
     replicate_state: bool = True,
     momentum_with_shards: bool = False,
+    ns_algorithm: str = "auto",
+    gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS,
 ) -> MuonPlan:
     """Build the plan from every grid rank's announced pieces (index = rank in the grid group).
 
@@ -280,11 +331,15 @@ def build_plan(
     (the router, MLA's down-projections) is duplicated under ``auto``, as its parameter and fp32 main param are.
     ``momentum_with_shards``: an ``owner`` matrix whose every shard has one holder keeps its momentum with the
     shards (``MatrixPlan.momentum_with_shards``), so the state is spread as the parameters are.
+    ``ns_algorithm``: ``auto`` | ``standard`` | ``gram`` (``ops.newton_schulz.choose_ns_algorithm``), chosen per
+    matrix once its mode is known; ``gram_restarts`` enter the Gram FLOP count.
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets={num_buckets} must be >= 1")
     if mode not in MODES:
         raise ValueError(f"tp_mode={mode!r}; valid: {list(MODES)}")
+    if ns_algorithm not in NS_ALGORITHMS:
+        raise ValueError(f"ns_algorithm={ns_algorithm!r}; valid: {list(NS_ALGORITHMS)}")
     if mode == "duplicated" and not replicate_state:
         raise ValueError(
             "tp_mode='duplicated' keeps every holder's momentum; valid without replicated state: "
@@ -318,7 +373,7 @@ def build_plan(
                 shard_group=first.shard_group,
                 holders={i: sorted(r) for i, r in sorted(holders.items())},
                 mode="",
-                cost_flops=newton_schulz_flops(first.shape[0], first.shape[1], ns_steps),
+                cost_flops=0.0,
             )
         )
 
@@ -328,11 +383,32 @@ def build_plan(
     if mode == "auto":
         for matrix in matrices:
             group_duplicated[tuple(matrix.all_holders)] += cost_model.mode_costs(
-                matrix.shape, matrix.num_shards, len(matrix.all_holders), matrix.long_side_sharded, ns_steps
+                matrix.shape,
+                matrix.num_shards,
+                len(matrix.all_holders),
+                matrix.long_side_sharded,
+                ns_steps,
+                ns_algorithm=ns_algorithm,
+                gram_restarts=gram_restarts,
             )["duplicated"]
     for matrix in matrices:
         matrix.mode = _choose_mode(
-            matrix, mode, cost_model, ns_steps, group_duplicated[tuple(matrix.all_holders)], replicate_state
+            matrix,
+            mode,
+            cost_model,
+            ns_steps,
+            group_duplicated[tuple(matrix.all_holders)],
+            replicate_state,
+            ns_algorithm=ns_algorithm,
+            gram_restarts=gram_restarts,
+        )
+        shards = matrix.num_shards if matrix.mode == "distributed" else 1
+        rows, cols = matrix.shape
+        matrix.ns_algorithm = choose_ns_algorithm(
+            rows, cols, ns_steps, ns_algorithm, gram_restarts, shards=shards
+        )
+        matrix.cost_flops = ns_algorithm_flops(
+            rows, cols, ns_steps, matrix.ns_algorithm, gram_restarts, shards=shards
         )
 
     loads = {rank: 0.0 for rank in range(len(records_by_rank))}
@@ -342,7 +418,7 @@ def build_plan(
         elif matrix.mode == "distributed":
             matrix.computers = matrix.all_holders
         for rank in matrix.computers:
-            loads[rank] += matrix.cost_flops / (matrix.num_shards if matrix.mode == "distributed" else 1)
+            loads[rank] += matrix.cost_flops
 
     # Longest-processing-time bin packing of owner matrices over their holders.
     owned = [m for m in matrices if m.mode == "owner"]
@@ -379,6 +455,9 @@ def _choose_mode(
     ns_steps: int,
     group_duplicated_s: float,
     replicate_state: bool = True,
+    *,
+    ns_algorithm: str = "standard",
+    gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS,
 ) -> str:
     holders = matrix.all_holders
     shared = len(holders) > 1
@@ -404,6 +483,8 @@ def _choose_mode(
         matrix.long_side_sharded,
         ns_steps,
         group_duplicated_s=group_duplicated_s,
+        ns_algorithm=ns_algorithm,
+        gram_restarts=gram_restarts,
     )
     if sharded and not replicate_state:
         del costs["duplicated"]

@@ -170,7 +170,12 @@ def collect_layout(cfg, dims, gpu: str) -> LayoutFacts:
         for kind, records in stage.records.items():
             if any(records):
                 stage.plans[kind] = build_plan(
-                    records, mode=muon.tp_mode, ns_steps=muon.ns_steps, cost_model=cost_model
+                    records,
+                    mode=muon.tp_mode,
+                    ns_steps=muon.ns_steps,
+                    cost_model=cost_model,
+                    ns_algorithm=muon.planned_ns_algorithm,
+                    gram_restarts=tuple(muon.ns_gram_restarts),
                 )
     return LayoutFacts(
         cfg=cfg, dims=dims, gpu=gpu, coordinates=coordinates, stages=stages, cost_model=cost_model

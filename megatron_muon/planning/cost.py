@@ -21,11 +21,13 @@ Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's
   layer (tokens balanced over experts); × the micro-batches in flight on pipeline rank r under 1F1B,
   min(PP − r, micro-batches) (× (1 + (PP−1)/(PP·VPP)) interleaved); plus 4·s·b·V/TP bytes of fp32 logits on the
   last stage.
-* Newton–Schulz FLOPs: ``newton_schulz_flops`` per whole matrix; a shard of the ``distributed`` mode runs
-  steps × (4k²K/n + 2k³) (k × k Gram work is repeated on every shard).
+* Newton–Schulz FLOPs: ``ns_algorithm_flops`` per whole matrix; a shard of the ``distributed`` mode runs
+  steps × (4k²K/n + 2k³) (k × k Gram work is repeated on every shard). Ours counts the algorithm the plan chose
+  per matrix (``optimizer.muon.ns_algorithm``: standard or Gram Newton–Schulz, the same ``build_plan`` and
+  FLOP formulas as the optimizer); megatron's modes run standard Newton–Schulz.
 * communication in the optimizer step (fp32 gradients / directions, 4 B): ours, the plan's gather and scatter
   transfers (one all-to-all per bucket each way) and the ``distributed`` mode's Gram all-reduce (ring: 2(n−1)/n of
-  k² × 4 B per NS step); megatron duplicated: a ring all-gather of every TP-sharded matrix ((n−1)/n of it);
+  k² × 4 B per NS step, or per restart segment under Gram Newton–Schulz); megatron duplicated: a ring all-gather of every TP-sharded matrix ((n−1)/n of it);
   distributed: the Gram all-reduce. With a distributed optimizer (ours, megatron layer-wise) the plan or the TP
   gathers cover only the owned params, then the updated params of every param (Muon and AdamW) are all-gathered
   over DP: ring, 2 B (bf16; fp32: 4 B) × P·(d−1)/d sent.
@@ -43,7 +45,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from megatron_muon.ops.newton_schulz import newton_schulz_flops
+from megatron_muon.ops.newton_schulz import newton_schulz_flops, ns_algorithm_flops
 from megatron_muon.optim.plan import GPU_PROFILES, PieceRecord
 
 __all__ = ["MODES", "RankCost", "activation_bytes", "layout_costs"]
@@ -204,12 +206,13 @@ def _ours(facts, links) -> dict[int, RankCost]:
                 shard = full / matrix.num_shards
                 if matrix.mode == "distributed":
                     k = min(matrix.shape)
-                    each_way = 2 * (matrix.num_shards - 1) / matrix.num_shards * k * k * _FP32 * muon.ns_steps
+                    all_reduces = matrix.gram_all_reduces(muon.ns_steps, tuple(muon.ns_gram_restarts))
+                    each_way = 2 * (matrix.num_shards - 1) / matrix.num_shards * k * k * _FP32 * all_reduces
                     for grid in matrix.all_holders:
                         cost = costs[first + grid]
                         cost.muon_state_elements += shard
                         cost.owned_elements += shard
-                        shapes_distributed[first + grid].add((matrix.shape, matrix.shard_dim))
+                        shapes_distributed[first + grid].add((matrix.shape, matrix.shard_dim, all_reduces))
                         _ring(cost, each_way, links.intra, "gram all-reduce", 0)
                     continue
                 for grid in matrix.computers:
@@ -217,7 +220,8 @@ def _ours(facts, links) -> dict[int, RankCost]:
                     costs[first + grid].owned_elements += full
                 _exchanges(costs, links, matrix, lambda grid, first=first: first + grid)
             for rank in range(first, first + dims.stage_size):
-                costs[rank].collectives += 2 * _NUM_BUCKETS + muon.ns_steps * len(shapes_distributed[rank])
+                # One batched call (all-reduces of one Gram shape) per shape and algorithm (``Muon._orthogonalize``).
+                costs[rank].collectives += 2 * _NUM_BUCKETS + sum(n for *_, n in shapes_distributed[rank])
     return costs
 
 
@@ -246,11 +250,12 @@ def _fused_gate_up(records: list[PieceRecord]) -> list[PieceRecord]:
     return merged
 
 
-def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int):
+def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int, algorithm: str = "standard"):
     """Layer-wise DP sharding (megatron's ``LayerWiseDistributedOptimizer``, and ours with the distributed
     optimizer): in each DP group (dense: ranks sharing tp, cp; experts: sharing ep, etp) every whole parameter (all
     pieces of one tensor) goes to one member, longest-processing-time first by Newton–Schulz cost. Yields
-    (members, params: name → records, owner_of: name → member)."""
+    (members, params: name → records, owner_of: name → member). ``algorithm``: the Newton–Schulz FLOPs counted
+    (megatron: standard; ours: ``optimizer.muon.ns_algorithm``)."""
     dims, coordinates = facts.dims, facts.coordinates
     replica = ("tp",) if kind == "dense" else ("ep", "etp")  # dense DP group: DP × CP (megatron's dp_cp)
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -261,7 +266,8 @@ def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int):
         for record in records_by_rank[members[0]]:
             params[record.key.split("/")[0]].append(record)
         cost = {
-            name: sum(newton_schulz_flops(*r.shape, steps) for r in recs) for name, recs in params.items()
+            name: sum(_ns_flops(r.shape, steps, algorithm, facts) for r in recs)
+            for name, recs in params.items()
         }
         load = {m: 0.0 for m in members}
         owner_of = {}
@@ -270,6 +276,12 @@ def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int):
             owner_of[name] = owner
             load[owner] += cost[name]
         yield members, params, owner_of
+
+
+def _ns_flops(shape, steps: int, algorithm: str, facts) -> float:
+    if algorithm == "standard":
+        return newton_schulz_flops(*shape, steps)
+    return ns_algorithm_flops(*shape, steps, algorithm, tuple(facts.cfg.optimizer.muon.ns_gram_restarts))
 
 
 def _param_bytes(facts) -> int:
@@ -301,7 +313,9 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
             if not any(records_by_rank):
                 continue
             owned_names: dict[int, set[str]] = defaultdict(set)
-            for members, _params, owner_of in _dp_owners(facts, first, kind, records_by_rank, muon.ns_steps):
+            algorithm = muon.planned_ns_algorithm
+            owners = _dp_owners(facts, first, kind, records_by_rank, muon.ns_steps, algorithm)
+            for members, _params, owner_of in owners:
                 for name, owner in owner_of.items():
                     owned_names[owner].add(name)
                 _param_all_gather(facts, links, costs, first, members, _kind_elements(stage, kind))
@@ -323,10 +337,17 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
                 if len(members) == 1:  # nothing sharded: every owned matrix is local work
                     cost = costs[first + members[0]]
                     for record in records[0]:
-                        cost.ns_flops += newton_schulz_flops(*record.shape, muon.ns_steps)
+                        cost.ns_flops += _ns_flops(record.shape, muon.ns_steps, algorithm, facts)
                         cost.muon_state_elements += record.shape[0] * record.shape[1]
                     continue
-                plan = build_plan(records, mode="owner", ns_steps=muon.ns_steps, cost_model=facts.cost_model)
+                plan = build_plan(
+                    records,
+                    mode="owner",
+                    ns_steps=muon.ns_steps,
+                    cost_model=facts.cost_model,
+                    ns_algorithm=algorithm,
+                    gram_restarts=tuple(muon.ns_gram_restarts),
+                )
                 for index, load in plan.loads.items():
                     costs[first + members[index]].ns_flops += load
                 for matrix in plan.matrices:

@@ -4,7 +4,8 @@ Tags: ``loss/train``, ``loss/validation``, ``loss/validation_perplexity``, ``los
 ``optimizer/lr_muon``, ``optimizer/lr_adamw``, ``optimizer/grad_norm``, ``optimizer/skipped_iterations``,
 ``throughput/tokens_per_s``, ``throughput/mfu``, ``time/iteration_ms``, ``time/optimizer_step_ms``,
 ``memory/rss_mib``, ``memory/max_allocated_mib`` (GPU: peak tensor memory, ``platform.device``),
-``moe/expert_load_max_over_mean``, ``muon/update_rms/<kind>``, ``muon/ns_orthogonality_error``.
+``moe/expert_load_max_over_mean``, ``muon/update_rms/<kind>``, ``muon/ns_orthogonality_error``,
+``muon/ns_algorithm/{standard,gram}_{matrix,flop}_share``.
 """
 
 from __future__ import annotations
@@ -65,12 +66,27 @@ def memory_mib() -> float:
 def muon_stats(optimizer) -> dict[str, float]:
     """``muon/...`` diagnostics of every Muon member of a megatron ChainedOptimizer (last step)."""
     stats: dict[str, float] = {}
+    algorithms: dict[str, list[float]] = {}
     for member in chain_members(optimizer):
         muon = getattr(member, "optimizer", None)
         if not hasattr(muon, "orthogonalizer"):
             continue
         for key, value in muon.stats.items():
             stats[f"muon/{key}"] = value
+        for name, (count, flops) in muon.orthogonalizer.plan.algorithm_totals().items():
+            totals = algorithms.setdefault(name, [0.0, 0.0])
+            totals[0] += count
+            totals[1] += flops
+    # Standard vs Gram Newton–Schulz over the plans of this rank's grid (dense and expert): share of the logical
+    # matrices and of the Newton–Schulz FLOPs (the plan's counts).
+    matrices = sum(count for count, _ in algorithms.values())
+    flops = sum(f for _, f in algorithms.values())
+    for name in ("standard", "gram"):
+        count, ns_flops = algorithms.get(name, (0.0, 0.0))
+        if matrices:
+            stats[f"muon/ns_algorithm/{name}_matrix_share"] = count / matrices
+        if flops:
+            stats[f"muon/ns_algorithm/{name}_flop_share"] = ns_flops / flops
     return stats
 
 

@@ -102,6 +102,7 @@ def _muon_steps_on_rank(
         duplicated_shards = sorted(m.key for m in plans if m.mode == "duplicated" and m.num_shards > 1)
         results[name] = (collect_pieces(chunks, options, main_params=bf16), state_bytes, modes_used)
         results[name + "/duplicated sharded"] = duplicated_shards
+        results[name + "/algorithms"] = sorted({(m.mode, m.ns_algorithm) for m in plans})
     return results
 
 
@@ -233,6 +234,47 @@ def test_one_layout_matches_single_process_reference(name):
                 key for rank_results in per_rank for key in rank_results[mode + "/duplicated sharded"]
             }
             assert not duplicated, f"{name} {mode}: sharded matrices duplicated: {sorted(duplicated)[:3]}"
+
+
+def test_auto_runs_gram_for_some_matrices_and_standard_for_others_and_matches_the_reference():
+    """``ns_algorithm: auto`` (the default) at TP2·EP2 in every mode: the wide and tall matrices (K/V 32 x 64, the
+    dense MLP's 256 x 64 halves) run Gram Newton–Schulz, the square ones standard, including Gram on TP shards in
+    the distributed mode; every matrix matches the single-process standard reference, and forcing ``standard``
+    everywhere gives the same weights."""
+    from megatron_muon.testing.canonical import assemble
+
+    world, layout, model = LAYOUTS["tp2_ep2"]
+    model = dict(model, ffn_hidden_size=256)  # the dense fc1 halves' TP shards are 128 x 64: Gram on shards
+    run_layout = dict(tp=layout["tp"], pp=layout["pp"], ep=layout["ep"], etp=layout["etp"])
+    per_rank = run_distributed(
+        _muon_steps_on_rank, world, **run_layout, args=(layout, model, MODES_BOTH, STEPS), timeout_s=300
+    )
+    forced = run_distributed(
+        _muon_steps_on_rank,
+        world,
+        **run_layout,
+        args=(layout, model, ("distributed", "owner"), STEPS, dict(ns_algorithm="standard")),
+        timeout_s=300,
+    )
+    expected = None
+    for mode in MODES_BOTH:
+        got = assemble([rank_results[mode][0] for rank_results in per_rank])
+        if expected is None:
+            expected = _reference({k: tuple(v.shape) for k, v in got.items()}, STEPS)
+        for key, value in got.items():
+            error = (value - expected[key]).norm() / expected[key].norm()
+            assert error < 1e-5, f"auto {mode}: {key} differs from the reference by {error:.2e} (relative)"
+        used = {pair for rank_results in per_rank for pair in rank_results[mode + "/algorithms"]}
+        assert {algorithm for _, algorithm in used} == {"gram", "standard"}, f"{mode}: {sorted(used)}"
+        if mode == "distributed":
+            assert ("distributed", "gram") in used, f"no Gram Newton-Schulz on shards: {sorted(used)}"
+    for mode in ("distributed", "owner"):
+        used = {pair for rank_results in forced for pair in rank_results[mode + "/algorithms"]}
+        assert {algorithm for _, algorithm in used} == {"standard"}
+        standard = assemble([rank_results[mode][0] for rank_results in forced])
+        auto = assemble([rank_results[mode][0] for rank_results in per_rank])
+        for key, value in auto.items():
+            assert (value - standard[key]).norm() / standard[key].norm() < 1e-5, key
 
 
 @pytest.mark.parametrize("name", ["tp2_ep2", "tp2_etp2"])
