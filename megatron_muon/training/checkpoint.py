@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import random
 import shutil
 from pathlib import Path
@@ -57,6 +58,7 @@ from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -362,6 +364,21 @@ def _hash_split_over_ranks(directory: Path) -> dict[str, dict[str, int | str]]:
     return {name: entry for part in gathered for name, entry in part.items()}
 
 
+def _keep_the_writer_in_this_process() -> None:
+    """Make dist_checkpointing's save report its write results through an in-process queue.
+
+    megatron-core 0.19.2: every save (synchronous ones too) takes its results queue from
+    ``filesystem_async.get_write_results_queue()``, which starts a ``multiprocessing`` Manager: a spawned server
+    process (~745 MB RSS on CPU, plus a resource tracker) per rank, alive for the rest of the run and orphaned,
+    never exiting, when the rank is killed. Our saves are synchronous (``dist_checkpointing.save`` runs the write
+    in this process, on threads, and reads the results right after), so a ``queue.Queue`` serves: no writer
+    process exists to outlive its rank. An asynchronous save would need the Manager back (none is made here).
+    """
+    if filesystem_async._results_queue is None:
+        # megatron-core 0.19.2: get_write_results_queue() would start a multiprocessing Manager process per rank.
+        filesystem_async._results_queue = queue.Queue()
+
+
 def _write_staged_checkpoint(
     root: Path, iteration: int, state: dict, config_yaml: str, keep_last: int, what: str
 ) -> Path:
@@ -372,6 +389,7 @@ def _write_staged_checkpoint(
     staging = final.with_name(final.name + PARTIAL_SUFFIX)
     _run_on_rank_zero(_prepare_staging, root, staging)
     message = None
+    _keep_the_writer_in_this_process()
     try:
         dist_checkpointing.save(state, str(staging), validate_access_integrity=True)
     # torch's CheckpointException (how a failed write on any rank surfaces) derives from BaseException.
