@@ -37,6 +37,12 @@
 #   USR1 two minutes before the time limit; the launcher then requeues the job (`scontrol requeue`) if the run
 #   is unfinished, and the requeued job resumes from the latest checkpoint (checkpoint.resume=auto).
 #   A signal that comes before training has started stops the processes without a checkpoint.
+# - Lifetime: outside SLURM, torchrun and every rank die with the launcher (a parent-death signal): SIGKILL of the
+#   launcher or of its process group stops the job within a second, without a checkpoint. Under SLURM, SLURM ends
+#   the job's processes.
+# - One run per checkpoint.save_dir: the launcher holds an exclusive lock on <save_dir>/.megatron_muon.lock (host
+#   and PID recorded) for the life of the job; a second launch on the same save_dir stops at once with one line
+#   naming the holder. A lock left by a run that was killed is taken over, with a line saying so.
 #
 # Environment: PYTHON (default: the repository's .venv/bin/python), OMP_NUM_THREADS (default 1 on CPU),
 # MASTER_PORT (SLURM: overrides the one derived from the job id), MEGATRON_MUON_REPO (the repository, when
@@ -244,6 +250,21 @@ if [ $dry_run -eq 1 ]; then
   echo
   exit 0
 fi
+# ------------------------------------------------------------------------------------ one run per save_dir
+# An exclusive flock on <save_dir>/.megatron_muon.lock, taken on a descriptor this script keeps open (torchrun or srun
+# inherit it): held until the last of them exits, however it exits (megatron_muon/training/lifetime.py).
+save_dir=$(fact save_dir) lock_fd=""
+if [ -n "$save_dir" ]; then
+  mkdir -p "$save_dir" 2>/dev/null || usage_error "cannot create checkpoint.save_dir=$save_dir"
+  exec {lock_fd}<>"$save_dir/.megatron_muon.lock" ||
+    usage_error "cannot open the lock file $save_dir/.megatron_muon.lock of checkpoint.save_dir=$save_dir"
+  lock_note=$("$python" -m megatron_muon.training.lifetime lock "$lock_fd" "$save_dir" $$ 2>"$errors_file") || {
+    grep '^error: ' "$errors_file" >&2 || cat "$errors_file" >&2
+    exit 2
+  }
+  [ -z "$lock_note" ] || say "$lock_note"
+fi
+
 say "starting $plan"
 say "config $config${overrides[*]:+ with ${overrides[*]}}"
 
@@ -276,9 +297,11 @@ trap 'forward TERM' INT
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   "${command[@]}" &
 else
-  # A session of its own: a signal to the whole process group (Ctrl-C, `timeout`) reaches only this script,
-  # which passes it on to the training processes so that they save before exiting (torchrun would kill them).
-  setsid "${command[@]}" &
+  # The guard gives torchrun a session of its own: a signal to the whole process group (Ctrl-C, `timeout`) reaches
+  # only this script, which passes it on to the training processes so that they save before exiting (torchrun
+  # would kill them). It also makes torchrun, and torchrun each rank, die with its parent: a SIGKILL of this
+  # script (or of its group) ends the job within a second instead of leaving it training.
+  "$python" -m megatron_muon.training.lifetime guard $$ -- "${command[@]}" &
 fi
 child=$!
 while :; do
@@ -291,6 +314,8 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
   # writer processes). End them, as SLURM ends a job's processes.
   pkill -KILL -s "$child" 2>/dev/null || true
 fi
+# The job is over: clear the holder record (the lock itself went with the last process holding it).
+[ -z "$lock_fd" ] || "$python" -m megatron_muon.training.lifetime release "$save_dir" $$
 
 if [ $status -ne 0 ]; then
   if [ -n "$signalled" ]; then
@@ -301,7 +326,7 @@ if [ $status -ne 0 ]; then
   exit $status
 fi
 if [ "$signalled" = USR1 ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "${MEGATRON_MUON_REQUEUE:-1}" != 0 ]; then
-  save_dir=$(fact save_dir) train_iters=$(fact train_iters)
+  train_iters=$(fact train_iters)
   latest=$(cat "$save_dir/latest_checkpointed_iteration.txt" 2>/dev/null || echo 0)
   if [ -n "$save_dir" ] && [ "$latest" -lt "$train_iters" ]; then
     say "checkpoint at iteration $latest of $train_iters: requeueing SLURM job $SLURM_JOB_ID to resume"

@@ -36,6 +36,10 @@ def main(argv=None) -> int:
         "--dry-run", action="store_true", help="print the resolved config and plan, then exit"
     )
     args = parser.parse_args(argv)
+    if not args.dry_run:
+        from megatron_muon.training.lifetime import die_with_parent
+
+        die_with_parent()  # under the launcher's guard: SIGKILL when torchrun dies, however it dies
 
     from megatron_muon.config import ConfigError, load_config, validate
     from megatron_muon.logging_setup import silence_known_warnings

@@ -9,6 +9,7 @@ splits the hashing over ranks. A checkpoint root holds::
     iter_0000020/
     latest_checkpointed_iteration.txt  the iteration auto-resume starts from ("20"), as megatron-LM's
     publication_log.txt                the published iterations, oldest publication first (one per line)
+    .megatron_muon.lock                the launcher's lock: one run per save_dir (``training/lifetime.py``)
 
 Guarantees (``docs/checkpoints.md`` has the table of crash points):
 
@@ -60,6 +61,7 @@ PUBLICATION_LOG = "publication_log.txt"
 CONFIG_FILENAME = "config.yaml"
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_VERSION = 1
+SAVE_DIR_LOCK = ".megatron_muon.lock"  # lifetime.LOCK_FILENAME: the launcher's one-run-per-save_dir lock
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
 _ITERATION_DIR_RE = re.compile(r"^iter_(\d{7,})$")
@@ -358,8 +360,9 @@ def recover_root(root: str | os.PathLike) -> list[str]:
 
 
 def _is_checkpoint_entry(child: Path) -> bool:
-    """True for the names a checkpoint root of ours holds once recovered (published directories, marker, log)."""
-    if child.name in (LATEST_MARKER, PUBLICATION_LOG):
+    """True for the names a checkpoint root of ours holds once recovered (published directories, marker, log, and
+    the launcher's lock file, ``training/lifetime.py``)."""
+    if child.name in (LATEST_MARKER, PUBLICATION_LOG, SAVE_DIR_LOCK):
         return child.is_file()
     return child.is_dir() and iteration_of(child) is not None
 

@@ -134,6 +134,9 @@ def test_rerun_resumes_from_the_checkpoint_and_finishes(runs):
     assert iterations == list(range(stopped_at + 1, TRAIN_ITERS + 1))
     assert (runs.save_dir / "latest_checkpointed_iteration.txt").read_text().strip() == str(TRAIN_ITERS)
     assert (runs.save_dir / f"iter_{TRAIN_ITERS:07d}").is_dir()
+    # Both runs ended cleanly: each cleared its save_dir lock record, so the second took nothing over.
+    assert "took over the save_dir lock" not in runs.interrupted_log + log
+    assert (runs.save_dir / ".megatron_muon.lock").read_text() == ""
 
 
 def test_loss_falls(runs):
