@@ -20,6 +20,7 @@ on a machine shared with other jobs, with ``--threads 1``, it measures the work 
 Usage::
 
     python tools/bench_newton_schulz.py --out docs/benchmarks.md
+    python tools/bench_newton_schulz.py --compare --out docs/benchmarks.md   # newton_schulz_compare.py
 
 ``--out`` rewrites only the text between ``<!-- bench_newton_schulz:start -->`` and
 ``<!-- bench_newton_schulz:end -->`` (appending the section, or creating the file with a ``# Benchmarks``
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_muon.bench import newton_schulz_compare as compare
 from megatron_muon.bench.report import (
     clock_timer,
     cpu_description,
@@ -250,8 +252,18 @@ def render_section(args: argparse.Namespace, command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--shapes", type=parse_shape, nargs="+", default=[parse_shape(s) for s in DEFAULT_SHAPES]
+        "--shapes", type=parse_shape, nargs="+", help=f"default {DEFAULT_SHAPES}; --compare: {compare.SHAPES}"
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="instead of (a) and (b): ours standard / gram / auto, DeepSpeed's Gram and Emerging-Optimizers side "
+        "by side (megatron_muon/bench/newton_schulz_compare.py)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="--compare's compute dtype"
+    )
+    compare.add_arguments(parser)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--coefficients", default="quintic")
@@ -274,6 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     command = rerun_command("bench_newton_schulz.py", argv)
+    if args.compare:
+        args.shapes = args.shapes or list(compare.SHAPES)
+        publish(compare.render(args, command.strip()), args.out, compare.START_MARKER, compare.END_MARKER)
+        return
+    args.shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
     section = render_section(args, command.strip())
     publish(section, args.out, START_MARKER, END_MARKER)
 
