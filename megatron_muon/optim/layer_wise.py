@@ -10,7 +10,9 @@ data-parallel replicas.
   bucket, with its own overlap.
 * :func:`owned_params` reads from that layout which Muon parameters this data-parallel rank owns: the only
   ones its Muon updates, whose gradient the reduce-scatter completed here, and the only ones with an fp32
-  master and momentum here.
+  master and momentum here. It first asserts that this rule gives every parameter the shard megatron's own
+  layer-wise optimizer gives it (:func:`check_ownership_matches_megatron`), and the chain asserts that megatron
+  narrowed no member further: a disagreement would leave a parameter updated by no rank.
 * :func:`build_layer_wise_chain` chains megatron's ``LayerWiseDistributedOptimizer`` (our Muon on the owned
   parameters; it wraps them in megatron's mixed-precision wrapper after narrowing and all-gathers the
   parameter buffers after the step) with megatron's ``DistributedOptimizer`` for the AdamW groups, as
@@ -22,6 +24,8 @@ No math and no communication of ours here: the Muon step and its TP exchange are
 from __future__ import annotations
 
 import copy
+import types
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,8 +47,11 @@ from megatron_muon.optim.param_groups import route_parameters
 __all__ = [
     "LAYER_WISE_ATTRIBUTE",
     "build_layer_wise_chain",
+    "check_ownership_matches_megatron",
     "check_tags_match",
+    "megatron_shard_assignment",
     "owned_params",
+    "shard_assignment",
     "shard_aligned_layout",
     "tag_muon_params",
 ]
@@ -111,29 +118,119 @@ def shard_aligned_layout(
     )
 
 
-def owned_params(model_chunks: Iterable[Any], pg_collection: ProcessGroupCollection) -> set[int]:
-    """ids of the shard-aligned (Muon) parameters this rank owns: the layout puts each in one data-parallel
-    shard of its bucket (the arithmetic of megatron's ``LayerWiseDistributedOptimizer._shard_params_from_layout``,
-    which narrows the same groups again and must agree)."""
-    dense_rank, expert_rank = pg_collection.dp_cp.rank(), pg_collection.expt_dp.rank()
-    owned: set[int] = set()
-    for chunk in model_chunks:
-        layout = getattr(chunk, "full_param_layout", None)
-        if layout is None:
-            raise ValueError(
-                "the model chunks carry no full_param_layout: wrap them with wrap_in_ddp and a "
-                "DistributedDataParallelConfig(use_distributed_optimizer=True)"
-            )
+def _layouts(model_chunks: Iterable[Any]) -> list[FullParamLayout]:
+    layouts = [getattr(chunk, "full_param_layout", None) for chunk in model_chunks]
+    if not layouts or any(layout is None for layout in layouts):
+        raise ValueError(
+            "the model chunks carry no full_param_layout: wrap them with wrap_in_ddp and a "
+            "DistributedDataParallelConfig(use_distributed_optimizer=True)"
+        )
+    return typing.cast(list[FullParamLayout], layouts)
+
+
+def shard_assignment(model_chunks: Iterable[Any]) -> dict[torch.nn.Parameter, tuple[int, bool]]:
+    """Every shard-aligned (Muon) parameter -> (the data-parallel shard that owns it, whether it is an expert
+    parameter: then the shard is an expert-data-parallel rank). The layout puts each parameter whole in one shard
+    of its bucket."""
+    assignment: dict[torch.nn.Parameter, tuple[int, bool]] = {}
+    for layout in _layouts(model_chunks):
         for key, buffer_layout in layout.layouts.items():
             if not key.is_managed_by_layer_wise_optimizer:
                 continue
-            local_rank = expert_rank if key.is_expert_parallel else dense_rank
             for param, (start, _end, bucket_id) in buffer_layout.param_index_map.items():
                 bucket_start, bucket_end = buffer_layout.bucket_indices[bucket_id]
                 shard_size = (bucket_end - bucket_start) // buffer_layout.num_optimizer_shards
-                if (start - bucket_start) // shard_size == local_rank:
-                    owned.add(id(param))
-    return owned
+                assignment[param] = ((start - bucket_start) // shard_size, bool(key.is_expert_parallel))
+    return assignment
+
+
+def megatron_shard_assignment(
+    model_chunks: Iterable[Any], pg_collection: ProcessGroupCollection
+) -> dict[torch.nn.Parameter, int]:
+    """megatron's own assignment of the same parameters: ``LayerWiseDistributedOptimizer._shard_params_from_layout``
+    run on every shard-aligned parameter of the layouts, read back from the per-rank lists it fills."""
+    layouts = _layouts(model_chunks)
+    groups = [
+        {"params": list(buffer_layout.param_index_map), "is_expert_parallel": bool(key.is_expert_parallel)}
+        for layout in layouts
+        for key, buffer_layout in layout.layouts.items()
+        if key.is_managed_by_layer_wise_optimizer and buffer_layout.param_index_map
+    ]
+    probe = types.SimpleNamespace(dp_cp=pg_collection.dp_cp, expt_dp=pg_collection.expt_dp)
+    # megatron-core 0.19.2: the assignment lives in a private method that narrows param groups in place and
+    # records every rank's params in dp_cp_params_list / expt_dp_params_list; run it on copies.
+    LayerWiseDistributedOptimizer._shard_params_from_layout(
+        probe,
+        [types.SimpleNamespace(param_groups=groups)],
+        layouts,
+        pg_collection.dp_cp.size(),
+        pg_collection.expt_dp.size(),
+    )
+    assignment: dict[torch.nn.Parameter, int] = {}
+    for per_rank in (probe.dp_cp_params_list, probe.expt_dp_params_list or []):
+        for shard, params in enumerate(per_rank):
+            for param in params:
+                assignment[param] = shard
+    return assignment
+
+
+def _param_names(model_chunks: Iterable[Any]) -> dict[int, str]:
+    return {id(param): name for chunk in model_chunks for name, param in chunk.named_parameters()}
+
+
+def check_ownership_matches_megatron(
+    model_chunks: Sequence[Any], pg_collection: ProcessGroupCollection
+) -> None:
+    """One-line ``ValueError`` naming the first parameter (by name) that :func:`shard_assignment` and megatron's
+    own assignment give to different data-parallel shards, or that one of them leaves out. A disagreement would
+    leave that parameter updated by no rank (or by two). Every rank computes the whole assignment, so every rank
+    raises the same error."""
+    ours = shard_assignment(model_chunks)
+    theirs = megatron_shard_assignment(model_chunks, pg_collection)
+    if {id(p): s for p, (s, _) in ours.items()} == {id(p): s for p, s in theirs.items()}:
+        return
+    names = _param_names(model_chunks)
+    for param in sorted(set(ours) | set(theirs), key=lambda p: names.get(id(p), "")):
+        our_shard = ours[param][0] if param in ours else None
+        if our_shard != theirs.get(param):
+            raise ValueError(
+                f"distributed optimizer: parameter {names.get(id(param), tuple(param.shape))} is owned by "
+                f"data-parallel shard {our_shard} in optim/layer_wise.shard_assignment but by shard "
+                f"{theirs.get(param)} in megatron's LayerWiseDistributedOptimizer; the ownership rule no longer "
+                "matches megatron's (a megatron-core upgrade?): it would go un-updated"
+            )
+
+
+def owned_params(model_chunks: Iterable[Any], pg_collection: ProcessGroupCollection) -> set[int]:
+    """ids of the shard-aligned (Muon) parameters this rank owns (:func:`shard_assignment`), after checking that
+    megatron's layer-wise optimizer, which narrows the same groups again, assigns every one alike
+    (:func:`check_ownership_matches_megatron`)."""
+    chunks = list(model_chunks)
+    check_ownership_matches_megatron(chunks, pg_collection)
+    dense_rank, expert_rank = pg_collection.dp_cp.rank(), pg_collection.expt_dp.rank()
+    return {
+        id(param)
+        for param, (shard, is_expert) in shard_assignment(chunks).items()
+        if shard == (expert_rank if is_expert else dense_rank)
+    }
+
+
+def _check_members_kept_their_params(
+    layer_wise: LayerWiseDistributedOptimizer, passed: list[list[int]], model_chunks: Sequence[Any]
+) -> None:
+    """megatron narrows each member's groups to the params it assigns this rank; ours already are: any param it
+    drops would be updated by no rank."""
+    for index, (member, before) in enumerate(zip(layer_wise.chained_optimizers, passed, strict=True)):
+        after = {id(p) for group in member.param_groups for p in group["params"]}
+        dropped = [pid for pid in before if pid not in after]
+        if dropped or len(after) != len(before):
+            names = _param_names(model_chunks)
+            first = names.get(dropped[0], "?") if dropped else "a parameter it was not given"
+            raise ValueError(
+                f"distributed optimizer: megatron's LayerWiseDistributedOptimizer narrowed Muon member {index} to "
+                f"{len(after)} of the {len(before)} parameters this rank owns (first difference: {first}); "
+                "the ownership rule no longer matches megatron's"
+            )
 
 
 def build_layer_wise_chain(
@@ -158,7 +255,9 @@ def build_layer_wise_chain(
     raw = [optimizer for optimizer, _ in muon_optimizers]
     if not config.bf16:  # megatron's layer-wise optimizer wraps bf16 optimizers itself, fp32 ones not at all
         raw = [FP32Optimizer(optimizer, config, None) for optimizer in raw]
+    passed = [[id(p) for group in optimizer.param_groups for p in group["params"]] for optimizer in raw]
     layer_wise = LayerWiseDistributedOptimizer(raw, config, pg_collection, model_chunks=model_chunks)
+    _check_members_kept_their_params(layer_wise, passed, model_chunks)
     for member, (_, configure) in zip(layer_wise.chained_optimizers, muon_optimizers, strict=True):
         configure(member)
         # Each rank holds the gradients of its own parameters only: norms and zero counts sum over the world
