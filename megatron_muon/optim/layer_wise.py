@@ -150,7 +150,7 @@ def megatron_shard_assignment(
     """megatron's own assignment of the same parameters: ``LayerWiseDistributedOptimizer._shard_params_from_layout``
     run on every shard-aligned parameter of the layouts, read back from the per-rank lists it fills."""
     layouts = _layouts(model_chunks)
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": list(buffer_layout.param_index_map), "is_expert_parallel": bool(key.is_expert_parallel)}
         for layout in layouts
         for key, buffer_layout in layout.layouts.items()
@@ -171,6 +171,13 @@ def megatron_shard_assignment(
         for shard, params in enumerate(per_rank):
             for param in params:
                 assignment[param] = shard
+    if (
+        probe.expt_dp_params_list is None
+    ):  # one expert-data-parallel rank: megatron keeps every expert param there
+        for group in groups:
+            if group["is_expert_parallel"]:
+                for param in group["params"]:
+                    assignment[param] = 0
     return assignment
 
 

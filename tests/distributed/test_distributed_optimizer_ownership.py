@@ -148,12 +148,16 @@ def _ownership_and_one_step(layout: dict):
 
 @pytest.mark.parametrize(
     "name, layout",
-    [("tp2_dp2", dict(tp=2, pp=1, ep=1, etp=1)), ("dp4_ep2", dict(tp=1, pp=1, ep=2, etp=1))],
+    [
+        ("tp2_dp2", dict(tp=2, pp=1, ep=1, etp=1)),
+        ("dp4_ep2", dict(tp=1, pp=1, ep=2, etp=1)),
+        ("dp4_ep4", dict(tp=1, pp=1, ep=4, etp=1)),  # one expert-data-parallel rank: experts are not sharded
+    ],
 )
 def test_ownership_matches_megatron_and_a_real_step_updates_every_muon_param(name, layout):
     per_rank = run_distributed(_ownership_and_one_step, 4, **layout, args=(layout,), timeout_s=300)
     for report in per_rank:
-        assert report["buckets"] > 2, report["buckets"]  # several buckets, not one per buffer
+        assert report["buckets"] > 1, report["buckets"]  # several buckets, not one per buffer
         assert report["refusal"] is not None and "\n" not in report["refusal"], report["refusal"]
         assert "is owned by data-parallel shard" in report["refusal"] and "in megatron's" in report["refusal"]
         assert not report["skipped"] and report["unchanged"] == [], report["unchanged"]
