@@ -25,19 +25,26 @@ import torch
 __all__ = ["gqa_clip_factors", "mla_clip_factors", "clip_gammas"]
 
 
-def clip_gammas(max_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+def clip_gammas(max_logits: torch.Tensor, threshold: float, *, check_finite: bool = True) -> torch.Tensor:
     """γ = min(1, τ / S) per head (fp32). Non-finite logits are a ValueError: the run has diverged, and a
-    factor of 0 would silently zero the head's weights."""
+    factor of 0 would silently zero the head's weights. ``check_finite=False`` (the training loop, which must not
+    read device values on the host per layer and checks the logged maxima itself) gives such heads γ = 1."""
     if not threshold > 0:
         raise ValueError(f"qk-clip threshold={threshold!r} must be > 0")
     max_logits = max_logits.float()
-    if torch.isnan(max_logits).any() or torch.isinf(max_logits).any():
+    if check_finite and (torch.isnan(max_logits).any() or torch.isinf(max_logits).any()):
         raise ValueError(f"qk-clip: non-finite attention logits per head: {max_logits.tolist()}")
-    return torch.clamp(threshold / max_logits.clamp_min(torch.finfo(torch.float32).tiny), max=1.0)
+    gamma = torch.clamp(threshold / max_logits.clamp_min(torch.finfo(torch.float32).tiny), max=1.0)
+    return gamma if check_finite else torch.where(torch.isfinite(max_logits), gamma, torch.ones_like(gamma))
 
 
 def gqa_clip_factors(
-    max_logits: torch.Tensor, num_query_groups: int, threshold: float, alpha: float = 0.5
+    max_logits: torch.Tensor,
+    num_query_groups: int,
+    threshold: float,
+    alpha: float = 0.5,
+    *,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors for standard (MHA/GQA) attention.
 
@@ -54,17 +61,17 @@ def gqa_clip_factors(
     heads = max_logits.numel()
     if num_query_groups < 1 or heads % num_query_groups:
         raise ValueError(f"num_query_groups={num_query_groups} does not divide the {heads} heads")
-    gamma = clip_gammas(max_logits, threshold)
+    gamma = clip_gammas(max_logits, threshold, check_finite=check_finite)
     group_gamma = gamma.view(num_query_groups, -1).amin(dim=1)
     return gamma.pow(alpha), group_gamma.pow(1.0 - alpha)
 
 
 def mla_clip_factors(
-    max_logits: torch.Tensor, threshold: float, alpha: float = 0.5
+    max_logits: torch.Tensor, threshold: float, alpha: float = 0.5, *, check_finite: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Factors for multi-head latent attention, per head: ``(q_compressed, q_rotary, k_compressed)`` =
     (γ^α, γ, γ^(1−α)); the shared rotary key is not scaled."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"qk-clip alpha={alpha!r} must be in [0, 1]")
-    gamma = clip_gammas(max_logits, threshold)
+    gamma = clip_gammas(max_logits, threshold, check_finite=check_finite)
     return gamma.pow(alpha), gamma, gamma.pow(1.0 - alpha)

@@ -48,9 +48,8 @@ def check_agreement(fingerprint: str, group: Any, what: str) -> None:
 
 
 def _empty_send_device(group: Any) -> torch.device:
-    """Where a rank with nothing to send puts its (empty) send and its receive buffer: on the GPU when the group
-    reduces CUDA tensors with NCCL (which takes no CPU tensors, and with a ``cpu:gloo,cuda:nccl`` group a CPU
-    buffer would put this rank on another backend than its peers), else on the CPU."""
+    """Where a rank that has seen no tensor of its own puts an empty send: on the GPU when the group reduces CUDA
+    tensors with NCCL, else on the CPU. Transports pass the device of the pieces they move instead (below)."""
     if group is not None and torch.cuda.is_available() and "nccl" in str(dist.get_backend(group)):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -66,6 +65,7 @@ class Exchange:
         sends: dict[int, list[torch.Tensor]],
         recv_shapes: dict[int, list[tuple[int, ...]]],
         group: Any,
+        device: torch.device | None = None,
     ) -> None:
         world = group_size(group)
         me = group_rank(group)
@@ -74,7 +74,11 @@ class Exchange:
         in_splits = [sum(t.numel() for t in sends.get(r, [])) for r in range(world)]
         out_splits = [sum(_numel(s) for s in recv_shapes.get(r, [])) for r in range(world)]
         flat = [t.reshape(-1).to(torch.float32) for r in range(world) for t in sends.get(r, [])]
-        self._input = torch.cat(flat) if flat else torch.empty(0, device=_empty_send_device(group))
+        # A rank with nothing to send still enters the collective, with an empty buffer on the device of the
+        # tensors the exchange moves (NCCL takes CUDA tensors only; a CPU buffer would also put this rank on
+        # another backend of a ``cpu:gloo,cuda:nccl`` group than its peers).
+        empty_device = device if device is not None else _empty_send_device(group)
+        self._input = torch.cat(flat) if flat else torch.empty(0, device=empty_device)
         self._output = torch.empty(sum(out_splits), dtype=torch.float32, device=self._input.device)
         self._out_splits = out_splits
         self._recv_shapes = recv_shapes
@@ -140,6 +144,8 @@ class MatrixTransport:
 
     def __init__(self, matrices: Sequence[MatrixPlan], *, rank: int, group: Any, num_buckets: int) -> None:
         self.rank, self.group = rank, group
+        self.device: torch.device | None = None
+        """The device of the pieces this rank moves (from the first gather): where its empty sends live."""
         travelling = [m for m in matrices if m.mode != "distributed"]
         self.buckets: list[list[MatrixPlan]] = [
             [m for m in travelling if m.bucket == b] for b in range(num_buckets)
@@ -152,6 +158,8 @@ class MatrixTransport:
         """Start, for every bucket at once, sending this rank's ``pieces`` (matrix key → the shard it holds) to
         the ranks that need the whole matrix. ``wait()`` on the b-th result returns the whole matrices of bucket
         b that this rank is named to compute (matrix key → full tensor)."""
+        if pieces:
+            self.device = next(iter(pieces.values())).device
         pending = []
         for bucket in self.buckets:
             exchange, order = self._start(bucket, "gather", lambda matrix, shard: pieces[matrix.key])
@@ -189,7 +197,7 @@ class MatrixTransport:
                 if receiver == self.rank:
                     recv_shapes[sender].append(_piece_shape(matrix))
                     recv_order[sender].append((matrix.key, shard))
-        return Exchange(dict(sends), dict(recv_shapes), self.group), recv_order
+        return Exchange(dict(sends), dict(recv_shapes), self.group, self.device), recv_order
 
 
 def _piece(full: torch.Tensor, matrix: MatrixPlan, shard: int) -> torch.Tensor:

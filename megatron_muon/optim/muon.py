@@ -264,9 +264,10 @@ class Muon(torch.optim.Optimizer):
                 f"{orthogonalizer.ns_algorithm!r}: pass it to MatrixOrthogonalizer (or leave ns_algorithm None)"
             )
         self.orthogonalizer = orthogonalizer
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
         """Diagnostics of the last step: ``update_rms/<matrix kind>`` (lr-free, over the pieces this rank
-        holds) and ``ns_orthogonality_error`` of one matrix this rank orthogonalized (a different one each step)."""
+        holds) and ``ns_orthogonality_error`` of one matrix this rank orthogonalized (a different one each step),
+        as 0-dim device tensors (no host read in the step); ``training.metrics.muon_stats`` reads them."""
         self._step_count = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -404,7 +405,9 @@ class Muon(torch.optim.Optimizer):
     def _apply_updates(self, directions: Mapping[str, torch.Tensor]) -> None:
         """For every parameter with a gradient: its direction assembled from its pieces, each scaled by its
         logical matrix's rule; then ``W ← W·(1 − lr·wd) − lr·D`` (decoupled weight decay)."""
-        update_sq: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        # Sums of squares stay on the device (no host read per matrix); the trainer reads them with the next
+        # step's one transfer (training/host_values.py).
+        update_sq: dict[str, list[Any]] = defaultdict(lambda: [0.0, 0])
         for g, group in enumerate(self.param_groups):
             for param, pieces in zip(group["params"], self.pieces[g], strict=True):
                 if not pieces or param.grad is None:
@@ -415,7 +418,7 @@ class Muon(torch.optim.Optimizer):
                     scaled = directions[piece.key] * (scale * group["scale_multiplier"])
                     piece.write(direction, scaled)
                     totals = update_sq[matrix_kind(piece.key)]
-                    totals[0] += float(scaled.square().sum())
+                    totals[0] = totals[0] + scaled.square().sum()
                     totals[1] += scaled.numel()
                 if group["weight_decay"] != 0.0:
                     param.mul_(1.0 - group["lr"] * group["weight_decay"])
@@ -429,7 +432,7 @@ class Muon(torch.optim.Optimizer):
             return
         keys = sorted(whole_directions)
         key = keys[self._step_count % len(keys)]
-        self.stats["ns_orthogonality_error"] = float(orthogonality_error(whole_directions[key]))
+        self.stats["ns_orthogonality_error"] = orthogonality_error(whole_directions[key]).detach()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as torch does, but keep momentum (and NorMuon's second moment) in fp32:

@@ -117,6 +117,7 @@ class QKClip:
         self.threshold, self.alpha, self.clip = threshold, alpha, clip
         self.dp_cp_group, self.mp_group, self.num_layers = dp_cp_group, mp_group, num_layers
         self.attentions = [a for chunk in model_chunks for a in _self_attentions(chunk)]
+        self._reduced: list[torch.Tensor] = []
         self._hooks = [
             a.module.core_attention.register_forward_pre_hook(_record_hook, with_kwargs=True)
             for a in self.attentions
@@ -131,14 +132,16 @@ class QKClip:
 
     def reset(self) -> None:
         """Forget what was recorded (a skipped step)."""
+        self._reduced = []
         for attention in self.attentions:
             attention.module.core_attention.current_max_attn_logits = None
 
     @torch.no_grad()
-    def after_step(self) -> dict[int, float]:
-        """Reduce the recorded maxima, clip the heads above τ, reset; returns ``{layer number: max logit}`` for
-        every layer of the model (the same on every rank). Collective over ``dp_cp_group`` and ``mp_group``."""
-        per_layer = torch.full((self.num_layers,), float("-inf"))
+    def reduce_maxima(self) -> torch.Tensor:
+        """After the backward, before the update: reduce the recorded per-head maxima (MAX over ``dp_cp_group``, one
+        all-reduce for every layer) and keep them for :meth:`clip_`; return the per-layer maxima of the whole model
+        (``[num_layers]``, MAX over ``mp_group``; -inf for a layer without attention) as a device tensor, for the
+        step's one host read. Collective over both groups; reads nothing on the host."""
         recorded = []
         for attention in self.attentions:
             logits = attention.module.core_attention.current_max_attn_logits
@@ -148,28 +151,47 @@ class QKClip:
                     "model run in training mode?)"
                 )
             recorded.append(logits.detach().float())
-        # Every layer's heads in one MAX all-reduce over the replicas, not one collective per layer.
-        all_logits = torch.cat(recorded) if recorded else torch.empty(0)
+            attention.module.core_attention.current_max_attn_logits = None
+        device = (
+            self.attentions[0].module.linear_proj.weight.device if self.attentions else torch.device("cpu")
+        )
+        all_logits = torch.cat(recorded) if recorded else torch.empty(0, device=device)
         if self.dp_cp_group is not None and recorded:
             dist.all_reduce(all_logits, op=dist.ReduceOp.MAX, group=self.dp_cp_group)
-        for attention, logits in zip(
-            self.attentions, torch.split(all_logits, [a.heads for a in self.attentions]), strict=True
-        ):
-            per_layer[attention.layer_number - 1] = logits.max().cpu()
-            if self.clip and bool((logits > self.threshold).any()):
-                if attention.mla is None:
-                    q_factor, k_factor = gqa_clip_factors(
-                        logits, attention.groups, self.threshold, self.alpha
-                    )
-                    _scale_qkv_rows_(attention, q_factor, k_factor)
-                else:
-                    _scale_mla_rows_(attention, *mla_clip_factors(logits, self.threshold, self.alpha))
-            attention.module.core_attention.current_max_attn_logits = None
+        self._reduced = list(torch.split(all_logits, [a.heads for a in self.attentions]))
+        per_layer = torch.full((self.num_layers,), float("-inf"), device=device)
+        if self.attentions:
+            layer_index = torch.tensor([a.layer_number - 1 for a in self.attentions], device=device)
+            per_layer[layer_index] = torch.stack([logits.max() for logits in self._reduced])
         if self.mp_group is not None:
-            device = self.attentions[0].module.linear_proj.weight.device if self.attentions else "cpu"
-            per_layer = per_layer.to(device)
             dist.all_reduce(per_layer, op=dist.ReduceOp.MAX, group=self.mp_group)
-        return {i + 1: float(v) for i, v in enumerate(per_layer.cpu().tolist())}
+        return per_layer
+
+    @torch.no_grad()
+    def clip_(self) -> None:
+        """After the update: scale the query and key rows of every head whose reduced maximum exceeds τ (heads at or
+        under τ get the factor 1 exactly, so every head is rescaled without reading on the host which ones need
+        it). Uses what :meth:`reduce_maxima` kept; forgets it."""
+        reduced, self._reduced = self._reduced, []
+        if not self.clip:
+            return
+        for attention, logits in zip(self.attentions, reduced, strict=True):
+            if attention.mla is None:
+                q_factor, k_factor = gqa_clip_factors(
+                    logits, attention.groups, self.threshold, self.alpha, check_finite=False
+                )
+                _scale_qkv_rows_(attention, q_factor, k_factor)
+            else:
+                factors = mla_clip_factors(logits, self.threshold, self.alpha, check_finite=False)
+                _scale_mla_rows_(attention, *factors)
+
+    def after_step(self) -> dict[int, float]:
+        """:meth:`reduce_maxima` then :meth:`clip_`, with the per-layer maxima read on the host:
+        ``{layer number: max logit}`` for every layer of the model (the same on every rank). For callers outside
+        the training loop; the loop calls the two halves around the update and reads the maxima with the step."""
+        per_layer = self.reduce_maxima()
+        self.clip_()
+        return {i + 1: float(v) for i, v in enumerate(per_layer.tolist())}
 
 
 def _self_attentions(chunk: torch.nn.Module) -> list[_Attention]:
@@ -242,9 +264,9 @@ def _scale_qkv_rows_(attention: _Attention, q_factor: torch.Tensor, k_factor: to
     ``linear_qkv`` (weight and bias, model and fp32 main copies); value rows are untouched."""
     per_group_heads = attention.heads // attention.groups
     d = attention.head_dim
-    rows = torch.ones(attention.groups, per_group_heads + 2, dtype=torch.float32)
-    rows[:, :per_group_heads] = q_factor.view(attention.groups, per_group_heads).cpu()
-    rows[:, per_group_heads] = k_factor.cpu()
+    rows = torch.ones(attention.groups, per_group_heads + 2, dtype=torch.float32, device=q_factor.device)
+    rows[:, :per_group_heads] = q_factor.view(attention.groups, per_group_heads)
+    rows[:, per_group_heads] = k_factor
     row_factor = rows.repeat_interleave(d, dim=1).reshape(-1)  # [groups · (heads/group + 2) · d]
     _scale_rows_(attention, "linear_qkv", row_factor, "the per-query-group layout")
 
@@ -257,15 +279,20 @@ def _scale_mla_rows_(
     the ``v`` rows and the shared rotary key (in ``linear_kv_down_proj``) are untouched."""
     assert attention.mla is not None  # only MLA attentions come here
     qk_dim, rope_dim, v_dim = attention.mla
+    device = q_compressed.device
     q_rows = torch.cat(
         [
-            q_compressed.float().cpu()[:, None].expand(-1, qk_dim),
-            q_rotary.float().cpu()[:, None].expand(-1, rope_dim),
+            q_compressed.float()[:, None].expand(-1, qk_dim),
+            q_rotary.float()[:, None].expand(-1, rope_dim),
         ],
         dim=1,
     ).reshape(-1)  # [heads · (qk + rope)]
     kv_rows = torch.cat(
-        [k_compressed.float().cpu()[:, None].expand(-1, qk_dim), torch.ones(attention.heads, v_dim)], dim=1
+        [
+            k_compressed.float()[:, None].expand(-1, qk_dim),
+            torch.ones(attention.heads, v_dim, device=device),
+        ],
+        dim=1,
     ).reshape(-1)  # [heads · (qk + v)]
     q_name = "linear_q_proj" if attention.module.config.q_lora_rank is None else "linear_q_up_proj"
     _scale_rows_(attention, q_name, q_rows, "[q_C; q_R] per head")

@@ -175,7 +175,9 @@ def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
     from megatron_muon.platform import apply_cpu_stand_ins
 
     tiny = _buildable(cfg.model)
-    apply_cpu_stand_ins()  # megatron's torch norm learns sequence parallelism there (no-op with CUDA)
+    # Every device: megatron's torch norm learns sequence parallelism (platform/megatron_fixes.py); a machine
+    # without CUDA also needs the hardware stand-ins (TransformerLayer builds CUDA streams).
+    apply_cpu_stand_ins()
     muon = cfg.optimizer.muon
     options = LayoutConfig(
         split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up

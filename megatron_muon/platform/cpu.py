@@ -1,8 +1,10 @@
-"""CPU/gloo stand-ins for the places where megatron-core 0.19.2 assumes CUDA.
+"""CPU/gloo stand-ins for the places where megatron-core 0.19.2 assumes CUDA hardware.
 
 Megatron-core runs on CPU with gloo except for a handful of CUDA assumptions (numbered in
-docs/architecture.md; each patch below is tagged ``# megatron-core 0.19.2:``).
-:func:`apply_cpu_stand_ins` patches exactly those places, and nothing when CUDA is available.
+docs/architecture.md; each patch below is tagged ``# megatron-core 0.19.2:``). These are *hardware* stand-ins:
+a GPU machine needs none of them. :func:`apply_cpu_stand_ins` patches exactly those places (nothing of them when
+CUDA is available, unless forced) and always applies the *logic* workarounds that every device needs
+(``platform/megatron_fixes.py``: the sequence-parallel torch norm, no. 3).
 
 How narrow each patch is:
 
@@ -19,8 +21,8 @@ How narrow each patch is:
   ``torch.Tensor`` limited to the duration of the call; it is unavoidable because ``Tensor.type``
   and ``Tensor.cuda`` are methods of the tensor class, not names the megatron module looks up.
 * Two megatron functions are replaced by CPU versions with the same signature (the RNG-state
-  accessors and the dispatcher's device-to-host helper), and ``WrappedTorchNorm`` learns sequence
-  parallelism.
+  accessors and the dispatcher's device-to-host helper), and two tensor-parallel collectives learn the uneven
+  splits gloo lacks.
 
 Every patched name is checked before patching: a megatron-core that moved or renamed one fails
 with a ``RuntimeError`` naming it instead of silently running without the stand-in.
@@ -50,6 +52,12 @@ from typing import Any
 
 import torch
 
+from megatron_muon.platform.megatron_fixes import (
+    SUPPORTED_MEGATRON_CORE_VERSION,
+    apply_megatron_fixes,
+    check_megatron_version,
+)
+
 __all__ = [
     "SUPPORTED_MEGATRON_CORE_VERSION",
     "TORCH_WITH_CPU_AS_CUDA",
@@ -57,8 +65,6 @@ __all__ = [
     "cpu_stand_ins_active",
     "cpu_tensors_pose_as_cuda",
 ]
-
-SUPPORTED_MEGATRON_CORE_VERSION = "0.19.2"
 
 _CPU = torch.device("cpu")
 
@@ -441,39 +447,6 @@ def _uneven_reduce_scatter_along_first_dim_on_gloo(original: Callable[..., Any])
     return reduce_scatter
 
 
-def _sequence_parallel_torch_norm_new(original_new: Callable[..., Any]) -> Callable[..., Any]:
-    """``WrappedTorchNorm.__new__`` that allows sequence parallelism.
-
-    Under sequence parallelism a norm sees a slice of the sequence; it needs no communication in
-    forward, only its parameters tagged ``sequence_parallel=True`` so that ``finalize_model_grads``
-    all-reduces their gradients over the tensor-parallel group (as the apex/TE norms do).
-    """
-
-    @functools.wraps(original_new)
-    def new(cls: type, config: Any, hidden_size: int, *args: Any, **kwargs: Any) -> Any:
-        if not config.sequence_parallel:
-            return original_new(cls, config, hidden_size, *args, **kwargs)
-        norm = original_new(cls, _ConfigWithoutSequenceParallel(config), hidden_size, *args, **kwargs)
-        for parameter in norm.parameters():
-            parameter.sequence_parallel = True
-        return norm
-
-    new.__cpu_stand_in__ = True  # type: ignore[attr-defined]
-    return new
-
-
-class _ConfigWithoutSequenceParallel:
-    """A read-only view of a TransformerConfig with ``sequence_parallel=False``."""
-
-    def __init__(self, config: Any) -> None:
-        self._config = config
-
-    sequence_parallel = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._config, name)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Applying.
 # ---------------------------------------------------------------------------------------------------
@@ -482,20 +455,6 @@ class _ConfigWithoutSequenceParallel:
 def cpu_stand_ins_active() -> bool:
     """True once :func:`apply_cpu_stand_ins` has patched megatron in this process."""
     return _stand_ins_active
-
-
-def _check_megatron_version() -> None:
-    import megatron.core
-
-    version = getattr(megatron.core, "__version__", None)
-    # megatron-core 0.19.2: megatron's package_info appends "+<git hash>" when its install directory lies inside a git
-    # repository (a venv inside this project does), so compare the release part only.
-    if version is None or version.split("+")[0] != SUPPORTED_MEGATRON_CORE_VERSION:
-        raise RuntimeError(
-            f"megatron.core.__version__={version!r}: the CPU stand-ins in {__name__} were written "
-            f"against megatron-core {SUPPORTED_MEGATRON_CORE_VERSION}; re-check each patched place "
-            "before changing SUPPORTED_MEGATRON_CORE_VERSION"
-        )
 
 
 def _import(module_name: str) -> types.ModuleType:
@@ -589,31 +548,24 @@ def _plan() -> list[Callable[[], None]]:
         if not _is_stand_in(value):
             patches.append(functools.partial(setattr, owner, name, wrapper(value)))
 
-    # megatron-core 0.19.2: 3. transformer/torch_norm.py asserts `not config.sequence_parallel`.
-    owner, name, value = _resolve("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__")
-    original_new = value.__func__ if isinstance(value, staticmethod) else value
-    _check_function("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", original_new)
-    if not _is_stand_in(original_new):
-        patches.append(
-            functools.partial(
-                setattr, owner, name, staticmethod(_sequence_parallel_torch_norm_new(original_new))
-            )
-        )
     return patches
 
 
-def apply_cpu_stand_ins() -> bool:
-    """Patch megatron-core so that it trains on CPU with gloo. Idempotent.
+def apply_cpu_stand_ins(*, force: bool = False) -> bool:
+    """Patch megatron-core so that it trains on CPU with gloo (the hardware stand-ins), and apply the logic
+    workarounds every device needs (``platform/megatron_fixes.py``). Idempotent.
 
-    Returns True when the stand-ins are active, False when CUDA is available (then nothing is
-    patched). Raises RuntimeError naming the megatron version or attribute if megatron-core is not
-    the version these stand-ins were written for, before patching anything.
+    Returns True when the stand-ins are active. Where CUDA is available only the logic workarounds are applied and
+    False is returned, unless ``force`` (a process that runs CPU ranks on a machine that has a GPU: the
+    multi-process test harness). Raises RuntimeError naming the megatron version or attribute if megatron-core is
+    not the version these stand-ins were written for, before patching anything.
     """
     global _stand_ins_active
-    if torch.cuda.is_available():
+    apply_megatron_fixes()
+    if torch.cuda.is_available() and not force:
         return False
     # Checked on every call (cheap): places already patched are recognized and left alone.
-    _check_megatron_version()
+    check_megatron_version()
     for patch in _plan():
         patch()
     _stand_ins_active = True

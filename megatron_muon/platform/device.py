@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from megatron_muon.platform.cpu import apply_cpu_stand_ins
+from megatron_muon.platform.megatron_fixes import apply_megatron_fixes
 
 __all__ = [
     "PEAK_BF16_FLOPS",
@@ -91,11 +92,12 @@ def choose_device(local_rank: int | None = None) -> Device:
 def use_device(device: Device, *, num_threads: int | None = None) -> Device:
     """Make ``device`` this process's device (before any model or process group exists); returns it.
 
-    On a GPU: select it. On the CPU: ``num_threads`` torch threads (default ``OMP_NUM_THREADS``, else 1) and the CPU
-    stand-ins. The point of choice for everything that trains or converts: the stand-ins exist for machines without
+    Everywhere: megatron-core's logic workarounds (``megatron_fixes.py``). On a GPU: select it. On the CPU:
+    ``num_threads`` torch threads (default ``OMP_NUM_THREADS``, else 1) and the CPU (hardware) stand-ins. The point of choice for everything that trains or converts: the stand-ins exist for machines without
     CUDA, and are installed on those only (the meta-device planner, which never trains, installs its own).
     """
     global _chosen
+    apply_megatron_fixes()  # megatron logic every device needs (platform/megatron_fixes.py)
     if device.type == "cuda":
         torch.cuda.set_device(device.index)
     else:

@@ -31,7 +31,11 @@ class ExpertLoadTracker:
 
         self.num_layers, self.num_experts = num_layers, num_experts
         self.dp_cp_group, self.mp_group = dp_cp_group, mp_group
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        first = next((p for chunk in model_chunks for p in chunk.parameters()), None)
+        # On the model's device: the hook adds without a host read, and the groups' collectives take device
+        # tensors (NCCL on a GPU).
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=self.device)
         self.moe_layers: set[int] = set()
         self._hooks = []
         for chunk in model_chunks:
@@ -42,8 +46,8 @@ class ExpertLoadTracker:
         self.moe_layers = self._all_moe_layers()
 
     def _all_moe_layers(self) -> set[int]:
-        """MoE layer numbers of the whole model (other pipeline stages hold the rest)."""
-        mask = torch.zeros(self.num_layers, dtype=torch.float64)
+        """MoE layer numbers of the whole model (other pipeline stages hold the rest); once, at construction."""
+        mask = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
         for layer in self.moe_layers:
             mask[layer - 1] = 1.0
         if self.mp_group is not None:
@@ -55,7 +59,7 @@ class ExpertLoadTracker:
         if not router.training:
             return
         _, routing_map = output
-        self.counts[int(router.layer_number) - 1] += routing_map.sum(dim=0).to("cpu", torch.float64)
+        self.counts[int(router.layer_number) - 1] += routing_map.sum(dim=0).to(torch.float64)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -66,22 +70,32 @@ class ExpertLoadTracker:
         self.counts.zero_()
 
     @torch.no_grad()
-    def collect(self) -> dict[str, float]:
-        """This step's metrics (the same on every rank), then reset: ``moe/load_imbalance/layer_NN`` and
-        ``moe/expert_load/layer_NN/expert_EE`` (share of the layer's routed slots). Collective over both groups."""
+    def reduce_counts(self) -> torch.Tensor:
+        """This step's routed-slot counts ``[num_layers, num_experts]`` summed over both groups (the same on every
+        rank), as a device tensor for the step's one host read; then reset. Collective over both groups."""
         counts = self.counts.clone()
         for group in (self.dp_cp_group, self.mp_group):
             if group is not None:
                 dist.all_reduce(counts, group=group)
         self.reset()
+        return counts
+
+    def metrics(self, counts: list[float]) -> dict[str, float]:
+        """``moe/load_imbalance/layer_NN`` and ``moe/expert_load/layer_NN/expert_EE`` (share of the layer's routed
+        slots) from :meth:`reduce_counts`' values read on the host (flat, row-major)."""
         metrics = {}
         for layer in sorted(self.moe_layers):
-            row = counts[layer - 1]
-            total = float(row.sum())
+            row = counts[(layer - 1) * self.num_experts : layer * self.num_experts]
+            total = sum(row)
             if total == 0:
                 continue
-            shares = row / total
-            metrics[f"moe/load_imbalance/layer_{layer:02d}"] = float(shares.max() * self.num_experts)
-            for expert, share in enumerate(shares.tolist()):
+            shares = [count / total for count in row]
+            metrics[f"moe/load_imbalance/layer_{layer:02d}"] = max(shares) * self.num_experts
+            for expert, share in enumerate(shares):
                 metrics[f"moe/expert_load/layer_{layer:02d}/expert_{expert:02d}"] = share
         return metrics
+
+    def collect(self) -> dict[str, float]:
+        """This step's metrics (the same on every rank), then reset: :meth:`reduce_counts` read on the host and
+        :meth:`metrics`. For callers outside the training loop, which reads the counts with the step."""
+        return self.metrics(self.reduce_counts().reshape(-1).tolist())

@@ -49,6 +49,10 @@ def model_build_configs(cfg: PretrainConfig, dims: ParallelDims, device: Device)
     # Transformer Engine's attention returns each head's max logit from its fused kernel only when asked
     # (QK-clip reads it from there); megatron's local attention ignores the flag (optim/qk_clip.py hooks it).
     config.log_max_attention_logit = cfg.optimizer.qk_clip.records
+    # megatron-core 0.19.2: batch_p2p_sync (default on) follows every batched pipeline send/receive with
+    # torch.cuda.synchronize(), a guard for PyTorch releases before 1.13's batch_isend_irecv fix; with the torch
+    # this package requires it only stalls the host once per microbatch and stage boundary.
+    config.batch_p2p_sync = False
     return tiny, config
 
 

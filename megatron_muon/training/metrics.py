@@ -11,11 +11,13 @@ Tags: ``loss/train``, ``loss/validation``, ``loss/validation_perplexity``, ``los
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import psutil
 import torch.distributed as dist
 
 from megatron_muon.optim.build import chain_members
+from megatron_muon.training.host_values import read_on_host
 
 
 def is_logging_rank(pg_collection) -> bool:
@@ -64,8 +66,15 @@ def memory_mib() -> float:
 
 
 def muon_stats(optimizer) -> dict[str, float]:
-    """``muon/...`` diagnostics of every Muon member of a megatron ChainedOptimizer (last step)."""
-    stats: dict[str, float] = {}
+    """``muon/...`` diagnostics of every Muon member of a megatron ChainedOptimizer (last step), read on the host
+    (one transfer)."""
+    return read_on_host(muon_device_stats(optimizer))
+
+
+def muon_device_stats(optimizer) -> dict[str, Any]:
+    """:func:`muon_stats` before the read: values computed on the device are still tensors there (the trainer reads
+    them with the next step's transfer)."""
+    stats: dict[str, Any] = {}
     algorithms: dict[str, list[float]] = {}
     for member in chain_members(optimizer):
         muon = getattr(member, "optimizer", None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -33,12 +33,14 @@ from megatron.core.utils import get_model_config
 
 from megatron_muon.models.gpt_moe import causal_attention_mask
 from megatron_muon.optim.layer_wise import shard_aligned_layout
+from megatron_muon.training.grad_norm import grad_norm_squared
+from megatron_muon.training.host_values import read_on_host
 
 __all__ = [
     "LOAD_BALANCING_LOSS",
+    "OptimizerTimer",
     "evaluate",
     "parameters_gathered",
-    "step_unless_nonfinite",
     "synthetic_batches",
     "train_step",
     "wrap_in_ddp",
@@ -211,7 +213,7 @@ def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: GPTMo
 
 def _load_balancing_loss(
     config: TransformerConfig, num_microbatches: int, pg_collection: ProcessGroupCollection
-) -> float | None:
+) -> torch.Tensor | None:
     """Mean over MoE layers and microbatches of the load-balancing loss the router computes (switch
     ``aux_loss`` or per-sequence ``seq_aux_loss``, before its coefficient), as megatron's tracker reduces it:
     summed over pipeline stages, averaged over data parallel. None when there is none (``none``, a zero
@@ -230,7 +232,7 @@ def _load_balancing_loss(
         total_loss_dict=totals,
         pg_collection=pg_collection,
     )
-    return float(totals[name])
+    return totals[name].detach()  # read on the host with the step's other values
 
 
 def _forward_backward(
@@ -242,9 +244,9 @@ def _forward_backward(
     micro_batch_size,
     pg_collection,
     forward_only: bool,
-) -> tuple[float, float]:
-    """megatron's schedule over ``num_microbatches``; returns (loss summed over tokens, token count) of the
-    global batch, identical on every rank."""
+) -> torch.Tensor:
+    """megatron's schedule over ``num_microbatches``; returns ``[loss summed over tokens, token count]`` of the
+    global batch (float64, on the model's device, not read on the host), identical on every rank."""
     config = get_model_config(model_chunks[0])
     forward_backward = get_forward_backward_func(
         pp_size=pg_collection.pp.size(), vp_size=config.virtual_pipeline_model_parallel_size
@@ -270,25 +272,57 @@ def _forward_backward(
     torch.distributed.broadcast(
         loss_and_tokens, src=get_pp_last_rank(pg_collection.pp), group=pg_collection.pp
     )
-    loss_sum, tokens = loss_and_tokens.tolist()
+    return loss_and_tokens
+
+
+def _mean_loss(loss_sum: float, tokens: float) -> float:
     if tokens <= 0:
         raise RuntimeError(f"the global batch held {tokens} loss tokens; loss_mask masks every token")
-    return loss_sum, tokens
+    return loss_sum / tokens
 
 
-def step_unless_nonfinite(optimizer: MegatronOptimizer) -> tuple[bool, float | None]:
-    """``optimizer.step()`` unless the global gradient norm is NaN/Inf; returns (updated, grad norm).
+class OptimizerTimer:
+    """Wall time of the optimizer step without a host sync of its own: on a GPU two CUDA events around it, read
+    (:meth:`seconds`) only after a later sync point, when the end event has completed; on the CPU the host
+    clock (CPU work is in order)."""
 
-    megatron's fp32 and bf16 optimizers only detect overflow with a loss scaler (fp16), so the norm is
-    checked here first (one extra norm all-reduce). Every rank computes the same norm, so all skip together.
+    def __init__(self, device: torch.device) -> None:
+        self._events = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._start, self._stop = time.perf_counter(), None
+
+    def stop(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+        self._stop = time.perf_counter()
+
+    @property
+    def on_host(self) -> bool:
+        """True when :meth:`seconds` needs no device (the CPU)."""
+        return self._events is None
+
+    def seconds(self) -> float:
+        if self._stop is None:
+            raise RuntimeError("OptimizerTimer.seconds() before stop()")
+        if self._events is not None:
+            return self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._stop - self._start
+
+
+@contextlib.contextmanager
+def _grad_norm_known(optimizer: MegatronOptimizer, grad_norm: float) -> Iterator[None]:
+    """Inside, ``optimizer.get_grad_norm()`` returns ``grad_norm``.
+
+    # megatron-core 0.19.2: ``ChainedOptimizer.step`` computes the norm itself for clipping (a second norm pass and
+    # all-reduce, and a host read); the step already has it, read with the loss in its one transfer.
     """
-    found_inf = optimizer.prepare_grads()
-    grad_norm = optimizer.get_grad_norm()
-    if found_inf or grad_norm is None or not math.isfinite(grad_norm):
-        optimizer.zero_grad()
-        return False, grad_norm
-    update_successful, grad_norm, _num_zeros = optimizer.step()
-    return bool(update_successful), grad_norm
+    optimizer.get_grad_norm = lambda: grad_norm  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del optimizer.get_grad_norm
 
 
 def train_step(
@@ -300,9 +334,13 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     pg_collection: ProcessGroupCollection,
+    read_with_step: Callable[[], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Forward/backward over ``num_microbatches`` with megatron's schedule, then the optimizer step (skipped
-    when the gradient norm is NaN/Inf).
+    when the gradient norm is NaN/Inf), with **one** device→host read: the loss, the token count, the load-balancing
+    loss, the gradient norm and whatever ``read_with_step()`` returns (called after the backward, before the
+    update: device tensors of the trainer's recorders, and the previous step's deferred metrics) travel in one
+    transfer (``training/host_values.py``).
 
     ``model_chunks`` are the DDP-wrapped chunks from :func:`wrap_in_ddp`; ``data_iterator`` yields
     :func:`synthetic_batches`-style dicts (a list of iterators, one per chunk, under interleaving).
@@ -312,9 +350,12 @@ def train_step(
         load_balancing_loss: megatron's load-balancing loss of the configured kind (aux_loss or
             seq_aux_loss, without its coefficient), mean over MoE layers and microbatches; None when the
             router computes none. Its gradient (times the coefficient) is already in the step.
-        grad_norm: global gradient norm from the optimizer (None if it computes none).
+        grad_norm: global gradient norm (megatron's, computed once and used for clipping).
         skipped: True if the update was skipped (NaN/Inf gradients).
-        optimizer_seconds: wall time of the optimizer step, the slowest rank's.
+        optimizer_seconds: wall time of this rank's optimizer step on the CPU; None on a GPU, where
+            ``optimizer_timer`` holds CUDA events to read after the next sync point.
+        optimizer_timer: the :class:`OptimizerTimer`.
+        read: ``read_with_step()``'s values, read on the host.
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches={num_microbatches} must be >= 1")
@@ -323,11 +364,12 @@ def train_step(
         raise ValueError("train_step reports per-token losses and needs config.calculate_per_token_loss=True")
     # As megatron's training loop: the schedule scales the loss, and the MoE aux-loss gradient, by this.
     config.grad_scale_func = optimizer.scale_loss
+    device = _device_of(model_chunks[0])
 
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    loss_sum, tokens = _forward_backward(
+    loss_and_tokens = _forward_backward(
         model_chunks,
         data_iterator,
         num_microbatches=num_microbatches,
@@ -336,19 +378,35 @@ def train_step(
         pg_collection=pg_collection,
         forward_only=False,
     )
-    optimizer_start = time.perf_counter()
-    update_successful, grad_norm = step_unless_nonfinite(optimizer)
-    # The slowest rank's time, so that (like everything returned here) it is the same on every rank.
-    optimizer_seconds = torch.tensor(
-        [time.perf_counter() - optimizer_start], dtype=torch.float64, device=_device_of(model_chunks[0])
-    )
-    torch.distributed.all_reduce(optimizer_seconds, op=torch.distributed.ReduceOp.MAX)
-    return {
-        "loss": loss_sum / tokens,
+    timer = OptimizerTimer(device)
+    found_inf = optimizer.prepare_grads()  # a host bool; only fp16's loss scaler reads the device for it
+    own = {
+        "loss_and_tokens": loss_and_tokens,
+        "grad_norm_squared": grad_norm_squared(optimizer, device),
         LOAD_BALANCING_LOSS: _load_balancing_loss(config, num_microbatches, pg_collection),
-        "grad_norm": None if grad_norm is None else float(grad_norm),
+    }
+    extra = dict(read_with_step()) if read_with_step is not None else {}
+    clash = sorted(set(own) & set(extra))
+    if clash:
+        raise ValueError(f"read_with_step() returned the step's own names {clash}")
+    host = read_on_host({**own, **extra})  # the step's one device->host transfer
+    loss_sum, tokens = host["loss_and_tokens"]
+    grad_norm = math.sqrt(host["grad_norm_squared"]) if math.isfinite(host["grad_norm_squared"]) else math.nan
+    if found_inf or not math.isfinite(grad_norm):
+        optimizer.zero_grad()
+        update_successful = False
+    else:
+        with _grad_norm_known(optimizer, grad_norm):
+            update_successful, _, _num_zeros = optimizer.step()
+    timer.stop()
+    return {
+        "loss": _mean_loss(loss_sum, tokens),
+        LOAD_BALANCING_LOSS: host[LOAD_BALANCING_LOSS],
+        "grad_norm": grad_norm,
         "skipped": not update_successful,
-        "optimizer_seconds": float(optimizer_seconds),
+        "optimizer_seconds": timer.seconds() if timer.on_host else None,
+        "optimizer_timer": timer,
+        "read": {name: host[name] for name in extra},
     }
 
 
@@ -367,7 +425,7 @@ def evaluate(
     for chunk in model_chunks:
         chunk.eval()
     try:
-        loss_sum, tokens = _forward_backward(
+        loss_and_tokens = _forward_backward(
             model_chunks,
             data_iterator,
             num_microbatches=num_microbatches,
@@ -380,4 +438,5 @@ def evaluate(
         for chunk in model_chunks:
             chunk.train()
         get_moe_metrics_tracker().clear()  # the forward recorded aux losses that belong to no training step
-    return loss_sum / tokens
+    loss_sum, tokens = loss_and_tokens.tolist()
+    return _mean_loss(loss_sum, tokens)

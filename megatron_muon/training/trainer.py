@@ -9,45 +9,32 @@ import logging
 import math
 import signal
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_muon.config import PretrainConfig, to_yaml, validate_tokenizer
 from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, load_tokenizer, null_tokenizer
-from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks
 from megatron_muon.models.param_count import count_parameters
-from megatron_muon.optim.build import adamw_config_overrides, build_optimizer, chain_members
-from megatron_muon.optim.layer_wise import tag_muon_params
-from megatron_muon.optim.qk_clip import QKClip
+from megatron_muon.optim.build import chain_members
 from megatron_muon.platform import device as platform_device
 from megatron_muon.training import checkpoint as ckpt
-from megatron_muon.training.expert_load import ExpertLoadTracker
-from megatron_muon.training.initialization import initialize_layout_independent_
-from megatron_muon.training.megatron_configs import (
-    adamw_optimizer_config,
-    ddp_config,
-    model_build_configs,
-    scheduler_arguments,
-)
 from megatron_muon.training.metrics import (
     MetricsWriter,
     is_logging_rank,
     memory_mib,
     model_flops_per_token,
-    muon_stats,
 )
+from megatron_muon.training.parts import build_training_parts
+from megatron_muon.training.recorders import StepRecorders
 from megatron_muon.training.resume import choose_resume_source, resume_setting_changes
 from megatron_muon.training.step import (
     LOAD_BALANCING_LOSS,
     evaluate,
     parameters_gathered,
     train_step,
-    wrap_in_ddp,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,63 +67,17 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, dims, pg_collection) -> None:
         self.cfg, self.dims, self.pg = cfg, dims, pg_collection
         train = cfg.training
-        torch.manual_seed(train.seed)
-        model_parallel_cuda_manual_seed(train.seed)
-
         self.tokenizer = load_tokenizer(cfg.data.tokenizer_path) if cfg.data.tokenizer_path else None
         if self.tokenizer is not None:
             validate_tokenizer(cfg, self.tokenizer.vocab_size)
 
         # On the device platform.device chose for this rank (the GPU builds in place; the CPU draws on the CPU).
-        self.tiny, config = model_build_configs(cfg, dims, platform_device.chosen_device())
-        chunks = build_gpt_moe_model_chunks(self.tiny, config, pg_collection)
-        # The same seed gives the same initial model at every TP/PP/EP/DP layout (megatron's own draw does not).
-        initialize_layout_independent_(chunks, config, train.seed)
-        if cfg.optimizer.distributed_optimizer and cfg.optimizer.use_muon:
-            tag_muon_params(chunks, router=cfg.optimizer.muon.router)  # Muon's params: whole per DP shard
-        self.model = wrap_in_ddp(chunks, config, pg_collection=pg_collection, ddp_config=ddp_config(cfg))
-
-        opt = cfg.optimizer
-        adam_config = adamw_optimizer_config(cfg)
-        if opt.use_muon:
-            self.optimizer = build_optimizer(
-                self.model,
-                adam_config,
-                opt.muon,
-                pg_collection,
-                router_lr_multiplier=opt.router_lr_multiplier,
-            )
-        else:  # the AdamW baseline: megatron's own optimizer for every parameter
-            self.optimizer = get_megatron_optimizer(
-                adam_config,
-                self.model,
-                config_overrides=adamw_config_overrides(adam_config, self.model),  # + muP's, when on
-                use_gloo_process_groups=False,
-                pg_collection=pg_collection,
-            )
-        self.qk_clip = None
-        if opt.qk_clip.records:
-            self.qk_clip = QKClip(
-                self.model,
-                threshold=opt.qk_clip.threshold,
-                alpha=opt.qk_clip.alpha,
-                dp_cp_group=pg_collection.dp_cp,
-                mp_group=pg_collection.mp,
-                num_layers=cfg.model.num_layers,
-                clip=opt.qk_clip.enabled,
-            )
-        self.expert_load = None
-        if cfg.model.num_moe_experts > 0:
-            self.expert_load = ExpertLoadTracker(
-                self.model,
-                num_layers=cfg.model.num_layers,
-                num_experts=cfg.model.num_moe_experts,
-                dp_cp_group=pg_collection.dp_cp,
-                mp_group=pg_collection.mp,
-            )
-        self.scheduler = OptimizerParamScheduler(self.optimizer, **scheduler_arguments(cfg))
+        parts = build_training_parts(cfg, dims, pg_collection, platform_device.chosen_device())
+        self.tiny, self.model, self.optimizer = parts.model_config, parts.model, parts.optimizer
+        self.qk_clip, self.expert_load, self.scheduler = parts.qk_clip, parts.expert_load, parts.scheduler
 
         self.iteration, self.consumed_samples = 0, 0
+        self.recorders = StepRecorders(self.optimizer, self.qk_clip, self.expert_load)
         self._load()
         self.num_microbatches = train.num_microbatches(dims.dp)
         self._build_data()
@@ -239,12 +180,13 @@ class Trainer:
                 seq_length=cfg.model.seq_length,
                 micro_batch_size=train.micro_batch_size,
                 pg_collection=self.pg,
+                read_with_step=self.recorders.read_with_step,
             )
             elapsed = time.perf_counter() - start
             ckpt.fault_point_on_one_rank("step", self.iteration + 1)  # tests: a crash inside this iteration
             self.iteration += 1
             self.consumed_samples += train.global_batch_size
-            step_metrics = self._after_step(skipped=result["skipped"])
+            step_metrics = self._after_step(result)
             if result["skipped"]:
                 consecutive_skips, total_skips = consecutive_skips + 1, total_skips + 1
                 self._log(
@@ -272,6 +214,11 @@ class Trainer:
         if train.eval_interval and self.iteration % train.eval_interval != 0:
             self._evaluate()
         self._save()
+        iteration, deferred = (
+            self.recorders.flush()
+        )  # the last step's deferred metrics (one read after the loop)
+        if iteration is not None:
+            self.metrics.scalars(iteration, deferred)
         self.metrics.close()
         return 0
 
@@ -316,18 +263,12 @@ class Trainer:
         self._log(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------------------------------------- logging
-    def _after_step(self, skipped: bool) -> dict[str, float]:
-        """QK-clip (clip, or only measure, with what this step's forward passes saw) and the expert loads;
-        their metrics. A skipped step only forgets what was recorded."""
-        metrics = {}
-        for recorder in (self.qk_clip, self.expert_load):
-            if recorder is not None and skipped:
-                recorder.reset()
-        if self.qk_clip is not None and not skipped:
-            maxima = self.qk_clip.after_step()
-            metrics.update({f"attention/max_logit/layer_{n:02d}": v for n, v in maxima.items()})
-        if self.expert_load is not None and not skipped:
-            metrics.update(self.expert_load.collect())
+    def _after_step(self, result: dict[str, Any]) -> dict[str, float]:
+        """QK-clip and expert loads of this step (``recorders.py``); the previous step's deferred metrics written
+        under that step's iteration."""
+        metrics, (iteration, deferred) = self.recorders.after_step(result, self.iteration)
+        if iteration is not None:
+            self.metrics.scalars(iteration, deferred)  # muon/... and, on a GPU, time/optimizer_step_ms
         return metrics
 
     def _report(self, result, elapsed, tokens_per_step, total_skips, step_metrics) -> None:
@@ -349,11 +290,13 @@ class Trainer:
             "throughput/tokens_per_s": tokens_per_s,
             "throughput/mfu": mfu,
             "time/iteration_ms": elapsed * 1e3,
-            "time/optimizer_step_ms": result["optimizer_seconds"] * 1e3,
+            # On a GPU the optimizer time is read with the next step (deferred); on the CPU it is known now.
+            "time/optimizer_step_ms": (
+                None if result["optimizer_seconds"] is None else result["optimizer_seconds"] * 1e3
+            ),
             "memory/rss_mib": memory_mib(),
             "memory/max_allocated_mib": platform_device.max_memory_allocated_mib(),  # None on the CPU
             **{f"optimizer/lr_{k}": v for k, v in lrs.items()},
-            **muon_stats(self.optimizer),
             **step_metrics,
         }
         self.metrics.scalars(self.iteration, values)

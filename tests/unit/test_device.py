@@ -197,8 +197,9 @@ def test_pretrain_refuses_a_gpu_only_option_before_any_process_group(cpu_machine
 
 # Production callers of apply_cpu_stand_ins besides platform.device, and why.
 OTHER_INSTALLERS = {
-    # The meta-device build of a flagship model on a CPU machine: it needs the torch-norm stand-in for sequence
-    # parallelism and makes its own (meta) device decision; it never trains.
+    # The meta-device build of a flagship model on a CPU machine: it needs the torch-norm fix for sequence
+    # parallelism (every device) and the hardware stand-ins (CUDA streams in TransformerLayer) on a CPU machine,
+    # and makes its own (meta) device decision; it never trains.
     "megatron_muon/planning/meta_build.py",
 }
 
