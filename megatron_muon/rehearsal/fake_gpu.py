@@ -70,8 +70,11 @@ def _describe(frame: Any) -> tuple[str, str]:
     if frame is None:
         return "<unknown>", "other"
     filename = os.path.abspath(frame.f_code.co_filename)
-    if filename.startswith(_PACKAGE_DIR):
-        owner, shown = "ours", os.path.relpath(filename, os.path.dirname(_PACKAGE_DIR))
+    repository = os.path.dirname(_PACKAGE_DIR)
+    if (
+        filename.startswith(repository) and "site-packages" not in filename
+    ):  # the package, its tools and tests
+        owner, shown = "ours", os.path.relpath(filename, repository)
     elif f"{os.sep}megatron{os.sep}core{os.sep}" in filename:
         owner, shown = (
             "megatron-core",

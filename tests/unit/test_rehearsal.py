@@ -1,0 +1,191 @@
+"""The fake-GPU rehearsal (``megatron_muon/rehearsal``): a rank of the default config built and trained on a fake
+GPU with one host read per step, and the failures it exists to catch — a planted ``.item()`` in the step, a CPU
+tensor handed to a collective, a CPU tensor meeting a CUDA one — plus its one-line refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_muon.config import load_config, validate
+from megatron_muon.rehearsal.backward import python_autograd
+from megatron_muon.rehearsal.fake_gpu import fake_cuda_device
+from megatron_muon.rehearsal.rank import rehearse_rank
+from megatron_muon.training import grad_norm as grad_norm_module
+from megatron_muon.training.host_values import read_on_host
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "launch" / "configs" / "tiny_cpu.yaml"
+
+
+def _tiny():
+    cfg = load_config(str(TINY), [])
+    return cfg, validate(cfg)
+
+
+@pytest.mark.slow
+def test_the_default_config_builds_and_steps_on_a_fake_gpu_with_one_host_read_per_step():
+    # TP2·PP2·EP2 with sequence parallelism: megatron's torch norm asserts without the every-device fix.
+    cfg, dims = _tiny()
+    report = rehearse_rank(cfg, dims, 3, distributed_optimizer=True)
+    assert report.ok, report.errors
+    assert report.coordinates["pp"] == 1 and report.coordinates["tp"] == 1
+    assert report.syncs_per_step == 1
+    (site,) = report.sync_sites
+    assert "training/host_values.py" in site and site.startswith("ours: read")
+    assert 0 < report.static_memory_gib < 1
+
+
+@pytest.mark.slow
+def test_a_planted_item_in_the_step_fails_the_rehearsal_and_names_where(monkeypatch):
+    cfg, dims = _tiny()
+    original = grad_norm_module._sum_of_squares
+
+    def with_a_host_read(grads, group, device):
+        total = original(grads, group, device)
+        float(total.sum())  # the planted per-step host read (tests/unit/test_rehearsal.py is "ours" too)
+        return total
+
+    monkeypatch.setattr(grad_norm_module, "_sum_of_squares", with_a_host_read)
+    report = rehearse_rank(cfg, dims, 0, distributed_optimizer=False)
+    assert not report.ok
+    assert report.syncs_per_step > 1  # the step's own read plus one per optimizer member's norm
+    planted = [site for site in report.sync_sites if "tests/unit/test_rehearsal.py" in site]
+    assert planted and all(site.startswith("ours: read") for site in planted), report.sync_sites
+    assert any("host syncs in a steady-state step (allowed: 1)" in error for error in report.errors)
+
+
+@pytest.mark.slow
+def test_a_cpu_tensor_in_a_collective_fails_the_rehearsal(monkeypatch):
+    cfg, dims = _tiny()
+    original = grad_norm_module._sum_of_squares
+
+    def with_a_cpu_collective(grads, group, device):
+        dist.all_reduce(torch.zeros(1), group=group)  # planted: NCCL would refuse it
+        return original(grads, group, device)
+
+    monkeypatch.setattr(grad_norm_module, "_sum_of_squares", with_a_cpu_collective)
+    report = rehearse_rank(cfg, dims, 0, distributed_optimizer=False)
+    assert not report.ok
+    assert any("cpu tensor" in e and "tests/unit/test_rehearsal.py" in e for e in report.errors), (
+        report.errors
+    )
+    assert any("allreduce" in e and "NCCL takes CUDA tensors only" in e for e in report.errors)
+
+
+def test_a_cpu_tensor_meeting_a_cuda_one_is_an_error():
+    with fake_cuda_device() as mode, pytest.raises(Exception, match="cuda:0 and cpu"):
+        torch.ones(2, device="cuda") + torch.ones(2)
+    assert mode.syncs == []
+
+
+def test_host_reads_are_counted_once_per_call_and_events_after_a_sync_are_free():
+    with fake_cuda_device() as mode:
+        x = torch.ones(4, device="cuda")
+        x.tolist()  # one transfer of four values
+        assert len(mode.syncs) == 1
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        end.record()
+        start.elapsed_time(end)  # waits: nothing synced since the end event
+        assert len(mode.syncs) == 2
+        end.record()
+        float(x.sum())
+        start.elapsed_time(end)  # the read above already waited for it
+        assert [s.kind for s in mode.syncs] == ["read", "synchronize", "read"]
+
+
+def test_read_on_host_reads_every_tensor_in_one_transfer():
+    with fake_cuda_device() as mode:
+        values = {
+            "loss": torch.ones((), device="cuda"),
+            "pair": torch.ones(2, device="cuda", dtype=torch.float64),
+            "counts": torch.ones(2, 3, device="cuda", dtype=torch.int64),
+            "known": 3.5,
+            "absent": None,
+        }
+        read = read_on_host(values)
+    assert len(mode.syncs) == 1
+    assert list(read) == list(values)
+    assert isinstance(read["loss"], float) and len(read["pair"]) == 2 and len(read["counts"]) == 6
+    assert read["known"] == 3.5 and read["absent"] is None
+    real = read_on_host({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor(3)})
+    assert real == {"a": [1.0, 2.0], "b": 3.0}
+
+
+def test_the_python_backward_equals_torchs_engine():
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, factor, y, unused):
+            ctx.factor = factor
+            ctx.save_for_backward(x, y)
+            return x * factor, y * x
+
+        @staticmethod
+        def backward(ctx, grad_a, grad_b):
+            x, y = ctx.saved_tensors
+            return grad_a * ctx.factor + grad_b * y, None, grad_b * x, None
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    x, y, z = torch.randn(4, 8), torch.randn(4, 8, requires_grad=True), torch.randn(3)
+    seen: list[str] = []
+    net[0].weight.register_post_accumulate_grad_hook(lambda p: seen.append("hook"))
+
+    def loss():
+        h = net(x)  # a broadcast bias: its gradient is summed to its shape
+        a, b = Scaled.apply(h, 3.0, y, z)
+        return a.sum() + b.pow(2).sum() + h[:, :2].sum()  # h used twice: gradients add up
+
+    loss().backward()
+    expected = [p.grad.clone() for p in net.parameters()] + [y.grad.clone()]
+    for tensor in [*net.parameters(), y]:
+        tensor.grad = None
+    with python_autograd():
+        torch.autograd.backward(loss())
+    got = [p.grad for p in net.parameters()] + [y.grad]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert seen == ["hook", "hook"]
+
+
+def _cli(*args: str, tmp_path: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "rehearse_gpu.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path or REPO,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--world-size", "6"], "error: "),
+        (["--ranks", "4"], "error: --ranks '4': rank 4 is outside the world of 4 ranks (valid: 0..3)"),
+        (["--ranks", "x"], "error: --ranks 'x' is neither 'stages' nor a comma-separated list of ranks"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, expected):
+    done = _cli(str(TINY), *args)
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+@pytest.mark.slow
+def test_the_cli_writes_one_record_per_rank(tmp_path):
+    out = tmp_path / "rehearsal.json"
+    done = _cli(str(TINY), "--ranks", "0", "--distributed-optimizer", "off", "--json", str(out))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (record,) = json.loads(out.read_text())
+    assert record["rank"] == 0 and record["ok"] and record["syncs_per_step"] == 1
+    assert set(record) >= {"rank", "ok", "syncs_per_step", "sync_sites", "errors"}
+    assert "1 of 1 rank rehearsals passed" in done.stdout
