@@ -47,7 +47,7 @@
 # Environment: PYTHON (default: the repository's .venv/bin/python), OMP_NUM_THREADS (default 1 on CPU),
 # MASTER_PORT (SLURM: overrides the one derived from the job id), MEGATRON_MUON_REPO (the repository, when
 # sbatch copies this script away from it and the job does not start in it), MEGATRON_MUON_REQUEUE=0 (do not
-# requeue on USR1).
+# requeue on USR1), MEGATRON_MUON_DEVICE=cpu (CPU processes with gloo even on a GPU machine; =cuda insists on GPUs).
 set -uo pipefail
 
 name=pretrain_muon.sh
@@ -156,9 +156,15 @@ is_shakespeare = not cfg.data.mock and all(
 
 import torch
 
+from megatron_muon.platform.device import choose_device
+
+try:
+    device = choose_device(local_rank=0)  # honours MEGATRON_MUON_DEVICE
+except ValueError as error:
+    fail(error)
 facts = {
     "world_size": world_size,
-    "device": "cuda" if torch.cuda.is_available() else "cpu",
+    "device": device.type,
     "gpus": torch.cuda.device_count(),
     "train_iters": cfg.training.train_iters,
     "save_dir": cfg.checkpoint.save_dir or "",

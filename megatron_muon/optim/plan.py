@@ -76,11 +76,15 @@ class CostModel:
 
     @classmethod
     def for_this_machine(cls) -> CostModel:
-        """The defaults on a GPU; on a CPU-only machine rough CPU numbers (fp32 Newton–Schulz at ~20 GFLOP/s
-        per rank, gloo over loopback at ~1 GB/s, ~100 µs per collective), measured on our 2-core CI machines."""
+        """The defaults on a GPU; on the CPU rough CPU numbers (fp32 Newton–Schulz at ~20 GFLOP/s per rank, gloo
+        over loopback at ~1 GB/s, ~100 µs per collective), measured on our 2-core CI machines. The device is the
+        one this process computes on: ``MEGATRON_MUON_DEVICE=cpu`` (``platform.device.choose_device``'s override,
+        read here so that optim imports nothing of platform) makes CPU ranks on a GPU machine plan as CPU ranks."""
+        import os
+
         import torch
 
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and os.environ.get("MEGATRON_MUON_DEVICE", "").strip().lower() != "cpu":
             return cls()
         return cls(flops_per_s=2e10, bytes_per_s=1e9, latency_s=1e-4)
 

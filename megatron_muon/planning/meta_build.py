@@ -172,12 +172,13 @@ def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
     from megatron.core import parallel_state
 
     from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks, build_transformer_config
-    from megatron_muon.platform import apply_cpu_stand_ins
+    from megatron_muon.platform import apply_cpu_stand_ins, chosen_device
 
     tiny = _buildable(cfg.model)
-    # Every device: megatron's torch norm learns sequence parallelism (platform/megatron_fixes.py); a machine
-    # without CUDA also needs the hardware stand-ins (TransformerLayer builds CUDA streams).
-    apply_cpu_stand_ins()
+    # Every device: megatron's torch norm learns sequence parallelism (platform/megatron_fixes.py); a process on the
+    # CPU (no CUDA, or MEGATRON_MUON_DEVICE=cpu) also needs the hardware stand-ins (TransformerLayer builds CUDA
+    # streams).
+    apply_cpu_stand_ins(force=chosen_device().type == "cpu")
     muon = cfg.optimizer.muon
     options = LayoutConfig(
         split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up

@@ -7,6 +7,10 @@ tensor (gradients, activations, Muon's exchanges), gloo the few CPU scalars the 
 expert-load counts). Without CUDA it is the CPU path: gloo, CPU initialization, and megatron-core's CUDA
 assumptions replaced by the CPU stand-ins of :mod:`megatron_muon.platform.cpu`.
 
+``MEGATRON_MUON_DEVICE`` overrides the choice: ``cpu`` takes the CPU path even where CUDA is available (the
+multi-process test harness and the launcher tests set it, so their gloo CPU ranks run as designed on a GPU
+machine), ``cuda`` insists on a GPU (a one-line error without one), ``auto`` or unset is the rule above.
+
 The rest of the code asks this module (:func:`chosen_device`, :func:`max_memory_allocated_mib`,
 :func:`peak_flops`) instead of looking at ``torch.cuda`` itself.
 """
@@ -24,6 +28,7 @@ from megatron_muon.platform.cpu import apply_cpu_stand_ins
 from megatron_muon.platform.megatron_fixes import apply_megatron_fixes
 
 __all__ = [
+    "DEVICE_ENV",
     "PEAK_BF16_FLOPS",
     "Device",
     "chosen_device",
@@ -36,6 +41,10 @@ __all__ = [
 ]
 
 DeviceType = Literal["cuda", "cpu"]
+
+DEVICE_ENV = "MEGATRON_MUON_DEVICE"
+"""Environment variable that overrides the device choice: ``auto`` (the default), ``cpu`` or ``cuda``."""
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 CUDA_BACKEND = "cpu:gloo,cuda:nccl"
 """NCCL for CUDA tensors, gloo for CPU tensors, in one process group (and in every group megatron derives)."""
@@ -74,11 +83,20 @@ _chosen: Device | None = None
 
 
 def choose_device(local_rank: int | None = None) -> Device:
-    """The device this machine offers this rank: ``LOCAL_RANK``'s GPU when CUDA is available, else the CPU.
+    """The device this machine offers this rank: ``LOCAL_RANK``'s GPU when CUDA is available, else the CPU;
+    ``MEGATRON_MUON_DEVICE=cpu`` takes the CPU, ``=cuda`` a GPU, whatever CUDA says.
 
-    ``local_rank`` None reads ``LOCAL_RANK`` (default 0). A local rank without a GPU is a one-line ``ValueError``."""
-    if not torch.cuda.is_available():
+    ``local_rank`` None reads ``LOCAL_RANK`` (default 0). A local rank without a GPU, ``MEGATRON_MUON_DEVICE=cuda``
+    without CUDA, or a value of it other than auto/cpu/cuda is a one-line ``ValueError``."""
+    wanted = os.environ.get(DEVICE_ENV, "").strip().lower() or "auto"
+    if wanted not in DEVICE_CHOICES:
+        raise ValueError(
+            f"{DEVICE_ENV}={os.environ[DEVICE_ENV]!r} is not a device choice; valid: {', '.join(DEVICE_CHOICES)}"
+        )
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
         return Device(type="cpu", backend=CPU_BACKEND)
+    if not torch.cuda.is_available():
+        raise ValueError(f"{DEVICE_ENV}=cuda but torch.cuda.is_available() is False on this machine")
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     count = torch.cuda.device_count()
@@ -93,8 +111,10 @@ def use_device(device: Device, *, num_threads: int | None = None) -> Device:
     """Make ``device`` this process's device (before any model or process group exists); returns it.
 
     Everywhere: megatron-core's logic workarounds (``megatron_fixes.py``). On a GPU: select it. On the CPU:
-    ``num_threads`` torch threads (default ``OMP_NUM_THREADS``, else 1) and the CPU (hardware) stand-ins. The point of choice for everything that trains or converts: the stand-ins exist for machines without
-    CUDA, and are installed on those only (the meta-device planner, which never trains, installs its own).
+    ``num_threads`` torch threads (default ``OMP_NUM_THREADS``, else 1) and the CPU (hardware) stand-ins, forced
+    even where CUDA is available (a CPU chosen by ``MEGATRON_MUON_DEVICE=cpu`` on a GPU machine computes on the CPU
+    all the same). The point of choice for everything that trains or converts (the meta-device planner, which never
+    trains, installs its own stand-ins).
     """
     global _chosen
     apply_megatron_fixes()  # megatron logic every device needs (platform/megatron_fixes.py)
@@ -102,7 +122,7 @@ def use_device(device: Device, *, num_threads: int | None = None) -> Device:
         torch.cuda.set_device(device.index)
     else:
         torch.set_num_threads(max(1, num_threads or int(os.environ.get("OMP_NUM_THREADS") or "1")))
-        apply_cpu_stand_ins()
+        apply_cpu_stand_ins(force=True)
     _chosen = device
     return device
 
@@ -147,7 +167,11 @@ def require_device_for(cfg, device: Device) -> None:
     from megatron_muon.config import ConfigError
 
     model = cfg.model
-    no_gpu = "torch.cuda.is_available() is False"
+    no_gpu = (
+        f"{DEVICE_ENV}=cpu"
+        if os.environ.get(DEVICE_ENV, "").strip().lower() == "cpu"
+        else "torch.cuda.is_available() is False"
+    )
     if model.transformer_impl == "transformer_engine":
         if device.type != "cuda":
             raise ConfigError(f"model.transformer_impl='transformer_engine' needs a CUDA GPU ({no_gpu})")

@@ -90,9 +90,10 @@ def _free_tcp_port() -> int:
 def _initialize_rank(rank: int, world_size: int, port: int, sizes: ParallelSizes, timeout_s: float) -> None:
     from megatron.core import parallel_state
 
-    from megatron_muon.platform import apply_cpu_stand_ins
+    from megatron_muon.platform.device import DEVICE_ENV, Device, use_device
 
-    # What torchrun would set; some megatron code reads LOCAL_RANK.
+    # What torchrun would set; some megatron code reads LOCAL_RANK. The ranks are CPU ranks on any machine: on one
+    # with a GPU too, every device choice in them (and in processes they start) must take the CPU.
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -100,8 +101,10 @@ def _initialize_rank(rank: int, world_size: int, port: int, sizes: ParallelSizes
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
+        **{DEVICE_ENV: "cpu"},
     )
-    torch.set_num_threads(1)
+    # One torch thread, megatron's logic workarounds and the CPU (hardware) stand-ins, forced where CUDA exists.
+    use_device(Device(type="cpu"), num_threads=1)
     torch.distributed.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -109,7 +112,6 @@ def _initialize_rank(rank: int, world_size: int, port: int, sizes: ParallelSizes
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
-    apply_cpu_stand_ins()
     # Created after init_process_group, so megatron's groups inherit the gloo backend.
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=sizes.tp,
@@ -206,8 +208,8 @@ def run_distributed(
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks on this machine; return the values by rank.
 
     Each rank is a ``spawn`` process that joins a gloo process group on a free TCP port of 127.0.0.1,
-    sets ``torch.set_num_threads(1)``, applies the CPU stand-ins, and initializes megatron's parallel
-    state with the given sizes (``etp=None``: expert TP equals ``tp``; ``vpp``: virtual pipeline size).
+    makes the CPU its device (``MEGATRON_MUON_DEVICE=cpu``, one torch thread, the CPU stand-ins forced on even
+    where CUDA is available), and initializes megatron's parallel state with the given sizes (``etp=None``: expert TP equals ``tp``; ``vpp``: virtual pipeline size).
     Parallel state and the process group are destroyed after ``fn`` returns or raises.
 
     ``fn`` must be a module-level (picklable) function; its return value must be picklable.

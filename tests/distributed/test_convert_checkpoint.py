@@ -9,6 +9,7 @@ their HF logits, and export back to the same tensors. Bad input is one line and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -276,9 +277,11 @@ def _last_stage(values):
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    """tools/convert_checkpoint.py in a fresh process."""
+    """tools/convert_checkpoint.py in a fresh process, on the CPU as the checkpoint it reads was trained (also on a
+    GPU machine: ``MEGATRON_MUON_DEVICE=cpu``)."""
+    env = {**os.environ, "MEGATRON_MUON_DEVICE": "cpu"}
     return subprocess.run(
-        [sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=REPO, timeout=300
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
     )
 
 

@@ -15,10 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def launcher_env() -> dict[str, str]:
-    """This interpreter, one thread per process, and no SLURM variables (a test run inside an allocation must
-    still take the path it means to test)."""
+    """This interpreter, one thread per process, CPU processes with gloo even on a GPU machine
+    (``MEGATRON_MUON_DEVICE=cpu``: the configs these tests launch are CPU-sized, several ranks per host), and no SLURM
+    variables (a test run inside an allocation must still take the path it means to test)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MEGATRON_MUON_DEVICE="cpu")
     return env
 
 

@@ -53,3 +53,31 @@ def test_a_dry_run_of_a_gpu_config_still_plans_on_a_cpu_machine(launcher_env):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "dry run: would start 4 processes" in result.stdout
+
+
+# On a GPU machine (CUDA pretended: tests/pretend_cuda, one GPU) the launcher tests' CPU-sized runs stay CPU runs:
+# launcher_env sets MEGATRON_MUON_DEVICE=cpu. Without it the launcher takes the GPU path and counts GPUs.
+PRETEND_ONE_GPU = str(REPO / "tests" / "pretend_cuda")
+
+
+def test_on_a_gpu_machine_the_launcher_tests_start_cpu_processes(launcher_env):
+    env = {**launcher_env, "PYTHONPATH": PRETEND_ONE_GPU}
+    command = ["bash", "launch/pretrain_muon.sh", "launch/configs/tiny_cpu.yaml", *MOCK_DATA, "--dry-run"]
+    as_cpu = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert as_cpu.returncode == 0, as_cpu.stderr
+    assert "dry run: would start 4 processes (cpu) with torchrun" in as_cpu.stdout
+
+    env.pop("MEGATRON_MUON_DEVICE")  # a real launch: it stops at the GPU count, before any process starts
+    as_gpu = subprocess.run(command[:-1], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert as_gpu.returncode == 2
+    assert as_gpu.stderr.strip().splitlines() == [
+        "pretrain_muon.sh: error: parallel.world_size=4 needs 4 GPUs but this node has 1; run more nodes through "
+        "SLURM (sbatch)"
+    ]
+
+    env["MEGATRON_MUON_DEVICE"] = "tpu"
+    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: MEGATRON_MUON_DEVICE='tpu' is not a device choice; valid: auto, cpu, cuda"
+    ]

@@ -20,9 +20,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def stand_in_calls(monkeypatch) -> list[str]:
-    """Records calls of the CPU stand-ins' installer instead of installing them."""
+    """Records calls of the CPU stand-ins' installer instead of installing them ("forced": installed even where
+    CUDA is available)."""
     calls: list[str] = []
-    monkeypatch.setattr(device_module, "apply_cpu_stand_ins", lambda: calls.append("installed") or True)
+
+    def install(*, force: bool = False) -> bool:
+        calls.append("installed (forced)" if force else "installed")
+        return True
+
+    monkeypatch.setattr(device_module, "apply_cpu_stand_ins", install)
     monkeypatch.setattr(device_module, "_chosen", None)
     return calls
 
@@ -31,6 +37,7 @@ def stand_in_calls(monkeypatch) -> list[str]:
 def cuda_machine(monkeypatch) -> dict[str, list]:
     """A machine with 8 GPUs (an H200 each) as torch.cuda reports it; records set_device calls."""
     calls: dict[str, list] = {"set_device": []}
+    monkeypatch.delenv(device_module.DEVICE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls["set_device"].append(index))
@@ -41,6 +48,7 @@ def cuda_machine(monkeypatch) -> dict[str, list]:
 
 @pytest.fixture
 def cpu_machine(monkeypatch) -> None:
+    monkeypatch.delenv(device_module.DEVICE_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
@@ -80,7 +88,7 @@ def test_without_cuda_it_is_the_cpu_with_gloo_and_the_stand_ins(cpu_machine, sta
     )
     device_module.start_this_rank(timeout=datetime.timedelta(minutes=1))
     assert joined == ["gloo"]
-    assert stand_in_calls == ["installed"]
+    assert stand_in_calls == ["installed (forced)"]
     assert threads == [2]
 
 
@@ -240,3 +248,95 @@ def test_pretrain_on_a_cuda_machine_joins_nccl_from_its_local_gpu(cuda_machine, 
         pretrain._run(cfg, validate(cfg, 1))
     assert cuda_machine["set_device"] == [5] and joined == ["cpu:gloo,cuda:nccl"]
     assert stand_in_calls == []
+
+
+# MEGATRON_MUON_DEVICE: CPU ranks on a GPU machine (the test harness, the launcher tests), a GPU insisted on.
+
+
+def test_the_cpu_override_takes_the_cpu_and_its_stand_ins_where_cuda_exists(
+    cuda_machine, stand_in_calls, monkeypatch
+):
+    monkeypatch.setenv("MEGATRON_MUON_DEVICE", "cpu")
+    monkeypatch.setenv("LOCAL_RANK", "9")  # beyond the 8 GPUs: irrelevant on the CPU
+    chosen = device_module.choose_device()
+    assert chosen == Device(type="cpu", index=None, backend="gloo")
+    assert device_module.chosen_device() == chosen  # before use_device too
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    device_module.use_device(chosen)
+    assert stand_in_calls == ["installed (forced)"]  # an unforced install is a no-op where CUDA is available
+    assert cuda_machine["set_device"] == []
+    assert device_module.max_memory_allocated_mib() is None and device_module.peak_flops() is None
+
+
+def test_the_cpu_override_plans_with_the_cpu_cost_model(cuda_machine, stand_in_calls, monkeypatch):
+    from megatron_muon.optim.plan import CostModel
+
+    assert CostModel.for_this_machine() == CostModel()  # the GPU defaults
+    monkeypatch.setenv("MEGATRON_MUON_DEVICE", "cpu")
+    assert CostModel.for_this_machine() == CostModel(flops_per_s=2e10, bytes_per_s=1e9, latency_s=1e-4)
+
+
+def test_the_cpu_override_is_named_in_the_gpu_only_refusal(cuda_machine, monkeypatch):
+    monkeypatch.setenv("MEGATRON_MUON_DEVICE", "cpu")
+    cfg = load_config(None, ["data.mock=true", "model.transformer_impl=transformer_engine"])
+    with pytest.raises(ConfigError, match=r"^model\.transformer_impl='transformer_engine' needs a CUDA GPU "
+                       r"\(MEGATRON_MUON_DEVICE=cpu\)$"):  # fmt: skip
+        device_module.require_device_for(cfg, device_module.choose_device())
+
+
+@pytest.mark.parametrize(
+    ("value", "machine", "message"),
+    [
+        (
+            "gpu",
+            "cuda_machine",
+            r"^MEGATRON_MUON_DEVICE='gpu' is not a device choice; valid: auto, cpu, cuda$",
+        ),
+        (
+            "cuda",
+            "cpu_machine",
+            r"^MEGATRON_MUON_DEVICE=cuda but torch\.cuda\.is_available\(\) is False on this",
+        ),
+    ],
+)
+def test_a_bad_device_override_is_one_line(value, machine, message, request, monkeypatch):
+    request.getfixturevalue(machine)
+    monkeypatch.setenv("MEGATRON_MUON_DEVICE", value)
+    with pytest.raises(ValueError, match=message):
+        device_module.choose_device()
+
+
+@pytest.mark.parametrize("value", ["cuda", "auto", ""])
+def test_auto_and_cuda_take_the_local_gpu(cuda_machine, monkeypatch, value):
+    monkeypatch.setenv("MEGATRON_MUON_DEVICE", value)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert device_module.choose_device() == Device(type="cuda", index=2, backend="cpu:gloo,cuda:nccl")
+
+
+def test_the_test_harness_ranks_are_cpu_ranks_with_the_stand_ins_forced_on_a_cuda_machine(
+    cuda_machine, stand_in_calls, monkeypatch
+):
+    """run_distributed's rank set-up where CUDA is available: the CPU stand-ins forced on, the CPU chosen for the
+    rank and for any process it starts, gloo; no GPU selected."""
+    from megatron.core import parallel_state
+
+    from megatron_muon.testing import multiprocess
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(key, "restored after the test")
+    monkeypatch.delenv("MEGATRON_MUON_DEVICE", raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    joined: list[str] = []
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda backend, **kwargs: joined.append(backend)
+    )
+    layouts: list[dict] = []
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", lambda **sizes: layouts.append(sizes))
+    sizes = multiprocess.ParallelSizes(tp=2, pp=1, ep=1, etp=None, vpp=None)
+    multiprocess._initialize_rank(3, 4, 12345, sizes, 60.0)
+
+    assert stand_in_calls == ["installed (forced)"]
+    assert joined == ["gloo"] and layouts[0]["tensor_model_parallel_size"] == 2
+    assert device_module.chosen_device() == Device(type="cpu")
+    assert device_module.choose_device() == Device(type="cpu")  # LOCAL_RANK=3: no crash for want of a GPU
+    assert cuda_machine["set_device"] == []
