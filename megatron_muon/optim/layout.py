@@ -176,9 +176,14 @@ def _global_key(name: str, module_path: dict[str, torch.nn.Module]) -> str:
     match = _LOCAL_EXPERT_RE.search(name)
     if match is not None:
         moe_layer: Any = None
-        for path, module in module_path.items():
-            if hasattr(module, "local_expert_indices") and name.startswith(path + "."):
+        # The innermost enclosing module with local_expert_indices (a lookup per prefix of the name, not a scan of
+        # every module per parameter: tens of thousands of expert weights per rank at Kimi-K2 scale).
+        parts = name.split(".")
+        for end in range(len(parts) - 1, 0, -1):
+            module = module_path.get(".".join(parts[:end]))
+            if module is not None and hasattr(module, "local_expert_indices"):
                 moe_layer = module
+                break
         if moe_layer is None:
             raise ValueError(f"cannot find the MoE layer of expert parameter {param_name!r}")
         global_index = moe_layer.local_expert_indices[int(match.group(1))]
