@@ -167,10 +167,8 @@ def require_device_for(cfg, device: Device) -> None:
     from megatron_muon.config import ConfigError
 
     model = cfg.model
-    no_gpu = (
-        f"{DEVICE_ENV}=cpu"
-        if os.environ.get(DEVICE_ENV, "").strip().lower() == "cpu"
-        else "torch.cuda.is_available() is False"
+    no_gpu = (  # the machine's reason first; the override where the machine has a GPU
+        "torch.cuda.is_available() is False" if not torch.cuda.is_available() else f"{DEVICE_ENV}=cpu"
     )
     if model.transformer_impl == "transformer_engine":
         if device.type != "cuda":
