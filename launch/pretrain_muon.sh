@@ -13,7 +13,7 @@
 #
 # Pretrain a MoE GPT with Muon: one `python -m megatron_muon.pretrain` per process.
 #
-#   bash launch/pretrain_muon.sh [CONFIG] [key=value ...] [--dry-run]
+#   bash launch/pretrain_muon.sh [CONFIG] [key=value ...] [--dry-run [--rehearse-gpu]]
 #   bash launch/pretrain_muon.sh                                         # launch/configs/tiny_cpu.yaml, 4 CPU processes
 #   bash launch/pretrain_muon.sh launch/configs/tiny_cpu.yaml training.train_iters=20 --dry-run
 #   sbatch --ntasks=4 --overcommit launch/pretrain_muon.sh launch/configs/tiny_cpu.yaml    # SLURM, CPU nodes
@@ -27,7 +27,9 @@
 #   holds no checkpoint of the run's own), the data files and the tokenizer against model.vocab_size. A bad config is one line `error: ...` on stderr and exit status 2. When the default
 #   Shakespeare data is missing it runs examples/prepare_shakespeare.sh first.
 # - --dry-run: prints the resolved config, its arithmetic and the launch command, and starts nothing (missing
-#   data is a note there, not an error).
+#   data is a note there, not an error). With --rehearse-gpu it then builds the first rank of every pipeline stage
+#   on a fake GPU at the config's world size and trains it for two steps in this one CPU process
+#   (tools/rehearse_gpu.py: host syncs per step, CPU tensors in collectives, device mismatches; exit 1 if one fails).
 # - Processes: parallel.world_size of them. Outside SLURM: `torchrun --standalone` on this host. Inside a SLURM
 #   allocation (sbatch or salloc): `srun`, one task per process (SLURM_NTASKS must equal the world size),
 #   MASTER_ADDR = the first node of the allocation, MASTER_PORT = 20000 + job id % 20000.
@@ -53,7 +55,7 @@ set -uo pipefail
 name=pretrain_muon.sh
 say() { echo "$name: $*"; }
 usage_error() { echo "$name: error: $*" >&2; exit 2; }
-usage="usage: $name [CONFIG] [key=value ...] [--dry-run]"
+usage="usage: $name [CONFIG] [key=value ...] [--dry-run [--rehearse-gpu]]"
 
 find_repo() {  # sbatch runs a copy of this script from its spool directory: fall back to where the job started
   local candidate
@@ -67,10 +69,11 @@ find_repo() {  # sbatch runs a copy of this script from its spool directory: fal
 }
 
 # ------------------------------------------------------------------------------------------------ arguments
-config="" dry_run=0 overrides=()
+config="" dry_run=0 rehearse_gpu=0 overrides=()
 for arg in "$@"; do
   case $arg in
     --dry-run) dry_run=1 ;;
+    --rehearse-gpu) rehearse_gpu=1 ;;
     -h | --help) sed -n '/^# Pretrain/,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) usage_error "unknown option '$arg' ($usage)" ;;
     *=*) overrides+=("$arg") ;;
@@ -83,6 +86,8 @@ for arg in "$@"; do
   esac
 done
 
+[ $rehearse_gpu -eq 0 ] || [ $dry_run -eq 1 ] ||
+  usage_error "--rehearse-gpu goes with --dry-run: it starts no training ($usage)"
 repo=$(find_repo) ||
   usage_error "cannot find the megatron-muon repository (no megatron_muon/pretrain.py next to this script, in SLURM_SUBMIT_DIR or in $PWD); set MEGATRON_MUON_REPO"
 config=${config:-launch/configs/tiny_cpu.yaml}
@@ -254,6 +259,10 @@ if [ $dry_run -eq 1 ]; then
   printf '  '
   printf '%q ' "${command[@]}"
   echo
+  if [ $rehearse_gpu -eq 1 ]; then
+    say "rehearsing the GPU program (fake GPU, fake process group of $world_size ranks; tools/rehearse_gpu.py)"
+    exec "$python" "$repo/tools/rehearse_gpu.py" "$config" "${overrides[@]}" --ranks stages --distributed-optimizer config
+  fi
   exit 0
 fi
 # ------------------------------------------------------------------------------------ one run per save_dir
