@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
-from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
 from megatron_muon.optim.layout import MatrixPiece
 from megatron_muon.optim.muon import ROW_SECOND_MOMENT, Muon
@@ -37,7 +36,6 @@ __all__ = [
     "MOMENTUM_KEY_PREFIX",
     "MomentumSlot",
     "load_muon_momentum_",
-    "load_muon_param_groups_",
     "momentum_slots",
     "muon_momentum_sharded_state_dict",
     "muon_param_groups_state",
@@ -215,27 +213,3 @@ def muon_param_groups_state(optimizer: Muon) -> list[dict[str, Any]]:
     Megatron aligns param groups across all ranks (``_get_param_groups``), so every rank returns the same list.
     """
     return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-
-
-def _group_identifier(group: Mapping[str, Any]) -> tuple[Any, ...]:
-    return tuple(group.get(key) for key in param_group_identifier_keys)
-
-
-def load_muon_param_groups_(optimizer: Muon, saved_groups: list[dict[str, Any]]) -> None:
-    """Restore the hyperparameters of ``optimizer``'s param groups from :func:`muon_param_groups_state`.
-
-    Groups are paired by megatron's identifier keys (``max_lr``, ``wd_mult``, ``is_expert_parallel`` ...), as
-    megatron pairs AdamW groups on load, not by position. The learning rate and weight decay are set again by
-    the scheduler; momentum, Nesterov and the scale rule come back as saved.
-    """
-    by_identifier = {_group_identifier(group): group for group in saved_groups}
-    for index, group in enumerate(optimizer.param_groups):
-        identifier = _group_identifier(group)
-        if identifier not in by_identifier:
-            raise ValueError(
-                f"Muon param group {index} ({dict(zip(param_group_identifier_keys, identifier, strict=True))}) "
-                f"has no counterpart in the checkpoint; saved groups: {list(by_identifier)}"
-            )
-        for key, value in by_identifier[identifier].items():
-            if key != "params":
-                group[key] = value
