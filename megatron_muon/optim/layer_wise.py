@@ -222,13 +222,23 @@ def owned_params(model_chunks: Iterable[Any], pg_collection: ProcessGroupCollect
     }
 
 
+def _model_param_ids(member: Any) -> set[int]:
+    """ids of the model parameters a megatron optimizer member updates. megatron's bf16 wrapper
+    (``Float16OptimizerWithFloat16Params``) puts fp32 main copies of the bf16 parameters in its torch optimizer's
+    groups and keeps the model parameters in ``float16_groups`` (fp32 ones stay in ``fp32_from_fp32_groups``)."""
+    float16_groups = getattr(member, "float16_groups", None)
+    if float16_groups is None:
+        return {id(p) for group in member.param_groups for p in group["params"]}
+    return {id(p) for groups in (float16_groups, member.fp32_from_fp32_groups) for g in groups for p in g}
+
+
 def _check_members_kept_their_params(
     layer_wise: LayerWiseDistributedOptimizer, passed: list[list[int]], model_chunks: Sequence[Any]
 ) -> None:
     """megatron narrows each member's groups to the params it assigns this rank; ours already are: any param it
     drops would be updated by no rank."""
     for index, (member, before) in enumerate(zip(layer_wise.chained_optimizers, passed, strict=True)):
-        after = {id(p) for group in member.param_groups for p in group["params"]}
+        after = _model_param_ids(member)
         dropped = [pid for pid in before if pid not in after]
         if dropped or len(after) != len(before):
             names = _param_names(model_chunks)
