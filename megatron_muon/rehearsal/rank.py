@@ -139,6 +139,13 @@ def rehearse_rank(
         )
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
+    from megatron_muon.platform import cpu_stand_ins_active
+
+    if cpu_stand_ins_active():
+        raise RuntimeError(
+            "the CPU stand-ins are installed in this process (megatron would allocate on the CPU): rehearse the GPU "
+            "program in a fresh process"
+        )
     microbatches = microbatches or max(2, dims.pp)
     report = RankReport(rank=rank, distributed_optimizer=distributed_optimizer, microbatches=microbatches)
     report.narrowed = list(NARROWED)

@@ -5,6 +5,7 @@ tensor handed to a collective, a CPU tensor meeting a CUDA one — plus its one-
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -29,54 +30,67 @@ def _tiny():
     return cfg, validate(cfg)
 
 
+def _rehearse_in_this_process(rank: int, distributed_optimizer: bool, plant: str | None):
+    """Runs in a fresh interpreter (the CPU stand-ins other tests install are process-wide): one rehearsal of the
+    default config, with a planted fault when asked."""
+    cfg, dims = _tiny()
+    if plant is not None:
+        original = grad_norm_module._sum_of_squares
+
+        def planted(grads, group, device):
+            if plant == "item":
+                float(original(grads, group, device).sum())  # a host read per optimizer member and step
+            else:
+                dist.all_reduce(torch.zeros(1), group=group)  # a CPU tensor: NCCL would refuse it
+            return original(grads, group, device)
+
+        grad_norm_module._sum_of_squares = planted
+    return rehearse_rank(cfg, dims, rank, distributed_optimizer=distributed_optimizer).to_json()
+
+
+def _rehearse(rank: int, distributed_optimizer: bool, plant: str | None = None) -> dict:
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_rehearse_in_this_process, (rank, distributed_optimizer, plant))
+
+
 @pytest.mark.slow
 def test_the_default_config_builds_and_steps_on_a_fake_gpu_with_one_host_read_per_step():
     # TP2·PP2·EP2 with sequence parallelism: megatron's torch norm asserts without the every-device fix.
-    cfg, dims = _tiny()
-    report = rehearse_rank(cfg, dims, 3, distributed_optimizer=True)
-    assert report.ok, report.errors
-    assert report.coordinates["pp"] == 1 and report.coordinates["tp"] == 1
-    assert report.syncs_per_step == 1
-    (site,) = report.sync_sites
+    report = _rehearse(3, True)
+    assert report["ok"], report["errors"]
+    assert report["coordinates"]["pp"] == 1 and report["coordinates"]["tp"] == 1
+    assert report["syncs_per_step"] == 1
+    (site,) = report["sync_sites"]
     assert "training/host_values.py" in site and site.startswith("ours: read")
-    assert 0 < report.static_memory_gib < 1
+    assert 0 < report["static_memory_gib"] < 1
 
 
 @pytest.mark.slow
-def test_a_planted_item_in_the_step_fails_the_rehearsal_and_names_where(monkeypatch):
-    cfg, dims = _tiny()
-    original = grad_norm_module._sum_of_squares
-
-    def with_a_host_read(grads, group, device):
-        total = original(grads, group, device)
-        float(total.sum())  # the planted per-step host read (tests/unit/test_rehearsal.py is "ours" too)
-        return total
-
-    monkeypatch.setattr(grad_norm_module, "_sum_of_squares", with_a_host_read)
-    report = rehearse_rank(cfg, dims, 0, distributed_optimizer=False)
-    assert not report.ok
-    assert report.syncs_per_step > 1  # the step's own read plus one per optimizer member's norm
-    planted = [site for site in report.sync_sites if "tests/unit/test_rehearsal.py" in site]
-    assert planted and all(site.startswith("ours: read") for site in planted), report.sync_sites
-    assert any("host syncs in a steady-state step (allowed: 1)" in error for error in report.errors)
+def test_a_planted_item_in_the_step_fails_the_rehearsal_and_names_where():
+    report = _rehearse(0, False, plant="item")
+    assert not report["ok"]
+    assert report["syncs_per_step"] > 1  # the step's own read plus one per optimizer member's norm
+    planted = [site for site in report["sync_sites"] if "tests/unit/test_rehearsal.py" in site]
+    assert planted and all(site.startswith("ours: read") for site in planted), report["sync_sites"]
+    assert any("host syncs in a steady-state step (allowed: 1)" in error for error in report["errors"])
 
 
 @pytest.mark.slow
-def test_a_cpu_tensor_in_a_collective_fails_the_rehearsal(monkeypatch):
+def test_a_cpu_tensor_in_a_collective_fails_the_rehearsal():
+    report = _rehearse(0, False, plant="collective")
+    assert not report["ok"]
+    errors = report["errors"]
+    assert any("cpu tensor" in e and "tests/unit/test_rehearsal.py" in e for e in errors), errors
+    assert any("allreduce" in e and "NCCL takes CUDA tensors only" in e for e in errors)
+
+
+def test_the_rehearsal_refuses_a_process_with_the_cpu_stand_ins(monkeypatch):
+    from megatron_muon.platform import cpu as cpu_stand_ins
+
+    monkeypatch.setattr(cpu_stand_ins, "_stand_ins_active", True)
     cfg, dims = _tiny()
-    original = grad_norm_module._sum_of_squares
-
-    def with_a_cpu_collective(grads, group, device):
-        dist.all_reduce(torch.zeros(1), group=group)  # planted: NCCL would refuse it
-        return original(grads, group, device)
-
-    monkeypatch.setattr(grad_norm_module, "_sum_of_squares", with_a_cpu_collective)
-    report = rehearse_rank(cfg, dims, 0, distributed_optimizer=False)
-    assert not report.ok
-    assert any("cpu tensor" in e and "tests/unit/test_rehearsal.py" in e for e in report.errors), (
-        report.errors
-    )
-    assert any("allreduce" in e and "NCCL takes CUDA tensors only" in e for e in report.errors)
+    with pytest.raises(RuntimeError, match="rehearse the GPU program in a fresh process"):
+        rehearse_rank(cfg, dims, 0, distributed_optimizer=False)
 
 
 def test_a_cpu_tensor_meeting_a_cuda_one_is_an_error():
