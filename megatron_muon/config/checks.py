@@ -288,6 +288,10 @@ def check_optimizer(optimizer: OptimizationConfig, train_iters: int) -> None:
         "optimizer.overlap_param_gather=true needs optimizer.distributed_optimizer=true (without it "
         "parameters are updated on every rank and nothing is gathered)",
     )
+    require(
+        optimizer.ddp_bucket_size is None or optimizer.ddp_bucket_size > 0,
+        f"optimizer.ddp_bucket_size={optimizer.ddp_bucket_size} must be > 0 (elements), or null for megatron's default",
+    )
     if optimizer.distributed_optimizer and optimizer.use_muon:
         require(
             optimizer.muon.tp_mode != "duplicated",

@@ -368,6 +368,10 @@ class OptimizationConfig:
     """Overlap megatron DDP's gradient all-reduce / reduce-scatter with the backward pass (bucketed)."""
     overlap_param_gather: bool = False
     """With ``distributed_optimizer``: overlap the parameter all-gather after the step with the next forward."""
+    ddp_bucket_size: int | None = None
+    """Elements per DDP gradient bucket (megatron's ``--ddp-bucket-size``): each bucket's all-reduce /
+    reduce-scatter starts as soon as its gradients are ready. Only with ``overlap_grad_reduce`` (without it megatron
+    makes one bucket per buffer). None: megatron's default, max(40 M, 1 M × DP)."""
     warmup_iters: int = 0
     """Linear warm-up steps from 0 to the peak learning rate."""
     decay_style: str = "cosine"

@@ -80,7 +80,7 @@ def adamw_optimizer_config(cfg: PretrainConfig):
 def ddp_config(cfg: PretrainConfig):
     """Megatron's ``DistributedDataParallelConfig``: fp32 gradient reduction (the optimizers' main grads); with
     ``optimizer.distributed_optimizer`` a reduce-scatter into megatron's layer-wise layout and a parameter
-    all-gather after the step (``optim/layer_wise.py``); the overlap switches of the config."""
+    all-gather after the step (``optim/layer_wise.py``); the overlap switches and the bucket size of the config."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     opt = cfg.optimizer
@@ -89,6 +89,7 @@ def ddp_config(cfg: PretrainConfig):
         use_distributed_optimizer=opt.distributed_optimizer,
         overlap_grad_reduce=opt.overlap_grad_reduce,
         overlap_param_gather=opt.overlap_param_gather,
+        bucket_size=opt.ddp_bucket_size,
     )
 
 

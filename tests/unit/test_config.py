@@ -243,6 +243,7 @@ def tiny(*overrides: str) -> PretrainConfig:
             4,
             "optimizer.overlap_param_gather=true needs optimizer.distributed_optimizer=true",
         ),
+        (["optimizer.ddp_bucket_size=0"], 4, "optimizer.ddp_bucket_size=0 must be > 0"),
         (["optimizer.decay_style=step"], 4, "optimizer.decay_style='step' is not one of"),
         (
             ["optimizer.warmup_iters=501"],

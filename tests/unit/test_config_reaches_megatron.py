@@ -112,6 +112,7 @@ CHANGES: list[tuple[str, Any, dict[str, Any]]] = [
     ("optimizer.distributed_optimizer", True, {}),
     ("optimizer.overlap_grad_reduce", True, {}),
     ("optimizer.overlap_param_gather", True, {"optimizer.distributed_optimizer": True}),
+    ("optimizer.ddp_bucket_size", 8192, {"optimizer.overlap_grad_reduce": True}),
     ("optimizer.qk_clip.enabled", True, {}),
     ("optimizer.qk_clip.log_max_logits", True, {}),
 ]
