@@ -9,6 +9,7 @@ One process start per layout does its loads and its own save. Used by ``tests/di
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -221,20 +222,26 @@ def run_layout_processes(
     )
 
 
-def run_matrix(root: str) -> dict:
-    """Every layout saves; every checkpoint loads at every layout (two process starts per layout).
-    Returns ``{"losses": {layout: [...]}, "resumed": {(saved, loaded): [...]}}``."""
-    losses = {name: run_layout_processes(root, name, [], True)[0]["losses"] for name in LAYOUTS}
+def run_matrix(root: str, names: Sequence[str] | None = None) -> dict:
+    """Every layout of ``names`` (default: all of :data:`LAYOUTS`) saves; every checkpoint loads at every one of
+    them (two process starts per layout). Returns ``{"losses": {layout: [...]}, "resumed": {(saved, loaded):
+    [...]}}``."""
+    names = list(LAYOUTS) if names is None else list(names)
+    unknown = [name for name in names if name not in LAYOUTS]
+    if unknown or not names:
+        raise ValueError(f"layouts {unknown or names} are not among {sorted(LAYOUTS)}")
+    losses = {name: run_layout_processes(root, name, [], True)[0]["losses"] for name in names}
     resumed = {}
-    for target in LAYOUTS:
-        loaded = run_layout_processes(root, target, list(LAYOUTS), False)[0]["resumed"]
+    for target in names:
+        loaded = run_layout_processes(root, target, names, False)[0]["resumed"]
         resumed |= {(source, target): values for source, values in loaded.items()}
     return {"losses": losses, "resumed": resumed}
 
 
 def matrix_markdown(result: dict) -> str:
-    """The largest |resumed loss − the saving layout's own loss| over steps SAVE_AT+1 … STEPS, per pair."""
-    names = list(LAYOUTS)
+    """The largest |resumed loss − the saving layout's own loss| over steps SAVE_AT+1 … STEPS, per pair of the
+    layouts that ``result`` holds."""
+    names = list(result["losses"])
     lines = [
         "| saved at \\ loaded at | " + " | ".join(names) + " |",
         "|---|" + "---:|" * len(names),
