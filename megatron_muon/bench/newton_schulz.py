@@ -21,6 +21,7 @@ Usage::
 
     python tools/bench_newton_schulz.py --out docs/benchmarks.md
     python tools/bench_newton_schulz.py --compare --out docs/benchmarks.md   # newton_schulz_compare.py
+    python tools/bench_newton_schulz.py --stacks --out docs/benchmarks.md    # newton_schulz_stack.py
 
 ``--out`` rewrites only the text between ``<!-- bench_newton_schulz:start -->`` and
 ``<!-- bench_newton_schulz:end -->`` (appending the section, or creating the file with a ``# Benchmarks``
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from megatron_muon.bench import newton_schulz_compare as compare
+from megatron_muon.bench import newton_schulz_stack as stacks
 from megatron_muon.bench.report import (
     clock_timer,
     cpu_description,
@@ -264,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         "--dtype", choices=sorted(DTYPES), default="float32", help="--compare's compute dtype"
     )
     compare.add_arguments(parser)
+    stacks.add_arguments(parser)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--coefficients", default="quintic")
@@ -289,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare:
         args.shapes = args.shapes or list(compare.SHAPES)
         publish(compare.render(args, command.strip()), args.out, compare.START_MARKER, compare.END_MARKER)
+        return
+    if args.stacks:
+        section = stacks.render(args, command.strip(), CLOCK_NAMES[args.clock], CLOCKS[args.clock], DTYPES)
+        publish(section, args.out, stacks.START_MARKER, stacks.END_MARKER)
         return
     args.shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
     section = render_section(args, command.strip())

@@ -23,6 +23,7 @@ from megatron_muon.optim.comm import (
     all_reduce_sum_fn,
     check_agreement,
     group_rank,
+    group_size,
 )
 from megatron_muon.optim.layout import MatrixPiece
 from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_plan
@@ -53,7 +54,8 @@ class MatrixOrthogonalizer:
         shard_group_of: piece key → name in ``shard_groups`` (default ``"tp"``).
         mode: ``auto`` | ``owner`` | ``duplicated`` | ``distributed`` (see ``plan.py``).
         ns_steps, cost_model: inputs of the cost model that picks modes under ``auto``.
-        num_buckets: exchange buckets per step; communication of one overlaps Newton–Schulz of the next.
+        num_buckets: exchange buckets per step; communication of one overlaps Newton–Schulz of the next (one on a
+            grid of one rank, where nothing travels).
         replicate_state: False (the distributed optimizer): no sharded matrix runs ``duplicated``
             (``plan.build_plan``), so its momentum is stored once.
         momentum_with_shards: ``owner`` matrices keep their momentum with the shards' holders (``plan.build_plan``).
@@ -87,6 +89,9 @@ class MatrixOrthogonalizer:
         if duplicates:
             raise ValueError(f"two pieces share the matrix keys {duplicates[:5]}")
         records = [_record(p, shard_group_of.get(p.key, "tp")) for p in pieces]
+        if group_size(grid_group) == 1:
+            # Nothing travels on one process, so buckets would only cut the same-shape batches into pieces.
+            num_buckets = 1
         self.plan = build_plan(
             all_gather_objects(records, grid_group),
             mode=mode,

@@ -234,10 +234,11 @@ class MatrixPlan:
     scatter: list[tuple[int, int, int]] = field(default_factory=list)
     """(shard, sender, receiver) transfers of direction shards from a computer to holders that did not compute."""
     bucket: int = 0
+    """Exchange bucket: the shards of bucket b travel while the computers orthogonalize bucket b + 1. Buckets hold
+    runs of same-shape matrices (``_assign_buckets``), so one batched call covers a shape across layers."""
     momentum_with_shards: bool = False
     """``owner`` mode with the momentum kept by the holders, each of its own shard (the distributed optimizer: one
     holder per shard): they send the owner Newton–Schulz inputs instead of gradients."""
-    """Exchange bucket: the shards of bucket b travel while the computers orthogonalize bucket b + 1."""
     ns_algorithm: str = "standard"
     """``standard`` or ``gram`` Newton–Schulz (chosen by ``build_plan``'s ``ns_algorithm``)."""
 
@@ -443,11 +444,21 @@ def build_plan(
     return MuonPlan(matrices=matrices, loads=loads)
 
 
+def batch_class(matrix: MatrixPlan) -> tuple[tuple[int, int], str]:
+    """What the step batches whole matrices by: one batched Newton–Schulz call per (shape, algorithm) and bucket."""
+    return matrix.shape, matrix.ns_algorithm
+
+
 def _assign_buckets(matrices: list[MatrixPlan], num_buckets: int) -> None:
-    """Consecutive runs of ``matrices`` with about equal total Newton–Schulz cost."""
+    """Consecutive runs of about equal total Newton–Schulz cost, over ``matrices`` ordered by ``batch_class``.
+
+    The step orthogonalizes each bucket in one batched call per class, so the order decides how many calls a class
+    takes: in key order a class (the experts' fc2 of every MoE layer, say) spreads over every bucket, one call per
+    bucket; ordered by class, only the ``num_buckets - 1`` bucket boundaries can cut a class, so the same-shape
+    matrices of all layers run as one call (two where a boundary falls inside the class)."""
     total = sum(m.cost_flops for m in matrices) or 1.0
     done = 0.0
-    for matrix in matrices:
+    for matrix in sorted(matrices, key=lambda m: (batch_class(m), m.key)):
         matrix.bucket = min(num_buckets - 1, int(done / total * num_buckets))
         done += matrix.cost_flops
 

@@ -102,6 +102,29 @@ def test_stack_matrices_are_orthogonalized_separately():
         torch.testing.assert_close(updated[k], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_same_shape_matrices_of_every_layer_run_as_one_newton_schulz_call(monkeypatch):
+    # Four "layers", each a stack of 3 wide experts, a tall matrix and a square one: three shape classes, so three
+    # batched calls per step, whatever the number of layers (one per layer and class before batching across them).
+    import megatron_muon.optim.muon as muon_module
+
+    shapes = [shape for _ in range(4) for shape in [(3, 16, 48), (48, 16), (32, 32)]]
+    batch_sizes: list[int] = []
+
+    def counting_newton_schulz(x, *args, **kwargs):
+        batch_sizes.append(x.shape[0])
+        return newton_schulz(x, *args, **kwargs)
+
+    monkeypatch.setattr(muon_module, "newton_schulz", counting_newton_schulz)
+    weights = random_tensors(shapes, seed=5)
+    grads_per_step = [random_tensors(shapes, seed=6)]
+    hyper = dict(lr=LR, nesterov=True, weight_decay=0.0, scale_mode="spectral")
+    ours = run_muon(weights, grads_per_step, momentum=BETA, compute_dtype=torch.float32, **hyper)
+    assert sorted(batch_sizes) == [4, 4, 12]
+    expected = formula_muon(weights, grads_per_step, beta=BETA, compute_dtype=torch.float32, **hyper)
+    for shape, got, want in zip(shapes, ours, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, s=shape: f"{s}: {m}")
+
+
 def test_bf16_compute_is_close_to_fp32():
     weights = random_tensors(SHAPES, seed=0)
     grads_per_step = [random_tensors(SHAPES, seed=1 + step) for step in range(STEPS)]

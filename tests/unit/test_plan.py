@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from megatron_muon.ops.newton_schulz import newton_schulz_flops, ns_algorithm_flops
 from megatron_muon.optim.plan import MODES, CostModel, MuonPlan, PieceRecord, build_plan
@@ -306,7 +307,8 @@ def test_uneven_expert_counts_each_expert_owned_by_its_holder(mode):
         holder = 1 if matrix.key.endswith(".3.linear_fc1.weight") else 0
         assert matrix.computers == [holder], matrix.key
         assert matrix.gather == [] and matrix.scatter == [], matrix.key
-    cost = ns_algorithm_flops(64, 32, NS_STEPS, "gram")  # aspect 2 > 1.5: build_plan's default auto picks Gram
+    # aspect 2 > 1.5: build_plan's default auto picks Gram
+    cost = ns_algorithm_flops(64, 32, NS_STEPS, "gram")
     assert plan.loads == {0: 3 * cost, 1: cost}
 
 
@@ -321,6 +323,47 @@ def test_experts_replicated_over_data_parallel_ranks_are_owned_by_one_of_their_h
     owners = {m.key: m.computers[0] for m in plan.matrices}
     assert owners["experts.3"] in (1, 3)
     assert {owners[f"experts.{e}"] for e in range(3)} == {0, 2}  # the three spread over both holders
+
+
+def moe_layers_records(layers: int, experts: int, ranks: int) -> list[list[PieceRecord]]:
+    """``ranks`` data-parallel replicas of ``layers`` layers, each an attention projection and ``experts`` experts
+    of two shapes (fc1 wide, fc2 tall): three shape classes repeated in every layer."""
+    mine = []
+    for layer in range(layers):
+        prefix = f"decoder.layers.{layer}"
+        mine.append(piece(f"{prefix}.self_attention.linear_proj.weight", (64, 64)))
+        for e in range(experts):
+            mine.append(piece(f"{prefix}.mlp.experts.local_experts.{e}.linear_fc1.weight", (32, 64)))
+            mine.append(piece(f"{prefix}.mlp.experts.local_experts.{e}.linear_fc2.weight", (64, 32)))
+    return [list(mine) for _ in range(ranks)]
+
+
+@pytest.mark.parametrize("num_buckets", [2, 4])
+def test_same_shape_matrices_of_every_layer_share_a_bucket_except_where_a_boundary_cuts_their_class(
+    num_buckets,
+):
+    records = moe_layers_records(layers=4, experts=4, ranks=2)
+    plan = build_plan(records, mode="owner", ns_steps=NS_STEPS, num_buckets=num_buckets)
+    assert_valid(plan, records)
+    # What the step batches on a rank: one Newton–Schulz call per (bucket, shape, algorithm) it computes.
+    for rank in range(2):
+        classes = {(m.shape, m.ns_algorithm) for m in plan.matrices if rank in m.computers}
+        calls = {(m.bucket, m.shape, m.ns_algorithm) for m in plan.matrices if rank in m.computers}
+        assert len(calls) <= len(classes) + num_buckets - 1, sorted(calls)
+    # Every bucket is used, and buckets still carry about equal Newton–Schulz work (within one matrix).
+    per_bucket = [sum(m.cost_flops for m in plan.matrices if m.bucket == b) for b in range(num_buckets)]
+    largest = max(m.cost_flops for m in plan.matrices)
+    assert max(per_bucket) - min(per_bucket) <= 2 * largest, per_bucket
+
+
+def test_a_one_process_grid_runs_a_single_bucket():
+    from megatron_muon.optim.executor import MatrixOrthogonalizer
+    from megatron_muon.optim.layout import whole_tensor_pieces
+
+    pieces = [p for e in range(8) for p in whole_tensor_pieces(f"expert{e}", torch.zeros(32, 64))]
+    orthogonalizer = MatrixOrthogonalizer(pieces, num_buckets=4)
+    assert {m.bucket for m in orthogonalizer.plan.matrices} == {0}
+    assert len(orthogonalizer.transport.buckets) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
