@@ -49,7 +49,9 @@ Usage::
 ``--out`` rewrites only the text between ``<!-- bench_muon_step:start -->`` and ``<!-- bench_muon_step:end -->``
 (appending the section when absent). ``--profile [NAME ...]`` prints a cProfile of rank 0's steps for the named
 contenders (default: ours auto) to stderr; ``--contenders NAME ...`` runs a subset. Both layouts with the default
-model take ~8 minutes on 2 cores.
+model take ~8 minutes on 2 cores. ``--wide-hidden-size H`` also runs every layout on a wider model (hidden H, dense
+and expert FFN 4·H) in the same run; the section opens with ours auto ÷ megatron's best exact mode for each model
+and layout side by side (``muon_step_report.py``).
 """
 
 from __future__ import annotations
@@ -57,37 +59,35 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.metadata
 import io
-import platform
 import statistics
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from megatron_muon.bench.matched_muon import megatron_muon_config, ours_muon_config, torch_optimizers
-from megatron_muon.bench.report import cpu_description, load_average, publish, rerun_command
+from megatron_muon.bench.muon_step_report import (
+    END_MARKER,
+    REFERENCE,
+    START_MARKER,
+    WORLD_SIZE,
+    render_section,
+)
+from megatron_muon.bench.report import load_average, publish, rerun_command
 from megatron_muon.testing import run_distributed
 
-START_MARKER = "<!-- bench_muon_step:start -->"
-END_MARKER = "<!-- bench_muon_step:end -->"
-WORLD_SIZE = 4
 LAYOUTS = {
     # Dense: TP2 x DP2. Experts: expert-TP 1 x EP 1 x expert-DP 4.
     "tp2_dp2": dict(tp=2, pp=1, ep=1, etp=1),
     # Dense: TP2 x DP2. Experts: expert-TP 1 x EP 2 x expert-DP 2.
     "tp2_ep2": dict(tp=2, pp=1, ep=2, etp=1),
 }
-LAYOUT_TITLES = {
-    "tp2_dp2": "TP2·DP2 (experts: ETP1·EP1·EDP4)",
-    "tp2_ep2": "TP2·EP2 (dense DP2; experts: ETP1·EP2·EDP2)",
-}
 OURS_MODES = ("auto", "owner", "duplicated", "distributed")
-REFERENCE = "ours auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,10 +479,6 @@ def _stage_newton_schulz_flops(
     return {"ours": ours, "megatron": megatron}
 
 
-def _format_bytes(count: int) -> str:
-    return f"{count / 2**20:.2f}"
-
-
 def measure_layout(layout_name: str, model: dict, chosen: list[Contender], settings: Settings) -> dict:
     layout = LAYOUTS[layout_name]
     load_before = load_average()
@@ -536,163 +532,6 @@ def measure_layout(layout_name: str, model: dict, chosen: list[Contender], setti
     }
 
 
-def render_layout_table(layout_name: str, measured: dict, grid_size: int) -> list[str]:
-    rows = measured["rows"]
-    reference = rows[REFERENCE]
-    lines = [
-        f"### {LAYOUT_TITLES[layout_name]}",
-        "",
-        "| optimizer | Newton–Schulz placement | exact | step median (ms) | min–max (ms) | ÷ ours auto "
-        "| Muon state per rank, min–max (MiB) | max rel. diff vs ours auto (all but fc1) "
-        "| max rel. diff vs single-process reference |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in rows.items():
-        contender = row["contender"]
-        if contender["family"] == "ours":
-            placement = ", ".join(f"{mode} ×{count}" for mode, count in sorted(row.get("modes", {}).items()))
-            if row.get("ns_flops_per_rank"):
-                loads = row["ns_flops_per_rank"]
-                placement += f"; NS {loads[0] / 1e9:.1f}–{loads[-1] / 1e9:.1f} GFLOP per rank"
-        else:
-            placement = contender["tp_mode"] + (
-                " + layer-wise DP sharding" if contender["layer_wise"] else ""
-            )
-        exact = "yes" if contender["exact"] else "**no**"
-        label = name + (" (workaround)" if contender["layer_wise"] else "")
-        if row["error"] is not None:
-            lines.append(f"| {label} | {placement} | {exact} | failed: `{row['error']}` | | | | | |")
-            continue
-        ratio = row["median_s"] / reference["median_s"] if reference.get("median_s") else float("nan")
-        state = row["state_bytes"]
-        agreement = row["agreement"]
-        vs_ours = (
-            "—" if name == REFERENCE else f"{agreement['vs_ours']:.1e}" if "vs_ours" in agreement else "n/a"
-        )
-        vs_reference = f"{agreement['vs_reference']:.1e}" if "vs_reference" in agreement else "n/a"
-        lines.append(
-            f"| {label} | {placement} | {exact} | {row['median_s'] * 1e3:.0f} "
-            f"| {row['min_s'] * 1e3:.0f}–{row['max_s'] * 1e3:.0f} | {ratio:.2f} "
-            f"| {_format_bytes(min(state))}–{_format_bytes(max(state))} | {vs_ours} | {vs_reference} |"
-        )
-    shipped = [(name, row["shipped_error"]) for name, row in rows.items() if row["shipped_error"]]
-    lines.append("")
-    for name, error in shipped:
-        lines.append(f"- `{name}` as shipped (no workaround) failed: `{error}`")
-    exact_megatron = {
-        name: row["median_s"]
-        for name, row in rows.items()
-        if row["contender"]["family"] == "megatron" and row["contender"]["exact"] and row["error"] is None
-    }
-    as_shipped = {name: t for name, t in exact_megatron.items() if not rows[name]["contender"]["layer_wise"]}
-    for candidates, what in (
-        (exact_megatron, "best exact mode"),
-        (as_shipped, "best exact mode that runs as shipped (no layer-wise)"),
-    ):
-        if not candidates:
-            continue
-        best = min(candidates, key=candidates.get)
-        if reference.get("median_s"):
-            lines.append(
-                f"- **ours auto ÷ megatron's {what} ({best}) = "
-                f"{reference['median_s'] / candidates[best]:.2f}** (goal ≤ 0.5)"
-            )
-    same_plan: dict[tuple, list[str]] = {}
-    for name, row in rows.items():
-        if row["contender"]["family"] == "ours" and row.get("modes"):
-            same_plan.setdefault(
-                (tuple(sorted(row["modes"].items())), tuple(row["ns_flops_per_rank"])), []
-            ).append(name)
-    for names in same_plan.values():
-        if len(names) > 1:
-            medians = [rows[name]["median_s"] for name in names]
-            lines.append(
-                f"- Noise: {' and '.join(f'`{n}`' for n in names)} run the same plan; their medians differ by "
-                f"{(max(medians) / min(medians) - 1) * 100:.0f}%."
-            )
-    flops = measured.get("stage_flops")
-    if flops:
-        lines.append(
-            f"- Newton–Schulz work of one step over the stage's Muon matrices, each once: ours "
-            f"{flops['ours'] / 1e9:.1f} GFLOP (fc1 split), megatron {flops['megatron'] / 1e9:.1f} GFLOP (fc1 "
-            f"fused); spread evenly over the {grid_size} ranks that is {flops['ours'] / grid_size / 1e9:.1f} / "
-            f"{flops['megatron'] / grid_size / 1e9:.1f} GFLOP per rank, the floor for any exact mode."
-        )
-    if reference.get("stage_muon_state_bytes"):
-        target = reference["stage_muon_state_bytes"] / grid_size
-        lines.append(
-            f"- Muon state target for ours: the stage's Muon state "
-            f"({_format_bytes(reference['stage_muon_state_bytes'])} MiB, every logical matrix once, fp32) ÷ "
-            f"(TP·DP = {grid_size}) = {_format_bytes(int(target))} MiB per rank; ours auto keeps "
-            f"{_format_bytes(min(reference['state_bytes']))}–{_format_bytes(max(reference['state_bytes']))} MiB"
-        )
-    lines.append(
-        f"- wall time of this layout's run (all contenders, start-up included): {measured['wall_s']:.0f} s; "
-        f"load average before: {measured['load_before']}, after: {measured['load_after']}"
-    )
-    lines.append("")
-    return lines
-
-
-def render_section(args, command: str, measured: dict[str, dict]) -> str:
-    versions = {
-        name: importlib.metadata.version(name) for name in ("torch", "megatron-core", "emerging-optimizers")
-    }
-    model = _model_kwargs(args)
-    lines = [
-        START_MARKER,
-        "## One Muon optimizer step: ours vs megatron-core's own Muon (CPU, 4 gloo ranks)",
-        "",
-        "Written by `tools/bench_muon_step.py`; rerun it to refresh this section:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"- CPU: {cpu_description()}. **4 gloo ranks share these cores** (`torch.set_num_threads(1)` per rank): "
-        "timings are contended — with more ranks than cores, work one rank saves frees a core for another, so "
-        "ratios are indicative, not what a GPU cluster would show.",
-        f"- torch {versions['torch']}, megatron-core {versions['megatron-core']}, emerging-optimizers "
-        f"{versions['emerging-optimizers']}, Python {platform.python_version()}",
-        f"- Model: `GptMoeConfig({', '.join(f'{k}={v}' for k, v in model.items())})`, "
-        "MoE layers 1–3 (layer 0 dense), fp32 params and gradients.",
-        f"- Step time: median over {args.steps} rounds after {args.warmup} warm-up rounds (plus one agreement "
-        "step) of the slowest rank's `optimizer.step()` (whole chained optimizer: Muon + AdamW), between two "
-        "`barrier()`s; canonical gradients are written into `main_grad` before each step, outside the clock. "
-        "Every round steps every contender once (round-robin), so load from other processes on the machine "
-        "hits all of them alike; load average (1/5/15 min) per layout is listed under its table.",
-        f"- Matched settings: lr {args.lr}, decoupled weight decay {args.weight_decay}, momentum "
-        f"{args.momentum} Nesterov, {args.ns_steps} Newton–Schulz steps of Keller Jordan's quintic "
-        "(3.4445, −4.7750, 2.0315) (ours `quintic` = EO's `simple`), scale √(fan_out/fan_in) (ours `spectral` = "
-        'EO\'s `unit_rms_norm`), fp32 Newton–Schulz (megatron `muon_fp32_matmul_prec="highest"`; its default '
-        '`"medium"` makes Emerging-Optimizers cast the iterate to bf16, on CPU too), Q/K/V split '
-        '(`muon_split_qkv=True`), router in Muon (megatron\'s routing; ours `router="muon"`). Not matchable: '
-        "megatron orthogonalizes SwiGLU `linear_fc1` as one fused [gate; up] matrix, ours as two (our layout "
-        "refuses a fused fc1 under TP); for these square gate/up blocks ours does ~20% more Newton–Schulz FLOPs "
-        "on fc1.",
-        "- Max rel. diff: after one step from the same canonical weights and gradients, the largest over Muon "
-        "matrices (router not collected) of ‖W − W_x‖_F / ‖W_x − W₀‖_F, i.e. relative to the weight change, for "
-        "W_x = ours auto (on the matrices both define alike: all but fc1) and W_x = a single-process Muon "
-        "(`ReferenceMuon`, fp32) on the contender's own matrices (fc1 fused for megatron). `blockwise` "
-        "orthogonalizes each TP shard separately and is not the same update.",
-        "- `ours auto` picks a mode per matrix with its default cost model, `CostModel.for_this_machine()` (on "
-        "a CPU-only machine: 20 GFLOP/s, 1 GB/s, 100 µs per collective). `ours auto, H100 cost model` is given "
-        "the GPU defaults `CostModel()` (400 TFLOP/s, 100 GB/s) instead: they make Newton–Schulz look cheaper "
-        "than moving a matrix, so every replica of an expert matrix orthogonalizes it itself (`duplicated`).",
-        "- Layer-wise: megatron's `LayerWiseDistributedOptimizer` fails with fp32 params as shipped (error below). "
-        "The rows marked *workaround* run it under two benchmark-local patches (`_layer_wise_cpu_workarounds`): "
-        "its base optimizers wrapped in megatron's `FP32Optimizer` (as its non-layer-wise path does), and "
-        "`torch.distributed.all_gather` padding the uneven per-rank shards its parameter all-gather sends (NCCL "
-        "takes uneven sizes, gloo does not). The padding adds one copy of the gathered parameters per step.",
-        "",
-    ]
-    for layout_name, result in measured.items():
-        grid = WORLD_SIZE  # the pipeline stage's TP x DP grid (PP = 1)
-        lines += render_layout_table(layout_name, result, grid)
-    lines.append(END_MARKER)
-    return "\n".join(lines) + "\n"
-
-
 def _model_kwargs(args) -> dict:
     return dict(
         num_layers=args.num_layers,
@@ -705,6 +544,21 @@ def _model_kwargs(args) -> dict:
         vocab_size=args.vocab_size,
         moe_layer_freq=[0] + [1] * (args.num_layers - 1),
     )
+
+
+def _models(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The default model and, with ``--wide-hidden-size H``, the same with hidden H and 4·H dense and expert FFNs
+    (issue #22 item 5: "a wider one with hidden ≥ 384 and a 4× FFN")."""
+    models = {"default": _model_kwargs(args)}
+    if args.wide_hidden_size:
+        wide = 4 * args.wide_hidden_size
+        models[f"wide (hidden {args.wide_hidden_size}, 4× FFN)"] = dict(
+            models["default"],
+            hidden_size=args.wide_hidden_size,
+            ffn_hidden_size=wide,
+            moe_ffn_hidden_size=wide,
+        )
+    return models
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -730,6 +584,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-query-groups", type=int, default=4)
     parser.add_argument("--num-moe-experts", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument(
+        "--wide-hidden-size",
+        type=int,
+        default=0,
+        help="also run a wide model: this hidden size, 4x FFN (dense and experts); 0: only the default model",
+    )
     parser.add_argument(
         "--profile",
         nargs="*",
@@ -758,8 +618,13 @@ def main(argv: list[str] | None = None) -> None:
         profile=() if args.profile is None else tuple(args.profile or [REFERENCE]),
     )
     command = rerun_command("bench_muon_step.py", argv)
-    measured = {name: measure_layout(name, _model_kwargs(args), chosen, settings) for name in args.layouts}
-    for layout_name, result in measured.items():
+    models = _models(args)
+    measured = {
+        (model_name, name): measure_layout(name, model, chosen, settings)
+        for model_name, model in models.items()
+        for name in args.layouts
+    }
+    for (_, layout_name), result in measured.items():
         for name, row in result["rows"].items():
             if row.get("traceback"):
                 print(f"----- [{layout_name}] {name} failed -----\n{row['traceback']}", file=sys.stderr)
@@ -768,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"----- [{layout_name}] {name}: cProfile of rank 0 -----\n{row['profile']}",
                     file=sys.stderr,
                 )
-    section = render_section(args, command.strip(), measured)
+    section = render_section(args, command.strip(), models, measured)
     publish(section, args.out, START_MARKER, END_MARKER)
 
 
