@@ -31,7 +31,8 @@ MODEL = [
 ]
 LAYOUTS = {"TP2·DP2": ["parallel.tp=2", "parallel.ep=1"], "TP2·EP2": ["parallel.tp=2", "parallel.ep=2"]}
 
-# Measured (docs/benchmarks.md, bench_muon_step section as committed): step median (ms) and Muon state per rank
+# Measured (docs/benchmarks.md, bench_muon_step section as of commit c7d9b8e: the last run with every contender; the
+# section since times only ours auto and megatron's layer-wise modes): step median (ms) and Muon state per rank
 # min–max (MiB) per contender.
 MEASURED = {
     "TP2·DP2": {

@@ -12,8 +12,11 @@ Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's
 * distributed optimizer **on** (ours, docs/distributed_optimizer.md): AdamW on megatron's element-sharded
   ``DistributedOptimizer``: (4 B master + 8 B state) × a / d, i.e. 6 + 12/d B per param with params and grads
   (d: dense DP·CP, experts expert-DP); Muon on megatron's shard-aligned layer-wise layout: each DP rank owns
-  whole TP-local params (balanced by Newton–Schulz cost) and keeps the fp32 master (4 B, bf16 only) of those,
-  and the owner inside the TP group keeps the momentum (4 B) of the whole logical matrix: 6 + 8/d B per param on
+  whole TP-local params (balanced by Newton–Schulz cost) and keeps the fp32 master (4 B, bf16 only) of those;
+  the momentum (4 B) is kept where the built optimizer keeps it (``momentum_elements``, the plan of
+  ``optim/build.py``: configured mode, no replicated state, ``momentum_with_shards`` unless NorMuon): each TP rank
+  its own shard of an ``owner`` or ``distributed`` matrix, every holder the whole of a ``duplicated`` one (a whole
+  matrix several TP ranks hold, like the router); with NorMuon the owner the whole matrix. 6 + 8/d B per param on
   average. Megatron's ``LayerWiseDistributedOptimizer`` holds the same bytes (its TP-split matrices' momentum
   per shard on every TP rank of the DP owner).
 * activations (megatron's theoretical estimate, Korthikanti et al. 2022, selective recompute, sequence parallel):
@@ -43,10 +46,12 @@ Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from megatron_muon.ops.newton_schulz import newton_schulz_flops, ns_algorithm_flops
-from megatron_muon.optim.plan import GPU_PROFILES, PieceRecord
+from megatron_muon.optim.plan import GPU_PROFILES, MatrixPlan, PieceRecord
 
 __all__ = ["MODES", "RankCost", "activation_bytes", "layout_costs"]
 
@@ -192,6 +197,34 @@ def _long_side_sharded(record: PieceRecord) -> bool:
     return (record.shard_dim == 1) == (cols >= rows)
 
 
+def momentum_elements(matrix: MatrixPlan) -> dict[int, float]:
+    """Plan rank index → elements of ``matrix``'s Muon momentum that rank keeps, where the built optimizer keeps it
+    (``Muon._momentum_input``): each holder its own shard when the momentum stays with the shards (``distributed``
+    mode; ``owner`` with ``momentum_with_shards``, the distributed optimizer's default), else every rank that
+    computes the matrix the whole of it (the owner; every holder under ``duplicated``)."""
+    full = matrix.shape[0] * matrix.shape[1]
+    if matrix.mode == "distributed" or matrix.momentum_with_shards:
+        return {rank: full / matrix.num_shards for ranks in matrix.holders.values() for rank in ranks}
+    return {rank: float(full) for rank in matrix.computers}
+
+
+def _gram_all_reduce(
+    costs: dict[int, RankCost],
+    links: _Links,
+    matrix: MatrixPlan,
+    muon: Any,
+    global_rank: Callable[[int], int],
+) -> int:
+    """The ``distributed`` mode's Gram all-reduce of ``matrix`` on each holder (ring over its shard group);
+    returns the all-reduces per step (one batched call per shape pays them once)."""
+    k = min(matrix.shape)
+    all_reduces: int = matrix.gram_all_reduces(muon.ns_steps, tuple(muon.ns_gram_restarts))
+    each_way = 2 * (matrix.num_shards - 1) / matrix.num_shards * k * k * _FP32 * all_reduces
+    for grid in matrix.all_holders:
+        _ring(costs[global_rank(grid)], each_way, links.intra, "gram all-reduce", 0)
+    return all_reduces
+
+
 def _ours(facts, links) -> dict[int, RankCost]:
     dims, muon = facts.dims, facts.cfg.optimizer.muon
     costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
@@ -202,22 +235,16 @@ def _ours(facts, links) -> dict[int, RankCost]:
                 costs[first + grid].ns_flops += load
             shapes_distributed: dict[int, set] = defaultdict(set)
             for matrix in plan.matrices:
-                full = matrix.shape[0] * matrix.shape[1]
-                shard = full / matrix.num_shards
+                for grid, elements in momentum_elements(matrix).items():
+                    costs[first + grid].muon_state_elements += elements
+                    costs[first + grid].owned_elements += elements
                 if matrix.mode == "distributed":
-                    k = min(matrix.shape)
-                    all_reduces = matrix.gram_all_reduces(muon.ns_steps, tuple(muon.ns_gram_restarts))
-                    each_way = 2 * (matrix.num_shards - 1) / matrix.num_shards * k * k * _FP32 * all_reduces
+                    all_reduces = _gram_all_reduce(
+                        costs, links, matrix, muon, lambda g, first=first: first + g
+                    )
                     for grid in matrix.all_holders:
-                        cost = costs[first + grid]
-                        cost.muon_state_elements += shard
-                        cost.owned_elements += shard
                         shapes_distributed[first + grid].add((matrix.shape, matrix.shard_dim, all_reduces))
-                        _ring(cost, each_way, links.intra, "gram all-reduce", 0)
                     continue
-                for grid in matrix.computers:
-                    costs[first + grid].muon_state_elements += full
-                    costs[first + grid].owned_elements += full
                 _exchanges(costs, links, matrix, lambda grid, first=first: first + grid)
             for rank in range(first, first + dims.stage_size):
                 # One batched call (all-reduces of one Gram shape) per shape and algorithm (``Muon._orthogonalize``).
@@ -340,27 +367,38 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
                         cost.ns_flops += _ns_flops(record.shape, muon.ns_steps, algorithm, facts)
                         cost.muon_state_elements += record.shape[0] * record.shape[1]
                     continue
+                # As optim/build.py builds it: the configured mode without replicated state, the momentum with
+                # the shards (NorMuon keeps it whole on the owner).
                 plan = build_plan(
                     records,
-                    mode="owner",
+                    # tp_mode duplicated is refused with the distributed optimizer (optim/build.py): show owner.
+                    mode="owner" if muon.tp_mode == "duplicated" else muon.tp_mode,
                     ns_steps=muon.ns_steps,
                     cost_model=facts.cost_model,
+                    replicate_state=False,
+                    momentum_with_shards=not muon.normuon,
                     ns_algorithm=algorithm,
                     gram_restarts=tuple(muon.ns_gram_restarts),
                 )
                 for index, load in plan.loads.items():
                     costs[first + members[index]].ns_flops += load
+
+                def global_rank(index: int, first: int = first, members: list[int] = members) -> int:
+                    return first + members[index]
+
+                distributed_calls: dict[int, set[tuple[tuple[int, int], int, int]]] = defaultdict(set)
                 for matrix in plan.matrices:
-                    for index in matrix.computers:  # the owner keeps the whole matrix's momentum
-                        costs[first + members[index]].muon_state_elements += matrix.shape[0] * matrix.shape[1]
-                    _exchanges(
-                        costs,
-                        links,
-                        matrix,
-                        lambda index, first=first, members=members: first + members[index],
-                    )
-                for member in members:
-                    costs[first + member].collectives += 2 * _NUM_BUCKETS
+                    for index, elements in momentum_elements(matrix).items():
+                        costs[global_rank(index)].muon_state_elements += elements
+                    if matrix.mode == "distributed":
+                        all_reduces = _gram_all_reduce(costs, links, matrix, muon, global_rank)
+                        for index in matrix.all_holders:
+                            distributed_calls[index].add((matrix.shape, matrix.shard_dim, all_reduces))
+                        continue
+                    _exchanges(costs, links, matrix, global_rank)
+                for index in range(len(members)):
+                    calls = sum(n for _, _, n in distributed_calls[index])
+                    costs[global_rank(index)].collectives += 2 * _NUM_BUCKETS + calls
     return costs
 
 

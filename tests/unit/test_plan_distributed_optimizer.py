@@ -67,3 +67,43 @@ def test_dry_run_itemizes_memory_for_both_settings(configured):
     for line in (off, on):
         assert "params" in line and "grads" in line and "masters" in line and "Muon momentum" in line
     assert ("(configured)" in on) == configured and ("(configured)" in off) != configured
+
+
+def test_momentum_stays_with_the_shards_each_rank_owns_as_the_built_optimizer_keeps_it(report):
+    # optim/build.py builds the distributed optimizer's plan with momentum_with_shards (NorMuon off): each rank keeps
+    # the momentum of exactly the Muon shards whose fp32 master it keeps, never a whole TP-split matrix on its owner.
+    cfg, _, figures = report
+    assert not cfg.optimizer.muon.normuon and cfg.model.precision == "bf16"
+    rows = figures["modes"]["ours + distributed optimizer"]["classes"]
+    for row in rows:
+        memory = row["memory_bytes"]
+        owned_muon_master = memory["master"] - memory["adamw_state"] / 2  # 4 B master vs 8 B AdamW state
+        assert memory["muon_state"] == pytest.approx(owned_muon_master), row
+
+
+@pytest.mark.parametrize("with_shards", [True, False])
+def test_the_planner_counts_momentum_on_the_ranks_the_built_optimizer_keeps_it(with_shards):
+    # One TP2 group of one DP index (the distributed optimizer's plan, replicated state off): two tall matrices split
+    # along their short side (owner mode: distributed needs a long-side split) and one router held whole by both TP
+    # ranks (duplicated).
+    from megatron_muon.optim.plan import PieceRecord, build_plan
+    from megatron_muon.planning.cost import momentum_elements
+
+    def record(key, shape, shard_index, num_shards=2):
+        return PieceRecord(key, shape, 1, num_shards, shard_index, "tp")
+
+    records = [
+        [record("fc1", (256, 64), r), record("qkv", (192, 64), r), record("router", (8, 64), 0, 1)]
+        for r in (0, 1)
+    ]
+    plan = build_plan(records, mode="auto", replicate_state=False, momentum_with_shards=with_shards)
+    kept = {m.key: (m.mode, momentum_elements(m)) for m in plan.matrices}
+    assert kept["router"] == ("duplicated", {0: 8 * 64, 1: 8 * 64})
+    for key, rows in (("fc1", 256), ("qkv", 192)):
+        mode, elements = kept[key]
+        assert mode == "owner", key
+        if with_shards:  # Muon._momentum_input on each holder, of its own shard
+            assert elements == {0: rows * 64 / 2, 1: rows * 64 / 2}, key
+        else:  # NorMuon: the owner keeps the whole matrix
+            (owner,) = plan.matrices[[m.key for m in plan.matrices].index(key)].computers
+            assert elements == {owner: rows * 64}, key
