@@ -222,6 +222,8 @@ def _build_muon(
         momentum_with_shards=not replicate_state and not muon.normuon,
         ns_algorithm=muon.planned_ns_algorithm,
         gram_restarts=tuple(muon.ns_gram_restarts),
+        # Where this rank's empty sends live when it moves nothing of its own: the model's device.
+        device=next((p.device for chunk in model_chunks for p in chunk.parameters()), None),
     )
     raw = Muon(
         groups,

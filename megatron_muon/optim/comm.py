@@ -142,10 +142,19 @@ class MatrixTransport:
     Tensors travel in fp32 (``Exchange``).
     """
 
-    def __init__(self, matrices: Sequence[MatrixPlan], *, rank: int, group: Any, num_buckets: int) -> None:
+    def __init__(
+        self,
+        matrices: Sequence[MatrixPlan],
+        *,
+        rank: int,
+        group: Any,
+        num_buckets: int,
+        device: torch.device | None = None,
+    ) -> None:
         self.rank, self.group = rank, group
-        self.device: torch.device | None = None
-        """The device of the pieces this rank moves (from the first gather): where its empty sends live."""
+        self.device = device
+        """Where this rank's empty sends live: the model's device (the builder passes it; else the device of the
+        pieces of the first gather)."""
         travelling = [m for m in matrices if m.mode != "distributed"]
         self.buckets: list[list[MatrixPlan]] = [
             [m for m in travelling if m.bucket == b] for b in range(num_buckets)

@@ -59,6 +59,8 @@ class MatrixOrthogonalizer:
         replicate_state: False (the distributed optimizer): no sharded matrix runs ``duplicated``
             (``plan.build_plan``), so its momentum is stored once.
         momentum_with_shards: ``owner`` matrices keep their momentum with the shards' holders (``plan.build_plan``).
+        device: the model's device, where a rank that sends nothing puts its empty buffers (default: the device
+            of the first pieces it gathers).
         ns_algorithm, gram_restarts: standard or Gram Newton–Schulz per matrix (``auto``: by FLOPs), and the Gram
             restarts its FLOPs count (``plan.build_plan``); the step reads each matrix's choice from the plan.
 
@@ -80,6 +82,7 @@ class MatrixOrthogonalizer:
         momentum_with_shards: bool = False,
         ns_algorithm: str = "auto",
         gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS,
+        device: torch.device | None = None,
     ) -> None:
         self.grid_group = grid_group
         self.shard_groups = shard_groups or {}
@@ -108,7 +111,7 @@ class MatrixOrthogonalizer:
         self.rank = group_rank(grid_group)
         self._by_key = {m.key: m for m in self.plan.matrices}
         self.transport = MatrixTransport(
-            self.plan.matrices, rank=self.rank, group=grid_group, num_buckets=num_buckets
+            self.plan.matrices, rank=self.rank, group=grid_group, num_buckets=num_buckets, device=device
         )
         for matrix in self.plan.matrices:
             if matrix.mode == "distributed" and self.rank in matrix.all_holders:

@@ -25,15 +25,19 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "launch" / "configs" / "tiny_cpu.yaml"
 
 
-def _tiny():
-    cfg = load_config(str(TINY), [])
+def _load(path: str, overrides: list[str]):
+    cfg = load_config(path, overrides)
     return cfg, validate(cfg)
 
 
-def _rehearse_in_this_process(rank: int, distributed_optimizer: bool, plant: str | None):
+def _tiny():
+    return _load(str(TINY), [])
+
+
+def _rehearse_in_this_process(rank: int, distributed_optimizer: bool, plant: str | None, config=None):
     """Runs in a fresh interpreter (the CPU stand-ins other tests install are process-wide): one rehearsal of the
-    default config, with a planted fault when asked."""
-    cfg, dims = _tiny()
+    default config (or ``config``: path and overrides), with a planted fault when asked."""
+    cfg, dims = _tiny() if config is None else _load(*config)
     if plant is not None:
         original = grad_norm_module._sum_of_squares
 
@@ -48,9 +52,9 @@ def _rehearse_in_this_process(rank: int, distributed_optimizer: bool, plant: str
     return rehearse_rank(cfg, dims, rank, distributed_optimizer=distributed_optimizer).to_json()
 
 
-def _rehearse(rank: int, distributed_optimizer: bool, plant: str | None = None) -> dict:
+def _rehearse(rank: int, distributed_optimizer: bool, plant: str | None = None, config=None) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_rehearse_in_this_process, (rank, distributed_optimizer, plant))
+        return pool.apply(_rehearse_in_this_process, (rank, distributed_optimizer, plant, config))
 
 
 @pytest.mark.slow
@@ -82,6 +86,16 @@ def test_a_cpu_tensor_in_a_collective_fails_the_rehearsal():
     errors = report["errors"]
     assert any("cpu tensor" in e and "tests/unit/test_rehearsal.py" in e for e in errors), errors
     assert any("allreduce" in e and "NCCL takes CUDA tensors only" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_a_rank_that_sends_nothing_of_its_own_sends_empty_buffers_on_the_gpu():
+    """Kimi-K2 at 256 with two layers and the distributed optimizer: the last rank owns no Muon matrix, so its
+    all-to-all sends are empty; they must live on the model's device (a CPU buffer was handed to the collective)."""
+    kimi = str(REPO / "launch" / "configs" / "kimi_k2_1t.yaml")
+    report = _rehearse(255, True, config=(kimi, ["model.num_layers=2", "parallel.world_size=256"]))
+    assert report["ok"], report["errors"]
+    assert report["syncs_per_step"] == 1
 
 
 def test_the_rehearsal_refuses_a_process_with_the_cpu_stand_ins(monkeypatch):
