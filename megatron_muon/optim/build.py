@@ -221,7 +221,7 @@ def _build_muon(
         # the owner, so its momentum does too).
         momentum_with_shards=not replicate_state and not muon.normuon,
         ns_algorithm=muon.planned_ns_algorithm,
-        gram_restarts=tuple(muon.ns_gram_restarts),
+        gram_restarts=muon.planned_gram_restarts,
         # Where this rank's empty sends live when it moves nothing of its own: the model's device.
         device=next((p.device for chunk in model_chunks for p in chunk.parameters()), None),
     )
@@ -238,7 +238,7 @@ def _build_muon(
         pieces=pieces,
         orthogonalizer=orthogonalizer,
         ns_fp8_steps=muon.ns_fp8_steps,
-        ns_gram_restarts=tuple(muon.ns_gram_restarts),
+        ns_gram_restarts=muon.planned_gram_restarts,
         post_orthogonalize=(
             NorMuonNormalization(beta2=muon.normuon_beta2, eps=muon.normuon_eps) if muon.normuon else None
         ),

@@ -78,11 +78,6 @@ class MuonConfig:
             raise ValueError(f"muon.compute_dtype={self.compute_dtype!r}; valid: {sorted(DTYPES)}")
         if self.ns_algorithm not in NS_ALGORITHMS:
             raise ValueError(f"muon.ns_algorithm={self.ns_algorithm!r}; valid: {list(NS_ALGORITHMS)}")
-        if isinstance(self.ns_steps, int) and self.ns_steps >= 1:  # else the ns_steps check names the error
-            try:
-                resolve_gram_restarts(self.ns_gram_restarts, self.ns_steps)
-            except ValueError as error:
-                raise ValueError(f"muon.ns_gram_restarts: {error}") from None
         if self.ns_algorithm == "gram" and self.ns_fp8_steps:
             raise ValueError(
                 f"muon.ns_algorithm='gram' cannot run muon.ns_fp8_steps={self.ns_fp8_steps} (FP8 steps run with "
@@ -90,6 +85,15 @@ class MuonConfig:
                 "ns_fp8_steps 0"
             )
         self._validate_ns_fp8_steps()
+        # The restarts are a Gram setting: checked where Gram can run (not with FP8 steps or ns_algorithm standard).
+        steps_valid = (
+            isinstance(self.ns_steps, int) and self.ns_steps >= 1
+        )  # else the ns_steps check names it
+        if steps_valid and self.planned_ns_algorithm != "standard":
+            try:
+                resolve_gram_restarts(self.ns_gram_restarts, self.ns_steps)
+            except ValueError as error:
+                raise ValueError(f"muon.ns_gram_restarts: {error}") from None
         if not 0.0 <= self.normuon_beta2 < 1.0:
             raise ValueError(f"muon.normuon_beta2={self.normuon_beta2!r} must be in [0, 1)")
         if not self.normuon_eps > 0.0:
@@ -100,6 +104,12 @@ class MuonConfig:
         """What the plan chooses from: ``ns_algorithm``, but ``standard`` when FP8 steps are on (they have no Gram
         form)."""
         return "standard" if self.ns_fp8_steps else self.ns_algorithm
+
+    @property
+    def planned_gram_restarts(self) -> tuple[int, ...]:
+        """``ns_gram_restarts`` where Gram can run; () where the plan runs standard only (they are a Gram setting,
+        and a short ``ns_steps`` with the default restarts is then valid)."""
+        return () if self.planned_ns_algorithm == "standard" else tuple(self.ns_gram_restarts)
 
     def _validate_ns_fp8_steps(self) -> None:
         from megatron_muon.ops.newton_schulz_fp8 import MAX_STABLE_FP8_STEPS

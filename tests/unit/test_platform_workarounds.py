@@ -85,6 +85,8 @@ ALLOWED_CUDA_QUERIES = {
     "megatron_muon/models/gpt_moe.py": "Transformer Engine refused without a GPU (one-line error)",
     "megatron_muon/logging_setup.py": "which third-party warnings are benign on this device",
     "megatron_muon/bench/newton_schulz_gpu.py": "the GPU benchmark refuses without a GPU",
+    "megatron_muon/bench/gpu_check.py": "the one-call GPU check refuses without a GPU",
+    "megatron_muon/optim/plan.py": "the cost model's default speeds (GPU or CPU numbers; MEGATRON_MUON_DEVICE=cpu)",
 }
 
 
