@@ -345,7 +345,7 @@ def train_step(
     ``model_chunks`` are the DDP-wrapped chunks from :func:`wrap_in_ddp`; ``data_iterator`` yields
     :func:`synthetic_batches`-style dicts (a list of iterators, one per chunk, under interleaving).
 
-    Returns, identical on every rank:
+    Returns, identical on every rank (but the optimizer time, which is this rank's own):
         loss: mean cross-entropy per token over the global batch (nats), from the last pipeline stage.
         load_balancing_loss: megatron's load-balancing loss of the configured kind (aux_loss or
             seq_aux_loss, without its coefficient), mean over MoE layers and microbatches; None when the

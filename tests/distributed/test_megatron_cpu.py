@@ -111,9 +111,16 @@ def test_tiny_moe_trains_in_one_process():
 @pytest.mark.slow
 def test_tiny_moe_trains_at_tp2_pp2_ep2_on_four_gloo_ranks(tp2_pp2_ep2_reports):
     _assert_trained(tp2_pp2_ep2_reports[0])
-    # The loss lives on the last pipeline stage; every rank must report the same numbers.
+
+    # The loss lives on the last pipeline stage; every rank must report the same numbers (but its own optimizer
+    # time: the step reads the device once and does not all-reduce a timing).
+    def shared(reports):
+        return [
+            {k: v for k, v in r.items() if k not in ("optimizer_seconds", "optimizer_timer")} for r in reports
+        ]
+
     for rank_reports in tp2_pp2_ep2_reports[1:]:
-        assert rank_reports == tp2_pp2_ep2_reports[0]
+        assert shared(rank_reports) == shared(tp2_pp2_ep2_reports[0])
 
 
 @pytest.mark.slow
