@@ -124,7 +124,9 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.extended) if n == "dp4_ep2" else n for n in LAYOUTS]
+)
 def test_the_distributed_optimizer_gives_the_plain_optimizers_parameters(name):
     sizes, layout, variants = LAYOUTS[name]
     full = {variant: [*layout, *overrides] for variant, overrides in variants.items()}

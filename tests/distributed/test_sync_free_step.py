@@ -100,7 +100,7 @@ def _norms_on_rank(layout: list[str], variants: list[list[str]]) -> list[tuple[f
             dict(tp=2, pp=2, ep=2, etp=1),
             [["optimizer.distributed_optimizer=false"], ["optimizer.distributed_optimizer=true"]],
         ),
-        (
+        pytest.param(
             ["parallel.tp=1", "parallel.pp=1", "parallel.ep=2"],
             dict(tp=1, pp=1, ep=2, etp=1),
             [
