@@ -106,11 +106,16 @@ def wait_until_gone(env: dict[str, str], job: str, timeout: float) -> dict[str, 
     deadline = time.monotonic() + timeout
     requeued_since = None
     while True:
-        queued = subprocess.run(
+        done = subprocess.run(
             ["squeue", "-h", "-j", job, "-o", "%T %r"], env=env, capture_output=True, text=True
-        ).stdout.split()
-        if not queued:
-            return job_fields(env, job)
+        )
+        queued = done.stdout.split()
+        # A failed squeue (slurmctld busy: "Zero Bytes were transmitted or received") says nothing about the job;
+        # only an answer without it means it has left the queue, and its fields must say it finished.
+        if done.returncode == 0 and not queued:
+            fields = job_fields(env, job)
+            if fields.get("JobState") not in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING"):
+                return fields
         # A requeued job waits ~2 minutes (BeginTime) before it may start again; let it start sooner, but not
         # within seconds of the requeue: slurmd revokes the first run's credential, and a relaunch issued in
         # the same second is refused ("Job credential revoked") and fails the job. Also wait for the node.
