@@ -325,6 +325,7 @@ def test_a_missing_resume_path_stops_before_any_process_starts(tmp_path, shakesp
     assert "weight: 2.0" in planned.stdout  # a list item overridden by index
 
 
+@pytest.mark.extended  # interleaving is checked exactly in test_parallel_muon (pp2_vpp2_dp2), in CI
 def test_interleaved_pipeline_trains_and_its_checkpoint_loads_without_interleaving(
     tmp_path, shakespeare_data, launcher_env
 ):

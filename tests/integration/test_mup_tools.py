@@ -98,6 +98,7 @@ def _sweep_command(out: Path) -> list[str]:
     ]
 
 
+@pytest.mark.extended  # the sweep tool's resume after a kill: the full suite only
 def test_sweep_resumes_after_a_kill_without_redoing_trials(tmp_path, launcher_env):
     out = tmp_path / "sweep"
     trials_csv = out / "trials.csv"
