@@ -378,6 +378,8 @@ def train_step(
         pg_collection=pg_collection,
         forward_only=False,
     )
+    # The recorders' device values (collectives of their own) before the optimizer's timer starts.
+    extra = dict(read_with_step()) if read_with_step is not None else {}
     timer = OptimizerTimer(device)
     found_inf = optimizer.prepare_grads()  # a host bool; only fp16's loss scaler reads the device for it
     own = {
@@ -385,7 +387,6 @@ def train_step(
         "grad_norm_squared": grad_norm_squared(optimizer, device),
         LOAD_BALANCING_LOSS: _load_balancing_loss(config, num_microbatches, pg_collection),
     }
-    extra = dict(read_with_step()) if read_with_step is not None else {}
     clash = sorted(set(own) & set(extra))
     if clash:
         raise ValueError(f"read_with_step() returned the step's own names {clash}")
