@@ -24,10 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import traceback
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -271,6 +270,7 @@ class _NoOpEvent:
         return 0.0
 
 
+_MISSING = object()
 _active_mode: GpuRehearsalMode | None = None
 
 
@@ -285,8 +285,6 @@ def fake_cuda_device(device_count: int = 8) -> Iterator[GpuRehearsalMode]:
     """Inside: ``torch.cuda`` reports ``device_count`` fake GPUs, tensors on ``"cuda"`` are fake, and the yielded
     mode records syncs. Everything patched is put back on exit."""
     global _active_mode
-    from megatron_muon.platform import cpu as cpu_stand_ins
-
     rng = torch.Generator(device="cpu")  # the fake GPU's CUDA generator
     patches: dict[str, Any] = {
         "is_available": lambda: True,
@@ -335,7 +333,6 @@ def fake_cuda_device(device_count: int = 8) -> Iterator[GpuRehearsalMode]:
         megatron_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: rng.set_state(
             new_state
         )
-        del cpu_stand_ins
         _active_mode = mode
         # torch.compile'd megatron helpers (the router's expert bias) run eagerly: dynamo would compile them for a
         # device that is not there. What they compute is the same.
@@ -350,7 +347,3 @@ def fake_cuda_device(device_count: int = 8) -> Iterator[GpuRehearsalMode]:
                 delattr(torch.cuda, name)
             else:
                 setattr(torch.cuda, name, value)
-
-
-_MISSING = object()
-del traceback, field
