@@ -380,6 +380,33 @@ def check_checkpoint(checkpoint: CheckpointConfig) -> None:
 # ------------------------------------------------------------------------------------------- the whole config
 
 
+def _check_fsdp(cfg: PretrainConfig) -> None:
+    """What ``parallel.fsdp=true`` cannot serve, each named with the option that conflicts."""
+    opt = cfg.optimizer
+    require(
+        not opt.distributed_optimizer,
+        "parallel.fsdp=true with optimizer.distributed_optimizer=true: FSDP already shards the optimizer state "
+        "(and the parameters and gradients); set one of them",
+    )
+    for name in ("overlap_grad_reduce", "overlap_param_gather"):
+        require(
+            not getattr(opt, name),
+            f"parallel.fsdp=true with optimizer.{name}=true: a megatron DDP option; FSDP overlaps its "
+            "reduce-scatters and all-gathers itself (valid: false)",
+        )
+    require(
+        opt.ddp_bucket_size is None,
+        f"parallel.fsdp=true with optimizer.ddp_bucket_size={opt.ddp_bucket_size}: a megatron DDP option; FSDP "
+        "shards per transformer layer (valid: null)",
+    )
+    if opt.use_muon:
+        require(
+            opt.muon.tp_mode in ("auto", "owner"),
+            f"parallel.fsdp=true with optimizer.muon.tp_mode={opt.muon.tp_mode}: no rank holds a whole shard of "
+            "a fully sharded matrix, so one owner gathers it; valid: auto, owner",
+        )
+
+
 def validate(cfg: PretrainConfig, world_size: int | None = None) -> ParallelDims:
     """Check ``cfg`` as a whole at ``world_size`` processes (None: ``cfg.parallel.world_size``), before any
     process group starts. Returns the process grid. Raises ``ConfigError`` with a one-line message."""
@@ -433,6 +460,8 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> ParallelDims
             f"optimizer.muon.scale_mode={cfg.optimizer.muon.scale_mode!r} with muP (model.mup_base_hidden_size="
             f"{cfg.model.mup_base_hidden_size}); muP needs {MUON_SCALE_MODE!r} (√(fan_out/fan_in), docs/mup.md)",
         )
+    if cfg.parallel.fsdp:
+        _check_fsdp(cfg)
     check_data(cfg.data, evaluates=train.eval_interval > 0)
     check_checkpoint(cfg.checkpoint)
     require(cfg.logging.log_interval >= 1, f"logging.log_interval={cfg.logging.log_interval} must be >= 1")

@@ -313,6 +313,10 @@ class ParallelConfig:
     """Expert tensor-parallel size; None: equal to ``tp``."""
     sequence_parallel: bool | None = None
     """Sequence parallelism; None: on when tp > 1 (megatron's MoE layers require it then)."""
+    fsdp: bool = False
+    """Fully sharded data parallelism (torch FSDP2, ``training/fsdp.py``): parameters, gradients and optimizer
+    state sharded over the data-parallel ranks (experts over the expert-data-parallel ranks), fp32 shards gathered
+    in the model's precision for compute. Instead of ``optimizer.distributed_optimizer``."""
 
     def dims(self, world_size: int) -> ParallelDims:
         """The process grid at ``world_size`` (checks the products, not the model)."""

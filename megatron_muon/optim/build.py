@@ -10,6 +10,7 @@ reduce their norms over different groups.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -30,7 +31,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron_muon import mup
 from megatron_muon.optim import layer_wise
 from megatron_muon.optim.executor import MatrixOrthogonalizer
-from megatron_muon.optim.layout import LayoutConfig, megatron_param_pieces
+from megatron_muon.optim.layout import LayoutConfig, fsdp_part_pieces, fsdp_row_range, megatron_param_pieces
 from megatron_muon.optim.muon import Muon, NorMuonNormalization
 from megatron_muon.optim.options import DTYPES as _DTYPES
 from megatron_muon.optim.options import MuonConfig
@@ -72,6 +73,17 @@ def build_optimizer(
     routing = route_parameters(model_chunks, router=muon.router)
     muon_ids = {id(r.param) for r in routing.muon}
     owned = None
+    fully_sharded = is_fully_sharded(model_chunks)
+    if fully_sharded:
+        if config.use_distributed_optimizer:
+            raise ValueError(
+                "use_distributed_optimizer=True with fully sharded (FSDP) model chunks; FSDP already shards the "
+                "optimizer state: valid is use_distributed_optimizer=False"
+            )
+        # The shards are the fp32 master weights (FSDP gathers them in the compute dtype), so no
+        # mixed-precision wrapper copies them again.
+        config = copy.copy(config)
+        config.bf16 = False
     if config.use_distributed_optimizer:
         _check_distributed_optimizer(model_chunks, muon_ids)
         owned = layer_wise.owned_params(model_chunks, pg_collection)
@@ -117,7 +129,16 @@ def build_optimizer(
             layer_wise_muons.append((raw, configure))
             continue
         if use_muon:
-            raw = _build_muon(bucket, routing, model_chunks, muon, pg_collection, cost_model)
+            # FSDP: the momentum stays spread over the parts' holders, never replicated.
+            raw = _build_muon(
+                bucket,
+                routing,
+                model_chunks,
+                muon,
+                pg_collection,
+                cost_model,
+                replicate_state=not fully_sharded,
+            )
             optimizer = (
                 Float16OptimizerWithFloat16Params(raw, config, None, None)
                 if config.bf16
@@ -145,6 +166,11 @@ def build_optimizer(
             pg_collection=pg_collection,
         )
     return ChainedOptimizer(results)
+
+
+def is_fully_sharded(model_chunks: list[torch.nn.Module]) -> bool:
+    """Whether the chunks' parameters are FSDP shards (``DTensor``s: ``training/fsdp.py``)."""
+    return any(fsdp_row_range(p) is not None for chunk in model_chunks for p in chunk.parameters())
 
 
 def chain_members(optimizer: Any) -> list[Any]:
@@ -204,6 +230,9 @@ def _build_muon(
                 routing.module_paths[routed.chunk],
                 layout_options,
             )
+            rows_here = fsdp_row_range(param)
+            if rows_here is not None:  # FSDP: only this rank's rows of the parameter
+                param_pieces = fsdp_part_pieces(param_pieces, *rows_here)
             for piece in param_pieces:
                 shard_group_of[piece.key] = "expert_tp" if group["is_expert_parallel"] else "tp"
             group_pieces.append(param_pieces)

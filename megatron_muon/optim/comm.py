@@ -164,37 +164,42 @@ class MatrixTransport:
         }
 
     def start_gathers(self, pieces: Mapping[str, torch.Tensor]) -> list[PendingWholeMatrices]:
-        """Start, for every bucket at once, sending this rank's ``pieces`` (matrix key → the shard it holds) to
-        the ranks that need the whole matrix. ``wait()`` on the b-th result returns the whole matrices of bucket
-        b that this rank is named to compute (matrix key → full tensor)."""
+        """Start, for every bucket at once, sending this rank's ``pieces`` (matrix key → the shard it holds, or its
+        part of the shard's rows for a fully sharded matrix) to the ranks that need the whole matrix. ``wait()`` on
+        the b-th result returns the whole matrices of bucket b that this rank is named to compute (matrix key →
+        full tensor)."""
         if pieces:
             self.device = next(iter(pieces.values())).device
         pending = []
         for bucket in self.buckets:
-            exchange, order = self._start(bucket, "gather", lambda matrix, shard: pieces[matrix.key])
+            exchange, order = self._start(bucket, "gather", lambda matrix, shard, peer: pieces[matrix.key])
             wanted = [m for m in bucket if self.rank in m.computers]
-            pending.append(PendingWholeMatrices(exchange, order, wanted, pieces, self._my_shard))
+            pending.append(PendingWholeMatrices(exchange, order, wanted, pieces, self._my_shard, self.rank))
         return pending
 
     def start_return(self, bucket: int, whole: Mapping[str, torch.Tensor]) -> PendingPieces:
-        """Start sending every holder of the matrices of ``bucket`` its shard of the results in ``whole`` (matrix
-        key → full tensor, for the matrices this rank computed). ``wait()`` returns this rank's shard of every
+        """Start sending every holder of the matrices of ``bucket`` its piece of the results in ``whole`` (matrix
+        key → full tensor, for the matrices this rank computed). ``wait()`` returns this rank's piece of every
         matrix of the bucket it holds (matrix key → tensor): received, or cut from its own result."""
         matrices = self.buckets[bucket]
         exchange, order = self._start(
-            matrices, "scatter", lambda matrix, shard: _piece(whole[matrix.key], matrix, shard)
+            matrices, "scatter", lambda matrix, shard, peer: _piece(whole[matrix.key], matrix, shard, peer)
         )
         own = {
-            matrix.key: _piece(whole[matrix.key], matrix, self._my_shard[matrix.key])
+            matrix.key: _piece(whole[matrix.key], matrix, self._my_shard[matrix.key], self.rank)
             for matrix in matrices
             if matrix.key in whole
         }
         return PendingPieces(exchange, order, own)
 
     def _start(
-        self, matrices: Sequence[MatrixPlan], kind: str, payload: Callable[[MatrixPlan, int], torch.Tensor]
+        self,
+        matrices: Sequence[MatrixPlan],
+        kind: str,
+        payload: Callable[[MatrixPlan, int, int], torch.Tensor],
     ) -> tuple[Exchange, dict[int, list[tuple[str, int]]]]:
-        """One all-to-all of the ``kind`` ("gather" | "scatter") transfers of ``matrices``."""
+        """One all-to-all of the ``kind`` ("gather" | "scatter") transfers of ``matrices``. ``payload(matrix,
+        shard, receiver)`` is what this rank sends."""
         sends: dict[int, list[torch.Tensor]] = defaultdict(list)
         recv_shapes: dict[int, list[tuple[int, ...]]] = defaultdict(list)
         recv_order: dict[int, list[tuple[str, int]]] = defaultdict(list)
@@ -202,32 +207,59 @@ class MatrixTransport:
             transfers = matrix.gather if kind == "gather" else matrix.scatter
             for shard, sender, receiver in transfers:
                 if sender == self.rank:
-                    sends[receiver].append(payload(matrix, shard))
+                    sends[receiver].append(payload(matrix, shard, receiver))
                 if receiver == self.rank:
-                    recv_shapes[sender].append(_piece_shape(matrix))
+                    # A gather brings the sender's piece, a return this rank's own.
+                    recv_shapes[sender].append(
+                        matrix.piece_shape(shard, sender if kind == "gather" else receiver)
+                    )
                     recv_order[sender].append((matrix.key, shard))
         return Exchange(dict(sends), dict(recv_shapes), self.group, self.device), recv_order
 
 
-def _piece(full: torch.Tensor, matrix: MatrixPlan, shard: int) -> torch.Tensor:
-    return full.chunk(matrix.num_shards, dim=matrix.shard_dim)[shard]
-
-
-def _piece_shape(matrix: MatrixPlan) -> tuple[int, int]:
-    rows, cols = matrix.shape
-    if matrix.shard_dim == 0:
-        return rows // matrix.num_shards, cols
-    return rows, cols // matrix.num_shards
+def _piece(full: torch.Tensor, matrix: MatrixPlan, shard: int, holder: int) -> torch.Tensor:
+    """What ``holder`` holds of ``full``: shard ``shard``, or (fully sharded) its rows of it."""
+    piece = full.chunk(matrix.num_shards, dim=matrix.shard_dim)[shard]
+    if not matrix.row_parts:
+        return piece
+    runs = matrix.row_parts[shard][holder]
+    return torch.cat([piece[start : start + length] for start, length in runs])
 
 
 def _received(
     exchange: Exchange, order: dict[int, list[tuple[str, int]]]
-) -> dict[str, dict[int, torch.Tensor]]:
-    result: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+    """Matrix key → (shard, sending rank) → the received tensor."""
+    result: dict[str, dict[tuple[int, int], torch.Tensor]] = defaultdict(dict)
     for source, tensors in exchange.wait().items():
         for (key, shard), tensor in zip(order[source], tensors, strict=True):
-            result[key][shard] = tensor
+            result[key][(shard, source)] = tensor
     return result
+
+
+def _assemble(
+    matrix: MatrixPlan,
+    received: dict[tuple[int, int], torch.Tensor],
+    own: torch.Tensor,
+    me: int,
+    my_shard: int,
+) -> torch.Tensor:
+    """The whole matrix from the pieces of it received (``(shard, sender)`` → tensor) and this rank's own."""
+    pieces = dict(received)
+    pieces[(my_shard, me)] = own
+    if not matrix.row_parts:
+        by_shard = {shard: tensor for (shard, _), tensor in pieces.items()}
+        return torch.cat([by_shard[i] for i in range(matrix.num_shards)], dim=matrix.shard_dim)
+    shards = []
+    for shard in range(matrix.num_shards):
+        rows = torch.empty(matrix.shard_shape, dtype=own.dtype, device=own.device)
+        for holder, runs in matrix.row_parts[shard].items():
+            tensor, offset = pieces[(shard, holder)], 0
+            for start, length in runs:
+                rows[start : start + length].copy_(tensor[offset : offset + length])
+                offset += length
+        shards.append(rows)
+    return torch.cat(shards, dim=matrix.shard_dim)
 
 
 class PendingWholeMatrices:
@@ -240,9 +272,10 @@ class PendingWholeMatrices:
         wanted: list[MatrixPlan],
         pieces: Mapping[str, torch.Tensor],
         my_shard: dict[str, int],
+        rank: int,
     ) -> None:
         self._exchange, self._order, self._wanted = exchange, order, wanted
-        self._pieces, self._my_shard = pieces, my_shard
+        self._pieces, self._my_shard, self._rank = pieces, my_shard, rank
 
     def wait(self) -> dict[str, torch.Tensor]:
         received = _received(self._exchange, self._order)
@@ -250,9 +283,13 @@ class PendingWholeMatrices:
         for matrix in self._wanted:
             if matrix.key not in self._pieces:  # the caller left it out (held only here, no gradient)
                 continue
-            shards = dict(received.get(matrix.key, {}))
-            shards[self._my_shard[matrix.key]] = self._pieces[matrix.key]
-            whole[matrix.key] = torch.cat([shards[i] for i in range(matrix.num_shards)], dim=matrix.shard_dim)
+            whole[matrix.key] = _assemble(
+                matrix,
+                received.get(matrix.key, {}),
+                self._pieces[matrix.key],
+                self._rank,
+                self._my_shard[matrix.key],
+            )
         return whole
 
 

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 def _record(piece: MatrixPiece, shard_group: str) -> PieceRecord:
+    rows_held: tuple[tuple[int, int], ...] = ()
+    if piece.part is not None and piece.part.num_rows < piece.shard_shape[0]:
+        rows_held = piece.part.shard_rows  # a fully sharded parameter's part of the shard
     return PieceRecord(
         key=piece.key,
         shape=(piece.shape[0], piece.shape[1]),
@@ -39,6 +42,7 @@ def _record(piece: MatrixPiece, shard_group: str) -> PieceRecord:
         num_shards=piece.num_shards,
         shard_index=piece.shard_index,
         shard_group=shard_group,
+        rows_held=rows_held,
     )
 
 

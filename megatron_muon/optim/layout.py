@@ -72,12 +72,42 @@ class RowBlocks:
 
 
 @dataclass(frozen=True, slots=True)
+class RowRuns:
+    """Some rows of one shard of a logical matrix, held in a fully sharded (FSDP) parameter: each run is
+    ``(local_row, shard_row, length)``: ``length`` rows starting at row ``local_row`` of this rank's slice of the
+    parameter are rows ``shard_row …`` of the shard."""
+
+    runs: tuple[tuple[int, int, int], ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(length for _, _, length in self.runs)
+
+    @property
+    def shard_rows(self) -> tuple[tuple[int, int], ...]:
+        """``(shard_row, length)`` per run: which rows of the shard these are, whatever the local tensor."""
+        return tuple((shard_row, length) for _, shard_row, length in self.runs)
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [tensor[local : local + length] for local, _, length in self.runs]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def write(self, tensor: torch.Tensor, rows: torch.Tensor) -> None:
+        offset = 0
+        for local, _, length in self.runs:
+            tensor[local : local + length].copy_(rows[offset : offset + length])
+            offset += length
+
+
+@dataclass(frozen=True, slots=True)
 class MatrixPiece:
     """The part of one logical matrix that one local parameter holds.
 
     ``key`` names the logical matrix independently of the parallel layout; ``shape`` is its full
     ``(fan_out, fan_in)``. The local rows ``rows`` of ``param[index]`` are shard ``shard_index`` of ``num_shards``
-    equal shards of the logical matrix along ``shard_dim`` (0: rows, 1: columns).
+    equal shards of the logical matrix along ``shard_dim`` (0: rows, 1: columns). With a fully sharded parameter
+    (``parallel.fsdp``) this rank holds only ``part`` of that shard's rows, read from its slice of the parameter
+    (``fsdp_part_pieces``); ``rows`` then still describes the whole parameter.
     """
 
     key: str
@@ -87,19 +117,86 @@ class MatrixPiece:
     num_shards: int = 1
     shard_index: int = 0
     index: tuple[int, ...] = ()
+    part: RowRuns | None = None
 
     @property
-    def local_shape(self) -> tuple[int, int]:
+    def shard_shape(self) -> tuple[int, int]:
+        """Shape of the whole shard ``shard_index``."""
         rows, cols = self.shape
         if self.shard_dim == 0:
             return rows // self.num_shards, cols
         return rows, cols // self.num_shards
 
+    @property
+    def local_shape(self) -> tuple[int, int]:
+        """Shape of what this rank holds: the shard, or its ``part``."""
+        rows, cols = self.shard_shape
+        return (rows if self.part is None else self.part.num_rows), cols
+
     def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This piece out of the local parameter (or gradient) ``tensor``: a fully sharded parameter's slice."""
+        if self.part is not None:
+            return self.part.read(tensor)
         return self.rows.read(tensor[self.index] if self.index else tensor)
 
     def write(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        if self.part is not None:
+            self.part.write(tensor, value)
+            return
         self.rows.write(tensor[self.index] if self.index else tensor, value)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a fully sharded (FSDP2 ``DTensor``) parameter or gradient; any other tensor as is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+def fsdp_row_range(param: torch.Tensor) -> tuple[int, int] | None:
+    """Rows ``[start, stop)`` of a fully sharded parameter held on this rank (``torch.chunk`` over its mesh, as
+    FSDP2 shards); None for a parameter that is not a ``DTensor``."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return None
+    rows, size, rank = param.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = -(-rows // size)
+    start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+    local = local_tensor(param).shape[0]
+    if stop - start != local:
+        raise RuntimeError(
+            f"FSDP holds {local} rows of a {rows}-row parameter on rank {rank}; expected {stop - start}"
+        )
+    return start, stop
+
+
+def fsdp_part_pieces(pieces: list[MatrixPiece], row_start: int, row_stop: int) -> list[MatrixPiece]:
+    """The parts of ``pieces`` (of one 2-D parameter) a rank holds when FSDP keeps rows ``[row_start, row_stop)``
+    of the parameter here: each piece cut to the runs of its rows inside that range (pieces without such rows are
+    left out). A piece's rows are ``rows.repeats`` blocks of ``rows.length`` rows, one every ``rows.period``."""
+    result = []
+    for piece in pieces:
+        if piece.index:
+            raise ValueError(f"{piece.key}: FSDP parts of stacked (N-D) parameters are not supported")
+        blocks = piece.rows
+        runs = []
+        for repeat in range(blocks.repeats):
+            first = repeat * blocks.period + blocks.offset
+            start, stop = max(first, row_start), min(first + blocks.length, row_stop)
+            if start < stop:
+                runs.append((start - row_start, repeat * blocks.length + start - first, stop - start))
+        if runs:
+            result.append(
+                MatrixPiece(
+                    key=piece.key,
+                    shape=piece.shape,
+                    rows=piece.rows,
+                    shard_dim=piece.shard_dim,
+                    num_shards=piece.num_shards,
+                    shard_index=piece.shard_index,
+                    part=RowRuns(tuple(runs)),
+                )
+            )
+    return result
 
 
 def whole_tensor_pieces(name: str, param: torch.Tensor) -> list[MatrixPiece]:

@@ -25,7 +25,7 @@ from megatron_muon.ops.newton_schulz_fp8 import check_fp8_steps
 from megatron_muon.ops.normuon import row_normalize_
 from megatron_muon.ops.scaling import SCALE_MODES, update_scale
 from megatron_muon.optim.executor import MatrixOrthogonalizer
-from megatron_muon.optim.layout import MatrixPiece, whole_tensor_pieces
+from megatron_muon.optim.layout import MatrixPiece, local_tensor, whole_tensor_pieces
 from megatron_muon.optim.plan import MatrixPlan
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class Muon(torch.optim.Optimizer):
             for param, pieces in zip(group["params"], self.pieces[g], strict=True):
                 for piece in pieces:
                     if param.grad is not None:
-                        grad = piece.read(param.grad).to(torch.float32)
+                        grad = piece.read(local_tensor(param.grad)).to(torch.float32)
                     elif self.orthogonalizer.held_only_here(piece.key):
                         continue
                     else:
@@ -412,7 +412,8 @@ class Muon(torch.optim.Optimizer):
             for param, pieces in zip(group["params"], self.pieces[g], strict=True):
                 if not pieces or param.grad is None:
                     continue
-                direction = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                local = local_tensor(param)  # a fully sharded parameter: this rank's slice
+                direction = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
                 for piece in pieces:
                     scale = update_scale(group["scale_mode"], piece.shape[0], piece.shape[1])
                     scaled = directions[piece.key] * (scale * group["scale_multiplier"])
@@ -421,8 +422,8 @@ class Muon(torch.optim.Optimizer):
                     totals[0] = totals[0] + scaled.square().sum()
                     totals[1] += scaled.numel()
                 if group["weight_decay"] != 0.0:
-                    param.mul_(1.0 - group["lr"] * group["weight_decay"])
-                param.add_(direction.to(param.dtype), alpha=-group["lr"])
+                    local.mul_(1.0 - group["lr"] * group["weight_decay"])
+                local.add_(direction.to(local.dtype), alpha=-group["lr"])
         self.stats.update({f"update_rms/{k}": (s / max(n, 1)) ** 0.5 for k, (s, n) in update_sq.items()})
 
     def _sample_orthogonality(self, whole_directions: Mapping[str, torch.Tensor]) -> None:

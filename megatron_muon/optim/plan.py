@@ -45,6 +45,9 @@ class PieceRecord:
     num_shards: int
     shard_index: int
     shard_group: str
+    rows_held: tuple[tuple[int, int], ...] = ()
+    """A fully sharded (FSDP) parameter's part of the shard: ``(first row, rows)`` runs of the shard; ``()``: the
+    whole shard."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -241,10 +244,29 @@ class MatrixPlan:
     holder per shard): they send the owner Newton–Schulz inputs instead of gradients."""
     ns_algorithm: str = "standard"
     """``standard`` or ``gram`` Newton–Schulz (chosen by ``build_plan``'s ``ns_algorithm``)."""
+    row_parts: dict[int, dict[int, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
+    """Fully sharded (FSDP) matrices: shard index → holder → the ``(first row, rows)`` runs of the shard it holds;
+    the holders of a shard partition its rows. Empty when every holder holds whole shards (replicas)."""
 
     @property
     def all_holders(self) -> list[int]:
         return sorted({r for ranks in self.holders.values() for r in ranks})
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the holders hold parts of shards (FSDP) rather than replicas of whole shards."""
+        return bool(self.row_parts)
+
+    @property
+    def shard_shape(self) -> tuple[int, int]:
+        rows, cols = self.shape
+        return (rows // self.num_shards, cols) if self.shard_dim == 0 else (rows, cols // self.num_shards)
+
+    def piece_shape(self, shard: int, holder: int) -> tuple[int, int]:
+        """Shape of what ``holder`` holds of shard ``shard``: the shard, or its part of the rows."""
+        if not self.row_parts:
+            return self.shard_shape
+        return sum(n for _, n in self.row_parts[shard][holder]), self.shard_shape[1]
 
     def gram_all_reduces(self, ns_steps: int, gram_restarts: tuple[int, ...]) -> int:
         """All-reduces of the Gram per optimizer step in the ``distributed`` mode: one per Newton–Schulz step
@@ -280,6 +302,7 @@ class MuonPlan:
                     m.bucket,
                     m.momentum_with_shards,
                     m.ns_algorithm,
+                    m.row_parts,
                 )
                 for m in self.matrices
             ]
@@ -361,25 +384,33 @@ def build_plan(
         entries = by_key[key]
         first = entries[0][1]
         holders: dict[int, list[int]] = defaultdict(list)
+        parts: dict[int, dict[int, tuple[tuple[int, int], ...]]] = defaultdict(dict)
         for rank, record in entries:
             same = (record.shape, record.shard_dim, record.num_shards, record.shard_group)
             if same != (first.shape, first.shard_dim, first.num_shards, first.shard_group):
                 raise RuntimeError(f"ranks disagree about matrix {key!r}: {first} vs rank {rank}'s {record}")
             holders[record.shard_index].append(rank)
+            parts[record.shard_index][rank] = record.rows_held
         missing = sorted(set(range(first.num_shards)) - set(holders))
         if missing:
             raise RuntimeError(f"matrix {key!r}: no rank holds shard(s) {missing} of {first.num_shards}")
-        matrices.append(
-            MatrixPlan(
-                key=key,
-                shape=first.shape,
-                shard_dim=first.shard_dim,
-                num_shards=first.num_shards,
-                shard_group=first.shard_group,
-                holders={i: sorted(r) for i, r in sorted(holders.items())},
-                mode="",
-                cost_flops=0.0,
-            )
+        plan = MatrixPlan(
+            key=key,
+            shape=first.shape,
+            shard_dim=first.shard_dim,
+            num_shards=first.num_shards,
+            shard_group=first.shard_group,
+            holders={i: sorted(r) for i, r in sorted(holders.items())},
+            mode="",
+            cost_flops=0.0,
+        )
+        if any(runs for by_rank in parts.values() for runs in by_rank.values()):
+            plan.row_parts = _check_row_parts(plan, parts)
+        matrices.append(plan)
+    if mode in ("duplicated", "distributed") and any(m.partitioned for m in matrices):
+        raise ValueError(
+            f"tp_mode={mode!r} with fully sharded (FSDP) matrices; valid: auto, owner (each matrix is gathered "
+            "once to an owner)"
         )
 
     # What each group of matrices sharing the same holders costs every holder when all run duplicated: the
@@ -440,8 +471,33 @@ def build_plan(
     if momentum_with_shards:
         for matrix in matrices:
             one_holder_each = all(len(ranks) == 1 for ranks in matrix.holders.values())
-            matrix.momentum_with_shards = matrix.mode == "owner" and matrix.num_shards > 1 and one_holder_each
+            spread = matrix.num_shards > 1 or matrix.partitioned
+            matrix.momentum_with_shards = (
+                matrix.mode == "owner" and spread and (one_holder_each or matrix.partitioned)
+            )
     return MuonPlan(matrices=matrices, loads=loads)
+
+
+def _check_row_parts(
+    matrix: MatrixPlan, parts: dict[int, dict[int, tuple[tuple[int, int], ...]]]
+) -> dict[int, dict[int, tuple[tuple[int, int], ...]]]:
+    """The holders' runs of each shard of a fully sharded matrix, checked to cover every row exactly once (a
+    holder announcing ``()`` holds the whole shard: then it must be the shard's only holder)."""
+    shard_rows = matrix.shard_shape[0]
+    checked: dict[int, dict[int, tuple[tuple[int, int], ...]]] = {}
+    for shard, by_rank in sorted(parts.items()):
+        covered = []
+        full = {rank: runs or ((0, shard_rows),) for rank, runs in by_rank.items()}
+        for runs in full.values():
+            for start, length in runs:
+                covered.extend(range(start, start + length))
+        if sorted(covered) != list(range(shard_rows)):
+            raise RuntimeError(
+                f"matrix {matrix.key!r} shard {shard}: the holders' rows {dict(sorted(full.items()))} do not "
+                f"cover rows 0..{shard_rows - 1} exactly once (replicas and FSDP parts mixed?)"
+            )
+        checked[shard] = dict(sorted(full.items()))
+    return checked
 
 
 def batch_class(matrix: MatrixPlan) -> tuple[tuple[int, int], str]:
@@ -487,6 +543,8 @@ def _choose_mode(
         return mode
     if not shared:
         return "duplicated"  # held whole by one rank: local work, nothing to share
+    if matrix.partitioned:
+        return "owner"  # FSDP: no rank holds a whole shard, so one owner gathers the parts
     if not sharded and not replicate_state:
         # Held whole by several TP ranks of one data-parallel index (the distributed optimizer): its param and
         # fp32 main param are replicated over them anyway; computing it on each moves no bytes (as megatron does).
@@ -510,6 +568,15 @@ def _assign_transfers(matrix: MatrixPlan) -> None:
     """Pick a sender for every shard a computer lacks and a computer for every holder that did not compute.
     Senders rotate over the holders of a shard so no replica sends everything."""
     computers = set(matrix.computers)
+    if matrix.partitioned:
+        # Every part travels: each holder's rows to every computer that is not that holder, and back.
+        for receiver in matrix.computers:
+            for shard, ranks in matrix.holders.items():
+                matrix.gather.extend((shard, sender, receiver) for sender in ranks if sender != receiver)
+        (source,) = matrix.computers
+        for shard, ranks in matrix.holders.items():
+            matrix.scatter.extend((shard, source, receiver) for receiver in ranks if receiver != source)
+        return
     shard_of = {rank: shard for shard, ranks in matrix.holders.items() for rank in ranks}
     turn = 0
     for receiver in matrix.computers:

@@ -17,6 +17,8 @@ from megatron_muon.optim.layout import (
     LayoutConfig,
     MatrixPiece,
     _global_key,
+    fsdp_row_range,
+    local_tensor,
     megatron_param_pieces,
     module_tp_group,
 )
@@ -81,10 +83,10 @@ def fill_canonical_(
         return param.grad
 
     for routed, pieces in muon:
+        value = torch.empty(routed.param.shape)
         for piece in pieces:
-            piece.write(
-                target(routed.param), _shard(canonical_tensor(piece.key, piece.shape, salt=salt), piece)
-            )
+            piece.write(value, _shard(canonical_tensor(piece.key, piece.shape, salt=salt), piece))
+        _copy_held_rows(target(routed.param), value)
     for routed in routing.adamw:
         key, full_shape, dim, size, rank = _other_param_full_and_shard(
             routed.name, routed.param, routed.module, routing.module_paths[routed.chunk]
@@ -92,7 +94,16 @@ def fill_canonical_(
         is_norm = routed.param.ndim == 1 and "norm" in routed.name and not grads
         full = torch.ones(full_shape) if is_norm else canonical_tensor(key, full_shape, salt=salt)
         shard = full if dim is None else full.chunk(size, dim=dim)[rank]
-        target(routed.param).copy_(shard)
+        _copy_held_rows(target(routed.param), shard)
+
+
+def _copy_held_rows(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``, or for a fully sharded (FSDP) ``target`` the rows of ``value`` this rank holds."""
+    rows = fsdp_row_range(target)
+    if rows is None:
+        target.copy_(value)
+    else:
+        local_tensor(target).copy_(value[rows[0] : rows[1]])
 
 
 def collect_pieces(
@@ -107,6 +118,8 @@ def collect_pieces(
         source = getattr(routed.param, "main_param", None) if main_params else routed.param.data
         if source is None:
             continue
+        if fsdp_row_range(source) is not None:  # FSDP: the whole (TP-local) parameter, gathered
+            source = source.full_tensor()
         for piece in pieces:
             out.setdefault(piece.key, {})[piece.shard_index] = (
                 piece.read(source).clone(),

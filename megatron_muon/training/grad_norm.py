@@ -22,15 +22,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_muon.optim.layout import local_tensor
+
 __all__ = ["grad_norm_squared"]
 
 
 def _sum_of_squares(grads: list[torch.Tensor], group: Any, device: torch.device) -> torch.Tensor:
+    # FSDP (DTensor) gradients: this rank's rows, summed over their mesh's data-parallel group first, as megatron's
+    # get_grad_norm_fp32 does (one such group per optimizer: it asserts so).
+    shard_group = None
+    for grad in grads:
+        mesh = getattr(grad, "device_mesh", None)
+        if mesh is not None:
+            shard_group = mesh.get_group()
+    grads = [local_tensor(g) for g in grads]
     if grads:
         norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
         total = torch.stack(norms).square().sum().reshape(1)
     else:  # a rank without gradients still joins the all-reduce (megatron's zeros(1))
         total = torch.zeros(1, dtype=torch.float32, device=device)
+    if shard_group is not None:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=shard_group)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total
 

@@ -27,6 +27,7 @@ from megatron_muon.training.megatron_configs import (
     model_build_configs,
     scheduler_arguments,
 )
+from megatron_muon.training.fsdp import wrap_in_fsdp
 from megatron_muon.training.step import wrap_in_ddp
 
 __all__ = ["TrainingParts", "build_training_parts"]
@@ -41,7 +42,8 @@ class TrainingParts:
     transformer_config: Any
     """megatron's ``TransformerConfig`` (shared by the chunks)."""
     model: list[Any]
-    """megatron ``DistributedDataParallel`` chunks (one per virtual pipeline stage)."""
+    """megatron ``DistributedDataParallel`` chunks, or ``FullyShardedChunk`` with ``parallel.fsdp`` (one per
+    virtual pipeline stage)."""
     optimizer: Any
     """megatron ``ChainedOptimizer`` (Muon + AdamW) or megatron's own AdamW."""
     scheduler: OptimizerParamScheduler
@@ -85,6 +87,10 @@ def build_training_parts(
     torch.manual_seed(train.seed)
     model_parallel_cuda_manual_seed(train.seed)
     tiny, config = model_build_configs(cfg, dims, device)
+    compute_dtype = None
+    if cfg.parallel.fsdp and config.params_dtype != torch.float32:
+        # FSDP keeps fp32 shards and gathers them in the compute dtype (MixedPrecisionPolicy).
+        compute_dtype, config.params_dtype = config.params_dtype, torch.float32
     if transformer_config_hook is not None:
         transformer_config_hook(config)
     chunks = build_gpt_moe_model_chunks(tiny, config, pg_collection)
@@ -99,7 +105,12 @@ def build_training_parts(
     opt = cfg.optimizer
     if opt.distributed_optimizer and opt.use_muon:
         tag_muon_params(chunks, router=opt.muon.router)  # Muon's params: whole per DP shard
-    model = wrap_in_ddp(chunks, config, pg_collection=pg_collection, ddp_config=ddp_config(cfg))
+    model: list[Any]
+    if cfg.parallel.fsdp:
+        # fp32 shards (the master weights), gathered in the model's precision for compute.
+        model = wrap_in_fsdp(chunks, config, pg_collection=pg_collection, param_dtype=compute_dtype)
+    else:
+        model = wrap_in_ddp(chunks, config, pg_collection=pg_collection, ddp_config=ddp_config(cfg))
 
     adam_config = adamw_optimizer_config(cfg)
     if opt.use_muon:

@@ -24,6 +24,10 @@ DISTRIBUTED_OPTIMIZER = "+distopt"
 """Suffix of a mode run with ``optimizer.distributed_optimizer`` (megatron's DDP with the shard-aligned layout,
 Muon on the owned params only, the parameters back through DDP's all-gather)."""
 MODES_BOTH = MODES + tuple(m + DISTRIBUTED_OPTIMIZER for m in MODES if m != "duplicated")
+FSDP = "+fsdp"
+"""Suffix of a mode run with ``parallel.fsdp`` (``training/fsdp.py``: parameters, gradients and Muon's momentum
+sharded over the data-parallel ranks, each matrix's rows gathered to one owner)."""
+MODES_FSDP = tuple(m + FSDP for m in ("auto", "owner"))
 
 
 def _muon_steps_on_rank(
@@ -46,26 +50,31 @@ def _muon_steps_on_rank(
     from megatron_muon.optim.layer_wise import tag_muon_params
     from megatron_muon.optim.layout import LayoutConfig
     from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
+    from megatron_muon.training.fsdp import wrap_in_fsdp
     from megatron_muon.training.step import wrap_in_ddp
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     cfg = GptMoeConfig(**model)
     models = {}
 
-    def wrapped(distributed: bool):
-        if distributed not in models:
+    def wrapped(flavour: str):
+        if flavour not in models:
             config = build_transformer_config(cfg, **layout)  # wrap_in_ddp hooks DDP into it: one per model
             if bf16:
                 config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
             torch.manual_seed(0)
             chunks = build_gpt_moe_model_chunks(cfg, config, pg)
+            if flavour == "fsdp":
+                models[flavour] = wrap_in_fsdp(chunks, config, pg_collection=pg)
+                return models[flavour]
+            distributed = flavour == "distopt"
             if distributed:
                 tag_muon_params(chunks, router=(extra_muon or {}).get("router", "adamw"))
             ddp_config = DistributedDataParallelConfig(
                 use_distributed_optimizer=distributed, grad_reduce_in_fp32=True
             )
-            models[distributed] = wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
-        return models[distributed]
+            models[flavour] = wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
+        return models[flavour]
 
     results = {"pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     # The matrices the optimizer is asked to see (e.g. per head) are the ones filled and collected.
@@ -73,7 +82,10 @@ def _muon_steps_on_rank(
     options = LayoutConfig(**{k: v for k, v in (extra_muon or {}).items() if k in layout_fields})
     for name in modes:
         mode, distributed = name.removesuffix(DISTRIBUTED_OPTIMIZER), name.endswith(DISTRIBUTED_OPTIMIZER)
-        chunks = wrapped(distributed)
+        flavour = "distopt" if distributed else "ddp"
+        if name.endswith(FSDP):
+            mode, flavour = name.removesuffix(FSDP), "fsdp"
+        chunks = wrapped(flavour)
         fill_canonical_(chunks, salt="weight", options=options)
         optimizer = build_optimizer(
             chunks,
@@ -240,6 +252,55 @@ def test_one_layout_matches_single_process_reference(name):
                 key for rank_results in per_rank for key in rank_results[mode + "/duplicated sharded"]
             }
             assert not duplicated, f"{name} {mode}: sharded matrices duplicated: {sorted(duplicated)[:3]}"
+
+
+FSDP_LAYOUTS = [
+    name for name, (world, layout, _) in LAYOUTS.items() if world // (layout["tp"] * layout["pp"]) > 1
+]
+CI_FSDP_LAYOUTS = {"tp2_ep2", "dp4"}
+"""FSDP with TP, EP and expert-DP, and FSDP at its widest (every matrix cut in four); the others in the full
+suite."""
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in CI_FSDP_LAYOUTS else pytest.param(n, marks=pytest.mark.extended) for n in FSDP_LAYOUTS]
+)
+def test_fsdp_matches_single_process_reference(name):
+    """With parameters, gradients and momentum fully sharded over the data-parallel ranks (FSDP2), Muon still
+    orthogonalizes every whole logical matrix once: exact to the single-process reference, the momentum stored
+    once per pipeline stage, and matrices cut across ranks gathered to one owner."""
+    from megatron_muon.testing.canonical import assemble
+
+    world, layout, model = LAYOUTS[name]
+    per_rank = run_distributed(
+        _muon_steps_on_rank,
+        world,
+        tp=layout["tp"],
+        pp=layout["pp"],
+        ep=layout["ep"],
+        etp=layout["etp"],
+        vpp=layout.get("vpp"),
+        args=(layout, model, MODES_FSDP, STEPS),
+        timeout_s=300,
+    )
+    expected = None
+    for mode in MODES_FSDP:
+        got = assemble([rank_results[mode][0] for rank_results in per_rank])
+        if expected is None:
+            expected = _reference({k: tuple(v.shape) for k, v in got.items()}, STEPS)
+        assert set(got) == set(expected)
+        for key, value in got.items():
+            error = (value - expected[key]).norm() / expected[key].norm()
+            assert error < 1e-5, f"{name} {mode}: {key} differs from the reference by {error:.2e} (relative)"
+        stage_bytes: dict[int, int] = {}
+        for rank_results in per_rank:
+            stage = rank_results["pp_rank"]
+            stage_bytes[stage] = stage_bytes.get(stage, 0) + rank_results[mode][1]
+        assert sum(stage_bytes.values()) == 4 * sum(v.numel() for v in expected.values()), (
+            f"{name} {mode}: the momentum must exist exactly once"
+        )
+        used = {m for rank_results in per_rank for m in rank_results[mode][2]}
+        assert "owner" in used, f"{name} {mode}: no matrix was gathered to an owner ({used})"
 
 
 def test_auto_runs_gram_for_some_matrices_and_standard_for_others_and_matches_the_reference():
