@@ -486,7 +486,7 @@ def _check_row_parts(
     shard_rows = matrix.shard_shape[0]
     checked: dict[int, dict[int, tuple[tuple[int, int], ...]]] = {}
     for shard, by_rank in sorted(parts.items()):
-        covered = []
+        covered: list[int] = []
         full = {rank: runs or ((0, shard_rows),) for rank, runs in by_rank.items()}
         for runs in full.values():
             for start, length in runs:

@@ -20,6 +20,7 @@ from megatron_muon.optim.layer_wise import tag_muon_params
 from megatron_muon.optim.qk_clip import QKClip
 from megatron_muon.platform.device import Device
 from megatron_muon.training.expert_load import ExpertLoadTracker
+from megatron_muon.training.fsdp import wrap_in_fsdp
 from megatron_muon.training.initialization import initialize_layout_independent_
 from megatron_muon.training.megatron_configs import (
     adamw_optimizer_config,
@@ -27,7 +28,6 @@ from megatron_muon.training.megatron_configs import (
     model_build_configs,
     scheduler_arguments,
 )
-from megatron_muon.training.fsdp import wrap_in_fsdp
 from megatron_muon.training.step import wrap_in_ddp
 
 __all__ = ["TrainingParts", "build_training_parts"]
