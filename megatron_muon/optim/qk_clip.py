@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_muon.ops.qk_clip import gqa_clip_factors, mla_clip_factors
+from megatron_muon.optim.layout import fsdp_row_range, local_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -312,9 +313,11 @@ def _scale_rows_(attention: _Attention, linear_name: str, row_factor: torch.Tens
                 f"layer {attention.layer_number}: {linear_name}.{name} has {param.shape[0]} rows; {layout} "
                 f"needs {row_factor.numel()}"
             )
-        for tensor in (param.data, getattr(param, "main_param", None)):
+        rows_here = fsdp_row_range(param)  # FSDP: only this rank's rows of the parameter are here
+        held = row_factor if rows_here is None else row_factor[rows_here[0] : rows_here[1]]
+        for tensor in (local_tensor(param.data), getattr(param, "main_param", None)):
             if tensor is None:
                 continue
-            factor = row_factor.to(device=tensor.device, dtype=torch.float32)
+            factor = held.to(device=tensor.device, dtype=torch.float32)
             shaped = factor.view(-1, *([1] * (tensor.dim() - 1)))
             tensor.copy_((tensor.float() * shaped).to(tensor.dtype))

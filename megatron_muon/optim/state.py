@@ -61,6 +61,33 @@ class MomentumSlot:
     """``()`` for a full matrix; ``((shard_dim, shard_index, num_shards),)`` for a shard."""
     replica_id: int
     """0 on the one rank that writes this region; > 0 on the other ranks keeping the same values."""
+    row_runs: tuple[tuple[int, int], ...] = ()
+    """A fully sharded (FSDP) matrix: the ``(first row, rows)`` runs of shard ``rank_offsets`` this rank keeps
+    (its momentum is those rows, in order); ``()``: the whole region."""
+
+    def run_tensors(self, momentum: torch.Tensor) -> dict[str, ShardedTensor]:
+        """One ``ShardedTensor`` per run of ``row_runs``, cut from ``momentum`` (irregular offsets, so any layout
+        reads any region of it)."""
+        shard_dim, shard, num_shards = self.rank_offsets[0]
+        rows, cols = self.global_shape
+        shard_shape = (rows // num_shards, cols) if shard_dim == 0 else (rows, cols // num_shards)
+        row_base = shard * shard_shape[0] if shard_dim == 0 else 0
+        col_base = shard * shard_shape[1] if shard_dim == 1 else 0
+        result, offset = {}, 0
+        for first, count in self.row_runs:
+            data = momentum[offset : offset + count]
+            result[f"{self.sharded_key}@{first}"] = ShardedTensor(
+                key=self.sharded_key,
+                data=data,
+                dtype=data.dtype,
+                local_shape=(count, shard_shape[1]),
+                global_shape=self.global_shape,
+                global_offset=(row_base + first, col_base),
+                axis_fragmentations=None,
+                replica_id=self.replica_id,
+            )
+            offset += count
+        return result
 
     @property
     def sharded_key(self) -> str:
@@ -101,7 +128,9 @@ def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
     held = _held_pieces(optimizer)
     slots = []
     for matrix in orthogonalizer.plan.matrices:
-        if matrix.momentum_with_shards:  # each shard's one holder keeps (and writes) that shard's momentum
+        if (
+            matrix.momentum_with_shards
+        ):  # each shard's (or FSDP part's) one holder keeps and writes its momentum
             if matrix.key in held:
                 param, piece = held[matrix.key]
                 slots.append(
@@ -112,6 +141,7 @@ def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
                         local_shape=piece.local_shape,
                         rank_offsets=((matrix.shard_dim, piece.shard_index, matrix.num_shards),),
                         replica_id=0,
+                        row_runs=matrix.row_parts[piece.shard_index][me] if matrix.partitioned else (),
                     )
                 )
             continue
@@ -170,9 +200,12 @@ def muon_momentum_sharded_state_dict(
                 f"Muon momentum of {slot.matrix_key!r} has shape {tuple(momentum.shape)}; the plan expects "
                 f"{slot.local_shape}"
             )
-        result[slot.sharded_key] = ShardedTensor.from_rank_offsets(
-            slot.sharded_key, momentum, *slot.rank_offsets, replica_id=slot.replica_id
-        )
+        if slot.row_runs:
+            result.update(slot.run_tensors(momentum))
+        else:
+            result[slot.sharded_key] = ShardedTensor.from_rank_offsets(
+                slot.sharded_key, momentum, *slot.rank_offsets, replica_id=slot.replica_id
+            )
         if optimizer.post_orthogonalize is not None:
             shape, offsets, replica_id = slot.row_layout()
             moment = None if is_loading else state.get(ROW_SECOND_MOMENT)
@@ -188,9 +221,16 @@ def load_muon_momentum_(optimizer: Muon, loaded: Mapping[str, torch.Tensor]) -> 
     """Write loaded momentum (``{"muon.momentum.<matrix key>": tensor}``, as returned by dist_checkpointing for
     the request :func:`muon_momentum_sharded_state_dict` made) into ``optimizer.state``."""
     for slot in momentum_slots(optimizer):
-        if slot.sharded_key not in loaded:
+        if slot.row_runs:  # an FSDP part: its runs, in order
+            names = [f"{slot.sharded_key}@{first}" for first, _ in slot.row_runs]
+            missing = [n for n in names if n not in loaded]
+            if missing:
+                raise KeyError(f"no loaded momentum for Muon matrix {slot.matrix_key!r} ({missing[0]})")
+            value = torch.cat([loaded[n] for n in names])
+        elif slot.sharded_key not in loaded:
             raise KeyError(f"no loaded momentum for Muon matrix {slot.matrix_key!r} ({slot.sharded_key})")
-        value = loaded[slot.sharded_key]
+        else:
+            value = loaded[slot.sharded_key]
         if tuple(value.shape) != slot.local_shape:
             raise RuntimeError(
                 f"loaded momentum {slot.sharded_key} has shape {tuple(value.shape)}; this rank needs "

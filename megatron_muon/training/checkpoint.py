@@ -83,11 +83,13 @@ from megatron_muon.training.checkpoint_files import (
     verify_files,
     write_manifest,
 )
+from megatron_muon.training.checkpoint_fsdp import FullyShardedEntries, cut_to_held_rows
 from megatron_muon.training.checkpoint_optimizer import (
     OptimizerStateError,
     load_optimizer_state,
     optimizer_sharded_state_dict,
 )
+from megatron_muon.training.fsdp import FullyShardedChunk
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -222,7 +224,9 @@ def _model_key(index: int, count: int) -> str:
     return "model" if count == 1 else f"model{index}"
 
 
-def _model_sharded_state_dict(model_chunks) -> dict:
+def _model_sharded_state_dict(model_chunks, fsdp: FullyShardedEntries | None = None) -> dict:
+    """megatron's sharded state dict of every chunk; a fully sharded chunk's entries cut to the rows this rank
+    holds (``checkpoint_fsdp.py``), recorded in ``fsdp`` for the optimizer state and the load."""
     result = {}
     for index, chunk in enumerate(model_chunks):
         # As megatron-LM: keys of the unwrapped model ("decoder.layers.0..."), not of the DDP wrapper ("module.").
@@ -230,9 +234,15 @@ def _model_sharded_state_dict(model_chunks) -> dict:
         dp_cp_group = getattr(chunk, "dp_cp_group", None)
         if dp_cp_group is not None:
             metadata["dp_cp_group"] = dp_cp_group
-        result[_model_key(index, len(model_chunks))] = unwrap_model(chunk).sharded_state_dict(
-            metadata=metadata
-        )
+        key = _model_key(index, len(model_chunks))
+        entries = unwrap_model(chunk).sharded_state_dict(metadata=metadata)
+        if isinstance(chunk, FullyShardedChunk):
+            if fsdp is None:
+                raise ValueError(
+                    "fully sharded model chunks need a FullyShardedEntries to record their entries"
+                )
+            entries = cut_to_held_rows(entries, fsdp, (key,))
+        result[key] = entries
     return result
 
 
@@ -444,7 +454,8 @@ def save_checkpoint(
     if keep_last < 0:
         raise ValueError(f"keep_last={keep_last} must be >= 0 (0 keeps every checkpoint)")
     root = Path(root)
-    model_state = _model_sharded_state_dict(model_chunks)
+    fsdp = FullyShardedEntries()
+    model_state = _model_sharded_state_dict(model_chunks, fsdp)
     state: dict[str, Any] = {
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": int(iteration),
@@ -452,7 +463,7 @@ def save_checkpoint(
         "parallel_layout": _layout(model_chunks),
         "rng_saved": bool(rng),
         "scheduler": scheduler.state_dict(),
-        "optimizer": optimizer_sharded_state_dict(optimizer, model_state, is_loading=False),
+        "optimizer": optimizer_sharded_state_dict(optimizer, model_state, is_loading=False, fsdp=fsdp),
         **model_state,
     }
     if rng:
@@ -478,7 +489,7 @@ def save_weights_only(
         "parallel_layout": _layout(model_chunks),
         "rng_saved": False,
         "weights_only": True,
-        **_model_sharded_state_dict(model_chunks),
+        **_model_sharded_state_dict(model_chunks, FullyShardedEntries()),
     }
     final = _write_staged_checkpoint(root, 0, state, config_yaml, 0, "the weights")
     logger.info("Saved weights-only checkpoint %s", final)
@@ -638,13 +649,16 @@ def load_checkpoint(
             "load it with finetune=True (checkpoint.finetune=true)"
         )
 
-    model_state = _model_sharded_state_dict(model_chunks)
+    fsdp = FullyShardedEntries()
+    model_state = _model_sharded_state_dict(model_chunks, fsdp)
     request: dict[str, Any] = dict(model_state)
     with_optimizer = not finetune and optimizer is not None
     same_layout = common.get("parallel_layout") == _layout(model_chunks)
     restore_rng = not finetune and same_layout and common.get("rng_saved", False)
     if with_optimizer:
-        request["optimizer"] = optimizer_sharded_state_dict(optimizer, model_state, is_loading=True)
+        request["optimizer"] = optimizer_sharded_state_dict(
+            optimizer, model_state, is_loading=True, fsdp=fsdp
+        )
     if restore_rng:
         request["rng_state"] = _rng_sharded_object(None)
     _raise_if_any_rank_failed(_mismatch_with_checkpoint(checkpoint_dir, request))
@@ -664,8 +678,15 @@ def load_checkpoint(
             f"cannot load checkpoint {checkpoint_dir}: {type(error).__name__}: {first_line}"
         ) from error
 
+    fsdp.copy_loaded_(loaded)  # fully sharded chunks: the loaded rows into the local shards
     for index, chunk in enumerate(model_chunks):
-        unwrap_model(chunk).load_state_dict(loaded[_model_key(index, len(model_chunks))], strict=True)
+        values = loaded[_model_key(index, len(model_chunks))]
+        if isinstance(chunk, FullyShardedChunk):
+            # Its parameters are loaded above; the modules' extra states (Transformer Engine's FP8 metadata) here.
+            extra = {k: v for k, v in values.items() if k.endswith("_extra_state")}
+            unwrap_model(chunk).load_state_dict(extra, strict=False)
+            continue
+        unwrap_model(chunk).load_state_dict(values, strict=True)
     if optimizer is not None:
         optimizer.reload_model_params()  # bf16: main params from the loaded weights (overwritten below if saved)
     if finetune:

@@ -4,11 +4,13 @@ position, so a checkpoint of one layout loads at any other (world 1 included).""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
@@ -23,6 +25,7 @@ from megatron_muon.optim.state import (
     muon_momentum_sharded_state_dict,
     muon_param_groups_state,
 )
+from megatron_muon.training.checkpoint_fsdp import FullyShardedEntries
 
 __all__ = ["OptimizerStateError", "load_optimizer_state", "optimizer_sharded_state_dict"]
 
@@ -190,7 +193,60 @@ def _load_distributed_adamw(member, entry: dict, step) -> None:
             state["step"] = previous
 
 
-def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+def _fully_sharded_adamw_sharded_state_dict(member, fsdp: FullyShardedEntries, *, is_loading: bool) -> dict:
+    """An fp32 AdamW member over fully sharded (FSDP) parameters, in megatron's ``FP32Optimizer`` format (same
+    keys, common step under ``state``): each moment cut to this rank's rows like its parameter
+    (``checkpoint_fsdp.py``)."""
+    if is_loading:
+        member.init_state_fn(member.optimizer, member.config)
+    state = member.state_dict()
+    step = member._extract_common_per_param_step(state)
+    params = [p for group in member.optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        live = state["state"].get(index)  # torch's state_dict holds the live per-parameter dicts: not edited
+        if live is None:
+            continue
+        state["state"][index] = {
+            name: fsdp.optimizer_entries(param, value, f"optimizer.state.{name}")
+            for name, value in live.items()
+            if name != "step"
+        }
+    # As megatron's optim_state_to_sharding_state: the groups' parameter ids are this rank's own, not saved.
+    state["param_groups"] = copy.deepcopy(state["param_groups"])
+    for group in state["param_groups"]:
+        group["params"] = LocalNonpersistentObject(group["params"])
+    if step:
+        state["state"]["common_step"] = step
+    return state
+
+
+def _reshard_loaded_adamw_state_(member) -> None:
+    """torch's ``load_state_dict`` leaves plain local tensors as the moments of FSDP (``DTensor``) parameters;
+    make them ``DTensor`` shards like their parameters again."""
+    from torch.distributed.tensor import DTensor
+
+    for group in member.optimizer.param_groups:
+        for param in group["params"]:
+            if not isinstance(param, DTensor):
+                continue
+            state = member.optimizer.state.get(param, {})
+            for name, value in state.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.dim() > 0:
+                    state[name] = DTensor.from_local(
+                        value,
+                        param.device_mesh,
+                        param.placements,
+                        shape=param.shape,
+                        stride=param.stride(),
+                        run_check=False,
+                    )
+
+
+def optimizer_sharded_state_dict(
+    optimizer, model_sharded_state_dict: dict, *, is_loading: bool, fsdp: FullyShardedEntries | None = None
+) -> dict:
+    """Every member's state as sharded entries; ``fsdp``: the model's fully sharded entries
+    (``checkpoint.py: _model_sharded_state_dict``), whose parameters' AdamW moments are cut the same way."""
     state = {}
     for role, member in _members(optimizer).items():
         if isinstance(member.optimizer, Muon):
@@ -206,6 +262,8 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, i
                     owned_here=bool(getattr(optimizer.config, "use_distributed_optimizer", False)),
                 )
             state[role] = entry
+        elif fsdp is not None and fsdp.by_param and _holds_fully_sharded(member, fsdp):
+            state[role] = _fully_sharded_adamw_sharded_state_dict(member, fsdp, is_loading=is_loading)
         elif isinstance(member, DistributedOptimizer):
             state[role] = _distributed_adamw_sharded_state_dict(
                 member, model_sharded_state_dict, is_loading=is_loading
@@ -219,6 +277,10 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, *, i
                 model_sharded_state_dict, is_loading=is_loading, metadata={"chained_optim_avoid_prefix": True}
             )
     return state
+
+
+def _holds_fully_sharded(member, fsdp: FullyShardedEntries) -> bool:
+    return any(id(p) in fsdp.by_param for group in member.optimizer.param_groups for p in group["params"])
 
 
 def _saved_common_step(entry: Any):
@@ -287,3 +349,4 @@ def load_optimizer_state(optimizer, loaded: dict) -> None:
                 raise OptimizerStateError(f"the checkpoint has AdamW moments but no step count for {role}")
         # megatron's own; for a mixed-precision member it also copies the fp32 main params
         member.load_state_dict(entry)
+        _reshard_loaded_adamw_state_(member)

@@ -14,7 +14,8 @@ parameter over one data-parallel mesh (experts of different EP ranks would be sh
 takes no mixed-precision policy, and its ``scale_gradients`` / ``zero_grad_buffer`` do nothing, so
 ``calculate_per_token_loss`` (our loss) would leave gradients unnormalized. Megatron-FSDP (``distributed/fsdp``)
 is built around CUDA streams and NCCL buffers and does not run on the CPU ranks every feature is tested on.
-This class keeps megatron's interface (``_BaseDataParallel``: ``no_sync``, ``finish_grad_sync``,
+This class is a ``TorchFullyShardedDataParallel`` with its own ``__init__`` (so megatron's ``unwrap_model`` and
+type checks treat it as torch FSDP2) and megatron's data-parallel interface (``no_sync``, ``finish_grad_sync``,
 ``scale_gradients``, ``zero_grad_buffer``), so megatron's schedules and ``finalize_model_grads`` drive it.
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+from megatron.core.distributed.torch_fully_sharded_data_parallel import TorchFullyShardedDataParallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -40,7 +42,7 @@ _EXPERT_MODULES = ("SequentialMLP", "TEGroupedMLP", "GroupedMLP")
 """megatron's containers of one MoE layer's local experts (``MoELayer.experts``)."""
 
 
-class FullyShardedChunk(_BaseDataParallel):
+class FullyShardedChunk(TorchFullyShardedDataParallel):
     """One model chunk under FSDP2, with megatron's data-parallel interface.
 
     Args:
@@ -61,7 +63,9 @@ class FullyShardedChunk(_BaseDataParallel):
         expert_dp_group: Any,
         param_dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(config=config, module=module)
+        # megatron's base only (not its FSDP2 wrapping); the subclass makes megatron's unwrap_model and checks see
+        # a torch-FSDP2 chunk.
+        _BaseDataParallel.__init__(self, config=config, module=module)
         device_type = next(module.parameters()).device.type
         dense_mesh = DeviceMesh.from_group(dp_group, device_type)
         same_ranks = dist.get_process_group_ranks(expert_dp_group) == dist.get_process_group_ranks(dp_group)
@@ -89,12 +93,17 @@ class FullyShardedChunk(_BaseDataParallel):
         for unit in units:
             # Sum, not mean: megatron's per-token loss divides by the global token count (scale_gradients).
             unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
     @staticmethod
     def _shard(module: torch.nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> FSDPModule:
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         assert isinstance(module, FSDPModule)
         return module
+
+    def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
+        """Nothing to wait for: FSDP2 reduce-scatters each unit's gradients in its backward and waits for the last
+        at the end of backward (``finalize_model_grads`` calls this with megatron's DDP signature)."""
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.module.parameters() if p.grad is not None]

@@ -107,7 +107,10 @@ def parameters_gathered(model_chunks: list[DistributedDataParallel]) -> Iterator
     """Every rank's parameters up to date inside the block (a checkpoint save): with ``overlap_param_gather``
     the all-gather of the last step's updates waits for the next forward; as megatron's training loop does
     around checkpoints, the forward pre-hooks are removed with a synchronous all-gather and put back after."""
-    overlapped = [c for c in model_chunks if c.ddp_config.overlap_param_gather]
+    # FSDP chunks (no ddp_config) gather parameters per layer themselves and are never behind.
+    overlapped = [
+        c for c in model_chunks if getattr(c, "ddp_config", None) and c.ddp_config.overlap_param_gather
+    ]
     for chunk in overlapped:
         chunk.disable_forward_pre_hook(param_sync=True)
     try:
