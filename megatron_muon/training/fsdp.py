@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.distributed.data_parallel_base import _BaseDataParallel
 from megatron.core.distributed.torch_fully_sharded_data_parallel import TorchFullyShardedDataParallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
@@ -66,6 +66,9 @@ class FullyShardedChunk(TorchFullyShardedDataParallel):
         # megatron's base only (not its FSDP2 wrapping); the subclass makes megatron's unwrap_model and checks see
         # a torch-FSDP2 chunk.
         _BaseDataParallel.__init__(self, config=config, module=module)
+        # What megatron's finalize_model_grads reads of a chunk: not Megatron-FSDP, so it gathers a DTensor
+        # gradient it reduces over TP (the sequence-parallel norms) and shards it back.
+        self.ddp_config = DistributedDataParallelConfig()
         device_type = next(module.parameters()).device.type
         dense_mesh = DeviceMesh.from_group(dp_group, device_type)
         same_ranks = dist.get_process_group_ranks(expert_dp_group) == dist.get_process_group_ranks(dp_group)
