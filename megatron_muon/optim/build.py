@@ -31,7 +31,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron_muon import mup
 from megatron_muon.optim import layer_wise
 from megatron_muon.optim.executor import MatrixOrthogonalizer
-from megatron_muon.optim.layout import LayoutConfig, fsdp_part_pieces, fsdp_row_range, megatron_param_pieces
+from megatron_muon.optim.layout import LayoutConfig, fsdp_part_pieces, fsdp_shard, megatron_param_pieces
 from megatron_muon.optim.muon import Muon, NorMuonNormalization
 from megatron_muon.optim.options import DTYPES as _DTYPES
 from megatron_muon.optim.options import MuonConfig
@@ -170,7 +170,7 @@ def build_optimizer(
 
 def is_fully_sharded(model_chunks: list[torch.nn.Module]) -> bool:
     """Whether the chunks' parameters are FSDP shards (``DTensor``s: ``training/fsdp.py``)."""
-    return any(fsdp_row_range(p) is not None for chunk in model_chunks for p in chunk.parameters())
+    return any(fsdp_shard(p) is not None for chunk in model_chunks for p in chunk.parameters())
 
 
 def chain_members(optimizer: Any) -> list[Any]:
@@ -230,9 +230,9 @@ def _build_muon(
                 routing.module_paths[routed.chunk],
                 layout_options,
             )
-            rows_here = fsdp_row_range(param)
-            if rows_here is not None:  # FSDP: only this rank's rows of the parameter
-                param_pieces = fsdp_part_pieces(param_pieces, *rows_here)
+            shard = fsdp_shard(param)
+            if shard is not None:  # FSDP: only this rank's rows of the parameter
+                param_pieces = fsdp_part_pieces(param_pieces, *shard)
             for piece in param_pieces:
                 shard_group_of[piece.key] = "expert_tp" if group["is_expert_parallel"] else "tp"
             group_pieces.append(param_pieces)

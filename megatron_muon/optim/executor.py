@@ -25,16 +25,19 @@ from megatron_muon.optim.comm import (
     group_rank,
     group_size,
 )
-from megatron_muon.optim.layout import MatrixPiece
-from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_plan
+from megatron_muon.optim.layout import MatrixPiece, RowRuns
+from megatron_muon.optim.plan import NO_ROWS, CostModel, MatrixPlan, PieceRecord, build_plan
 
 logger = logging.getLogger(__name__)
 
 
 def _record(piece: MatrixPiece, shard_group: str) -> PieceRecord:
     rows_held: tuple[tuple[int, int], ...] = ()
-    if piece.part is not None and piece.part.num_rows < piece.shard_shape[0]:
-        rows_held = piece.part.shard_rows  # a fully sharded parameter's part of the shard
+    fsdp_cut: tuple[int, ...] = ()
+    if piece.part is not None:  # a fully sharded parameter's part of the shard
+        blocks = piece.rows
+        fsdp_cut = (*piece.part.cut, blocks.offset, blocks.length, blocks.period, blocks.repeats)
+        rows_held = held_rows(piece.part, piece.shard_shape[0])
     return PieceRecord(
         key=piece.key,
         shape=(piece.shape[0], piece.shape[1]),
@@ -43,7 +46,16 @@ def _record(piece: MatrixPiece, shard_group: str) -> PieceRecord:
         shard_index=piece.shard_index,
         shard_group=shard_group,
         rows_held=rows_held,
+        fsdp_cut=fsdp_cut,
     )
+
+
+def held_rows(part: RowRuns, shard_rows: int) -> tuple[tuple[int, int], ...]:
+    """What a record announces of an FSDP part: its runs of the shard, ``()`` when it is the whole shard,
+    ``NO_ROWS`` when this rank's slice missed the matrix."""
+    if part.num_rows == 0:
+        return NO_ROWS
+    return part.shard_rows if part.num_rows < shard_rows else ()
 
 
 class MatrixOrthogonalizer:

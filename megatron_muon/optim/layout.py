@@ -27,6 +27,7 @@ global expert ids), so the plan (``plan.py``) can match pieces across ranks and 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,8 @@ class RowRuns:
     parameter are rows ``shard_row …`` of the shard."""
 
     runs: tuple[tuple[int, int, int], ...]
+    cut: tuple[int, int] = (0, 0)
+    """(rows of the parameter, FSDP ranks) it was cut from (``fsdp_part_pieces``)."""
 
     @property
     def num_rows(self) -> int:
@@ -90,6 +93,8 @@ class RowRuns:
 
     def read(self, tensor: torch.Tensor) -> torch.Tensor:
         parts = [tensor[local : local + length] for local, _, length in self.runs]
+        if not parts:
+            return tensor[:0]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def write(self, tensor: torch.Tensor, rows: torch.Tensor) -> None:
@@ -118,6 +123,11 @@ class MatrixPiece:
     shard_index: int = 0
     index: tuple[int, ...] = ()
     part: RowRuns | None = None
+
+    @property
+    def is_held(self) -> bool:
+        """False for an FSDP part without rows on this rank (kept only to be announced)."""
+        return self.part is None or self.part.num_rows > 0
 
     @property
     def shard_shape(self) -> tuple[int, int]:
@@ -152,50 +162,60 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else tensor
 
 
-def fsdp_row_range(param: torch.Tensor) -> tuple[int, int] | None:
-    """Rows ``[start, stop)`` of a fully sharded parameter held on this rank (``torch.chunk`` over its mesh, as
-    FSDP2 shards); None for a parameter that is not a ``DTensor``."""
+def fsdp_chunk(rows: int, ranks: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` that FSDP rank ``rank`` of ``ranks`` holds of a ``rows``-row parameter
+    (``torch.chunk`` over dim 0, as FSDP2 shards: the last ranks may hold fewer rows, or none)."""
+    chunk = -(-rows // ranks)
+    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+
+
+def fsdp_shard(param: torch.Tensor) -> tuple[int, int, int] | None:
+    """(rows, FSDP ranks, this rank's index) of a fully sharded (``DTensor``) parameter; None for any other."""
     mesh = getattr(param, "device_mesh", None)
     if mesh is None:
         return None
-    rows, size, rank = param.shape[0], mesh.size(), mesh.get_local_rank()
-    chunk = -(-rows // size)
-    start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+    return param.shape[0], mesh.size(), mesh.get_local_rank()
+
+
+def fsdp_row_range(param: torch.Tensor) -> tuple[int, int] | None:
+    """Rows ``[start, stop)`` of a fully sharded parameter held on this rank; None for a parameter that is not a
+    ``DTensor``."""
+    shard = fsdp_shard(param)
+    if shard is None:
+        return None
+    start, stop = fsdp_chunk(*shard)
     local = local_tensor(param).shape[0]
     if stop - start != local:
         raise RuntimeError(
-            f"FSDP holds {local} rows of a {rows}-row parameter on rank {rank}; expected {stop - start}"
+            f"FSDP holds {local} rows of a {shard[0]}-row parameter here; expected {stop - start}"
         )
     return start, stop
 
 
-def fsdp_part_pieces(pieces: list[MatrixPiece], row_start: int, row_stop: int) -> list[MatrixPiece]:
-    """The parts of ``pieces`` (of one 2-D parameter) a rank holds when FSDP keeps rows ``[row_start, row_stop)``
-    of the parameter here: each piece cut to the runs of its rows inside that range (pieces without such rows are
-    left out). A piece's rows are ``rows.repeats`` blocks of ``rows.length`` rows, one every ``rows.period``."""
+def part_runs(blocks: RowBlocks, start: int, stop: int) -> tuple[tuple[int, int, int], ...]:
+    """The rows of ``blocks`` (a piece's rows of its parameter) inside parameter rows ``[start, stop)``, as
+    ``RowRuns.runs``: ``(row in the slice, row of the shard, rows)``."""
+    runs = []
+    for repeat in range(blocks.repeats):
+        first = repeat * blocks.period + blocks.offset
+        lo, hi = max(first, start), min(first + blocks.length, stop)
+        if lo < hi:
+            runs.append((lo - start, repeat * blocks.length + lo - first, hi - lo))
+    return tuple(runs)
+
+
+def fsdp_part_pieces(pieces: list[MatrixPiece], rows: int, ranks: int, rank: int) -> list[MatrixPiece]:
+    """The parts of ``pieces`` (of one ``rows``-row parameter) that FSDP rank ``rank`` of ``ranks`` holds: each
+    piece cut to the runs of its rows in that rank's slice (``fsdp_chunk``); pieces without such rows are left
+    kept as empty parts (``MatrixPiece.is_held`` False: announced, so that peers can be derived, never read). Each
+    part records the cut (``RowRuns.cut``), so any rank can tell what another holds."""
+    start, stop = fsdp_chunk(rows, ranks, rank)
     result = []
     for piece in pieces:
         if piece.index:
             raise ValueError(f"{piece.key}: FSDP parts of stacked (N-D) parameters are not supported")
-        blocks = piece.rows
-        runs = []
-        for repeat in range(blocks.repeats):
-            first = repeat * blocks.period + blocks.offset
-            start, stop = max(first, row_start), min(first + blocks.length, row_stop)
-            if start < stop:
-                runs.append((start - row_start, repeat * blocks.length + start - first, stop - start))
-        if runs:
-            result.append(
-                MatrixPiece(
-                    key=piece.key,
-                    shape=piece.shape,
-                    rows=piece.rows,
-                    shard_dim=piece.shard_dim,
-                    num_shards=piece.num_shards,
-                    shard_index=piece.shard_index,
-                    part=RowRuns(tuple(runs)),
-                )
-            )
+        runs = part_runs(piece.rows, start, stop)
+        result.append(dataclasses.replace(piece, part=RowRuns(runs, cut=(rows, ranks))))
     return result
 
 

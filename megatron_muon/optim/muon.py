@@ -322,6 +322,8 @@ class Muon(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             for param, pieces in zip(group["params"], self.pieces[g], strict=True):
                 for piece in pieces:
+                    if not piece.is_held:  # an FSDP part without rows here
+                        continue
                     if param.grad is not None:
                         grad = piece.read(local_tensor(param.grad)).to(torch.float32)
                     elif self.orthogonalizer.held_only_here(piece.key):
@@ -414,7 +416,7 @@ class Muon(torch.optim.Optimizer):
                     continue
                 local = local_tensor(param)  # a fully sharded parameter: this rank's slice
                 direction = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
-                for piece in pieces:
+                for piece in (p for p in pieces if p.is_held):
                     scale = update_scale(group["scale_mode"], piece.shape[0], piece.shape[1])
                     scaled = directions[piece.key] * (scale * group["scale_multiplier"])
                     piece.write(direction, scaled)

@@ -34,6 +34,9 @@ from megatron_muon.ops.newton_schulz import (
 )
 from megatron_muon.optim.options import MODES  # noqa: F401  (re-exported)
 
+NO_ROWS: tuple[tuple[int, int], ...] = ((0, 0),)
+"""``PieceRecord.rows_held`` of an FSDP part this rank holds no row of: announced, not a holder."""
+
 
 @dataclass(frozen=True, slots=True)
 class PieceRecord:
@@ -48,6 +51,9 @@ class PieceRecord:
     rows_held: tuple[tuple[int, int], ...] = ()
     """A fully sharded (FSDP) parameter's part of the shard: ``(first row, rows)`` runs of the shard; ``()``: the
     whole shard."""
+    fsdp_cut: tuple[int, ...] = ()
+    """How a fully sharded part was cut: (parameter rows, FSDP ranks, and the piece's rows of the parameter as
+    ``RowBlocks`` offset, length, period, repeats), so a peer's part can be derived (the GPU rehearsal)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -377,7 +383,8 @@ def build_plan(
     by_key: dict[str, list[tuple[int, PieceRecord]]] = defaultdict(list)
     for rank, records in enumerate(records_by_rank):
         for record in records:
-            by_key[record.key].append((rank, record))
+            if record.rows_held != NO_ROWS:
+                by_key[record.key].append((rank, record))
 
     matrices = []
     for key in sorted(by_key):

@@ -113,7 +113,8 @@ def _held_pieces(optimizer: Muon) -> dict[str, tuple[torch.Tensor, MatrixPiece]]
     for group, group_pieces in zip(optimizer.param_groups, optimizer.pieces, strict=True):
         for param, pieces in zip(group["params"], group_pieces, strict=True):
             for piece in pieces:
-                held[piece.key] = (param, piece)
+                if piece.is_held:
+                    held[piece.key] = (param, piece)
     return held
 
 

@@ -66,9 +66,14 @@ def backward(
     inputs: Any = None,
     *,
     leaf_hooks: Callable[[torch.Tensor], Sequence[Callable[[], Any]]] = lambda leaf: (),
+    tensor_hooks: dict[Any, dict[int, list[Callable[[torch.Tensor], Any]]]] | None = None,
+    final_callbacks: list[Callable[[], Any]] | None = None,
 ) -> None:
     """``torch.autograd.backward`` without the C++ engine (signature compatible; ``create_graph`` and ``inputs``
-    are refused). ``leaf_hooks(param)`` gives the hooks to call after a gradient is accumulated into ``param``."""
+    are refused). ``leaf_hooks(param)`` gives the hooks to call after a gradient is accumulated into ``param``;
+    ``tensor_hooks[node][output]`` the hooks registered on the non-leaf tensor ``node`` made (called on its
+    gradient before ``node`` runs, as the engine's tensor pre-hooks); ``final_callbacks`` collects what the
+    backward queues for its end (``queue_callback``) and runs it then."""
     del retain_graph
     if create_graph or inputs is not None:
         raise NotImplementedError("the rehearsal's backward supports neither create_graph nor inputs")
@@ -118,6 +123,12 @@ def backward(
             if 0 in held:
                 _accumulate(node.variable, held[0], leaf_hooks)
             continue
+        for slot, hooks in (tensor_hooks or {}).get(node, {}).items():
+            for hook in hooks:
+                if slot in held:
+                    replaced = hook(held[slot])
+                    if replaced is not None:
+                        held[slot] = replaced
         count = len(node._input_metadata)
         outputs = _call_node(node, [held.get(slot) for slot in range(count)]) if held else []
         for index, (next_node, slot) in enumerate(node.next_functions):
@@ -128,6 +139,8 @@ def backward(
             dependencies[next_node] -= 1
             if dependencies[next_node] == 0:
                 ready.append(next_node)
+    while final_callbacks:
+        final_callbacks.pop(0)()
 
 
 def _accumulate(
@@ -144,22 +157,71 @@ def _accumulate(
 
 
 @contextlib.contextmanager
-def python_autograd(ddp_chunks: Sequence[Any] = ()) -> Iterator[None]:
+def python_autograd(model_chunks: Sequence[Any] = ()) -> Iterator[None]:
     """Inside: ``torch.autograd.backward`` is :func:`backward`, with megatron DDP's grad-ready hook of each
-    parameter of ``ddp_chunks`` (a megatron ``DistributedDataParallel`` list) called after its accumulation."""
+    parameter of the megatron ``DistributedDataParallel`` chunks among ``model_chunks`` called after its
+    accumulation; hooks registered on non-leaf tensors inside (FSDP2's pre-backward all-gather) and callbacks
+    queued for the end of a backward (FSDP2's final reduce-scatter wait) run where the engine would run them."""
     hooks: dict[int, Callable[[], Any]] = {}
-    for chunk in ddp_chunks:
+    for chunk in model_chunks:
+        make_hook = getattr(chunk, "_make_backward_post_hook", None)
+        if make_hook is None:  # not megatron DDP (FSDP: its hooks are tensor hooks and autograd functions)
+            continue
         for param in chunk.module.parameters():
             if param.requires_grad:
-                hooks[id(param)] = chunk._make_backward_post_hook(param)
+                hooks[id(param)] = make_hook(param)
 
     def leaf_hooks(leaf: torch.Tensor) -> Sequence[Callable[[], Any]]:
         hook = hooks.get(id(leaf))
         return (hook,) if hook is not None else ()
 
+    tensor_hooks: dict[Any, dict[int, list[Callable[[torch.Tensor], Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    final_callbacks: list[Callable[[], Any]] = []
+    original_register_hook = torch.Tensor.register_hook
+
+    def register_hook(tensor: torch.Tensor, hook: Callable[[torch.Tensor], Any]) -> Any:
+        handle = original_register_hook(tensor, hook)
+        if tensor.grad_fn is not None:  # a non-leaf tensor: the walk calls it (leaves: leaf_hooks)
+            registered = tensor_hooks[tensor.grad_fn][tensor.output_nr]
+            registered.append(hook)
+            return _RemovableHook(handle, registered, hook)
+        return handle
+
+    engine = torch.autograd.Variable._execution_engine
     original_backward = torch.autograd.backward
-    torch.autograd.backward = lambda *args, **kwargs: backward(*args, **kwargs, leaf_hooks=leaf_hooks)  # type: ignore[assignment]
+    torch.autograd.backward = lambda *args, **kwargs: backward(  # type: ignore[assignment]
+        *args, **kwargs, leaf_hooks=leaf_hooks, tensor_hooks=tensor_hooks, final_callbacks=final_callbacks
+    )
+    torch.Tensor.register_hook = register_hook  # type: ignore[method-assign]
+    torch.autograd.Variable._execution_engine = _QueueingEngine(engine, final_callbacks)  # type: ignore[misc]
     try:
         yield
     finally:
         torch.autograd.backward = original_backward
+        torch.Tensor.register_hook = original_register_hook  # type: ignore[method-assign]
+        torch.autograd.Variable._execution_engine = engine  # type: ignore[misc]
+
+
+class _QueueingEngine:
+    """torch's engine object with ``queue_callback`` collecting into the walk's final callbacks (the C++ object's
+    attribute is read-only, so it is stood in for as ``Variable._execution_engine``)."""
+
+    def __init__(self, engine: Any, callbacks: list[Callable[[], Any]]) -> None:
+        self._engine, self.queue_callback = engine, callbacks.append
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+class _RemovableHook:
+    """The handle of a hook registered inside :func:`python_autograd`: removing it removes both registrations."""
+
+    def __init__(self, handle: Any, registered: list[Any], hook: Any) -> None:
+        self._handle, self._registered, self._hook = handle, registered, hook
+
+    def remove(self) -> None:
+        self._handle.remove()
+        if self._hook in self._registered:
+            self._registered.remove(self._hook)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_muon.optim.executor import held_rows
+from megatron_muon.optim.layout import RowBlocks, RowRuns, fsdp_chunk, part_runs
 from megatron_muon.optim.plan import PieceRecord
 
 __all__ = ["peers_answer_object_gathers", "peer_records"]
@@ -35,13 +37,29 @@ def peer_records(
         match = _EXPERT_ID.search(record.key)
         if match is None:
             shard = peer["tp"] if record.num_shards > 1 else 0
-            answer.append(dataclasses.replace(record, shard_index=shard))
-            continue
-        expert = int(match.group(1)) + (peer["ep"] - mine["ep"]) * experts_per_rank
-        key = _EXPERT_ID.sub(f"local_experts.{expert}.", record.key, count=1)
-        shard = peer["etp"] if record.num_shards > 1 else 0
-        answer.append(dataclasses.replace(record, key=key, shard_index=shard))
+            peer_record = dataclasses.replace(record, shard_index=shard)
+        else:
+            expert = int(match.group(1)) + (peer["ep"] - mine["ep"]) * experts_per_rank
+            key = _EXPERT_ID.sub(f"local_experts.{expert}.", record.key, count=1)
+            shard = peer["etp"] if record.num_shards > 1 else 0
+            peer_record = dataclasses.replace(record, key=key, shard_index=shard)
+        if record.fsdp_cut:
+            # FSDP: the peer's own rows, over the data-parallel ranks (experts: expert-data-parallel).
+            peer_record = _fsdp_part_of(peer_record, peer["edp"] if match else peer["dp"])
+            if peer_record is None:
+                continue
+        answer.append(peer_record)
     return answer
+
+
+def _fsdp_part_of(record: PieceRecord, rank: int) -> PieceRecord | None:
+    """``record`` as FSDP rank ``rank`` holds it (None: that rank holds no row of it)."""
+    rows, ranks, offset, length, period, repeats = record.fsdp_cut
+    runs = part_runs(RowBlocks(offset, length, period, repeats), *fsdp_chunk(rows, ranks, rank))
+    if not runs:
+        return None
+    shard_rows = record.shape[0] // record.num_shards if record.shard_dim == 0 else record.shape[0]
+    return dataclasses.replace(record, rows_held=held_rows(RowRuns(runs), shard_rows))
 
 
 @contextlib.contextmanager

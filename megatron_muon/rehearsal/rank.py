@@ -72,11 +72,17 @@ class RankReport:
 def _static_bytes(parts: Any) -> int:
     """Bytes of distinct CUDA storages reachable from the model, its DDP buffers and the optimizer state."""
     from megatron_muon.optim.build import chain_members
+    from megatron_muon.optim.layout import local_tensor
 
     tensors: list[torch.Tensor] = []
     for chunk in parts.model:
-        tensors += list(chunk.parameters())
-        for buffer in [*getattr(chunk, "buffers", []), *getattr(chunk, "expert_parallel_buffers", [])]:
+        # FSDP (parallel.fsdp): each rank's rows of the parameters and their gradients; megatron's DDP: its
+        # parameter and gradient buffers (a list attribute, not nn.Module.buffers).
+        tensors += [local_tensor(p) for p in chunk.parameters()]
+        tensors += [local_tensor(p.grad) for p in chunk.parameters() if p.grad is not None]
+        ddp_buffers = getattr(chunk, "buffers", [])
+        ddp_buffers = [] if callable(ddp_buffers) else ddp_buffers
+        for buffer in [*ddp_buffers, *getattr(chunk, "expert_parallel_buffers", [])]:
             tensors += [
                 t
                 for t in (getattr(buffer, "param_data", None), getattr(buffer, "grad_data", None))
@@ -87,7 +93,7 @@ def _static_bytes(parts: Any) -> int:
         for state in getattr(inner, "state", {}).values():
             for value in state.values():
                 values = value.values() if isinstance(value, dict) else [value]
-                tensors += [v for v in values if isinstance(v, torch.Tensor)]
+                tensors += [local_tensor(v) for v in values if isinstance(v, torch.Tensor)]
         for group in getattr(member, "shard_fp32_from_float16_groups", []) or []:
             tensors += list(group)
     seen: dict[int, int] = {}
@@ -97,6 +103,22 @@ def _static_bytes(parts: Any) -> int:
         storage = tensor.untyped_storage()
         seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
+
+
+def _fsdp_gradients_missing(model: list[Any]) -> list[str]:
+    """An error for fully sharded parameters left without a gradient by the step's backward (FSDP2's
+    reduce-scatter hooks not run); [] otherwise, and for megatron DDP chunks (their gradients are in buffers)."""
+    from megatron_muon.optim.layout import fsdp_shard
+
+    missing = [
+        name
+        for chunk in model
+        for name, param in chunk.named_parameters()
+        if param.requires_grad and fsdp_shard(param) is not None and param.grad is None
+    ]
+    if not missing:
+        return []
+    return [f"FSDP: {len(missing)} parameters got no gradient in the backward (first: {missing[0]})"]
 
 
 def _rehearsal_config(cfg: Any, *, distributed_optimizer: bool, microbatches: int, dp: int) -> Any:
@@ -199,6 +221,7 @@ def rehearse_rank(
                         read_with_step=recorders.read_with_step,
                     )
                     recorders.after_step(result, step + 1)
+                report.errors += _fsdp_gradients_missing(parts.model)
                 if step == 0:
                     report.first_step_sync_sites = mode.sync_summary()
                 report.errors += mode.collective_errors

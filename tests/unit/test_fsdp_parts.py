@@ -41,7 +41,7 @@ def test_every_rank_reads_and_writes_exactly_its_rows_of_every_logical_matrix(ra
     for rank in range(ranks):
         start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
         local = full[start:stop]
-        for part in fsdp_part_pieces(pieces, start, stop):
+        for part in fsdp_part_pieces(pieces, rows, ranks, rank):
             assert part.part is not None and part.local_shape == (part.part.num_rows, cols)
             value = part.read(local)
             offset = 0
