@@ -70,6 +70,18 @@ def test_the_default_config_builds_and_steps_on_a_fake_gpu_with_one_host_read_pe
 
 
 @pytest.mark.slow
+def test_fsdp_builds_and_steps_on_a_fake_gpu_with_its_backward_hooks_and_one_host_read():
+    """``parallel.fsdp`` at TP2·DP2 with EP2 (experts over expert-DP): FSDP2's all-gathers, its pre-backward
+    hooks and its reduce-scatters run on the fake GPU; every sharded parameter gets its gradient (the rehearsal
+    fails otherwise) and the step reads the host once."""
+    overrides = ["parallel.fsdp=true", "parallel.pp=1", "parallel.ep=2"]
+    report = _rehearse(3, False, config=(str(TINY), overrides))
+    assert report["ok"], report["errors"]
+    assert report["coordinates"]["dp"] == 1 and report["coordinates"]["edp"] == 1
+    assert report["syncs_per_step"] == 1
+
+
+@pytest.mark.slow
 def test_a_planted_item_in_the_step_fails_the_rehearsal_and_names_where():
     report = _rehearse(0, False, plant="item")
     assert not report["ok"]
