@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "DISTRIBUTED_OPTIMIZER_LAYOUTS",
+    "FULLY_SHARDED_LAYOUTS",
     "LAYOUTS",
     "MODEL",
     "SAVE_AT",
@@ -35,9 +36,13 @@ LAYOUTS: dict[str, tuple[int, int, int, int, int]] = {
     "pp4": (4, 1, 4, 1, 1),
     "tp2_etp2_ep2": (4, 2, 1, 2, 2),
     "tp2_dp2_distopt": (4, 2, 1, 1, 1),
+    "dp4_ep2_fsdp": (4, 1, 1, 2, 1),
 }
 DISTRIBUTED_OPTIMIZER_LAYOUTS = frozenset({"tp2_dp2_distopt"})
 """Layouts trained with ``optimizer.distributed_optimizer: true`` (Muon and AdamW state sharded over DP)."""
+FULLY_SHARDED_LAYOUTS = frozenset({"dp4_ep2_fsdp"})
+"""Layouts trained with ``parallel.fsdp: true`` (parameters, gradients and state sharded over DP; experts over
+expert-DP)."""
 MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, num_moe_experts=4)
 GLOBAL_BATCH, MICRO_BATCH, SEED = 8, 2, 1234
 STEPS, SAVE_AT = 4, 2
@@ -82,6 +87,7 @@ def _build(name: str):
     from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.optim.layer_wise import tag_muon_params
     from megatron_muon.training.initialization import initialize_layout_independent_
+    from megatron_muon.training.fsdp import wrap_in_fsdp
     from megatron_muon.training.step import wrap_in_ddp
 
     _use_layout(name)
@@ -94,10 +100,13 @@ def _build(name: str):
     initialize_layout_independent_(chunks, config, SEED)
     if distributed:
         tag_muon_params(chunks, router="adamw")
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
-    )
-    chunks = wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
+    if name in FULLY_SHARDED_LAYOUTS:
+        chunks = wrap_in_fsdp(chunks, config, pg_collection=pg)
+    else:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
+        )
+        chunks = wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
     optimizer = build_optimizer(
         chunks,
         OptimizerConfig(

@@ -1,7 +1,8 @@
 """The same seed gives the same model at every layout, and a checkpoint saved at any layout continues at any other
 (``megatron_muon/testing/reshard_matrix.py``). CI runs a covering subset: every layout saves once and loads once,
 world 1 both ways, plus the reported failures (a one-process checkpoint at TP2·PP2·EP2, DP4·EP4 and TP2·DP2), and
-the distributed optimizer's checkpoints loaded without it and the other way round (``tp2_dp2_distopt``);
+the distributed optimizer's checkpoints loaded without it and the other way round (``tp2_dp2_distopt``), and
+FSDP's (``dp4_ep2_fsdp``: loads the distributed optimizer's, and world 1 loads its);
 ``tools/checkpoint_reshard_matrix.py`` runs every pair."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def cycle(tmp_path_factory):
     for index, name in enumerate(CYCLE):
         loads = ([CYCLE[index - 1]] if index else []) + EXTRA_LOADS.get(name, [])
         runs[name] = run_layout_processes(root, name, loads, True)
-    runs["w1 again"] = run_layout_processes(root, "w1", [CYCLE[-1]], False)
+    runs["w1 again"] = run_layout_processes(root, "w1", [CYCLE[-1], "tp2_dp2_distopt"], False)
     return runs
 
 
@@ -59,3 +60,5 @@ def test_a_checkpoint_continues_at_another_layout_as_at_its_own(cycle):
     assert {("w1", "tp2_pp2_ep2"), ("w1", "dp4_ep4"), ("w1", "tp2_dp2")} <= set(pairs)
     # The distributed optimizer's checkpoints both ways, at another layout.
     assert {("tp2_etp2_ep2", "tp2_dp2_distopt"), ("tp2_dp2_distopt", "w1")} <= set(pairs)
+    # FSDP's: from the distributed optimizer's, and into one process.
+    assert {("tp2_dp2_distopt", "dp4_ep2_fsdp"), ("dp4_ep2_fsdp", "w1")} <= set(pairs)

@@ -122,30 +122,32 @@ def _published_state(root: Path) -> int | None:
     return marked
 
 
-def _kill_schedule(rng: random.Random) -> list[tuple[str, int, int, bool]]:
+def _kill_schedule(rng: random.Random, *, full: bool) -> list[tuple[str, int, int, bool]]:
     """(point, iteration, rank, damaged) of each crash, in order; ``damaged``: a byte of the marked checkpoint is
     flipped before that run starts. Saves happen at 2, 4, 6, 8; the comments give what is published after each
-    crash (the run resumes from it)."""
-    return [
+    crash (the run resumes from it). ``full``: every moment (the full suite); otherwise the six that each take
+    another path through recovery (CI): the moments dropped repeat a path at another iteration."""
+    schedule = [
         # complete staging, never published: deleted at the next start, which begins from scratch
-        ("before_publish", 2, 0, False),
+        ("before_publish", 2, 0, False, True),
         # iter 2 renamed into place, no marker: complete, so the next start resumes from it
-        ("after_rename", 2, 0, False),
+        ("after_rename", 2, 0, False, full),
         # 4 published, pruning not done
-        ("after_marker", 4, 0, False),
+        ("after_marker", 4, 0, False, True),
         # started with 4 damaged: the run names the file, falls back to 2, trains 3 and 4 again and re-saves 4
-        ("step", rng.randint(5, 6), rng.randrange(4), True),
+        ("step", rng.randint(5, 6), rng.randrange(4), True, True),
         # one rank dies inside the save (its shards written, before the ranks agree the save succeeded): the
         # staging directory is deleted at the next start, which resumes from 4
-        ("during_save", 6, rng.randrange(4), False),
+        ("during_save", 6, rng.randrange(4), False, True),
         # iter 6 complete but unmarked: the next start resumes from the marker's 4 ...
-        ("after_rename", 6, 0, False),
+        ("after_rename", 6, 0, False, True),
         # ... and re-saves 6: killed with the old 6 moved aside, which the next start restores (and resumes from
         # 4 again, re-saving 6 once more)
-        ("between_renames", 6, 0, False),
+        ("between_renames", 6, 0, False, True),
         # the final save published; the restart finds the run complete
-        ("after_marker", 8, 0, False),
+        ("after_marker", 8, 0, False, full),
     ]
+    return [(point, iteration, rank, damaged) for point, iteration, rank, damaged, kept in schedule if kept]
 
 
 def _damage_marked_checkpoint(root: Path) -> tuple[Path, Path]:
@@ -193,11 +195,14 @@ def baseline(tmp_path_factory, shakespeare_data, launcher_env):
             subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_sigkill_at_chosen_moments_loses_nothing_and_resumes_exactly(tmp_path, baseline, launcher_env):
+@pytest.mark.parametrize(
+    "full", [False, pytest.param(True, marks=pytest.mark.extended)], ids=["six_paths", "every_moment"]
+)
+def test_sigkill_at_chosen_moments_loses_nothing_and_resumes_exactly(tmp_path, baseline, launcher_env, full):
     uninterrupted = baseline.losses
     rng = random.Random(SEED)
-    schedule = _kill_schedule(rng)
-    assert len(schedule) == 8
+    schedule = _kill_schedule(rng, full=full)
+    assert len(schedule) == (8 if full else 6)
     save_dir = tmp_path / "checkpoints"
     published = None
     for point, iteration, rank, damaged in schedule:
