@@ -86,8 +86,8 @@ def _build(name: str):
     )
     from megatron_muon.optim.build import MuonConfig, build_optimizer
     from megatron_muon.optim.layer_wise import tag_muon_params
-    from megatron_muon.training.initialization import initialize_layout_independent_
     from megatron_muon.training.fsdp import wrap_in_fsdp
+    from megatron_muon.training.initialization import initialize_layout_independent_
     from megatron_muon.training.step import wrap_in_ddp
 
     _use_layout(name)
