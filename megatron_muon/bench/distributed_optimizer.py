@@ -10,6 +10,8 @@ scale, Q/K/V and the router weight in Muon, as megatron routes them):
 * ``ours``: ``build_optimizer`` with ``tp_mode=auto`` on megatron's DDP (``use_distributed_optimizer=False``: fp32
   grads all-reduced, every data-parallel replica keeps fp32 main params and AdamW state);
 * ``ours + distributed optimizer``: the same with ``use_distributed_optimizer=True`` (``optim/layer_wise.py``);
+* ``ours + FSDP``: ``parallel.fsdp`` (``training/fsdp.py``): fp32 parameter and gradient shards over the
+  data-parallel ranks (experts over expert-DP), bf16 compute; Muon gathers each matrix's rows to one owner;
 * ``megatron layer-wise``: ``get_megatron_optimizer(OptimizerConfig(optimizer="muon", muon_tp_mode="duplicated",
   use_layer_wise_distributed_optimizer=True))`` on DDP with megatron's own parameter tags and shard-aligned layout
   (its exact TP mode; megatron also fuses SwiGLU gate/up into one matrix, ours splits them).
@@ -47,7 +49,7 @@ LAYOUTS = {
     "tp2_dp2": (dict(tp=2, pp=1, ep=1, etp=1), "TP2·DP2 (experts ETP1·EP1·EDP4)"),
     "tp2_ep2": (dict(tp=2, pp=1, ep=2, etp=1), "TP2·EP2 (dense DP2; experts ETP1·EP2·EDP2)"),
 }
-CONTENDERS = ("ours", "ours + distributed optimizer", "megatron layer-wise")
+CONTENDERS = ("ours", "ours + distributed optimizer", "ours + FSDP", "megatron layer-wise")
 MEMORY_COLUMNS = ("params", "grads", "main params", "optimizer state")
 
 
@@ -70,14 +72,19 @@ def _build_model(model: dict, layout: dict, pg: Any, contender: str) -> list[Any
         build_transformer_config,
     )
     from megatron_muon.optim.layer_wise import tag_muon_params
+    from megatron_muon.training.fsdp import wrap_in_fsdp
     from megatron_muon.training.step import wrap_in_ddp
 
     cfg = GptMoeConfig(**model)
     config = build_transformer_config(cfg, **layout)
     config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
     torch.manual_seed(0)
+    if contender == "ours + FSDP":  # fp32 shards (the master weights), gathered in bf16 for compute
+        config.params_dtype = torch.float32
+        chunks = build_gpt_moe_model_chunks(cfg, config, pg)
+        return wrap_in_fsdp(chunks, config, pg_collection=pg, param_dtype=torch.bfloat16)
     chunks = build_gpt_moe_model_chunks(cfg, config, pg)
-    distributed = contender != "ours"
+    distributed = contender in ("ours + distributed optimizer", "megatron layer-wise")
     if contender == "ours + distributed optimizer":
         tag_muon_params(chunks, router="muon")
     elif contender == "megatron layer-wise":
@@ -111,7 +118,7 @@ def _build_optimizer(chunks: list[Any], pg: Any, contender: str, settings: Setti
             clip_grad=1.0,
             bf16=True,
             fp16=False,
-            use_distributed_optimizer=contender != "ours",
+            use_distributed_optimizer=contender == "ours + distributed optimizer",
         ),
         ours_muon_config(**muon, tp_mode="auto"),
         pg,
@@ -120,7 +127,8 @@ def _build_optimizer(chunks: list[Any], pg: Any, contender: str, settings: Setti
 
 def _tensor_bytes(value: Any, skip: frozenset[str] = frozenset({"step"})) -> int:
     if torch.is_tensor(value):
-        return value.numel() * value.element_size()
+        local = value.to_local() if hasattr(value, "to_local") else value  # FSDP state: this rank's rows
+        return local.numel() * local.element_size()
     if isinstance(value, dict):
         return sum(_tensor_bytes(v) for k, v in value.items() if k not in skip)
     if isinstance(value, (list, tuple)):
@@ -129,24 +137,33 @@ def _tensor_bytes(value: Any, skip: frozenset[str] = frozenset({"step"})) -> int
 
 
 def _memory(chunks: list[Any], optimizer: Any) -> dict[str, int]:
-    """Bytes of this rank's parameters, gradient buffers, fp32 main params and optimizer state."""
-    model_storage = {p.data_ptr() for chunk in chunks for p in chunk.parameters()}
+    """Bytes of this rank's parameters, gradients (DDP's buffers, or FSDP's sharded gradients), fp32 main params
+    and optimizer state; an FSDP parameter counts this rank's rows."""
+    from megatron_muon.optim.layout import local_tensor
+
+    params = [local_tensor(p) for chunk in chunks for p in chunk.parameters()]
+    model_storage = {p.data_ptr() for p in params}
     inner = [o for o in torch_optimizers(optimizer) if isinstance(o, torch.optim.Optimizer)]
     main = {
         id(p): p
         for o in inner
         for g in o.param_groups
         for p in g["params"]
-        if p.data_ptr() not in model_storage
+        if local_tensor(p).data_ptr() not in model_storage
     }
+    grads = 0
+    for chunk in chunks:
+        ddp_buffers = getattr(chunk, "buffers", None)
+        if isinstance(ddp_buffers, list):
+            grads += sum(_tensor_bytes(b.grad_data) for b in ddp_buffers + chunk.expert_parallel_buffers)
+        else:  # FSDP
+            grads += sum(
+                _tensor_bytes(local_tensor(p.grad)) for p in chunk.parameters() if p.grad is not None
+            )
     return {
-        "params": sum(p.numel() * p.element_size() for chunk in chunks for p in chunk.parameters()),
-        "grads": sum(
-            _tensor_bytes(b.grad_data)
-            for chunk in chunks
-            for b in chunk.buffers + chunk.expert_parallel_buffers
-        ),
-        "main params": sum(_tensor_bytes(p) for p in main.values()),
+        "params": sum(p.numel() * p.element_size() for p in params),
+        "grads": grads,
+        "main params": sum(_tensor_bytes(local_tensor(p)) for p in main.values()),
         "optimizer state": sum(_tensor_bytes(state) for o in inner for state in o.state.values()),
     }
 
@@ -238,13 +255,18 @@ def render_section(command: str, model: dict, measured: dict[str, list[dict[str,
 
     lines = [
         START_MARKER,
-        "## Distributed optimizer: memory and traffic per rank (issue #12)",
+        "## Distributed optimizer and FSDP: memory and traffic per rank (issues #12, #26)",
         "",
         f"Measured with `{command}` ({cpu_description()}; load average {load_average()} at the end; "
         f"megatron-core {importlib.metadata.version('megatron-core')}, torch {torch.__version__}). Model: "
         + ", ".join(f"{k}={v}" for k, v in model.items())
         + "; bf16 parameters, fp32 main params and gradient reduction. What each column counts and how bytes are "
-        "charged: `megatron_muon/bench/distributed_optimizer.py`, `megatron_muon/bench/traffic.py`.",
+        "charged: `megatron_muon/bench/distributed_optimizer.py`, `megatron_muon/bench/traffic.py`. `ours + FSDP` "
+        "(`parallel.fsdp`) keeps fp32 shards of the parameters (they are the main params, so that column is 0) and "
+        "of the gradients; its traffic here is the optimizer's only: FSDP's own collectives run inside forward and "
+        "backward, which this benchmark does not run (per step and rank they send (DP-1)/DP of the local "
+        "parameters twice in bf16, the all-gathers of forward and backward, and once in fp32, the gradient "
+        "reduce-scatter: about 8 bytes per local parameter, as DDP's fp32 all-reduce does).",
         "",
     ]
     for name, per_rank in measured.items():

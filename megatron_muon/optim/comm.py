@@ -253,11 +253,17 @@ def _assemble(
     shards = []
     for shard in range(matrix.num_shards):
         rows = torch.empty(matrix.shard_shape, dtype=own.dtype, device=own.device)
+        placed = set()
         for holder, runs in matrix.row_parts[shard].items():
+            if runs in placed or (shard, holder) not in pieces:  # a replica of a part already placed
+                continue
+            placed.add(runs)
             tensor, offset = pieces[(shard, holder)], 0
             for start, length in runs:
                 rows[start : start + length].copy_(tensor[offset : offset + length])
                 offset += length
+        if len(placed) != len(set(matrix.row_parts[shard].values())):
+            raise RuntimeError(f"matrix {matrix.key!r} shard {shard}: a part of its rows never arrived")
         shards.append(rows)
     return torch.cat(shards, dim=matrix.shard_dim)
 

@@ -488,23 +488,30 @@ def build_plan(
 def _check_row_parts(
     matrix: MatrixPlan, parts: dict[int, dict[int, tuple[tuple[int, int], ...]]]
 ) -> dict[int, dict[int, tuple[tuple[int, int], ...]]]:
-    """The holders' runs of each shard of a fully sharded matrix, checked to cover every row exactly once (a
-    holder announcing ``()`` holds the whole shard: then it must be the shard's only holder)."""
+    """The holders' runs of each shard of a fully sharded matrix, checked: the distinct parts cover every row
+    exactly once (ranks announcing the same runs are replicas of one part: TP ranks of a matrix TP does not split;
+    a holder announcing ``()`` holds the whole shard)."""
     shard_rows = matrix.shard_shape[0]
     checked: dict[int, dict[int, tuple[tuple[int, int], ...]]] = {}
     for shard, by_rank in sorted(parts.items()):
-        covered: list[int] = []
         full = {rank: runs or ((0, shard_rows),) for rank, runs in by_rank.items()}
-        for runs in full.values():
+        covered: list[int] = []
+        for runs in set(full.values()):
             for start, length in runs:
                 covered.extend(range(start, start + length))
         if sorted(covered) != list(range(shard_rows)):
             raise RuntimeError(
                 f"matrix {matrix.key!r} shard {shard}: the holders' rows {dict(sorted(full.items()))} do not "
-                f"cover rows 0..{shard_rows - 1} exactly once (replicas and FSDP parts mixed?)"
+                f"cover rows 0..{shard_rows - 1} exactly once"
             )
         checked[shard] = dict(sorted(full.items()))
     return checked
+
+
+def part_replicas(matrix: MatrixPlan, shard: int, rank: int) -> list[int]:
+    """The holders of shard ``shard`` of a fully sharded matrix that hold the same rows as ``rank`` (sorted)."""
+    runs = matrix.row_parts[shard][rank]
+    return [r for r, other in matrix.row_parts[shard].items() if other == runs]
 
 
 def batch_class(matrix: MatrixPlan) -> tuple[tuple[int, int], str]:
@@ -576,13 +583,19 @@ def _assign_transfers(matrix: MatrixPlan) -> None:
     Senders rotate over the holders of a shard so no replica sends everything."""
     computers = set(matrix.computers)
     if matrix.partitioned:
-        # Every part travels: each holder's rows to every computer that is not that holder, and back.
-        for receiver in matrix.computers:
-            for shard, ranks in matrix.holders.items():
-                matrix.gather.extend((shard, sender, receiver) for sender in ranks if sender != receiver)
-        (source,) = matrix.computers
-        for shard, ranks in matrix.holders.items():
-            matrix.scatter.extend((shard, source, receiver) for receiver in ranks if receiver != source)
+        # Every distinct part travels once to the owner (from one of its replicas, in turn), and every holder gets
+        # its rows back.
+        (owner,) = matrix.computers
+        turn = 0
+        for shard, by_rank in matrix.row_parts.items():
+            mine = by_rank.get(owner)
+            for runs in dict.fromkeys(by_rank.values()):
+                if runs == mine:
+                    continue
+                replicas = [rank for rank, other in by_rank.items() if other == runs]
+                matrix.gather.append((shard, replicas[turn % len(replicas)], owner))
+                turn += 1
+            matrix.scatter.extend((shard, owner, rank) for rank in by_rank if rank != owner)
         return
     shard_of = {rank: shard for shard, ranks in matrix.holders.items() for rank in ranks}
     turn = 0

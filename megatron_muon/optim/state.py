@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_muon.optim.layout import MatrixPiece
 from megatron_muon.optim.muon import ROW_SECOND_MOMENT, Muon
+from megatron_muon.optim.plan import part_replicas
 
 __all__ = [
     "MOMENTUM_KEY_PREFIX",
@@ -141,7 +142,12 @@ def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
                         global_shape=(matrix.shape[0], matrix.shape[1]),
                         local_shape=piece.local_shape,
                         rank_offsets=((matrix.shard_dim, piece.shard_index, matrix.num_shards),),
-                        replica_id=0,
+                        # TP replicas of an FSDP part (a matrix TP does not split) keep the same rows; one writes.
+                        replica_id=(
+                            part_replicas(matrix, piece.shard_index, me).index(me)
+                            if matrix.partitioned
+                            else 0
+                        ),
                         row_runs=matrix.row_parts[piece.shard_index][me] if matrix.partitioned else (),
                     )
                 )

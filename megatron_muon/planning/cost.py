@@ -19,6 +19,13 @@ Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's
   matrix several TP ranks hold, like the router); with NorMuon the owner the whole matrix. 6 + 8/d B per param on
   average. Megatron's ``LayerWiseDistributedOptimizer`` holds the same bytes (its TP-split matrices' momentum
   per shard on every TP rank of the DP owner).
+* ``parallel.fsdp`` (ours + FSDP, ``training/fsdp.py``): parameters and gradients as fp32 shards, 4 B + 4 B per
+  parameter / d (the shards are the master weights: no separate copy), AdamW state 8 B / d, Muon momentum with each
+  rank's rows of the matrices (the plan over FSDP parts, ``_ours_fsdp``); plus what FSDP gathers for compute: the
+  unsharded parameters (model dtype) and gradients (fp32) of about two transformer layers at a time (the one
+  computing and the one prefetched), counted as 2 × (stage parameters / layers on the stage) × (2 or 4 + 4) B.
+  Traffic outside the step: the parameter all-gathers of forward and backward, 2 × P × (2 or 4 B) × (d−1)/d,
+  and the fp32 gradient reduce-scatter, 4·P·(d−1)/d.
 * activations (megatron's theoretical estimate, Korthikanti et al. 2022, selective recompute, sequence parallel):
   per layer s·b·h·(18 + 4·F/h)/TP bytes with F the dense FFN size, or top-k × expert FFN + shared FFN for an MoE
   layer (tokens balanced over experts); × the micro-batches in flight on pipeline rank r under 1F1B,
@@ -58,6 +65,7 @@ __all__ = ["MODES", "RankCost", "activation_bytes", "layout_costs"]
 MODES = (
     "ours",
     "ours + distributed optimizer",
+    "ours + FSDP",
     "megatron duplicated",
     "megatron distributed",
     "megatron layer-wise",
@@ -170,13 +178,16 @@ def _transfer(costs, links, sender, receiver, count, collective) -> None:
 def _exchanges(costs, links, matrix, global_rank) -> None:
     """The plan's gather (gradient shards to the computers) and scatter (direction shards back) of ``matrix``;
     ``global_rank`` maps the plan's rank indices to global ranks."""
-    shard_bytes = matrix.shape[0] * matrix.shape[1] / matrix.num_shards * _FP32
-    for transfers, collective in (
-        (matrix.gather, "gather (all-to-all)"),
-        (matrix.scatter, "scatter (all-to-all)"),
+    for transfers, collective, gathering in (
+        (matrix.gather, "gather (all-to-all)", True),
+        (matrix.scatter, "scatter (all-to-all)", False),
     ):
-        for _, sender, receiver in transfers:
-            _transfer(costs, links, global_rank(sender), global_rank(receiver), shard_bytes, collective)
+        for shard, sender, receiver in transfers:
+            # An FSDP part travels alone: the sender's rows gathered, the receiver's rows returned.
+            rows, cols = matrix.piece_shape(shard, sender if gathering else receiver)
+            _transfer(
+                costs, links, global_rank(sender), global_rank(receiver), rows * cols * _FP32, collective
+            )
 
 
 def _ring(cost: RankCost, count_each_way: float, bandwidth: float, collective: str, calls: int) -> None:
@@ -203,6 +214,12 @@ def momentum_elements(matrix: MatrixPlan) -> dict[int, float]:
     mode; ``owner`` with ``momentum_with_shards``, the distributed optimizer's default), else every rank that
     computes the matrix the whole of it (the owner; every holder under ``duplicated``)."""
     full = matrix.shape[0] * matrix.shape[1]
+    if matrix.momentum_with_shards and matrix.partitioned:  # FSDP: each holder its rows
+        return {
+            rank: float(matrix.piece_shape(shard, rank)[0] * matrix.piece_shape(shard, rank)[1])
+            for shard, ranks in matrix.holders.items()
+            for rank in ranks
+        }
     if matrix.mode == "distributed" or matrix.momentum_with_shards:
         return {rank: full / matrix.num_shards for ranks in matrix.holders.values() for rank in ranks}
     return {rank: float(full) for rank in matrix.computers}
@@ -249,6 +266,71 @@ def _ours(facts, links) -> dict[int, RankCost]:
             for rank in range(first, first + dims.stage_size):
                 # One batched call (all-reduces of one Gram shape) per shape and algorithm (``Muon._orthogonalize``).
                 costs[rank].collectives += 2 * _NUM_BUCKETS + sum(n for *_, n in shapes_distributed[rank])
+    return costs
+
+
+def _fsdp_index(facts, global_rank: int, kind: str) -> tuple[int, int]:
+    """(this rank's index, size) of the group FSDP shards ``kind`` parameters over: dense DP·CP, experts
+    expert-DP."""
+    c, dims = facts.coordinates[global_rank], facts.dims
+    if kind == "dense":
+        return c["dp"] * dims.cp + c["cp"], dims.dp * dims.cp
+    return c["edp"], dims.expert_dp
+
+
+def _fsdp_records(facts, first: int, kind: str, records_by_rank) -> list[list[PieceRecord]]:
+    """Each grid rank's records as FSDP parts: every TP shard's rows cut evenly over the FSDP group
+    (``torch.chunk``), the part of this rank's index. (The optimizer cuts the TP-local *parameter*, fused parts
+    and all; per matrix that moves the cut points, not the bytes.)"""
+    import dataclasses
+
+    from megatron_muon.optim.layout import fsdp_chunk
+    from megatron_muon.optim.plan import NO_ROWS
+
+    result = []
+    for grid, records in enumerate(records_by_rank):
+        index, size = _fsdp_index(facts, first + grid, kind)
+        parts = []
+        for record in records:
+            rows = record.shape[0] // record.num_shards if record.shard_dim == 0 else record.shape[0]
+            start, stop = fsdp_chunk(rows, size, index)
+            held = NO_ROWS if start == stop else (() if stop - start == rows else ((start, stop - start),))
+            parts.append(dataclasses.replace(record, rows_held=held))
+        result.append(parts)
+    return result
+
+
+def _ours_fsdp(facts, links) -> dict[int, RankCost]:
+    """Ours with ``parallel.fsdp`` (``training/fsdp.py``): every matrix's rows spread over the FSDP group, gathered
+    to one owner of the stage's grid (``owner`` mode, the plan ``optim/build.py`` builds: no replicated state, the
+    momentum with the parts unless NorMuon)."""
+    from megatron_muon.optim.plan import build_plan
+
+    dims, muon = facts.dims, facts.cfg.optimizer.muon
+    costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
+    for stage in facts.stages:
+        first = stage.pp_rank * dims.stage_size
+        for kind, records_by_rank in stage.records.items():
+            if not any(records_by_rank):
+                continue
+            plan = build_plan(
+                _fsdp_records(facts, first, kind, records_by_rank),
+                mode="auto" if muon.tp_mode not in ("auto", "owner") else muon.tp_mode,
+                ns_steps=muon.ns_steps,
+                cost_model=facts.cost_model,
+                replicate_state=False,
+                momentum_with_shards=not muon.normuon,
+                ns_algorithm=muon.planned_ns_algorithm,
+                gram_restarts=tuple(muon.ns_gram_restarts),
+            )
+            for grid, load in plan.loads.items():
+                costs[first + grid].ns_flops += load
+            for matrix in plan.matrices:
+                for grid, elements in momentum_elements(matrix).items():
+                    costs[first + grid].muon_state_elements += elements
+                _exchanges(costs, links, matrix, lambda grid, first=first: first + grid)
+        for rank in range(first, first + dims.stage_size):
+            costs[rank].collectives += 2 * _NUM_BUCKETS
     return costs
 
 
@@ -471,15 +553,32 @@ def _grad_sync(facts, costs, sharded: bool) -> None:
             costs[rank].grad_sync[name] += sent
 
 
+def _fsdp_gathers(facts, costs) -> None:
+    """FSDP's parameter all-gathers of forward and backward (bf16, or the fp32 model's dtype), beside its gradient
+    reduce-scatter: traffic of the forward and backward passes, like the gradient sync, not of the step."""
+    dims = facts.dims
+    for stage in facts.stages:
+        first = stage.pp_rank * dims.stage_size
+        sent = sum(
+            2 * _kind_elements(stage, kind) * _param_bytes(facts) * (d - 1) / d
+            for kind, d in (("dense", dims.dp * dims.cp), ("expert", dims.expert_dp))
+        )
+        for rank in range(first, first + dims.stage_size):
+            costs[rank].grad_sync["FSDP all-gather (params, forward + backward)"] += sent
+
+
 def layout_costs(facts) -> dict[str, dict[int, RankCost]]:
     """mode → rank → its cost, for ``MODES``."""
     links = _Links(facts.gpu)
     result = {
         "ours": _ours(facts, links),
         "ours + distributed optimizer": _ours_distributed_optimizer(facts, links),
+        "ours + FSDP": _ours_fsdp(facts, links),
     }
-    for mode in MODES[2:]:
+    for mode in MODES[3:]:
         result[mode] = _megatron(facts, links, mode)
     for mode, costs in result.items():
-        _grad_sync(facts, costs, sharded=mode in ("ours + distributed optimizer", "megatron layer-wise"))
+        sharded = mode in ("ours + distributed optimizer", "ours + FSDP", "megatron layer-wise")
+        _grad_sync(facts, costs, sharded=sharded)
+    _fsdp_gathers(facts, result["ours + FSDP"])
     return result

@@ -18,6 +18,8 @@ _GB = 1e9
 
 _SHARDED = ("ours + distributed optimizer", "megatron layer-wise")
 """Modes whose master weights and optimizer state are sharded over data parallelism."""
+FSDP_MODE = "ours + FSDP"
+"""The mode whose parameters and gradients are sharded too (``parallel.fsdp``)."""
 
 
 def _memory(facts, stage, cost, mode: str, pp_rank: int) -> dict[str, float]:
@@ -34,7 +36,16 @@ def _memory(facts, stage, cost, mode: str, pp_rank: int) -> dict[str, float]:
         "activations": activation_bytes(model, dims, facts.cfg.training, pp_rank),
     }
     master_bytes = 4 if bf16 else 0
-    if mode in _SHARDED:  # megatron's element-sharded DistributedOptimizer for AdamW
+    if mode == FSDP_MODE:  # fp32 shards of parameters (the masters) and gradients, AdamW state sharded alike
+        dense_d, expert_d = dims.dp * dims.cp, dims.expert_dp
+        sharded = p.dense / dense_d + p.expert / expert_d
+        layers_here = max(1, model.num_layers // dims.pp)
+        # What FSDP holds unsharded at a time: about two layers' parameters (model dtype) and gradients (fp32).
+        memory["params"] = 4 * sharded + 2 * p.total / layers_here * (2 if bf16 else 4)
+        memory["grads"] = 4 * sharded + 2 * p.total / layers_here * 4
+        memory["master"] = 0.0
+        adamw = adamw_dense / dense_d + adamw_expert / expert_d
+    elif mode in _SHARDED:  # megatron's element-sharded DistributedOptimizer for AdamW
         adamw = adamw_dense / (dims.dp * dims.cp) + adamw_expert / dims.expert_dp
         memory["master"] = master_bytes * (adamw + cost.owned_elements)
     else:
@@ -109,6 +120,7 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
             ),
             "memory_max_bytes": max(m["total"] for m in memory.values()),
             "distributed_optimizer": mode in _SHARDED,
+            "fsdp": mode == FSDP_MODE,
             "muon_state_bytes": [4 * per_rank[r].muon_state_elements for r in range(dims.world_size)],
             "classes": class_rows,
         }
@@ -165,7 +177,7 @@ def itemized_memory_lines(report: dict, configured_on: bool) -> list[str]:
     lines = [
         "memory per GPU, ours, largest rank (PREDICTED; cuda context, NCCL buffers and fragmentation not counted):"
     ]
-    for on, mode in ((False, "ours"), (True, "ours + distributed optimizer")):
+    for on, mode in ((False, "ours"), (True, "ours + distributed optimizer"), (None, FSDP_MODE)):
         rows = report["modes"][mode]["classes"]
         mem = max(rows, key=lambda row: row["memory_bytes"]["total"])["memory_bytes"]
         items = " + ".join(
@@ -180,11 +192,18 @@ def itemized_memory_lines(report: dict, configured_on: bool) -> list[str]:
             )
         )
         mark = " (configured)" if on == configured_on else ""
+        label = "parallel.fsdp on" if on is None else f"distributed_optimizer {'on' if on else 'off'}"
         lines.append(
-            f"  distributed_optimizer {'on' if on else 'off'}{mark}: {items} = {mem['total'] / 2**30:.2f} GiB "
+            f"  {label}{mark}: {items} = {mem['total'] / 2**30:.2f} GiB "
             f"({(mem['total'] - mem['activations']) / 2**30:.2f} GiB without activations)"
         )
     return lines
+
+
+def _sharding(mode: dict) -> str:
+    if mode.get("fsdp"):
+        return "params, grads, state (FSDP)"
+    return "masters, state" if mode["distributed_optimizer"] else "no"
 
 
 def _gb(value) -> str:
@@ -202,7 +221,7 @@ def render_table(report: dict) -> str:
             f"{name} {v['total']:,} (Muon {v['muon']:,})" for name, v in report["parameters_per_rank"].items()
         ),
         "",
-        "| optimizer | distributed optimizer | step (ms) | without DP param all-gather (ms) | NS GFLOP max / mean per rank | sent / received max (GB) "
+        "| optimizer | sharded over DP | step (ms) | without DP param all-gather (ms) | NS GFLOP max / mean per rank | sent / received max (GB) "
         f"| grad sync sent (GB) | memory max per rank (GB) | fits {capacity / _GB:.0f} GB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -210,7 +229,7 @@ def render_table(report: dict) -> str:
         mem = m["memory_max_bytes"]
         fits = "yes" if mem <= capacity else "no"
         lines.append(
-            f"| {mode} | {'on' if m['distributed_optimizer'] else 'off'} | {m['step_seconds'] * 1e3:.1f} | {m['step_seconds_without_param_gather'] * 1e3:.1f} | {m['ns_flops_max'] / 1e9:,.0f} / "
+            f"| {mode} | {_sharding(m)} | {m['step_seconds'] * 1e3:.1f} | {m['step_seconds_without_param_gather'] * 1e3:.1f} | {m['ns_flops_max'] / 1e9:,.0f} / "
             f"{m['ns_flops_mean'] / 1e9:,.0f} | {m['bytes_sent_max'] / _GB:.2f} / {m['bytes_received_max'] / _GB:.2f} "
             f"| {m['grad_sync_bytes_sent_max'] / _GB:.2f} | {_gb(mem)} | {fits} |"
         )

@@ -52,9 +52,10 @@ def _other_param_full_and_shard(name, param, module, module_paths):
     return key, tuple(full), dim, size, rank
 
 
-def logical_pieces(model_chunks, options: LayoutConfig = DEFAULT_LAYOUT):
-    """(param, pieces) for every Muon parameter of ``model_chunks`` (as the optimizer builder lays them out)."""
-    routing = route_parameters(model_chunks)
+def logical_pieces(model_chunks, options: LayoutConfig = DEFAULT_LAYOUT, router: str = "adamw"):
+    """(param, pieces) for every Muon parameter of ``model_chunks`` (as the optimizer builder lays them out;
+    ``router`` as ``MuonConfig.router``)."""
+    routing = route_parameters(model_chunks, router=router)
     result = []
     for routed in routing.muon:
         chunk = model_chunks[routed.chunk]
@@ -68,10 +69,16 @@ def logical_pieces(model_chunks, options: LayoutConfig = DEFAULT_LAYOUT):
 
 @torch.no_grad()
 def fill_canonical_(
-    model_chunks, *, salt: str = "weight", grads: bool = False, options: LayoutConfig = DEFAULT_LAYOUT
+    model_chunks,
+    *,
+    salt: str = "weight",
+    grads: bool = False,
+    options: LayoutConfig = DEFAULT_LAYOUT,
+    router: str = "adamw",
 ) -> None:
-    """Write canonical values into every parameter (``grads=False``) or its ``main_grad`` / ``grad``."""
-    routing, muon = logical_pieces(model_chunks, options)
+    """Write canonical values into every parameter (``grads=False``) or its ``main_grad`` / ``grad``; the MoE
+    router as a Muon matrix with ``router="muon"``."""
+    routing, muon = logical_pieces(model_chunks, options, router)
 
     def target(param):
         if not grads:
@@ -107,12 +114,12 @@ def _copy_held_rows(target: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def collect_pieces(
-    model_chunks, options: LayoutConfig = DEFAULT_LAYOUT, *, main_params: bool = False
+    model_chunks, options: LayoutConfig = DEFAULT_LAYOUT, *, main_params: bool = False, router: str = "adamw"
 ) -> dict[str, dict[int, torch.Tensor]]:
     """This rank's value of every Muon matrix piece: key → shard index → tensor (for assembling in a test).
     ``main_params``: the fp32 main copies megatron's mixed-precision wrapper keeps (``param.main_param``) instead
     of the bf16 parameters, from the parameters that have one here (with the distributed optimizer: the owned)."""
-    _, muon = logical_pieces(model_chunks, options)
+    _, muon = logical_pieces(model_chunks, options, router)
     out: dict[str, dict] = {}
     for routed, pieces in muon:
         source = getattr(routed.param, "main_param", None) if main_params else routed.param.data

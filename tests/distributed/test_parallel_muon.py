@@ -79,6 +79,7 @@ def _muon_steps_on_rank(
     results = {"pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     # The matrices the optimizer is asked to see (e.g. per head) are the ones filled and collected.
     layout_fields = ("split_qkv", "qkv_per_head", "split_gate_up")
+    router = (extra_muon or {}).get("router", "adamw")
     options = LayoutConfig(**{k: v for k, v in (extra_muon or {}).items() if k in layout_fields})
     for name in modes:
         mode, distributed = name.removesuffix(DISTRIBUTED_OPTIMIZER), name.endswith(DISTRIBUTED_OPTIMIZER)
@@ -86,7 +87,7 @@ def _muon_steps_on_rank(
         if name.endswith(FSDP):
             mode, flavour = name.removesuffix(FSDP), "fsdp"
         chunks = wrapped(flavour)
-        fill_canonical_(chunks, salt="weight", options=options)
+        fill_canonical_(chunks, salt="weight", options=options, router=router)
         optimizer = build_optimizer(
             chunks,
             OptimizerConfig(
@@ -104,7 +105,7 @@ def _muon_steps_on_rank(
             pg,
         )
         for step in range(steps):
-            fill_canonical_(chunks, salt=f"grad{step}", grads=True, options=options)
+            fill_canonical_(chunks, salt=f"grad{step}", grads=True, options=options, router=router)
             optimizer.step()
         members = [m for o in optimizer.chained_optimizers for m in getattr(o, "chained_optimizers", [o])]
         muon_parts = [o for o in members if hasattr(o.optimizer, "orthogonalizer")]
@@ -112,7 +113,8 @@ def _muon_steps_on_rank(
         plans = [m for o in muon_parts for m in o.optimizer.orthogonalizer.plan.matrices]
         modes_used = sorted({m.mode for m in plans})
         duplicated_shards = sorted(m.key for m in plans if m.mode == "duplicated" and m.num_shards > 1)
-        results[name] = (collect_pieces(chunks, options, main_params=bf16), state_bytes, modes_used)
+        collected = collect_pieces(chunks, options, main_params=bf16, router=router)
+        results[name] = (collected, state_bytes, modes_used)
         results[name + "/duplicated sharded"] = duplicated_shards
         results[name + "/algorithms"] = sorted({(m.mode, m.ns_algorithm) for m in plans})
     return results
@@ -268,7 +270,8 @@ suite."""
 def test_fsdp_matches_single_process_reference(name):
     """With parameters, gradients and momentum fully sharded over the data-parallel ranks (FSDP2), Muon still
     orthogonalizes every whole logical matrix once: exact to the single-process reference, the momentum stored
-    once per pipeline stage, and matrices cut across ranks gathered to one owner."""
+    once per pipeline stage (TP replicas of a part keep identical copies: counted once), and matrices cut across
+    ranks gathered to one owner."""
     from megatron_muon.testing.canonical import assemble
 
     world, layout, model = LAYOUTS[name]
@@ -280,7 +283,8 @@ def test_fsdp_matches_single_process_reference(name):
         ep=layout["ep"],
         etp=layout["etp"],
         vpp=layout.get("vpp"),
-        args=(layout, model, MODES_FSDP, STEPS),
+        # The router in Muon too: TP does not split it, so its FSDP parts have TP replicas.
+        args=(layout, model, MODES_FSDP, STEPS, {"router": "muon"}),
         timeout_s=300,
     )
     expected = None
@@ -296,7 +300,9 @@ def test_fsdp_matches_single_process_reference(name):
         for rank_results in per_rank:
             stage = rank_results["pp_rank"]
             stage_bytes[stage] = stage_bytes.get(stage, 0) + rank_results[mode][1]
-        assert sum(stage_bytes.values()) == 4 * sum(v.numel() for v in expected.values()), (
+        # Once per matrix; the router's parts once per TP rank (its TP replicas update identical copies).
+        copies = {k: layout["tp"] if ".router." in k else 1 for k in expected}
+        assert sum(stage_bytes.values()) == 4 * sum(v.numel() * copies[k] for k, v in expected.items()), (
             f"{name} {mode}: the momentum must exist exactly once"
         )
         used = {m for rank_results in per_rank for m in rank_results[mode][2]}

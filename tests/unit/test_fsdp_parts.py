@@ -108,6 +108,25 @@ def test_the_owner_assembles_the_whole_matrix_from_the_parts_and_cuts_each_holde
         assert torch.equal(_assemble(matrix, received, pieces[(my_shard, owner)], owner, my_shard), full)
 
 
+def test_tp_replicas_of_a_part_send_it_once_and_each_gets_its_rows_back():
+    """A matrix TP does not split (the router) under FSDP over 2: TP ranks 0, 1 hold rows 0-3, ranks 2, 3 rows
+    4-7."""
+    router = [[_record("router", (8, 4), ((0, 4),) if rank < 2 else ((4, 4),))] for rank in range(4)]
+    plan = build_plan(router, mode="owner", momentum_with_shards=True, replicate_state=False)
+    (matrix,) = plan.matrices
+    (owner,) = matrix.computers
+    replica = owner ^ 1  # the other TP rank of the owner's data-parallel index
+    assert (
+        len(matrix.gather) == 1 and matrix.gather[0][1] // 2 != owner // 2
+    )  # the other part, from one replica
+    assert {receiver for _, _, receiver in matrix.scatter} == {0, 1, 2, 3} - {owner}
+    assert replica in {receiver for _, _, receiver in matrix.scatter}
+    full = torch.randn(8, 4)
+    sender = matrix.gather[0][1]
+    received = {(0, sender): _piece(full, matrix, 0, sender)}
+    assert torch.equal(_assemble(matrix, received, _piece(full, matrix, 0, owner), owner, 0), full)
+
+
 def test_parts_that_miss_or_repeat_a_row_and_modes_without_an_owner_are_refused():
     gap = [[_record("m", (8, 4), ((0, 4),))], [_record("m", (8, 4), ((5, 3),))]]
     with pytest.raises(RuntimeError, match="do not cover rows 0..7 exactly once"):
