@@ -51,7 +51,14 @@ def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
             for (part, shape, shards), count in sorted(matrices.items())
         ]
         report = plan_at_scale(cfg, dims, gpu, with_matrices=False)
-        lines += itemized_memory_lines(report, cfg.optimizer.distributed_optimizer)
+        configured = (
+            "ours + FSDP"
+            if cfg.parallel.fsdp
+            else "ours + distributed optimizer"
+            if cfg.optimizer.distributed_optimizer
+            else "ours"
+        )
+        lines += itemized_memory_lines(report, configured)
         lines.append(render_table(report))
     except (ConfigError, ValueError) as error:
         lines.append(f"meta build and optimizer plan: not available: {str(error).splitlines()[0]}")

@@ -171,13 +171,18 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
     }
 
 
-def itemized_memory_lines(report: dict, configured_on: bool) -> list[str]:
-    """Our bytes per GPU (the largest rank), item by item, with the distributed optimizer off and on; the
-    configured setting (``optimizer.distributed_optimizer``) marked."""
+def itemized_memory_lines(report: dict, configured: str) -> list[str]:
+    """Our bytes per GPU (the largest rank), item by item, with the distributed optimizer off and on and with
+    FSDP; the configured mode (``ours``, ``ours + distributed optimizer`` or ``ours + FSDP``) marked."""
     lines = [
         "memory per GPU, ours, largest rank (PREDICTED; cuda context, NCCL buffers and fragmentation not counted):"
     ]
-    for on, mode in ((False, "ours"), (True, "ours + distributed optimizer"), (None, FSDP_MODE)):
+    labels = {
+        "ours": "distributed_optimizer off",
+        "ours + distributed optimizer": "distributed_optimizer on",
+        FSDP_MODE: "parallel.fsdp on",
+    }
+    for mode, label in labels.items():
         rows = report["modes"][mode]["classes"]
         mem = max(rows, key=lambda row: row["memory_bytes"]["total"])["memory_bytes"]
         items = " + ".join(
@@ -191,8 +196,7 @@ def itemized_memory_lines(report: dict, configured_on: bool) -> list[str]:
                 ("activations", "activations"),
             )
         )
-        mark = " (configured)" if on == configured_on else ""
-        label = "parallel.fsdp on" if on is None else f"distributed_optimizer {'on' if on else 'off'}"
+        mark = " (configured)" if mode == configured else ""
         lines.append(
             f"  {label}{mark}: {items} = {mem['total'] / 2**30:.2f} GiB "
             f"({(mem['total'] - mem['activations']) / 2**30:.2f} GiB without activations)"

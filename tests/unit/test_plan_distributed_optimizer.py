@@ -1,7 +1,8 @@
 """The planner's figures with the distributed optimizer on follow docs/distributed_optimizer.md exactly: per rank
 bf16 params (2 B) and fp32 grads (4 B) of every param, AdamW state 8/d, every logical Muon matrix's momentum stored
 once in the grid, grads reduce-scattered (fp32, 4·P·(d−1)/d sent) and params all-gathered (bf16, 2·P·(d−1)/d);
-off: grads all-reduced (8·P·(d−1)/d). The dry run itemizes memory for both settings, marking the configured one."""
+off: grads all-reduced (8·P·(d−1)/d); with FSDP params and grads sharded too. The dry run itemizes memory for every
+setting, marking the configured one."""
 
 from __future__ import annotations
 
@@ -56,17 +57,56 @@ def test_bytes_per_rank_and_per_step_follow_the_design(report):
     assert sum(on["muon_state_bytes"]) == pytest.approx(4 * logical)
 
 
-@pytest.mark.parametrize("configured", [False, True])
-def test_dry_run_itemizes_memory_for_both_settings(configured):
+@pytest.mark.parametrize("configured", ["off", "on", "fsdp"])
+def test_dry_run_itemizes_memory_for_every_setting(configured):
     from megatron_muon.pretrain import _dry_run
 
-    cfg = load_config(MOE_1B, [f"optimizer.distributed_optimizer={str(configured).lower()}"])
+    overrides = {
+        "off": [],
+        "on": ["optimizer.distributed_optimizer=true"],
+        "fsdp": ["parallel.fsdp=true"],
+    }[configured]
+    cfg = load_config(MOE_1B, overrides)
     text = _dry_run(cfg, validate(cfg))
-    off = next(line for line in text.splitlines() if line.startswith("  distributed_optimizer off"))
-    on = next(line for line in text.splitlines() if line.startswith("  distributed_optimizer on"))
-    for line in (off, on):
+    lines = {
+        name: next(line for line in text.splitlines() if line.startswith(prefix))
+        for name, prefix in (
+            ("off", "  distributed_optimizer off"),
+            ("on", "  distributed_optimizer on"),
+            ("fsdp", "  parallel.fsdp on"),
+        )
+    }
+    for line in lines.values():
         assert "params" in line and "grads" in line and "masters" in line and "Muon momentum" in line
-    assert ("(configured)" in on) == configured and ("(configured)" in off) != configured
+    assert [name for name, line in lines.items() if "(configured)" in line] == [configured]
+
+
+def test_fsdp_shards_params_grads_and_state_and_keeps_every_momentum_once(report):
+    """``parallel.fsdp``: fp32 parameter and gradient shards (4 + 4 B per parameter / d) plus about two layers held
+    whole for compute, no separate masters, AdamW state 8/d, each Muon matrix's momentum once in the grid (its
+    rows with their holders), the gradients reduce-scattered and the parameters all-gathered twice in the passes."""
+    cfg, dims, figures = report
+    stage = figures["parameters_per_rank"]["stage0"]
+    dense, expert, total = stage["dense"], stage["expert"], stage["total"]
+    d, e = dims.dp * dims.cp, dims.expert_dp
+    fsdp = figures["modes"]["ours + FSDP"]
+    sharded = dense / d + expert / e
+    whole_layers = 2 * total / (cfg.model.num_layers // dims.pp)
+    for row in fsdp["classes"]:
+        memory = row["memory_bytes"]
+        assert memory["params"] == pytest.approx(4 * sharded + 2 * whole_layers)
+        assert memory["grads"] == pytest.approx(4 * sharded + 4 * whole_layers)
+        assert memory["master"] == 0
+        assert memory["adamw_state"] == pytest.approx(8 * ((dense - (stage["muon"] - expert)) / d))
+        both_ways = dense * (d - 1) / d + expert * (e - 1) / e
+        assert row["grad_sync_bytes_sent"] == {
+            "DP reduce-scatter (grads)": pytest.approx(4 * both_ways),
+            "FSDP all-gather (params, forward + backward)": pytest.approx(2 * 2 * both_ways),
+        }
+    logical = (stage["muon"] - expert) * dims.tp + expert * dims.ep * dims.etp
+    assert sum(fsdp["muon_state_bytes"]) == pytest.approx(4 * logical)
+    layer_wise = figures["modes"]["megatron layer-wise"]["memory_max_bytes"]
+    assert fsdp["memory_max_bytes"] < layer_wise
 
 
 def test_momentum_stays_with_the_shards_each_rank_owns_as_the_built_optimizer_keeps_it(report):
