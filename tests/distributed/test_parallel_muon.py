@@ -169,8 +169,9 @@ def _mla_matrix_suffixes(keys) -> set[str]:
     return {key.split("self_attention.")[1] for key in keys if "self_attention.linear_" in key}
 
 
-# Further layouts of what the others cover (pipeline + experts, GQA with DP, pure DP): the full suite only.
-EXTENDED_LAYOUTS = {"pp2_ep2", "tp2_gqa2_dp2", "dp4"}
+# Further layouts of what the others cover (pipeline + experts, GQA with DP, pure DP, MLA with query compression:
+# test_mla_per_head_matrices_match_the_reference_in_every_mode runs it in CI): the full suite only.
+EXTENDED_LAYOUTS = {"pp2_ep2", "tp2_gqa2_dp2", "dp4", "tp2_dp2_mla_q_lora"}
 
 
 @pytest.mark.parametrize(

@@ -161,6 +161,7 @@ def test_a_default_run_prints_no_warning_lines(runs):
     assert not warning_lines(resumed), "\n".join(warning_lines(resumed))
 
 
+@pytest.mark.extended  # the filter itself is tests/unit/test_logging_setup.py; this is the flag's plumbing
 def test_verbose_brings_the_known_warnings_back(tmp_path, shakespeare_data, launcher_env):
     # One process is enough to show that the filters are off (and costs a quarter of the start-up).
     result = launch(
