@@ -132,6 +132,9 @@ ACTS_ELSEWHERE = {
     # QK-clip's rule parameters go to optim.qk_clip.QKClip (tests/distributed/test_qk_clip.py).
     "optimizer.qk_clip.threshold": "optim.qk_clip.QKClip",
     "optimizer.qk_clip.alpha": "optim.qk_clip.QKClip",
+    # The trainer wraps the chunks in training/fsdp.py's FullyShardedChunk instead of megatron's DDP
+    # (tests/integration/test_launcher_fsdp.py, tests/distributed/test_parallel_muon.py's FSDP layouts).
+    "parallel.fsdp": "training.parts.build_training_parts: wrap_in_fsdp vs wrap_in_ddp",
 }
 
 # What the builder may refuse on this machine, and why; any other refusal fails the test.

@@ -109,6 +109,7 @@ def test_tool_reports_every_mode_for_moe_1b(tmp_path, capsys):
     assert set(modes) == {
         "ours",
         "ours + distributed optimizer",
+        "ours + FSDP",
         "megatron duplicated",
         "megatron distributed",
         "megatron layer-wise",
@@ -177,4 +178,6 @@ def test_dry_run_prints_the_meta_built_rank_and_the_plan():
     assert f"parameters per rank, stage 0: {count:,}" in text
     assert f"{count:,} parameters (= the formula" in text  # the rank built on meta holds as many
     assert "Muon: 616 tensors" in text and "x self_attention.linear_qkv.weight/q (1024, 1024) /2" in text
-    assert "| megatron layer-wise | on |" in text
+    assert (
+        "| megatron layer-wise | masters, state |" in text and "| ours + FSDP | params, grads, state" in text
+    )
