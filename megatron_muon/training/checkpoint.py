@@ -246,6 +246,29 @@ def _model_sharded_state_dict(model_chunks, fsdp: FullyShardedEntries | None = N
     return result
 
 
+def _weights_format(model_chunks) -> str:
+    """How the model weights are saved: ``fsdp-fp32`` (FSDP's fp32 shards, the master weights themselves),
+    ``bf16+masters`` (bf16 weights, fp32 masters under the optimizer's keys) or ``fp32``."""
+    if any(isinstance(chunk, FullyShardedChunk) for chunk in model_chunks):
+        return "fsdp-fp32"
+    return "bf16+masters" if get_model_config(model_chunks[0]).bf16 else "fp32"
+
+
+def _weights_mismatch(checkpoint_dir: Path, saved: str | None, model_chunks) -> str | None:
+    """A one-line refusal where the checkpoint's weights cannot be loaded exactly into this run's: bf16 weights with
+    fp32 masters do not cross between FSDP and non-FSDP runs yet (FSDP keeps the masters as its weights and reads no
+    master keys; a non-FSDP bf16 run needs them). None where they load (fp32 either way, or the same format)."""
+    mine = _weights_format(model_chunks)
+    saved = saved or "unknown"
+    crossing = {mine, saved} == {"fsdp-fp32", "bf16+masters"}
+    if not crossing:
+        return None
+    return (
+        f"checkpoint {checkpoint_dir} holds {saved} weights and this run keeps {mine}: bf16 checkpoints do not "
+        "cross between FSDP and non-FSDP runs (parallel.fsdp) yet; resume it with the setting it was saved with"
+    )
+
+
 def _layout(model_chunks) -> dict[str, int | None]:
     config = get_model_config(model_chunks[0])
     return {
@@ -461,6 +484,7 @@ def save_checkpoint(
         "iteration": int(iteration),
         "consumed_samples": int(consumed_samples),
         "parallel_layout": _layout(model_chunks),
+        "weights": _weights_format(model_chunks),
         "rng_saved": bool(rng),
         "scheduler": scheduler.state_dict(),
         "optimizer": optimizer_sharded_state_dict(optimizer, model_state, is_loading=False, fsdp=fsdp),
@@ -650,6 +674,9 @@ def load_checkpoint(
         )
 
     fsdp = FullyShardedEntries()
+    problem = _weights_mismatch(checkpoint_dir, common.get("weights"), model_chunks)
+    if problem is not None and not finetune:
+        raise CheckpointError(problem)
     model_state = _model_sharded_state_dict(model_chunks, fsdp)
     request: dict[str, Any] = dict(model_state)
     with_optimizer = not finetune and optimizer is not None

@@ -155,8 +155,9 @@ def reference_losses(single_process):
     return single_process["canonical"]["auto"]
 
 
-@pytest.mark.parametrize(  # expert-TP 2 is checked exactly in test_parallel_muon (tp2_etp2), in CI
-    "name", [pytest.param(n, marks=pytest.mark.extended) if n == "tp2_etp2" else n for n in LAYOUTS]
+@pytest.mark.parametrize(  # expert-TP 2 and pipelining are checked exactly in test_parallel_muon, in CI
+    "name",
+    [pytest.param(n, marks=pytest.mark.extended) if n in ("tp2_etp2", "tp2_pp2") else n for n in LAYOUTS],
 )
 def test_ten_steps_match_single_process_at_every_layout_and_mode(name, reference_losses):
     layout = LAYOUTS[name]

@@ -16,6 +16,9 @@ SAME_LAYOUT_TOLERANCE = 1e-4
 OTHER_LAYOUT_TOLERANCE = 1e-3
 
 
+# Its values are checked exactly in CI (tests/distributed/test_distributed_optimizer_values.py, the layout cycle's
+# tp2_dp2_distopt); the sharded launcher path in CI is FSDP's (test_launcher_fsdp.py): the full suite runs this.
+@pytest.mark.extended
 def test_distributed_optimizer_trains_like_the_plain_one_and_its_checkpoint_resumes_without_it(
     tmp_path, shakespeare_data, launcher_env
 ):

@@ -155,3 +155,28 @@ def test_fsdp_with_what_it_cannot_serve_is_one_line_naming_both(overrides, messa
         validate(cfg)
     assert "\n" not in str(error.value)
     validate(load_config(TINY, ["parallel.fsdp=true"]))  # and the plain FSDP config passes
+
+
+@pytest.mark.parametrize(
+    "mine, saved, refused",
+    [
+        ("fsdp-fp32", "bf16+masters", True),
+        ("bf16+masters", "fsdp-fp32", True),
+        ("fsdp-fp32", "fp32", False),
+        ("fp32", "fsdp-fp32", False),
+        ("fsdp-fp32", "fsdp-fp32", False),
+        ("fsdp-fp32", None, False),  # a checkpoint from before the format was recorded
+    ],
+)
+def test_bf16_checkpoints_do_not_cross_between_fsdp_and_ddp_runs(monkeypatch, mine, saved, refused):
+    """FSDP keeps its fp32 shards as the weights and reads no master keys; a non-FSDP bf16 run needs its masters:
+    resuming across the two is refused in one line (fp32 crosses either way)."""
+    from pathlib import Path
+
+    from megatron_muon.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_weights_format", lambda chunks: mine)
+    problem = checkpoint._weights_mismatch(Path("/run/iter_0000003"), saved, [])
+    assert (problem is not None) == refused
+    if refused:
+        assert "\n" not in problem and "/run/iter_0000003" in problem and "parallel.fsdp" in problem
