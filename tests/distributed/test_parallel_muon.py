@@ -62,10 +62,15 @@ def _muon_steps_on_rank(
             config = build_transformer_config(cfg, **layout)  # wrap_in_ddp hooks DDP into it: one per model
             if bf16:
                 config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
+            if (
+                flavour == "fsdp"
+            ):  # fp32 shards (the masters), gathered in bf16 for compute (training/parts.py)
+                config.params_dtype = torch.float32
             torch.manual_seed(0)
             chunks = build_gpt_moe_model_chunks(cfg, config, pg)
             if flavour == "fsdp":
-                models[flavour] = wrap_in_fsdp(chunks, config, pg_collection=pg)
+                compute = torch.bfloat16 if bf16 else None
+                models[flavour] = wrap_in_fsdp(chunks, config, pg_collection=pg, param_dtype=compute)
                 return models[flavour]
             distributed = flavour == "distopt"
             if distributed:
@@ -88,6 +93,13 @@ def _muon_steps_on_rank(
             mode, flavour = name.removesuffix(FSDP), "fsdp"
         chunks = wrapped(flavour)
         fill_canonical_(chunks, salt="weight", options=options, router=router)
+        if (
+            bf16 and flavour == "fsdp"
+        ):  # the masters start from the bf16 weights, as megatron's wrapper copies them
+            with torch.no_grad():
+                for param in (p for chunk in chunks for p in chunk.parameters()):
+                    local = param.data.to_local()
+                    local.copy_(local.bfloat16().float())
         optimizer = build_optimizer(
             chunks,
             OptimizerConfig(
@@ -113,7 +125,8 @@ def _muon_steps_on_rank(
         plans = [m for o in muon_parts for m in o.optimizer.orthogonalizer.plan.matrices]
         modes_used = sorted({m.mode for m in plans})
         duplicated_shards = sorted(m.key for m in plans if m.mode == "duplicated" and m.num_shards > 1)
-        collected = collect_pieces(chunks, options, main_params=bf16, router=router)
+        # bf16: the fp32 main params (FSDP: the fp32 shards are the main params).
+        collected = collect_pieces(chunks, options, main_params=bf16 and flavour != "fsdp", router=router)
         results[name] = (collected, state_bytes, modes_used)
         results[name + "/duplicated sharded"] = duplicated_shards
         results[name + "/algorithms"] = sorted({(m.mode, m.ns_algorithm) for m in plans})
@@ -425,11 +438,11 @@ BF16_MEDIAN_TOLERANCE = 1e-5
 BF16_WORST_TOLERANCE = 0.03
 
 
-def test_bf16_main_params_match_a_bf16_reference_with_and_without_the_distributed_optimizer():
+def test_bf16_main_params_match_a_bf16_reference_with_and_without_the_distributed_optimizer_and_fsdp():
     from megatron_muon.testing.canonical import assemble
 
     world, layout, model = LAYOUTS["tp2_dp2"]
-    modes = ("owner", "owner" + DISTRIBUTED_OPTIMIZER, "distributed" + DISTRIBUTED_OPTIMIZER)
+    modes = ("owner", "owner" + DISTRIBUTED_OPTIMIZER, "distributed" + DISTRIBUTED_OPTIMIZER, "auto" + FSDP)
     per_rank = run_distributed(
         _muon_steps_on_rank, world, **layout, args=(layout, model, modes, STEPS, None, True), timeout_s=300
     )

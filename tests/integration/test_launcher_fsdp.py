@@ -74,3 +74,11 @@ def test_a_ddp_checkpoint_continues_under_fsdp_with_experts_over_expert_dp(
     )
     assert sorted(into_fsdp) == [4, 5, 6], into_fsdp
     _close(into_fsdp, plain, (4, 5, 6), OTHER_LAYOUT_TOLERANCE, "DDP checkpoint resumed with FSDP")
+
+
+@pytest.mark.extended  # FSDP's exactness at DP4 is tests/distributed/test_parallel_muon.py's, in the full suite
+def test_fsdp_at_pure_data_parallel_4_trains_like_ddp(tmp_path, shakespeare_data, launcher_env):
+    dp4 = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "checkpoint.save_interval=0"]
+    plain = _run(launcher_env, tmp_path, "plain", *dp4, "training.train_iters=3")
+    fsdp = _run(launcher_env, tmp_path, "fsdp", *dp4, "training.train_iters=3", "parallel.fsdp=true")
+    _close(fsdp, plain, (1, 2, 3), SAME_LAYOUT_TOLERANCE, "FSDP at DP4 vs DDP")
