@@ -132,7 +132,7 @@ def _cut_factory(value: ShardedTensorFactory, entries: FullyShardedEntries) -> S
     # An expanded view: O(rows) memory whatever the parameter's size.
     row_numbers = torch.arange(param.shape[0], dtype=torch.float64).view(-1, *([1] * (param.dim() - 1)))
     probe = value.build_fn(value.key, row_numbers.expand(param.shape), value.replica_id, None)
-    spans = []  # (sub-dict path, template, first parameter row, last parameter row + 1)
+    spans = []  # (sub-dict path, template, its first parameter row, the held rows [lo, hi) of it)
     for path, template in _nested_items(probe):
         first = int(template.data.reshape(template.data.shape[0], -1)[0, 0])
         count = template.data.shape[0]
