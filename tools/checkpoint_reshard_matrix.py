@@ -1,10 +1,10 @@
-"""Save a checkpoint at each of six layouts and load every one at all six (36 pairs); print the largest loss
+"""Save a checkpoint at each layout and load every one at all of them (64 pairs); print the largest loss
 difference of each resumed run against the saving layout's own continuation.
 
     python tools/checkpoint_reshard_matrix.py [--layouts w1,tp2_dp2,...] [--json OUT]
 
 World 1 and world 4 (TP2·PP2·EP2, DP4·EP4, TP2·DP2, PP4, TP2·EP2·expert-TP2, TP2·DP2 with the distributed
-optimizer); all seven: ~12 minutes on 2 idle cores; ``--layouts`` runs the square of a subset (two process starts
+optimizer, DP4·EP2 with FSDP); all eight: ~14 minutes on 2 idle cores; ``--layouts`` runs the square of a subset (two process starts
 per layout). The
 logic lives in ``megatron_muon/testing/reshard_matrix.py`` (the CI test runs a covering subset of it).
 """
