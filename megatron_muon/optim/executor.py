@@ -25,8 +25,8 @@ from megatron_muon.optim.comm import (
     group_rank,
     group_size,
 )
-from megatron_muon.optim.layout import MatrixPiece, RowRuns
-from megatron_muon.optim.plan import NO_ROWS, CostModel, MatrixPlan, PieceRecord, build_plan
+from megatron_muon.optim.layout import MatrixPiece
+from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_plan, held_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,6 @@ def _record(piece: MatrixPiece, shard_group: str) -> PieceRecord:
         rows_held=rows_held,
         fsdp_cut=fsdp_cut,
     )
-
-
-def held_rows(part: RowRuns, shard_rows: int) -> tuple[tuple[int, int], ...]:
-    """What a record announces of an FSDP part: its runs of the shard, ``()`` when it is the whole shard,
-    ``NO_ROWS`` when this rank's slice missed the matrix."""
-    if part.num_rows == 0:
-        return NO_ROWS
-    return part.shard_rows if part.num_rows < shard_rows else ()
 
 
 class MatrixOrthogonalizer:

@@ -72,6 +72,12 @@ class RowBlocks:
         view.copy_(rows.view(self.repeats, self.length, cols))
 
 
+def shard_shape(shape: tuple[int, int], shard_dim: int, num_shards: int) -> tuple[int, int]:
+    """Shape of one of ``num_shards`` equal shards of a ``shape`` matrix split along ``shard_dim``."""
+    rows, cols = shape
+    return (rows // num_shards, cols) if shard_dim == 0 else (rows, cols // num_shards)
+
+
 @dataclass(frozen=True, slots=True)
 class RowRuns:
     """Some rows of one shard of a logical matrix, held in a fully sharded (FSDP) parameter: each run is
@@ -132,10 +138,7 @@ class MatrixPiece:
     @property
     def shard_shape(self) -> tuple[int, int]:
         """Shape of the whole shard ``shard_index``."""
-        rows, cols = self.shape
-        if self.shard_dim == 0:
-            return rows // self.num_shards, cols
-        return rows, cols // self.num_shards
+        return shard_shape(self.shape, self.shard_dim, self.num_shards)
 
     @property
     def local_shape(self) -> tuple[int, int]:

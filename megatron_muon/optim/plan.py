@@ -32,10 +32,19 @@ from megatron_muon.ops.newton_schulz import (
     choose_ns_algorithm,
     ns_algorithm_flops,
 )
+from megatron_muon.optim.layout import RowRuns, shard_shape
 from megatron_muon.optim.options import MODES  # noqa: F401  (re-exported)
 
 NO_ROWS: tuple[tuple[int, int], ...] = ((0, 0),)
 """``PieceRecord.rows_held`` of an FSDP part this rank holds no row of: announced, not a holder."""
+
+
+def held_rows(part: RowRuns, shard_rows: int) -> tuple[tuple[int, int], ...]:
+    """What a record announces of an FSDP part: its runs of the shard, ``()`` when it is the whole shard,
+    ``NO_ROWS`` when this rank's slice missed the matrix."""
+    if part.num_rows == 0:
+        return NO_ROWS
+    return part.shard_rows if part.num_rows < shard_rows else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,8 +274,7 @@ class MatrixPlan:
 
     @property
     def shard_shape(self) -> tuple[int, int]:
-        rows, cols = self.shape
-        return (rows // self.num_shards, cols) if self.shard_dim == 0 else (rows, cols // self.num_shards)
+        return shard_shape(self.shape, self.shard_dim, self.num_shards)
 
     def piece_shape(self, shard: int, holder: int) -> tuple[int, int]:
         """Shape of what ``holder`` holds of shard ``shard``: the shard, or its part of the rows."""

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_muon.optim.layout import MatrixPiece
+from megatron_muon.optim.layout import MatrixPiece, shard_shape
 from megatron_muon.optim.muon import ROW_SECOND_MOMENT, Muon
 from megatron_muon.optim.plan import part_replicas
 
@@ -70,10 +70,9 @@ class MomentumSlot:
         """One ``ShardedTensor`` per run of ``row_runs``, cut from ``momentum`` (irregular offsets, so any layout
         reads any region of it)."""
         shard_dim, shard, num_shards = self.rank_offsets[0]
-        rows, cols = self.global_shape
-        shard_shape = (rows // num_shards, cols) if shard_dim == 0 else (rows, cols // num_shards)
-        row_base = shard * shard_shape[0] if shard_dim == 0 else 0
-        col_base = shard * shard_shape[1] if shard_dim == 1 else 0
+        rows, cols = shard_shape(self.global_shape, shard_dim, num_shards)
+        row_base = shard * rows if shard_dim == 0 else 0
+        col_base = shard * cols if shard_dim == 1 else 0
         result, offset = {}, 0
         for first, count in self.row_runs:
             data = momentum[offset : offset + count]
@@ -81,7 +80,7 @@ class MomentumSlot:
                 key=self.sharded_key,
                 data=data,
                 dtype=data.dtype,
-                local_shape=(count, shard_shape[1]),
+                local_shape=(count, cols),
                 global_shape=self.global_shape,
                 global_offset=(row_base + first, col_base),
                 axis_fragmentations=None,

@@ -284,18 +284,18 @@ def _fsdp_records(facts, first: int, kind: str, records_by_rank) -> list[list[Pi
     and all; per matrix that moves the cut points, not the bytes.)"""
     import dataclasses
 
-    from megatron_muon.optim.layout import fsdp_chunk
-    from megatron_muon.optim.plan import NO_ROWS
+    from megatron_muon.optim.layout import RowRuns, fsdp_chunk, shard_shape
+    from megatron_muon.optim.plan import held_rows
 
     result = []
     for grid, records in enumerate(records_by_rank):
         index, size = _fsdp_index(facts, first + grid, kind)
         parts = []
         for record in records:
-            rows = record.shape[0] // record.num_shards if record.shard_dim == 0 else record.shape[0]
+            rows = shard_shape(record.shape, record.shard_dim, record.num_shards)[0]
             start, stop = fsdp_chunk(rows, size, index)
-            held = NO_ROWS if start == stop else (() if stop - start == rows else ((start, stop - start),))
-            parts.append(dataclasses.replace(record, rows_held=held))
+            part = RowRuns(((0, start, stop - start),) if stop > start else ())
+            parts.append(dataclasses.replace(record, rows_held=held_rows(part, rows)))
         result.append(parts)
     return result
 

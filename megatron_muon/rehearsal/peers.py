@@ -19,9 +19,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron_muon.optim.executor import held_rows
-from megatron_muon.optim.layout import RowBlocks, RowRuns, fsdp_chunk, part_runs
-from megatron_muon.optim.plan import PieceRecord
+from megatron_muon.optim.layout import RowBlocks, RowRuns, fsdp_chunk, part_runs, shard_shape
+from megatron_muon.optim.plan import PieceRecord, held_rows
 
 __all__ = ["peers_answer_object_gathers", "peer_records"]
 
@@ -58,7 +57,7 @@ def _fsdp_part_of(record: PieceRecord, rank: int) -> PieceRecord | None:
     runs = part_runs(RowBlocks(offset, length, period, repeats), *fsdp_chunk(rows, ranks, rank))
     if not runs:
         return None
-    shard_rows = record.shape[0] // record.num_shards if record.shard_dim == 0 else record.shape[0]
+    shard_rows = shard_shape(record.shape, record.shard_dim, record.num_shards)[0]
     return dataclasses.replace(record, rows_held=held_rows(RowRuns(runs), shard_rows))
 
 

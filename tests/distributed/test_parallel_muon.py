@@ -143,6 +143,29 @@ def _reference(keys_and_shapes: dict[str, tuple[int, int]], steps: int, **extra)
     return reference.weights
 
 
+def _run_layout(name: str, modes, *extra) -> list[dict]:
+    """``_muon_steps_on_rank`` for ``modes`` on every rank of layout ``name`` (``extra``: its further arguments)."""
+    world, layout, model = LAYOUTS[name]
+    return run_distributed(
+        _muon_steps_on_rank,
+        world,
+        tp=layout["tp"],
+        pp=layout["pp"],
+        ep=layout["ep"],
+        etp=layout["etp"],
+        vpp=layout.get("vpp"),
+        args=(layout, model, modes, STEPS, *extra),
+        timeout_s=300,
+    )
+
+
+def _assert_matches(got: dict, expected: dict, label: str, against: str = "the reference") -> None:
+    """Every matrix of ``got`` within 1e-5 (relative, fp32 summation order) of ``expected``'s."""
+    for key, value in got.items():
+        error = (value - expected[key]).norm() / expected[key].norm()
+        assert error < 1e-5, f"{label}: {key} differs from {against} by {error:.2e} (relative)"
+
+
 # Multi-head latent attention (models/mla_attention.py): no query compression with the kv-latent norm, and
 # query compression with both latent norms.
 MLA = dict(multi_latent_attention=True, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=12)
@@ -193,18 +216,8 @@ EXTENDED_LAYOUTS = {"pp2_ep2", "tp2_gqa2_dp2", "dp4", "tp2_dp2_mla_q_lora"}
 def test_one_layout_matches_single_process_reference(name):
     from megatron_muon.testing.canonical import assemble
 
-    world, layout, model = LAYOUTS[name]
-    per_rank = run_distributed(
-        _muon_steps_on_rank,
-        world,
-        tp=layout["tp"],
-        pp=layout["pp"],
-        ep=layout["ep"],
-        etp=layout["etp"],
-        vpp=layout.get("vpp"),
-        args=(layout, model, MODES_BOTH, STEPS),
-        timeout_s=300,
-    )
+    _, layout, model = LAYOUTS[name]
+    per_rank = _run_layout(name, MODES_BOTH)
     expected = None
     for mode in MODES_BOTH:
         got = assemble([rank_results[mode][0] for rank_results in per_rank])
@@ -236,9 +249,7 @@ def test_one_layout_matches_single_process_reference(name):
                     "linear_proj.weight",
                 }
         assert set(got) == set(expected)
-        for key, value in got.items():
-            error = (value - expected[key]).norm() / expected[key].norm()
-            assert error < 1e-5, f"{name} {mode}: {key} differs from the reference by {error:.2e} (relative)"
+        _assert_matches(got, expected, f"{name} {mode}")
     for suffix in ("", DISTRIBUTED_OPTIMIZER):
         modes_used = per_rank[0]["distributed" + suffix][2]
         if layout["tp"] > 1:
@@ -288,28 +299,16 @@ def test_fsdp_matches_single_process_reference(name):
     ranks gathered to one owner."""
     from megatron_muon.testing.canonical import assemble
 
-    world, layout, model = LAYOUTS[name]
-    per_rank = run_distributed(
-        _muon_steps_on_rank,
-        world,
-        tp=layout["tp"],
-        pp=layout["pp"],
-        ep=layout["ep"],
-        etp=layout["etp"],
-        vpp=layout.get("vpp"),
-        # The router in Muon too: TP does not split it, so its FSDP parts have TP replicas.
-        args=(layout, model, MODES_FSDP, STEPS, {"router": "muon"}),
-        timeout_s=300,
-    )
+    _, layout, _ = LAYOUTS[name]
+    # The router in Muon too: TP does not split it, so its FSDP parts have TP replicas.
+    per_rank = _run_layout(name, MODES_FSDP, {"router": "muon"})
     expected = None
     for mode in MODES_FSDP:
         got = assemble([rank_results[mode][0] for rank_results in per_rank])
         if expected is None:
             expected = _reference({k: tuple(v.shape) for k, v in got.items()}, STEPS)
         assert set(got) == set(expected)
-        for key, value in got.items():
-            error = (value - expected[key]).norm() / expected[key].norm()
-            assert error < 1e-5, f"{name} {mode}: {key} differs from the reference by {error:.2e} (relative)"
+        _assert_matches(got, expected, f"{name} {mode}")
         stage_bytes: dict[int, int] = {}
         for rank_results in per_rank:
             stage = rank_results["pp_rank"]
@@ -348,9 +347,7 @@ def test_auto_runs_gram_for_some_matrices_and_standard_for_others_and_matches_th
         got = assemble([rank_results[mode][0] for rank_results in per_rank])
         if expected is None:
             expected = _reference({k: tuple(v.shape) for k, v in got.items()}, STEPS)
-        for key, value in got.items():
-            error = (value - expected[key]).norm() / expected[key].norm()
-            assert error < 1e-5, f"auto {mode}: {key} differs from the reference by {error:.2e} (relative)"
+        _assert_matches(got, expected, f"auto {mode}")
         used = {pair for rank_results in per_rank for pair in rank_results[mode + "/algorithms"]}
         assert {algorithm for _, algorithm in used} == {"gram", "standard"}, f"{mode}: {sorted(used)}"
         if mode == "distributed":
@@ -388,9 +385,7 @@ def test_normuon_matches_the_reference_in_every_mode(name):
             shapes = {k: tuple(v.shape) for k, v in got.items()}
             expected = _reference(shapes, STEPS, normuon_beta2=0.9)
             plain = _reference(shapes, STEPS)
-        for key, value in got.items():
-            error = (value - expected[key]).norm() / expected[key].norm()
-            assert error < 1e-5, f"{name} {mode}: {key} differs from NorMuon's reference by {error:.2e}"
+        _assert_matches(got, expected, f"{name} {mode}", against="NorMuon's reference")
     # NorMuon changes the update: the test above would not notice a NorMuon that does nothing.
     assert max((expected[k] - plain[k]).norm() / plain[k].norm() for k in plain) > 1e-3
 
@@ -422,9 +417,7 @@ def test_mla_per_head_matrices_match_the_reference_in_every_mode():
                 for h in range(4)
                 for proj, part in (("q_up_proj", "q"), ("kv_up_proj", "k"), ("kv_up_proj", "v"))
             }
-        for key, value in got.items():
-            error = (value - expected[key]).norm() / expected[key].norm()
-            assert error < 1e-5, f"per-head MLA {mode}: {key} differs from the reference by {error:.2e}"
+        _assert_matches(got, expected, f"per-head MLA {mode}")
 
 
 # bf16 params with fp32 main params and bf16 Newton–Schulz, against the same recipe on one process (main params
