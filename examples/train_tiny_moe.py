@@ -21,31 +21,19 @@ import torch
 
 def _train(args):
     from megatron.core import parallel_state
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
-    from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
+    from megatron_muon.config import ModelConfig
+    from megatron_muon.optim.options import MuonConfig
+    from megatron_muon.testing.small_model import build_small_model
+    from megatron_muon.training.step import synthetic_batches, train_step
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(seq_length=args.seq_length, hidden_size=args.hidden_size, num_moe_experts=args.experts)
-    config = build_transformer_config(cfg, tp=args.tp, pp=args.pp, ep=args.ep, etp=1)
-    torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed)
-    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
-    optimizer = build_optimizer(
-        chunks,
-        OptimizerConfig(
-            optimizer="adam", lr=args.adam_lr, weight_decay=0.1, clip_grad=1.0, bf16=False, fp16=False
-        ),
+    cfg = ModelConfig(seq_length=args.seq_length, hidden_size=args.hidden_size, num_moe_experts=args.experts)
+    # Seeded, in megatron's DDP; Muon for the hidden matrices, AdamW for the rest.
+    small = build_small_model(cfg, tp=args.tp, pp=args.pp, ep=args.ep, etp=1, seed=args.seed)
+    pg, chunks = small.pg, small.chunks
+    optimizer = small.build_optimizer(
         MuonConfig(lr=args.muon_lr, weight_decay=0.1, tp_mode=args.tp_mode, compute_dtype="float32"),
-        pg,
+        small.adam_config(lr=args.adam_lr, weight_decay=0.1, clip_grad=1.0),
     )
     dp_size = parallel_state.get_data_parallel_world_size()
     num_microbatches = args.global_batch // (args.micro_batch * dp_size)

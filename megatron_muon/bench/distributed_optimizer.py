@@ -66,33 +66,24 @@ def _build_model(model: dict, layout: dict, pg: Any, contender: str) -> list[Any
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer.layer_wise_optimizer import tag_params_for_buffer_routing
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
-    from megatron_muon.optim.layer_wise import tag_muon_params
-    from megatron_muon.training.fsdp import wrap_in_fsdp
+    from megatron_muon.config.schema import ModelConfig
+    from megatron_muon.testing.small_model import build_small_model
     from megatron_muon.training.step import wrap_in_ddp
 
-    cfg = GptMoeConfig(**model)
-    config = build_transformer_config(cfg, **layout)
-    config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
-    torch.manual_seed(0)
-    if contender == "ours + FSDP":  # fp32 shards (the master weights), gathered in bf16 for compute
-        config.params_dtype = torch.float32
-        chunks = build_gpt_moe_model_chunks(cfg, config, pg)
-        return wrap_in_fsdp(chunks, config, pg_collection=pg, param_dtype=torch.bfloat16)
-    chunks = build_gpt_moe_model_chunks(cfg, config, pg)
-    distributed = contender in ("ours + distributed optimizer", "megatron layer-wise")
-    if contender == "ours + distributed optimizer":
-        tag_muon_params(chunks, router="muon")
-    elif contender == "megatron layer-wise":
-        tag_params_for_buffer_routing(chunks)  # megatron's rule: every 2-D non-embedding weight to Muon
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
+    wrap = {
+        "ours": "ddp",
+        "ours + distributed optimizer": "distributed_optimizer",
+        "ours + FSDP": "fsdp",  # fp32 shards (the master weights), gathered in bf16 for compute
+        "megatron layer-wise": "none",
+    }[contender]
+    small = build_small_model(
+        ModelConfig(**model, precision="bf16"), **layout, seed=0, wrap=wrap, router="muon", pg=pg
     )
-    return wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
+    if contender != "megatron layer-wise":
+        return small.chunks
+    tag_params_for_buffer_routing(small.chunks)  # megatron's rule: every 2-D non-embedding weight to Muon
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    return wrap_in_ddp(small.chunks, small.config, pg_collection=pg, ddp_config=ddp_config)
 
 
 def _build_optimizer(chunks: list[Any], pg: Any, contender: str, settings: Settings) -> Any:

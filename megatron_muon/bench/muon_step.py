@@ -310,22 +310,13 @@ def _bench_on_rank(layout: dict, model: dict, chosen: list[Contender], settings:
     """On one rank: build every contender's optimizer on one model (agreement step and state bytes right after
     each build), then time them round-robin, one step each per round, so that load from outside this benchmark
     hits every contender alike. Returns name -> measurements of this rank."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
+    from megatron_muon.config.schema import ModelConfig
     from megatron_muon.optim.layout import LayoutConfig
     from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
-    from megatron_muon.training.step import wrap_in_ddp
+    from megatron_muon.testing.small_model import build_small_model
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(**model)
-    config = build_transformer_config(cfg, **layout)
-    torch.manual_seed(0)
-    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
+    small = build_small_model(ModelConfig(**model), **layout, seed=0)
+    pg, chunks = small.pg, small.chunks
     options = LayoutConfig(split_qkv=True, split_gate_up=True)
     builders = {"ours": _build_ours, "megatron": _build_megatron}
 

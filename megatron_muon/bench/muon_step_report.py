@@ -184,7 +184,7 @@ def render_section(
         f"- torch {versions['torch']}, megatron-core {versions['megatron-core']}, emerging-optimizers "
         f"{versions['emerging-optimizers']}, Python {platform.python_version()}",
         *(
-            f"- {name} model: `GptMoeConfig({', '.join(f'{k}={v}' for k, v in model.items())})`, "
+            f"- {name} model: `ModelConfig({', '.join(f'{k}={v}' for k, v in model.items())})`, "
             f"MoE layers 1–{model['num_layers'] - 1} (layer 0 dense), fp32 params and gradients."
             for name, model in models.items()
         ),

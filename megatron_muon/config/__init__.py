@@ -4,11 +4,12 @@
 - ``schema.py``: the typed dataclasses, one per section, composed in :class:`PretrainConfig`;
 - ``checks.py``: whether a config can run, decided in one place per field (:func:`validate`);
 - ``loading.py``: YAML + dotted overrides into the schema with OmegaConf (:func:`load_config`, :func:`to_yaml`);
+- ``param_count.py``: the parameters of the model a ``ModelConfig`` describes (beside ``schema.py``: arithmetic on
+  it alone, for ``cli.py``, the trainer's MFU and the dry runs);
 - ``cli.py``: ``python -m megatron_muon.config CONFIG [overrides] [--print]`` and :func:`describe`.
 
-The model's own config and the bridge to it live with the builder (``megatron_muon/models/``), as does the
-parameter count. This initializer re-exports the public names of the first four modules (not ``cli.py``, which
-imports the model package).
+The model builder (``megatron_muon/models/``) takes the ``ModelConfig`` itself. This initializer re-exports the
+public names of ``errors``, ``schema``, ``checks`` and ``loading``.
 """
 
 from megatron_muon.config.checks import validate, validate_tokenizer

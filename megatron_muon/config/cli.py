@@ -13,8 +13,8 @@ import typing
 from megatron_muon.config.checks import validate
 from megatron_muon.config.errors import ConfigError
 from megatron_muon.config.loading import load_config, to_yaml
+from megatron_muon.config.param_count import count_parameters
 from megatron_muon.config.schema import ParallelDims, PretrainConfig
-from megatron_muon.models.param_count import count_parameters
 
 __all__ = ["describe", "main"]
 

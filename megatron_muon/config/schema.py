@@ -5,10 +5,10 @@ Each component gets its own section (``model``, ``parallel``, ``optimizer``, ``t
 part of the code that needs them. Muon's own options are :class:`megatron_muon.optim.options.MuonConfig`,
 reused as ``optimizer.muon`` rather than copied.
 
-The bottom of the package's one-way chain ``errors`` <- ``schema`` <- ``checks`` <- ``loading`` <- ``cli``: fields,
-their valid choices and derived values only. Whether a value is valid is decided in ``checks.py`` (one place per
-field), except the process grid :class:`ParallelDims`, which checks its own products on construction.
-OmegaConf (``loading.py``) reads ``slots=True`` dataclasses fine (it only needs ``dataclasses.fields`` and
+Near the bottom of the package's one-way chain ``errors`` <- ``schema`` <- ``checks`` / ``param_count`` <-
+``loading`` <- ``cli``: fields, their valid choices and derived values only. Whether a value is valid is decided in
+``checks.py`` (one place per field), except the process grid :class:`ParallelDims`, which checks its own products
+on construction. OmegaConf (``loading.py``) reads ``slots=True`` dataclasses fine (it only needs ``dataclasses.fields`` and
 keyword construction).
 """
 
@@ -54,8 +54,8 @@ __all__ = [
     "padded_vocab_size",
 ]
 
-# The valid values of the mode fields, as ``Literal`` types for signatures (the builder's ``GptMoeConfig``, the
-# planner) and as tuples for the checks. The fields themselves are typed ``str``: their values are checked in one
+# The valid values of the mode fields, as ``Literal`` types for signatures (the planner, the test helpers) and as
+# tuples for the checks. The fields themselves are typed ``str``: their values are checked in one
 # place (``checks.py``) with one-line errors naming the key, not by OmegaConf while loading.
 Normalization = Literal["RMSNorm", "LayerNorm"]
 TransformerImpl = Literal["local", "transformer_engine"]
@@ -86,7 +86,9 @@ RESUME_MODES = ("auto", "none")
 class ModelConfig:
     """Shape and numerics of the MoE GPT (megatron-core ``GPTModel``: SwiGLU MLPs, RoPE, no linear biases).
 
-    Defaults are a ~0.26 M-parameter model that runs on one CPU core (the shape of ``models.gpt_moe.GptMoeConfig``).
+    Defaults are a ~0.26 M-parameter model that runs on one CPU core (the tests' tiny model). The model builder
+    (``models/gpt_moe.py: build_transformer_config``) reads this object itself: a new option is a field here and
+    its line in the builder's step (shape, attention, MoE, muP, precision).
     """
 
     num_layers: int = 4

@@ -125,7 +125,7 @@ def import_from_hf(
     from tqdm import tqdm
 
     from megatron_muon.config import CheckpointConfig, PretrainConfig, to_yaml
-    from megatron_muon.models.model_bridge import gpt_moe_config
+    from megatron_muon.models.gpt_moe import require_buildable
     from megatron_muon.training.checkpoint import save_weights_only
 
     source, output = Path(source), Path(output)
@@ -139,7 +139,7 @@ def import_from_hf(
     )
     try:
         check_model(model)
-        gpt_moe_config(model)
+        require_buildable(model)
     except ConfigError as error:
         raise ConversionError(f"{source}: {error}") from None
     layout = layout or Layout()

@@ -202,12 +202,8 @@ def build_single_process_model(model: ModelConfig):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks, build_transformer_config
-    from megatron_muon.models.model_bridge import gpt_moe_config
 
-    tiny = gpt_moe_config(model)
-    config = build_transformer_config(tiny, tp=1, pp=1, ep=1)
-    if model.precision == "bf16":
-        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
+    config = build_transformer_config(model, tp=1, pp=1, ep=1)
     model_parallel_cuda_manual_seed(0)
-    (chunk,) = build_gpt_moe_model_chunks(tiny, config, ProcessGroupCollection.use_mpu_process_groups())
+    (chunk,) = build_gpt_moe_model_chunks(model, config, ProcessGroupCollection.use_mpu_process_groups())
     return chunk

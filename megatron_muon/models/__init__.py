@@ -1,9 +1,8 @@
-"""MoE GPT models built from megatron-core specs, with what derives from the run config's ``ModelConfig``:
+"""MoE GPT models built from megatron-core specs and the run config's ``ModelConfig``:
 
-- ``gpt_moe.py``: the builder (``GptMoeConfig`` -> megatron ``TransformerConfig`` -> ``GPTModel`` chunks);
-- ``mla_attention.py``: the local spec's multi-latent attention;
-- ``model_bridge.py``: ``ModelConfig`` -> ``GptMoeConfig``, refusing what the builder does not build;
-- ``param_count.py``: the parameter counts of the model a ``ModelConfig`` describes.
+- ``gpt_moe.py``: the builder (``ModelConfig`` -> megatron ``TransformerConfig`` -> ``GPTModel`` chunks), refusing
+  what it does not build;
+- ``mla_attention.py``: the local spec's multi-latent attention.
 
-Nothing is re-exported here, so importing the parameter count does not import megatron.
+The parameter count of a ``ModelConfig`` is arithmetic on the config alone: ``config/param_count.py``.
 """

@@ -1,18 +1,20 @@
 """The MoE GPT on megatron-core's ``GPTModel``, at every size (the tiny test models up to the 16 B configuration),
 on the local spec (no Transformer Engine; CPU and tests) or Transformer Engine's.
 
-:class:`GptMoeConfig` is its shape; :func:`build_transformer_config` turns it into megatron's own
-:class:`TransformerConfig` with settings that also run on CPU: fp32, every fusion off, no grouped GEMM, no
-linear biases, sequence parallelism whenever TP > 1, per-token loss. The architecture is a modern MoE decoder:
-RMSNorm, SwiGLU, RoPE, grouped-query or multi-latent attention, top-k routed experts with a load-balancing loss
-(switch, per sequence, or none) and optionally the expert bias.
+It is built from the run config's :class:`~megatron_muon.config.schema.ModelConfig` itself (no copy of it):
+:func:`build_transformer_config` turns it into megatron's own :class:`TransformerConfig` in named steps —
+what this builder builds and whether the parallel sizes divide the shape (:func:`require_buildable`,
+``_require_layout``), then the fields of the shape, attention, MoE, parallelism, numerics and muP, then the
+precision — with settings that also run on CPU: every fusion off, no grouped GEMM, no linear biases, sequence
+parallelism whenever TP > 1, per-token loss. The architecture is a modern MoE decoder: RMSNorm, SwiGLU, RoPE,
+grouped-query or multi-latent attention, top-k routed experts with a load-balancing loss (switch, per sequence,
+or none) and optionally the expert bias.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,95 +31,33 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_muon import mup
+from megatron_muon.config.errors import require
+from megatron_muon.config.schema import ModelConfig
 from megatron_muon.models.mla_attention import LocalMLASelfAttention, MLACoreAttention
 
-if TYPE_CHECKING:
-    from megatron_muon.config.schema import LoadBalancingType, RouterScoreFunction, TransformerImpl
-
 __all__ = [
-    "GptMoeConfig",
     "build_gpt_moe_model",
     "build_gpt_moe_model_chunks",
     "build_transformer_config",
     "causal_attention_mask",
+    "require_buildable",
+    "require_transformer_engine",
 ]
 
 
-@dataclass(kw_only=True, slots=True)
-class GptMoeConfig:
-    """Shape of the MoE GPT. Defaults: ~0.2 M parameters, a few ms per microbatch on one core."""
-
-    num_layers: int = 4
-    """Transformer layers (dense and MoE together)."""
-    hidden_size: int = 64
-    """Model width."""
-    ffn_hidden_size: int = 128
-    """Hidden size of the dense SwiGLU MLP (layers marked 0 in ``moe_layer_freq``)."""
-    moe_ffn_hidden_size: int = 64
-    """Hidden size of each expert's SwiGLU MLP."""
-    num_attention_heads: int = 4
-    """Query heads; head dim = hidden_size / num_attention_heads."""
-    num_query_groups: int = 2
-    """Key/value heads (grouped-query attention)."""
-    num_moe_experts: int = 4
-    """Routed experts per MoE layer."""
-    moe_router_topk: int = 2
-    """Experts each token is routed to."""
-    moe_layer_freq: list[int] = field(default_factory=lambda: [0, 1, 1, 1])
-    """Per layer: 1 = MoE, 0 = dense. A dense first layer is the DeepSeek-V3 / Moonlight layout."""
-    moe_aux_loss_coeff: float = 1e-2
-    """Weight of the load-balancing loss (Fedus et al. 2021, eq. 4)."""
-    moe_router_load_balancing_type: LoadBalancingType = "aux_loss"
-    """aux_loss (switch loss over each micro batch) | seq_aux_loss (per sequence, DeepSeek-V3) | none."""
-    vocab_size: int = 256
-    """Vocabulary size; must be divisible by the tensor-parallel size."""
-    seq_length: int = 32
-    """Tokens per sequence; must be divisible by the tensor-parallel size (sequence parallelism)."""
-    init_method_std: float = 0.02
-    """Standard deviation of the normal weight init."""
-    rotary_base: int = 10000
-    """RoPE base (Su et al. 2021)."""
-    share_embeddings_and_output_weights: bool = False
-    """Tie the input embedding and the output layer."""
-    moe_shared_expert_intermediate_size: int = 0
-    """Hidden size of the shared expert every token also goes through (DeepSeek-MoE); 0: none."""
-    moe_router_score_function: RouterScoreFunction = "softmax"
-    """Router scores: softmax | sigmoid (DeepSeek-V3 / Moonlight)."""
-    moe_router_enable_expert_bias: bool = False
-    """Aux-loss-free load balancing (Wang et al. 2024): a per-expert bias on the routing scores, updated from
-    the expert loads (megatron's ``moe_router_enable_expert_bias``)."""
-    moe_router_bias_update_rate: float = 1e-3
-    """Step size of the expert-bias update (megatron's ``finalize_model_grads`` applies it after each step)."""
-    moe_router_topk_scaling_factor: float | None = None
-    """Scale of the top-k routing weights (Moonlight: 2.446)."""
-    qk_layernorm: bool = False
-    """RMSNorm on queries and keys per head (Qwen3, OLMo 2)."""
-    norm_epsilon: float = 1e-5
-    """ε of every RMSNorm."""
-    mup_base_hidden_size: int | None = None
-    """muP base width (``megatron_muon/mup.py``); None: standard parametrization."""
-    mup_base_head_dim: float | None = None
-    """muP base head dim; None: mup_base_hidden_size / num_attention_heads."""
-    output_logit_multiplier: float = 1.0
-    """Base multiplier of the output logits (under muP the logits are multiplied by this / m)."""
-    attention_scale_multiplier: float = 1.0
-    """Base multiplier of the attention scale (q·k × this / √d_head; under muP × this · √d_head,base / d_head)."""
-    multi_latent_attention: bool = False
-    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434) instead of grouped-query attention: megatron's
-    ``MLASelfAttention`` (``num_query_groups`` unused)."""
-    q_lora_rank: int | None = None
-    """MLA: rank of the compressed query; None: one direct query projection (Moonlight, DeepSeek-V2-Lite)."""
-    kv_lora_rank: int = 32
-    """MLA: rank of the compressed key/value latent."""
-    qk_head_dim: int = 16
-    """MLA: per-head query/key dim without rotary position (DeepSeek's qk_nope_head_dim)."""
-    qk_pos_emb_head_dim: int = 8
-    """MLA: per-head dim of the decoupled rotary query/key part, the key part shared by all heads."""
-    v_head_dim: int = 16
-    """MLA: per-head value dim."""
-    transformer_impl: TransformerImpl = "local"
-    """local (megatron's torch layers; CPU) | transformer_engine (megatron's TE spec: TE linears with fused norms,
-    TE attention, grouped-GEMM experts; needs CUDA and transformer_engine)."""
+def require_buildable(model: ModelConfig) -> None:
+    """Raise ``ConfigError`` (one line) for what this builder does not build, rather than silently building
+    something else: FP8 GEMMs, LayerNorm, a head dim other than hidden_size / num_attention_heads."""
+    require(not model.fp8, f"model.fp8={model.fp8!r} is not supported by models.gpt_moe (local spec builder)")
+    require(
+        model.normalization == "RMSNorm",
+        f"model.normalization={model.normalization!r} is not supported by models.gpt_moe (local spec builder); "
+        "it builds 'RMSNorm'",
+    )
+    require(
+        model.kv_channels in (None, model.hidden_size // model.num_attention_heads),
+        f"model.kv_channels={model.kv_channels} is not supported by models.gpt_moe",
+    )
 
 
 def require_transformer_engine(transformer_impl: str) -> None:
@@ -145,7 +85,7 @@ def _require_divisible(numerator_name: str, numerator: int, denominator_name: st
 
 
 def build_transformer_config(
-    cfg: GptMoeConfig,
+    model: ModelConfig,
     *,
     tp: int,
     pp: int,
@@ -156,7 +96,7 @@ def build_transformer_config(
     sequence_parallel: bool | None = None,
     use_cpu_initialization: bool = True,
 ) -> TransformerConfig:
-    """Megatron ``TransformerConfig`` for ``cfg`` at the given parallel sizes, with CPU-friendly settings.
+    """Megatron ``TransformerConfig`` of ``model`` at the given parallel sizes, with CPU-friendly settings.
 
     ``etp=None`` means expert tensor parallelism equal to ``tp``; ``vpp`` is the number of virtual
     pipeline stages per pipeline rank (None: no interleaving); ``cp`` the context-parallel size (Transformer
@@ -164,11 +104,48 @@ def build_transformer_config(
     draws every weight on the CPU (the CPU path; TP-invariant initial weights), False lets megatron initialize on
     the current GPU (``megatron_muon.platform.device`` decides). ``no_sync_func`` and
     ``finalize_model_grads_func`` are set later, by :func:`megatron_muon.training.step.wrap_in_ddp`.
+    Raises ``ValueError`` (``ConfigError`` for what the builder does not build) for a model it cannot build.
     """
     expert_tp = tp if etp is None else etp
     sequence_parallel = tp > 1 if sequence_parallel is None else sequence_parallel
-    require_transformer_engine(cfg.transformer_impl)
-    if cp > 1 and cfg.transformer_impl != "transformer_engine":
+    require_buildable(model)
+    require_transformer_engine(model.transformer_impl)
+    _require_layout(
+        model, tp=tp, pp=pp, ep=ep, expert_tp=expert_tp, vpp=vpp, cp=cp, sequence_parallel=sequence_parallel
+    )
+    mup_fields = _mup_fields(model)
+    config_class, attention_fields = _attention_fields(model)
+    config = config_class(
+        **_shape_fields(model),
+        **attention_fields,
+        **_moe_fields(model),
+        **_parallel_fields(
+            tp=tp, pp=pp, ep=ep, expert_tp=expert_tp, vpp=vpp, cp=cp, sequence_parallel=sequence_parallel
+        ),
+        **_numerics_fields(use_cpu_initialization),
+        **mup_fields,
+    )
+    if mup_fields:
+        # megatron-core 0.19.2 replaces a logit multiplier of exactly 1.0 by 1/m (its "not set" value), which
+        # a base multiplier equal to m would hit; the value asked for is put back.
+        config.mup_output_mult = mup_fields["mup_output_mult"]
+    _set_precision(config, model.precision)
+    return config
+
+
+def _require_layout(
+    model: ModelConfig,
+    *,
+    tp: int,
+    pp: int,
+    ep: int,
+    expert_tp: int,
+    vpp: int | None,
+    cp: int,
+    sequence_parallel: bool,
+) -> None:
+    """One-line errors for parallel sizes that do not fit the model (megatron would fail deep inside the build)."""
+    if cp > 1 and model.transformer_impl != "transformer_engine":
         # megatron-core 0.19.2: the local DotProductAttention asserts context_parallel_size == 1.
         raise ValueError(
             f"context_parallel_size={cp} needs transformer_impl='transformer_engine' (megatron's local "
@@ -176,100 +153,115 @@ def build_transformer_config(
         )
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel=True needs tensor_parallel_size > 1 (got 1)")
-    if len(cfg.moe_layer_freq) != cfg.num_layers:
+    pattern = model.moe_layer_pattern()
+    if len(pattern) != model.num_layers:
         raise ValueError(
-            f"moe_layer_freq={cfg.moe_layer_freq} has {len(cfg.moe_layer_freq)} entries, "
-            f"expected num_layers={cfg.num_layers}"
+            f"moe_layer_freq={pattern} has {len(pattern)} entries, expected num_layers={model.num_layers}"
         )
-    _require_divisible("num_attention_heads", cfg.num_attention_heads, "tensor_parallel_size", tp)
-    if cfg.multi_latent_attention:
-        _require_mla_shapes(cfg, tp)
+    _require_divisible("num_attention_heads", model.num_attention_heads, "tensor_parallel_size", tp)
+    if model.multi_latent_attention:
+        _require_mla_shapes(model, tp)
     else:
-        _require_divisible("num_query_groups", cfg.num_query_groups, "tensor_parallel_size", tp)
-    _require_divisible("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_parallel_size", tp)
-    _require_divisible("vocab_size", cfg.vocab_size, "tensor_parallel_size", tp)
-    _require_divisible("seq_length", cfg.seq_length, "tensor_parallel_size", tp)
-    _require_divisible("num_moe_experts", cfg.num_moe_experts, "expert_parallel_size", ep)
+        _require_divisible("num_query_groups", model.query_groups, "tensor_parallel_size", tp)
+    _require_divisible("ffn_hidden_size", model.ffn_hidden_size, "tensor_parallel_size", tp)
+    _require_divisible("vocab_size", model.vocab_size, "tensor_parallel_size", tp)
+    _require_divisible("seq_length", model.seq_length, "tensor_parallel_size", tp)
+    _require_divisible("num_moe_experts", model.num_moe_experts, "expert_parallel_size", ep)
     _require_divisible(
-        "moe_ffn_hidden_size", cfg.moe_ffn_hidden_size, "expert_tensor_parallel_size", expert_tp
+        "moe_ffn_hidden_size", model.moe_ffn_hidden_size, "expert_tensor_parallel_size", expert_tp
     )
-    _require_divisible("num_layers", cfg.num_layers, "pipeline_parallel_size * (vpp or 1)", pp * (vpp or 1))
+    _require_divisible("num_layers", model.num_layers, "pipeline_parallel_size * (vpp or 1)", pp * (vpp or 1))
 
-    # muP through megatron's own hooks: init methods, logit multiplier, attention scale (megatron_muon/mup.py).
-    mup_fields: dict[str, object] = {}
-    base_multipliers = (cfg.output_logit_multiplier, cfg.attention_scale_multiplier) != (1.0, 1.0)
-    if cfg.mup_base_hidden_size is not None or base_multipliers:
-        if cfg.multi_latent_attention:
-            raise ValueError(
-                "mup_base_hidden_size or a base multiplier is set with multi_latent_attention=True: muP's "
-                "attention scale is not defined for MLA's two head dims here (see config/checks.py: _check_mup)"
-            )
-        # Without muP, base multipliers are muP at m = 1 (every width rule the identity): megatron applies a
-        # logit multiplier only under use_mup.
-        base_hidden_size = cfg.mup_base_hidden_size or cfg.hidden_size
-        mup_fields = mup.transformer_config_fields(
-            mup.MupWidth.of_model(
-                hidden_size=cfg.hidden_size,
-                head_dim=cfg.hidden_size / cfg.num_attention_heads,
-                num_attention_heads=cfg.num_attention_heads,
-                base_hidden_size=base_hidden_size,
-                base_head_dim=cfg.mup_base_head_dim if cfg.mup_base_hidden_size is not None else None,
-            ),
-            output_logit_base=cfg.output_logit_multiplier,
-            attention_scale_base=cfg.attention_scale_multiplier,
+
+def _require_mla_shapes(model: ModelConfig, tp: int) -> None:
+    """One-line errors for MLA shapes megatron would fail on deep inside the build."""
+    for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+        if getattr(model, name) < 1:
+            raise ValueError(f"{name}={getattr(model, name)} must be >= 1 with multi_latent_attention=True")
+    if model.qk_pos_emb_head_dim % 2:
+        raise ValueError(f"qk_pos_emb_head_dim={model.qk_pos_emb_head_dim} must be even (RoPE rotates pairs)")
+    if model.q_lora_rank is not None and model.q_lora_rank < 1:
+        raise ValueError(f"q_lora_rank={model.q_lora_rank} must be >= 1 or None")
+    if model.transformer_impl == "local":
+        # The local spec builds the down projections as column-parallel linears split over TP.
+        if model.q_lora_rank is not None:
+            _require_divisible("q_lora_rank", model.q_lora_rank, "tensor_parallel_size", tp)
+        _require_divisible(
+            "kv_lora_rank + qk_pos_emb_head_dim",
+            model.kv_lora_rank + model.qk_pos_emb_head_dim,
+            "tensor_parallel_size",
+            tp,
         )
 
-    config_class, mla_fields = TransformerConfig, {}
-    if cfg.multi_latent_attention:
-        # megatron's MLA reads its shapes from an MLATransformerConfig; plain RoPE on the rotary part (its
-        # default is YaRN with a 40x context extension, which a model trained from scratch does not want).
-        config_class = MLATransformerConfig
-        mla_fields = dict(
-            q_lora_rank=cfg.q_lora_rank,
-            kv_lora_rank=cfg.kv_lora_rank,
-            qk_head_dim=cfg.qk_head_dim,
-            qk_pos_emb_head_dim=cfg.qk_pos_emb_head_dim,
-            v_head_dim=cfg.v_head_dim,
-            rope_type="rope",
-            rotary_base=cfg.rotary_base,
-            # MLA resolves its q / kv norms through the backend this names (megatron's default: TE).
-            transformer_impl=cfg.transformer_impl,
-        )
-    config = config_class(
-        # Shape.
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=None if cfg.multi_latent_attention else cfg.num_query_groups,
-        init_method_std=cfg.init_method_std,
-        # Architecture: RMSNorm, SwiGLU, no biases (the expert MLP's in-place bias add fails on CPU).
+
+def _shape_fields(model: ModelConfig) -> dict[str, Any]:
+    """Widths and the layer: RMSNorm, SwiGLU, no biases (the expert MLP's in-place bias add fails on CPU), no
+    dropout."""
+    return dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        init_method_std=model.init_method_std,
         normalization="RMSNorm",
-        layernorm_epsilon=cfg.norm_epsilon,
+        layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # MoE.
-        num_moe_experts=cfg.num_moe_experts or None,  # megatron's dense model has None, and refuses 0
-        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
-        moe_router_topk=cfg.moe_router_topk,
-        moe_layer_freq=list(cfg.moe_layer_freq),
-        moe_router_load_balancing_type=cfg.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
-        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size or None,
-        moe_router_score_function=cfg.moe_router_score_function,
+    )
+
+
+def _attention_fields(model: ModelConfig) -> tuple[type[TransformerConfig], dict[str, Any]]:
+    """Grouped-query attention on megatron's ``TransformerConfig``, or multi-latent attention on its
+    ``MLATransformerConfig``, which carries MLA's shapes."""
+    if not model.multi_latent_attention:
+        return TransformerConfig, dict(num_query_groups=model.query_groups, qk_layernorm=model.qk_layernorm)
+    return MLATransformerConfig, dict(
+        num_query_groups=None,
+        qk_layernorm=model.qk_layernorm,
+        q_lora_rank=model.q_lora_rank,
+        kv_lora_rank=model.kv_lora_rank,
+        qk_head_dim=model.qk_head_dim,
+        qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+        v_head_dim=model.v_head_dim,
+        # Plain RoPE on the rotary part (megatron's MLA default is YaRN with a 40x context extension, which a
+        # model trained from scratch does not want).
+        rope_type="rope",
+        rotary_base=model.rotary_base,
+        # MLA resolves its q / kv norms through the backend this names (megatron's default: TE).
+        transformer_impl=model.transformer_impl,
+    )
+
+
+def _moe_fields(model: ModelConfig) -> dict[str, Any]:
+    """Routed (and shared) experts, the router and its load balancing; all-to-all token dispatch."""
+    return dict(
+        num_moe_experts=model.num_moe_experts or None,  # megatron's dense model has None, and refuses 0
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_router_topk=model.moe_router_topk,
+        moe_layer_freq=model.moe_layer_pattern(),
+        moe_router_load_balancing_type=model.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size or None,
+        moe_router_score_function=model.moe_router_score_function,
         # Top-1 with softmax: softmax over all experts, then top-1 (Switch Transformer); a softmax over the one
         # selected logit would always be 1 and give the router no gradient (megatron refuses that).
-        moe_router_pre_softmax=cfg.moe_router_topk == 1 and cfg.moe_router_score_function == "softmax",
-        moe_router_enable_expert_bias=cfg.moe_router_enable_expert_bias,
-        moe_router_bias_update_rate=cfg.moe_router_bias_update_rate,
-        moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
-        qk_layernorm=cfg.qk_layernorm,
+        moe_router_pre_softmax=model.moe_router_topk == 1 and model.moe_router_score_function == "softmax",
+        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+        moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=cfg.transformer_impl == "transformer_engine",  # TE's grouped GEMM for the experts
-        # Parallelism. MoE with TP requires sequence parallelism.
+        moe_grouped_gemm=model.transformer_impl == "transformer_engine",  # TE's grouped GEMM for the experts
+    )
+
+
+def _parallel_fields(
+    *, tp: int, pp: int, ep: int, expert_tp: int, vpp: int | None, cp: int, sequence_parallel: bool
+) -> dict[str, Any]:
+    """The process grid (MoE with TP requires sequence parallelism)."""
+    return dict(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
@@ -277,10 +269,16 @@ def build_transformer_config(
         expert_tensor_parallel_size=expert_tp,
         context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
-        pipeline_dtype=torch.float32,
-        # fp32, all fused kernels off; where the weights are drawn is the device's decision.
+    )
+
+
+def _numerics_fields(use_cpu_initialization: bool) -> dict[str, Any]:
+    """fp32 (``_set_precision`` makes it bf16), every fused kernel off, per-token loss; where the weights are
+    drawn is the device's decision."""
+    return dict(
         use_cpu_initialization=use_cpu_initialization,
         params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
         bf16=False,
         fp16=False,
         gradient_accumulation_fusion=False,
@@ -295,35 +293,42 @@ def build_transformer_config(
         # Loss: summed over tokens, divided by the global token count in finalize_model_grads.
         # Must be set before the model is wrapped in DDP (DDP reads it to decide its own scaling).
         calculate_per_token_loss=True,
-        **mup_fields,
-        **mla_fields,
     )
-    if mup_fields:
-        # megatron-core 0.19.2 replaces a logit multiplier of exactly 1.0 by 1/m (its "not set" value), which
-        # a base multiplier equal to m would hit; the value asked for is put back.
-        config.mup_output_mult = mup_fields["mup_output_mult"]
-    return config
 
 
-def _require_mla_shapes(cfg: GptMoeConfig, tp: int) -> None:
-    """One-line errors for MLA shapes megatron would fail on deep inside the build."""
-    for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1 with multi_latent_attention=True")
-    if cfg.qk_pos_emb_head_dim % 2:
-        raise ValueError(f"qk_pos_emb_head_dim={cfg.qk_pos_emb_head_dim} must be even (RoPE rotates pairs)")
-    if cfg.q_lora_rank is not None and cfg.q_lora_rank < 1:
-        raise ValueError(f"q_lora_rank={cfg.q_lora_rank} must be >= 1 or None")
-    if cfg.transformer_impl == "local":
-        # The local spec builds the down projections as column-parallel linears split over TP.
-        if cfg.q_lora_rank is not None:
-            _require_divisible("q_lora_rank", cfg.q_lora_rank, "tensor_parallel_size", tp)
-        _require_divisible(
-            "kv_lora_rank + qk_pos_emb_head_dim",
-            cfg.kv_lora_rank + cfg.qk_pos_emb_head_dim,
-            "tensor_parallel_size",
-            tp,
+def _mup_fields(model: ModelConfig) -> dict[str, object]:
+    """muP through megatron's own hooks: init methods, logit multiplier, attention scale (megatron_muon/mup.py);
+    none for the standard model without base multipliers."""
+    base_multipliers = (model.output_logit_multiplier, model.attention_scale_multiplier) != (1.0, 1.0)
+    if model.mup_base_hidden_size is None and not base_multipliers:
+        return {}
+    if model.multi_latent_attention:
+        raise ValueError(
+            "mup_base_hidden_size or a base multiplier is set with multi_latent_attention=True: muP's "
+            "attention scale is not defined for MLA's two head dims here (see config/checks.py: _check_mup)"
         )
+    # Without muP, base multipliers are muP at m = 1 (every width rule the identity): megatron applies a
+    # logit multiplier only under use_mup.
+    width = mup.MupWidth.of_model(
+        hidden_size=model.hidden_size,
+        head_dim=model.hidden_size / model.num_attention_heads,
+        num_attention_heads=model.num_attention_heads,
+        base_hidden_size=model.mup_base_hidden_size or model.hidden_size,
+        base_head_dim=model.mup_base_head_dim if model.mup_base_hidden_size is not None else None,
+    )
+    return mup.transformer_config_fields(
+        width,
+        output_logit_base=model.output_logit_multiplier,
+        attention_scale_base=model.attention_scale_multiplier,
+    )
+
+
+def _set_precision(config: TransformerConfig, precision: str) -> None:
+    """bf16 parameters and pipeline sends (the optimizers keep fp32 main weights) for ``precision='bf16'``.
+    Set on the built config: given to the constructor, megatron's ``__post_init__`` would also make
+    ``autocast_dtype`` bf16."""
+    if precision == "bf16":
+        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
 
 
 def _layer_spec(config: TransformerConfig, *, transformer_engine: bool, vp_stage: int | None, pp_rank: int):
@@ -359,7 +364,7 @@ def _with_mla_core_attention(layer_spec, config: TransformerConfig):
 
 
 def build_gpt_moe_model(
-    cfg: GptMoeConfig,
+    model: ModelConfig,
     config: TransformerConfig,
     *,
     pre_process: bool,
@@ -367,7 +372,8 @@ def build_gpt_moe_model(
     pg_collection: ProcessGroupCollection,
     vp_stage: int | None = None,
 ) -> GPTModel:
-    """One megatron ``GPTModel`` chunk (the layers of this pipeline rank / virtual stage), local spec.
+    """One megatron ``GPTModel`` chunk of ``model`` (the layers of this pipeline rank / virtual stage) with
+    ``config`` from :func:`build_transformer_config`, on the local or Transformer Engine spec.
 
     Seeding: with ``use_cpu_initialization`` (the CPU path) weights come from the CPU default generator, so call
     ``torch.manual_seed(seed)`` first; megatron's forward forks its tensor-parallel RNG tracker, so call
@@ -378,26 +384,26 @@ def build_gpt_moe_model(
     the expert-parallel size (an EP rank draws only its local experts).
     """
     pp_rank = pg_collection.pp.rank()
-    model = GPTModel(
+    chunk = GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(
             config,
-            transformer_engine=cfg.transformer_impl == "transformer_engine",
+            transformer_engine=model.transformer_impl == "transformer_engine",
             vp_stage=vp_stage,
             pp_rank=pp_rank,
         ),
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.seq_length,
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.seq_length,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
         position_embedding_type="rope",
-        rotary_base=cfg.rotary_base,
+        rotary_base=model.rotary_base,
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )
-    _apply_mup_router_init(model, config)
-    return model
+    _apply_mup_router_init(chunk, config)
+    return chunk
 
 
 def _apply_mup_router_init(model: GPTModel, config: TransformerConfig) -> None:
@@ -416,7 +422,7 @@ def _apply_mup_router_init(model: GPTModel, config: TransformerConfig) -> None:
 
 
 def build_gpt_moe_model_chunks(
-    cfg: GptMoeConfig, config: TransformerConfig, pg_collection: ProcessGroupCollection
+    model: ModelConfig, config: TransformerConfig, pg_collection: ProcessGroupCollection
 ) -> list[GPTModel]:
     """The model chunks this rank holds: one per virtual pipeline stage (one without interleaving),
     with ``pre_process`` / ``post_process`` set from the pipeline position."""
@@ -425,7 +431,7 @@ def build_gpt_moe_model_chunks(
     first_stage, last_stage = is_pp_first_stage(pg_collection.pp), is_pp_last_stage(pg_collection.pp)
     return [
         build_gpt_moe_model(
-            cfg,
+            model,
             config,
             pre_process=first_stage and is_vp_first_stage(vp_stage or 0, vp_size),
             post_process=last_stage and is_vp_last_stage(vp_stage or 0, vp_size),

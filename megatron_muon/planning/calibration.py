@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The benchmark's model (GptMoeConfig in docs/benchmarks.md), fp32, router in Muon (megatron's routing).
+# The benchmark's model (ModelConfig in docs/benchmarks.md), fp32, router in Muon (megatron's routing).
 MODEL = [
     "model.num_layers=4",
     "model.hidden_size=256",

@@ -10,8 +10,8 @@ What is normalised for the build (none of it changes a parameter's shape, name o
 * ``transformer_impl`` is ``local``: Transformer Engine cannot be imported on a CPU machine. TE's layers have the
   same weights; TE fuses the pre-attention norm into ``linear_qkv`` (same count) and holds a layer's experts as
   ``weight0 … weight{n-1}`` of one grouped module, which ``optim/layout.py`` keys exactly like the local experts.
-* ``fp8`` off (a GEMM recipe) and the load-balancing loss type ``aux_loss`` (a loss, no parameter) when the local
-  builder does not take the configured one.
+* ``fp8`` off (a GEMM recipe the builder refuses) and ``precision`` fp32 (the planner counts bytes from the
+  configured precision itself).
 """
 
 from __future__ import annotations
@@ -151,17 +151,13 @@ class MetaRank:
 
 
 def _buildable(model):
-    """The model section with the shape-neutral settings the local-spec builder needs (module docstring)."""
-    from megatron_muon.config import ConfigError
-    from megatron_muon.models.model_bridge import gpt_moe_config
+    """The model section with the shape-neutral settings the local-spec builder needs (module docstring); raises
+    ``ConfigError`` for what it does not build, before any process group exists."""
+    from megatron_muon.models.gpt_moe import require_buildable
 
-    model = dataclasses.replace(model, transformer_impl="local", fp8=None)
-    try:
-        return gpt_moe_config(model)
-    except ConfigError as error:
-        if "moe_router_load_balancing_type" not in str(error):
-            raise
-    return gpt_moe_config(dataclasses.replace(model, moe_router_load_balancing_type="aux_loss"))
+    model = dataclasses.replace(model, transformer_impl="local", fp8=None, precision="fp32")
+    require_buildable(model)
+    return model
 
 
 def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
@@ -174,7 +170,7 @@ def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
     from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks, build_transformer_config
     from megatron_muon.platform import apply_cpu_stand_ins, chosen_device
 
-    tiny = _buildable(cfg.model)
+    model = _buildable(cfg.model)
     # Every device: megatron's torch norm learns sequence parallelism (platform/megatron_fixes.py); a process on the
     # CPU (no CUDA, or MEGATRON_MUON_DEVICE=cpu) also needs the hardware stand-ins (TransformerLayer builds CUDA
     # streams).
@@ -195,11 +191,11 @@ def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
         }
         with megatron_allocates_on_meta():
             config = build_transformer_config(
-                tiny, tp=dims.tp, pp=dims.pp, ep=dims.ep, etp=dims.etp, vpp=dims.vpp
+                model, tp=dims.tp, pp=dims.pp, ep=dims.ep, etp=dims.etp, vpp=dims.vpp
             )
             config.perform_initialization = False  # nothing to draw on meta
             config.sequence_parallel = dims.sequence_parallel
-            chunks = build_gpt_moe_model_chunks(tiny, config, pg_collection)
+            chunks = build_gpt_moe_model_chunks(model, config, pg_collection)
         routing = route_parameters(chunks, router=muon.router)
         pieces = []
         for routed in routing.muon:

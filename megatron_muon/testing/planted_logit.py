@@ -39,37 +39,24 @@ class PlantedHead:
 
 
 def _one_step(layout: dict, model: dict, head: PlantedHead, clip: bool) -> dict:
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-        causal_attention_mask,
-    )
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
+    from megatron_muon.config.schema import ModelConfig
+    from megatron_muon.models.gpt_moe import causal_attention_mask
+    from megatron_muon.optim.options import MuonConfig
     from megatron_muon.optim.qk_clip import QKClip
     from megatron_muon.testing.canonical import fill_canonical_
-    from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
+    from megatron_muon.testing.small_model import build_small_model
+    from megatron_muon.training.step import synthetic_batches, train_step
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(**model)
-    config = build_transformer_config(cfg, **layout)
-    torch.manual_seed(1234)
-    model_parallel_cuda_manual_seed(1234)
-    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
+    small = build_small_model(ModelConfig(**model), **layout, seed=1234)
+    cfg, pg, chunks = small.model, small.pg, small.chunks
     fill_canonical_(chunks, salt="weight")
     attentions = {int(m.layer_number): m for m in chunks[0].modules() if head.is_attention(m)}
     if pg.tp.rank() == 0:
         with torch.no_grad():
             head.plant(attentions[head.planted_layer])
-    optimizer = build_optimizer(
-        chunks,
-        OptimizerConfig(optimizer="adam", lr=1e-5, weight_decay=0.0, clip_grad=0.0, bf16=False, fp16=False),
+    optimizer = small.build_optimizer(
         MuonConfig(lr=1e-5, weight_decay=0.0, compute_dtype="float32"),
-        pg,
+        small.adam_config(lr=1e-5, weight_decay=0.0, clip_grad=0.0),
     )
     qk_clip = QKClip(
         chunks,

@@ -49,13 +49,12 @@ STEPS, SAVE_AT = 4, 2
 
 
 def _use_layout(name: str) -> None:
-    """Check that this process group was started at ``name``'s layout (``run_distributed``'s sizes) and seed.
+    """Check that this process group was started at ``name``'s layout (``run_distributed``'s sizes).
 
     One layout per process start: rebuilding megatron's parallel state inside a process leaves global state
     behind (megatron-core 0.19.2: the MoE metrics tracker keeps the previous layout's groups and a PP4 step then
     deadlocks in its all-reduce)."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     world, tp, pp, ep, etp = LAYOUTS[name]
     actual = (
@@ -69,57 +68,33 @@ def _use_layout(name: str) -> None:
         raise ValueError(
             f"layout {name} is (world, tp, pp, ep, etp) = {LAYOUTS[name]}; this process group is {actual}"
         )
-    torch.manual_seed(SEED)
-    model_parallel_cuda_manual_seed(SEED)
 
 
 def _build(name: str):
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
-    from megatron_muon.optim.layer_wise import tag_muon_params
-    from megatron_muon.training.fsdp import wrap_in_fsdp
-    from megatron_muon.training.initialization import initialize_layout_independent_
-    from megatron_muon.training.step import wrap_in_ddp
+    from megatron_muon.config.schema import ModelConfig
+    from megatron_muon.optim.options import MuonConfig
+    from megatron_muon.testing.small_model import build_small_model
 
     _use_layout(name)
     _, tp, pp, ep, etp = LAYOUTS[name]
-    distributed = name in DISTRIBUTED_OPTIMIZER_LAYOUTS
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(**MODEL)
-    config = build_transformer_config(cfg, tp=tp, pp=pp, ep=ep, etp=etp)
-    chunks = build_gpt_moe_model_chunks(cfg, config, pg)
-    initialize_layout_independent_(chunks, config, SEED)
-    if distributed:
-        tag_muon_params(chunks, router="adamw")
-    if name in FULLY_SHARDED_LAYOUTS:
-        chunks = wrap_in_fsdp(chunks, config, pg_collection=pg)
-    else:
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed
-        )
-        chunks = wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
-    optimizer = build_optimizer(
-        chunks,
-        OptimizerConfig(
-            optimizer="adam",
-            lr=3e-3,
-            min_lr=3e-4,
-            weight_decay=0.01,
-            clip_grad=1.0,
-            use_distributed_optimizer=distributed,
-        ),
+    wrap = "distributed_optimizer" if name in DISTRIBUTED_OPTIMIZER_LAYOUTS else "ddp"
+    small = build_small_model(
+        ModelConfig(**MODEL),
+        tp=tp,
+        pp=pp,
+        ep=ep,
+        etp=etp,
+        seed=SEED,
+        layout_independent=True,  # the trainer's initialization
+        wrap="fsdp" if name in FULLY_SHARDED_LAYOUTS else wrap,
+        router="adamw",
+    )
+    optimizer = small.build_optimizer(
         # fp32 Newton–Schulz: layouts then agree to rounding (bf16 NS differs by its own rounding per layout)
         MuonConfig(lr=0.02, min_lr=0.002, weight_decay=0.01, compute_dtype="float32", tp_mode="auto"),
-        pg,
+        small.adam_config(lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0),
     )
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -136,7 +111,7 @@ def _build(name: str):
         use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=True,
     )
-    return cfg, pg, chunks, optimizer, scheduler
+    return small.model, small.pg, small.chunks, optimizer, scheduler
 
 
 def _losses(cfg, pg, chunks, optimizer, scheduler, first_step: int, last_step: int, save=None) -> list[float]:

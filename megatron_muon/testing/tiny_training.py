@@ -73,16 +73,10 @@ def train_tiny_moe(
     megatron's ``fp8_recipe`` (delayed | tensorwise | mxfp8) with ``fp8="hybrid"`` (e4m3 forward, e5m2
     gradients), Transformer Engine only; ``fp8_param``: FP8 primary weights. ``ns_fp8_steps``: FP8 Newton–Schulz
     (``MuonConfig.ns_fp8_steps``)."""
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
-    from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
+    from megatron_muon.config.schema import ModelConfig
+    from megatron_muon.optim.options import MuonConfig
+    from megatron_muon.testing.small_model import build_small_model
+    from megatron_muon.training.step import synthetic_batches, train_step
 
     device = torch.device(device)
     if (fp8_recipe or fp8_param) and transformer_impl != "transformer_engine":
@@ -91,26 +85,23 @@ def train_tiny_moe(
         )
     if fp8_param and not fp8_recipe:
         raise ValueError("fp8_param=True needs an fp8_recipe")
-    cfg = GptMoeConfig(**(model or DEFAULT_MODEL), transformer_impl=transformer_impl)
-    config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
-    # As the trainer does: precision fields set before the model is built.
-    if bf16 or fp8_recipe:
-        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
-    if fp8_recipe:
-        config.fp8, config.fp8_recipe, config.fp8_param = "hybrid", fp8_recipe, fp8_param
-    if device.type == "cuda":
-        config.use_cpu_initialization = False  # build on the GPU (FP8 primary weights cannot live on the CPU)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-    chunks = build_gpt_moe_model_chunks(cfg, config, pg_collection)
-    chunks = wrap_in_ddp([chunk.to(device) for chunk in chunks], config, pg_collection=pg_collection)
-    optimizer = build_optimizer(
-        chunks,
-        OptimizerConfig(
-            optimizer="adam", lr=adam_lr, weight_decay=0.01, clip_grad=1.0, bf16=config.bf16, fp16=False
-        ),
+    cfg = ModelConfig(
+        **(model or DEFAULT_MODEL),
+        transformer_impl=transformer_impl,
+        precision="bf16" if bf16 or fp8_recipe else "fp32",
+    )
+    # On the GPU megatron builds in place (FP8 primary weights cannot live on the CPU).
+    small = build_small_model(
+        cfg,
+        seed=seed,
+        device=device,
+        config_fields=dict(fp8="hybrid", fp8_recipe=fp8_recipe, fp8_param=fp8_param) if fp8_recipe else None,
+        pg=pg_collection,
+    )
+    chunks = small.chunks
+    optimizer = small.build_optimizer(
         MuonConfig(lr=muon_lr, weight_decay=0.01, compute_dtype=ns_compute_dtype, ns_fp8_steps=ns_fp8_steps),
-        pg_collection,
+        small.adam_config(lr=adam_lr, weight_decay=0.01, clip_grad=1.0),
     )
     data = _on_device(
         synthetic_batches(

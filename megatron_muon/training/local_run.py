@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_muon.config import PretrainConfig, load_config
-from megatron_muon.models.param_count import count_parameters
+from megatron_muon.config.param_count import count_parameters
 
 __all__ = [
     "TrialResult",

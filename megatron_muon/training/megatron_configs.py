@@ -1,5 +1,5 @@
-"""From our config sections to megatron's own config objects, in one place: the model builder's
-``GptMoeConfig`` and ``TransformerConfig``, DDP's and the AdamW side's ``OptimizerConfig`` and the
+"""From our config sections to megatron's own config objects, in one place: the model's ``TransformerConfig`` (the
+builder's, from ``cfg.model``, at the run's grid and device), DDP's and the AdamW side's ``OptimizerConfig`` and the
 ``OptimizerParamScheduler`` arguments. Pure functions of the config (no process group, no model), so the trainer
 builds from them and ``tests/unit/test_config_reaches_megatron.py`` checks that every key reaches them.
 """
@@ -8,31 +8,27 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from megatron_muon.config import ConfigError, ParallelDims, PretrainConfig
-from megatron_muon.models.model_bridge import gpt_moe_config
 from megatron_muon.platform.device import Device
 
 __all__ = [
     "adamw_optimizer_config",
     "check_buildable",
     "ddp_config",
-    "model_build_configs",
     "scheduler_arguments",
+    "transformer_config",
 ]
 
 
-def model_build_configs(cfg: PretrainConfig, dims: ParallelDims, device: Device):
-    """(``GptMoeConfig``, megatron ``TransformerConfig``) of ``cfg``'s model at the process grid ``dims``, built on
-    ``device`` (CPU initialization on the CPU only). Raises ``ConfigError`` (one line) for what the builder cannot
-    build."""
+def transformer_config(cfg: PretrainConfig, dims: ParallelDims, device: Device):
+    """Megatron's ``TransformerConfig`` of ``cfg.model`` at the process grid ``dims``, built on ``device`` (CPU
+    initialization on the CPU only), for ``models.gpt_moe.build_gpt_moe_model_chunks(cfg.model, ...)``. Raises
+    ``ConfigError`` (one line) for what the builder cannot build."""
     from megatron_muon.models.gpt_moe import build_transformer_config
 
-    tiny = gpt_moe_config(cfg.model)
     try:
         config = build_transformer_config(
-            tiny,
+            cfg.model,
             tp=dims.tp,
             pp=dims.pp,
             ep=dims.ep,
@@ -44,8 +40,6 @@ def model_build_configs(cfg: PretrainConfig, dims: ParallelDims, device: Device)
         )
     except (ValueError, AssertionError) as error:  # ours, and megatron's own checks in TransformerConfig
         raise ConfigError(str(error).splitlines()[0]) from None
-    if cfg.model.precision == "bf16":
-        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
     # Transformer Engine's attention returns each head's max logit from its fused kernel only when asked
     # (QK-clip reads it from there); megatron's local attention ignores the flag (optim/qk_clip.py hooks it).
     config.log_max_attention_logit = cfg.optimizer.qk_clip.records
@@ -53,7 +47,7 @@ def model_build_configs(cfg: PretrainConfig, dims: ParallelDims, device: Device)
     # torch.cuda.synchronize(), a guard for PyTorch releases before 1.13's batch_isend_irecv fix; with the torch
     # this package requires it only stalls the host once per microbatch and stage boundary.
     config.batch_p2p_sync = False
-    return tiny, config
+    return config
 
 
 def adamw_optimizer_config(cfg: PretrainConfig):
@@ -125,7 +119,7 @@ def check_buildable(cfg: PretrainConfig, dims: ParallelDims, device: Device) -> 
     from megatron_muon.platform.device import require_device_for
 
     require_device_for(cfg, device)
-    model_build_configs(cfg, dims, device)
+    transformer_config(cfg, dims, device)
     try:
         adamw_optimizer_config(cfg)
     except (ValueError, AssertionError) as error:

@@ -25,8 +25,8 @@ from megatron_muon.training.initialization import initialize_layout_independent_
 from megatron_muon.training.megatron_configs import (
     adamw_optimizer_config,
     ddp_config,
-    model_build_configs,
     scheduler_arguments,
+    transformer_config,
 )
 from megatron_muon.training.step import wrap_in_ddp
 
@@ -37,8 +37,6 @@ __all__ = ["TrainingParts", "build_training_parts"]
 class TrainingParts:
     """The model and everything that updates or watches it, for one rank."""
 
-    model_config: Any
-    """The builder's ``GptMoeConfig``."""
     transformer_config: Any
     """megatron's ``TransformerConfig`` (shared by the chunks)."""
     model: list[Any]
@@ -86,14 +84,14 @@ def build_training_parts(
     train = cfg.training
     torch.manual_seed(train.seed)
     model_parallel_cuda_manual_seed(train.seed)
-    tiny, config = model_build_configs(cfg, dims, device)
+    config = transformer_config(cfg, dims, device)
     compute_dtype = None
     if cfg.parallel.fsdp and config.params_dtype != torch.float32:
         # FSDP keeps fp32 shards and gathers them in the compute dtype (MixedPrecisionPolicy).
         compute_dtype, config.params_dtype = config.params_dtype, torch.float32
     if transformer_config_hook is not None:
         transformer_config_hook(config)
-    chunks = build_gpt_moe_model_chunks(tiny, config, pg_collection)
+    chunks = build_gpt_moe_model_chunks(cfg.model, config, pg_collection)
     if device.type == "cuda":
         # megatron-core 0.19.2: modules built without a device (the torch norms of the local spec) start on the
         # CPU even without use_cpu_initialization; megatron's own training loop moves every chunk to the current
@@ -147,7 +145,6 @@ def build_training_parts(
         )
     scheduler = OptimizerParamScheduler(optimizer, **scheduler_arguments(cfg))
     return TrainingParts(
-        model_config=tiny,
         transformer_config=config,
         model=model,
         optimizer=optimizer,

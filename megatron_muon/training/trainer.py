@@ -16,8 +16,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_muon.config import PretrainConfig, to_yaml, validate_tokenizer
+from megatron_muon.config.param_count import count_parameters
 from megatron_muon.data import build_gpt_datasets, build_microbatch_iterator, load_tokenizer, null_tokenizer
-from megatron_muon.models.param_count import count_parameters
 from megatron_muon.optim.build import chain_members
 from megatron_muon.platform import device as platform_device
 from megatron_muon.training import checkpoint as ckpt
@@ -73,7 +73,7 @@ class Trainer:
 
         # On the device platform.device chose for this rank (the GPU builds in place; the CPU draws on the CPU).
         parts = build_training_parts(cfg, dims, pg_collection, platform_device.chosen_device())
-        self.tiny, self.model, self.optimizer = parts.model_config, parts.model, parts.optimizer
+        self.model, self.optimizer = parts.model, parts.optimizer
         self.qk_clip, self.expert_load, self.scheduler = parts.qk_clip, parts.expert_load, parts.scheduler
 
         self.iteration, self.consumed_samples = 0, 0

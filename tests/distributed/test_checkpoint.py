@@ -29,25 +29,14 @@ CONFIG_YAML = "model:\n  num_layers: 4\n"
 
 def _setup(layout: dict, tp_mode: str, bf16: bool = False, normuon: bool = False):
     """Model (canonical, layout-independent weights), Muon + AdamW optimizer and a warmup + cosine schedule."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
+    from megatron_muon.config import ModelConfig
     from megatron_muon.testing.canonical import fill_canonical_
-    from megatron_muon.training.step import wrap_in_ddp
+    from megatron_muon.testing.small_model import build_small_model
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(**MODEL)
-    config = build_transformer_config(cfg, **layout)
-    if bf16:  # bf16 model params; megatron's Float16 wrapper keeps fp32 main params for Muon and AdamW
-        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
-    torch.manual_seed(1234)
-    model_parallel_cuda_manual_seed(1234)
-    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
+    # bf16: bf16 model params; megatron's Float16 wrapper keeps fp32 main params for Muon and AdamW.
+    model = ModelConfig(**MODEL, precision="bf16" if bf16 else "fp32")
+    small = build_small_model(model, **layout, seed=1234)
+    cfg, pg, chunks = small.model, small.pg, small.chunks
     fill_canonical_(chunks, salt="weight")
     optimizer = _build_optimizer(chunks, pg, tp_mode=tp_mode, bf16=bf16, normuon=normuon)
     scheduler = _scheduler(optimizer)

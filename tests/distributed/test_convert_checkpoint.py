@@ -77,17 +77,9 @@ def _batch(vocab_size: int) -> torch.Tensor:
 
 
 def _build(model_config, pg, layout):
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron_muon.testing.small_model import build_small_model
 
-    from megatron_muon.models.gpt_moe import build_gpt_moe_model_chunks, build_transformer_config
-    from megatron_muon.models.model_bridge import gpt_moe_config
-    from megatron_muon.training.step import wrap_in_ddp
-
-    tiny = gpt_moe_config(model_config)
-    config = build_transformer_config(tiny, **layout)
-    torch.manual_seed(1234)
-    model_parallel_cuda_manual_seed(1234)
-    return tiny, wrap_in_ddp(build_gpt_moe_model_chunks(tiny, config, pg), config, pg_collection=pg)
+    return build_small_model(model_config, **layout, seed=1234, pg=pg).chunks
 
 
 def _logits(chunks, pg, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -169,7 +161,7 @@ def _train_save_and_run(root: str, tokenizer_dir: str, tokens: torch.Tensor):
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     model_config = _model_config()
-    tiny, chunks = _build(model_config, pg, LAYOUT)
+    chunks = _build(model_config, pg, LAYOUT)
     optimizer = build_optimizer(
         chunks,
         OptimizerConfig(optimizer="adam", lr=3e-3, min_lr=3e-3, weight_decay=0.01, clip_grad=1.0),
@@ -190,15 +182,17 @@ def _train_save_and_run(root: str, tokenizer_dir: str, tokens: torch.Tensor):
         wd_incr_style="constant",
     )
     data = synthetic_batches(
-        vocab_size=tiny.vocab_size,
-        seq_length=tiny.seq_length,
+        vocab_size=model_config.vocab_size,
+        seq_length=model_config.seq_length,
         micro_batch_size=2,
         num_microbatches=2,
         data_parallel_rank=pg.dp.rank(),
         data_parallel_size=pg.dp.size(),
     )
     for _ in range(TRAIN_STEPS):
-        kwargs = dict(num_microbatches=2, seq_length=tiny.seq_length, micro_batch_size=2, pg_collection=pg)
+        kwargs = dict(
+            num_microbatches=2, seq_length=model_config.seq_length, micro_batch_size=2, pg_collection=pg
+        )
         assert not train_step(chunks, optimizer, data, **kwargs)["skipped"]
         scheduler.step(increment=1)
     run = PretrainConfig(
@@ -217,7 +211,7 @@ def _train_save_and_run(root: str, tokenizer_dir: str, tokens: torch.Tensor):
         keep_last=0,
     )
     logits = _logits(chunks, pg, tokens)
-    greedy = _greedy(chunks, pg, tokens[0, :PROMPT_LENGTH], NEW_TOKENS, tiny.seq_length)
+    greedy = _greedy(chunks, pg, tokens[0, :PROMPT_LENGTH], NEW_TOKENS, model_config.seq_length)
     return logits, greedy
 
 
@@ -236,7 +230,7 @@ def _load_and_run(checkpoint: str, layout: dict, tokens: torch.Tensor):
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     model_config = load_config(str(iteration_dir(checkpoint, 0) / CONFIG_FILENAME)).model
-    _, chunks = _build(model_config, pg, layout)
+    chunks = _build(model_config, pg, layout)
     try:
         load_checkpoint(checkpoint, chunks, None, None)
         full_load_error = None
@@ -558,7 +552,7 @@ def _import_load_and_export(names: list[str], root: str, tokens: torch.Tensor):
         work = Path(root) / name
         report = import_from_hf(work / "hf", work / "megatron", progress=False)
         model_config = load_config(str(iteration_dir(work / "megatron", 0) / CONFIG_FILENAME)).model
-        _, chunks = _build(model_config, pg, dict(tp=1, pp=1, ep=1))
+        chunks = _build(model_config, pg, dict(tp=1, pp=1, ep=1))
         load_checkpoint(work / "megatron", chunks, None, None, finetune=True)
         export_to_hf(work / "megatron", work / "back", progress=False)
         results[name] = (report.architecture, _logits(chunks, pg, tokens))

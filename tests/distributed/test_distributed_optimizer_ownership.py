@@ -31,26 +31,13 @@ MICRO_BATCH, MICROBATCHES = 2, 2
 def _ownership_and_one_step(layout: dict):
     import torch.distributed as dist
     from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
+    from megatron_muon.config import ModelConfig
     from megatron_muon.optim import layer_wise
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
-    from megatron_muon.training.step import parameters_gathered, synthetic_batches, train_step, wrap_in_ddp
+    from megatron_muon.optim.build import MuonConfig
+    from megatron_muon.testing.small_model import build_small_model
+    from megatron_muon.training.step import parameters_gathered, synthetic_batches, train_step
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(**MODEL)
-    config = build_transformer_config(cfg, **layout)
-    torch.manual_seed(7)
-    model_parallel_cuda_manual_seed(7)
-    chunks = build_gpt_moe_model_chunks(cfg, config, pg)
-    layer_wise.tag_muon_params(chunks, router="adamw")
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=True,
         overlap_grad_reduce=True,
@@ -58,7 +45,15 @@ def _ownership_and_one_step(layout: dict):
         bucket_size=BUCKET_SIZE,
         grad_reduce_in_fp32=True,
     )
-    chunks = wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
+    small = build_small_model(
+        ModelConfig(**MODEL),
+        **layout,
+        seed=7,
+        wrap="distributed_optimizer",
+        router="adamw",
+        ddp_config=ddp_config,
+    )
+    cfg, pg, chunks = small.model, small.pg, small.chunks
     shard_aligned_buckets = sum(
         len(buffer.buckets)
         for chunk in chunks
@@ -90,20 +85,9 @@ def _ownership_and_one_step(layout: dict):
     finally:
         layer_wise.shard_assignment = real
 
-    optimizer = build_optimizer(
-        chunks,
-        OptimizerConfig(
-            optimizer="adam",
-            lr=1e-3,
-            weight_decay=0.0,
-            clip_grad=1.0,
-            bf16=False,
-            fp16=False,
-            use_distributed_optimizer=True,
-            overlap_param_gather=True,
-        ),
+    optimizer = small.build_optimizer(
         MuonConfig(lr=0.05, weight_decay=0.0, compute_dtype="float32"),
-        pg,
+        small.adam_config(lr=1e-3, weight_decay=0.0, clip_grad=1.0, overlap_param_gather=True),
     )
     before = {names[id(p)]: p.detach().clone() for p in layer_wise.shard_assignment(chunks)}
     data = synthetic_batches(

@@ -20,25 +20,15 @@ SEED = 1234
 def _train_tiny_moe(*, steps: int, num_microbatches: int, tp: int, pp: int, ep: int, etp: int | None):
     """On one rank: seed, build the tiny MoE chunks, wrap them in megatron's DDP, build megatron's Adam and run
     ``steps`` train steps on synthetic data. Returns this rank's per-step reports."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
-    from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
+    from megatron_muon.testing.small_model import build_small_model
+    from megatron_muon.training.step import synthetic_batches, train_step
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig()
-    config = build_transformer_config(cfg, tp=tp, pp=pp, ep=ep, etp=etp)
-    torch.manual_seed(SEED)
-    model_parallel_cuda_manual_seed(SEED)
-    model = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
+    small = build_small_model(tp=tp, pp=pp, ep=ep, etp=etp, seed=SEED)
+    cfg, pg, model = small.model, small.pg, small.chunks
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, bf16=False, fp16=False),
+        small.adam_config(lr=3e-3, weight_decay=0.0, clip_grad=1.0),
         model,
         use_gloo_process_groups=False,  # megatron refuses extra gloo groups with an explicit pg_collection
         pg_collection=pg,

@@ -49,18 +49,16 @@ def _build_and_forward(variants: dict, tp: int):
         build_transformer_config,
         causal_attention_mask,
     )
-    from megatron_muon.models.model_bridge import gpt_moe_config
 
     pg = ProcessGroupCollection.use_mpu_process_groups()
     results = {}
     for name, overrides in variants.items():
         model = ModelConfig(**(SHAPE | overrides))
         check_model(model)
-        tiny = gpt_moe_config(model)
-        config = build_transformer_config(tiny, tp=tp, pp=1, ep=1, etp=1)
+        config = build_transformer_config(model, tp=tp, pp=1, ep=1, etp=1)
         torch.manual_seed(1234)
         model_parallel_cuda_manual_seed(1234)
-        (chunk,) = build_gpt_moe_model_chunks(tiny, config, pg)
+        (chunk,) = build_gpt_moe_model_chunks(model, config, pg)
         chunk.eval()
         tokens = torch.randint(
             0, model.vocab_size, (2, model.seq_length), generator=torch.Generator().manual_seed(5)
@@ -85,7 +83,7 @@ def _build_and_forward(variants: dict, tp: int):
 
 
 def test_mla_parameter_counts_match_megatron_and_tp2_computes_the_same_loss():
-    from megatron_muon.models.param_count import count_parameters
+    from megatron_muon.config.param_count import count_parameters
 
     (one,) = run_distributed(
         _build_and_forward, 1, tp=1, pp=1, ep=1, etp=1, args=(VARIANTS, 1), timeout_s=300

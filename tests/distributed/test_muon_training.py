@@ -23,27 +23,16 @@ def _train_on_rank(
     """Train ``steps`` iterations per Muon mode from the same weights and data; return the losses per mode
     (and, with ``bf16``, the dtypes the Muon optimizer sees)."""
     from megatron.core import parallel_state
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
+    from megatron_muon.config import ModelConfig
+    from megatron_muon.optim.build import MuonConfig
     from megatron_muon.testing.canonical import fill_canonical_
-    from megatron_muon.training.step import synthetic_batches, train_step, wrap_in_ddp
+    from megatron_muon.testing.small_model import build_small_model
+    from megatron_muon.training.step import synthetic_batches, train_step
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(**model)
-    config = build_transformer_config(cfg, **layout)
-    if bf16:  # bf16 model params; megatron's Float16 wrapper keeps fp32 main params and grads for Muon
-        config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
-    torch.manual_seed(1234)
-    model_parallel_cuda_manual_seed(1234)
-    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
+    # bf16: bf16 model params; megatron's Float16 wrapper keeps fp32 main params and grads for Muon.
+    small = build_small_model(ModelConfig(**model, precision="bf16" if bf16 else "fp32"), **layout, seed=1234)
+    cfg, pg, chunks = small.model, small.pg, small.chunks
     initial = [{k: v.clone() for k, v in c.state_dict().items() if torch.is_tensor(v)} for c in chunks]
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -57,13 +46,9 @@ def _train_on_rank(
                 chunk.load_state_dict(state, strict=False)
         for chunk in chunks:
             chunk.zero_grad_buffer()
-        optimizer = build_optimizer(
-            chunks,
-            OptimizerConfig(
-                optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0, bf16=bf16, fp16=False
-            ),
+        optimizer = small.build_optimizer(
             MuonConfig(lr=muon_lr, weight_decay=0.01, tp_mode=mode, compute_dtype="float32"),
-            pg,
+            small.adam_config(lr=3e-3, weight_decay=0.01, clip_grad=1.0),
         )
         data = synthetic_batches(
             vocab_size=cfg.vocab_size,

@@ -29,21 +29,14 @@ def _max_lr_by_name(chained, names):
 
 def _build_on_rank(base_hidden_size, output_logit_multiplier=1.0):
     import torch
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.optimizer import get_megatron_optimizer
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-        causal_attention_mask,
-    )
-    from megatron_muon.optim.build import MuonConfig, adamw_config_overrides, build_optimizer
-    from megatron_muon.training.step import wrap_in_ddp
+    from megatron_muon.config import ModelConfig
+    from megatron_muon.models.gpt_moe import causal_attention_mask
+    from megatron_muon.optim.build import MuonConfig, adamw_config_overrides
+    from megatron_muon.testing.small_model import build_small_model
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(
+    cfg = ModelConfig(
         num_layers=2,
         hidden_size=WIDTH,
         ffn_hidden_size=2 * WIDTH,
@@ -52,22 +45,16 @@ def _build_on_rank(base_hidden_size, output_logit_multiplier=1.0):
         mup_base_hidden_size=base_hidden_size,
         output_logit_multiplier=output_logit_multiplier,
     )
-    config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
-    adam_config = OptimizerConfig(
-        optimizer="adam", lr=ADAM_LR, min_lr=ADAM_MIN_LR, adam_eps=ADAM_EPS, bf16=False, fp16=False
-    )
-    optimizer = build_optimizer(
-        chunks, adam_config, MuonConfig(lr=MUON_LR, weight_decay=MUON_WD, compute_dtype="float32"), pg
+    small = build_small_model(cfg, seed=0)
+    pg, chunks = small.pg, small.chunks
+    adam_config = small.adam_config(lr=ADAM_LR, min_lr=ADAM_MIN_LR, adam_eps=ADAM_EPS)
+    optimizer = small.build_optimizer(
+        MuonConfig(lr=MUON_LR, weight_decay=MUON_WD, compute_dtype="float32"), adam_config
     )
     names = {id(p): n for n, p in chunks[0].named_parameters()}
-    with_router_multiplier = build_optimizer(
-        chunks,
-        adam_config,
+    with_router_multiplier = small.build_optimizer(
         MuonConfig(lr=MUON_LR, weight_decay=MUON_WD, compute_dtype="float32"),
-        pg,
+        adam_config,
         router_lr_multiplier=ROUTER_MULT,
     )
     lr_with_router_multiplier = _max_lr_by_name(with_router_multiplier, names)

@@ -37,61 +37,42 @@ def _muon_steps_on_rank(
     ``steps`` Muon steps from canonical weights with canonical gradients; return this rank's pieces of every Muon
     matrix (``bf16``: of the fp32 main params) and its Muon state bytes. One model per DDP flavour."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
-    from megatron_muon.optim.layer_wise import tag_muon_params
+    from megatron_muon.config import ModelConfig
+    from megatron_muon.optim.build import MuonConfig
     from megatron_muon.optim.layout import LayoutConfig
     from megatron_muon.testing.canonical import collect_pieces, fill_canonical_
-    from megatron_muon.training.fsdp import wrap_in_fsdp
-    from megatron_muon.training.step import wrap_in_ddp
+    from megatron_muon.testing.small_model import build_small_model
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig(**model)
+    cfg = ModelConfig(**model, precision="bf16" if bf16 else "fp32")
+    router = (extra_muon or {}).get("router", "adamw")
+    wrapping = {"ddp": "ddp", "distopt": "distributed_optimizer", "fsdp": "fsdp"}
     models = {}
 
     def wrapped(flavour: str):
+        # One model per flavour (wrapping hooks DDP / FSDP into its TransformerConfig); FSDP: fp32 shards (the
+        # masters), gathered in bf16 for compute (training/parts.py).
         if flavour not in models:
-            config = build_transformer_config(cfg, **layout)  # wrap_in_ddp hooks DDP into it: one per model
-            if bf16:
-                config.bf16, config.params_dtype, config.pipeline_dtype = True, torch.bfloat16, torch.bfloat16
-            if (
-                flavour == "fsdp"
-            ):  # fp32 shards (the masters), gathered in bf16 for compute (training/parts.py)
-                config.params_dtype = torch.float32
-            torch.manual_seed(0)
-            chunks = build_gpt_moe_model_chunks(cfg, config, pg)
-            if flavour == "fsdp":
-                compute = torch.bfloat16 if bf16 else None
-                models[flavour] = wrap_in_fsdp(chunks, config, pg_collection=pg, param_dtype=compute)
-                return models[flavour]
-            distributed = flavour == "distopt"
-            if distributed:
-                tag_muon_params(chunks, router=(extra_muon or {}).get("router", "adamw"))
-            ddp_config = DistributedDataParallelConfig(
-                use_distributed_optimizer=distributed, grad_reduce_in_fp32=True
+            models[flavour] = build_small_model(
+                cfg,
+                **layout,
+                seed=0,
+                wrap=wrapping[flavour],
+                router=router,
             )
-            models[flavour] = wrap_in_ddp(chunks, config, pg_collection=pg, ddp_config=ddp_config)
         return models[flavour]
 
     results = {"pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     # The matrices the optimizer is asked to see (e.g. per head) are the ones filled and collected.
     layout_fields = ("split_qkv", "qkv_per_head", "split_gate_up")
-    router = (extra_muon or {}).get("router", "adamw")
     options = LayoutConfig(**{k: v for k, v in (extra_muon or {}).items() if k in layout_fields})
     for name in modes:
         mode, distributed = name.removesuffix(DISTRIBUTED_OPTIMIZER), name.endswith(DISTRIBUTED_OPTIMIZER)
         flavour = "distopt" if distributed else "ddp"
         if name.endswith(FSDP):
             mode, flavour = name.removesuffix(FSDP), "fsdp"
-        chunks = wrapped(flavour)
+        small = wrapped(flavour)
+        chunks = small.chunks
         fill_canonical_(chunks, salt="weight", options=options, router=router)
         if (
             bf16 and flavour == "fsdp"
@@ -100,21 +81,11 @@ def _muon_steps_on_rank(
                 for param in (p for chunk in chunks for p in chunk.parameters()):
                     local = param.data.to_local()
                     local.copy_(local.bfloat16().float())
-        optimizer = build_optimizer(
-            chunks,
-            OptimizerConfig(
-                optimizer="adam",
-                lr=1e-3,
-                weight_decay=0.0,
-                clip_grad=0.0,
-                bf16=bf16,
-                fp16=False,
-                use_distributed_optimizer=distributed,
-            ),
+        optimizer = small.build_optimizer(
             MuonConfig(
                 tp_mode=mode, compute_dtype="bfloat16" if bf16 else "float32", **MUON, **(extra_muon or {})
             ),
-            pg,
+            small.adam_config(lr=1e-3, weight_decay=0.0, clip_grad=0.0),
         )
         for step in range(steps):
             fill_canonical_(chunks, salt=f"grad{step}", grads=True, options=options, router=router)

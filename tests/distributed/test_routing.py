@@ -10,30 +10,15 @@ pytestmark = pytest.mark.slow
 
 
 def _route_on_rank(router: str):
-    import torch
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    from megatron_muon.models.gpt_moe import (
-        GptMoeConfig,
-        build_gpt_moe_model_chunks,
-        build_transformer_config,
-    )
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
+    from megatron_muon.optim.options import MuonConfig
     from megatron_muon.optim.param_groups import route_parameters
-    from megatron_muon.training.step import wrap_in_ddp
+    from megatron_muon.testing.small_model import build_small_model
 
-    pg = ProcessGroupCollection.use_mpu_process_groups()
-    cfg = GptMoeConfig()
-    config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
-    torch.manual_seed(0)
-    chunks = wrap_in_ddp(build_gpt_moe_model_chunks(cfg, config, pg), config, pg_collection=pg)
+    small = build_small_model(seed=0)
+    chunks = small.chunks
     routing = route_parameters(chunks, router=router)
-    optimizer = build_optimizer(
-        chunks,
-        OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False, fp16=False),
-        MuonConfig(router=router, lr=0.02, weight_decay=0.05),
-        pg,
+    optimizer = small.build_optimizer(
+        MuonConfig(router=router, lr=0.02, weight_decay=0.05), small.adam_config(lr=1e-3)
     )
     names = {id(p): n for n, p in chunks[0].named_parameters()}
     groups = []

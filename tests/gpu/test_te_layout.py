@@ -5,21 +5,23 @@ doubles is tests/unit/test_layout_te.py."""
 
 from __future__ import annotations
 
-from megatron_muon.models.gpt_moe import GptMoeConfig, build_gpt_moe_model_chunks, build_transformer_config
+from megatron_muon.config import ModelConfig
 from megatron_muon.optim.layout import LayoutConfig, megatron_param_pieces
 from megatron_muon.optim.param_groups import TE_GROUPED_LINEAR_CLASS_NAMES, route_parameters
+from megatron_muon.testing.small_model import build_small_model
 from megatron_muon.testing.tiny_training import DEFAULT_MODEL
 
 
 def _model(pg, transformer_impl: str):
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    cfg = GptMoeConfig(**DEFAULT_MODEL, transformer_impl=transformer_impl)
-    config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
-    config.use_cpu_initialization = False
-    model_parallel_cuda_manual_seed(0)
-    (chunk,) = build_gpt_moe_model_chunks(cfg, config, pg)
-    return chunk.cuda(), config
+    small = build_small_model(
+        ModelConfig(**DEFAULT_MODEL, transformer_impl=transformer_impl),
+        seed=0,
+        wrap="none",
+        device="cuda",
+        pg=pg,
+    )
+    (chunk,) = small.chunks
+    return chunk, small.config
 
 
 def _logical_matrices(chunk, config) -> dict[str, tuple[int, int]]:

@@ -25,8 +25,7 @@ from megatron_muon.config import (
     validate_tokenizer,
 )
 from megatron_muon.config.cli import main
-from megatron_muon.models.model_bridge import gpt_moe_config
-from megatron_muon.models.param_count import count_parameters
+from megatron_muon.config.param_count import count_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "launch" / "configs").glob("*.yaml"))
@@ -401,11 +400,10 @@ def test_tiny_cpu_model_builds_a_megatron_transformer_config():
     from megatron_muon.models.gpt_moe import build_transformer_config
 
     cfg = load_config(TINY)
-    tiny_model = gpt_moe_config(cfg.model)
-    assert tiny_model.moe_layer_freq == [0, 1, 1, 1] and tiny_model.vocab_size == 4096
     config = build_transformer_config(
-        tiny_model, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, etp=1
+        cfg.model, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, etp=1
     )
+    assert config.moe_layer_freq == [0, 1, 1, 1] and cfg.model.vocab_size == 4096
     assert (
         config.tensor_model_parallel_size,
         config.expert_tensor_parallel_size,
@@ -417,7 +415,7 @@ def test_tiny_cpu_model_builds_a_megatron_transformer_config():
     )
     # MLA reaches megatron's MLATransformerConfig (built on the local spec by models/mla_attention.py).
     mla = ModelConfig(multi_latent_attention=True, num_query_groups=None, q_lora_rank=24, kv_lora_rank=16)
-    mla_config = build_transformer_config(gpt_moe_config(mla), tp=2, pp=1, ep=1)
+    mla_config = build_transformer_config(mla, tp=2, pp=1, ep=1)
     assert type(mla_config).__name__ == "MLATransformerConfig"
     assert (
         mla_config.q_lora_rank,

@@ -182,7 +182,7 @@ class _Groups:
     pp = _Group()
 
 
-def _gpt_model_arguments(tiny, config, monkeypatch) -> list[dict[str, Any]]:
+def _gpt_model_arguments(model, config, monkeypatch) -> list[dict[str, Any]]:
     """The keyword arguments megatron's ``GPTModel`` gets from our builder (layer spec included), without building."""
     import megatron_muon.models.gpt_moe as builder
 
@@ -195,7 +195,7 @@ def _gpt_model_arguments(tiny, config, monkeypatch) -> list[dict[str, Any]]:
         )  # an empty model: what the builder does after GPTModel() finds nothing to change
 
     monkeypatch.setattr(builder, "GPTModel", record)
-    builder.build_gpt_moe_model_chunks(tiny, config, _Groups())
+    builder.build_gpt_moe_model_chunks(model, config, _Groups())
     return [{k: v for k, v in call.items() if k not in ("config", "pg_collection")} for call in calls]
 
 
@@ -219,8 +219,8 @@ def _built(settings: dict[str, Any], monkeypatch) -> Any:
     from megatron_muon.training.megatron_configs import (
         adamw_optimizer_config,
         ddp_config,
-        model_build_configs,
         scheduler_arguments,
+        transformer_config,
     )
 
     cfg = _config(settings)
@@ -228,12 +228,12 @@ def _built(settings: dict[str, Any], monkeypatch) -> Any:
         cfg, cfg.parallel.world_size or 1
     )  # the value must be valid: a failure here is the test's bug
     try:
-        tiny, config = model_build_configs(cfg, dims, Device(type="cpu"))
+        config = transformer_config(cfg, dims, Device(type="cpu"))
     except ConfigError as error:
         return error
     return {
         "TransformerConfig": _comparable(config),
-        "GPTModel": _comparable(_gpt_model_arguments(tiny, config, monkeypatch)),
+        "GPTModel": _comparable(_gpt_model_arguments(cfg.model, config, monkeypatch)),
         "OptimizerConfig": _comparable(adamw_optimizer_config(cfg)),
         "DistributedDataParallelConfig": _comparable(ddp_config(cfg)),
         "scheduler": _comparable(scheduler_arguments(cfg)),

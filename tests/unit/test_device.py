@@ -114,12 +114,12 @@ def test_memory_and_peak_flops_come_from_the_chosen_gpu_and_are_absent_on_the_cp
 
 def test_the_model_is_built_where_the_device_says(monkeypatch):
     from megatron_muon.config import validate
-    from megatron_muon.training.megatron_configs import model_build_configs
+    from megatron_muon.training.megatron_configs import transformer_config
 
     cfg = load_config(None, ["data.mock=true"])
     dims = validate(cfg, 1)
-    _, on_cpu = model_build_configs(cfg, dims, Device(type="cpu"))
-    _, on_gpu = model_build_configs(cfg, dims, Device(type="cuda", index=0, backend="cpu:gloo,cuda:nccl"))
+    on_cpu = transformer_config(cfg, dims, Device(type="cpu"))
+    on_gpu = transformer_config(cfg, dims, Device(type="cuda", index=0, backend="cpu:gloo,cuda:nccl"))
     assert on_cpu.use_cpu_initialization is True
     assert on_gpu.use_cpu_initialization is False
 

@@ -1,5 +1,7 @@
-"""The package's import graph: every module imports in a fresh interpreter, and no two modules import each
-other, directly or through others.
+"""The package's import graph: every module imports in a fresh interpreter, no two modules import each other,
+directly or through others, and no package imports one at its own level or above in the package order of
+``docs/architecture.md`` (a package-level loop such as ``config.cli`` -> ``models.x`` -> ``config.schema`` is no
+module cycle, but is an upward import).
 
 The graph is read from the source (``ast``), so it sees every import a module can execute: at module level and
 inside functions. A function-level import that closes a loop is a cycle put off until call time, so it counts
@@ -19,6 +21,8 @@ import megatron_muon
 
 PACKAGE = "megatron_muon"
 ROOT = Path(megatron_muon.__file__).resolve().parent
+ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+ORDER_HEADING = "The package order, lowest first"
 
 
 def module_files(root: Path = ROOT, package: str = PACKAGE) -> dict[str, Path]:
@@ -128,6 +132,42 @@ def describe_cycle(component: list[str], graph: dict[str, set[str]]) -> str:
     return f"import cycle among {', '.join(component)}: " + "; ".join(edges)
 
 
+def package_levels(text: str) -> dict[str, int]:
+    """Package (or top-level module) -> its line in the package order, 0 the lowest: the first ```text block after
+    the sentence ``ORDER_HEADING`` of ``text`` (docs/architecture.md), one line per level, names apart by spaces."""
+    start = text.index(ORDER_HEADING)
+    opening = text.index("```text\n", start) + len("```text\n")
+    block = text[opening : text.index("```", opening)]
+    levels: dict[str, int] = {}
+    for level, line in enumerate(line for line in block.splitlines() if line.strip()):
+        for name in line.split():
+            assert name not in levels, f"{name} is on two lines of the package order"
+            levels[name] = level
+    return levels
+
+
+def _package(module: str) -> str | None:
+    """``megatron_muon.config.cli`` -> ``config``; ``megatron_muon.mup`` -> ``mup``; the root package -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def upward_imports(graph: dict[str, set[str]], levels: dict[str, int]) -> list[str]:
+    """One line per import of a package at the importer's own level or above (the root package, which only holds
+    the version, is no level and imports nothing of ours)."""
+    found = []
+    for module in sorted(graph):
+        source = _package(module)
+        for target in sorted(graph[module]):
+            imported = _package(target)
+            if source is None or imported is None or imported == source:
+                continue
+            if levels[imported] >= levels[source]:
+                where = "on its line" if levels[imported] == levels[source] else "above it"
+                found.append(f"{module} -> {target}: {imported} is {where} in the package order of {source}")
+    return found
+
+
 def test_the_graph_reader_finds_function_level_cycles_and_ignores_type_checking_imports(tmp_path):
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
@@ -148,6 +188,38 @@ def test_the_graph_reader_finds_function_level_cycles_and_ignores_type_checking_
         "pkg.c": {"pkg.sub.b"},
     }
     assert import_cycles(graph) == [["pkg.a", "pkg.sub.b"]]
+
+
+def test_the_order_check_finds_upward_and_sideways_imports():
+    levels = package_levels(f"{ORDER_HEADING}:\n\n```text\nops  mup\nconfig\nmodels  data\n```\n")
+    assert levels == {"ops": 0, "mup": 0, "config": 1, "models": 2, "data": 2}
+    graph = {
+        "pkg.config.cli": {"pkg.models.count", "pkg.config.schema", "pkg.ops.rules"},  # upward: models
+        "pkg.config.schema": {"pkg.mup"},
+        "pkg.models.count": {"pkg.config.schema", "pkg.data.files"},  # sideways: data
+        "pkg.ops.rules": {"pkg"},
+        "pkg": set(),
+    }
+    assert upward_imports(graph, levels) == [
+        "pkg.config.cli -> pkg.models.count: models is above it in the package order of config",
+        "pkg.models.count -> pkg.data.files: data is on its line in the package order of models",
+    ]
+    assert import_cycles(graph) == []  # the loop config -> models -> config runs through different modules
+
+
+def test_every_package_has_a_place_in_the_documented_order():
+    levels = package_levels(ARCHITECTURE.read_text())
+    packages = {_package(module) for module in module_files()} - {None}
+    assert packages == set(levels), (
+        f"not in the package order of docs/architecture.md: {sorted(packages - set(levels))}; "
+        f"in it but not a package: {sorted(set(levels) - packages)}"
+    )
+
+
+def test_imports_point_down_the_package_order():
+    """docs/architecture.md's package order holds for every import that can execute."""
+    upward = upward_imports(import_graph(module_files()), package_levels(ARCHITECTURE.read_text()))
+    assert not upward, "\n".join(upward)
 
 
 def test_no_import_cycle_in_the_package():

@@ -287,15 +287,17 @@ def test_grouped_and_sequential_experts_give_the_same_keys(fake_groups):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_the_te_model_path_is_refused_without_cuda_in_one_line():
-    from megatron_muon.models.gpt_moe import GptMoeConfig, build_transformer_config
+    from megatron_muon.config import ModelConfig
+    from megatron_muon.models.gpt_moe import build_transformer_config
 
     with pytest.raises(ValueError, match=r"^transformer_impl='transformer_engine' needs a CUDA GPU") as error:
-        build_transformer_config(GptMoeConfig(transformer_impl="transformer_engine"), tp=1, pp=1, ep=1)
+        build_transformer_config(ModelConfig(transformer_impl="transformer_engine"), tp=1, pp=1, ep=1)
     assert "\n" not in str(error.value)
 
 
 def test_an_unknown_transformer_impl_is_refused():
-    from megatron_muon.models.gpt_moe import GptMoeConfig, build_transformer_config
+    from megatron_muon.config import ModelConfig
+    from megatron_muon.models.gpt_moe import build_transformer_config
 
     with pytest.raises(ValueError, match=r"transformer_impl='te'; valid: \['local', 'transformer_engine'\]"):
-        build_transformer_config(GptMoeConfig(transformer_impl="te"), tp=1, pp=1, ep=1)
+        build_transformer_config(ModelConfig(transformer_impl="te"), tp=1, pp=1, ep=1)

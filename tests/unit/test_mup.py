@@ -9,8 +9,7 @@ import pytest
 
 from megatron_muon import mup
 from megatron_muon.config import ConfigError, ModelConfig, load_config, validate
-from megatron_muon.models.gpt_moe import GptMoeConfig, build_transformer_config
-from megatron_muon.models.model_bridge import gpt_moe_config
+from megatron_muon.models.gpt_moe import build_transformer_config
 
 
 def test_init_std_falls_as_one_over_sqrt_fan_in_from_the_base():
@@ -109,7 +108,7 @@ def _std(init_method) -> float:
 
 def test_megatron_transformer_config_carries_the_rules():
     """Width 256 over a base of 64 (m = 4), 4 heads: megatron's own muP fields and init methods match mup.py."""
-    cfg = GptMoeConfig(
+    cfg = ModelConfig(
         num_layers=2, hidden_size=256, ffn_hidden_size=512, moe_layer_freq=[0, 1], mup_base_hidden_size=64
     )
     config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
@@ -120,7 +119,7 @@ def test_megatron_transformer_config_carries_the_rules():
     assert _std(config.output_layer_init_method) == pytest.approx(mup.residual_output_init_std(0.02, 2, 4.0))
     assert _std(config.embedding_init_method) == pytest.approx(0.02)  # embedding (and untied LM head): base σ
 
-    standard = build_transformer_config(GptMoeConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
+    standard = build_transformer_config(ModelConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
     assert not standard.use_mup and standard.softmax_scale is None and standard.mup_output_mult == 1.0
 
 
@@ -129,7 +128,7 @@ def test_both_router_draws_give_the_output_type_std():
     trainer's layout-independent initialization; both must give σ/m under muP and σ without it."""
     from megatron_muon.training.initialization import _adamw_matrix_std
 
-    cfg = GptMoeConfig(
+    cfg = ModelConfig(
         num_layers=2, hidden_size=256, ffn_hidden_size=512, moe_layer_freq=[0, 1], mup_base_hidden_size=64
     )
     config = build_transformer_config(cfg, tp=1, pp=1, ep=1)
@@ -138,7 +137,7 @@ def test_both_router_draws_give_the_output_type_std():
     assert _std(config.init_method) * mup.router_init_rescale(4.0) == pytest.approx(
         mup.router_init_std(0.02, 4.0)
     )
-    standard = build_transformer_config(GptMoeConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
+    standard = build_transformer_config(ModelConfig(num_layers=2, moe_layer_freq=[0, 1]), tp=1, pp=1, ep=1)
     assert _adamw_matrix_std(name, standard) == pytest.approx(0.02)
 
 
@@ -149,13 +148,11 @@ def test_base_multipliers_reach_megatron_on_top_of_the_width_rules():
         num_layers=2, hidden_size=256, ffn_hidden_size=512, moe_layer_freq=[0, 1], mup_base_hidden_size=64
     )
     config = build_transformer_config(
-        GptMoeConfig(**shape, output_logit_multiplier=2.0, attention_scale_multiplier=0.5), tp=1, pp=1, ep=1
+        ModelConfig(**shape, output_logit_multiplier=2.0, attention_scale_multiplier=0.5), tp=1, pp=1, ep=1
     )
     assert config.mup_output_mult == pytest.approx(2.0 / 4)
     assert config.softmax_scale == pytest.approx(0.5 * mup.attention_softmax_scale(64, 16))
-    equal_to_m = build_transformer_config(
-        GptMoeConfig(**shape, output_logit_multiplier=4.0), tp=1, pp=1, ep=1
-    )
+    equal_to_m = build_transformer_config(ModelConfig(**shape, output_logit_multiplier=4.0), tp=1, pp=1, ep=1)
     assert equal_to_m.mup_output_mult == 1.0
 
 
@@ -163,7 +160,7 @@ def test_base_multipliers_without_mup_are_mup_at_m_1():
     """Without muP the multipliers still act (the SP arm of a muP-vs-SP comparison keeps the tuned base
     multipliers); every width rule is then the identity: standard init, 1/√d_head times α_attn."""
     config = build_transformer_config(
-        GptMoeConfig(
+        ModelConfig(
             num_layers=2,
             hidden_size=256,
             moe_layer_freq=[0, 1],
@@ -186,7 +183,7 @@ def test_base_multipliers_without_mup_are_mup_at_m_1():
 def test_base_width_model_is_the_standard_one():
     """At m = 1 muP changes nothing but naming: same init, standard 1/sqrt(d_head), no logit multiplier."""
     config = build_transformer_config(
-        GptMoeConfig(num_layers=2, hidden_size=64, moe_layer_freq=[0, 1], mup_base_hidden_size=64),
+        ModelConfig(num_layers=2, hidden_size=64, moe_layer_freq=[0, 1], mup_base_hidden_size=64),
         tp=1,
         pp=1,
         ep=1,
@@ -200,10 +197,14 @@ def test_model_config_reaches_the_builder():
     model = ModelConfig(hidden_size=128, mup_base_hidden_size=32, mup_base_head_dim=8.0)
     width = model.mup_width()
     assert (width.multiplier, width.head_dim, width.base_head_dim) == (4.0, 32, 8.0)
-    tiny = gpt_moe_config(model)
-    assert (tiny.mup_base_hidden_size, tiny.mup_base_head_dim) == (32, 8.0)
-    multiplied = gpt_moe_config(ModelConfig(output_logit_multiplier=2.0, attention_scale_multiplier=0.5))
-    assert (multiplied.output_logit_multiplier, multiplied.attention_scale_multiplier) == (2.0, 0.5)
+    config = build_transformer_config(model, tp=1, pp=1, ep=1)
+    assert config.mup_width_mult == pytest.approx(4.0)
+    assert config.softmax_scale == pytest.approx(mup.attention_softmax_scale(32, 8.0))
+    multiplied = build_transformer_config(
+        ModelConfig(output_logit_multiplier=2.0, attention_scale_multiplier=0.5), tp=1, pp=1, ep=1
+    )
+    assert multiplied.mup_output_mult == pytest.approx(2.0)
+    assert multiplied.softmax_scale == pytest.approx(0.5 / math.sqrt(16))
     assert ModelConfig().mup_width() is None
     assert (
         ModelConfig(hidden_size=128, mup_base_hidden_size=32).mup_width().base_head_dim == 8.0
