@@ -113,12 +113,16 @@ def check_launch(config: str, overrides: list[str], *, dry_run: bool, facts_path
                 "set parallel.world_size=N"
             )
         dims = validate(cfg, world_size)
-        resume_problem = explicit_resume_problem(save_dir=cfg.checkpoint.save_dir, resume=cfg.checkpoint.resume)
+        resume_problem = explicit_resume_problem(
+            save_dir=cfg.checkpoint.save_dir, resume=cfg.checkpoint.resume
+        )
         if resume_problem is not None and not dry_run:
             return _error(resume_problem)
         if resume_problem is not None:
             print(f"note: {resume_problem} (a real launch stops here)")
-        if not dry_run:  # what this machine cannot run (a GPU-only option without a GPU), and the model builder
+        if (
+            not dry_run
+        ):  # what this machine cannot run (a GPU-only option without a GPU), and the model builder
             from megatron_muon.training.megatron_configs import check_buildable
 
             check_buildable(cfg, dims, choose_device(local_rank=0))

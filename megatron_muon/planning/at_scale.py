@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from megatron_muon.optim.options import MuonPlanSettings
 from megatron_muon.optim.plan import GPU_PROFILES, CostModel, MuonPlan, PieceRecord, build_plan
 from megatron_muon.planning.rank_params import RankParameters, parameters_of_stage
 
@@ -171,11 +172,13 @@ def collect_layout(cfg, dims, gpu: str) -> LayoutFacts:
             if any(records):
                 stage.plans[kind] = build_plan(
                     records,
-                    mode=muon.tp_mode,
-                    ns_steps=muon.ns_steps,
+                    MuonPlanSettings(
+                        tp_mode=muon.tp_mode,
+                        ns_steps=muon.ns_steps,
+                        ns_algorithm=muon.planned_ns_algorithm,
+                        gram_restarts=tuple(muon.ns_gram_restarts),
+                    ),
                     cost_model=cost_model,
-                    ns_algorithm=muon.planned_ns_algorithm,
-                    gram_restarts=tuple(muon.ns_gram_restarts),
                 )
     return LayoutFacts(
         cfg=cfg, dims=dims, gpu=gpu, coordinates=coordinates, stages=stages, cost_model=cost_model

@@ -304,6 +304,7 @@ def _ours_fsdp(facts, links) -> dict[int, RankCost]:
     """Ours with ``parallel.fsdp`` (``training/fsdp.py``): every matrix's rows spread over the FSDP group, gathered
     to one owner of the stage's grid (``owner`` mode, the plan ``optim/build.py`` builds: no replicated state, the
     momentum with the parts unless NorMuon)."""
+    from megatron_muon.optim.options import MuonPlanSettings
     from megatron_muon.optim.plan import build_plan
 
     dims, muon = facts.dims, facts.cfg.optimizer.muon
@@ -315,13 +316,15 @@ def _ours_fsdp(facts, links) -> dict[int, RankCost]:
                 continue
             plan = build_plan(
                 _fsdp_records(facts, first, kind, records_by_rank),
-                mode="auto" if muon.tp_mode not in ("auto", "owner") else muon.tp_mode,
-                ns_steps=muon.ns_steps,
+                MuonPlanSettings(
+                    tp_mode="auto" if muon.tp_mode not in ("auto", "owner") else muon.tp_mode,
+                    ns_steps=muon.ns_steps,
+                    replicate_state=False,
+                    momentum_with_shards=not muon.normuon,
+                    ns_algorithm=muon.planned_ns_algorithm,
+                    gram_restarts=tuple(muon.ns_gram_restarts),
+                ),
                 cost_model=facts.cost_model,
-                replicate_state=False,
-                momentum_with_shards=not muon.normuon,
-                ns_algorithm=muon.planned_ns_algorithm,
-                gram_restarts=tuple(muon.ns_gram_restarts),
             )
             for grid, load in plan.loads.items():
                 costs[first + grid].ns_flops += load
@@ -412,6 +415,7 @@ def _param_all_gather(facts, links, costs, first, members, elements: float) -> N
 def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
     """Ours with the distributed optimizer (docs/distributed_optimizer.md): megatron's layer-wise DP sharding of
     whole parameters, then our plan in ``owner`` mode over each TP (expert-TP) group for the owned matrices."""
+    from megatron_muon.optim.options import MuonPlanSettings
     from megatron_muon.optim.plan import build_plan
 
     dims, muon = facts.dims, facts.cfg.optimizer.muon
@@ -453,14 +457,16 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
                 # the shards (NorMuon keeps it whole on the owner).
                 plan = build_plan(
                     records,
-                    # tp_mode duplicated is refused with the distributed optimizer (optim/build.py): show owner.
-                    mode="owner" if muon.tp_mode == "duplicated" else muon.tp_mode,
-                    ns_steps=muon.ns_steps,
+                    MuonPlanSettings(
+                        # tp_mode duplicated is refused with the distributed optimizer (optim/build.py): show owner.
+                        tp_mode="owner" if muon.tp_mode == "duplicated" else muon.tp_mode,
+                        ns_steps=muon.ns_steps,
+                        replicate_state=False,
+                        momentum_with_shards=not muon.normuon,
+                        ns_algorithm=algorithm,
+                        gram_restarts=tuple(muon.ns_gram_restarts),
+                    ),
                     cost_model=facts.cost_model,
-                    replicate_state=False,
-                    momentum_with_shards=not muon.normuon,
-                    ns_algorithm=algorithm,
-                    gram_restarts=tuple(muon.ns_gram_restarts),
                 )
                 for index, load in plan.loads.items():
                     costs[first + members[index]].ns_flops += load

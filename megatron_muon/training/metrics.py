@@ -78,11 +78,11 @@ def muon_device_stats(optimizer) -> dict[str, Any]:
     algorithms: dict[str, list[float]] = {}
     for member in chain_members(optimizer):
         muon = getattr(member, "optimizer", None)
-        if not hasattr(muon, "orthogonalizer"):
+        if not hasattr(muon, "placement"):
             continue
         for key, value in muon.stats.items():
             stats[f"muon/{key}"] = value
-        for name, (count, flops) in muon.orthogonalizer.plan.algorithm_totals().items():
+        for name, (count, flops) in muon.placement.plan.algorithm_totals().items():
             totals = algorithms.setdefault(name, [0.0, 0.0])
             totals[0] += count
             totals[1] += flops

@@ -141,7 +141,7 @@ def _prepare_grads_calls_on_rank(variants: list[list[str]]) -> list[dict[str, in
             name = f"{index}:{type(member).__name__}"
             calls[name] = 0
 
-            def counted(prepare=member.prepare_grads, name=name):
+            def counted(prepare=member.prepare_grads, name=name, calls=calls):
                 calls[name] += 1
                 return prepare()
 
