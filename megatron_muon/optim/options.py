@@ -110,7 +110,7 @@ class NewtonSchulzSettings:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MuonPlanSettings:
-    """What the optimizer's plan (``optim/plan.py: build_plan``) is built from; validated on construction."""
+    """What the optimizer's plan (``optim/plan.py: build_muon_plan``) is built from; validated on construction."""
 
     tp_mode: str = "auto"
     """Who orthogonalizes a sharded matrix: auto | owner | duplicated | distributed (``plan.py``)."""

@@ -27,7 +27,7 @@ from megatron_muon.optim.comm import (
 )
 from megatron_muon.optim.layout import MatrixPiece
 from megatron_muon.optim.options import MuonPlanSettings
-from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_plan, held_rows
+from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_muon_plan, held_rows
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class MatrixPlacement:
             # Nothing travels on one process, so buckets would only cut the same-shape batches into pieces.
             settings = dataclasses.replace(settings, num_buckets=1)
         self.settings = settings
-        self.plan = build_plan(all_gather_objects(records, grid_group), settings, cost_model=cost_model)
+        self.plan = build_muon_plan(all_gather_objects(records, grid_group), settings, cost_model=cost_model)
         check_agreement(self.plan.fingerprint(), grid_group, "Muon plans")
         self.rank = group_rank(grid_group)
         self._by_key = {m.key: m for m in self.plan.matrices}

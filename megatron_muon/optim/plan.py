@@ -1,4 +1,5 @@
-"""Who orthogonalizes what: a plan every rank of a pipeline stage derives identically from the same facts.
+"""Who orthogonalizes what: the Muon plan every rank of a pipeline stage derives identically from the same facts
+(not the scale plan of ``megatron_muon/planning/``, which predicts a whole run's memory and time).
 
 Each rank of the stage's grid group (TP × CP × DP; for experts the same ranks read as expert-TP × EP × expert-DP)
 announces the matrix pieces it holds (``layout.MatrixPiece``: key, full shape, which shard). From the union of
@@ -253,7 +254,7 @@ class MatrixPlan:
     """``owner`` mode with the momentum kept by the holders, each of its own shard (the distributed optimizer: one
     holder per shard): they send the owner Newton–Schulz inputs instead of gradients."""
     ns_algorithm: str = "standard"
-    """``standard`` or ``gram`` Newton–Schulz (chosen by ``build_plan``'s ``ns_algorithm``)."""
+    """``standard`` or ``gram`` Newton–Schulz (chosen by ``build_muon_plan``'s ``ns_algorithm``)."""
     row_parts: dict[int, dict[int, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
     """Fully sharded (FSDP) matrices: shard index → holder → the ``(first row, rows)`` runs of the shard it holds;
     the holders of a shard partition its rows. Empty when every holder holds whole shards (replicas)."""
@@ -346,7 +347,7 @@ class MuonPlan:
         )
 
 
-def build_plan(
+def build_muon_plan(
     records_by_rank: list[list[PieceRecord]],
     settings: MuonPlanSettings | None = None,
     *,

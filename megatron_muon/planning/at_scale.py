@@ -8,7 +8,7 @@ Where the facts come from:
   global expert ids ``ep_rank · local + i`` (megatron's contiguous expert placement). The tests check this
   derivation against ranks built on meta.
 * **Rank coordinates**: megatron's own ``RankGenerator`` (order ``tp-cp-ep-dp-pp``), so groups are megatron's.
-* **Plan**: ``optim/plan.build_plan`` on the records of every grid rank, once for the dense and once for the
+* **Plan**: ``optim/plan.build_muon_plan`` on the records of every grid rank, once for the dense and once for the
   expert Muon optimizer of each stage (as ``optim/build.py`` builds them), with ``CostModel.for_gpu``.
 
 The memory, communication and time formulas are in ``cost.py``.
@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from megatron_muon.optim.options import MuonPlanSettings
-from megatron_muon.optim.plan import GPU_PROFILES, CostModel, MuonPlan, PieceRecord, build_plan
+from megatron_muon.optim.plan import GPU_PROFILES, CostModel, MuonPlan, PieceRecord, build_muon_plan
 from megatron_muon.planning.rank_params import RankParameters, parameters_of_stage
 
 __all__ = ["LayoutFacts", "StageMatrices", "collect_layout", "derive_stage", "rank_coordinates"]
@@ -170,7 +170,7 @@ def collect_layout(cfg, dims, gpu: str) -> LayoutFacts:
     for stage in stages:
         for kind, records in stage.records.items():
             if any(records):
-                stage.plans[kind] = build_plan(
+                stage.plans[kind] = build_muon_plan(
                     records,
                     MuonPlanSettings(
                         tp_mode=muon.tp_mode,

@@ -33,7 +33,7 @@ Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's
   last stage.
 * Newton–Schulz FLOPs: ``ns_algorithm_flops`` per whole matrix; a shard of the ``distributed`` mode runs
   steps × (4k²K/n + 2k³) (k × k Gram work is repeated on every shard). Ours counts the algorithm the plan chose
-  per matrix (``optimizer.muon.ns_algorithm``: standard or Gram Newton–Schulz, the same ``build_plan`` and
+  per matrix (``optimizer.muon.ns_algorithm``: standard or Gram Newton–Schulz, the same ``build_muon_plan`` and
   FLOP formulas as the optimizer); megatron's modes run standard Newton–Schulz.
 * communication in the optimizer step (fp32 gradients / directions, 4 B): ours, the plan's gather and scatter
   transfers (one all-to-all per bucket each way) and the ``distributed`` mode's Gram all-reduce (ring: 2(n−1)/n of
@@ -305,7 +305,7 @@ def _ours_fsdp(facts, links) -> dict[int, RankCost]:
     to one owner of the stage's grid (``owner`` mode, the plan ``optim/build.py`` builds: no replicated state, the
     momentum with the parts unless NorMuon)."""
     from megatron_muon.optim.options import MuonPlanSettings
-    from megatron_muon.optim.plan import build_plan
+    from megatron_muon.optim.plan import build_muon_plan
 
     dims, muon = facts.dims, facts.cfg.optimizer.muon
     costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
@@ -314,7 +314,7 @@ def _ours_fsdp(facts, links) -> dict[int, RankCost]:
         for kind, records_by_rank in stage.records.items():
             if not any(records_by_rank):
                 continue
-            plan = build_plan(
+            plan = build_muon_plan(
                 _fsdp_records(facts, first, kind, records_by_rank),
                 MuonPlanSettings(
                     tp_mode="auto" if muon.tp_mode not in ("auto", "owner") else muon.tp_mode,
@@ -416,7 +416,7 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
     """Ours with the distributed optimizer (docs/distributed_optimizer.md): megatron's layer-wise DP sharding of
     whole parameters, then our plan in ``owner`` mode over each TP (expert-TP) group for the owned matrices."""
     from megatron_muon.optim.options import MuonPlanSettings
-    from megatron_muon.optim.plan import build_plan
+    from megatron_muon.optim.plan import build_muon_plan
 
     dims, muon = facts.dims, facts.cfg.optimizer.muon
     costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
@@ -455,7 +455,7 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
                     continue
                 # As optim/build.py builds it: the configured mode without replicated state, the momentum with
                 # the shards (NorMuon keeps it whole on the owner).
-                plan = build_plan(
+                plan = build_muon_plan(
                     records,
                     MuonPlanSettings(
                         # tp_mode duplicated is refused with the distributed optimizer (optim/build.py): show owner.

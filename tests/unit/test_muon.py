@@ -268,3 +268,18 @@ def test_the_step_settings_are_one_frozen_config():
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         optimizer.newton_schulz.steps = 5
+
+
+def test_the_package_front_door_gives_the_optimizer_its_builder_and_settings_without_loading_megatron_early():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, megatron_muon.optim as optim, megatron_muon.optim.options; "
+        "assert 'megatron.core' not in sys.modules and 'megatron_muon.optim.muon' not in sys.modules; "
+        "from megatron_muon.optim import Muon, MuonConfig, build_optimizer; "
+        "from megatron_muon.optim.build import build_optimizer as built; "
+        "assert build_optimizer is built and Muon.__module__ == 'megatron_muon.optim.muon'; "
+        "assert all(getattr(optim, name) is not None for name in optim.__all__)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)

@@ -13,7 +13,7 @@ from megatron_muon.optim.layout import whole_tensor_pieces
 from megatron_muon.optim.muon import Muon
 from megatron_muon.optim.options import MuonPlanSettings
 from megatron_muon.optim.placement import MatrixPlacement
-from megatron_muon.optim.plan import CostModel, build_plan
+from megatron_muon.optim.plan import CostModel, build_muon_plan
 from megatron_muon.training.metrics import muon_stats
 from tests.unit.test_config import tiny
 from tests.unit.test_plan import piece
@@ -25,7 +25,7 @@ EXPECTED = {"attention.proj": "standard", "mlp.fc1": "gram", "expert.fc2": "gram
 
 def whole_matrix_plan(ns_algorithm: str = "auto", ranks: int = 2):
     records = [[piece(key, shape) for key, shape in SHAPES.items()] for _ in range(ranks)]
-    return build_plan(
+    return build_muon_plan(
         records, MuonPlanSettings(tp_mode="owner", ns_steps=NS_STEPS, ns_algorithm=ns_algorithm)
     )
 
@@ -60,7 +60,7 @@ def test_a_distributed_shard_decides_from_its_own_width():
         records = [
             [piece("w", (64, 1024), shard_dim=1, num_shards=shards, shard_index=i)] for i in range(shards)
         ]
-        plan = build_plan(records, MuonPlanSettings(tp_mode="distributed", ns_steps=NS_STEPS))
+        plan = build_muon_plan(records, MuonPlanSettings(tp_mode="distributed", ns_steps=NS_STEPS))
         (matrix,) = plan.matrices
         assert matrix.ns_algorithm == expected
         assert plan.loads[0] == ns_algorithm_flops(64, 1024, NS_STEPS, expected, shards=shards)
