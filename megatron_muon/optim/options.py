@@ -175,8 +175,9 @@ class MuonConfig:
     """Muon's own settings; everything AdamW and the schedule need stays in megatron's ``OptimizerConfig``.
 
     The mode fields are typed ``str``, not their ``Literal`` (``TpMode``, ``ScaleMode``, ``Router``): this is the
-    ``optimizer.muon`` section of the run config, whose values are checked in one place with one-line errors
-    (``validate`` here and ``megatron_muon/config/checks.py``), not by OmegaConf while loading.
+    ``optimizer.muon`` section of the run config, whose values are checked with one-line errors when it is turned
+    into the frozen settings (:meth:`settings`, run before launch by ``megatron_muon/config/checks.py``), not by
+    OmegaConf while loading.
     """
 
     lr: float = 0.02
