@@ -120,13 +120,12 @@ def check_launch(config: str, overrides: list[str], *, dry_run: bool, facts_path
             return _error(resume_problem)
         if resume_problem is not None:
             print(f"note: {resume_problem} (a real launch stops here)")
-        if (
-            not dry_run
-        ):  # what this machine cannot run (a GPU-only option without a GPU), and the model builder
+        device = choose_device(local_rank=0)  # honours MEGATRON_MUON_DEVICE
+        # What this machine cannot run (a GPU-only option without a GPU), and the model builder.
+        if not dry_run:
             from megatron_muon.training.megatron_configs import check_buildable
 
-            check_buildable(cfg, dims, choose_device(local_rank=0))
-        device = choose_device(local_rank=0)  # honours MEGATRON_MUON_DEVICE
+            check_buildable(cfg, dims, device)
     except ValueError as error:  # ConfigError, and the device choice's one-line errors
         return _error(error)
 
