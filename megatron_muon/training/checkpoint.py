@@ -123,7 +123,7 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 
 
-def find_latest(root: str | os.PathLike) -> Path | None:
+def find_latest(root: str | os.PathLike[str]) -> Path | None:
     """The checkpoint ``root``'s ``latest_checkpointed_iteration.txt`` names, or None when there is no marker
     (nothing saved yet: a fresh start for ``--resume auto``).
 
@@ -144,7 +144,7 @@ def find_latest(root: str | os.PathLike) -> Path | None:
     return directory
 
 
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
     """The checkpoint directory ``path`` means: itself, or the one a root's marker names.
 
     Raises:
@@ -153,7 +153,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     return _resolve_checkpoint_dir(Path(path))
 
 
-def recover_checkpoint_root(root: str | os.PathLike) -> list[str]:
+def recover_checkpoint_root(root: str | os.PathLike[str]) -> list[str]:
     """:func:`checkpoint_files.recover_root` on rank 0 (collective); every rank gets the list of actions."""
     payload: list[Any] = [None, None]
     if dist.get_rank() == 0:
@@ -181,7 +181,7 @@ def _resolve_checkpoint_dir(path: Path) -> Path:
     )
 
 
-def verify_checkpoint_files(checkpoint_dir: str | os.PathLike) -> None:
+def verify_checkpoint_files(checkpoint_dir: str | os.PathLike[str]) -> None:
     """Check that ``checkpoint_dir`` is a complete torch_dist checkpoint: megatron's ``metadata.json`` (written
     last), torch's ``.metadata``, and every shard file the metadata refers to, at least as long as needed.
 
@@ -449,7 +449,7 @@ def fault_point_on_one_rank(name: str, iteration: int) -> None:
 
 
 def save_checkpoint(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     iteration: int,
     model_chunks: list[torch.nn.Module],
     optimizer,
@@ -498,7 +498,7 @@ def save_checkpoint(
 
 
 def save_weights_only(
-    root: str | os.PathLike, model_chunks: list[torch.nn.Module], *, config_yaml: str
+    root: str | os.PathLike[str], model_chunks: list[torch.nn.Module], *, config_yaml: str
 ) -> Path:
     """Save the model weights alone as ``root/iter_0000000`` (collective), marked latest; return that path.
 
@@ -577,7 +577,7 @@ def _verify_structure_and_read_manifest(
     return None, manifest
 
 
-def verify_checkpoint(directory: str | os.PathLike, *, manifest_required: bool = True) -> str | None:
+def verify_checkpoint(directory: str | os.PathLike[str], *, manifest_required: bool = True) -> str | None:
     """Check that ``directory`` is a complete, undamaged checkpoint (collective; every rank gets the same answer).
 
     Rank 0 checks the structure (megatron's and torch's metadata, every shard file the metadata names, long
@@ -602,7 +602,7 @@ def verify_checkpoint(directory: str | os.PathLike, *, manifest_required: bool =
     return _first_failure(local)
 
 
-def select_resume_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list[str]]:
+def select_resume_checkpoint(root: str | os.PathLike[str]) -> tuple[Path | None, list[str]]:
     """The newest intact checkpoint of ``root`` for an automatic resume (collective), and one warning per damaged
     one passed over (best first: the marker's, then by recency of publication, ``checkpoint_files``).
 
@@ -635,7 +635,7 @@ def select_resume_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list
 
 
 def load_checkpoint(
-    root_or_iter_dir: str | os.PathLike,
+    root_or_iter_dir: str | os.PathLike[str],
     model_chunks: list[torch.nn.Module],
     optimizer,
     scheduler,

@@ -42,7 +42,8 @@ _EXPERT_MODULES = ("SequentialMLP", "TEGroupedMLP", "GroupedMLP")
 """megatron's containers of one MoE layer's local experts (``MoELayer.experts``)."""
 
 
-class FullyShardedChunk(TorchFullyShardedDataParallel):
+# ignore[misc]: megatron-core has no type information, so mypy sees its base class as Any.
+class FullyShardedChunk(TorchFullyShardedDataParallel):  # type: ignore[misc]
     """One model chunk under FSDP2, with megatron's data-parallel interface.
 
     Args:
