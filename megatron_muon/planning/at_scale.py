@@ -75,16 +75,22 @@ class StageMatrices:
 
 @dataclass(slots=True)
 class LayoutFacts:
+    """What ``cost.py`` predicts from: a config at a layout on a GPU kind, every rank's coordinates and every
+    pipeline stage's Muon matrices and plans."""
+
     cfg: PretrainConfig
     dims: ParallelDims
     gpu: str
+    """A key of ``GPU_PROFILES``."""
     coordinates: list[dict[str, int]]
+    """Per global rank: its pp, tp, cp, dp, ep, etp, edp and grid index (:func:`rank_coordinates`)."""
     stages: list[StageMatrices]
     cost_model: CostModel
     """The cost model the plan chose modes with (bandwidth of the links the grid group spans)."""
 
     @property
     def gpus_per_node(self) -> int:
+        """GPUs in one node of this GPU kind (NVLink inside, InfiniBand between nodes)."""
         return GPU_PROFILES[self.gpu].gpus_per_node
 
 

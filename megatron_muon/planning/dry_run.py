@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 
 def dry_run_lines(cfg: PretrainConfig, dims: ParallelDims, gpu: str = "h100") -> list[str]:
+    """The dry run's report for ``cfg`` at ``dims`` on ``gpu`` (a key of ``GPU_PROFILES``), one printed line each
+    (module docstring); the meta build and the plan are replaced by one line where the model cannot be built."""
     from megatron_muon.config import ConfigError
     from megatron_muon.planning.rank_params import parameters_of_stage
 

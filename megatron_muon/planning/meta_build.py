@@ -140,14 +140,17 @@ class MetaRank:
 
     @property
     def parameter_count(self) -> int:
+        """Elements of every parameter of this rank's model chunks."""
         return sum(p.numel() for chunk in self.chunks for p in chunk.parameters())
 
     @property
     def muon_elements(self) -> int:
+        """Elements of the parameters routed to Muon."""
         return sum(r.param.numel() for r in self.routing.muon)
 
     @property
     def adamw_elements(self) -> int:
+        """Elements of the parameters routed to AdamW."""
         return sum(r.param.numel() for r in self.routing.adamw)
 
     def expert_elements(self, optimizer: str) -> int:

@@ -29,6 +29,7 @@ class RankParameters:
 
     @property
     def total(self) -> int:
+        """Every parameter element of the rank: dense and routed experts."""
         return self.dense + self.expert
 
 

@@ -70,6 +70,7 @@ class Device:
 
     @property
     def torch_device(self) -> torch.device:
+        """This device as a ``torch.device``: ``cuda:<index>`` or ``cpu``."""
         if self.type != "cuda":
             return torch.device("cpu")
         return torch.device("cuda") if self.index is None else torch.device("cuda", self.index)
@@ -81,6 +82,7 @@ class Device:
         return self.type == "cpu"
 
     def describe(self) -> str:
+        """One line for logs and errors: ``GPU 0 (cpu:gloo,cuda:nccl)`` or ``CPU (gloo)``."""
         return f"GPU {self.index} ({self.backend})" if self.type == "cuda" else f"CPU ({self.backend})"
 
 

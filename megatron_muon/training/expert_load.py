@@ -79,11 +79,13 @@ class ExpertLoadTracker:
         self.counts[int(router.layer_number) - 1] += routing_map.sum(dim=0).to(torch.float64)
 
     def remove(self) -> None:
+        """Detach the forward hooks from the routers (the counts stay readable)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
     def reset(self) -> None:
+        """Zero the counts (a new step)."""
         self.counts.zero_()
 
     @torch.no_grad()

@@ -43,9 +43,11 @@ class MetricsWriter:
 
     @property
     def active(self) -> bool:
+        """Whether this rank writes (a TensorBoard writer is open)."""
         return self._writer is not None
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        """Write each tag's value at ``step``; None values are left out."""
         if self._writer is None:
             return
         for tag, value in values.items():
@@ -53,10 +55,12 @@ class MetricsWriter:
                 self._writer.add_scalar(tag, float(value), step)
 
     def flush(self) -> None:
+        """Push what was written to disk."""
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
+        """Flush and close the writer; later calls write nothing."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None

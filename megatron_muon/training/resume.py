@@ -58,7 +58,10 @@ _REPORTED_SECTIONS = ("optimizer", "training")
 
 @dataclass(frozen=True, slots=True)
 class SettingChange:
+    """One setting of the reported sections whose value differs between the checkpoint's config and this run's."""
+
     key: str
+    """Dotted path, e.g. ``optimizer.lr``."""
     saved: Any
     current: Any
 
