@@ -65,6 +65,7 @@ class ParallelSizes:
     """Virtual pipeline stages per pipeline rank; None for no interleaving."""
 
     def check(self, world_size: int) -> None:
+        """Raise a one-line ``ValueError`` when the sizes are not positive or do not divide ``world_size``."""
         for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

@@ -33,6 +33,8 @@ DEFAULT_MODEL = dict(
 
 @dataclass(slots=True)
 class TinyRun:
+    """A finished tiny training run: its losses and what it trained, for the test to inspect."""
+
     losses: list[float]
     """Training loss (nats per token) of each step."""
     chunks: list[Any]
