@@ -44,9 +44,10 @@ def peer_records(
             peer_record = dataclasses.replace(record, key=key, shard_index=shard)
         if record.fsdp_cut:
             # FSDP: the peer's own rows, over the data-parallel ranks (experts: expert-data-parallel).
-            peer_record = _fsdp_part_of(peer_record, peer["edp"] if match else peer["dp"])
-            if peer_record is None:
+            part = _fsdp_part_of(peer_record, peer["edp"] if match else peer["dp"])
+            if part is None:
                 continue
+            peer_record = part
         answer.append(peer_record)
     return answer
 

@@ -65,6 +65,7 @@ class ParallelSizes:
     """Virtual pipeline stages per pipeline rank; None for no interleaving."""
 
     def check(self, world_size: int) -> None:
+        """Raise a one-line ``ValueError`` when the sizes are not positive or do not divide ``world_size``."""
         for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -84,7 +85,8 @@ class ParallelSizes:
 def _free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _initialize_rank(rank: int, world_size: int, port: int, sizes: ParallelSizes, timeout_s: float) -> None:
@@ -256,11 +258,12 @@ def run_distributed(
     failures: dict[int, str | None] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        rank_of_handle = {handle: rank for rank, handle in report_of_rank.items()}
+        # A rank's pipe or its process sentinel (a file descriptor), whichever becomes ready.
+        rank_of_handle: dict[object, int] = {handle: rank for rank, handle in report_of_rank.items()}
         rank_of_handle.update({process.sentinel: rank for rank, process in enumerate(processes)})
         waiting = set(range(world_size))
         while waiting and time.monotonic() < deadline:
-            handles = [report_of_rank[rank] for rank in waiting]
+            handles: list[Connection | int] = [report_of_rank[rank] for rank in waiting]
             handles += [processes[rank].sentinel for rank in waiting]
             for handle in wait(handles, timeout=max(0.0, deadline - time.monotonic())):
                 rank = rank_of_handle[handle]

@@ -9,10 +9,18 @@ One process start per layout does its loads and its own save. Used by ``tests/di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_muon.models.gpt_moe import GptMoeConfig
 
 __all__ = [
     "DISTRIBUTED_OPTIMIZER_LAYOUTS",
@@ -43,7 +51,9 @@ DISTRIBUTED_OPTIMIZER_LAYOUTS = frozenset({"tp2_dp2_distopt"})
 FULLY_SHARDED_LAYOUTS = frozenset({"dp4_ep2_fsdp"})
 """Layouts trained with ``parallel.fsdp: true`` (parameters, gradients and state sharded over DP; experts over
 expert-DP)."""
-MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, num_moe_experts=4)
+MODEL: dict[str, Any] = dict(
+    num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, num_moe_experts=4
+)
 GLOBAL_BATCH, MICRO_BATCH, SEED = 8, 2, 1234
 STEPS, SAVE_AT = 4, 2
 
@@ -73,7 +83,12 @@ def _use_layout(name: str) -> None:
     model_parallel_cuda_manual_seed(SEED)
 
 
-def _build(name: str):
+def _build(
+    name: str,
+) -> tuple[
+    GptMoeConfig, ProcessGroupCollection, list[torch.nn.Module], MegatronOptimizer, OptimizerParamScheduler
+]:
+    """Model chunks, optimizer and schedule of layout ``name`` (in a process group started at it), from the seed."""
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -84,8 +99,9 @@ def _build(name: str):
         build_gpt_moe_model_chunks,
         build_transformer_config,
     )
-    from megatron_muon.optim.build import MuonConfig, build_optimizer
+    from megatron_muon.optim.build import build_optimizer
     from megatron_muon.optim.layer_wise import tag_muon_params
+    from megatron_muon.optim.options import MuonConfig
     from megatron_muon.training.fsdp import wrap_in_fsdp
     from megatron_muon.training.initialization import initialize_layout_independent_
     from megatron_muon.training.step import wrap_in_ddp
@@ -96,7 +112,7 @@ def _build(name: str):
     pg = ProcessGroupCollection.use_mpu_process_groups()
     cfg = GptMoeConfig(**MODEL)
     config = build_transformer_config(cfg, tp=tp, pp=pp, ep=ep, etp=etp)
-    chunks = build_gpt_moe_model_chunks(cfg, config, pg)
+    chunks: list[torch.nn.Module] = build_gpt_moe_model_chunks(cfg, config, pg)
     initialize_layout_independent_(chunks, config, SEED)
     if distributed:
         tag_muon_params(chunks, router="adamw")
@@ -139,7 +155,16 @@ def _build(name: str):
     return cfg, pg, chunks, optimizer, scheduler
 
 
-def _losses(cfg, pg, chunks, optimizer, scheduler, first_step: int, last_step: int, save=None) -> list[float]:
+def _losses(
+    cfg: GptMoeConfig,
+    pg: ProcessGroupCollection,
+    chunks: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    first_step: int,
+    last_step: int,
+    save: Callable[[list[torch.nn.Module], MegatronOptimizer, OptimizerParamScheduler], None] | None = None,
+) -> list[float]:
     """Train steps ``first_step … last_step`` (1-based) on the layout-independent synthetic stream."""
     from megatron_muon.training.step import synthetic_batches, train_step
 
@@ -175,7 +200,7 @@ def _losses(cfg, pg, chunks, optimizer, scheduler, first_step: int, last_step: i
     return losses
 
 
-def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
+def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict[str, Any]:
     """Collective, in a process group started at layout ``name``: first load each checkpoint ``root/<source>`` of
     ``load_from`` and train steps ``SAVE_AT+1 … STEPS`` from it; then (``save``) train :data:`STEPS` steps from
     the seed and save after :data:`SAVE_AT` to ``root/<name>``.
@@ -185,7 +210,7 @@ def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
     from megatron_muon.testing.canonical import collect_pieces
     from megatron_muon.training.checkpoint import load_checkpoint, save_checkpoint
 
-    result: dict = {"resumed": {}, "losses": None, "initial": None}
+    result: dict[str, Any] = {"resumed": {}, "losses": None, "initial": None}
     for source in load_from:
         cfg, pg, chunks, optimizer, scheduler = _build(name)
         progress = load_checkpoint(Path(root) / source, chunks, optimizer, scheduler)
@@ -196,7 +221,9 @@ def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
         cfg, pg, chunks, optimizer, scheduler = _build(name)
         result["initial"] = collect_pieces(chunks)
 
-        def save_now(chunks, optimizer, scheduler):
+        def save_now(
+            chunks: list[torch.nn.Module], optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler
+        ) -> None:
             save_checkpoint(
                 Path(root) / name,
                 SAVE_AT,
@@ -214,7 +241,7 @@ def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
 
 def run_layout_processes(
     root: str, name: str, load_from: list[str], save: bool, timeout_s: float = 1800
-) -> list:
+) -> list[dict[str, Any]]:
     """:func:`run_layout` on a fresh process group of ``name``'s layout; its result on every rank."""
     from megatron_muon.testing.multiprocess import run_distributed
 
@@ -231,7 +258,7 @@ def run_layout_processes(
     )
 
 
-def run_matrix(root: str, names: Sequence[str] | None = None) -> dict:
+def run_matrix(root: str, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Every layout of ``names`` (default: all of :data:`LAYOUTS`) saves; every checkpoint loads at every one of
     them (two process starts per layout). Returns ``{"losses": {layout: [...]}, "resumed": {(saved, loaded):
     [...]}}``."""
@@ -240,14 +267,14 @@ def run_matrix(root: str, names: Sequence[str] | None = None) -> dict:
     if unknown or not names:
         raise ValueError(f"layouts {unknown or names} are not among {sorted(LAYOUTS)}")
     losses = {name: run_layout_processes(root, name, [], True)[0]["losses"] for name in names}
-    resumed = {}
+    resumed: dict[tuple[str, str], list[float]] = {}
     for target in names:
         loaded = run_layout_processes(root, target, names, False)[0]["resumed"]
         resumed |= {(source, target): values for source, values in loaded.items()}
     return {"losses": losses, "resumed": resumed}
 
 
-def matrix_markdown(result: dict) -> str:
+def matrix_markdown(result: dict[str, Any]) -> str:
     """The largest |resumed loss − the saving layout's own loss| over steps SAVE_AT+1 … STEPS, per pair of the
     layouts that ``result`` holds."""
     names = list(result["losses"])
