@@ -239,6 +239,7 @@ class _Ranks:
     processes: list[Any]
     calls: list[Connection]
     reports: list[Connection]
+    calls_run: int = 0
 
     @classmethod
     def start(cls, world_size: int) -> _Ranks:
@@ -276,34 +277,43 @@ class _Ranks:
             handle.close()
 
 
-# The rank processes kept between calls inside keep_rank_processes(), or None.
-_kept_ranks: _Ranks | None = None
+# The rank processes kept between calls inside keep_rank_processes(), by world size, least recently used first:
+# at most two sets (a suite mixes world sizes 2 and 4), each retired after a number of calls so that whatever a
+# call leaves in a process's heap does not pile up over a whole suite.
+_kept_ranks: dict[int, _Ranks] = {}
 _keeping = False
+_KEPT_SETS = 2
+_CALLS_PER_PROCESS = 20
 
 
 @contextmanager
 def keep_rank_processes() -> Iterator[None]:
     """Inside this block, :func:`run_distributed` keeps the rank processes of a clean call for the next call of the
-    same world size (stopped on leaving the block, or when a call needs another world size)."""
-    global _keeping, _kept_ranks
+    same world size (all stopped on leaving the block)."""
+    global _keeping
     _keeping = True
     try:
         yield
     finally:
         _keeping = False
-        if _kept_ranks is not None:
-            _kept_ranks.stop(wait_s=_EXIT_WAIT_S)
-            _kept_ranks = None
+        while _kept_ranks:
+            _kept_ranks.pop(next(iter(_kept_ranks))).stop(wait_s=_EXIT_WAIT_S)
 
 
 def _ranks_for(world_size: int) -> _Ranks:
-    global _kept_ranks
-    kept, _kept_ranks = _kept_ranks, None
-    if kept is not None and len(kept.processes) == world_size and kept.alive():
+    kept = _kept_ranks.pop(world_size, None)
+    if kept is not None and kept.alive() and kept.calls_run < _CALLS_PER_PROCESS:
         return kept
     if kept is not None:
         kept.stop(wait_s=_EXIT_WAIT_S)
     return _Ranks.start(world_size)
+
+
+def _keep(ranks: _Ranks) -> None:
+    ranks.calls_run += 1
+    _kept_ranks[len(ranks.processes)] = ranks
+    while len(_kept_ranks) > _KEPT_SETS:
+        _kept_ranks.pop(next(iter(_kept_ranks))).stop(wait_s=_EXIT_WAIT_S)
 
 
 def _describe_function(fn: Callable[..., Any]) -> str:
@@ -350,7 +360,6 @@ def run_distributed(
             f"module-level function ({error})"
         ) from error
 
-    global _kept_ranks
     ranks = _ranks_for(world_size)
     processes, report_of_rank = ranks.processes, dict(enumerate(ranks.reports))
     call = _Call(
@@ -406,7 +415,7 @@ def run_distributed(
     finally:
         finished_cleanly = len(values) == world_size
         if finished_cleanly and _keeping:
-            _kept_ranks = ranks
+            _keep(ranks)
         else:
             ranks.stop(wait_s=_EXIT_WAIT_S if finished_cleanly else 0.0)
 
