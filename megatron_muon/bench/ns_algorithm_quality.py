@@ -8,12 +8,14 @@ Every (config, algorithm, seed) is one full run of ``launch/pretrain_muon.sh`` o
 ``optimizer.muon.ns_algorithm`` and ``training.seed`` set and ``--override`` added to every run. The validation
 losses the launcher prints are appended to ``--results`` one row per evaluation. A rerun skips every run whose key is
 already there; the key is everything that changes a run: the config's path and SHA-256, the overrides, the algorithm,
-the seed and the code version (SHA-256 of the package's and the launcher's tracked files), so an edit of the code
-reruns the study instead of mixing versions.
+the seed and the code version (SHA-256 of the tracked files a training run executes: the launcher and the package
+without ``bench/`` and ``testing/``, which no run imports), so an edit of the code reruns the study instead of mixing
+versions.
 
 The bound is Dao lab's for Gram Newton–Schulz: the final validation loss of ``auto`` within 0.01 nats of
 ``standard`` (per seed, and in the mean over seeds). ``auto`` picks Gram NS for the matrices where it costs fewer
-FLOPs; the plan summary the launcher prints says how many (`gram N (P% of FLOPs)` per plan group), recorded per run.
+FLOPs; how many is read from the launcher's ``--dry-run`` plan of each config (``gram N (P% of FLOPs)`` per plan
+group).
 """
 
 from __future__ import annotations
@@ -47,11 +49,15 @@ def file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+NOT_RUN = ("megatron_muon/bench/", "megatron_muon/testing/")  # no training run imports these
+
+
 def code_version() -> str:
-    """SHA-256 over the tracked files of the package and the launcher, as they are in the work tree."""
+    """SHA-256 over the tracked files a training run executes, as they are in the work tree."""
     listed = subprocess.run(
         ["git", "ls-files", "megatron_muon", "launch"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
+    listed = [name for name in listed if not name.startswith(NOT_RUN)]
     digest = hashlib.sha256()
     for name in sorted(listed):
         path = REPO / name
@@ -80,18 +86,37 @@ def gram_matrices(stdout: str) -> tuple[int, int]:
     return gram, total
 
 
-def run_training(config: str, overrides: list[str]) -> tuple[list[tuple[int, float]], tuple[int, int], float]:
-    """One run through the launcher: its (iteration, validation loss) points, Gram matrices and wall seconds."""
+def _environment() -> dict[str, str]:
+    # The code hashed into the key is this tree's: make sure the ranks import it, not another checkout's install.
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+
+
+def planned_gram_matrices(config: str, overrides: list[str]) -> tuple[int, int]:
+    """(matrices on Gram NS, matrices) of the run's plan, from the launcher's ``--dry-run`` (nothing is trained)."""
+    command = ["bash", str(REPO / "launch" / "pretrain_muon.sh"), config, *overrides, "--dry-run"]
+    result = subprocess.run(
+        command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=900
+    )
+    counts = gram_matrices(result.stdout)
+    if result.returncode != 0 or counts[1] == 0:
+        raise RuntimeError(
+            f"no plan in the dry run of {config} {' '.join(overrides)}:\n{result.stderr[-1500:]}"
+        )
+    return counts
+
+
+def run_training(config: str, overrides: list[str]) -> tuple[list[tuple[int, float]], float]:
+    """One run through the launcher: its (iteration, validation loss) points and wall seconds."""
     with tempfile.TemporaryDirectory() as workdir:
         command = ["bash", str(REPO / "launch" / "pretrain_muon.sh"), config, *overrides,
                    f"checkpoint.save_dir={workdir}/checkpoints", f"logging.tensorboard_dir={workdir}/tensorboard"]  # fmt: skip
         start = time.monotonic()
-        # The code hashed into the key is this tree's: make sure the ranks import it, not another checkout's install.
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        }
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=4 * 3600)
+        result = subprocess.run(
+            command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=4 * 3600
+        )
         wall = time.monotonic() - start
     if result.returncode != 0:
         raise RuntimeError(f"run failed (exit {result.returncode}): {config} {' '.join(overrides)}\n"
@@ -99,7 +124,7 @@ def run_training(config: str, overrides: list[str]) -> tuple[list[tuple[int, flo
     points = [(int(m[1]), float(m[2])) for m in VALIDATION.finditer(result.stdout)]
     if not points:
         raise RuntimeError(f"no validation loss in the output of: {config} {' '.join(overrides)}")
-    return points, gram_matrices(result.stdout), wall
+    return points, wall
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -136,10 +161,13 @@ def ensure_runs(args: argparse.Namespace) -> list[dict[str, str]]:
                     f"run {config} ns_algorithm={algorithm} seed={seed} ({time.strftime('%H:%M:%S')})",
                     flush=True,
                 )
-                points, (gram, total), wall = run_training(
-                    config,
-                    [f"optimizer.muon.ns_algorithm={algorithm}", f"training.seed={seed}", *args.override],
-                )
+                run_overrides = [
+                    f"optimizer.muon.ns_algorithm={algorithm}",
+                    f"training.seed={seed}",
+                    *args.override,
+                ]
+                points, wall = run_training(config, run_overrides)
+                gram, total = planned_gram_matrices(config, run_overrides)
                 fields = dict(
                     zip(
                         ("config", "config_sha", "overrides", "code_version", "algorithm", "seed"),
