@@ -46,6 +46,7 @@ BOUND = 0.01  # nats: Dao lab's bound on the final loss of Gram Newton–Schulz 
 
 
 def file_sha(path: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of a file."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -67,6 +68,7 @@ def code_version() -> str:
 
 
 def run_key(row: dict[str, str]) -> tuple[str, ...]:
+    """What identifies a run in the results: everything that changes it."""
     return tuple(
         row[field] for field in ("config", "config_sha", "overrides", "code_version", "algorithm", "seed")
     )
@@ -128,6 +130,7 @@ def run_training(config: str, overrides: list[str]) -> tuple[list[tuple[int, flo
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of the results file (none when it does not exist)."""
     if not path.exists():
         return []
     with path.open(newline="") as handle:
@@ -135,6 +138,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 def append_rows(path: Path, rows: list[dict[str, object]]) -> None:
+    """Append rows to the results file, writing its header first when it is new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with path.open("a", newline="") as handle:
@@ -214,6 +218,7 @@ def summarize(rows: list[dict[str, str]], algorithms: list[str]) -> list[dict[st
 
 
 def markdown(summary: list[dict[str, object]], argv: list[str] | None, base: str) -> str:
+    """The section of docs/benchmarks.md: the command, the setting and one row per config and algorithm."""
     lines = [
         START,
         "## Newton–Schulz algorithm per matrix: training quality of `auto` against `standard` (issue #22 item 6)",
@@ -250,6 +255,7 @@ def markdown(summary: list[dict[str, object]], argv: list[str] | None, base: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run what is missing, then print or write the section."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=CONFIGS)
     parser.add_argument("--algorithms", nargs="+", default=["auto", "standard"],

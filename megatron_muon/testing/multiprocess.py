@@ -272,11 +272,11 @@ class _Ranks:
 
     def stop(self, *, wait_s: float) -> None:
         """Close the call pipes (an idle rank exits on it), then :func:`_stop_ranks`."""
-        for handle in self.calls:
-            handle.close()
+        for call_pipe in self.calls:
+            call_pipe.close()
         _stop_ranks(self.processes, wait_s=wait_s)
-        for handle in self.reports:
-            handle.close()
+        for report_pipe in self.reports:
+            report_pipe.close()
 
 
 # The rank processes kept between calls inside keep_rank_processes(), by world size, least recently used first:
@@ -375,8 +375,8 @@ def run_distributed(
         cwd=os.getcwd(),
     )
     try:
-        for handle in ranks.calls:
-            handle.send(call)
+        for call_pipe in ranks.calls:
+            call_pipe.send(call)
     except BaseException:
         ranks.stop(wait_s=0.0)
         raise
