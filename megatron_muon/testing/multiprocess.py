@@ -11,8 +11,8 @@ By default every call starts fresh rank processes and stops them after. Inside :
 suite's session fixture) the rank processes of a clean call stay alive for the next call of the same world size:
 importing torch and megatron-core costs each process ~6 CPU-seconds, about half of a small multi-process test.
 Between calls a rank destroys megatron's parallel state and the process group, resets megatron's other
-process-wide state a run leaves behind (:func:`_reset_process_state`), and takes the caller's environment and
-working directory afresh. A call that fails or times out stops its processes, so the next one starts clean.
+process-wide state a run leaves behind (:func:`_reset_process_state`), reseeds torch's default generator as at
+start-up, and takes the caller's environment and working directory afresh. A call that fails or times out stops its processes, so the next one starts clean.
 """
 
 from __future__ import annotations
@@ -176,12 +176,14 @@ def _rank_main(rank: int, world_size: int, calls: Connection, report: Connection
     # Lead a process group of our own, so that run_distributed can kill this rank together with any
     # children it starts (which would otherwise outlive a killed rank and hold its pipes open).
     os.setpgid(0, 0)
+    fresh_seed = torch.initial_seed()  # torch's default generator as a fresh process has it
     try:
         while True:
             try:
                 call = calls.recv()
             except EOFError:
                 return
+            torch.manual_seed(fresh_seed)
             _run_call(rank, world_size, call, report)
     finally:
         report.close()
