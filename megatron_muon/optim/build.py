@@ -65,9 +65,8 @@ def build_optimizer(
         raise ValueError(
             f"router_lr_multiplier={router_lr_multiplier} needs the router on AdamW (router={muon.router!r})"
         )
-    settings = (
-        muon.settings()
-    )  # validated once, here (the run config was checked with the same before launch)
+    # Validated here, once, into frozen settings (a run config was checked by the same code before launch).
+    settings = muon.settings()
     if config.optimizer != "adam":
         raise ValueError(f"OptimizerConfig.optimizer={config.optimizer!r}; the AdamW side needs 'adam'")
     if config.fp16:
