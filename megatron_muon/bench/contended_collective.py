@@ -12,10 +12,13 @@ import argparse
 import os
 import statistics
 import time
+from multiprocessing.queues import SimpleQueue
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import spawn
 
 ROUNDS = 20
 MATMULS_PER_ROUND = 16
@@ -28,7 +31,7 @@ def _work(a: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def _rank(rank: int, world: int, port: int, repeats: int, queue) -> None:
+def _rank(rank: int, world: int, port: int, repeats: int, queue: SimpleQueue[Any]) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -55,13 +58,15 @@ def _rank(rank: int, world: int, port: int, repeats: int, queue) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure one all-reduce's cost among contending gloo ranks and print it; the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--port", type=int, default=29577)
     args = parser.parse_args(argv)
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank, args=(args.ranks, args.port, args.repeats, queue), nprocs=args.ranks)
+    # ignore[no-untyped-call]: torch's spawn has no annotations.
+    spawn(_rank, args=(args.ranks, args.port, args.repeats, queue), nprocs=args.ranks)  # type: ignore[no-untyped-call]
     per_collective, plain = queue.get()
     print(
         f"{args.ranks} gloo ranks on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}: rank 0's "

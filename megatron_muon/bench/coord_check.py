@@ -121,9 +121,9 @@ def measure(
     """Rows (layer_type, act_rms, update_rms) of one run: ``steps`` training steps at ``width``."""
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
 
+    from megatron_muon.bench.local_run import trial_config, width_overrides
     from megatron_muon.config import load_config, validate
     from megatron_muon.data import build_microbatch_iterator
-    from megatron_muon.training.local_run import trial_config, width_overrides
     from megatron_muon.training.trainer import Trainer
 
     base = load_config(config, overrides)
@@ -184,7 +184,7 @@ def run_coord_check(
     which,
     router_lr_power: float | None = None,
 ) -> list[dict]:
-    from megatron_muon.training.local_run import single_process_world
+    from megatron_muon.bench.local_run import single_process_world
 
     runs = []
     if which in ("mup", "both"):

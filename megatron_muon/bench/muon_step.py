@@ -28,7 +28,7 @@ For each contender, on every rank: fill canonical weights, build the optimizer, 
    matrices of ‖W − W_x‖_F / ‖W_x − W_0‖_F (relative to the weight change) for W_x = ours(auto), on the
    matrices both define alike (all but fc1), and W_x = a single-process reference (``ReferenceMuon``) with the
    contender's own matrices (fc1 fused for megatron), on all matrices;
-2. memory: bytes of Muon momentum this rank keeps (ours: ``MatrixOrthogonalizer.state_bytes``; megatron: the
+2. memory: bytes of Muon momentum this rank keeps (ours: ``MatrixPlacement.state_bytes``; megatron: the
    tensors in its ``TensorParallelMuon.state``);
 3. timing, after every contender is built (they share the model's parameters; the weights' values do not matter
    to the step time): ``--warmup`` + ``--steps`` rounds, each giving every contender one step — fill canonical
@@ -234,8 +234,8 @@ def _build_megatron(chunks, contender: Contender, settings: Settings, pg):
 def _muon_state_bytes(optimizer, family: str) -> int:
     total = 0
     for leaf in torch_optimizers(optimizer):
-        if family == "ours" and hasattr(leaf, "orthogonalizer"):
-            total += leaf.orthogonalizer.state_bytes(leaf)
+        if family == "ours" and hasattr(leaf, "placement"):
+            total += leaf.placement.state_bytes(leaf)
         elif family == "megatron" and type(leaf).__name__ == "TensorParallelMuon":
             for state in leaf.state.values():
                 total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
@@ -248,8 +248,8 @@ def _ours_plan_facts(optimizer) -> dict:
     stage_bytes = 0
     loads: dict[int, float] = {}
     for leaf in torch_optimizers(optimizer):
-        if hasattr(leaf, "orthogonalizer"):
-            plan = leaf.orthogonalizer.plan
+        if hasattr(leaf, "placement"):
+            plan = leaf.placement.plan
             for matrix in plan.matrices:
                 modes[matrix.mode] = modes.get(matrix.mode, 0) + 1
                 stage_bytes += matrix.shape[0] * matrix.shape[1] * 4

@@ -64,12 +64,14 @@ def summary_table(measured: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
 
 
 def format_bytes(count: int) -> str:
+    """``count`` bytes in MiB, two decimals."""
     return f"{count / 2**20:.2f}"
 
 
 def render_layout_table(
     layout_name: str, measured: dict[str, Any], grid_size: int, model_name: str
 ) -> list[str]:
+    """The markdown table of one model at one layout: every mode's measured step beside the reference's."""
     rows = measured["rows"]
     reference = rows[REFERENCE]
     lines = [
@@ -165,6 +167,7 @@ def render_section(
     models: dict[str, dict[str, Any]],
     measured: dict[tuple[str, str], dict[str, Any]],
 ) -> str:
+    """The whole benchmarks.md section: the command, the machine and versions, every table and the summary."""
     versions = {
         name: importlib.metadata.version(name) for name in ("torch", "megatron-core", "emerging-optimizers")
     }

@@ -171,14 +171,14 @@ class TrainerObjective:
         self.config, self.overrides, self._stack, self._world = config, overrides, stack, None
 
     def _overrides(self, width: int, values: dict[str, float]) -> list[str]:
+        from megatron_muon.bench.local_run import width_overrides
         from megatron_muon.config import load_config
-        from megatron_muon.training.local_run import width_overrides
 
         base = load_config(self.config, self.overrides)
         return [*self.overrides, *width_overrides(base, width), *(f"{k}={v}" for k, v in values.items())]
 
     def _config(self, width: int, values: dict[str, float], tensorboard_dir: Path):
-        from megatron_muon.training.local_run import trial_config
+        from megatron_muon.bench.local_run import trial_config
 
         return trial_config(self.config, self._overrides(width, values), tensorboard_dir)
 
@@ -192,7 +192,7 @@ class TrainerObjective:
         return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
     def run(self, width: int, values: dict[str, float], trial_dir: Path) -> TrialOutcome:
-        from megatron_muon.training.local_run import run_trial, single_process_world, trial_flops
+        from megatron_muon.bench.local_run import run_trial, single_process_world, trial_flops
 
         if self._world is None:
             self._world = self._stack.enter_context(single_process_world())
@@ -203,8 +203,8 @@ class TrainerObjective:
         )
 
     def final_run_flops(self, width: int, values: dict[str, float]) -> float:
+        from megatron_muon.bench.local_run import trial_flops
         from megatron_muon.config import load_config
-        from megatron_muon.training.local_run import trial_flops
 
         return trial_flops(load_config(self.config, self._overrides(width, values)))
 

@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from megatron_muon.bench.coord_check import STANDARD_OVERRIDES
 from megatron_muon.bench.report import cpu_description, load_average, write_section
@@ -51,7 +52,7 @@ def _sweep(
     telescope: bool,
     param: str = MUON_LR,
     factor: float = 2.0,
-) -> dict:
+) -> dict[str, Any]:
     command = [sys.executable, str(TOOLS / "mup_sweep.py"), CONFIG, *overrides, "--widths", *map(str, widths)]
     command += ["--param", f"{param}={center}", "--factor", f"{factor:g}", "--radius", str(radius)]
     command += ["--out", str(out)] + ([] if telescope else ["--no-telescope"])
@@ -69,10 +70,11 @@ def _sweep(
     for line in stdout.splitlines():
         if line.startswith("[sweep] ") and "trial " not in line:
             print(line, flush=True)
-    return json.loads((out / "best.json").read_text())
+    best: dict[str, Any] = json.loads((out / "best.json").read_text())
+    return best
 
 
-def _losses(summary: dict, out: Path, param: str) -> dict[int, dict[float, float]]:
+def _losses(summary: dict[str, Any], out: Path, param: str) -> dict[int, dict[float, float]]:
     """Per width of ``summary``: value of ``param`` -> validation loss of its trials."""
     with open(out / "trials.csv", newline="") as handle:
         rows = {row["key"]: row for row in csv.DictReader(handle)}
@@ -90,7 +92,7 @@ def _trial_seconds(out: Path) -> float:
 
 
 def _transfer_tables(
-    label: str, param: str, runs: dict[str, tuple[dict, Path]], base: int, target: int
+    label: str, param: str, runs: dict[str, tuple[dict[str, Any], Path]], base: int, target: int
 ) -> list[str]:
     """Best ``param`` per width and parametrization, then the loss of every grid point."""
     lines = [
@@ -126,7 +128,8 @@ def _transfer_tables(
     return lines
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Run the muP transfer sweeps ``argv`` asks for and write their section; the exit status."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -22,6 +22,7 @@ compares contenders with each other, not with 0. ``--clock cpu --threads 1`` tim
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 import time
@@ -40,9 +41,11 @@ slice."""
 STEPS = 5
 
 
-def contenders(dtype: torch.dtype, deepspeed_path: str | None) -> tuple[dict[str, Callable], list[str]]:
+def contenders(
+    dtype: torch.dtype, deepspeed_path: str | None
+) -> tuple[dict[str, Callable[[torch.Tensor], torch.Tensor]], list[str]]:
     """name → function(x) → orthogonalized x, and notes on what could not be imported."""
-    found: dict[str, Callable] = {
+    found: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "ours standard": lambda x: newton_schulz(x, STEPS, "quintic", dtype, algorithm="standard"),
         "ours gram": lambda x: newton_schulz(x, STEPS, "quintic", dtype, algorithm="gram"),
         "ours auto": lambda x: newton_schulz(x, STEPS, "quintic", dtype, algorithm="auto"),
@@ -68,6 +71,7 @@ def contenders(dtype: torch.dtype, deepspeed_path: str | None) -> tuple[dict[str
 
 
 def measure(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(table rows, notes): each contender's median seconds and orthogonality error per shape of ``args``."""
     dtype = getattr(torch, args.dtype)
     functions, notes = contenders(dtype, args.deepspeed_path)
     names = list(functions)
@@ -79,7 +83,9 @@ def measure(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         if "DeepSpeed gram" in functions:
             functions["DeepSpeed gram"](x)  # torch.compile: compile for this shape outside the timing
-        bound = {name: (lambda f=f, x=x: f(x)) for name, f in functions.items()}
+        bound: dict[str, Callable[[], object]] = {
+            name: functools.partial(f, x) for name, f in functions.items()
+        }
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
         seconds = interleaved_medians(bound, args.warmup, args.repeats, clock_timer(clock))
         errors = {
@@ -89,13 +95,14 @@ def measure(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         cells = " | ".join(f"{seconds[n]:.3g} ({errors[n]:.3f})" for n in names)
         ratio = seconds["ours gram"] / seconds["ours standard"]
         rows.append(
-            f"| {shape[0]}x{shape[1]} | {choose_ns_algorithm(*shape, STEPS)} | {cells} | {ratio:.2f} |"
+            f"| {shape[0]}x{shape[1]} | {choose_ns_algorithm(shape[0], shape[1], STEPS)} | {cells} | {ratio:.2f} |"
         )
         print(rows[-1], file=sys.stderr, flush=True)
     return rows, notes
 
 
 def render(args: argparse.Namespace, command: str) -> str:
+    """The benchmarks.md section of the comparison, measured now, with ``command`` to rerun it."""
     rows, notes = measure(args)
     return "\n".join(
         [
@@ -114,6 +121,7 @@ def render(args: argparse.Namespace, command: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add this comparison's options to ``tools/bench_newton_schulz.py``'s parser."""
     parser.add_argument(
         "--deepspeed-path", help="directory holding the deepspeed package (a --target install)"
     )

@@ -35,6 +35,7 @@ GOAL = 0.4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the expert-stack options (``--stacks`` and the stack's shape) to the Newton–Schulz tool's parser."""
     parser.add_argument(
         "--stacks",
         action="store_true",
@@ -104,6 +105,7 @@ def render(
     clock: Callable[[], float],
     dtypes: dict[str, torch.dtype],
 ) -> str:
+    """The benchmarks.md section of the expert-stack comparison, measured now with ``clock``."""
     load_before = load_average()
     table, medians = measure(args, clock_timer(clock), dtypes)
     load_after = load_average()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ END_MARKER = "<!-- bench_ns_precision_loss:end -->"
 VARIANTS = (("float32", 0), ("bfloat16", 0), ("bfloat16", 1), ("bfloat16", 2), ("bfloat16", 5))
 
 
-def _train_variants(steps: int, hidden: int, variants) -> dict[str, tuple[list[float], float]]:
+def _train_variants(
+    steps: int, hidden: int, variants: Sequence[tuple[str, int]]
+) -> dict[str, tuple[list[float], float]]:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_muon.testing.tiny_training import DEFAULT_MODEL, train_tiny_moe
@@ -43,6 +46,7 @@ def _train_variants(steps: int, hidden: int, variants) -> dict[str, tuple[list[f
 
 
 def render_section(args: argparse.Namespace, command: str) -> str:
+    """Train every precision variant and return the benchmarks.md section comparing their losses."""
     (results,) = run_distributed(
         _train_variants, 1, args=(args.steps, args.hidden, VARIANTS), timeout_s=args.timeout
     )
@@ -83,6 +87,7 @@ def render_section(args: argparse.Namespace, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Measure and publish the section (``--out``: rewritten in that markdown file)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--hidden", type=int, default=128)

@@ -56,7 +56,8 @@ def _run(layout: list[str], use_muon: bool, iters: int, workdir: str) -> tuple[l
     return [ms for _, ms, _ in rows], [tps for _, _, tps in rows]
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Time the launcher's iterations with Muon and with AdamW at each layout and write the section; the exit status."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -29,6 +29,7 @@ def cpu_description() -> str:
 
 
 def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, ``"n/a"`` where the system has none."""
     try:
         return " / ".join(f"{value:.2f}" for value in os.getloadavg())
     except OSError:

@@ -62,8 +62,8 @@ def _all_to_all_single(a: dict[str, Any]) -> int:
     group, source = a.get("group"), a["input"]
     n, rank = _size(group), _rank(group)
     splits = a.get("input_split_sizes")
-    rows = list(splits) if splits else [source.shape[0] // n] * n
-    row_bytes = _bytes(source) // max(source.shape[0], 1)
+    rows: list[int] = list(splits) if splits else [source.shape[0] // n] * n
+    row_bytes: int = _bytes(source) // max(source.shape[0], 1)
     return sum(count for i, count in enumerate(rows) if i != rank) * row_bytes
 
 

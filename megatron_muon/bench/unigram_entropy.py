@@ -32,7 +32,9 @@ def cross_entropy_nats(train_counts: np.ndarray, eval_counts: np.ndarray) -> flo
     return float(-(eval_counts * np.log(q)).sum() / eval_counts.sum())
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Print the corpus's unigram entropy (with ``--split``, the validation split's under the training split's
+    frequencies too); the exit status."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -29,6 +29,7 @@ def _add_layout(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The subcommand (export, import or reshard) and its options from ``argv`` (None: ``sys.argv``)."""
     parser = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
         description=__doc__.split("\n\n")[0],
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> list[str]:
         tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, vpp=args.vpp, world_size=args.world_size
     )
     if args.command == "import":
-        report = import_from_hf(
+        import_report = import_from_hf(
             args.source,
             args.output,
             layout=layout,
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> list[str]:
             overwrite=args.force,
             progress=not args.no_progress,
         )
-        return report.lines()
+        return import_report.lines()
     return verify_reshard(args.checkpoint, layout, config_path=args.config).lines()
 
 
@@ -126,6 +127,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the conversion ``argv`` asks for and print its report; exit status 0, or 2 with one line on error."""
     args = parse_args(argv)
     _quiet_libraries()
     # Imported after argument parsing so that --help is instant.

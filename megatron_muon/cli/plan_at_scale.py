@@ -17,6 +17,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plan ``argv``'s config at its layout and print the table (and write the JSON); the exit status."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

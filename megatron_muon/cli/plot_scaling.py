@@ -10,9 +10,11 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Plot the predicted step time and memory of the ``LABEL=REPORT.json`` reports; the exit status."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     series: dict[tuple[str, str], list[tuple[int, float, float]]] = defaultdict(list)
-    gpu = None
+    gpu: dict[str, Any] = {}  # the reports' GPU (nargs='+': at least one report sets it)
     for item in args.reports:
         label, _, path = item.partition("=")
         if not path:

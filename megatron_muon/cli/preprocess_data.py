@@ -23,6 +23,7 @@ import time
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Inputs, tokenizer and output prefix from ``argv`` (None: ``sys.argv``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="text / .jsonl files or glob patterns")
     parser.add_argument("--tokenizer", required=True, help="directory written by tools/train_tokenizer.py")
@@ -111,6 +112,7 @@ def preprocess(args: argparse.Namespace) -> tuple[str, int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Tokenize the inputs into megatron's indexed dataset and print what was written; the exit status."""
     args = parse_args(argv)
     start = time.perf_counter()
     try:

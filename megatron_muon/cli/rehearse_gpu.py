@@ -20,9 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import ParallelDims
+    from megatron_muon.rehearsal.rank import RankReport
 
 
-def _ranks(spec: str, dims) -> list[int]:
+def _ranks(spec: str, dims: ParallelDims) -> list[int]:
     if spec == "stages":
         return [stage * dims.stage_size for stage in range(dims.pp)]
     try:
@@ -41,6 +46,7 @@ def _ranks(spec: str, dims) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Rehearse the chosen ranks of ``argv``'s config on a fake GPU and print each report; the exit status."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _print(report) -> None:
+def _print(report: RankReport) -> None:
     where = " ".join(f"{k}{v}" for k, v in report.coordinates.items())
     status = "ok" if report.ok else "FAILED"
     print(

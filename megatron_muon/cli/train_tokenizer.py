@@ -18,6 +18,7 @@ SAMPLE_CHARS = 1_000_000
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Inputs, output directory and vocabulary settings from ``argv`` (None: ``sys.argv``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", required=True, help="text / .jsonl files or glob patterns")
     parser.add_argument("--output", required=True, help="tokenizer directory to write")
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train the SentencePiece tokenizer ``argv`` describes and print its statistics; the exit status."""
     args = parse_args(argv)
     # Imported after argument parsing so that --help is instant.
     from megatron_muon.data.tokenizer import (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from megatron_muon.convert.hf_maps import (
     choose_architecture,
     fold_into_hf,
     hf_config_from_model,
+    megatron_shapes_of,
     split_to_hf,
     tensor_mappings,
 )
@@ -58,6 +60,8 @@ _KEEP_FP32 = (
 
 @dataclass(kw_only=True, slots=True)
 class ExportReport:
+    """What :func:`export_to_hf` wrote: from which checkpoint, where, as which architecture and dtype."""
+
     checkpoint: Path
     output: Path
     architecture: str
@@ -73,6 +77,7 @@ class ExportReport:
         return f"{len(self.files)} shards {self.files[0]} ... {self.files[-1]} + {INDEX_FILE}"
 
     def lines(self) -> list[str]:
+        """The report, a few printable lines."""
         return [
             f"exported {self.checkpoint} -> {self.output}",
             f"architecture {self.architecture}, {self.tensors} tensors, {self.parameters:,} parameters, {self.dtype}",
@@ -99,7 +104,7 @@ def compare_tensor_sets(
     what: str,
     found: dict[str, tuple[int, ...]],
     expected: dict[str, tuple[int, ...]],
-    optional: set[str] = frozenset(),
+    optional: Collection[str] = frozenset(),
 ) -> None:
     """Raise one line when ``found`` (name -> shape) is not exactly ``expected``: counts and first examples of
     missing, unexpected and wrongly shaped tensors. ``optional`` names may be absent."""
@@ -141,7 +146,7 @@ def publish_staging_dir(staging: Path, output: Path) -> None:
     staging.rename(output)
 
 
-def _find_tokenizer(cfg, tokenizer: str | Path | None) -> Path | None:
+def _find_tokenizer(cfg: object, tokenizer: str | Path | None) -> Path | None:
     """The SentencePiece model to ship: ``tokenizer`` (a directory or file), else the run's
     ``data.tokenizer_path`` when it exists here."""
     candidate = (
@@ -217,7 +222,7 @@ def export_to_hf(
     arch = choose_architecture(model, architecture)
     mappings = tensor_mappings(arch, model)
     saved = checkpoint_model_tensors(checkpoint_dir)
-    expected = {m.megatron: m.megatron_shape for m in mappings if m.megatron is not None}
+    expected = megatron_shapes_of(mappings)
     compare_tensor_sets(
         f"checkpoint {checkpoint_dir} does not match its model config",
         {name: entry.shape for name, entry in saved.items()},
@@ -238,7 +243,8 @@ def export_to_hf(
                 wanted = {m.megatron: saved[m.megatron] for m in members if m.megatron is not None}
                 tensors = load_canonical_tensors(checkpoint_dir, wanted)
                 for mapping in members:
-                    parts = split_to_hf(mapping, tensors.get(mapping.megatron), model)
+                    tensor = tensors.get(mapping.megatron) if mapping.megatron is not None else None
+                    parts = split_to_hf(mapping, tensor, model)
                     for name, part, shape in zip(mapping.hf, parts, mapping.hf_shapes, strict=True):
                         assert tuple(part.shape) == shape, (name, tuple(part.shape), shape)
                         part = fold_into_hf(name, part, model)

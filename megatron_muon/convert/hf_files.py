@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ _FUSED_EXPERTS = re.compile(
 )
 
 
-def _safetensors():
+def _safetensors() -> types.ModuleType:
     try:
         import safetensors
         import safetensors.torch
@@ -67,7 +68,8 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{directory} is not a Hugging Face model directory: no {CONFIG_FILE}")
     try:
-        return json.loads(path.read_text())
+        config: dict[str, Any] = json.loads(path.read_text())
+        return config
     except json.JSONDecodeError as error:
         raise ConversionError(f"{path} is not valid JSON: {error}") from None
 
@@ -201,11 +203,13 @@ class HFReader:
             )
         handle = self._open[source.file]
         if source.expert is None:
-            return handle.get_tensor(source.key)
-        part = handle.get_slice(source.key)[source.expert]
+            tensor: torch.Tensor = handle.get_tensor(source.key)
+            return tensor
+        part: torch.Tensor = handle.get_slice(source.key)[source.expert]
         return (part[source.rows] if source.rows is not None else part).contiguous().clone()
 
     def close(self) -> None:
+        """Forget the open safetensors files."""
         self._open.clear()
 
 
@@ -225,6 +229,7 @@ class SafetensorsWriter:
         self.names: set[str] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` under ``name`` (each name once); writes a shard when the next one would not fit."""
         if name in self.names:
             raise ValueError(f"tensor {name} written twice")
         size = tensor.numel() * tensor.element_size()

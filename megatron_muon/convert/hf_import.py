@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_muon.config import ConfigError, ModelConfig
+from megatron_muon.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_muon.config.checks import check_model, check_parallel
 from megatron_muon.convert.hf_export import (
     check_output_dir,
@@ -54,6 +54,7 @@ class Layout:
     """None: the smallest that fits, PP x lcm(TP, EP x expert-TP)."""
 
     def resolved_world_size(self) -> int:
+        """``world_size``, or the smallest world that holds the layout."""
         import math
 
         return self.world_size or self.pp * math.lcm(
@@ -61,15 +62,14 @@ class Layout:
         )
 
     def describe(self) -> str:
+        """``TP2·PP1·EP4·ETP1 (world 8)``."""
         etp = self.tp if self.etp is None else self.etp
         vpp = f"·VPP{self.vpp}" if self.vpp else ""
         return f"TP{self.tp}·PP{self.pp}·EP{self.ep}·ETP{etp}{vpp} (world {self.resolved_world_size()})"
 
 
-def check_layout(model: ModelConfig, layout: Layout):
+def check_layout(model: ModelConfig, layout: Layout) -> ParallelConfig:
     """``parallel`` config of ``layout``, validated against ``model``; ``ConversionError`` naming the obstacle."""
-    from megatron_muon.config import ParallelConfig
-
     parallel = ParallelConfig(
         world_size=layout.resolved_world_size(),
         tp=layout.tp,
@@ -87,6 +87,8 @@ def check_layout(model: ModelConfig, layout: Layout):
 
 @dataclass(kw_only=True, slots=True)
 class ImportReport:
+    """What :func:`import_from_hf` wrote: from which model directory, where, and the layout it was checked at."""
+
     source: Path
     output: Path
     architecture: str
@@ -95,6 +97,7 @@ class ImportReport:
     layout: str
 
     def lines(self) -> list[str]:
+        """The report, a few printable lines."""
         return [
             f"imported {self.source} ({self.architecture}, {self.tensors} tensors, {self.parameters:,} parameters) "
             f"-> {self.output}",
@@ -163,7 +166,7 @@ def import_from_hf(
                     if not present:  # an optional zero bias / unused tensor that is absent
                         continue
                     tensor = merge_to_megatron(mapping, [reader.get(name) for name in mapping.hf], model)
-                    if tensor is None:
+                    if tensor is None or mapping.megatron is None:  # HF-only tensors have neither
                         continue
                     # state_dict() tensors share the parameters' storage: one tensor in memory at a time.
                     state[mapping.megatron].copy_(tensor)

@@ -46,6 +46,7 @@ experts by global index). Layouts (:class:`TensorMapping.layout`):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,7 @@ __all__ = [
     "fold_into_hf",
     "hf_config_from_model",
     "megatron_shapes",
+    "megatron_shapes_of",
     "merge_to_megatron",
     "model_config_from_hf",
     "mup_folding",
@@ -418,7 +420,9 @@ def model_config_from_hf(
         found.append("attention_bias=true (ours: no linear biases)")
     layers = int(config["num_hidden_layers"])
     # transformers >= 5 writes some of these under another name (Qwen3-MoE: num_local_experts).
-    experts = next((int(get(key)) for key in _EXPERT_COUNT_KEYS[arch.name] if get(key) is not None), 0)
+    experts = next(
+        (int(count) for key in _EXPERT_COUNT_KEYS[arch.name] if (count := get(key)) is not None), 0
+    )
     topk = int(get("num_experts_per_tok", 1))
     shared = 0
     scaling: float | None = None
@@ -529,10 +533,17 @@ def tensor_mappings(arch: Architecture, model: ModelConfig) -> list[TensorMappin
     gate, up, down = arch.expert_projections
     maps: list[TensorMapping] = []
 
-    def add(megatron, shape, hf, hf_shapes, layout, group):
+    def add(
+        megatron: str | None,
+        shape: tuple[int, ...] | None,
+        hf: Sequence[str],
+        hf_shapes: Sequence[tuple[int, ...]],
+        layout: str,
+        group: str,
+    ) -> None:
         maps.append(TensorMapping(megatron, shape, tuple(hf), tuple(hf_shapes), layout, group))
 
-    def swiglu(megatron_prefix, hf_prefix, names, ffn, group):
+    def swiglu(megatron_prefix: str, hf_prefix: str, names: Sequence[str], ffn: int, group: str) -> None:
         add(
             f"{megatron_prefix}.linear_fc1.weight",
             (2 * ffn, hidden),
@@ -662,8 +673,16 @@ def megatron_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> full shape of every tensor of our ``model``. Our names do not depend on the HF
     architecture; GLM-4-MoE's map is used because it has a place for every optional tensor (expert bias,
     shared expert, QK-norm)."""
-    maps = tensor_mappings(ARCHITECTURES["glm4_moe"], model)
-    return {m.megatron: m.megatron_shape for m in maps if m.megatron is not None}
+    return megatron_shapes_of(tensor_mappings(ARCHITECTURES["glm4_moe"], model))
+
+
+def megatron_shapes_of(mappings: list[TensorMapping]) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> full shape of the megatron tensors of ``mappings`` (HF-only ones have neither)."""
+    return {
+        m.megatron: m.megatron_shape
+        for m in mappings
+        if m.megatron is not None and m.megatron_shape is not None
+    }
 
 
 def split_to_hf(
@@ -675,7 +694,7 @@ def split_to_hf(
         return [torch.zeros(shape, dtype=dtype) for shape in mapping.hf_shapes]
     assert tensor is not None and tuple(tensor.shape) == mapping.megatron_shape, (
         mapping.megatron,
-        tensor.shape,
+        None if tensor is None else tensor.shape,
     )
     if mapping.layout == "copy":
         parts = [tensor]

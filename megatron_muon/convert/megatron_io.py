@@ -33,11 +33,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_muon.config import ModelConfig
 from megatron_muon.convert.hf_maps import ConversionError
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
 from megatron_muon.training.checkpoint import (
     LATEST_MARKER,
     CheckpointError,
@@ -80,7 +84,8 @@ def single_process_group(*, model_parallel: bool = False) -> Iterator[None]:
                 f"conversion runs in one process; this one is rank {dist.get_rank()} of {dist.get_world_size()}"
             )
     else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        # ignore[attr-defined]: torch.distributed re-exports HashStore from torch._C without declaring it.
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # type: ignore[attr-defined]
         created_group = True
     try:
         # The CPU stand-ins on a machine without CUDA; the thread count stays what this process has.
@@ -104,7 +109,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
         if (path / LATEST_MARKER).is_file():
-            path = find_latest(path)
+            latest = find_latest(path)
+            if latest is None:  # the marker was removed after the check above
+                raise CheckpointError(f"{path / LATEST_MARKER} disappeared while it was being read")
+            path = latest
         elif not (path / "metadata.json").is_file():
             raise CheckpointError(
                 f"{path} is neither a checkpoint root (no {LATEST_MARKER}) nor a checkpoint (no metadata.json)"
@@ -195,7 +203,7 @@ def load_canonical_tensors(checkpoint_dir: Path, wanted: dict[str, SavedTensor])
     }
 
 
-def build_single_process_model(model: ModelConfig):
+def build_single_process_model(model: ModelConfig) -> GPTModel:
     """Our model at TP1/PP1/EP1 (one ``GPTModel``), as the trainer builds it from ``model``; needs
     :func:`single_process_group` with ``model_parallel=True``."""
     from megatron.core.process_groups_config import ProcessGroupCollection

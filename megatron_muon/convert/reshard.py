@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from megatron_muon.convert.hf_export import compare_tensor_sets, load_run_config
 from megatron_muon.convert.hf_import import Layout, check_layout
@@ -36,8 +37,10 @@ _ADAM_PREFIX = "optimizer.state."
 
 @dataclass(kw_only=True, slots=True)
 class ReshardReport:
+    """What :func:`verify_reshard` found: the checkpoint, its saved layout, the layout checked and what it holds."""
+
     checkpoint: Path
-    saved_layout: dict | None
+    saved_layout: dict[str, int | None] | None
     layout: str
     iteration: int
     weights_only: bool
@@ -47,6 +50,7 @@ class ReshardReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
+        """The report, a few printable lines, with the config to resume at the new layout."""
         saved = self.saved_layout or {}
         saved_text = (
             f"TP{saved.get('tensor_parallel')}·PP{saved.get('pipeline_parallel')}·EP{saved.get('expert_parallel')}"
@@ -63,7 +67,7 @@ class ReshardReport:
         return lines + self.notes
 
 
-def _check_muon(metadata: dict, model: dict[str, tuple[int, ...]]) -> int:
+def _check_muon(metadata: dict[str, Any], model: dict[str, tuple[int, ...]]) -> int:
     """Muon momentum keys -> their matrices; raises on a momentum without a matrix or with a wrong shape."""
     parts: dict[str, int] = {}
     count = 0
@@ -87,7 +91,7 @@ def _check_muon(metadata: dict, model: dict[str, tuple[int, ...]]) -> int:
     return count
 
 
-def _check_adam(metadata: dict) -> int:
+def _check_adam(metadata: dict[str, Any]) -> int:
     """AdamW / main-param state keys -> the saved model tensor of the same name and shape."""
     count = 0
     saved_model = {
@@ -109,7 +113,7 @@ def _check_adam(metadata: dict) -> int:
     return count
 
 
-def _layout_dict(layout: Layout) -> dict:
+def _layout_dict(layout: Layout) -> dict[str, int | None]:
     """``layout`` as ``checkpoint._layout`` records it."""
     return {
         "world_size": layout.resolved_world_size(),

@@ -11,6 +11,7 @@ reduce their norms over different groups.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any
 
@@ -30,17 +31,16 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_muon import mup
 from megatron_muon.optim import layer_wise
-from megatron_muon.optim.executor import MatrixOrthogonalizer
 from megatron_muon.optim.layout import LayoutConfig, fsdp_part_pieces, fsdp_shard, megatron_param_pieces
 from megatron_muon.optim.muon import Muon, NorMuonNormalization
-from megatron_muon.optim.options import DTYPES as _DTYPES
-from megatron_muon.optim.options import MuonConfig
+from megatron_muon.optim.options import MuonConfig, MuonSettings
 from megatron_muon.optim.param_groups import (
     ParamRouting,
     adamw_matrix_overrides,
     mup_width_multiplier,
     route_parameters,
 )
+from megatron_muon.optim.placement import MatrixPlacement
 from megatron_muon.optim.plan import CostModel
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def build_optimizer(
         raise ValueError(
             f"router_lr_multiplier={router_lr_multiplier} needs the router on AdamW (router={muon.router!r})"
         )
-    muon.validate()
+    # Validated here, once, into frozen settings (a run config was checked by the same code before launch).
+    settings = muon.settings()
     if config.optimizer != "adam":
         raise ValueError(f"OptimizerConfig.optimizer={config.optimizer!r}; the AdamW side needs 'adam'")
     if config.fp16:
@@ -124,7 +125,14 @@ def build_optimizer(
             # Distributed optimizer: this data-parallel rank updates (and keeps state for) its own params only.
             bucket = [{**g, "params": [p for p in g["params"] if id(p) in owned]} for g in bucket]
             raw = _build_muon(
-                bucket, routing, model_chunks, muon, pg_collection, cost_model, replicate_state=False
+                bucket,
+                routing,
+                model_chunks,
+                muon,
+                settings,
+                pg_collection,
+                cost_model,
+                replicate_state=False,
             )
             layer_wise_muons.append((raw, configure))
             continue
@@ -135,6 +143,7 @@ def build_optimizer(
                 routing,
                 model_chunks,
                 muon,
+                settings,
                 pg_collection,
                 cost_model,
                 replicate_state=not fully_sharded,
@@ -205,12 +214,14 @@ def _build_muon(
     routing: ParamRouting,
     model_chunks: list[torch.nn.Module],
     muon: MuonConfig,
+    settings: MuonSettings,
     pg_collection: ProcessGroupCollection,
     cost_model: CostModel | None,
     *,
     replicate_state: bool = True,
 ) -> Muon:
-    """Our Muon (a torch optimizer) over ``groups``, its logical matrices and plan over the TP x DP grid."""
+    """Our Muon (a torch optimizer) over ``groups``, its logical matrices and plan over the TP x DP grid, from
+    ``settings`` (``muon.settings()``, validated) and ``muon``'s layout and router choices."""
     by_id = {id(r.param): r for r in routing.muon}
     layout_options = LayoutConfig(
         split_qkv=muon.split_qkv, qkv_per_head=muon.qkv_per_head, split_gate_up=muon.split_gate_up
@@ -237,42 +248,42 @@ def _build_muon(
                 shard_group_of[piece.key] = "expert_tp" if group["is_expert_parallel"] else "tp"
             group_pieces.append(param_pieces)
         pieces.append(group_pieces)
-    orthogonalizer = MatrixOrthogonalizer(
-        [p for group_pieces in pieces for param_pieces in group_pieces for p in param_pieces],
-        grid_group=pg_collection.tp_dp_cp,
-        shard_groups={"tp": pg_collection.tp, "expert_tp": pg_collection.expt_tp},
-        shard_group_of=shard_group_of,
-        mode=muon.tp_mode,
-        ns_steps=muon.ns_steps,
-        cost_model=cost_model,
+    plan_settings = dataclasses.replace(
+        settings.plan,
         replicate_state=replicate_state,
         # The distributed optimizer spreads the momentum as the params (NorMuon's row statistics stay whole on
         # the owner, so its momentum does too).
-        momentum_with_shards=not replicate_state and not muon.normuon,
-        ns_algorithm=muon.planned_ns_algorithm,
-        gram_restarts=muon.planned_gram_restarts,
+        momentum_with_shards=not replicate_state and settings.normuon is None,
+    )
+    placement = MatrixPlacement(
+        [p for group_pieces in pieces for param_pieces in group_pieces for p in param_pieces],
+        plan_settings,
+        grid_group=pg_collection.tp_dp_cp,
+        shard_groups={"tp": pg_collection.tp, "expert_tp": pg_collection.expt_tp},
+        shard_group_of=shard_group_of,
+        cost_model=cost_model,
         # Where this rank's empty sends live when it moves nothing of its own: the model's device.
         device=next((p.device for chunk in model_chunks for p in chunk.parameters()), None),
     )
-    raw = Muon(
+    hyperparameters, newton_schulz = settings.hyperparameters, settings.newton_schulz
+    return Muon(
         groups,
-        lr=muon.lr,
-        momentum=muon.momentum,
-        nesterov=muon.nesterov,
-        weight_decay=muon.weight_decay,
-        scale_mode=muon.scale_mode,
-        ns_steps=muon.ns_steps,
-        coefficients=muon.coefficients,
-        compute_dtype=_DTYPES[muon.compute_dtype],
+        lr=hyperparameters.lr,
+        momentum=hyperparameters.momentum,
+        nesterov=hyperparameters.nesterov,
+        weight_decay=hyperparameters.weight_decay,
+        scale_mode=hyperparameters.scale_mode,
+        ns_steps=newton_schulz.steps,
+        coefficients=newton_schulz.coefficients,
+        compute_dtype=newton_schulz.compute_dtype,
         pieces=pieces,
-        orthogonalizer=orthogonalizer,
-        ns_fp8_steps=muon.ns_fp8_steps,
-        ns_gram_restarts=muon.planned_gram_restarts,
+        placement=placement,
+        ns_fp8_steps=newton_schulz.fp8_steps,
+        ns_gram_restarts=newton_schulz.gram_restarts,
         post_orthogonalize=(
-            NorMuonNormalization(beta2=muon.normuon_beta2, eps=muon.normuon_eps) if muon.normuon else None
+            NorMuonNormalization(settings.normuon.beta2, settings.normuon.eps) if settings.normuon else None
         ),
     )
-    return raw
 
 
 def adamw_config_overrides(config: OptimizerConfig, model_chunks: list[torch.nn.Module]) -> dict[Any, Any]:

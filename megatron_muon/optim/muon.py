@@ -4,14 +4,14 @@ One step (:meth:`Muon.step`), reading top to bottom: every logical matrix's grad
 rank that orthogonalizes it; there ``momentum → Newton–Schulz → optional NorMuon`` runs once
 (:meth:`Muon._orthogonalize`); each holder gets its piece of the result back and applies ``scale → weight decay +
 update`` to its parameter (:meth:`Muon._apply_updates`). Who computes which matrix and how pieces travel is
-the grid's business (``executor.MatrixOrthogonalizer``: the plan and ``comm.MatrixTransport``), which knows
-nothing of this math; on one process every matrix is local and nothing travels.
+the placement's business (``placement.MatrixPlacement``: the plan and ``comm.MatrixTransport``), which knows
+nothing of this math; on one process every matrix is local and nothing travels. The settings come validated
+(``options.py``: frozen, checked once on construction); the step checks nothing again.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,13 +19,18 @@ from typing import Any
 
 import torch
 
-from megatron_muon.ops.gram_newton_schulz import DEFAULT_GRAM_RESTARTS, resolve_gram_restarts
-from megatron_muon.ops.newton_schulz import newton_schulz, orthogonality_error, resolve_coefficients
-from megatron_muon.ops.newton_schulz_fp8 import check_fp8_steps
+from megatron_muon.ops.gram_newton_schulz import DEFAULT_GRAM_RESTARTS
+from megatron_muon.ops.newton_schulz import newton_schulz, orthogonality_error
 from megatron_muon.ops.normuon import row_normalize_
-from megatron_muon.ops.scaling import SCALE_MODES, update_scale
-from megatron_muon.optim.executor import MatrixOrthogonalizer
+from megatron_muon.ops.scaling import update_scale
 from megatron_muon.optim.layout import MatrixPiece, local_tensor, whole_tensor_pieces
+from megatron_muon.optim.options import (
+    MuonHyperparameters,
+    MuonPlanSettings,
+    NewtonSchulzSettings,
+    NorMuonSettings,
+)
+from megatron_muon.optim.placement import MatrixPlacement
 from megatron_muon.optim.plan import MatrixPlan
 
 logger = logging.getLogger(__name__)
@@ -69,19 +74,11 @@ ROW_SECOND_MOMENT = "row_second_moment"
 
 
 @dataclass(frozen=True, slots=True)
-class NorMuonNormalization:
+class NorMuonNormalization(NorMuonSettings):
     """NorMuon (Li et al. 2025) as a plug-in of Muon's one step loop: called by ``Muon._orthogonalize`` on every
     batch of freshly orthogonalized matrices, before the scale rule; keeps a per-row second moment (fp32,
-    ``[rows]``) in each matrix's state. See ``ops/normuon.py`` for the math."""
-
-    beta2: float = 0.95
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.beta2 < 1.0:
-            raise ValueError(f"normuon beta2={self.beta2!r} must be in [0, 1)")
-        if not self.eps > 0.0:
-            raise ValueError(f"normuon eps={self.eps!r} must be > 0")
+    ``[rows]``) in each matrix's state. See ``ops/normuon.py`` for the math; ``beta2`` and ``eps`` are checked on
+    construction (``options.NorMuonSettings``)."""
 
     def __call__(
         self,
@@ -116,35 +113,6 @@ class NorMuonNormalization:
         return normalized
 
 
-@dataclass(frozen=True, slots=True)
-class NewtonSchulzConfig:
-    """How Muon orthogonalizes (``ops.newton_schulz``); validated on construction."""
-
-    steps: int = 5
-    """Newton–Schulz iterations."""
-    coefficients: str | Sequence[Sequence[float]] = "quintic"
-    """A named schedule (``quintic``, ``polar_express``) or one (a, b, c) triple per step."""
-    compute_dtype: torch.dtype = torch.bfloat16
-    """dtype of the iteration's GEMMs."""
-    fp8_steps: int = 0
-    """How many of the first steps run their GEMMs in FP8 (experimental; ``ops/newton_schulz_fp8.py``)."""
-    gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS
-    """Gram Newton–Schulz's restarts (for the matrices the plan runs with ``gram``)."""
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.steps, int) and self.steps >= 1):
-            raise ValueError(f"ns_steps={self.steps!r} must be an integer >= 1")
-        if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            raise ValueError(
-                f"compute_dtype={self.compute_dtype} must be one of float64, float32, bfloat16, float16"
-            )
-        resolve_coefficients(self.coefficients, self.steps)  # raises ValueError on a bad schedule
-        if not isinstance(self.coefficients, str):  # a list of lists from a config: frozen as tuples
-            object.__setattr__(self, "coefficients", tuple(tuple(abc) for abc in self.coefficients))
-        check_fp8_steps(self.fp8_steps, self.steps, self.compute_dtype)
-        object.__setattr__(self, "gram_restarts", resolve_gram_restarts(self.gram_restarts, self.steps))
-
-
 @dataclass(slots=True)
 class _HeldPiece:
     """A matrix piece this rank holds during one step: its parameter, param group and fp32 gradient."""
@@ -154,29 +122,18 @@ class _HeldPiece:
     grad: torch.Tensor
 
 
-def _check_hyperparameters(group: dict[str, Any], where: str) -> None:
+def _check_param_group(group: dict[str, Any], where: str) -> None:
+    """A param group's keys, and its values as ``MuonHyperparameters`` checks them; once, at construction."""
     unknown = set(group) - MUON_GROUP_KEYS - MEGATRON_GROUP_KEYS
     if unknown:
         raise ValueError(
             f"{where}: unknown param-group keys {sorted(unknown)}; valid: "
             f"{sorted(MUON_GROUP_KEYS | MEGATRON_GROUP_KEYS)}"
         )
-    lr = group["lr"]
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"{where}: lr={lr!r} must be a finite number >= 0")
-    beta = group["momentum"]
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-        raise ValueError(f"{where}: momentum={beta!r} must be in [0, 1)")
-    wd = group["weight_decay"]
-    if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
-        raise ValueError(f"{where}: weight_decay={wd!r} must be a finite number >= 0")
-    if group["scale_mode"] not in SCALE_MODES:
-        raise ValueError(f"{where}: scale_mode={group['scale_mode']!r}; valid: {sorted(SCALE_MODES)}")
-    if not isinstance(group["nesterov"], bool):
-        raise ValueError(f"{where}: nesterov={group['nesterov']!r} must be a bool")
-    multiplier = group["scale_multiplier"]
-    if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
-        raise ValueError(f"{where}: scale_multiplier={multiplier!r} must be a finite number > 0")
+    try:
+        MuonHyperparameters(**{key: group[key] for key in MUON_GROUP_KEYS - {"params"}})
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 class Muon(torch.optim.Optimizer):
@@ -195,14 +152,17 @@ class Muon(torch.optim.Optimizer):
             ``ops/newton_schulz_fp8.py``; needs a device with FP8 ``torch._scaled_mm``).
         pieces: for each param group, for each parameter, its logical matrices (``layout.MatrixPiece``); by
             default each 2-D parameter is one matrix and each N-D one a stack.
-        orthogonalizer: where each matrix is orthogonalized and how its pieces travel
-            (``executor.MatrixOrthogonalizer``: the plan and ``comm.MatrixTransport``); default: one process.
+        placement: where each matrix is orthogonalized and how its pieces travel
+            (``placement.MatrixPlacement``: the plan and ``comm.MatrixTransport``); default: one process.
         post_orthogonalize: a plug-in applied to each batch of orthogonalized matrices before the scale rule
             (``NorMuonNormalization``); ``None``: plain Muon.
-        ns_algorithm: ``auto`` | ``standard`` | ``gram`` Newton–Schulz for the default orthogonalizer's plan
-            (default ``auto``; ``standard`` with FP8 steps); with an ``orthogonalizer``, its plan decides and
+        ns_algorithm: ``auto`` | ``standard`` | ``gram`` Newton–Schulz for the default placement's plan
+            (default ``auto``; ``standard`` with FP8 steps); with a ``placement``, its plan decides and
             this must be ``None`` or agree with it.
         ns_gram_restarts: the iterations after which Gram Newton–Schulz restarts (``ops/gram_newton_schulz.py``).
+
+    The values are checked once, here (``options.MuonHyperparameters`` for the defaults and each param group,
+    ``options.NewtonSchulzSettings``), with one-line ``ValueError``s; the step trusts them.
     """
 
     def __init__(
@@ -218,31 +178,26 @@ class Muon(torch.optim.Optimizer):
         compute_dtype: torch.dtype = torch.bfloat16,
         *,
         pieces: list[list[list[MatrixPiece]]] | None = None,
-        orthogonalizer: MatrixOrthogonalizer | None = None,
+        placement: MatrixPlacement | None = None,
         post_orthogonalize: NorMuonNormalization | None = None,
         ns_fp8_steps: int = 0,
         ns_algorithm: str | None = None,
         ns_gram_restarts: Sequence[int] = DEFAULT_GRAM_RESTARTS,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            scale_mode=scale_mode,
-            scale_multiplier=1.0,
-        )
         # Checked before the param groups, so a bad schedule is reported first.
-        self.newton_schulz = NewtonSchulzConfig(
+        self.newton_schulz = NewtonSchulzSettings(
             steps=ns_steps,
             coefficients=coefficients,
             compute_dtype=compute_dtype,
             fp8_steps=ns_fp8_steps,
             gram_restarts=tuple(ns_gram_restarts),
         )
-        super().__init__(params, defaults)
+        defaults = MuonHyperparameters(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, scale_mode=scale_mode
+        )
+        super().__init__(params, defaults.as_group())
         for index, group in enumerate(self.param_groups):
-            _check_hyperparameters(group, f"param group {index}")
+            _check_param_group(group, f"param group {index}")
         self.post_orthogonalize = post_orthogonalize
         if pieces is None:
             pieces = [
@@ -252,18 +207,21 @@ class Muon(torch.optim.Optimizer):
         if [len(g) for g in pieces] != [len(group["params"]) for group in self.param_groups]:
             raise ValueError("pieces must list one entry per parameter of every param group")
         self.pieces = pieces
-        if orthogonalizer is None:
-            orthogonalizer = MatrixOrthogonalizer(
+        if placement is None:
+            placement = MatrixPlacement(
                 [p for group in pieces for ps in group for p in ps],
-                ns_algorithm=ns_algorithm or ("standard" if ns_fp8_steps else "auto"),
-                gram_restarts=self.newton_schulz.gram_restarts,
+                MuonPlanSettings(
+                    ns_algorithm=ns_algorithm or ("standard" if ns_fp8_steps else "auto"),
+                    gram_restarts=self.newton_schulz.gram_restarts,
+                ),
             )
-        elif ns_algorithm is not None and ns_algorithm != orthogonalizer.ns_algorithm:
+        elif ns_algorithm is not None and ns_algorithm != placement.settings.ns_algorithm:
             raise ValueError(
-                f"ns_algorithm={ns_algorithm!r} but the orthogonalizer's plan was built with "
-                f"{orthogonalizer.ns_algorithm!r}: pass it to MatrixOrthogonalizer (or leave ns_algorithm None)"
+                f"ns_algorithm={ns_algorithm!r} but the placement's plan was built with "
+                f"{placement.settings.ns_algorithm!r}: pass it in MatrixPlacement's MuonPlanSettings (or leave "
+                "ns_algorithm None)"
             )
-        self.orthogonalizer = orthogonalizer
+        self.placement = placement
         self.stats: dict[str, Any] = {}
         """Diagnostics of the last step: ``update_rms/<matrix kind>`` (lr-free, over the pieces this rank
         holds) and ``ns_orthogonality_error`` of one matrix this rank orthogonalized (a different one each step),
@@ -283,27 +241,25 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            _check_hyperparameters(group, f"param group {index}")
-        grid, transport = self.orthogonalizer, self.orthogonalizer.transport
+        placement, transport = self.placement, self.placement.transport
         held = self._held_pieces()
         grads = {key: piece.grad for key, piece in held.items()}
         # 0. Matrices whose momentum stays with their shards (the distributed optimizer): each holder updates its
         #    shard's momentum here and sends the owner the Newton–Schulz input instead of the gradient.
         for key, piece in held.items():
-            if grid.matrix(key).momentum_with_shards:
+            if placement.matrix(key).momentum_with_shards:
                 grads[key] = self._momentum_input(piece.param, key, piece.grad, piece.group)
 
         # 1. The gradient pieces travel to the ranks that orthogonalize whole matrices (every bucket in flight).
         gathers = transport.start_gathers(grads)
         # 2. Meanwhile, the matrices orthogonalized on their shards (Gram matrix all-reduced in Newton–Schulz).
-        directions = self._orthogonalize(grid.sharded_matrices(), grads, held, sharded=True)
+        directions = self._orthogonalize(placement.sharded_matrices(), grads, held, sharded=True)
         # 3. Bucket by bucket: whole gradients in, orthogonalized once here, each holder's piece sent back.
         returns = []
         whole_directions: dict[str, torch.Tensor] = {}
         for bucket, gather in enumerate(gathers):
             whole_grads = gather.wait()
-            computed = self._orthogonalize([grid.matrix(k) for k in whole_grads], whole_grads, held)
+            computed = self._orthogonalize([placement.matrix(k) for k in whole_grads], whole_grads, held)
             whole_directions.update(computed)
             returns.append(transport.start_return(bucket, computed))
         for pending in returns:
@@ -326,7 +282,7 @@ class Muon(torch.optim.Optimizer):
                         continue
                     if param.grad is not None:
                         grad = piece.read(local_tensor(param.grad)).to(torch.float32)
-                    elif self.orthogonalizer.held_only_here(piece.key):
+                    elif self.placement.held_only_here(piece.key):
                         continue
                     else:
                         grad = torch.zeros(piece.local_shape, dtype=torch.float32, device=param.device)
@@ -368,7 +324,7 @@ class Muon(torch.optim.Optimizer):
             gram_hook: dict[str, Any] = {}
             row_reductions: dict[str, Any] = {}
             if sharded:
-                all_reduce_sum = self.orthogonalizer.gram_all_reduce(batch[0])
+                all_reduce_sum = self.placement.gram_all_reduce(batch[0])
                 gram_hook = {"all_reduce_sum": all_reduce_sum, "transpose": full_shape[0] > full_shape[1]}
                 # NorMuon's row statistics: rows split -> sum the totals; columns split -> sum each row.
                 row_reductions = {

@@ -1,4 +1,5 @@
-"""Who orthogonalizes what: a plan every rank of a pipeline stage derives identically from the same facts.
+"""Who orthogonalizes what: the Muon plan every rank of a pipeline stage derives identically from the same facts
+(not the scale plan of ``megatron_muon/planning/``, which predicts a whole run's memory and time).
 
 Each rank of the stage's grid group (TP × CP × DP; for experts the same ranks read as expert-TP × EP × expert-DP)
 announces the matrix pieces it holds (``layout.MatrixPiece``: key, full shape, which shard). From the union of
@@ -26,14 +27,9 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from megatron_muon.ops.newton_schulz import (
-    DEFAULT_GRAM_RESTARTS,
-    NS_ALGORITHMS,
-    choose_ns_algorithm,
-    ns_algorithm_flops,
-)
+from megatron_muon.ops.newton_schulz import DEFAULT_GRAM_RESTARTS, choose_ns_algorithm, ns_algorithm_flops
 from megatron_muon.optim.layout import RowRuns, shard_shape
-from megatron_muon.optim.options import MODES  # noqa: F401  (re-exported)
+from megatron_muon.optim.options import MODES, MuonPlanSettings  # noqa: F401  (MODES re-exported)
 
 NO_ROWS: tuple[tuple[int, int], ...] = ((0, 0),)
 """``PieceRecord.rows_held`` of an FSDP part this rank holds no row of: announced, not a holder."""
@@ -258,7 +254,7 @@ class MatrixPlan:
     """``owner`` mode with the momentum kept by the holders, each of its own shard (the distributed optimizer: one
     holder per shard): they send the owner Newton–Schulz inputs instead of gradients."""
     ns_algorithm: str = "standard"
-    """``standard`` or ``gram`` Newton–Schulz (chosen by ``build_plan``'s ``ns_algorithm``)."""
+    """``standard`` or ``gram`` Newton–Schulz (chosen by ``build_muon_plan``'s ``ns_algorithm``)."""
     row_parts: dict[int, dict[int, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
     """Fully sharded (FSDP) matrices: shard index → holder → the ``(first row, rows)`` runs of the shard it holds;
     the holders of a shard partition its rows. Empty when every holder holds whole shards (replicas)."""
@@ -351,42 +347,30 @@ class MuonPlan:
         )
 
 
-def build_plan(
+def build_muon_plan(
     records_by_rank: list[list[PieceRecord]],
+    settings: MuonPlanSettings | None = None,
     *,
-    mode: str = "auto",
-    ns_steps: int = 5,
     cost_model: CostModel | None = None,
-    num_buckets: int = 4,
-    replicate_state: bool = True,
-    momentum_with_shards: bool = False,
-    ns_algorithm: str = "auto",
-    gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS,
 ) -> MuonPlan:
-    """Build the plan from every grid rank's announced pieces (index = rank in the grid group).
+    """Build the plan from every grid rank's announced pieces (index = rank in the grid group), as ``settings``
+    say (``options.MuonPlanSettings``, validated there; default: its defaults).
 
-    ``num_buckets``: the gathered/orthogonalized/scattered matrices are cut into this many exchange buckets of
-    about equal Newton–Schulz cost, so communication of one bucket overlaps computation of the next.
-    ``replicate_state=False`` (the distributed optimizer): a sharded matrix never runs ``duplicated``, whose
+    ``settings.num_buckets``: the gathered/orthogonalized/scattered matrices are cut into this many exchange buckets
+    of about equal Newton–Schulz cost, so communication of one bucket overlaps computation of the next.
+    ``settings.replicate_state=False`` (the distributed optimizer): a sharded matrix never runs ``duplicated``, whose
     every holder would keep the whole momentum; ``auto`` chooses between ``owner`` and ``distributed`` for it, and
     ``distributed`` falls back to ``owner`` where the shards cannot run it. A whole matrix several TP ranks hold
     (the router, MLA's down-projections) is duplicated under ``auto``, as its parameter and fp32 main param are.
-    ``momentum_with_shards``: an ``owner`` matrix whose every shard has one holder keeps its momentum with the
-    shards (``MatrixPlan.momentum_with_shards``), so the state is spread as the parameters are.
-    ``ns_algorithm``: ``auto`` | ``standard`` | ``gram`` (``ops.newton_schulz.choose_ns_algorithm``), chosen per
-    matrix once its mode is known; ``gram_restarts`` enter the Gram FLOP count.
+    ``settings.momentum_with_shards``: an ``owner`` matrix whose every shard has one holder keeps its momentum with
+    the shards (``MatrixPlan.momentum_with_shards``), so the state is spread as the parameters are.
+    ``settings.ns_algorithm``: ``auto`` | ``standard`` | ``gram`` (``ops.newton_schulz.choose_ns_algorithm``), chosen
+    per matrix once its mode is known; ``settings.gram_restarts`` enter the Gram FLOP count.
     """
-    if num_buckets < 1:
-        raise ValueError(f"num_buckets={num_buckets} must be >= 1")
-    if mode not in MODES:
-        raise ValueError(f"tp_mode={mode!r}; valid: {list(MODES)}")
-    if ns_algorithm not in NS_ALGORITHMS:
-        raise ValueError(f"ns_algorithm={ns_algorithm!r}; valid: {list(NS_ALGORITHMS)}")
-    if mode == "duplicated" and not replicate_state:
-        raise ValueError(
-            "tp_mode='duplicated' keeps every holder's momentum; valid without replicated state: "
-            "auto, owner, distributed"
-        )
+    settings = settings or MuonPlanSettings()
+    mode, ns_steps, num_buckets = settings.tp_mode, settings.ns_steps, settings.num_buckets
+    replicate_state, momentum_with_shards = settings.replicate_state, settings.momentum_with_shards
+    ns_algorithm, gram_restarts = settings.ns_algorithm, settings.gram_restarts
     cost_model = cost_model or CostModel.for_this_machine()
     by_key: dict[str, list[tuple[int, PieceRecord]]] = defaultdict(list)
     for rank, records in enumerate(records_by_rank):

@@ -121,14 +121,14 @@ def _held_pieces(optimizer: Muon) -> dict[str, tuple[torch.Tensor, MatrixPiece]]
 def momentum_slots(optimizer: Muon) -> list[MomentumSlot]:
     """The momentum tensors ``optimizer``'s plan makes this rank keep, in plan order.
 
-    ``optimizer`` is the raw :class:`Muon` (``member.optimizer`` of a megatron wrapper); its ``orthogonalizer``
-    must expose ``plan`` and ``rank`` (``executor.MatrixOrthogonalizer``).
+    ``optimizer`` is the raw :class:`Muon` (``member.optimizer`` of a megatron wrapper); its ``placement``
+    must expose ``plan`` and ``rank`` (``placement.MatrixPlacement``).
     """
-    orthogonalizer = optimizer.orthogonalizer
-    me = orthogonalizer.rank
+    placement = optimizer.placement
+    me = placement.rank
     held = _held_pieces(optimizer)
     slots = []
-    for matrix in orthogonalizer.plan.matrices:
+    for matrix in placement.plan.matrices:
         if (
             matrix.momentum_with_shards
         ):  # each shard's (or FSDP part's) one holder keeps and writes its momentum

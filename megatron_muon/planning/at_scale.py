@@ -8,7 +8,7 @@ Where the facts come from:
   global expert ids ``ep_rank · local + i`` (megatron's contiguous expert placement). The tests check this
   derivation against ranks built on meta.
 * **Rank coordinates**: megatron's own ``RankGenerator`` (order ``tp-cp-ep-dp-pp``), so groups are megatron's.
-* **Plan**: ``optim/plan.build_plan`` on the records of every grid rank, once for the dense and once for the
+* **Plan**: ``optim/plan.build_muon_plan`` on the records of every grid rank, once for the dense and once for the
   expert Muon optimizer of each stage (as ``optim/build.py`` builds them), with ``CostModel.for_gpu``.
 
 The memory, communication and time formulas are in ``cost.py``.
@@ -18,16 +18,26 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from megatron_muon.optim.plan import GPU_PROFILES, CostModel, MuonPlan, PieceRecord, build_plan
+from megatron_muon.optim.layout import MatrixPiece
+from megatron_muon.optim.options import MuonPlanSettings
+from megatron_muon.optim.plan import GPU_PROFILES, CostModel, MuonPlan, PieceRecord, build_muon_plan
 from megatron_muon.planning.rank_params import RankParameters, parameters_of_stage
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import ParallelDims, PretrainConfig
+    from megatron_muon.planning.meta_build import MetaRank
 
 __all__ = ["LayoutFacts", "StageMatrices", "collect_layout", "derive_stage", "rank_coordinates"]
 
 _EXPERT_ID = re.compile(r"local_experts\.(\d+)\.")
 
+_Templates = dict[str, list[tuple[MatrixPiece, int | None]]]
+"""dense / expert → the pieces of a rank built on meta, each with its local expert index (None for dense)."""
 
-def rank_coordinates(dims) -> list[dict[str, int]]:
+
+def rank_coordinates(dims: ParallelDims) -> list[dict[str, int]]:
     """Per global rank: pp, tp, cp, dp, ep, etp, edp and its index in the stage's grid group, from megatron's
     ``RankGenerator`` (the groups ``initialize_model_parallel`` creates)."""
     from megatron.core.parallel_state import RankGenerator
@@ -35,7 +45,7 @@ def rank_coordinates(dims) -> list[dict[str, int]]:
     order = "tp-cp-ep-dp-pp"
     decoder = RankGenerator(tp=dims.tp, ep=1, dp=dims.dp, pp=dims.pp, cp=dims.cp, order=order)
     expert = RankGenerator(tp=dims.etp, ep=dims.ep, dp=dims.expert_dp, pp=dims.pp, cp=1, order=order)
-    coordinates = [{} for _ in range(dims.world_size)]
+    coordinates: list[dict[str, int]] = [{} for _ in range(dims.world_size)]
     for generator, names in ((decoder, ("tp", "cp", "dp", "pp")), (expert, ("ep",))):
         for name in names:
             for group in generator.get_ranks(name):
@@ -66,22 +76,28 @@ class StageMatrices:
 
 @dataclass(slots=True)
 class LayoutFacts:
-    cfg: object
-    dims: object
+    """What ``cost.py`` predicts from: a config at a layout on a GPU kind, every rank's coordinates and every
+    pipeline stage's Muon matrices and plans."""
+
+    cfg: PretrainConfig
+    dims: ParallelDims
     gpu: str
+    """A key of ``GPU_PROFILES``."""
     coordinates: list[dict[str, int]]
+    """Per global rank: its pp, tp, cp, dp, ep, etp, edp and grid index (:func:`rank_coordinates`)."""
     stages: list[StageMatrices]
     cost_model: CostModel
     """The cost model the plan chose modes with (bandwidth of the links the grid group spans)."""
 
     @property
     def gpus_per_node(self) -> int:
+        """GPUs in one node of this GPU kind (NVLink inside, InfiniBand between nodes)."""
         return GPU_PROFILES[self.gpu].gpus_per_node
 
 
-def _template_records(meta_rank) -> tuple[dict[str, list], dict[str, int]]:
+def _template_records(meta_rank: MetaRank) -> tuple[_Templates, dict[str, int]]:
     """(kind → [(piece, local expert index or None)], kind → Muon elements) of a rank built on meta."""
-    templates: dict[str, list] = {"dense": [], "expert": []}
+    templates: _Templates = {"dense": [], "expert": []}
     elements = {"dense": 0, "expert": 0}
     expert_names = {name for name, _, is_expert in meta_rank.muon_pieces if is_expert}
     for routed in meta_rank.routing.muon:
@@ -99,7 +115,7 @@ def _template_records(meta_rank) -> tuple[dict[str, list], dict[str, int]]:
 
 
 def _records_for(
-    templates, kind: str, coordinate: dict[str, int], experts_per_rank: int
+    templates: _Templates, kind: str, coordinate: dict[str, int], experts_per_rank: int
 ) -> list[PieceRecord]:
     records = []
     for piece, template_expert in templates[kind]:
@@ -107,6 +123,7 @@ def _records_for(
         if kind == "dense":
             shard_index = coordinate["tp"] if piece.num_shards > 1 else 0
         else:
+            assert template_expert is not None  # every expert template has its local index
             expert_id = template_expert + coordinate["ep"] * experts_per_rank
             key = _EXPERT_ID.sub(f"local_experts.{expert_id}.", key, count=1)
             shard_index = coordinate["etp"] if piece.num_shards > 1 else 0
@@ -123,7 +140,9 @@ def _records_for(
     return records
 
 
-def derive_stage(cfg, dims, pp_rank: int, coordinates: list[dict[str, int]]) -> StageMatrices:
+def derive_stage(
+    cfg: PretrainConfig, dims: ParallelDims, pp_rank: int, coordinates: list[dict[str, int]]
+) -> StageMatrices:
     """Build stage ``pp_rank``'s first rank on meta and derive every grid rank's pieces from it."""
     from megatron_muon.planning.meta_build import build_rank_on_meta
 
@@ -147,7 +166,7 @@ def derive_stage(cfg, dims, pp_rank: int, coordinates: list[dict[str, int]]) -> 
     # cost model uses to compute each distinct rank once.
     records: dict[str, list[list[PieceRecord]]] = {}
     for kind, axes in (("dense", ("tp",)), ("expert", ("ep", "etp"))):
-        distinct: dict[tuple, list[PieceRecord]] = {}
+        distinct: dict[tuple[int, ...], list[PieceRecord]] = {}
         records[kind] = []
         for rank in stage_ranks:
             position = tuple(coordinates[rank][a] for a in axes)
@@ -157,7 +176,7 @@ def derive_stage(cfg, dims, pp_rank: int, coordinates: list[dict[str, int]]) -> 
     return StageMatrices(pp_rank=pp_rank, parameters=parameters, muon_elements=elements, records=records)
 
 
-def collect_layout(cfg, dims, gpu: str) -> LayoutFacts:
+def collect_layout(cfg: PretrainConfig, dims: ParallelDims, gpu: str) -> LayoutFacts:
     """Every stage's matrices and our plans for ``cfg`` at ``dims`` on ``gpu`` (a key of ``GPU_PROFILES``)."""
     if gpu not in GPU_PROFILES:
         raise ValueError(f"gpu={gpu!r} is unknown; valid: {sorted(GPU_PROFILES)}")
@@ -169,13 +188,15 @@ def collect_layout(cfg, dims, gpu: str) -> LayoutFacts:
     for stage in stages:
         for kind, records in stage.records.items():
             if any(records):
-                stage.plans[kind] = build_plan(
+                stage.plans[kind] = build_muon_plan(
                     records,
-                    mode=muon.tp_mode,
-                    ns_steps=muon.ns_steps,
+                    MuonPlanSettings(
+                        tp_mode=muon.tp_mode,
+                        ns_steps=muon.ns_steps,
+                        ns_algorithm=muon.planned_ns_algorithm,
+                        gram_restarts=tuple(muon.ns_gram_restarts),
+                    ),
                     cost_model=cost_model,
-                    ns_algorithm=muon.planned_ns_algorithm,
-                    gram_restarts=tuple(muon.ns_gram_restarts),
                 )
     return LayoutFacts(
         cfg=cfg, dims=dims, gpu=gpu, coordinates=coordinates, stages=stages, cost_model=cost_model

@@ -33,7 +33,7 @@ Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's
   last stage.
 * Newton–Schulz FLOPs: ``ns_algorithm_flops`` per whole matrix; a shard of the ``distributed`` mode runs
   steps × (4k²K/n + 2k³) (k × k Gram work is repeated on every shard). Ours counts the algorithm the plan chose
-  per matrix (``optimizer.muon.ns_algorithm``: standard or Gram Newton–Schulz, the same ``build_plan`` and
+  per matrix (``optimizer.muon.ns_algorithm``: standard or Gram Newton–Schulz, the same ``build_muon_plan`` and
   FLOP formulas as the optimizer); megatron's modes run standard Newton–Schulz.
 * communication in the optimizer step (fp32 gradients / directions, 4 B): ours, the plan's gather and scatter
   transfers (one all-to-all per bucket each way) and the ``distributed`` mode's Gram all-reduce (ring: 2(n−1)/n of
@@ -53,12 +53,17 @@ Formulas (B = bytes; p = parameter elements this rank holds; a = of them AdamW's
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from megatron_muon.ops.newton_schulz import newton_schulz_flops, ns_algorithm_flops
+from megatron_muon.optim.options import MuonConfig
 from megatron_muon.optim.plan import GPU_PROFILES, MatrixPlan, PieceRecord
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import ModelConfig, ParallelDims, TrainingConfig
+    from megatron_muon.planning.at_scale import LayoutFacts, StageMatrices
 
 __all__ = ["MODES", "RankCost", "activation_bytes", "layout_costs"]
 
@@ -130,7 +135,7 @@ class RankCost:
         return moving + collectives * latency_s
 
 
-def activation_bytes(model, dims, training, pp_rank: int) -> float:
+def activation_bytes(model: ModelConfig, dims: ParallelDims, training: TrainingConfig, pp_rank: int) -> float:
     """Activation memory of pipeline rank ``pp_rank`` (formula in the module docstring)."""
     from megatron_muon.planning.rank_params import stage_layers
 
@@ -145,7 +150,7 @@ def activation_bytes(model, dims, training, pp_rank: int) -> float:
         )
         total += s * b * h * (18 + 4 * ffn / h) / (dims.tp * dims.cp)
     microbatches = training.global_batch_size // (training.micro_batch_size * dims.dp)
-    in_flight = min(dims.pp - pp_rank, microbatches)
+    in_flight: float = min(dims.pp - pp_rank, microbatches)
     if dims.vpp:
         in_flight *= 1 + (dims.pp - 1) / (dims.pp * dims.vpp)
     total *= in_flight
@@ -167,7 +172,9 @@ class _Links:
         return self.intra if len({r // self.per_node for r in ranks}) == 1 else self.inter
 
 
-def _transfer(costs, links, sender, receiver, count, collective) -> None:
+def _transfer(
+    costs: dict[int, RankCost], links: _Links, sender: int, receiver: int, count: float, collective: str
+) -> None:
     costs[sender].sent[collective] += count
     costs[receiver].received[collective] += count
     seconds = links.seconds(sender, receiver, count)
@@ -175,7 +182,9 @@ def _transfer(costs, links, sender, receiver, count, collective) -> None:
     costs[receiver].receive_seconds += seconds
 
 
-def _exchanges(costs, links, matrix, global_rank) -> None:
+def _exchanges(
+    costs: dict[int, RankCost], links: _Links, matrix: MatrixPlan, global_rank: Callable[[int], int]
+) -> None:
     """The plan's gather (gradient shards to the computers) and scatter (direction shards back) of ``matrix``;
     ``global_rank`` maps the plan's rank indices to global ranks."""
     for transfers, collective, gathering in (
@@ -198,7 +207,7 @@ def _ring(cost: RankCost, count_each_way: float, bandwidth: float, collective: s
     cost.collectives += calls
 
 
-def _sharded_flops(shape, num_shards: int, steps: int) -> float:
+def _sharded_flops(shape: tuple[int, int], num_shards: int, steps: int) -> float:
     k, big = min(shape), max(shape)
     return steps * (4 * k * k * big / num_shards + 2 * k**3)
 
@@ -229,7 +238,7 @@ def _gram_all_reduce(
     costs: dict[int, RankCost],
     links: _Links,
     matrix: MatrixPlan,
-    muon: Any,
+    muon: MuonConfig,
     global_rank: Callable[[int], int],
 ) -> int:
     """The ``distributed`` mode's Gram all-reduce of ``matrix`` on each holder (ring over its shard group);
@@ -242,7 +251,12 @@ def _gram_all_reduce(
     return all_reduces
 
 
-def _ours(facts, links) -> dict[int, RankCost]:
+def _grid_to_global(first: int) -> Callable[[int], int]:
+    """Grid rank of a stage (the plan's rank index) → global rank, for the stage whose first rank is ``first``."""
+    return lambda grid: first + grid
+
+
+def _ours(facts: LayoutFacts, links: _Links) -> dict[int, RankCost]:
     dims, muon = facts.dims, facts.cfg.optimizer.muon
     costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
     for stage in facts.stages:
@@ -250,26 +264,24 @@ def _ours(facts, links) -> dict[int, RankCost]:
         for plan in stage.plans.values():
             for grid, load in plan.loads.items():
                 costs[first + grid].ns_flops += load
-            shapes_distributed: dict[int, set] = defaultdict(set)
+            shapes_distributed: dict[int, set[tuple[tuple[int, int], int, int]]] = defaultdict(set)
             for matrix in plan.matrices:
                 for grid, elements in momentum_elements(matrix).items():
                     costs[first + grid].muon_state_elements += elements
                     costs[first + grid].owned_elements += elements
                 if matrix.mode == "distributed":
-                    all_reduces = _gram_all_reduce(
-                        costs, links, matrix, muon, lambda g, first=first: first + g
-                    )
+                    all_reduces = _gram_all_reduce(costs, links, matrix, muon, _grid_to_global(first))
                     for grid in matrix.all_holders:
                         shapes_distributed[first + grid].add((matrix.shape, matrix.shard_dim, all_reduces))
                     continue
-                _exchanges(costs, links, matrix, lambda grid, first=first: first + grid)
+                _exchanges(costs, links, matrix, _grid_to_global(first))
             for rank in range(first, first + dims.stage_size):
                 # One batched call (all-reduces of one Gram shape) per shape and algorithm (``Muon._orthogonalize``).
                 costs[rank].collectives += 2 * _NUM_BUCKETS + sum(n for *_, n in shapes_distributed[rank])
     return costs
 
 
-def _fsdp_index(facts, global_rank: int, kind: str) -> tuple[int, int]:
+def _fsdp_index(facts: LayoutFacts, global_rank: int, kind: str) -> tuple[int, int]:
     """(this rank's index, size) of the group FSDP shards ``kind`` parameters over: dense DP·CP, experts
     expert-DP."""
     c, dims = facts.coordinates[global_rank], facts.dims
@@ -278,7 +290,9 @@ def _fsdp_index(facts, global_rank: int, kind: str) -> tuple[int, int]:
     return c["edp"], dims.expert_dp
 
 
-def _fsdp_records(facts, first: int, kind: str, records_by_rank) -> list[list[PieceRecord]]:
+def _fsdp_records(
+    facts: LayoutFacts, first: int, kind: str, records_by_rank: list[list[PieceRecord]]
+) -> list[list[PieceRecord]]:
     """Each grid rank's records as FSDP parts: every TP shard's rows cut evenly over the FSDP group
     (``torch.chunk``), the part of this rank's index. (The optimizer cuts the TP-local *parameter*, fused parts
     and all; per matrix that moves the cut points, not the bytes.)"""
@@ -300,11 +314,12 @@ def _fsdp_records(facts, first: int, kind: str, records_by_rank) -> list[list[Pi
     return result
 
 
-def _ours_fsdp(facts, links) -> dict[int, RankCost]:
+def _ours_fsdp(facts: LayoutFacts, links: _Links) -> dict[int, RankCost]:
     """Ours with ``parallel.fsdp`` (``training/fsdp.py``): every matrix's rows spread over the FSDP group, gathered
     to one owner of the stage's grid (``owner`` mode, the plan ``optim/build.py`` builds: no replicated state, the
     momentum with the parts unless NorMuon)."""
-    from megatron_muon.optim.plan import build_plan
+    from megatron_muon.optim.options import MuonPlanSettings
+    from megatron_muon.optim.plan import build_muon_plan
 
     dims, muon = facts.dims, facts.cfg.optimizer.muon
     costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
@@ -313,22 +328,24 @@ def _ours_fsdp(facts, links) -> dict[int, RankCost]:
         for kind, records_by_rank in stage.records.items():
             if not any(records_by_rank):
                 continue
-            plan = build_plan(
+            plan = build_muon_plan(
                 _fsdp_records(facts, first, kind, records_by_rank),
-                mode="auto" if muon.tp_mode not in ("auto", "owner") else muon.tp_mode,
-                ns_steps=muon.ns_steps,
+                MuonPlanSettings(
+                    tp_mode="auto" if muon.tp_mode not in ("auto", "owner") else muon.tp_mode,
+                    ns_steps=muon.ns_steps,
+                    replicate_state=False,
+                    momentum_with_shards=not muon.normuon,
+                    ns_algorithm=muon.planned_ns_algorithm,
+                    gram_restarts=tuple(muon.ns_gram_restarts),
+                ),
                 cost_model=facts.cost_model,
-                replicate_state=False,
-                momentum_with_shards=not muon.normuon,
-                ns_algorithm=muon.planned_ns_algorithm,
-                gram_restarts=tuple(muon.ns_gram_restarts),
             )
             for grid, load in plan.loads.items():
                 costs[first + grid].ns_flops += load
             for matrix in plan.matrices:
                 for grid, elements in momentum_elements(matrix).items():
                     costs[first + grid].muon_state_elements += elements
-                _exchanges(costs, links, matrix, lambda grid, first=first: first + grid)
+                _exchanges(costs, links, matrix, _grid_to_global(first))
         for rank in range(first, first + dims.stage_size):
             costs[rank].collectives += 2 * _NUM_BUCKETS
     return costs
@@ -336,7 +353,8 @@ def _ours_fsdp(facts, links) -> dict[int, RankCost]:
 
 def _fused_gate_up(records: list[PieceRecord]) -> list[PieceRecord]:
     """Megatron orthogonalizes a SwiGLU fc1 as one [gate; up] matrix: merge our split halves back."""
-    merged, seen = [], set()
+    merged: list[PieceRecord] = []
+    seen: set[str] = set()
     for record in records:
         if record.key.endswith(("/gate", "/up")):
             base = record.key.rsplit("/", 1)[0]
@@ -359,7 +377,14 @@ def _fused_gate_up(records: list[PieceRecord]) -> list[PieceRecord]:
     return merged
 
 
-def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int, algorithm: str = "standard"):
+def _dp_owners(
+    facts: LayoutFacts,
+    first: int,
+    kind: str,
+    records_by_rank: list[list[PieceRecord]],
+    steps: int,
+    algorithm: str = "standard",
+) -> Iterator[tuple[list[int], dict[str, list[PieceRecord]], dict[str, int]]]:
     """Layer-wise DP sharding (megatron's ``LayerWiseDistributedOptimizer``, and ours with the distributed
     optimizer): in each DP group (dense: ranks sharing tp, cp; experts: sharing ep, etp) every whole parameter (all
     pieces of one tensor) goes to one member, longest-processing-time first by Newton–Schulz cost. Yields
@@ -367,7 +392,7 @@ def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int, algori
     (megatron: standard; ours: ``optimizer.muon.ns_algorithm``)."""
     dims, coordinates = facts.dims, facts.coordinates
     replica = ("tp",) if kind == "dense" else ("ep", "etp")  # dense DP group: DP × CP (megatron's dp_cp)
-    groups: dict[tuple, list[int]] = defaultdict(list)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for grid in range(dims.stage_size):
         groups[tuple(coordinates[first + grid][c] for c in replica)].append(grid)
     for members in groups.values():
@@ -379,7 +404,7 @@ def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int, algori
             for name, recs in params.items()
         }
         load = {m: 0.0 for m in members}
-        owner_of = {}
+        owner_of: dict[str, int] = {}
         for name in sorted(params, key=lambda n: (-cost[n], n)):
             owner = min(members, key=lambda m: (load[m], m))
             owner_of[name] = owner
@@ -387,17 +412,24 @@ def _dp_owners(facts, first: int, kind: str, records_by_rank, steps: int, algori
         yield members, params, owner_of
 
 
-def _ns_flops(shape, steps: int, algorithm: str, facts) -> float:
+def _ns_flops(shape: tuple[int, int], steps: int, algorithm: str, facts: LayoutFacts) -> float:
     if algorithm == "standard":
         return newton_schulz_flops(*shape, steps)
     return ns_algorithm_flops(*shape, steps, algorithm, tuple(facts.cfg.optimizer.muon.ns_gram_restarts))
 
 
-def _param_bytes(facts) -> int:
+def _param_bytes(facts: LayoutFacts) -> int:
     return 2 if facts.cfg.model.precision == "bf16" else 4
 
 
-def _param_all_gather(facts, links, costs, first, members, elements: float) -> None:
+def _param_all_gather(
+    facts: LayoutFacts,
+    links: _Links,
+    costs: dict[int, RankCost],
+    first: int,
+    members: list[int],
+    elements: float,
+) -> None:
     """Updated parameters (``elements`` per rank: every param of the DP group's buffers, Muon and AdamW) gathered
     from their DP owners: a ring all-gather over the DP group."""
     if len(members) < 2:
@@ -409,10 +441,11 @@ def _param_all_gather(facts, links, costs, first, members, elements: float) -> N
         costs[first + member].param_gather_seconds += each_way / bandwidth
 
 
-def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
+def _ours_distributed_optimizer(facts: LayoutFacts, links: _Links) -> dict[int, RankCost]:
     """Ours with the distributed optimizer (docs/distributed_optimizer.md): megatron's layer-wise DP sharding of
     whole parameters, then our plan in ``owner`` mode over each TP (expert-TP) group for the owned matrices."""
-    from megatron_muon.optim.plan import build_plan
+    from megatron_muon.optim.options import MuonPlanSettings
+    from megatron_muon.optim.plan import build_muon_plan
 
     dims, muon = facts.dims, facts.cfg.optimizer.muon
     costs = {r: RankCost(rank=r, overlapped=True) for r in range(dims.world_size)}
@@ -430,7 +463,7 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
                 _param_all_gather(facts, links, costs, first, members, _kind_elements(stage, kind))
             # The shard groups: the ranks of one DP index that hold the other shards of the same matrices.
             same = ("cp", "dp") if kind == "dense" else ("ep", "edp")
-            groups: dict[tuple, list[int]] = defaultdict(list)
+            groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
             for grid in range(dims.stage_size):
                 groups[tuple(facts.coordinates[first + grid][c] for c in same)].append(grid)
             for members in groups.values():
@@ -451,16 +484,18 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
                     continue
                 # As optim/build.py builds it: the configured mode without replicated state, the momentum with
                 # the shards (NorMuon keeps it whole on the owner).
-                plan = build_plan(
+                plan = build_muon_plan(
                     records,
-                    # tp_mode duplicated is refused with the distributed optimizer (optim/build.py): show owner.
-                    mode="owner" if muon.tp_mode == "duplicated" else muon.tp_mode,
-                    ns_steps=muon.ns_steps,
+                    MuonPlanSettings(
+                        # tp_mode duplicated is refused with the distributed optimizer (optim/build.py): show owner.
+                        tp_mode="owner" if muon.tp_mode == "duplicated" else muon.tp_mode,
+                        ns_steps=muon.ns_steps,
+                        replicate_state=False,
+                        momentum_with_shards=not muon.normuon,
+                        ns_algorithm=algorithm,
+                        gram_restarts=tuple(muon.ns_gram_restarts),
+                    ),
                     cost_model=facts.cost_model,
-                    replicate_state=False,
-                    momentum_with_shards=not muon.normuon,
-                    ns_algorithm=algorithm,
-                    gram_restarts=tuple(muon.ns_gram_restarts),
                 )
                 for index, load in plan.loads.items():
                     costs[first + members[index]].ns_flops += load
@@ -484,7 +519,7 @@ def _ours_distributed_optimizer(facts, links) -> dict[int, RankCost]:
     return costs
 
 
-def _megatron(facts, links, mode: str) -> dict[int, RankCost]:
+def _megatron(facts: LayoutFacts, links: _Links, mode: str) -> dict[int, RankCost]:
     """megatron-core's Muon (``TensorParallelMuon``): duplicated or distributed TP mode, or layer-wise."""
     dims, muon = facts.dims, facts.cfg.optimizer.muon
     steps = muon.ns_steps
@@ -532,13 +567,13 @@ def _megatron(facts, links, mode: str) -> dict[int, RankCost]:
     return costs
 
 
-def _kind_elements(stage, kind: str) -> int:
+def _kind_elements(stage: StageMatrices, kind: str) -> int:
     """Parameter elements of one rank of ``stage`` in the DP buffers of ``kind``: dense (everything but the routed
     experts, AdamW params included) or expert."""
     return stage.parameters.dense if kind == "dense" else stage.parameters.expert
 
 
-def _grad_sync(facts, costs, sharded: bool) -> None:
+def _grad_sync(facts: LayoutFacts, costs: dict[int, RankCost], sharded: bool) -> None:
     """The backward pass's gradient sync over DP (dense: DP·CP, experts: expert-DP), fp32: a ring all-reduce, or a
     reduce-scatter with a distributed optimizer."""
     dims = facts.dims
@@ -553,7 +588,7 @@ def _grad_sync(facts, costs, sharded: bool) -> None:
             costs[rank].grad_sync[name] += sent
 
 
-def _fsdp_gathers(facts, costs) -> None:
+def _fsdp_gathers(facts: LayoutFacts, costs: dict[int, RankCost]) -> None:
     """FSDP's parameter all-gathers of forward and backward (bf16, or the fp32 model's dtype), beside its gradient
     reduce-scatter: traffic of the forward and backward passes, like the gradient sync, not of the step."""
     dims = facts.dims
@@ -567,7 +602,7 @@ def _fsdp_gathers(facts, costs) -> None:
             costs[rank].grad_sync["FSDP all-gather (params, forward + backward)"] += sent
 
 
-def layout_costs(facts) -> dict[str, dict[int, RankCost]]:
+def layout_costs(facts: LayoutFacts) -> dict[str, dict[int, RankCost]]:
     """mode → rank → its cost, for ``MODES``."""
     links = _Links(facts.gpu)
     result = {

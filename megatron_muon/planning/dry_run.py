@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import ParallelDims, PretrainConfig
 
 
-def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
+def dry_run_lines(cfg: PretrainConfig, dims: ParallelDims, gpu: str = "h100") -> list[str]:
+    """The dry run's report for ``cfg`` at ``dims`` on ``gpu`` (a key of ``GPU_PROFILES``), one printed line each
+    (module docstring); the meta build and the plan are replaced by one line where the model cannot be built."""
     from megatron_muon.config import ConfigError
     from megatron_muon.planning.rank_params import parameters_of_stage
 
@@ -51,14 +57,14 @@ def dry_run_lines(cfg, dims, gpu: str = "h100") -> list[str]:
             for (part, shape, shards), count in sorted(matrices.items())
         ]
         report = plan_at_scale(cfg, dims, gpu, with_matrices=False)
-        configured = (
+        configured_mode = (
             "ours + FSDP"
             if cfg.parallel.fsdp
             else "ours + distributed optimizer"
             if cfg.optimizer.distributed_optimizer
             else "ours"
         )
-        lines += itemized_memory_lines(report, configured)
+        lines += itemized_memory_lines(report, configured_mode)
         lines.append(render_table(report))
     except (ConfigError, ValueError) as error:
         lines.append(f"meta build and optimizer plan: not available: {str(error).splitlines()[0]}")

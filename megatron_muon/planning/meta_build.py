@@ -22,6 +22,7 @@ import sys
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -29,13 +30,16 @@ import torch.distributed as dist
 from megatron_muon.optim.layout import LayoutConfig, MatrixPiece, megatron_param_pieces
 from megatron_muon.optim.param_groups import ParamRouting, route_parameters
 
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import ModelConfig, ParallelDims, PretrainConfig
+
 __all__ = ["MetaRank", "build_rank_on_meta", "fake_world", "megatron_allocates_on_meta"]
 
 _META = torch.device("meta")
 
 
 @contextlib.contextmanager
-def fake_world(dims, rank: int) -> Iterator:
+def fake_world(dims: ParallelDims, rank: int) -> Iterator[Any]:
     """Megatron's parallel state for ``rank`` of ``dims`` (a ``ParallelDims``) over torch's fake process group;
     yields megatron's ``ProcessGroupCollection``. Refuses to run inside a process that already has a real group."""
     from megatron.core import parallel_state
@@ -72,7 +76,7 @@ def fake_world(dims, rank: int) -> Iterator:
 class _CudaMeaningMeta(types.ModuleType):
     """``torch.cuda`` as a megatron module sees it during a meta build: the current device is ``meta``."""
 
-    def __init__(self, base) -> None:
+    def __init__(self, base: types.ModuleType) -> None:
         super().__init__("torch.cuda")
         self._base = base
 
@@ -80,17 +84,17 @@ class _CudaMeaningMeta(types.ModuleType):
     def current_device() -> torch.device:
         return _META
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
 
 
 class _TorchWithMetaAsCuda(types.ModuleType):
-    def __init__(self, base) -> None:
+    def __init__(self, base: types.ModuleType) -> None:
         super().__init__("torch")
         self._base = base
         self.cuda = _CudaMeaningMeta(base.cuda)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._base, name)
 
 
@@ -103,21 +107,22 @@ def megatron_allocates_on_meta() -> Iterator[None]:
     wrapped for the duration and restored after, so nothing outside the build sees the change."""
     # megatron-core 0.19.2: layers allocate on torch.cuda.current_device() even with use_cpu_initialization
     # (router weight and expert-bias buffers, rotary inv_freq), so the device decision is made where they look.
-    saved = {}
+    saved: dict[str, types.ModuleType] = {}
     for name, module in list(sys.modules.items()):
         if not name.startswith("megatron.core") or module is None:
             continue
         their_torch = getattr(module, "torch", None)
         if getattr(their_torch, "__name__", "") == "torch" and hasattr(their_torch, "cuda"):
-            saved[name] = their_torch
+            # torch itself or a module view of it (the CPU stand-ins' ``_TorchWithCpuAsCuda``).
+            saved[name] = cast(types.ModuleType, their_torch)
     try:
         for name, their_torch in saved.items():
-            sys.modules[name].torch = _TorchWithMetaAsCuda(their_torch)
+            setattr(sys.modules[name], "torch", _TorchWithMetaAsCuda(their_torch))  # noqa: B010
         with torch.device(_META):
             yield
     finally:
         for name, their_torch in saved.items():
-            sys.modules[name].torch = their_torch
+            setattr(sys.modules[name], "torch", their_torch)  # noqa: B010
 
 
 @dataclass(slots=True)
@@ -134,14 +139,17 @@ class MetaRank:
 
     @property
     def parameter_count(self) -> int:
+        """Elements of every parameter of this rank's model chunks."""
         return sum(p.numel() for chunk in self.chunks for p in chunk.parameters())
 
     @property
     def muon_elements(self) -> int:
+        """Elements of the parameters routed to Muon."""
         return sum(r.param.numel() for r in self.routing.muon)
 
     @property
     def adamw_elements(self) -> int:
+        """Elements of the parameters routed to AdamW."""
         return sum(r.param.numel() for r in self.routing.adamw)
 
     def expert_elements(self, optimizer: str) -> int:
@@ -150,7 +158,7 @@ class MetaRank:
         return sum(r.param.numel() for r in routed if not getattr(r.param, "allreduce", True))
 
 
-def _buildable(model):
+def _buildable(model: ModelConfig) -> ModelConfig:
     """The model section with the shape-neutral settings the local-spec builder needs (module docstring); raises
     ``ConfigError`` for what it does not build, before any process group exists."""
     from megatron_muon.models.gpt_moe import require_buildable
@@ -160,7 +168,7 @@ def _buildable(model):
     return model
 
 
-def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
+def build_rank_on_meta(cfg: PretrainConfig, dims: ParallelDims, rank: int) -> MetaRank:
     """The model chunks of global ``rank`` of ``dims`` for the pretraining config ``cfg``, on meta, with Muon /
     AdamW routing and the logical-matrix pieces of every Muon parameter at their true shapes.
 
@@ -197,7 +205,7 @@ def build_rank_on_meta(cfg, dims, rank: int) -> MetaRank:
             config.sequence_parallel = dims.sequence_parallel
             chunks = build_gpt_moe_model_chunks(model, config, pg_collection)
         routing = route_parameters(chunks, router=muon.router)
-        pieces = []
+        pieces: list[tuple[str, list[MatrixPiece], bool]] = []
         for routed in routing.muon:
             chunk_config = chunks[routed.chunk].config
             found = megatron_param_pieces(

@@ -29,6 +29,7 @@ class RankParameters:
 
     @property
     def total(self) -> int:
+        """Every parameter element of the rank: dense and routed experts."""
         return self.dense + self.expert
 
 
@@ -37,18 +38,18 @@ def stage_layers(num_layers: int, pp: int, vpp: int | None, pp_rank: int) -> lis
     virtual stages, chunk v holds the layers of virtual stage v·pp + pp_rank)."""
     chunks = vpp or 1
     per_chunk = num_layers // (pp * chunks)
-    layers = []
+    layers: list[int] = []
     for chunk in range(chunks):
         start = (chunk * pp + pp_rank) * per_chunk
         layers.extend(range(start, start + per_chunk))
     return layers
 
 
-def _norm(model, size: int) -> int:
+def _norm(model: ModelConfig, size: int) -> int:
     return size * (2 if model.normalization == "LayerNorm" else 1)
 
 
-def _attention(model: ModelConfig, tp: int, transformer_impl: TransformerImpl) -> tuple[int, int]:
+def _attention(model: ModelConfig, tp: int, transformer_impl: str) -> tuple[int, int]:
     """(split over TP, replicated) elements of one attention block with its input norm.
 
     MLA's down projections are duplicated over TP with Transformer Engine (``TELinear``, parallel_mode

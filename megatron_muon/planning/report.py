@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import TYPE_CHECKING, Any
 
 from megatron_muon.optim.plan import GPU_PROFILES
-from megatron_muon.planning.at_scale import collect_layout
-from megatron_muon.planning.cost import MODES, activation_bytes, layout_costs
+from megatron_muon.planning.at_scale import LayoutFacts, StageMatrices, collect_layout
+from megatron_muon.planning.cost import MODES, RankCost, activation_bytes, layout_costs
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import ParallelDims, PretrainConfig
 
 __all__ = ["itemized_memory_lines", "plan_at_scale", "render_table"]
 
 _GB = 1e9
+
+JsonObject = dict[str, Any]
+"""A JSON-ready dict: the report of :func:`plan_at_scale` and its parts (``json.dumps`` writes it as is)."""
 
 
 _SHARDED = ("ours + distributed optimizer", "megatron layer-wise")
@@ -22,7 +29,9 @@ FSDP_MODE = "ours + FSDP"
 """The mode whose parameters and gradients are sharded too (``parallel.fsdp``)."""
 
 
-def _memory(facts, stage, cost, mode: str, pp_rank: int) -> dict[str, float]:
+def _memory(
+    facts: LayoutFacts, stage: StageMatrices, cost: RankCost, mode: str, pp_rank: int
+) -> dict[str, float]:
     """Bytes per rank: params, grads, master weights, optimizer state (AdamW + Muon), activations, total
     (``cost.py``)."""
     model, dims = facts.cfg.model, facts.dims
@@ -30,7 +39,7 @@ def _memory(facts, stage, cost, mode: str, pp_rank: int) -> dict[str, float]:
     p = stage.parameters
     adamw_dense = p.dense - stage.muon_elements["dense"]
     adamw_expert = p.expert - stage.muon_elements["expert"]
-    memory = {
+    memory: dict[str, float] = {
         "params": p.total * (2 if bf16 else 4),
         "grads": p.total * 4,
         "activations": activation_bytes(model, dims, facts.cfg.training, pp_rank),
@@ -58,7 +67,9 @@ def _memory(facts, stage, cost, mode: str, pp_rank: int) -> dict[str, float]:
     return memory
 
 
-def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
+def plan_at_scale(
+    cfg: PretrainConfig, dims: ParallelDims, gpu: str, *, with_matrices: bool = True
+) -> JsonObject:
     """Everything the tool reports for ``cfg`` at ``dims`` on ``gpu``, as a JSON-ready dict."""
     started = time.perf_counter()
     facts = collect_layout(cfg, dims, gpu)
@@ -66,11 +77,11 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
     profile = GPU_PROFILES[gpu]
     flops_per_s, latency = profile.achieved_flops_per_s, profile.latency_s
     stage_of = {s.pp_rank: s for s in facts.stages}
-    classes: dict[tuple, list[int]] = defaultdict(list)
+    classes: dict[tuple[int, int, int, int], list[int]] = defaultdict(list)
     for rank, c in enumerate(facts.coordinates):
         classes[(c["pp"], c["tp"], c["ep"], c["etp"])].append(rank)
 
-    modes = {}
+    modes: dict[str, JsonObject] = {}
     for mode in MODES:
         per_rank = costs[mode]
         memory = {
@@ -82,7 +93,7 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
         seconds = {r: per_rank[r].step_seconds(flops_per_s, latency) for r in range(dims.world_size)}
         flops = [per_rank[r].ns_flops for r in range(dims.world_size)]
 
-        class_rows = []
+        class_rows: list[JsonObject] = []
         for (pp, tp, ep, etp), ranks in sorted(classes.items()):
             worst = max(ranks, key=lambda r: seconds[r])
             cost = per_rank[worst]
@@ -125,11 +136,11 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
             "classes": class_rows,
         }
 
-    plans = {}
+    plans: dict[str, JsonObject] = {}
     for stage in facts.stages:
         for kind, plan in stage.plans.items():
             first = stage.pp_rank * dims.stage_size
-            entry = {"summary": plan.summary()}
+            entry: JsonObject = {"summary": plan.summary()}
             if with_matrices:
                 entry["matrices"] = [
                     [
@@ -171,7 +182,7 @@ def plan_at_scale(cfg, dims, gpu: str, *, with_matrices: bool = True) -> dict:
     }
 
 
-def itemized_memory_lines(report: dict, configured: str) -> list[str]:
+def itemized_memory_lines(report: JsonObject, configured: str) -> list[str]:
     """Our bytes per GPU (the largest rank), item by item, with the distributed optimizer off and on and with
     FSDP; the configured mode (``ours``, ``ours + distributed optimizer`` or ``ours + FSDP``) marked."""
     lines = [
@@ -204,17 +215,17 @@ def itemized_memory_lines(report: dict, configured: str) -> list[str]:
     return lines
 
 
-def _sharding(mode: dict) -> str:
+def _sharding(mode: JsonObject) -> str:
     if mode.get("fsdp"):
         return "params, grads, state (FSDP)"
     return "masters, state" if mode["distributed_optimizer"] else "no"
 
 
-def _gb(value) -> str:
+def _gb(value: float | None) -> str:
     return "n/a" if value is None else f"{value / _GB:.1f}"
 
 
-def render_table(report: dict) -> str:
+def render_table(report: JsonObject) -> str:
     """A few lines per mode plus the per-class detail of ours."""
     gpu = report["gpu"]
     capacity = gpu["memory_bytes"]

@@ -308,8 +308,9 @@ def cpu_tensors_pose_as_cuda() -> Iterator[None]:
     :data:`_FUNCTIONS_SEEING_CPU_TENSORS_AS_CUDA`."""
     previous_type = torch.Tensor.__dict__.get("type")
     previous_cuda = torch.Tensor.__dict__.get("cuda")
-    torch.Tensor.type = _type_naming_cpu_tensors_as_cuda
-    torch.Tensor.cuda = _cuda_keeping_cpu_tensors
+    # setattr: torch's stubs declare these as (overloaded) methods, which mypy will not let us assign.
+    setattr(torch.Tensor, "type", _type_naming_cpu_tensors_as_cuda)  # noqa: B010
+    setattr(torch.Tensor, "cuda", _cuda_keeping_cpu_tensors)  # noqa: B010
     try:
         yield
     finally:
@@ -396,7 +397,9 @@ def _move_tensor_to_cpu_including_cpu_tensors(
     return tensor
 
 
-def _uneven_gather_along_first_dim_on_gloo(original: Callable[..., Any]) -> Callable[..., Any]:
+def _uneven_gather_along_first_dim_on_gloo(
+    original: Callable[..., torch.Tensor],
+) -> Callable[..., torch.Tensor]:
     """``tensor_parallel.mappings._gather_along_first_dim`` that also gathers uneven splits on gloo.
 
     # megatron-core 0.19.2: with ``output_split_sizes`` (the MoE dispatcher under expert-TP > 1, where each
@@ -408,7 +411,7 @@ def _uneven_gather_along_first_dim_on_gloo(original: Callable[..., Any]) -> Call
     @functools.wraps(original)
     def gather(
         input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False
-    ):
+    ) -> torch.Tensor:
         if output_split_sizes is None or group is None or group.size() == 1:
             return original(input_, group, output_split_sizes, use_global_buffer)
         sizes = [int(size) for size in output_split_sizes]
@@ -423,7 +426,9 @@ def _uneven_gather_along_first_dim_on_gloo(original: Callable[..., Any]) -> Call
     return gather
 
 
-def _uneven_reduce_scatter_along_first_dim_on_gloo(original: Callable[..., Any]) -> Callable[..., Any]:
+def _uneven_reduce_scatter_along_first_dim_on_gloo(
+    original: Callable[..., torch.Tensor],
+) -> Callable[..., torch.Tensor]:
     """``tensor_parallel.mappings._reduce_scatter_along_first_dim`` that also scatters uneven splits on gloo.
 
     # megatron-core 0.19.2: with ``input_split_sizes`` megatron calls ``torch.distributed.reduce_scatter`` with
@@ -434,7 +439,7 @@ def _uneven_reduce_scatter_along_first_dim_on_gloo(original: Callable[..., Any])
     @functools.wraps(original)
     def reduce_scatter(
         input_: torch.Tensor, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False
-    ):
+    ) -> torch.Tensor:
         if input_split_sizes is None or group is None or group.size() == 1:
             return original(input_, group, input_split_sizes, use_global_buffer)
         sizes = [int(size) for size in input_split_sizes]
@@ -517,9 +522,8 @@ def _plan() -> list[Callable[[], None]]:
         if _is_stand_in(function):
             continue
         wrapped = _posing_cpu_tensors_as_cuda(function)
-        if isinstance(value, (staticmethod, classmethod)):
-            wrapped = type(value)(wrapped)
-        patches.append(functools.partial(setattr, owner, name, wrapped))
+        posing: object = type(value)(wrapped) if isinstance(value, (staticmethod, classmethod)) else wrapped
+        patches.append(functools.partial(setattr, owner, name, posing))
 
     replacements: list[tuple[str, str, Callable[..., Any]]] = [
         # megatron-core 0.19.2: 2. tensor_parallel/random.py: the tracker reads and sets the CUDA generator's state through these.

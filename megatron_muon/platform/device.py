@@ -20,12 +20,15 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from megatron_muon.platform.cpu import apply_cpu_stand_ins
 from megatron_muon.platform.megatron_fixes import apply_megatron_fixes
+
+if TYPE_CHECKING:
+    from megatron_muon.config.schema import PretrainConfig
 
 __all__ = [
     "DEVICE_ENV",
@@ -67,7 +70,10 @@ class Device:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.type, self.index) if self.type == "cuda" else torch.device("cpu")
+        """This device as a ``torch.device``: ``cuda:<index>`` or ``cpu``."""
+        if self.type != "cuda":
+            return torch.device("cpu")
+        return torch.device("cuda") if self.index is None else torch.device("cuda", self.index)
 
     @property
     def use_cpu_initialization(self) -> bool:
@@ -76,6 +82,7 @@ class Device:
         return self.type == "cpu"
 
     def describe(self) -> str:
+        """One line for logs and errors: ``GPU 0 (cpu:gloo,cuda:nccl)`` or ``CPU (gloo)``."""
         return f"GPU {self.index} ({self.backend})" if self.type == "cuda" else f"CPU ({self.backend})"
 
 
@@ -160,7 +167,7 @@ def peak_flops() -> float | None:
     return next((flops for part, flops in PEAK_BF16_FLOPS.items() if part in name), None)
 
 
-def require_device_for(cfg, device: Device) -> None:
+def require_device_for(cfg: PretrainConfig, device: Device) -> None:
     """Raise a one-line ``ConfigError`` if ``cfg`` (a ``PretrainConfig``) asks for something ``device`` cannot run:
     Transformer Engine or FP8 GEMMs without a GPU (or without Transformer Engine), FP8 Newton–Schulz where
     ``torch._scaled_mm`` has no e4m3 kernel. Called before any process group starts."""

@@ -84,7 +84,7 @@ def backward(
         grads = [grad_tensors]
     else:
         grads = list(grad_tensors)
-    grads = [torch.ones_like(t) if g is None else g for t, g in zip(roots, grads, strict=True)]
+    root_grads = [torch.ones_like(t) if g is None else g for t, g in zip(roots, grads, strict=True)]
 
     buffers: dict[Any, dict[int, torch.Tensor]] = defaultdict(dict)
 
@@ -95,8 +95,8 @@ def backward(
         held = buffers[node]
         held[slot] = grad if slot not in held else held[slot] + grad
 
-    starts = []
-    for tensor, grad in zip(roots, grads, strict=True):
+    starts: list[Any] = []  # autograd nodes (AccumulateGrad's ``variable`` is not in torch's stubs)
+    for tensor, grad in zip(roots, root_grads, strict=True):
         if tensor.grad_fn is not None:
             add(tensor.grad_fn, tensor.output_nr, grad)
             starts.append(tensor.grad_fn)
@@ -179,7 +179,9 @@ def python_autograd(model_chunks: Sequence[Any] = ()) -> Iterator[None]:
         lambda: defaultdict(list)
     )
     final_callbacks: list[Callable[[], Any]] = []
-    original_register_hook = torch.Tensor.register_hook
+    original_register_hook: Callable[[torch.Tensor, Callable[[torch.Tensor], Any]], Any] = (
+        torch.Tensor.register_hook
+    )
 
     def register_hook(tensor: torch.Tensor, hook: Callable[[torch.Tensor], Any]) -> Any:
         handle = original_register_hook(tensor, hook)
@@ -191,17 +193,18 @@ def python_autograd(model_chunks: Sequence[Any] = ()) -> Iterator[None]:
 
     engine = torch.autograd.Variable._execution_engine
     original_backward = torch.autograd.backward
-    torch.autograd.backward = lambda *args, **kwargs: backward(  # type: ignore[assignment]
+    torch.autograd.backward = lambda *args, **kwargs: backward(
         *args, **kwargs, leaf_hooks=leaf_hooks, tensor_hooks=tensor_hooks, final_callbacks=final_callbacks
     )
     torch.Tensor.register_hook = register_hook  # type: ignore[method-assign]
-    torch.autograd.Variable._execution_engine = _QueueingEngine(engine, final_callbacks)  # type: ignore[misc]
+    # ignore[assignment]: a stand-in for torch's C++ engine object, which mypy knows as _ImperativeEngine.
+    torch.autograd.Variable._execution_engine = _QueueingEngine(engine, final_callbacks)  # type: ignore[assignment]
     try:
         yield
     finally:
         torch.autograd.backward = original_backward
         torch.Tensor.register_hook = original_register_hook  # type: ignore[method-assign]
-        torch.autograd.Variable._execution_engine = engine  # type: ignore[misc]
+        torch.autograd.Variable._execution_engine = engine
 
 
 class _QueueingEngine:

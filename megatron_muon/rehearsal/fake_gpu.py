@@ -27,6 +27,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ class HostSync:
 
 def _caller_frame() -> Any:
     """The innermost Python frame outside torch and this module."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
         if filename != _THIS_FILE and not filename.startswith(_TORCH_DIR):
@@ -118,7 +119,8 @@ def _runs_on_the_host(args: Any, kwargs: dict[str, Any]) -> bool:
     return device is None or torch.device(device).type == "cpu"
 
 
-class GpuRehearsalMode(FakeTensorMode):
+# ignore[no-untyped-call]: torch's TorchDispatchMode.__init_subclass__ has no annotations.
+class GpuRehearsalMode(FakeTensorMode):  # type: ignore[no-untyped-call]
     """``FakeTensorMode`` that records host syncs and CPU tensors in collectives instead of failing on the first.
 
     ``syncs`` holds every sync since the last :meth:`reset_records` (a ``.tolist()`` of n values counts once);
@@ -139,9 +141,11 @@ class GpuRehearsalMode(FakeTensorMode):
         return True
 
     def reset_records(self) -> None:
+        """Forget the syncs and collective errors recorded so far (``total_syncs`` keeps counting)."""
         self.syncs, self.collective_errors, self._last_read_key = [], [], None
 
     def record_sync(self, kind: str, frame: Any = None) -> None:
+        """Record a host sync of ``kind`` at ``frame`` (default: the innermost frame outside torch and here)."""
         frame = frame if frame is not None else _caller_frame()
         site, owner = _describe(frame)
         self.syncs.append(HostSync(kind=kind, site=site, owner=owner))
@@ -204,6 +208,7 @@ class GpuRehearsalMode(FakeTensorMode):
                 return
 
     def sync_summary(self) -> dict[str, int]:
+        """``owner: kind at site`` → count of the syncs recorded since :meth:`reset_records`."""
         return dict(Counter(f"{s.owner}: {s.kind} at {s.site}" for s in self.syncs))
 
 

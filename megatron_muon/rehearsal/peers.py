@@ -2,7 +2,7 @@
 
 Under torch's fake process group a collective moves nothing, which is right for tensors (the rehearsal checks
 shapes and devices, not values) but not for the few *object* all-gathers that decide what a rank does: the Muon plan
-is built identically on every rank from every grid rank's piece records (``optim/executor.py``). The answer is
+is built identically on every rank from every grid rank's piece records (``optim/placement.py``). The answer is
 derived from this rank's own records by the symmetry the scale planner uses and tests (``planning/at_scale.py``):
 a peer holds the same pieces with its own tensor-parallel (expert-TP) shard index and, for routed experts, the
 global expert ids of its expert-parallel rank (megatron's contiguous placement). Any other object (fingerprints,
@@ -44,9 +44,10 @@ def peer_records(
             peer_record = dataclasses.replace(record, key=key, shard_index=shard)
         if record.fsdp_cut:
             # FSDP: the peer's own rows, over the data-parallel ranks (experts: expert-data-parallel).
-            peer_record = _fsdp_part_of(peer_record, peer["edp"] if match else peer["dp"])
-            if peer_record is None:
+            part = _fsdp_part_of(peer_record, peer["edp"] if match else peer["dp"])
+            if part is None:
                 continue
+            peer_record = part
         answer.append(peer_record)
     return answer
 

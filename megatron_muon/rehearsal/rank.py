@@ -66,6 +66,7 @@ class RankReport:
     narrowed: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
 

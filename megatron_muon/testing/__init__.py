@@ -5,7 +5,14 @@ from megatron_muon.testing.multiprocess import (
     DistributedRunError,
     DistributedTimeoutError,
     ParallelSizes,
+    keep_rank_processes,
     run_distributed,
 )
 
-__all__ = ["DistributedRunError", "DistributedTimeoutError", "ParallelSizes", "run_distributed"]
+__all__ = [
+    "DistributedRunError",
+    "DistributedTimeoutError",
+    "ParallelSizes",
+    "keep_rank_processes",
+    "run_distributed",
+]

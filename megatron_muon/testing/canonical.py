@@ -9,6 +9,8 @@ from a generator seeded by its layout-independent key, and each rank writes its 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -22,12 +24,18 @@ from megatron_muon.optim.layout import (
     megatron_param_pieces,
     module_tp_group,
 )
-from megatron_muon.optim.param_groups import route_parameters
+from megatron_muon.optim.param_groups import ParamRouting, RoutedParam, route_parameters
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 DEFAULT_LAYOUT = LayoutConfig()
 
+CollectedPieces = dict[str, dict[int, tuple[torch.Tensor, int, int]]]
+"""Matrix piece key → shard index → (this rank's value, shard dim, number of shards): :func:`collect_pieces`."""
 
-def canonical_tensor(key: str, shape, *, salt: str = "", std: float = 0.02) -> torch.Tensor:
+
+def canonical_tensor(key: str, shape: Sequence[int], *, salt: str = "", std: float = 0.02) -> torch.Tensor:
     """A float32 tensor of ``shape`` drawn from N(0, std²) with a seed derived from ``key`` and ``salt``."""
     seed = int.from_bytes(hashlib.sha256(f"{salt}|{key}".encode()).digest()[:8], "little") % (2**63)
     generator = torch.Generator().manual_seed(seed)
@@ -40,9 +48,12 @@ def _shard(full: torch.Tensor, piece: MatrixPiece) -> torch.Tensor:
     return full.chunk(piece.num_shards, dim=piece.shard_dim)[piece.shard_index]
 
 
-def _other_param_full_and_shard(name, param, module, module_paths):
+def _other_param_full_and_shard(
+    name: str, param: torch.Tensor, module: torch.nn.Module, module_paths: dict[str, torch.nn.Module]
+) -> tuple[str, tuple[int, ...], int | None, int, int]:
+    """(global key, TP1 shape, TP split dim or None, TP size, TP rank) of a parameter Muon does not manage."""
     key = _global_key(name, module_paths)
-    dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
+    dim: int = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
     if dim < 0:
         return key, tuple(param.shape), None, 1, 0
     group = module_tp_group(module)
@@ -52,14 +63,18 @@ def _other_param_full_and_shard(name, param, module, module_paths):
     return key, tuple(full), dim, size, rank
 
 
-def logical_pieces(model_chunks, options: LayoutConfig = DEFAULT_LAYOUT, router: str = "adamw"):
+def logical_pieces(
+    model_chunks: list[torch.nn.Module], options: LayoutConfig = DEFAULT_LAYOUT, router: str = "adamw"
+) -> tuple[ParamRouting, list[tuple[RoutedParam, list[MatrixPiece]]]]:
     """(param, pieces) for every Muon parameter of ``model_chunks`` (as the optimizer builder lays them out;
     ``router`` as ``MuonConfig.router``)."""
     routing = route_parameters(model_chunks, router=router)
     result = []
     for routed in routing.muon:
         chunk = model_chunks[routed.chunk]
-        config = getattr(chunk, "config", None) or chunk.module.config
+        # megatron's model chunks (or their DDP wrappers, ``.module``) carry the TransformerConfig.
+        wrapped: Any = chunk
+        config = getattr(wrapped, "config", None) or wrapped.module.config
         pieces = megatron_param_pieces(
             routed.name, routed.param, routed.module, config, routing.module_paths[routed.chunk], options
         )
@@ -69,7 +84,7 @@ def logical_pieces(model_chunks, options: LayoutConfig = DEFAULT_LAYOUT, router:
 
 @torch.no_grad()
 def fill_canonical_(
-    model_chunks,
+    model_chunks: list[torch.nn.Module],
     *,
     salt: str = "weight",
     grads: bool = False,
@@ -80,11 +95,12 @@ def fill_canonical_(
     router as a Muon matrix with ``router="muon"``."""
     routing, muon = logical_pieces(model_chunks, options, router)
 
-    def target(param):
+    def target(param: torch.Tensor) -> torch.Tensor:
         if not grads:
             return param.data
-        if hasattr(param, "main_grad") and param.main_grad is not None:
-            return param.main_grad
+        main_grad: torch.Tensor | None = getattr(param, "main_grad", None)  # megatron's DDP gradient buffer
+        if main_grad is not None:
+            return main_grad
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         return param.grad
@@ -114,19 +130,23 @@ def _copy_held_rows(target: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def collect_pieces(
-    model_chunks, options: LayoutConfig = DEFAULT_LAYOUT, *, main_params: bool = False, router: str = "adamw"
-) -> dict[str, dict[int, torch.Tensor]]:
+    model_chunks: list[torch.nn.Module],
+    options: LayoutConfig = DEFAULT_LAYOUT,
+    *,
+    main_params: bool = False,
+    router: str = "adamw",
+) -> CollectedPieces:
     """This rank's value of every Muon matrix piece: key → shard index → tensor (for assembling in a test).
     ``main_params``: the fp32 main copies megatron's mixed-precision wrapper keeps (``param.main_param``) instead
     of the bf16 parameters, from the parameters that have one here (with the distributed optimizer: the owned)."""
     _, muon = logical_pieces(model_chunks, options, router)
-    out: dict[str, dict] = {}
+    out: CollectedPieces = {}
     for routed, pieces in muon:
         source = getattr(routed.param, "main_param", None) if main_params else routed.param.data
         if source is None:
             continue
         if fsdp_row_range(source) is not None:  # FSDP: the whole (TP-local) parameter, gathered
-            source = source.full_tensor()
+            source = cast("DTensor", source).full_tensor()  # only a DTensor has a row range
         for piece in pieces:
             out.setdefault(piece.key, {})[piece.shard_index] = (
                 piece.read(source).clone(),
@@ -136,7 +156,7 @@ def collect_pieces(
     return out
 
 
-def assemble(collected_by_rank: list[dict]) -> dict[str, torch.Tensor]:
+def assemble(collected_by_rank: list[CollectedPieces]) -> dict[str, torch.Tensor]:
     """Full logical matrices from every rank's :func:`collect_pieces` (replicas must agree exactly)."""
     shards: dict[str, dict[int, torch.Tensor]] = {}
     meta: dict[str, tuple[int, int]] = {}

@@ -3,9 +3,16 @@
 :func:`run_distributed` is the one place in this project where megatron's *global* parallel state is
 initialized (code under test receives its process groups explicitly or reads them from there).
 
-Each rank is a fresh ``spawn`` process, so ``fn`` and its arguments travel by pickle: ``fn`` must be a
-module-level function (not a lambda, closure or method of a local class), and its return value must be
-picklable (tensors are sent by value).
+Each rank is a ``spawn`` process, so ``fn`` and its arguments travel by pickle: ``fn`` must be a module-level
+function (not a lambda, closure or method of a local class), and its return value must be picklable (tensors are
+sent by value).
+
+By default every call starts fresh rank processes and stops them after. Inside :func:`keep_rank_processes` (the test
+suite's session fixture) the rank processes of a clean call stay alive for the next call of the same world size:
+importing torch and megatron-core costs each process ~6 CPU-seconds, about half of a small multi-process test.
+Between calls a rank destroys megatron's parallel state and the process group, resets megatron's other
+process-wide state a run leaves behind (:func:`_reset_process_state`), reseeds torch's default generator as at
+start-up, and takes the caller's environment and working directory afresh. A call that fails or times out stops its processes, so the next one starts clean.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -29,6 +37,7 @@ __all__ = [
     "DistributedRunError",
     "DistributedTimeoutError",
     "ParallelSizes",
+    "keep_rank_processes",
     "run_distributed",
 ]
 
@@ -65,6 +74,7 @@ class ParallelSizes:
     """Virtual pipeline stages per pipeline rank; None for no interleaving."""
 
     def check(self, world_size: int) -> None:
+        """Raise a one-line ``ValueError`` when the sizes are not positive or do not divide ``world_size``."""
         for name in ("tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -84,7 +94,8 @@ class ParallelSizes:
 def _free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _initialize_rank(rank: int, world_size: int, port: int, sizes: ParallelSizes, timeout_s: float) -> None:
@@ -128,27 +139,66 @@ def _tear_down_rank() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _reset_process_state()
 
 
-def _rank_main(
-    rank: int,
-    world_size: int,
-    port: int,
-    sizes: ParallelSizes,
-    timeout_s: float,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    report: Connection,
-) -> None:
-    """Body of one rank process. Sends ``("ok", pickled value)`` or ``("error", traceback text)``."""
+def _reset_process_state() -> None:
+    """Megatron-core's process-wide state beyond the parallel state, as a fresh process has it: the MoE metrics
+    tracker (sized by the last model's layers and holding its groups), the rerun state machine, the microbatch
+    calculator, the model-parallel RNG states; and torch's default dtype."""
+    from megatron.core import num_microbatches_calculator, rerun_state_machine
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron.core.transformer.moe import moe_logging
+
+    moe_logging.destroy_moe_metrics_tracker()
+    rerun_state_machine.destroy_rerun_state_machine()
+    num_microbatches_calculator.destroy_num_microbatches_calculator()
+    get_cuda_rng_tracker().reset()
+    torch.set_default_dtype(torch.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One ``run_distributed`` call as a rank receives it."""
+
+    port: int
+    sizes: ParallelSizes
+    timeout_s: float
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    environ: dict[str, str]
+    cwd: str
+
+
+def _rank_main(rank: int, world_size: int, calls: Connection, report: Connection) -> None:
+    """Body of one rank process: runs each call it receives until its call pipe closes."""
     # Lead a process group of our own, so that run_distributed can kill this rank together with any
     # children it starts (which would otherwise outlive a killed rank and hold its pipes open).
     os.setpgid(0, 0)
+    fresh_seed = torch.initial_seed()  # torch's default generator as a fresh process has it
     try:
+        while True:
+            try:
+                call = calls.recv()
+            except EOFError:
+                return
+            torch.manual_seed(fresh_seed)
+            _run_call(rank, world_size, call, report)
+    finally:
+        report.close()
+
+
+def _run_call(rank: int, world_size: int, call: _Call, report: Connection) -> None:
+    """Sends ``("ok", pickled value)`` or ``("error", traceback text)``."""
+    try:
+        # What a freshly spawned rank would inherit from the caller at this moment.
+        os.environ.clear()
+        os.environ.update(call.environ)
+        os.chdir(call.cwd)
         try:
-            _initialize_rank(rank, world_size, port, sizes, timeout_s)
-            value = fn(*args, **kwargs)
+            _initialize_rank(rank, world_size, call.port, call.sizes, call.timeout_s)
+            value = call.fn(*call.args, **call.kwargs)
         finally:
             _tear_down_rank()
         try:
@@ -157,14 +207,12 @@ def _rank_main(
             payload = pickle.dumps(value)
         except Exception as error:
             raise TypeError(
-                f"the return value of {fn.__qualname__} on rank {rank} is not picklable "
+                f"the return value of {call.fn.__qualname__} on rank {rank} is not picklable "
                 f"({type(value).__name__}): {error}"
             ) from error
         report.send(("ok", payload))
     except BaseException:
         report.send(("error", traceback.format_exc()))
-    finally:
-        report.close()
 
 
 def _stop_ranks(processes: list[Any], *, wait_s: float) -> None:
@@ -188,6 +236,90 @@ def _stop_ranks(processes: list[Any], *, wait_s: float) -> None:
         process.join(timeout=10)
 
 
+@dataclass(slots=True)
+class _Ranks:
+    """``world_size`` rank processes, each with a pipe for calls and one for reports."""
+
+    processes: list[Any]
+    calls: list[Connection]
+    reports: list[Connection]
+    calls_run: int = 0
+
+    @classmethod
+    def start(cls, world_size: int) -> _Ranks:
+        context = torch.multiprocessing.get_context("spawn")
+        ranks = cls(processes=[], calls=[], reports=[])
+        for rank in range(world_size):
+            call_receive, call_send = context.Pipe(duplex=False)
+            report_receive, report_send = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_rank_main,
+                name=f"rank{rank}",
+                args=(rank, world_size, call_receive, report_send),
+                # Not a daemon: ranks must be able to start children of their own (dist_checkpointing's
+                # save starts a multiprocessing Manager). _stop_ranks kills whatever is left.
+                daemon=False,
+            )
+            process.start()
+            # The child holds its own copies; closing ours lets a dead child read as EOF.
+            call_receive.close()
+            report_send.close()
+            ranks.processes.append(process)
+            ranks.calls.append(call_send)
+            ranks.reports.append(report_receive)
+        return ranks
+
+    def alive(self) -> bool:
+        return all(process.is_alive() for process in self.processes)
+
+    def stop(self, *, wait_s: float) -> None:
+        """Close the call pipes (an idle rank exits on it), then :func:`_stop_ranks`."""
+        for call_pipe in self.calls:
+            call_pipe.close()
+        _stop_ranks(self.processes, wait_s=wait_s)
+        for report_pipe in self.reports:
+            report_pipe.close()
+
+
+# The rank processes kept between calls inside keep_rank_processes(), by world size, least recently used first:
+# at most two sets (a suite mixes world sizes 2 and 4), each retired after a number of calls so that whatever a
+# call leaves in a process's heap does not pile up over a whole suite.
+_kept_ranks: dict[int, _Ranks] = {}
+_keeping = False
+_KEPT_SETS = 2
+_CALLS_PER_PROCESS = 20
+
+
+@contextmanager
+def keep_rank_processes() -> Iterator[None]:
+    """Inside this block, :func:`run_distributed` keeps the rank processes of a clean call for the next call of the
+    same world size (all stopped on leaving the block)."""
+    global _keeping
+    _keeping = True
+    try:
+        yield
+    finally:
+        _keeping = False
+        while _kept_ranks:
+            _kept_ranks.pop(next(iter(_kept_ranks))).stop(wait_s=_EXIT_WAIT_S)
+
+
+def _ranks_for(world_size: int) -> _Ranks:
+    kept = _kept_ranks.pop(world_size, None)
+    if kept is not None and kept.alive() and kept.calls_run < _CALLS_PER_PROCESS:
+        return kept
+    if kept is not None:
+        kept.stop(wait_s=_EXIT_WAIT_S)
+    return _Ranks.start(world_size)
+
+
+def _keep(ranks: _Ranks) -> None:
+    ranks.calls_run += 1
+    _kept_ranks[len(ranks.processes)] = ranks
+    while len(_kept_ranks) > _KEPT_SETS:
+        _kept_ranks.pop(next(iter(_kept_ranks))).stop(wait_s=_EXIT_WAIT_S)
+
+
 def _describe_function(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
@@ -207,7 +339,8 @@ def run_distributed(
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks on this machine; return the values by rank.
 
-    Each rank is a ``spawn`` process that joins a gloo process group on a free TCP port of 127.0.0.1,
+    Each rank is a ``spawn`` process (kept from the previous call inside :func:`keep_rank_processes`) that joins
+    a gloo process group on a free TCP port of 127.0.0.1,
     makes the CPU its device (``MEGATRON_MUON_DEVICE=cpu``, one torch thread, the CPU stand-ins forced on even
     where CUDA is available), and initializes megatron's parallel state with the given sizes (``etp=None``: expert TP equals ``tp``; ``vpp``: virtual pipeline size).
     Parallel state and the process group are destroyed after ``fn`` returns or raises.
@@ -231,24 +364,24 @@ def run_distributed(
             f"module-level function ({error})"
         ) from error
 
-    context = torch.multiprocessing.get_context("spawn")
-    port = _free_tcp_port()
-    processes = []
-    report_of_rank: dict[int, Connection] = {}
-    for rank in range(world_size):
-        receive, send = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_rank_main,
-            name=f"rank{rank}",
-            args=(rank, world_size, port, sizes, timeout_s, fn, tuple(args), dict(kwargs or {}), send),
-            # Not a daemon: ranks must be able to start children of their own (dist_checkpointing's
-            # save starts a multiprocessing Manager). _stop_ranks kills whatever is left.
-            daemon=False,
-        )
-        process.start()
-        send.close()  # the child holds its own copy; closing ours lets a dead child read as EOF
-        processes.append(process)
-        report_of_rank[rank] = receive
+    ranks = _ranks_for(world_size)
+    processes, report_of_rank = ranks.processes, dict(enumerate(ranks.reports))
+    call = _Call(
+        port=_free_tcp_port(),
+        sizes=sizes,
+        timeout_s=timeout_s,
+        fn=fn,
+        args=tuple(args),
+        kwargs=dict(kwargs or {}),
+        environ=dict(os.environ),
+        cwd=os.getcwd(),
+    )
+    try:
+        for call_pipe in ranks.calls:
+            call_pipe.send(call)
+    except BaseException:
+        ranks.stop(wait_s=0.0)
+        raise
 
     values: dict[int, Any] = {}
     # Traceback text, or None for a rank that died without reporting (described once it is reaped).
@@ -256,11 +389,12 @@ def run_distributed(
     failures: dict[int, str | None] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        rank_of_handle = {handle: rank for rank, handle in report_of_rank.items()}
+        # A rank's pipe or its process sentinel (a file descriptor), whichever becomes ready.
+        rank_of_handle: dict[object, int] = {handle: rank for rank, handle in report_of_rank.items()}
         rank_of_handle.update({process.sentinel: rank for rank, process in enumerate(processes)})
         waiting = set(range(world_size))
         while waiting and time.monotonic() < deadline:
-            handles = [report_of_rank[rank] for rank in waiting]
+            handles: list[Connection | int] = [report_of_rank[rank] for rank in waiting]
             handles += [processes[rank].sentinel for rank in waiting]
             for handle in wait(handles, timeout=max(0.0, deadline - time.monotonic())):
                 rank = rank_of_handle[handle]
@@ -285,9 +419,10 @@ def run_distributed(
                 deadline = min(deadline, time.monotonic() + _GRACE_AFTER_FAILURE_S)
     finally:
         finished_cleanly = len(values) == world_size
-        _stop_ranks(processes, wait_s=_EXIT_WAIT_S if finished_cleanly else 0.0)
-        for handle in report_of_rank.values():
-            handle.close()
+        if finished_cleanly and _keeping:
+            _keep(ranks)
+        else:
+            ranks.stop(wait_s=_EXIT_WAIT_S if finished_cleanly else 0.0)
 
     for rank, failure in failures.items():
         if failure is None:

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
 from megatron_muon.testing.multiprocess import run_distributed
 
 __all__ = ["PlantedHead", "run_planted"]
+
+
+class _Layout(TypedDict):
+    """The model-parallel sizes of one run (keywords of ``build_transformer_config`` and ``run_distributed``)."""
+
+    tp: int
+    pp: int
+    ep: int
+    etp: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +47,7 @@ class PlantedHead:
     micro_batch: int = 2
 
 
-def _one_step(layout: dict, model: dict, head: PlantedHead, clip: bool) -> dict:
+def _one_step(layout: _Layout, model: dict[str, Any], head: PlantedHead, clip: bool) -> dict[str, Any]:
     from megatron_muon.config.schema import ModelConfig
     from megatron_muon.models.gpt_moe import causal_attention_mask
     from megatron_muon.optim.options import MuonConfig
@@ -95,7 +104,9 @@ def _one_step(layout: dict, model: dict, head: PlantedHead, clip: bool) -> dict:
     return dict(before=before, after=after, weights=weights, per_layer=per_layer)
 
 
-def _clipped_and_plain_on_rank(layout: dict, variants: dict[str, dict], head: PlantedHead) -> dict:
+def _clipped_and_plain_on_rank(
+    layout: _Layout, variants: dict[str, dict[str, Any]], head: PlantedHead
+) -> dict[str, dict[str, Any]]:
     """Per model variant: the step with QK-clip and with recording only."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -110,7 +121,7 @@ def _clipped_and_plain_on_rank(layout: dict, variants: dict[str, dict], head: Pl
     }
 
 
-def _gather(by_rank: list[dict], run: str) -> dict:
+def _gather(by_rank: list[dict[str, Any]], run: str) -> dict[str, Any]:
     """Per-head logits in global head order and full weights (TP ranks hold consecutive heads / rows)."""
     first = by_rank[0][run]
     layers = first["before"].keys()
@@ -125,14 +136,16 @@ def _gather(by_rank: list[dict], run: str) -> dict:
     )
 
 
-def run_planted(layouts: dict[str, tuple[int, dict]], head: PlantedHead) -> dict[tuple[str, str], Any]:
+def run_planted(
+    layouts: dict[str, tuple[int, dict[str, Any]]], head: PlantedHead
+) -> dict[tuple[str, str], Any]:
     """``layouts``: name -> (TP size, model config). Returns, per (name, ``"clipped"`` or ``"plain"``): ``before``
     and ``after`` (per layer, every head's largest logit in global head order), ``weights`` (per layer, the full
     ``head.weights``) and ``per_layer`` (QK-clip's maxima, which every rank must report alike)."""
-    results = {}
+    results: dict[tuple[str, str], Any] = {}
     for tp in sorted({tp for tp, _ in layouts.values()}):
         variants = {name: model for name, (size, model) in layouts.items() if size == tp}
-        layout = dict(tp=tp, pp=1, ep=1, etp=1)
+        layout = _Layout(tp=tp, pp=1, ep=1, etp=1)
         per_rank = run_distributed(
             _clipped_and_plain_on_rank, tp, **layout, args=(layout, variants, head), timeout_s=300
         )

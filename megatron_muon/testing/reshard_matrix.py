@@ -9,10 +9,18 @@ One process start per layout does its loads and its own save. Used by ``tests/di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_muon.config.schema import ModelConfig
 
 __all__ = [
     "DISTRIBUTED_OPTIMIZER_LAYOUTS",
@@ -43,7 +51,9 @@ DISTRIBUTED_OPTIMIZER_LAYOUTS = frozenset({"tp2_dp2_distopt"})
 FULLY_SHARDED_LAYOUTS = frozenset({"dp4_ep2_fsdp"})
 """Layouts trained with ``parallel.fsdp: true`` (parameters, gradients and state sharded over DP; experts over
 expert-DP)."""
-MODEL = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, num_moe_experts=4)
+MODEL: dict[str, Any] = dict(
+    num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, num_moe_experts=4
+)
 GLOBAL_BATCH, MICRO_BATCH, SEED = 8, 2, 1234
 STEPS, SAVE_AT = 4, 2
 
@@ -70,7 +80,12 @@ def _use_layout(name: str) -> None:
         )
 
 
-def _build(name: str):
+def _build(
+    name: str,
+) -> tuple[
+    ModelConfig, ProcessGroupCollection, list[torch.nn.Module], MegatronOptimizer, OptimizerParamScheduler
+]:
+    """Model chunks, optimizer and schedule of layout ``name`` (in a process group started at it), from the seed."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_muon.config.schema import ModelConfig
@@ -79,7 +94,13 @@ def _build(name: str):
 
     _use_layout(name)
     _, tp, pp, ep, etp = LAYOUTS[name]
-    wrap = "distributed_optimizer" if name in DISTRIBUTED_OPTIMIZER_LAYOUTS else "ddp"
+    wrap: Literal["ddp", "distributed_optimizer", "fsdp"] = (
+        "fsdp"
+        if name in FULLY_SHARDED_LAYOUTS
+        else "distributed_optimizer"
+        if name in DISTRIBUTED_OPTIMIZER_LAYOUTS
+        else "ddp"
+    )
     small = build_small_model(
         ModelConfig(**MODEL),
         tp=tp,
@@ -88,7 +109,7 @@ def _build(name: str):
         etp=etp,
         seed=SEED,
         layout_independent=True,  # the trainer's initialization
-        wrap="fsdp" if name in FULLY_SHARDED_LAYOUTS else wrap,
+        wrap=wrap,
         router="adamw",
     )
     optimizer = small.build_optimizer(
@@ -114,7 +135,16 @@ def _build(name: str):
     return small.model, small.pg, small.chunks, optimizer, scheduler
 
 
-def _losses(cfg, pg, chunks, optimizer, scheduler, first_step: int, last_step: int, save=None) -> list[float]:
+def _losses(
+    cfg: ModelConfig,
+    pg: ProcessGroupCollection,
+    chunks: list[torch.nn.Module],
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    first_step: int,
+    last_step: int,
+    save: Callable[[list[torch.nn.Module], MegatronOptimizer, OptimizerParamScheduler], None] | None = None,
+) -> list[float]:
     """Train steps ``first_step … last_step`` (1-based) on the layout-independent synthetic stream."""
     from megatron_muon.training.step import synthetic_batches, train_step
 
@@ -150,7 +180,7 @@ def _losses(cfg, pg, chunks, optimizer, scheduler, first_step: int, last_step: i
     return losses
 
 
-def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
+def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict[str, Any]:
     """Collective, in a process group started at layout ``name``: first load each checkpoint ``root/<source>`` of
     ``load_from`` and train steps ``SAVE_AT+1 … STEPS`` from it; then (``save``) train :data:`STEPS` steps from
     the seed and save after :data:`SAVE_AT` to ``root/<name>``.
@@ -160,7 +190,7 @@ def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
     from megatron_muon.testing.canonical import collect_pieces
     from megatron_muon.training.checkpoint import load_checkpoint, save_checkpoint
 
-    result: dict = {"resumed": {}, "losses": None, "initial": None}
+    result: dict[str, Any] = {"resumed": {}, "losses": None, "initial": None}
     for source in load_from:
         cfg, pg, chunks, optimizer, scheduler = _build(name)
         progress = load_checkpoint(Path(root) / source, chunks, optimizer, scheduler)
@@ -171,7 +201,9 @@ def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
         cfg, pg, chunks, optimizer, scheduler = _build(name)
         result["initial"] = collect_pieces(chunks)
 
-        def save_now(chunks, optimizer, scheduler):
+        def save_now(
+            chunks: list[torch.nn.Module], optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler
+        ) -> None:
             save_checkpoint(
                 Path(root) / name,
                 SAVE_AT,
@@ -189,7 +221,7 @@ def run_layout(root: str, name: str, load_from: list[str], save: bool) -> dict:
 
 def run_layout_processes(
     root: str, name: str, load_from: list[str], save: bool, timeout_s: float = 1800
-) -> list:
+) -> list[dict[str, Any]]:
     """:func:`run_layout` on a fresh process group of ``name``'s layout; its result on every rank."""
     from megatron_muon.testing.multiprocess import run_distributed
 
@@ -206,7 +238,7 @@ def run_layout_processes(
     )
 
 
-def run_matrix(root: str, names: Sequence[str] | None = None) -> dict:
+def run_matrix(root: str, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Every layout of ``names`` (default: all of :data:`LAYOUTS`) saves; every checkpoint loads at every one of
     them (two process starts per layout). Returns ``{"losses": {layout: [...]}, "resumed": {(saved, loaded):
     [...]}}``."""
@@ -215,14 +247,14 @@ def run_matrix(root: str, names: Sequence[str] | None = None) -> dict:
     if unknown or not names:
         raise ValueError(f"layouts {unknown or names} are not among {sorted(LAYOUTS)}")
     losses = {name: run_layout_processes(root, name, [], True)[0]["losses"] for name in names}
-    resumed = {}
+    resumed: dict[tuple[str, str], list[float]] = {}
     for target in names:
         loaded = run_layout_processes(root, target, names, False)[0]["resumed"]
         resumed |= {(source, target): values for source, values in loaded.items()}
     return {"losses": losses, "resumed": resumed}
 
 
-def matrix_markdown(result: dict) -> str:
+def matrix_markdown(result: dict[str, Any]) -> str:
     """The largest |resumed loss − the saving layout's own loss| over steps SAVE_AT+1 … STEPS, per pair of the
     layouts that ``result`` holds."""
     names = list(result["losses"])

@@ -8,17 +8,20 @@ Call inside a process whose megatron parallel state is initialized (``run_distri
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
     from megatron_muon.config.schema import TransformerImpl
 
 __all__ = ["TinyRun", "train_tiny_moe"]
 
-DEFAULT_MODEL = dict(
+DEFAULT_MODEL: dict[str, Any] = dict(  # ModelConfig's fields
     num_layers=4,
     hidden_size=128,
     ffn_hidden_size=256,
@@ -33,6 +36,8 @@ DEFAULT_MODEL = dict(
 
 @dataclass(slots=True)
 class TinyRun:
+    """A finished tiny training run: its losses and what it trained, for the test to inspect."""
+
     losses: list[float]
     """Training loss (nats per token) of each step."""
     chunks: list[Any]
@@ -43,17 +48,19 @@ class TinyRun:
     """Whether each step's update was skipped (non-finite gradients)."""
 
 
-def _on_device(batches, device: torch.device):
+def _on_device(
+    batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
     for batch in batches:
         yield {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
 def train_tiny_moe(
-    pg_collection,
+    pg_collection: ProcessGroupCollection,
     *,
     steps: int,
     device: str | torch.device = "cpu",
-    model: dict | None = None,
+    model: dict[str, Any] | None = None,
     bf16: bool = False,
     transformer_impl: TransformerImpl = "local",
     fp8_recipe: str | None = None,

@@ -47,8 +47,9 @@ import os
 import queue
 import random
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,8 +64,8 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShard
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.utils import get_model_config, unwrap_model
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 from megatron_muon.training.checkpoint_files import (
     CONFIG_FILENAME,
@@ -83,13 +84,17 @@ from megatron_muon.training.checkpoint_files import (
     verify_files,
     write_manifest,
 )
-from megatron_muon.training.checkpoint_fsdp import FullyShardedEntries, cut_to_held_rows
+from megatron_muon.training.checkpoint_fsdp import FullyShardedEntries, StateDict, cut_to_held_rows
 from megatron_muon.training.checkpoint_optimizer import (
     OptimizerStateError,
     load_optimizer_state,
     optimizer_sharded_state_dict,
 )
 from megatron_muon.training.fsdp import FullyShardedChunk
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from torch.distributed.checkpoint.stateful import Stateful
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -123,7 +128,7 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------
 
 
-def find_latest(root: str | os.PathLike) -> Path | None:
+def find_latest(root: str | os.PathLike[str]) -> Path | None:
     """The checkpoint ``root``'s ``latest_checkpointed_iteration.txt`` names, or None when there is no marker
     (nothing saved yet: a fresh start for ``--resume auto``).
 
@@ -144,7 +149,7 @@ def find_latest(root: str | os.PathLike) -> Path | None:
     return directory
 
 
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+def resolve_checkpoint_dir(path: str | os.PathLike[str]) -> Path:
     """The checkpoint directory ``path`` means: itself, or the one a root's marker names.
 
     Raises:
@@ -153,7 +158,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     return _resolve_checkpoint_dir(Path(path))
 
 
-def recover_checkpoint_root(root: str | os.PathLike) -> list[str]:
+def recover_checkpoint_root(root: str | os.PathLike[str]) -> list[str]:
     """:func:`checkpoint_files.recover_root` on rank 0 (collective); every rank gets the list of actions."""
     payload: list[Any] = [None, None]
     if dist.get_rank() == 0:
@@ -164,7 +169,8 @@ def recover_checkpoint_root(root: str | os.PathLike) -> list[str]:
     dist.broadcast_object_list(payload, src=0)
     if payload[1] is not None:
         raise CheckpointError(payload[1])
-    return payload[0]
+    actions: list[str] = payload[0]
+    return actions
 
 
 def _resolve_checkpoint_dir(path: Path) -> Path:
@@ -173,7 +179,10 @@ def _resolve_checkpoint_dir(path: Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint path {path} is not a directory")
     if (path / LATEST_MARKER).is_file():
-        return find_latest(path)
+        latest = find_latest(path)
+        if latest is None:  # the marker was removed after the check above
+            raise CheckpointError(f"{path / LATEST_MARKER} disappeared while it was being read")
+        return latest
     if (path / "metadata.json").is_file() or (path / ".metadata").is_file():
         return path
     raise CheckpointError(
@@ -181,7 +190,7 @@ def _resolve_checkpoint_dir(path: Path) -> Path:
     )
 
 
-def verify_checkpoint_files(checkpoint_dir: str | os.PathLike) -> None:
+def verify_checkpoint_files(checkpoint_dir: str | os.PathLike[str]) -> None:
     """Check that ``checkpoint_dir`` is a complete torch_dist checkpoint: megatron's ``metadata.json`` (written
     last), torch's ``.metadata``, and every shard file the metadata refers to, at least as long as needed.
 
@@ -224,10 +233,12 @@ def _model_key(index: int, count: int) -> str:
     return "model" if count == 1 else f"model{index}"
 
 
-def _model_sharded_state_dict(model_chunks, fsdp: FullyShardedEntries | None = None) -> dict:
+def _model_sharded_state_dict(
+    model_chunks: Sequence[torch.nn.Module], fsdp: FullyShardedEntries | None = None
+) -> StateDict:
     """megatron's sharded state dict of every chunk; a fully sharded chunk's entries cut to the rows this rank
     holds (``checkpoint_fsdp.py``), recorded in ``fsdp`` for the optimizer state and the load."""
-    result = {}
+    result: StateDict = {}
     for index, chunk in enumerate(model_chunks):
         # As megatron-LM: keys of the unwrapped model ("decoder.layers.0..."), not of the DDP wrapper ("module.").
         metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -246,7 +257,7 @@ def _model_sharded_state_dict(model_chunks, fsdp: FullyShardedEntries | None = N
     return result
 
 
-def _weights_format(model_chunks) -> str:
+def _weights_format(model_chunks: Sequence[torch.nn.Module]) -> str:
     """How the model weights are saved: ``fsdp-fp32`` (FSDP's fp32 shards, the master weights themselves),
     ``bf16+masters`` (bf16 weights, fp32 masters under the optimizer's keys) or ``fp32``."""
     if any(isinstance(chunk, FullyShardedChunk) for chunk in model_chunks):
@@ -254,7 +265,9 @@ def _weights_format(model_chunks) -> str:
     return "bf16+masters" if get_model_config(model_chunks[0]).bf16 else "fp32"
 
 
-def _weights_mismatch(checkpoint_dir: Path, saved: str | None, model_chunks) -> str | None:
+def _weights_mismatch(
+    checkpoint_dir: Path, saved: str | None, model_chunks: Sequence[torch.nn.Module]
+) -> str | None:
     """A one-line refusal where the checkpoint's weights cannot be loaded exactly into this run's: bf16 weights with
     fp32 masters do not cross between FSDP and non-FSDP runs yet (FSDP keeps the masters as its weights and reads no
     master keys; a non-FSDP bf16 run needs them). None where they load (fp32 either way, or the same format)."""
@@ -269,7 +282,7 @@ def _weights_mismatch(checkpoint_dir: Path, saved: str | None, model_chunks) -> 
     )
 
 
-def _layout(model_chunks) -> dict[str, int | None]:
+def _layout(model_chunks: Sequence[torch.nn.Module]) -> dict[str, int | None]:
     config = get_model_config(model_chunks[0])
     return {
         "world_size": dist.get_world_size(),
@@ -288,7 +301,7 @@ def _rng_sharded_object(data: Any) -> ShardedObject:
     return ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
 
 
-def _rng_state() -> dict:
+def _rng_state() -> dict[str, Any]:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -307,7 +320,7 @@ def _rng_state() -> dict:
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
     np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
@@ -329,7 +342,7 @@ def _raise_if_any_rank_failed(message: str | None) -> None:
         raise CheckpointError(failure)
 
 
-def _run_on_rank_zero(action, *args) -> None:
+def _run_on_rank_zero(action: Callable[..., object], *args: object) -> None:
     """Run ``action`` on rank 0 and raise its error on every rank."""
     message = None
     if dist.get_rank() == 0:
@@ -382,9 +395,10 @@ def _prepare_staging(root: Path, staging: Path) -> None:
 
 def _hash_split_over_ranks(directory: Path) -> dict[str, dict[str, int | str]]:
     """Size and SHA-256 of every file of ``directory`` (collective): rank r hashes files r, r + world, …"""
-    names: list[list[str] | None] = [checkpoint_files(directory) if dist.get_rank() == 0 else None]
+    names: list[list[str]] = [checkpoint_files(directory) if dist.get_rank() == 0 else []]
     dist.broadcast_object_list(names, src=0)
-    mine, message = {}, None
+    mine: dict[str, dict[str, int | str]] = {}
+    message = None
     try:
         mine = file_digests(directory, names[0][dist.get_rank() :: dist.get_world_size()])
     except OSError as error:
@@ -392,7 +406,7 @@ def _hash_split_over_ranks(directory: Path) -> dict[str, dict[str, int | str]]:
     failure = _first_failure(message)
     if failure is not None:
         raise CheckpointError(failure)
-    gathered: list[dict | None] = [None] * dist.get_world_size()
+    gathered: list[dict[str, dict[str, int | str]]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, mine)
     return {name: entry for part in gathered for name, entry in part.items()}
 
@@ -413,7 +427,7 @@ def _keep_the_writer_in_this_process() -> None:
 
 
 def _write_staged_checkpoint(
-    root: Path, iteration: int, state: dict, config_yaml: str, keep_last: int, what: str
+    root: Path, iteration: int, state: StateDict, config_yaml: str, keep_last: int, what: str
 ) -> Path:
     """Write ``state`` to ``root/iter_N.partial`` (collective), add config and manifest, publish; return the final
     directory. Any rank's failure (a full disk, a lost file system) stops every rank with one line; nothing
@@ -449,11 +463,11 @@ def fault_point_on_one_rank(name: str, iteration: int) -> None:
 
 
 def save_checkpoint(
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     iteration: int,
     model_chunks: list[torch.nn.Module],
-    optimizer,
-    scheduler,
+    optimizer: MegatronOptimizer,
+    scheduler: Stateful,
     *,
     consumed_samples: int,
     rng: bool = True,
@@ -498,7 +512,7 @@ def save_checkpoint(
 
 
 def save_weights_only(
-    root: str | os.PathLike, model_chunks: list[torch.nn.Module], *, config_yaml: str
+    root: str | os.PathLike[str], model_chunks: list[torch.nn.Module], *, config_yaml: str
 ) -> Path:
     """Save the model weights alone as ``root/iter_0000000`` (collective), marked latest; return that path.
 
@@ -525,13 +539,14 @@ def save_weights_only(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _mismatch_with_checkpoint(checkpoint_dir: Path, request: dict) -> str | None:
+def _mismatch_with_checkpoint(checkpoint_dir: Path, request: StateDict) -> str | None:
     """One line describing the sharded keys of ``request`` that the checkpoint lacks or holds with another
     global shape; None when everything requested is there."""
     saved = load_sharded_metadata(str(checkpoint_dir))
     expanded, _, _ = load_preprocess(request)  # factories applied on a copy
     sharded, _ = extract_sharded_base(expanded)
-    missing, wrong_shape = set(), set()
+    missing: set[str] = set()
+    wrong_shape: set[str] = set()
     for item in nested_values(sharded):
         key = item.unique_key if isinstance(item, ShardedObject) else item.key
         if key not in saved:
@@ -554,7 +569,7 @@ def _mismatch_with_checkpoint(checkpoint_dir: Path, request: dict) -> str | None
 
 def _verify_structure_and_read_manifest(
     directory: Path, manifest_required: bool
-) -> tuple[str | None, dict | None]:
+) -> tuple[str | None, dict[str, dict[str, int | str]] | None]:
     try:
         if not directory.is_dir():
             return f"checkpoint directory {directory} does not exist", None
@@ -577,7 +592,7 @@ def _verify_structure_and_read_manifest(
     return None, manifest
 
 
-def verify_checkpoint(directory: str | os.PathLike, *, manifest_required: bool = True) -> str | None:
+def verify_checkpoint(directory: str | os.PathLike[str], *, manifest_required: bool = True) -> str | None:
     """Check that ``directory`` is a complete, undamaged checkpoint (collective; every rank gets the same answer).
 
     Rank 0 checks the structure (megatron's and torch's metadata, every shard file the metadata names, long
@@ -591,7 +606,8 @@ def verify_checkpoint(directory: str | os.PathLike, *, manifest_required: bool =
     if dist.get_rank() == 0:
         payload = list(_verify_structure_and_read_manifest(directory, manifest_required))
     dist.broadcast_object_list(payload, src=0)
-    message, manifest = payload
+    message: str | None = payload[0]
+    manifest: dict[str, dict[str, int | str]] | None = payload[1]
     if message is not None or manifest is None:
         return message
     names = sorted(manifest)[dist.get_rank() :: dist.get_world_size()]
@@ -602,7 +618,7 @@ def verify_checkpoint(directory: str | os.PathLike, *, manifest_required: bool =
     return _first_failure(local)
 
 
-def select_resume_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list[str]]:
+def select_resume_checkpoint(root: str | os.PathLike[str]) -> tuple[Path | None, list[str]]:
     """The newest intact checkpoint of ``root`` for an automatic resume (collective), and one warning per damaged
     one passed over (best first: the marker's, then by recency of publication, ``checkpoint_files``).
 
@@ -612,6 +628,7 @@ def select_resume_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list
         CheckpointError: ``root`` holds checkpoints (or a marker) but none is intact — never a silent fresh start.
     """
     root = Path(root)
+    marker_problem: str | None
     try:
         marked = read_marker(root)
     except ValueError as error:
@@ -635,10 +652,10 @@ def select_resume_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list
 
 
 def load_checkpoint(
-    root_or_iter_dir: str | os.PathLike,
+    root_or_iter_dir: str | os.PathLike[str],
     model_chunks: list[torch.nn.Module],
-    optimizer,
-    scheduler,
+    optimizer: MegatronOptimizer | None,
+    scheduler: Stateful | None,
     *,
     finetune: bool = False,
     manifest_required: bool = True,

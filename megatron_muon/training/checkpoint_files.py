@@ -85,7 +85,7 @@ def fault_point(name: str, iteration: int | None = None) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+def iteration_dir(root: str | os.PathLike[str], iteration: int) -> Path:
     """``root/iter_0000010`` for ``iteration=10``."""
     if iteration < 0:
         raise ValueError(f"iteration={iteration} must be >= 0")
@@ -108,7 +108,7 @@ def _iteration_dirs(root: Path) -> dict[int, Path]:
     }
 
 
-def read_marker(root: str | os.PathLike) -> int | None:
+def read_marker(root: str | os.PathLike[str]) -> int | None:
     """The iteration ``root``'s marker names; None without a marker.
 
     Raises:
@@ -142,7 +142,7 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def publication_order(root: str | os.PathLike) -> list[int]:
+def publication_order(root: str | os.PathLike[str]) -> list[int]:
     """Published iterations of ``root``, oldest publication first (an iteration published twice counts at its
     last publication)."""
     log = Path(root) / PUBLICATION_LOG
@@ -318,7 +318,7 @@ _REPLACED_DIR_RE = re.compile(r"^iter_(\d{7,})" + re.escape(REPLACED_SUFFIX) + "
 _ROOT_TEMPORARY_RES = (_temporary_name_re(LATEST_MARKER), _temporary_name_re(PUBLICATION_LOG))
 
 
-def recover_root(root: str | os.PathLike) -> list[str]:
+def recover_root(root: str | os.PathLike[str]) -> list[str]:
     """Repair what a crash during a save can leave in ``root``; return one line per action (for the log).
 
     Only names this module writes are touched; everything else in ``root`` is the user's and is left alone:
@@ -367,7 +367,7 @@ def _is_checkpoint_entry(child: Path) -> bool:
     return child.is_dir() and iteration_of(child) is not None
 
 
-def resume_candidates(root: str | os.PathLike) -> list[Path]:
+def resume_candidates(root: str | os.PathLike[str]) -> list[Path]:
     """The checkpoints of ``root`` to try for an automatic resume, best first: the marker's, then the others by
     recency of publication, then never-published ones by iteration (newest first)."""
     root = Path(root)

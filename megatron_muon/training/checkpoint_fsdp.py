@@ -19,7 +19,8 @@ call, so megatron's optimizer-state mapping by ``id`` finds nothing. Hence this 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
@@ -27,7 +28,17 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
 from megatron_muon.optim.layout import fsdp_row_range
 
-__all__ = ["FullyShardedEntries", "cut_to_held_rows"]
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+__all__ = ["FullyShardedEntries", "StateDict", "cut_to_held_rows"]
+
+StateDict = dict[str, Any]
+"""A (nested) state dict as megatron's ``dist_checkpointing`` saves and loads it: names to tensors, sharded
+entries, plain values or further dicts."""
+
+_NestedPath = tuple[str | int, ...]
+"""Keys and list indices from the root of a nested state dict (or a factory's output) to one entry."""
 
 
 def _data_parallel_writer(replica_id: Any) -> Any:
@@ -74,14 +85,14 @@ class FullyShardedEntries:
         """(path in the state dict, this rank's rows of the parameter) of every cut entry."""
 
     @torch.no_grad()
-    def copy_loaded_(self, loaded: dict) -> None:
+    def copy_loaded_(self, loaded: StateDict) -> None:
         """Write the values a load returned for the cut entries into the parameters' local rows."""
         for path, local in self.paths:
             value = _get_nested(loaded, path)
             if value is not local:
                 local.copy_(value.reshape(local.shape))
 
-    def optimizer_entries(self, param: torch.Tensor, state: torch.Tensor, prefix: str) -> Any:
+    def optimizer_entries(self, param: torch.Tensor, state: DTensor, prefix: str) -> Any:
         """The entry of optimizer state ``state`` (an FSDP ``DTensor`` shaped like ``param``) under the key
         ``f"{prefix}.{model key}"`` (megatron's ``make_sharded_optimizer_tensor`` naming)."""
         _, entry = self.by_param[id(param)]
@@ -92,11 +103,11 @@ class FullyShardedEntries:
 
 
 def cut_to_held_rows(
-    sharded_state_dict: dict, entries: FullyShardedEntries, path: tuple[str, ...] = ()
-) -> dict:
+    sharded_state_dict: StateDict, entries: FullyShardedEntries, path: tuple[str, ...] = ()
+) -> StateDict:
     """``sharded_state_dict`` (megatron's, nested) with every entry of a fully sharded parameter cut to the rows
     this rank holds; other entries unchanged. Records each cut entry in ``entries``."""
-    result: dict = {}
+    result: StateDict = {}
     for name, value in sharded_state_dict.items():
         if isinstance(value, dict):
             result[name] = cut_to_held_rows(value, entries, (*path, name))
@@ -132,7 +143,8 @@ def _cut_factory(value: ShardedTensorFactory, entries: FullyShardedEntries) -> S
     # An expanded view: O(rows) memory whatever the parameter's size.
     row_numbers = torch.arange(param.shape[0], dtype=torch.float64).view(-1, *([1] * (param.dim() - 1)))
     probe = value.build_fn(value.key, row_numbers.expand(param.shape), value.replica_id, None)
-    spans = []  # (sub-dict path, template, its first parameter row, the held rows [lo, hi) of it)
+    # (sub-dict path, template, its first parameter row, the held rows [lo, hi) of it)
+    spans: list[tuple[_NestedPath, ShardedTensor, int, int, int]] = []
     for path, template in _nested_items(probe):
         first = int(template.data.reshape(template.data.shape[0], -1)[0, 0])
         count = template.data.shape[0]
@@ -141,14 +153,16 @@ def _cut_factory(value: ShardedTensorFactory, entries: FullyShardedEntries) -> S
             spans.append((path, template, first, lo, hi))
     original_key = value.key
 
-    def build_fn(key: str, local: torch.Tensor, replica_id: Any, flattened_range: Any) -> dict:
-        built: dict = {}
+    def build_fn(
+        key: str, local: torch.Tensor, replica_id: Any, flattened_range: Any
+    ) -> dict[str | int, Any]:
+        built: dict[str | int, Any] = {}
         for path, template, first, lo, hi in spans:
             renamed = dataclasses.replace(template, key=template.key.replace(original_key, key, 1))
             _set_nested(built, path, _row_slice(renamed, local, (lo, hi), start, first))
         return built
 
-    def merge_fn(loaded: dict) -> torch.Tensor:
+    def merge_fn(loaded: dict[str | int, Any]) -> torch.Tensor:
         target = torch.empty((stop - start, *param.shape[1:]), dtype=param.dtype)
         for path, _, _, lo, hi in spans:
             rows = target[lo - start : hi - start]
@@ -166,7 +180,7 @@ def _cut_factory(value: ShardedTensorFactory, entries: FullyShardedEntries) -> S
     return cut
 
 
-def _nested_items(tree: Any, path: tuple = ()) -> list[tuple[tuple, ShardedTensor]]:
+def _nested_items(tree: Any, path: _NestedPath = ()) -> list[tuple[_NestedPath, ShardedTensor]]:
     if isinstance(tree, ShardedTensor):
         return [(path, tree)]
     if isinstance(tree, dict):
@@ -176,7 +190,7 @@ def _nested_items(tree: Any, path: tuple = ()) -> list[tuple[tuple, ShardedTenso
     raise TypeError(f"unexpected {type(tree).__name__} in a sharded tensor factory's output")
 
 
-def _set_nested(tree: dict, path: tuple, value: Any) -> None:
+def _set_nested(tree: dict[str | int, Any], path: _NestedPath, value: Any) -> None:
     if not path:
         raise ValueError("a factory that builds one bare ShardedTensor is not supported under FSDP")
     for key in path[:-1]:
@@ -184,7 +198,7 @@ def _set_nested(tree: dict, path: tuple, value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _get_nested(tree: Any, path: tuple) -> Any:
+def _get_nested(tree: Any, path: Sequence[str | int]) -> Any:
     for key in path:
         tree = tree[key]
     return tree

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
@@ -25,8 +25,10 @@ from megatron_muon.optim.state import (
     muon_momentum_sharded_state_dict,
     muon_param_groups_state,
 )
-from megatron_muon.training.checkpoint_fsdp import FullyShardedEntries
+from megatron_muon.training.checkpoint_fsdp import FullyShardedEntries, StateDict
 
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
 __all__ = ["OptimizerStateError", "load_optimizer_state", "optimizer_sharded_state_dict"]
 
 
@@ -34,14 +36,14 @@ class OptimizerStateError(RuntimeError):
     """The checkpoint's optimizer state does not fit this optimizer (one line)."""
 
 
-def _members(optimizer) -> dict[str, Any]:
+def _members(optimizer: MegatronOptimizer) -> dict[str, MegatronOptimizer]:
     """Role (``muon_dense``, ``muon_expert``, ``adamw_dense``, ``adamw_expert``) → member of the chain.
 
     Roles rather than positions: they say what the state is, and megatron aligns param groups across ranks so
     every rank has the same roles.
     """
     members = chain_members(optimizer)
-    roles = {}
+    roles: dict[str, MegatronOptimizer] = {}
     for member in members:
         groups = member.optimizer.param_groups
         expert = bool(groups) and bool(groups[0].get("is_expert_parallel", False))
@@ -53,13 +55,17 @@ def _members(optimizer) -> dict[str, Any]:
     return roles
 
 
-def _is_mixed_precision(member) -> bool:
+def _is_mixed_precision(member: MegatronOptimizer) -> bool:
     """A megatron ``Float16OptimizerWithFloat16Params`` (bf16 params, fp32 main params)."""
     return hasattr(member, "fp32_from_float16_groups")
 
 
 def _fp32_main_params(
-    member, model_sharded_state_dict: dict, *, is_loading: bool, owned_here: bool = False
+    member: MegatronOptimizer,
+    model_sharded_state_dict: StateDict,
+    *,
+    is_loading: bool,
+    owned_here: bool = False,
 ) -> dict[str, dict[str, ShardedTensor]]:
     """The fp32 main copies of a mixed-precision member's bf16 params, ``{group index: {index: tensor}}``, under
     the key megatron gives them (``optimizer.state.fp32_param.<param key>``). fp32 members have none: their main
@@ -75,7 +81,7 @@ def _fp32_main_params(
     by_index = get_param_id_to_sharded_param_map(model_sharded_state_dict, models)
     sharded_of = {id(model): by_index[index] for index, model in enumerate(models)}
 
-    def sharded(main, model):
+    def sharded(main: torch.Tensor, model: torch.Tensor) -> ShardedTensor:
         data = main.detach().clone() if is_loading else main
         tensor = make_sharded_optimizer_tensor(
             sharded_of[id(model)], data, prefix="optimizer.state.fp32_param"
@@ -103,7 +109,9 @@ def _as_lists(groups: dict[str, dict[str, torch.Tensor]]) -> list[list[torch.Ten
 
 
 # megatron-core 0.19.2: bf16 members are numbered by float16_groups alone (see the docstring below).
-def _mixed_precision_sharded_state_dict(member, model_sharded_state_dict: dict, *, is_loading: bool) -> dict:
+def _mixed_precision_sharded_state_dict(
+    member: MegatronOptimizer, model_sharded_state_dict: StateDict, *, is_loading: bool
+) -> StateDict:
     """``Float16OptimizerWithFloat16Params.sharded_state_dict`` (same layout and keys), numbering parameters as
     torch's ``state_dict`` does.
 
@@ -113,7 +121,7 @@ def _mixed_precision_sharded_state_dict(member, model_sharded_state_dict: dict, 
     """
     if is_loading:
         member.init_state_fn(member.optimizer, member.config)
-    state = member.state_dict()
+    state: StateDict = member.state_dict()
     model_of_main = {
         id(main): model
         for mains, models in zip(member.fp32_from_float16_groups, member.float16_groups, strict=True)
@@ -133,7 +141,7 @@ def _mixed_precision_sharded_state_dict(member, model_sharded_state_dict: dict, 
     return state
 
 
-def _adamw_in_state_order(member) -> list[torch.nn.Parameter]:
+def _adamw_in_state_order(member: DistributedOptimizer) -> list[torch.nn.Parameter]:
     """The model params of a ``DistributedOptimizer`` in the order of its ``sharded_param_state_fully_reshardable``."""
     return [
         model_param
@@ -150,8 +158,8 @@ _MAIN_PARAM_PREFIX, _OUR_MAIN_PARAM_PREFIX = "optimizer.state.param.", "optimize
 # mixed-precision wrapper's (so neither loads the other's) and names the main params ``param``; the tensors' keys
 # and shapes are otherwise the same, so only the entry around them is ours.
 def _distributed_adamw_sharded_state_dict(
-    member, model_sharded_state_dict: dict, *, is_loading: bool
-) -> dict:
+    member: DistributedOptimizer, model_sharded_state_dict: StateDict, *, is_loading: bool
+) -> StateDict:
     """Megatron's ``DistributedOptimizer`` state (``optimizer.distributed_optimizer: true``) in its model-space
     format (``fully_reshardable``: each buffer's shards gathered, cut into whole-param tensors
     ``optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<param key>``, the keys and shapes the non-distributed members
@@ -177,7 +185,7 @@ def _distributed_adamw_sharded_state_dict(
     return entry
 
 
-def _load_distributed_adamw(member, entry: dict, step) -> None:
+def _load_distributed_adamw(member: DistributedOptimizer, entry: StateDict, step: object) -> None:
     per_param = entry["param_state"]
     for index, model_param in enumerate(_adamw_in_state_order(member)):
         if "fp32_param" not in per_param[index]:  # fp32 model: the main param is the loaded weight itself
@@ -193,13 +201,15 @@ def _load_distributed_adamw(member, entry: dict, step) -> None:
             state["step"] = previous
 
 
-def _fully_sharded_adamw_sharded_state_dict(member, fsdp: FullyShardedEntries, *, is_loading: bool) -> dict:
+def _fully_sharded_adamw_sharded_state_dict(
+    member: MegatronOptimizer, fsdp: FullyShardedEntries, *, is_loading: bool
+) -> StateDict:
     """An fp32 AdamW member over fully sharded (FSDP) parameters, in megatron's ``FP32Optimizer`` format (same
     keys, common step under ``state``): each moment cut to this rank's rows like its parameter
     (``checkpoint_fsdp.py``)."""
     if is_loading:
         member.init_state_fn(member.optimizer, member.config)
-    state = member.state_dict()
+    state: StateDict = member.state_dict()
     step = member._extract_common_per_param_step(state)
     params = [p for group in member.optimizer.param_groups for p in group["params"]]
     for index, param in enumerate(params):
@@ -220,7 +230,7 @@ def _fully_sharded_adamw_sharded_state_dict(member, fsdp: FullyShardedEntries, *
     return state
 
 
-def _reshard_loaded_adamw_state_(member) -> None:
+def _reshard_loaded_adamw_state_(member: MegatronOptimizer) -> None:
     """torch's ``load_state_dict`` leaves plain local tensors as the moments of FSDP (``DTensor``) parameters;
     make them ``DTensor`` shards like their parameters again."""
     from torch.distributed.tensor import DTensor
@@ -243,11 +253,15 @@ def _reshard_loaded_adamw_state_(member) -> None:
 
 
 def optimizer_sharded_state_dict(
-    optimizer, model_sharded_state_dict: dict, *, is_loading: bool, fsdp: FullyShardedEntries | None = None
-) -> dict:
+    optimizer: MegatronOptimizer,
+    model_sharded_state_dict: StateDict,
+    *,
+    is_loading: bool,
+    fsdp: FullyShardedEntries | None = None,
+) -> StateDict:
     """Every member's state as sharded entries; ``fsdp``: the model's fully sharded entries
     (``checkpoint.py: _model_sharded_state_dict``), whose parameters' AdamW moments are cut the same way."""
-    state = {}
+    state: StateDict = {}
     for role, member in _members(optimizer).items():
         if isinstance(member.optimizer, Muon):
             entry = {
@@ -279,11 +293,11 @@ def optimizer_sharded_state_dict(
     return state
 
 
-def _holds_fully_sharded(member, fsdp: FullyShardedEntries) -> bool:
+def _holds_fully_sharded(member: MegatronOptimizer, fsdp: FullyShardedEntries) -> bool:
     return any(id(p) in fsdp.by_param for group in member.optimizer.param_groups for p in group["params"])
 
 
-def _saved_common_step(entry: Any):
+def _saved_common_step(entry: object) -> object:
     """The common AdamW step an entry holds, in whichever member's format it was saved: under ``optimizer.state``
     (mixed precision, distributed optimizer) or under ``state`` (fp32)."""
     if not isinstance(entry, dict):
@@ -295,7 +309,7 @@ def _saved_common_step(entry: Any):
     return None
 
 
-def _saved_adamw_step(loaded: dict, role: str):
+def _saved_adamw_step(loaded: StateDict, role: str) -> object:
     """The AdamW step count the checkpoint holds for ``role``, or for its counterpart (dense ↔ expert).
 
     A one-process run keeps expert parameters in the dense members; the same checkpoint loaded with expert
@@ -308,7 +322,7 @@ def _saved_adamw_step(loaded: dict, role: str):
     return None
 
 
-def load_optimizer_state(optimizer, loaded: dict) -> None:
+def load_optimizer_state(optimizer: MegatronOptimizer, loaded: StateDict) -> None:
     """Load each member's saved *state* (Muon momentum and NorMuon moments, AdamW moments and step, fp32 main
     params) and keep this run's hyperparameters: every optimizer setting of the config takes effect on resume
     (the trainer logs what changed, ``docs/checkpoints.md``). Saved param groups are not read back."""

@@ -11,8 +11,15 @@ different layers, so a sum over the model-parallel group also gathers every laye
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.distributed as dist
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.moe.router import TopKRouter
 
 __all__ = ["ExpertLoadTracker"]
 
@@ -26,7 +33,15 @@ class ExpertLoadTracker:
         dp_cp_group: data × context-parallel group; mp_group: tensor × pipeline-parallel group.
     """
 
-    def __init__(self, model_chunks, *, num_layers: int, num_experts: int, dp_cp_group=None, mp_group=None):
+    def __init__(
+        self,
+        model_chunks: Sequence[torch.nn.Module],
+        *,
+        num_layers: int,
+        num_experts: int,
+        dp_cp_group: dist.ProcessGroup | None = None,
+        mp_group: dist.ProcessGroup | None = None,
+    ) -> None:
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.num_layers, self.num_experts = num_layers, num_experts
@@ -37,7 +52,7 @@ class ExpertLoadTracker:
         self.device = first.device if first is not None else torch.device("cpu")
         self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=self.device)
         self.moe_layers: set[int] = set()
-        self._hooks = []
+        self._hooks: list[RemovableHandle] = []
         for chunk in model_chunks:
             for module in chunk.modules():
                 if isinstance(module, TopKRouter):
@@ -55,18 +70,22 @@ class ExpertLoadTracker:
         return {i + 1 for i, v in enumerate(mask.tolist()) if v > 0}
 
     @torch.no_grad()
-    def _count(self, router, inputs, output) -> None:
+    def _count(
+        self, router: TopKRouter, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         if not router.training:
             return
         _, routing_map = output
         self.counts[int(router.layer_number) - 1] += routing_map.sum(dim=0).to(torch.float64)
 
     def remove(self) -> None:
+        """Detach the forward hooks from the routers (the counts stay readable)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
     def reset(self) -> None:
+        """Zero the counts (a new step)."""
         self.counts.zero_()
 
     @torch.no_grad()

@@ -42,7 +42,8 @@ _EXPERT_MODULES = ("SequentialMLP", "TEGroupedMLP", "GroupedMLP")
 """megatron's containers of one MoE layer's local experts (``MoELayer.experts``)."""
 
 
-class FullyShardedChunk(TorchFullyShardedDataParallel):
+# ignore[misc]: megatron-core has no type information, so mypy sees its base class as Any.
+class FullyShardedChunk(TorchFullyShardedDataParallel):  # type: ignore[misc]
     """One model chunk under FSDP2, with megatron's data-parallel interface.
 
     Args:
@@ -129,7 +130,7 @@ def wrap_in_fsdp(
     *,
     pg_collection: Any,
     param_dtype: torch.dtype | None = None,
-) -> list[FullyShardedChunk]:
+) -> list[torch.nn.Module]:
     """Each chunk fully sharded (:class:`FullyShardedChunk`) and hooked into ``config`` as ``wrap_in_ddp`` does:
     megatron's ``finalize_model_grads`` after the last backward. Gradients are reduce-scattered after every
     microbatch (megatron's FSDP2 ``no_sync`` does not defer them), so none is ever held whole."""
@@ -148,4 +149,6 @@ def wrap_in_fsdp(
     no_sync = [chunk.no_sync for chunk in wrapped]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
     config.finalize_model_grads_func = finalize_model_grads
-    return wrapped
+    # Typed as model chunks (a list is invariant): callers hand them on wherever megatron's chunks go.
+    chunks: list[torch.nn.Module] = list(wrapped)
+    return chunks

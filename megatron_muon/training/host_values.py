@@ -50,9 +50,11 @@ class DeferredMetrics:
         self.values: dict[str, Any] = {}
 
     def hold(self, iteration: int, values: Mapping[str, Any]) -> None:
+        """Keep ``values`` (tensors, callables or plain values) of ``iteration``, replacing what was held."""
         self.iteration, self.values = iteration, dict(values)
 
     def take(self) -> tuple[int | None, dict[str, Any]]:
+        """``(iteration, values)`` held, or ``(None, {})``; forgets them."""
         iteration, values = self.iteration, self.values
         self.iteration, self.values = None, {}
         return iteration, values

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,9 @@ import torch.distributed as dist
 from megatron_muon import mup
 from megatron_muon.optim.layout import LayoutConfig, _global_key, megatron_param_pieces, module_tp_group
 from megatron_muon.optim.param_groups import route_parameters
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 __all__ = ["ROW_BLOCK", "initialize_layout_independent_", "init_std"]
 
@@ -52,7 +56,7 @@ _OUTPUT_PROJECTIONS = ("linear_proj", "linear_fc2")
 _TIED_EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
 
-def init_std(init_method) -> float:
+def init_std(init_method: object) -> float:
     """The std of a megatron init method ``functools.partial(torch.nn.init.normal_, mean=0.0, std=σ)``.
 
     Raises:
@@ -111,14 +115,14 @@ def _draw_shard(
     return torch.cat(parts, dim=0).mul_(std)
 
 
-def _muon_matrix_std(module_name: str, config) -> float:
+def _muon_matrix_std(module_name: str, config: TransformerConfig) -> float:
     leaf = module_name.rsplit(".", 1)[-1]
     if leaf in _OUTPUT_PROJECTIONS:
         return init_std(config.output_layer_init_method)
     return init_std(config.init_method)
 
 
-def _adamw_matrix_std(name: str, config) -> float:
+def _adamw_matrix_std(name: str, config: TransformerConfig) -> float:
     if "word_embeddings" in name or "position_embeddings" in name:
         return init_std(config.embedding_init_method)
     if name.endswith("output_layer.weight"):
@@ -144,16 +148,19 @@ def _module_name(param_name: str) -> str:
 
 def _tp_shard_of(param: torch.Tensor, module: torch.nn.Module) -> tuple[int, int, int]:
     """(shard dim, shards, index) of a megatron TP-split parameter; (0, 1, 0) when not split."""
-    if not getattr(param, "tensor_model_parallel", False) or getattr(param, "partition_dim", -1) < 0:
+    partition_dim: int = getattr(param, "partition_dim", -1)  # megatron's attribute of a TP-split parameter
+    if not getattr(param, "tensor_model_parallel", False) or partition_dim < 0:
         return 0, 1, 0
     group = module_tp_group(module)
     if group is None:
         return 0, 1, 0
-    return int(param.partition_dim), dist.get_world_size(group), dist.get_rank(group)
+    return int(partition_dim), dist.get_world_size(group), dist.get_rank(group)
 
 
 @torch.no_grad()
-def initialize_layout_independent_(model_chunks: list[torch.nn.Module], config, seed: int) -> int:
+def initialize_layout_independent_(
+    model_chunks: list[torch.nn.Module], config: TransformerConfig, seed: int
+) -> int:
     """Overwrite every weight matrix of ``model_chunks`` with its layout-independent draw (see the module
     docstring); return how many logical tensors were drawn. Call before the optimizer copies main params.
 

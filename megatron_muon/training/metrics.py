@@ -11,7 +11,7 @@ Tags: ``loss/train``, ``loss/validation``, ``loss/validation_perplexity``, ``los
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch.distributed as dist
@@ -19,8 +19,11 @@ import torch.distributed as dist
 from megatron_muon.optim.build import chain_members
 from megatron_muon.training.host_values import read_on_host
 
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
-def is_logging_rank(pg_collection) -> bool:
+
+def is_logging_rank(pg_collection: ProcessGroupCollection) -> bool:
     """The last pipeline stage's first TP / DP rank: it has the loss and one copy of everything else."""
     pp, tp, dp = pg_collection.pp, pg_collection.tp, pg_collection.dp
     last_stage = dist.get_rank(pp) == dist.get_world_size(pp) - 1
@@ -40,9 +43,11 @@ class MetricsWriter:
 
     @property
     def active(self) -> bool:
+        """Whether this rank writes (a TensorBoard writer is open)."""
         return self._writer is not None
 
     def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        """Write each tag's value at ``step``; None values are left out."""
         if self._writer is None:
             return
         for tag, value in values.items():
@@ -50,10 +55,12 @@ class MetricsWriter:
                 self._writer.add_scalar(tag, float(value), step)
 
     def flush(self) -> None:
+        """Push what was written to disk."""
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
+        """Flush and close the writer; later calls write nothing."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -62,27 +69,28 @@ class MetricsWriter:
 def memory_mib() -> float:
     """Resident memory of this process in MiB (on a GPU the trainer also reports the GPU's peak allocated memory,
     ``platform.device.max_memory_allocated_mib``)."""
-    return psutil.Process().memory_info().rss / 2**20
+    resident_bytes: int = psutil.Process().memory_info().rss
+    return resident_bytes / 2**20
 
 
-def muon_stats(optimizer) -> dict[str, float]:
+def muon_stats(optimizer: Any) -> dict[str, float]:
     """``muon/...`` diagnostics of every Muon member of a megatron ChainedOptimizer (last step), read on the host
     (one transfer)."""
     return read_on_host(muon_device_stats(optimizer))
 
 
-def muon_device_stats(optimizer) -> dict[str, Any]:
+def muon_device_stats(optimizer: Any) -> dict[str, Any]:
     """:func:`muon_stats` before the read: values computed on the device are still tensors there (the trainer reads
     them with the next step's transfer)."""
     stats: dict[str, Any] = {}
     algorithms: dict[str, list[float]] = {}
     for member in chain_members(optimizer):
         muon = getattr(member, "optimizer", None)
-        if not hasattr(muon, "orthogonalizer"):
+        if muon is None or not hasattr(muon, "placement"):
             continue
         for key, value in muon.stats.items():
             stats[f"muon/{key}"] = value
-        for name, (count, flops) in muon.orthogonalizer.plan.algorithm_totals().items():
+        for name, (count, flops) in muon.placement.plan.algorithm_totals().items():
             totals = algorithms.setdefault(name, [0.0, 0.0])
             totals[0] += count
             totals[1] += flops
@@ -99,7 +107,9 @@ def muon_device_stats(optimizer) -> dict[str, Any]:
     return stats
 
 
-def model_flops_per_token(*, num_layers, hidden_size, seq_length, active_matrix_params: int) -> float:
+def model_flops_per_token(
+    *, num_layers: int, hidden_size: int, seq_length: int, active_matrix_params: int
+) -> float:
     """Training FLOPs per token: 6 · (active matrix parameters) for the GEMMs (forward + backward) plus
     attention's 12 · layers · hidden · seq (scores and values, forward + backward) — the PaLM appendix B
     estimate (Chowdhery et al. 2022), used for MFU."""

@@ -7,10 +7,14 @@ read with the next step's transfer (``host_values.py``).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_muon.training.host_values import DeferredMetrics
 from megatron_muon.training.metrics import muon_device_stats
+
+if TYPE_CHECKING:
+    from megatron_muon.optim.qk_clip import QKClip
+    from megatron_muon.training.expert_load import ExpertLoadTracker
 
 __all__ = ["StepRecorders"]
 
@@ -25,7 +29,9 @@ class StepRecorders:
         qk_clip: ``optim.qk_clip.QKClip`` or None; expert_load: ``training.expert_load.ExpertLoadTracker`` or None.
     """
 
-    def __init__(self, optimizer: Any, qk_clip: Any = None, expert_load: Any = None) -> None:
+    def __init__(
+        self, optimizer: Any, qk_clip: QKClip | None = None, expert_load: ExpertLoadTracker | None = None
+    ) -> None:
         self.optimizer, self.qk_clip, self.expert_load = optimizer, qk_clip, expert_load
         self.deferred = DeferredMetrics()
 
@@ -42,7 +48,7 @@ class StepRecorders:
 
     def after_step(
         self, result: dict[str, Any], iteration: int
-    ) -> tuple[dict[str, float], tuple[int | None, dict]]:
+    ) -> tuple[dict[str, float], tuple[int | None, dict[str, Any]]]:
         """After ``train_step``: clip (QK-clip), turn what was read into metrics of ``iteration``, hold this step's
         deferred metrics. Returns (this iteration's metrics, (previous iteration, its deferred metrics)). A skipped
         step only forgets what was recorded."""

@@ -22,6 +22,7 @@ logs each change. A change the saved state cannot serve is a one-line error: see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,10 @@ _REPORTED_SECTIONS = ("optimizer", "training")
 
 @dataclass(frozen=True, slots=True)
 class SettingChange:
+    """One setting of the reported sections whose value differs between the checkpoint's config and this run's."""
+
     key: str
+    """Dotted path, e.g. ``optimizer.lr``."""
     saved: Any
     current: Any
 
@@ -169,7 +173,7 @@ def explicit_resume_problem(*, save_dir: str | None, resume: str) -> str | None:
 
 
 def choose_resume_source(
-    *, save_dir: str | None, load_dir: str | None, resume: str, finetune: bool, warn
+    *, save_dir: str | None, load_dir: str | None, resume: str, finetune: bool, warn: Callable[[str], None]
 ) -> ResumeSource:
     """Apply the precedence of the module docstring (collective: verifies the run's own checkpoints on every
     rank). ``warn(line)`` receives one line per damaged checkpoint passed over.

@@ -315,16 +315,21 @@ class OptimizerTimer:
 
 
 @contextlib.contextmanager
-def _grad_norm_known(optimizer: MegatronOptimizer, grad_norm: float) -> Iterator[None]:
-    """Inside, ``optimizer.get_grad_norm()`` returns ``grad_norm``.
+def _grads_prepared(optimizer: MegatronOptimizer, grad_norm: float) -> Iterator[None]:
+    """Inside, ``optimizer.prepare_grads()`` does nothing (the step already prepared the gradients) and
+    ``optimizer.get_grad_norm()`` returns ``grad_norm``.
 
-    # megatron-core 0.19.2: ``ChainedOptimizer.step`` computes the norm itself for clipping (a second norm pass and
-    # all-reduce, and a host read); the step already has it, read with the loss in its one transfer.
+    # megatron-core 0.19.2: ``ChainedOptimizer.step`` (and a lone ``MixedPrecisionOptimizer.step``) prepares the
+    # gradients again (the main-grad copy, and fp16's loss scaler unscaling and updating a second time) and computes
+    # the norm itself for clipping (a second norm pass and all-reduce, and a host read); the step already did both,
+    # the norm read with the loss in its one transfer. The step only reaches here when no inf/nan was found.
     """
+    optimizer.prepare_grads = lambda: False  # type: ignore[method-assign]
     optimizer.get_grad_norm = lambda: grad_norm  # type: ignore[method-assign]
     try:
         yield
     finally:
+        del optimizer.prepare_grads
         del optimizer.get_grad_norm
 
 
@@ -400,7 +405,7 @@ def train_step(
         optimizer.zero_grad()
         update_successful = False
     else:
-        with _grad_norm_known(optimizer, grad_norm):
+        with _grads_prepared(optimizer, grad_norm):
             update_successful, _, _num_zeros = optimizer.step()
     timer.stop()
     return {

@@ -278,7 +278,7 @@ class Trainer:
         mfu = None if peak is None else self.flops_per_token * tokens_per_s / (peak * dist.get_world_size())
         lrs = {}
         for member in chain_members(self.optimizer):
-            kind = "muon" if hasattr(member.optimizer, "orthogonalizer") else "adamw"
+            kind = "muon" if hasattr(member.optimizer, "placement") else "adamw"
             for group in member.param_groups:
                 if group["params"]:
                     lrs[kind] = group["lr"]

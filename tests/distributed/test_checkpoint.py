@@ -132,7 +132,7 @@ def _momentum_by_rank(optimizer) -> list[tuple[str, int | None, int, int, str, t
         muon = member.optimizer
         if not isinstance(muon, Muon):
             continue
-        plan = {m.key: m for m in muon.orthogonalizer.plan.matrices}
+        plan = {m.key: m for m in muon.placement.plan.matrices}
         shard_of = {
             piece.key: piece.shard_index for group in muon.pieces for pieces in group for piece in pieces
         }
@@ -158,7 +158,7 @@ def _row_second_moments_by_rank(optimizer) -> list[tuple[str, int | None, int, i
         muon = member.optimizer
         if not isinstance(muon, Muon):
             continue
-        plan = {m.key: m for m in muon.orthogonalizer.plan.matrices}
+        plan = {m.key: m for m in muon.placement.plan.matrices}
         shard_of = {
             piece.key: piece.shard_index for group in muon.pieces for pieces in group for piece in pieces
         }

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
 import pytest
 import torch
 
-from megatron_muon.testing import DistributedRunError, DistributedTimeoutError, run_distributed
+from megatron_muon.testing import (
+    DistributedRunError,
+    DistributedTimeoutError,
+    keep_rank_processes,
+    run_distributed,
+)
 
 
 def _describe_rank(offset: int):
@@ -94,3 +100,45 @@ def test_a_function_that_cannot_be_pickled_is_refused_before_spawning():
 def test_a_layout_that_does_not_fit_the_world_is_refused():
     with pytest.raises(ValueError, match="tp=2 \\* pp=2 does not divide world_size=2"):
         run_distributed(_describe_rank, 2, tp=2, pp=2, args=(0,))
+
+
+def _pid_and_state():
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    recorded = sorted(tracker.metrics)
+    tracker.record("planted", torch.ones(()), layer_number=1, num_layers=1)  # the next call must not see it
+    torch.set_default_dtype(torch.float64)  # the next call must not see it
+    return {
+        "pid": os.getpid(),
+        "marker": os.environ.get("HARNESS_MARKER"),
+        "cwd": os.getcwd(),
+        "tp": torch.distributed.get_world_size(),
+        "metrics": recorded,
+    }
+
+
+def _default_dtype():
+    return torch.get_default_dtype()
+
+
+@pytest.mark.slow
+def test_kept_rank_processes_take_the_callers_environment_and_start_clean(tmp_path, monkeypatch):
+    with keep_rank_processes():
+        monkeypatch.setenv("HARNESS_MARKER", "first")
+        first = run_distributed(_pid_and_state, 2, tp=2)
+        monkeypatch.setenv("HARNESS_MARKER", "second")
+        monkeypatch.chdir(tmp_path)
+        second = run_distributed(_pid_and_state, 2, tp=1)
+        assert run_distributed(_default_dtype, 2) == [torch.float32, torch.float32]
+        with pytest.raises(DistributedRunError):
+            run_distributed(_raise_on_rank_one, 2, timeout_s=120)
+        after_failure = run_distributed(_pid_and_state, 2)
+    assert [value["pid"] for value in second] == [value["pid"] for value in first]  # kept, not respawned
+    assert [value["marker"] for value in first] == ["first"] * 2
+    assert [value["marker"] for value in second] == ["second"] * 2
+    assert [value["cwd"] for value in second] == [str(tmp_path)] * 2
+    assert all(value["metrics"] == [] for value in first + second)
+    assert not {value["pid"] for value in after_failure} & {
+        value["pid"] for value in first
+    }  # failed: respawned

@@ -74,7 +74,7 @@ def _train_on_rank(
             losses[mode].append(float(result["loss"]))
     if bf16:
         model_dtypes = {str(p.dtype) for c in chunks for n, p in c.named_parameters() if "linear_" in n}
-        muon = [o for o in optimizer.chained_optimizers if hasattr(o.optimizer, "orthogonalizer")]
+        muon = [o for o in optimizer.chained_optimizers if hasattr(o.optimizer, "placement")]
         main_dtypes = {str(p.dtype) for o in muon for g in o.optimizer.param_groups for p in g["params"]}
         return losses, model_dtypes, main_dtypes
     return losses

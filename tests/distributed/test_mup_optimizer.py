@@ -69,7 +69,7 @@ def _build_on_rank(base_hidden_size, output_logit_multiplier=1.0):
     adamw_only_lr = _max_lr_by_name(adamw_only, names)
     groups = {}
     for member in optimizer.chained_optimizers:
-        kind = "muon" if hasattr(member.optimizer, "orthogonalizer") else "adamw"
+        kind = "muon" if hasattr(member.optimizer, "placement") else "adamw"
         for group in member.optimizer.param_groups:
             for param in group["params"]:
                 groups[names[id(param)]] = {

@@ -59,8 +59,9 @@ def _local_params(rank: int, layout: dict):
 def _run_muon(mode: str, steps: int, layout: dict, rank_modes=None):
     import torch.distributed as dist
 
-    from megatron_muon.optim.executor import MatrixOrthogonalizer
     from megatron_muon.optim.muon import Muon
+    from megatron_muon.optim.options import MuonPlanSettings
+    from megatron_muon.optim.placement import MatrixPlacement
 
     rank = dist.get_rank()
     world = dist.group.WORLD
@@ -68,18 +69,17 @@ def _run_muon(mode: str, steps: int, layout: dict, rank_modes=None):
     params, pieces = _local_params(rank, layout)
     if rank_modes is not None:
         mode = rank_modes[rank]
-    orthogonalizer = MatrixOrthogonalizer(
+    placement = MatrixPlacement(
         [p for ps in pieces for p in ps],
+        MuonPlanSettings(tp_mode=mode, num_buckets=2),
         grid_group=world,
         shard_groups={"tp": pair[rank // 2]},
-        mode=mode,
-        num_buckets=2,
     )
     optimizer = Muon(
         [p for _, p in params] or [torch.nn.Parameter(torch.zeros(1, 1))],
         compute_dtype=torch.float32,
         pieces=[[ps for ps in pieces]] if params else [[[]]],
-        orthogonalizer=orthogonalizer,
+        placement=placement,
         **HYPER,
     )
     for step in range(steps):
@@ -89,13 +89,13 @@ def _run_muon(mode: str, steps: int, layout: dict, rank_modes=None):
                 full if piece.num_shards == 1 else full.chunk(2, dim=piece.shard_dim)[piece.shard_index]
             )
         optimizer.step()
-    modes = {m.key: m.mode for m in orthogonalizer.plan.matrices}
-    owners = {m.key: m.computers for m in orthogonalizer.plan.matrices}
+    modes = {m.key: m.mode for m in placement.plan.matrices}
+    owners = {m.key: m.computers for m in placement.plan.matrices}
     values = {
         key: (param.detach().clone(), piece.shard_dim, piece.num_shards, piece.shard_index)
         for (key, param), (piece,) in zip(params, pieces, strict=True)
     }
-    return values, modes, owners, orthogonalizer.plan.loads
+    return values, modes, owners, placement.plan.loads
 
 
 def _assemble(per_rank):

@@ -91,9 +91,9 @@ def _muon_steps_on_rank(
             fill_canonical_(chunks, salt=f"grad{step}", grads=True, options=options, router=router)
             optimizer.step()
         members = [m for o in optimizer.chained_optimizers for m in getattr(o, "chained_optimizers", [o])]
-        muon_parts = [o for o in members if hasattr(o.optimizer, "orthogonalizer")]
-        state_bytes = sum(o.optimizer.orthogonalizer.state_bytes(o.optimizer) for o in muon_parts)
-        plans = [m for o in muon_parts for m in o.optimizer.orthogonalizer.plan.matrices]
+        muon_parts = [o for o in members if hasattr(o.optimizer, "placement")]
+        state_bytes = sum(o.optimizer.placement.state_bytes(o.optimizer) for o in muon_parts)
+        plans = [m for o in muon_parts for m in o.optimizer.placement.plan.matrices]
         modes_used = sorted({m.mode for m in plans})
         duplicated_shards = sorted(m.key for m in plans if m.mode == "duplicated" and m.num_shards > 1)
         # bf16: the fp32 main params (FSDP: the fp32 shards are the main params).

@@ -23,7 +23,7 @@ def _route_on_rank(router: str):
     names = {id(p): n for n, p in chunks[0].named_parameters()}
     groups = []
     for member in optimizer.chained_optimizers:
-        kind = "muon" if hasattr(member.optimizer, "orthogonalizer") else "adamw"
+        kind = "muon" if hasattr(member.optimizer, "placement") else "adamw"
         for group in member.optimizer.param_groups:
             groups.append(
                 (kind, [names[id(p)] for p in group["params"]], group.get("max_lr"), group.get("start_wd"))

@@ -118,3 +118,55 @@ def test_the_device_grad_norm_is_megatrons(layout, sizes, variants):
             assert theirs > 0 and math.isclose(ours, theirs, rel_tol=1e-5), (rank, variant, theirs, ours)
             # train_step's norm is of the next batch's gradients: the same computation, another batch
             assert math.isfinite(stepped) and stepped > 0, (rank, variant, stepped)
+
+
+def _prepare_grads_calls_on_rank(variants: list[list[str]]) -> list[dict[str, int]]:
+    """Per variant: how often each of the optimizer's leaf members prepared its gradients during one train_step."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_muon.config import load_config, validate
+    from megatron_muon.optim.build import chain_members
+    from megatron_muon.platform.device import chosen_device
+    from megatron_muon.training.parts import build_training_parts
+    from megatron_muon.training.step import train_step
+
+    pg = ProcessGroupCollection.use_mpu_process_groups()
+    results = []
+    for overrides in variants:
+        cfg = load_config(TINY, [*SMALL, *ONE_RANK, *overrides])
+        dims = validate(cfg)
+        parts = build_training_parts(cfg, dims, pg, chosen_device())
+        calls: dict[str, int] = {}
+        for index, member in enumerate(chain_members(parts.optimizer)):
+            name = f"{index}:{type(member).__name__}"
+            calls[name] = 0
+
+            def counted(prepare=member.prepare_grads, name=name, calls=calls):
+                calls[name] += 1
+                return prepare()
+
+            member.prepare_grads = counted
+        step = train_step(
+            parts.model,
+            parts.optimizer,
+            _batches(cfg, dims, len(parts.model)),
+            num_microbatches=cfg.training.num_microbatches(dims.dp),
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.training.micro_batch_size,
+            pg_collection=pg,
+        )
+        assert not step["skipped"] and math.isfinite(step["grad_norm"]), step
+        results.append(calls)
+    return results
+
+
+ONE_RANK = ["parallel.world_size=1", "parallel.tp=1", "parallel.pp=1", "parallel.ep=1"]
+
+
+def test_one_train_step_prepares_the_gradients_once():
+    """megatron's ``ChainedOptimizer.step`` prepares the gradients itself; the step has prepared them already (before
+    its norm), so each member prepares once per iteration (fp16's loss scaler would otherwise update twice)."""
+    variants = [["optimizer.distributed_optimizer=false"], ["optimizer.distributed_optimizer=true"]]
+    (results,) = run_distributed(_prepare_grads_calls_on_rank, 1, timeout_s=300, args=(variants,))
+    for calls, variant in zip(results, variants, strict=True):
+        assert calls and set(calls.values()) == {1}, (variant, calls)

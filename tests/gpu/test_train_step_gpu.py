@@ -21,7 +21,7 @@ def falls(losses: list[float], by: float = 0.5) -> bool:
 
 def muon_member(optimizer):
     """The Muon member of the ChainedOptimizer (megatron's Float16OptimizerWithFloat16Params under bf16)."""
-    (member,) = [o for o in optimizer.chained_optimizers if hasattr(o.optimizer, "orthogonalizer")]
+    (member,) = [o for o in optimizer.chained_optimizers if hasattr(o.optimizer, "placement")]
     return member
 
 

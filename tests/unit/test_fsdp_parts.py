@@ -10,7 +10,8 @@ import torch
 from megatron_muon.config import ConfigError, load_config, validate
 from megatron_muon.optim.comm import _assemble, _piece
 from megatron_muon.optim.layout import MatrixPiece, RowBlocks, fsdp_part_pieces
-from megatron_muon.optim.plan import PieceRecord, build_plan
+from megatron_muon.optim.options import MuonPlanSettings
+from megatron_muon.optim.plan import PieceRecord, build_muon_plan
 
 TINY = "launch/configs/tiny_cpu.yaml"
 
@@ -81,7 +82,9 @@ def _fsdp_records() -> list[list[PieceRecord]]:
 
 
 def test_the_plan_gathers_every_part_to_one_owner_and_returns_each_its_rows():
-    plan = build_plan(_fsdp_records(), mode="auto", momentum_with_shards=True, replicate_state=False)
+    plan = build_muon_plan(
+        _fsdp_records(), MuonPlanSettings(tp_mode="auto", momentum_with_shards=True, replicate_state=False)
+    )
     for matrix in plan.matrices:
         assert matrix.partitioned and matrix.mode == "owner" and matrix.momentum_with_shards
         (owner,) = matrix.computers
@@ -94,7 +97,9 @@ def test_the_plan_gathers_every_part_to_one_owner_and_returns_each_its_rows():
 
 
 def test_the_owner_assembles_the_whole_matrix_from_the_parts_and_cuts_each_holder_its_rows():
-    plan = build_plan(_fsdp_records(), mode="owner", momentum_with_shards=True, replicate_state=False)
+    plan = build_muon_plan(
+        _fsdp_records(), MuonPlanSettings(tp_mode="owner", momentum_with_shards=True, replicate_state=False)
+    )
     for matrix in plan.matrices:
         full = torch.randn(matrix.shape)
         (owner,) = matrix.computers
@@ -112,7 +117,9 @@ def test_tp_replicas_of_a_part_send_it_once_and_each_gets_its_rows_back():
     """A matrix TP does not split (the router) under FSDP over 2: TP ranks 0, 1 hold rows 0-3, ranks 2, 3 rows
     4-7."""
     router = [[_record("router", (8, 4), ((0, 4),) if rank < 2 else ((4, 4),))] for rank in range(4)]
-    plan = build_plan(router, mode="owner", momentum_with_shards=True, replicate_state=False)
+    plan = build_muon_plan(
+        router, MuonPlanSettings(tp_mode="owner", momentum_with_shards=True, replicate_state=False)
+    )
     (matrix,) = plan.matrices
     (owner,) = matrix.computers
     replica = owner ^ 1  # the other TP rank of the owner's data-parallel index
@@ -130,10 +137,10 @@ def test_tp_replicas_of_a_part_send_it_once_and_each_gets_its_rows_back():
 def test_parts_that_miss_or_repeat_a_row_and_modes_without_an_owner_are_refused():
     gap = [[_record("m", (8, 4), ((0, 4),))], [_record("m", (8, 4), ((5, 3),))]]
     with pytest.raises(RuntimeError, match="do not cover rows 0..7 exactly once"):
-        build_plan(gap)
+        build_muon_plan(gap)
     for mode in ("duplicated", "distributed"):
         with pytest.raises(ValueError, match=f"tp_mode='{mode}' with fully sharded"):
-            build_plan(_fsdp_records(), mode=mode)
+            build_muon_plan(_fsdp_records(), MuonPlanSettings(tp_mode=mode))
 
 
 @pytest.mark.parametrize(

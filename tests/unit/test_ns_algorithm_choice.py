@@ -9,10 +9,11 @@ import torch
 from megatron_muon.config import ConfigError
 from megatron_muon.config.checks import validate
 from megatron_muon.ops.newton_schulz import newton_schulz, ns_algorithm_flops
-from megatron_muon.optim.executor import MatrixOrthogonalizer
 from megatron_muon.optim.layout import whole_tensor_pieces
 from megatron_muon.optim.muon import Muon
-from megatron_muon.optim.plan import CostModel, build_plan
+from megatron_muon.optim.options import MuonPlanSettings
+from megatron_muon.optim.placement import MatrixPlacement
+from megatron_muon.optim.plan import CostModel, build_muon_plan
 from megatron_muon.training.metrics import muon_stats
 from tests.unit.test_config import tiny
 from tests.unit.test_plan import piece
@@ -24,7 +25,9 @@ EXPECTED = {"attention.proj": "standard", "mlp.fc1": "gram", "expert.fc2": "gram
 
 def whole_matrix_plan(ns_algorithm: str = "auto", ranks: int = 2):
     records = [[piece(key, shape) for key, shape in SHAPES.items()] for _ in range(ranks)]
-    return build_plan(records, mode="owner", ns_steps=NS_STEPS, ns_algorithm=ns_algorithm)
+    return build_muon_plan(
+        records, MuonPlanSettings(tp_mode="owner", ns_steps=NS_STEPS, ns_algorithm=ns_algorithm)
+    )
 
 
 def test_auto_picks_gram_for_wide_and_tall_matrices_and_standard_for_square_ones():
@@ -57,7 +60,7 @@ def test_a_distributed_shard_decides_from_its_own_width():
         records = [
             [piece("w", (64, 1024), shard_dim=1, num_shards=shards, shard_index=i)] for i in range(shards)
         ]
-        plan = build_plan(records, mode="distributed", ns_steps=NS_STEPS)
+        plan = build_muon_plan(records, MuonPlanSettings(tp_mode="distributed", ns_steps=NS_STEPS))
         (matrix,) = plan.matrices
         assert matrix.ns_algorithm == expected
         assert plan.loads[0] == ns_algorithm_flops(64, 1024, NS_STEPS, expected, shards=shards)
@@ -117,19 +120,22 @@ def test_auto_and_standard_give_the_same_update_and_gram_is_what_runs(monkeypatc
 
 def test_default_is_auto_and_fp8_steps_make_it_standard():
     _, optimizer = run(None, steps=0)
-    assert optimizer.orthogonalizer.ns_algorithm == "auto"
+    assert optimizer.placement.settings.ns_algorithm == "auto"
     pieces = [whole_tensor_pieces("w", torch.zeros(8, 64))]
-    assert MatrixOrthogonalizer(pieces[0], ns_algorithm="gram").plan.matrices[0].ns_algorithm == "gram"
-
-
-def test_a_given_orthogonalizer_must_agree_with_ns_algorithm():
-    param = torch.nn.Parameter(torch.zeros(8, 64))
-    orthogonalizer = MatrixOrthogonalizer(
-        whole_tensor_pieces("group0.param0", param), ns_algorithm="standard"
+    assert (
+        MatrixPlacement(pieces[0], MuonPlanSettings(ns_algorithm="gram")).plan.matrices[0].ns_algorithm
+        == "gram"
     )
-    with pytest.raises(ValueError, match="ns_algorithm='gram' but the orthogonalizer's plan was built with"):
-        Muon([param], lr=0.1, ns_algorithm="gram", orthogonalizer=orthogonalizer)
-    Muon([param], lr=0.1, orthogonalizer=orthogonalizer)  # None: the plan decides
+
+
+def test_a_given_placement_must_agree_with_ns_algorithm():
+    param = torch.nn.Parameter(torch.zeros(8, 64))
+    placement = MatrixPlacement(
+        whole_tensor_pieces("group0.param0", param), MuonPlanSettings(ns_algorithm="standard")
+    )
+    with pytest.raises(ValueError, match="ns_algorithm='gram' but the placement's plan was built with"):
+        Muon([param], lr=0.1, ns_algorithm="gram", placement=placement)
+    Muon([param], lr=0.1, placement=placement)  # None: the plan decides
 
 
 def test_restarts_reach_newton_schulz_and_bad_ones_fail_at_construction():
@@ -146,7 +152,7 @@ def test_tensorboard_stats_hold_the_shares():
 
     _, optimizer = run("auto", steps=1)
     stats = muon_stats(Member(optimizer))
-    plan = optimizer.orthogonalizer.plan
+    plan = optimizer.placement.plan
     totals = plan.algorithm_totals()
     assert stats["muon/ns_algorithm/gram_matrix_share"] == 3 / 4
     assert stats["muon/ns_algorithm/standard_matrix_share"] == 1 / 4

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_muon.ops.newton_schulz import newton_schulz_flops, ns_algorithm_flops
-from megatron_muon.optim.plan import MODES, CostModel, MuonPlan, PieceRecord, build_plan
+from megatron_muon.optim.options import MuonPlanSettings
+from megatron_muon.optim.plan import MODES, CostModel, MuonPlan, PieceRecord, build_muon_plan
 
 NS_STEPS = 5
 
@@ -93,13 +94,13 @@ def assert_valid(plan: MuonPlan, records_by_rank: list[list[PieceRecord]]) -> No
 @pytest.mark.parametrize("mode", MODES)
 def test_plan_is_valid_in_every_mode(mode):
     records = tp2_dp2_records()
-    plan = build_plan(records, mode=mode, ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode=mode, ns_steps=NS_STEPS))
     assert_valid(plan, records)
 
 
 def test_owner_mode_has_one_computer_per_matrix_and_moves_every_shard():
     records = tp2_dp2_records()
-    plan = build_plan(records, mode="owner", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="owner", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     for matrix in plan.matrices:
         assert matrix.mode == "owner"
@@ -111,7 +112,7 @@ def test_owner_mode_has_one_computer_per_matrix_and_moves_every_shard():
 
 def test_duplicated_mode_gathers_the_missing_shard_to_every_holder_and_scatters_nothing():
     records = tp2_dp2_records()
-    plan = build_plan(records, mode="duplicated", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="duplicated", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     for matrix in plan.matrices:
         assert matrix.scatter == []
@@ -120,7 +121,7 @@ def test_duplicated_mode_gathers_the_missing_shard_to_every_holder_and_scatters_
 
 def test_unknown_mode_raises_naming_it():
     with pytest.raises(ValueError, match="'sharded'"):
-        build_plan(tp2_dp2_records(), mode="sharded")
+        build_muon_plan(tp2_dp2_records(), MuonPlanSettings(tp_mode="sharded"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def test_unknown_mode_raises_naming_it():
 def test_equal_matrices_are_spread_within_one_matrix_of_each_other():
     shapes = {f"layers.{i}.linear_proj.weight": (64, 64) for i in range(10)}
     records = replicated_records(shapes, ranks=4)
-    plan = build_plan(records, mode="owner", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="owner", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     cost = newton_schulz_flops(64, 64, NS_STEPS)
     loads = sorted(plan.loads.values())
@@ -144,7 +145,7 @@ def test_big_matrices_are_placed_first():
     # that already owns a small one (max load big + small); placed first (LPT), it has a rank to itself.
     shapes = {f"a{i}": (32, 32) for i in range(6)} | {"z_big": (64, 64)}
     records = replicated_records(shapes, ranks=4)
-    plan = build_plan(records, mode="owner", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="owner", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     big_cost = newton_schulz_flops(64, 64, NS_STEPS)
     (big,) = [m for m in plan.matrices if m.key == "z_big"]
@@ -155,7 +156,7 @@ def test_big_matrices_are_placed_first():
 
 def test_more_ranks_than_matrices_leaves_idle_ranks_at_zero_load():
     records = replicated_records({"w1": (64, 64), "w2": (64, 64)}, ranks=4)
-    plan = build_plan(records, mode="owner", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="owner", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     owners = [m.computers[0] for m in plan.matrices]
     assert len(set(owners)) == 2
@@ -166,7 +167,7 @@ def test_more_ranks_than_matrices_leaves_idle_ranks_at_zero_load():
 
 def test_a_rank_holding_no_matrix_is_in_the_plan_with_load_zero():
     records = [[piece("w", (64, 64))], []]
-    plan = build_plan(records, mode="auto", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="auto", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     assert plan.loads[1] == 0
 
@@ -183,7 +184,11 @@ def two_shards(shape, shard_dim) -> list[list[PieceRecord]]:
 @pytest.mark.parametrize(("shape", "short_dim"), [((64, 1024), 0), ((1024, 64), 1)])
 def test_auto_never_runs_distributed_on_a_shard_split_along_the_short_side(shape, short_dim, bytes_per_s):
     cost_model = CostModel(bytes_per_s=bytes_per_s, latency_s=0.0)
-    short = build_plan(two_shards(shape, short_dim), mode="auto", ns_steps=NS_STEPS, cost_model=cost_model)
+    short = build_muon_plan(
+        two_shards(shape, short_dim),
+        MuonPlanSettings(tp_mode="auto", ns_steps=NS_STEPS),
+        cost_model=cost_model,
+    )
     assert short.matrices[0].mode != "distributed"
     assert_valid(short, two_shards(shape, short_dim))
 
@@ -192,7 +197,11 @@ def test_auto_never_runs_distributed_on_a_shard_split_along_the_short_side(shape
 def test_auto_runs_distributed_on_a_long_side_split_when_bandwidth_is_scarce(shape, long_dim):
     # The Gram all-reduce moves 5 × 64² floats, less than the half matrix the other modes move (64 × 512).
     cost_model = CostModel(bytes_per_s=1e6, latency_s=0.0)
-    plan = build_plan(two_shards(shape, long_dim), mode="auto", ns_steps=NS_STEPS, cost_model=cost_model)
+    plan = build_muon_plan(
+        two_shards(shape, long_dim),
+        MuonPlanSettings(tp_mode="auto", ns_steps=NS_STEPS),
+        cost_model=cost_model,
+    )
     assert plan.matrices[0].mode == "distributed"
 
 
@@ -204,7 +213,7 @@ def test_forced_distributed_falls_back_to_duplicated_for_a_short_side_split():
         ]
         for rank in range(2)
     ]
-    plan = build_plan(records, mode="distributed", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="distributed", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     assert {m.key: m.mode for m in plan.matrices} == {
         "short_split": "duplicated",
@@ -214,7 +223,7 @@ def test_forced_distributed_falls_back_to_duplicated_for_a_short_side_split():
 
 def test_forced_distributed_runs_unsharded_matrices_locally():
     records = replicated_records({"w": (32, 32)}, ranks=2)
-    plan = build_plan(records, mode="distributed", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="distributed", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     assert plan.matrices[0].mode == "duplicated" and plan.matrices[0].gather == []
 
@@ -236,7 +245,7 @@ def test_default_cost_model_prefers_duplicated_for_small_and_owner_for_large_rep
         assert costs["owner"] == pytest.approx(job / holders if job <= many * compute else job)
         assert "distributed" not in costs  # an unsharded matrix has no shards to iterate on
         records = replicated_records({f"w{i:02d}": (n, n) for i in range(many)}, ranks=holders)
-        plan = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=model)
+        plan = build_muon_plan(records, MuonPlanSettings(tp_mode="auto", ns_steps=NS_STEPS), cost_model=model)
         assert {m.mode for m in plan.matrices} == {"owner" if compute > transfer else "duplicated"}, n
 
 
@@ -245,7 +254,9 @@ def test_one_owner_job_longer_than_the_groups_duplicated_work_sets_the_step():
     # computing it itself, so duplicated wins whatever its size.
     model = CostModel()
     for n in (512, 4096):
-        plan = build_plan(replicated_records({"w": (n, n)}, 4), ns_steps=NS_STEPS, cost_model=model)
+        plan = build_muon_plan(
+            replicated_records({"w": (n, n)}, 4), MuonPlanSettings(ns_steps=NS_STEPS), cost_model=model
+        )
         assert plan.matrices[0].mode == "duplicated", n
         compute = newton_schulz_flops(n, n, NS_STEPS) / model.flops_per_s
         transfer = n * n * model.bytes_per_element / model.bytes_per_s
@@ -272,7 +283,7 @@ def test_owner_fan_out_to_every_replica_is_charged_to_the_owner(replicas, expect
         [piece(f"w{i:02d}", shape, shard_dim=1, num_shards=2, shard_index=rank % 2) for i in range(count)]
         for rank in range(holders)
     ]
-    plan = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=model)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="auto", ns_steps=NS_STEPS), cost_model=model)
     assert {m.mode for m in plan.matrices} == {expected}
 
 
@@ -280,13 +291,21 @@ def test_without_a_cost_model_the_plan_uses_this_machines_numbers():
     machine = CostModel.for_this_machine()
     for n in (32, 64, 256, 1024):
         records = replicated_records({"w": (n, n)}, ranks=4)
-        default = build_plan(records, mode="auto", ns_steps=NS_STEPS).matrices[0].mode
-        explicit = build_plan(records, mode="auto", ns_steps=NS_STEPS, cost_model=machine).matrices[0].mode
+        default = (
+            build_muon_plan(records, MuonPlanSettings(tp_mode="auto", ns_steps=NS_STEPS)).matrices[0].mode
+        )
+        explicit = (
+            build_muon_plan(records, MuonPlanSettings(tp_mode="auto", ns_steps=NS_STEPS), cost_model=machine)
+            .matrices[0]
+            .mode
+        )
         assert default == explicit, n
 
 
 def test_a_matrix_with_one_holder_is_local_work_under_auto():
-    plan = build_plan([[piece("w", (4096, 4096))], []], mode="auto", ns_steps=NS_STEPS)
+    plan = build_muon_plan(
+        [[piece("w", (4096, 4096))], []], MuonPlanSettings(tp_mode="auto", ns_steps=NS_STEPS)
+    )
     assert plan.matrices[0].mode == "duplicated" and plan.matrices[0].computers == [0]
     assert plan.matrices[0].gather == [] and plan.matrices[0].scatter == []
 
@@ -301,13 +320,13 @@ def test_uneven_expert_counts_each_expert_owned_by_its_holder(mode):
         return piece(f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc1.weight", (64, 32))
 
     records = [[expert(0), expert(1), expert(2)], [expert(3)]]
-    plan = build_plan(records, mode=mode, ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode=mode, ns_steps=NS_STEPS))
     assert_valid(plan, records)
     for matrix in plan.matrices:
         holder = 1 if matrix.key.endswith(".3.linear_fc1.weight") else 0
         assert matrix.computers == [holder], matrix.key
         assert matrix.gather == [] and matrix.scatter == [], matrix.key
-    # aspect 2 > 1.5: build_plan's default auto picks Gram
+    # aspect 2 > 1.5: build_muon_plan's default auto picks Gram
     cost = ns_algorithm_flops(64, 32, NS_STEPS, "gram")
     assert plan.loads == {0: 3 * cost, 1: cost}
 
@@ -318,7 +337,7 @@ def test_experts_replicated_over_data_parallel_ranks_are_owned_by_one_of_their_h
         return piece(f"experts.{e}", (64, 32))
 
     records = [[expert(0), expert(1), expert(2)], [expert(3)], [expert(0), expert(1), expert(2)], [expert(3)]]
-    plan = build_plan(records, mode="owner", ns_steps=NS_STEPS)
+    plan = build_muon_plan(records, MuonPlanSettings(tp_mode="owner", ns_steps=NS_STEPS))
     assert_valid(plan, records)
     owners = {m.key: m.computers[0] for m in plan.matrices}
     assert owners["experts.3"] in (1, 3)
@@ -343,7 +362,9 @@ def test_same_shape_matrices_of_every_layer_share_a_bucket_except_where_a_bounda
     num_buckets,
 ):
     records = moe_layers_records(layers=4, experts=4, ranks=2)
-    plan = build_plan(records, mode="owner", ns_steps=NS_STEPS, num_buckets=num_buckets)
+    plan = build_muon_plan(
+        records, MuonPlanSettings(tp_mode="owner", ns_steps=NS_STEPS, num_buckets=num_buckets)
+    )
     assert_valid(plan, records)
     # What the step batches on a rank: one Newton–Schulz call per (bucket, shape, algorithm) it computes.
     for rank in range(2):
@@ -357,13 +378,14 @@ def test_same_shape_matrices_of_every_layer_share_a_bucket_except_where_a_bounda
 
 
 def test_a_one_process_grid_runs_a_single_bucket():
-    from megatron_muon.optim.executor import MatrixOrthogonalizer
     from megatron_muon.optim.layout import whole_tensor_pieces
+    from megatron_muon.optim.options import MuonPlanSettings
+    from megatron_muon.optim.placement import MatrixPlacement
 
     pieces = [p for e in range(8) for p in whole_tensor_pieces(f"expert{e}", torch.zeros(32, 64))]
-    orthogonalizer = MatrixOrthogonalizer(pieces, num_buckets=4)
-    assert {m.bucket for m in orthogonalizer.plan.matrices} == {0}
-    assert len(orthogonalizer.transport.buckets) == 1
+    placement = MatrixPlacement(pieces, MuonPlanSettings(num_buckets=4))
+    assert {m.bucket for m in placement.plan.matrices} == {0}
+    assert len(placement.transport.buckets) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,8 +393,8 @@ def test_a_one_process_grid_runs_a_single_bucket():
 
 
 def test_fingerprint_is_the_same_for_records_built_twice():
-    first = build_plan(tp2_dp2_records(), ns_steps=NS_STEPS).fingerprint()
-    second = build_plan(tp2_dp2_records(), ns_steps=NS_STEPS).fingerprint()
+    first = build_muon_plan(tp2_dp2_records(), MuonPlanSettings(ns_steps=NS_STEPS)).fingerprint()
+    second = build_muon_plan(tp2_dp2_records(), MuonPlanSettings(ns_steps=NS_STEPS)).fingerprint()
     assert first == second
 
 
@@ -395,16 +417,22 @@ def test_fingerprint_differs_when_one_rank_announces_different_pieces(change):
     records = tp2_dp2_records()
     changed = tp2_dp2_records()
     change(changed)
-    assert build_plan(records, mode="owner").fingerprint() != build_plan(changed, mode="owner").fingerprint()
+    assert (
+        build_muon_plan(records, MuonPlanSettings(tp_mode="owner")).fingerprint()
+        != build_muon_plan(changed, MuonPlanSettings(tp_mode="owner")).fingerprint()
+    )
 
 
 def test_fingerprint_differs_when_a_matrix_has_another_shape():
     # A matrix only rank 1 holds is announced (64, 32) in one run and (32, 64) in the other. Nothing moves for it
-    # either way, but the plans differ (the executor sizes its buffers from the shapes), so must the fingerprints.
+    # either way, but the plans differ (the placement sizes its buffers from the shapes), so must the fingerprints.
     records, changed = tp2_dp2_records(), tp2_dp2_records()
     records[1].append(piece("expert", (64, 32)))
     changed[1].append(piece("expert", (32, 64)))
-    assert build_plan(records, mode="owner").fingerprint() != build_plan(changed, mode="owner").fingerprint()
+    assert (
+        build_muon_plan(records, MuonPlanSettings(tp_mode="owner")).fingerprint()
+        != build_muon_plan(changed, MuonPlanSettings(tp_mode="owner")).fingerprint()
+    )
 
 
 def test_ranks_disagreeing_about_a_matrix_shape_raise_naming_the_key():
@@ -413,7 +441,7 @@ def test_ranks_disagreeing_about_a_matrix_shape_raise_naming_the_key():
         [piece("layers.3.linear_qkv.weight", (32, 96))],
     ]
     with pytest.raises(RuntimeError, match=r"layers\.3\.linear_qkv\.weight"):
-        build_plan(records, ns_steps=NS_STEPS)
+        build_muon_plan(records, MuonPlanSettings(ns_steps=NS_STEPS))
 
 
 def test_ranks_disagreeing_about_the_number_of_shards_raise_naming_the_key():
@@ -422,7 +450,7 @@ def test_ranks_disagreeing_about_the_number_of_shards_raise_naming_the_key():
         [piece("w", (96, 32), num_shards=4, shard_index=1)],
     ]
     with pytest.raises(RuntimeError, match="'w'"):
-        build_plan(records, ns_steps=NS_STEPS)
+        build_muon_plan(records, MuonPlanSettings(ns_steps=NS_STEPS))
 
 
 def test_a_shard_no_rank_holds_raises():
@@ -431,7 +459,7 @@ def test_a_shard_no_rank_holds_raises():
         [piece("w", (96, 32), num_shards=2, shard_index=0)],
     ]
     with pytest.raises(RuntimeError, match=r"'w'.*shard\(s\) \[1\]"):
-        build_plan(records, ns_steps=NS_STEPS)
+        build_muon_plan(records, MuonPlanSettings(ns_steps=NS_STEPS))
 
 
 def test_without_replicated_state_no_sharded_matrix_is_duplicated():
@@ -443,18 +471,25 @@ def test_without_replicated_state_no_sharded_matrix_is_duplicated():
         [piece("layer.fc1", (512, 256), shard_dim=0, num_shards=2, shard_index=1), piece("router", (8, 256))],
     ]
     slow_links = CostModel(flops_per_s=1e15, bytes_per_s=1.0, latency_s=1.0)
-    replicated = {m.key: m.mode for m in build_plan(records, cost_model=slow_links).matrices}
+    replicated = {m.key: m.mode for m in build_muon_plan(records, cost_model=slow_links).matrices}
     assert replicated == {"layer.fc1": "duplicated", "router": "duplicated"}
-    once = {m.key: m.mode for m in build_plan(records, cost_model=slow_links, replicate_state=False).matrices}
+    once = {
+        m.key: m.mode
+        for m in build_muon_plan(
+            records, MuonPlanSettings(replicate_state=False), cost_model=slow_links
+        ).matrices
+    }
     assert once["router"] == "duplicated" and once["layer.fc1"] in ("owner", "distributed"), once
     fast_links = CostModel(flops_per_s=1.0, bytes_per_s=1e15, latency_s=0.0)  # owner would be cheapest
-    assert {m.key: m.mode for m in build_plan(records, cost_model=fast_links).matrices}["router"] == "owner"
-    fast = build_plan(records, cost_model=fast_links, replicate_state=False)
+    assert {m.key: m.mode for m in build_muon_plan(records, cost_model=fast_links).matrices}[
+        "router"
+    ] == "owner"
+    fast = build_muon_plan(records, MuonPlanSettings(replicate_state=False), cost_model=fast_links)
     assert {m.key: m.mode for m in fast.matrices}["router"] == "duplicated"  # whole, TP-replicated: no bytes
-    fallback = build_plan(records, mode="distributed", replicate_state=False)
+    fallback = build_muon_plan(records, MuonPlanSettings(tp_mode="distributed", replicate_state=False))
     assert {m.key: m.mode for m in fallback.matrices}["router"] == "duplicated"
     with pytest.raises(ValueError, match="tp_mode='duplicated' keeps every holder's momentum"):
-        build_plan(records, mode="duplicated", replicate_state=False)
+        build_muon_plan(records, MuonPlanSettings(tp_mode="duplicated", replicate_state=False))
 
 
 def test_momentum_with_shards_marks_owner_matrices_whose_shards_have_one_holder_each():
@@ -462,10 +497,14 @@ def test_momentum_with_shards_marks_owner_matrices_whose_shards_have_one_holder_
         [piece("layer.fc1", (512, 256), shard_dim=0, num_shards=2, shard_index=0), piece("router", (8, 256))],
         [piece("layer.fc1", (512, 256), shard_dim=0, num_shards=2, shard_index=1), piece("router", (8, 256))],
     ]
-    plan = build_plan(tp_group, mode="owner", replicate_state=False, momentum_with_shards=True)
+    plan = build_muon_plan(
+        tp_group, MuonPlanSettings(tp_mode="owner", replicate_state=False, momentum_with_shards=True)
+    )
     assert {m.key: m.momentum_with_shards for m in plan.matrices} == {"layer.fc1": True, "router": False}
-    assert not any(m.momentum_with_shards for m in build_plan(tp_group, mode="owner").matrices)
+    assert not any(
+        m.momentum_with_shards for m in build_muon_plan(tp_group, MuonPlanSettings(tp_mode="owner")).matrices
+    )
     # Two data-parallel replicas hold every shard.
     replicas = tp_group + [list(tp_group[0]), list(tp_group[1])]
-    plan = build_plan(replicas, mode="owner", momentum_with_shards=True)
+    plan = build_muon_plan(replicas, MuonPlanSettings(tp_mode="owner", momentum_with_shards=True))
     assert not any(m.momentum_with_shards for m in plan.matrices)  # a shard held twice: momentum stays whole

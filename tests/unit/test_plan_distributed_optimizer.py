@@ -126,7 +126,8 @@ def test_the_planner_counts_momentum_on_the_ranks_the_built_optimizer_keeps_it(w
     # One TP2 group of one DP index (the distributed optimizer's plan, replicated state off): two tall matrices split
     # along their short side (owner mode: distributed needs a long-side split) and one router held whole by both TP
     # ranks (duplicated).
-    from megatron_muon.optim.plan import PieceRecord, build_plan
+    from megatron_muon.optim.options import MuonPlanSettings
+    from megatron_muon.optim.plan import PieceRecord, build_muon_plan
     from megatron_muon.planning.cost import momentum_elements
 
     def record(key, shape, shard_index, num_shards=2):
@@ -136,7 +137,9 @@ def test_the_planner_counts_momentum_on_the_ranks_the_built_optimizer_keeps_it(w
         [record("fc1", (256, 64), r), record("qkv", (192, 64), r), record("router", (8, 64), 0, 1)]
         for r in (0, 1)
     ]
-    plan = build_plan(records, mode="auto", replicate_state=False, momentum_with_shards=with_shards)
+    plan = build_muon_plan(
+        records, MuonPlanSettings(tp_mode="auto", replicate_state=False, momentum_with_shards=with_shards)
+    )
     kept = {m.key: (m.mode, momentum_elements(m)) for m in plan.matrices}
     assert kept["router"] == ("duplicated", {0: 8 * 64, 1: 8 * 64})
     for key, rows in (("fc1", 256), ("qkv", 192)):

@@ -1,6 +1,6 @@
 """Where Muon's matrices are orthogonalized across a grid of ranks: the plan every rank of the grid derives
-(``plan.py``), the transport that moves matrix pieces as the plan says (``comm.MatrixTransport``) and the
-process groups of the ``distributed`` mode's Gram all-reduce.
+(``plan.py``) from the pieces every rank holds, the transport that moves matrix pieces as the plan says
+(``comm.MatrixTransport``) and the process groups of the ``distributed`` mode's Gram all-reduce.
 
 No math here: the Muon step (``muon.py``) asks this object which matrices this rank computes and hands its
 pieces to the transport. With no grid group (one process) every matrix is local and no collective runs, so the
@@ -9,6 +9,7 @@ single-process and the parallel paths are the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -16,7 +17,6 @@ from typing import Any
 
 import torch
 
-from megatron_muon.ops.gram_newton_schulz import DEFAULT_GRAM_RESTARTS
 from megatron_muon.optim.comm import (
     MatrixTransport,
     all_gather_objects,
@@ -26,7 +26,8 @@ from megatron_muon.optim.comm import (
     group_size,
 )
 from megatron_muon.optim.layout import MatrixPiece
-from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_plan, held_rows
+from megatron_muon.optim.options import MuonPlanSettings
+from megatron_muon.optim.plan import CostModel, MatrixPlan, PieceRecord, build_muon_plan, held_rows
 
 logger = logging.getLogger(__name__)
 
@@ -50,27 +51,23 @@ def _record(piece: MatrixPiece, shard_group: str) -> PieceRecord:
     )
 
 
-class MatrixOrthogonalizer:
-    """The placement of one Muon optimizer's orthogonalizations on a grid of ranks: which matrices this rank
+class MatrixPlacement:
+    """The placement of one Muon optimizer's matrices on a grid of ranks: which matrices this rank
     orthogonalizes (whole, after a gather, or as shards) and the transport that moves their pieces.
 
     Args:
         pieces: every logical-matrix piece this rank's optimizer holds.
+        settings: what the plan is built from (``options.MuonPlanSettings``, validated there; default: its
+            defaults): the mode, the Newton–Schulz algorithm and steps its cost model counts, the exchange buckets,
+            and whether the state is replicated or kept with the shards. On a grid of one rank, one bucket (nothing travels, so buckets
+            would only cut the same-shape batches into pieces).
         grid_group: all ranks of this pipeline stage (megatron's ``tp_dp_cp`` group); ``None`` for one process.
         shard_groups: name → process group of the ranks that hold the other shards of a matrix in the same
             replica (``{"tp": tp, "expert_tp": expt_tp}``); needed by the ``distributed`` mode only.
         shard_group_of: piece key → name in ``shard_groups`` (default ``"tp"``).
-        mode: ``auto`` | ``owner`` | ``duplicated`` | ``distributed`` (see ``plan.py``).
-        ns_steps, cost_model: inputs of the cost model that picks modes under ``auto``.
-        num_buckets: exchange buckets per step; communication of one overlaps Newton–Schulz of the next (one on a
-            grid of one rank, where nothing travels).
-        replicate_state: False (the distributed optimizer): no sharded matrix runs ``duplicated``
-            (``plan.build_plan``), so its momentum is stored once.
-        momentum_with_shards: ``owner`` matrices keep their momentum with the shards' holders (``plan.build_plan``).
+        cost_model: the cost model that picks modes under ``auto`` (default: this machine's).
         device: the model's device, where a rank that sends nothing puts its empty buffers (default: the device
             of the first pieces it gathers).
-        ns_algorithm, gram_restarts: standard or Gram Newton–Schulz per matrix (``auto``: by FLOPs), and the Gram
-            restarts its FLOPs count (``plan.build_plan``); the step reads each matrix's choice from the plan.
 
     Builds the plan collectively at construction and checks that every rank of the grid derived the same one.
     """
@@ -78,18 +75,12 @@ class MatrixOrthogonalizer:
     def __init__(
         self,
         pieces: list[MatrixPiece],
+        settings: MuonPlanSettings | None = None,
         *,
         grid_group: Any = None,
         shard_groups: dict[str, Any] | None = None,
         shard_group_of: dict[str, str] | None = None,
-        mode: str = "auto",
-        ns_steps: int = 5,
         cost_model: CostModel | None = None,
-        num_buckets: int = 4,
-        replicate_state: bool = True,
-        momentum_with_shards: bool = False,
-        ns_algorithm: str = "auto",
-        gram_restarts: tuple[int, ...] = DEFAULT_GRAM_RESTARTS,
         device: torch.device | None = None,
     ) -> None:
         self.grid_group = grid_group
@@ -100,26 +91,21 @@ class MatrixOrthogonalizer:
         if duplicates:
             raise ValueError(f"two pieces share the matrix keys {duplicates[:5]}")
         records = [_record(p, shard_group_of.get(p.key, "tp")) for p in pieces]
+        settings = settings or MuonPlanSettings()
         if group_size(grid_group) == 1:
             # Nothing travels on one process, so buckets would only cut the same-shape batches into pieces.
-            num_buckets = 1
-        self.plan = build_plan(
-            all_gather_objects(records, grid_group),
-            mode=mode,
-            ns_steps=ns_steps,
-            cost_model=cost_model,
-            num_buckets=num_buckets,
-            replicate_state=replicate_state,
-            momentum_with_shards=momentum_with_shards,
-            ns_algorithm=ns_algorithm,
-            gram_restarts=gram_restarts,
-        )
-        self.ns_algorithm = ns_algorithm
+            settings = dataclasses.replace(settings, num_buckets=1)
+        self.settings = settings
+        self.plan = build_muon_plan(all_gather_objects(records, grid_group), settings, cost_model=cost_model)
         check_agreement(self.plan.fingerprint(), grid_group, "Muon plans")
         self.rank = group_rank(grid_group)
         self._by_key = {m.key: m for m in self.plan.matrices}
         self.transport = MatrixTransport(
-            self.plan.matrices, rank=self.rank, group=grid_group, num_buckets=num_buckets, device=device
+            self.plan.matrices,
+            rank=self.rank,
+            group=grid_group,
+            num_buckets=settings.num_buckets,
+            device=device,
         )
         for matrix in self.plan.matrices:
             if matrix.mode == "distributed" and self.rank in matrix.all_holders:
