@@ -153,6 +153,7 @@ def ensure_runs(args: argparse.Namespace) -> list[dict[str, str]]:
     results = REPO / args.results
     version, overrides = code_version(), " ".join(args.override)
     wanted: list[tuple[str, ...]] = []
+    missing: list[str] = args.missing
     for config in args.configs:
         sha = file_sha(REPO / config)
         for seed in args.seeds:
@@ -160,6 +161,9 @@ def ensure_runs(args: argparse.Namespace) -> list[dict[str, str]]:
                 key = (config, sha, overrides, version, algorithm, str(seed))
                 wanted.append(key)
                 if any(run_key(row) == key for row in read_rows(results)):
+                    continue
+                if args.publish_only:
+                    missing.append(f"`{Path(config).name}` {algorithm} seed {seed}")
                     continue
                 print(
                     f"run {config} ns_algorithm={algorithm} seed={seed} ({time.strftime('%H:%M:%S')})",
@@ -217,7 +221,7 @@ def summarize(rows: list[dict[str, str]], algorithms: list[str]) -> list[dict[st
     return summary
 
 
-def markdown(summary: list[dict[str, object]], argv: list[str] | None, base: str) -> str:
+def markdown(summary: list[dict[str, object]], argv: list[str] | None, base: str, missing: list[str]) -> str:
     """The section of docs/benchmarks.md: the command, the setting and one row per config and algorithm."""
     lines = [
         START,
@@ -236,20 +240,30 @@ def markdown(summary: list[dict[str, object]], argv: list[str] | None, base: str
         f"- Bound: |final validation loss of `auto` − `{base}`| ≤ {BOUND} nats (Dao lab's for Gram NS)",
         "",
         f"| config | NS algorithm | matrices on Gram NS (the plan's groups) | final validation loss per seed | mean |"
-        f" difference to `{base}` per seed | within {BOUND} |",
-        "|---|---|---:|---|---:|---|---|",
+        f" difference to `{base}` per seed (mean) | within {BOUND} per seed / in the mean | spread over seeds |",
+        "|---|---|---:|---|---:|---|---|---:|",
     ]
     for entry in summary:
         gram, total = entry["gram"]  # type: ignore[misc]
         losses = " / ".join(f"{loss:.4f}" for loss in entry["losses"])  # type: ignore[attr-defined]
         diffs: list[float] = entry["diffs"]  # type: ignore[assignment]
-        within = ("yes" if all(abs(d) <= BOUND for d in diffs) else "**no**") if diffs else ""
-        diff_cell = " / ".join(f"{d:+.4f}" for d in diffs)
+        mean_diff = statistics.fmean(diffs) if diffs else 0.0
+        within = (
+            ("yes" if all(abs(d) <= BOUND for d in diffs) else "**no**")
+            + " / "
+            + ("yes" if abs(mean_diff) <= BOUND else "**no**")
+            if diffs
+            else ""
+        )
+        diff_cell = " / ".join(f"{d:+.4f}" for d in diffs) + (f" ({mean_diff:+.4f})" if diffs else "")
+        spread = max(entry["losses"]) - min(entry["losses"])  # type: ignore[call-overload]
         lines.append(
             f"| `{Path(str(entry['config'])).name}` (iteration {entry['iteration']}) | `{entry['algorithm']}` |"
             f" {gram} of {total} | {losses} (seeds {', '.join(entry['seeds'])}) | {entry['mean']:.4f} |"  # type: ignore[arg-type]
-            f" {diff_cell} | {within} |"
+            f" {diff_cell} | {within} | {spread:.4f} |"
         )
+    if missing:
+        lines += ["", f"Not run yet (rerun the command without `--publish-only`): {', '.join(missing)}."]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -264,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", action="append", default=[], help="KEY=VALUE added to every run")
     parser.add_argument("--results", default="docs/ns_algorithm_quality/evaluations.csv")
     parser.add_argument(
+        "--publish-only", action="store_true", help="run nothing: write the section from the finished runs"
+    )
+    parser.add_argument(
         "--markdown", default=None, help="write the section into this file (default: print it)"
     )
     args = parser.parse_args(argv)
@@ -273,8 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.algorithms) - {"auto", "standard", "gram"})
     if unknown:
         parser.error(f"--algorithms: {', '.join(unknown)} unknown; valid: auto, standard, gram")
+    args.missing = []
     rows = ensure_runs(args)
-    publish(markdown(summarize(rows, args.algorithms), argv, args.algorithms[-1]), args.markdown, START, END)
+    publish(
+        markdown(summarize(rows, args.algorithms), argv, args.algorithms[-1], args.missing),
+        args.markdown,
+        START,
+        END,
+    )
     return 0
 
 
