@@ -121,23 +121,10 @@ def build_optimizer(
             optimizer.tp_group = pg_collection.tp
             optimizer.expert_tp_group = pg_collection.expt_tp
 
-        if use_muon and owned is not None:
-            # Distributed optimizer: this data-parallel rank updates (and keeps state for) its own params only.
-            bucket = [{**g, "params": [p for p in g["params"] if id(p) in owned]} for g in bucket]
-            raw = _build_muon(
-                bucket,
-                routing,
-                model_chunks,
-                muon,
-                settings,
-                pg_collection,
-                cost_model,
-                replicate_state=False,
-            )
-            layer_wise_muons.append((raw, configure))
-            continue
         if use_muon:
-            # FSDP: the momentum stays spread over the parts' holders, never replicated.
+            if owned is not None:
+                # Distributed optimizer: this data-parallel rank updates (and keeps state for) its own params only.
+                bucket = [{**g, "params": [p for p in g["params"] if id(p) in owned]} for g in bucket]
             raw = _build_muon(
                 bucket,
                 routing,
@@ -146,8 +133,12 @@ def build_optimizer(
                 settings,
                 pg_collection,
                 cost_model,
-                replicate_state=not fully_sharded,
+                # The distributed optimizer's owners and FSDP's part holders keep their own momentum, never replicas.
+                replicate_state=owned is None and not fully_sharded,
             )
+            if owned is not None:
+                layer_wise_muons.append((raw, configure))
+                continue
             optimizer = (
                 Float16OptimizerWithFloat16Params(raw, config, None, None)
                 if config.bf16
