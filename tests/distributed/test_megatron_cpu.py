@@ -99,6 +99,7 @@ def test_tiny_moe_trains_in_one_process():
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # megatron training at TP2·PP2·EP2 on 4 gloo ranks: the launcher's runs, in CI
 def test_tiny_moe_trains_at_tp2_pp2_ep2_on_four_gloo_ranks(tp2_pp2_ep2_reports):
     _assert_trained(tp2_pp2_ep2_reports[0])
 
@@ -114,6 +115,7 @@ def test_tiny_moe_trains_at_tp2_pp2_ep2_on_four_gloo_ranks(tp2_pp2_ep2_reports):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # TP against world 1 over ten steps: test_muon_training's tp2_ep2, in CI
 def test_tensor_parallelism_does_not_change_the_losses(tp2_pp2_ep2_reports):
     """TP2·PP2 (DP1, 4 microbatches) against TP1·PP2 (DP2, 2 microbatches per DP rank): same seed, same global
     batch, same experts per EP rank. CPU initialization draws each full matrix and slices it, so both start from

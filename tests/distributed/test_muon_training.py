@@ -106,6 +106,7 @@ def test_single_process_muon_training_loss_falls(single_process):
 # trainer on Shakespeare at the tiny config's layout, 4 processes it starts anyway).
 
 
+@pytest.mark.extended  # bf16 weights on fp32 main params: exact in test_parallel_muon's bf16 test, in CI
 def test_bf16_params_train_with_fp32_main_params_at_tp2_dp2():
     layout = dict(tp=2, pp=1, ep=1, etp=1)
     per_rank = run_distributed(

@@ -176,9 +176,10 @@ def _mla_matrix_suffixes(keys) -> set[str]:
     return {key.split("self_attention.")[1] for key in keys if "self_attention.linear_" in key}
 
 
-# Further layouts of what the others cover (pipeline + experts, GQA with DP, pure DP, MLA with query compression:
-# test_mla_per_head_matrices_match_the_reference_in_every_mode runs it in CI): the full suite only.
-EXTENDED_LAYOUTS = {"pp2_ep2", "tp2_gqa2_dp2", "dp4", "tp2_dp2_mla_q_lora"}
+# Further layouts of what the others cover, the full suite only: pipeline + experts, GQA with DP, pure DP, MLA with
+# query compression (test_mla_per_head_matrices_match_the_reference_in_every_mode runs it in CI), TP·DP (tp2_ep2 has
+# both), TP·PP (pp2_vpp2_dp2 pipelines, with interleaving), expert-TP (NorMuon's tp2_etp2 below, in CI).
+EXTENDED_LAYOUTS = {"pp2_ep2", "tp2_gqa2_dp2", "dp4", "tp2_dp2_mla_q_lora", "tp2_dp2", "tp2_pp2", "tp2_etp2"}
 
 
 @pytest.mark.parametrize(
@@ -332,7 +333,9 @@ def test_auto_runs_gram_for_some_matrices_and_standard_for_others_and_matches_th
             assert (value - standard[key]).norm() / standard[key].norm() < 1e-5, key
 
 
-@pytest.mark.parametrize("name", ["tp2_ep2", "tp2_etp2"])
+@pytest.mark.parametrize(  # tp2_ep2: the full suite only (its rows-split reduction is tp2_etp2's, in CI)
+    "name", [pytest.param("tp2_ep2", marks=pytest.mark.extended), "tp2_etp2"]
+)
 def test_normuon_matches_the_reference_in_every_mode(name):
     """NorMuon's per-row statistics need a reduction when a matrix is orthogonalized on shards (rows split:
     the Frobenius totals; columns split: each row's sum): every mode gives the single-process NorMuon."""

@@ -43,19 +43,24 @@ def _close(a: dict[int, float], b: dict[int, float], iterations, tolerance: floa
     assert worst <= tolerance, f"{what}: {a} vs {b}"
 
 
-def test_fsdp_trains_like_ddp_and_its_checkpoint_resumes_without_fsdp_at_another_layout(
+def test_fsdp_trains_and_its_checkpoint_resumes_without_fsdp_at_another_layout(
     tmp_path, shakespeare_data, launcher_env
 ):
-    plain = _run(launcher_env, tmp_path, "plain", *TP2_DP2)
     fsdp = _run(launcher_env, tmp_path, "fsdp", *TP2_DP2, "parallel.fsdp=true")
     assert sorted(fsdp) == list(range(1, 7)) and fsdp[6] < fsdp[1] - 0.5, fsdp
-    _close(fsdp, plain, range(1, 7), SAME_LAYOUT_TOLERANCE, "FSDP at TP2·DP2 vs DDP")
     # The FSDP run's checkpoint without FSDP at the default TP2·PP2·EP2.
     out_of_fsdp = _run(
         launcher_env, tmp_path, "out_of_fsdp", f"checkpoint.resume={tmp_path / 'fsdp' / 'iter_0000003'}"
     )
     assert sorted(out_of_fsdp) == [4, 5, 6], out_of_fsdp
     _close(out_of_fsdp, fsdp, (4, 5, 6), OTHER_LAYOUT_TOLERANCE, "FSDP checkpoint resumed without FSDP")
+
+
+@pytest.mark.extended  # FSDP's exactness with TP·DP·EP and at DP4 is tests/distributed/test_parallel_muon.py's, in CI
+def test_fsdp_at_tp2_dp2_trains_like_ddp(tmp_path, shakespeare_data, launcher_env):
+    plain = _run(launcher_env, tmp_path, "plain", *TP2_DP2)
+    fsdp = _run(launcher_env, tmp_path, "fsdp", *TP2_DP2, "parallel.fsdp=true")
+    _close(fsdp, plain, range(1, 7), SAME_LAYOUT_TOLERANCE, "FSDP at TP2·DP2 vs DDP")
 
 
 @pytest.mark.extended  # the other direction of the same format; the layout cycle loads into FSDP in CI
@@ -76,7 +81,7 @@ def test_a_ddp_checkpoint_continues_under_fsdp_with_experts_over_expert_dp(
     _close(into_fsdp, plain, (4, 5, 6), OTHER_LAYOUT_TOLERANCE, "DDP checkpoint resumed with FSDP")
 
 
-@pytest.mark.extended  # FSDP's exactness at DP4 is tests/distributed/test_parallel_muon.py's, in the full suite
+@pytest.mark.extended  # FSDP's exactness at DP4 is tests/distributed/test_parallel_muon.py's, in CI
 def test_fsdp_at_pure_data_parallel_4_trains_like_ddp(tmp_path, shakespeare_data, launcher_env):
     dp4 = ["parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "checkpoint.save_interval=0"]
     plain = _run(launcher_env, tmp_path, "plain", *dp4, "training.train_iters=3")
