@@ -10,7 +10,9 @@ losses the launcher prints are appended to ``--results`` one row per evaluation.
 already there; the key is everything that changes a run: the config's path and SHA-256, the overrides, the algorithm,
 the seed and the code version (SHA-256 of the tracked files a training run executes: the launcher and the package
 without ``bench/`` and ``testing/``, which no run imports), so an edit of the code reruns the study instead of mixing
-versions.
+versions. ``--same-numerics-as VERSION`` lets the runs of an earlier code version count as this tree's, for an edit
+you have checked trains identically (a refactor: compare the two versions' per-iteration losses); the section names
+every code version its rows come from.
 
 The bound is Dao lab's for Gram Newton–Schulz: the final validation loss of ``auto`` within 0.01 nats of
 ``standard`` (per seed, and in the mean over seeds). ``auto`` picks Gram NS for the matrices where it costs fewer
@@ -152,16 +154,21 @@ def ensure_runs(args: argparse.Namespace) -> list[dict[str, str]]:
     """Run every (config, algorithm, seed) not yet in the results; return the rows of this study's keys."""
     results = REPO / args.results
     version, overrides = code_version(), " ".join(args.override)
+    accepted = [version, *args.same_numerics_as]  # this tree's first
     wanted: list[tuple[str, ...]] = []
     missing: list[str] = args.missing
     for config in args.configs:
         sha = file_sha(REPO / config)
         for seed in args.seeds:
             for algorithm in args.algorithms:
-                key = (config, sha, overrides, version, algorithm, str(seed))
-                wanted.append(key)
-                if any(run_key(row) == key for row in read_rows(results)):
+                keys = [(config, sha, overrides, v, algorithm, str(seed)) for v in accepted]
+                done = {run_key(row) for row in read_rows(results)}
+                found = next((key for key in keys if key in done), None)
+                if found is not None:
+                    wanted.append(found)
                     continue
+                key = keys[0]
+                wanted.append(key)
                 if args.publish_only:
                     missing.append(f"`{Path(config).name}` {algorithm} seed {seed}")
                     continue
@@ -221,7 +228,23 @@ def summarize(rows: list[dict[str, str]], algorithms: list[str]) -> list[dict[st
     return summary
 
 
-def markdown(summary: list[dict[str, object]], argv: list[str] | None, base: str, missing: list[str]) -> str:
+def code_versions_line(rows: list[dict[str, str]], version: str) -> str:
+    """The bullet naming the code versions the rows come from: this tree's and any accepted earlier one."""
+    used = sorted({row["code_version"] for row in rows}, key=lambda v: (v != version, v))
+    named = [
+        f"`{v}` (this tree)"
+        if v == version
+        else f"`{v}` (an earlier version, counted with `--same-numerics-as`)"
+        for v in used
+    ]
+    return "- Code version of the runs (SHA-256 of the tracked files a training run executes): " + (
+        ", ".join(named) if named else "none yet"
+    )
+
+
+def markdown(
+    summary: list[dict[str, object]], argv: list[str] | None, base: str, missing: list[str], versions: str
+) -> str:
     """The section of docs/benchmarks.md: the command, the setting and one row per config and algorithm."""
     lines = [
         START,
@@ -237,6 +260,7 @@ def markdown(summary: list[dict[str, object]], argv: list[str] | None, base: str
         "- Each row: the shipped config trained in full through `launch/pretrain_muon.sh` (4 CPU processes,"
         " Shakespeare), `optimizer.muon.ns_algorithm` and `training.seed` set; both configs run NS in fp32"
         " (`compute_dtype: float32`, CPU)",
+        versions,
         f"- Bound: |final validation loss of `auto` − `{base}`| ≤ {BOUND} nats (Dao lab's for Gram NS)",
         "",
         f"| config | NS algorithm | matrices on Gram NS (the plan's groups) | final validation loss per seed | mean |"
@@ -277,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1234, 1235])
     parser.add_argument("--override", action="append", default=[], help="KEY=VALUE added to every run")
     parser.add_argument("--results", default="docs/ns_algorithm_quality/evaluations.csv")
+    parser.add_argument("--same-numerics-as", action="append", default=[], metavar="VERSION",
+                        help="an earlier code version (16 hex digits, as in the results) whose runs count as this"
+                             " tree's: for an edit checked to train identically")  # fmt: skip
     parser.add_argument(
         "--publish-only", action="store_true", help="run nothing: write the section from the finished runs"
     )
@@ -290,10 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.algorithms) - {"auto", "standard", "gram"})
     if unknown:
         parser.error(f"--algorithms: {', '.join(unknown)} unknown; valid: auto, standard, gram")
+    bad = [v for v in args.same_numerics_as if not re.fullmatch(r"[0-9a-f]{16}", v)]
+    if bad:
+        parser.error(
+            f"--same-numerics-as {bad[0]!r}: a code version is 16 lowercase hex digits, as in the results"
+        )
     args.missing = []
     rows = ensure_runs(args)
     publish(
-        markdown(summarize(rows, args.algorithms), argv, args.algorithms[-1], args.missing),
+        markdown(
+            summarize(rows, args.algorithms),
+            argv,
+            args.algorithms[-1],
+            args.missing,
+            code_versions_line(rows, code_version()),
+        ),
         args.markdown,
         START,
         END,
