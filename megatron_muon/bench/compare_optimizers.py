@@ -388,21 +388,60 @@ def _curves(rows: list[dict], **match: str) -> dict[tuple[str, str], list[tuple[
     return {key: sorted(curve) for key, curve in curves.items()}
 
 
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """One optimizer's runs at one batch size and budget, and the learning rate the study reports for it."""
+
+    curves: dict[tuple[str, str], list[tuple[int, float]]]
+    """(lr, seed) → sorted (tokens, validation loss); lr spelled by :func:`_num`, seed a decimal string."""
+    mean_final: dict[str, float]
+    """lr → final validation loss averaged over the seeds (inf when a seed diverged)."""
+    best_lr: str
+    """The lr with the lowest ``mean_final`` (its :func:`_num` spelling)."""
+
+    def best_curves(self) -> dict[str, list[tuple[int, float]]]:
+        """seed → (tokens, validation loss) of the runs at ``best_lr``."""
+        return {seed: curve for (lr, seed), curve in self.curves.items() if lr == self.best_lr}
+
+
+def best_sweeps(rows: list[dict], batch: int, budget: int) -> dict[str, Sweep]:
+    """The AdamW and Muon sweeps at ``batch`` and ``budget`` with the best LR each, as the summary picks them:
+    AdamW's lowest mean final loss over seeds, then Muon's among the runs whose AdamW part ran at that LR.
+
+    Args:
+        rows: rows of ``evaluations.csv``.
+        batch: global batch size (sequences).
+        budget: training tokens of the runs.
+
+    Returns:
+        ``adamw`` and ``muon`` → their :class:`Sweep`, each only where it has runs (no Muon without AdamW)."""
+    sweeps: dict[str, Sweep] = {}
+    match = dict(batch_size=str(batch), budget=str(budget))
+    for optimizer in ("adamw", "muon"):
+        curves = _curves(rows, optimizer=optimizer, **match)
+        finals = _mean_by_lr(curves)
+        if not finals:
+            break
+        sweeps[optimizer] = Sweep(
+            curves=curves, mean_final=finals, best_lr=min(finals, key=finals.__getitem__)
+        )
+        match["adamw_lr"] = sweeps[optimizer].best_lr  # Muon's runs count at AdamW's best LR only
+    return sweeps
+
+
 def summarize(rows: list[dict], batch_sizes: list[int], budget: int, seq_length: int) -> list[dict]:
     """Per batch size: each optimizer's best LR (lowest mean final loss over seeds), the per-seed token ratio with
     its spread, and Marin's reading (AdamW's L(D) fit per seed, Muon's final loss mapped onto it)."""
     summary = []
     for batch in batch_sizes:
-        adamw = _curves(rows, optimizer="adamw", batch_size=str(batch), budget=str(budget))
-        adamw_finals = _mean_by_lr(adamw)
-        if not adamw_finals:
+        sweeps = best_sweeps(rows, batch, budget)
+        if "muon" not in sweeps:
             continue
-        adamw_lr = min(adamw_finals, key=adamw_finals.get)
-        muon = _curves(rows, optimizer="muon", batch_size=str(batch), budget=str(budget), adamw_lr=adamw_lr)
-        muon_finals = _mean_by_lr(muon)
-        if not muon_finals or not math.isfinite(adamw_finals[adamw_lr]):
+        adamw_sweep, muon_sweep = sweeps["adamw"], sweeps["muon"]
+        adamw, adamw_finals, adamw_lr = adamw_sweep.curves, adamw_sweep.mean_final, adamw_sweep.best_lr
+        muon, muon_finals, muon_lr = muon_sweep.curves, muon_sweep.mean_final, muon_sweep.best_lr
+        if not math.isfinite(adamw_finals[adamw_lr]):
             continue
-        muon_lr = min(muon_finals, key=muon_finals.get)
         seeds = sorted(
             {seed for lr, seed in adamw if lr == adamw_lr} & {seed for lr, seed in muon if lr == muon_lr}
         )
