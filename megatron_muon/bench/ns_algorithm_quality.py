@@ -23,50 +23,32 @@ group).
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import os
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from megatron_muon.bench.launcher_runs import (
+    LAUNCHER,
+    REPO,
+    append_rows,
+    code_version,
+    file_sha,
+    launcher_environment,
+    read_rows,
+    run_training,
+)
 from megatron_muon.bench.report import cpu_description, load_average, publish, rerun_command
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = ["launch/configs/tiny_cpu.yaml", "launch/configs/moonlight_proxy_cpu.yaml"]
-VALIDATION = re.compile(r"validation at iteration\s+(\d+) \| lm loss ([\d.]+|nan|inf)")
 PLAN_GROUP = re.compile(r"plan (\S+): (\d+) matrices, .*?NS algorithms (.*?), NS FLOPs")
 ALGORITHM_SHARE = re.compile(r"(\w+) (\d+) \((\d+)% of FLOPs\)")
 FIELDS = ["config", "config_sha", "overrides", "code_version", "algorithm", "seed", "iteration", "val_loss",
           "gram_matrices", "matrices", "wall_s"]  # fmt: skip
 START, END = "<!-- ns_algorithm_quality:start -->", "<!-- ns_algorithm_quality:end -->"
 BOUND = 0.01  # nats: Dao lab's bound on the final loss of Gram Newton–Schulz against standard
-
-
-def file_sha(path: Path) -> str:
-    """The first 16 hex digits of the SHA-256 of a file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-NOT_RUN = ("megatron_muon/bench/", "megatron_muon/testing/")  # no training run imports these
-
-
-def code_version() -> str:
-    """SHA-256 over the tracked files a training run executes, as they are in the work tree."""
-    listed = subprocess.run(
-        ["git", "ls-files", "megatron_muon", "launch"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    listed = [name for name in listed if not name.startswith(NOT_RUN)]
-    digest = hashlib.sha256()
-    for name in sorted(listed):
-        path = REPO / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def run_key(row: dict[str, str]) -> tuple[str, ...]:
@@ -90,19 +72,11 @@ def gram_matrices(stdout: str) -> tuple[int, int]:
     return gram, total
 
 
-def _environment() -> dict[str, str]:
-    # The code hashed into the key is this tree's: make sure the ranks import it, not another checkout's install.
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-
-
 def planned_gram_matrices(config: str, overrides: list[str]) -> tuple[int, int]:
     """(matrices on Gram NS, matrices) of the run's plan, from the launcher's ``--dry-run`` (nothing is trained)."""
-    command = ["bash", str(REPO / "launch" / "pretrain_muon.sh"), config, *overrides, "--dry-run"]
+    command = ["bash", str(LAUNCHER), config, *overrides, "--dry-run"]
     result = subprocess.run(
-        command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=900
+        command, cwd=REPO, env=launcher_environment(), capture_output=True, text=True, timeout=900
     )
     counts = gram_matrices(result.stdout)
     if result.returncode != 0 or counts[1] == 0:
@@ -110,44 +84,6 @@ def planned_gram_matrices(config: str, overrides: list[str]) -> tuple[int, int]:
             f"no plan in the dry run of {config} {' '.join(overrides)}:\n{result.stderr[-1500:]}"
         )
     return counts
-
-
-def run_training(config: str, overrides: list[str]) -> tuple[list[tuple[int, float]], float]:
-    """One run through the launcher: its (iteration, validation loss) points and wall seconds."""
-    with tempfile.TemporaryDirectory() as workdir:
-        command = ["bash", str(REPO / "launch" / "pretrain_muon.sh"), config, *overrides,
-                   f"checkpoint.save_dir={workdir}/checkpoints", f"logging.tensorboard_dir={workdir}/tensorboard"]  # fmt: skip
-        start = time.monotonic()
-        result = subprocess.run(
-            command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=4 * 3600
-        )
-        wall = time.monotonic() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"run failed (exit {result.returncode}): {config} {' '.join(overrides)}\n"
-                           f"{result.stdout[-1500:]}\n{result.stderr[-1500:]}")  # fmt: skip
-    points = [(int(m[1]), float(m[2])) for m in VALIDATION.finditer(result.stdout)]
-    if not points:
-        raise RuntimeError(f"no validation loss in the output of: {config} {' '.join(overrides)}")
-    return points, wall
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of the results file (none when it does not exist)."""
-    if not path.exists():
-        return []
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def append_rows(path: Path, rows: list[dict[str, object]]) -> None:
-    """Append rows to the results file, writing its header first when it is new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def ensure_runs(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -181,7 +117,8 @@ def ensure_runs(args: argparse.Namespace) -> list[dict[str, str]]:
                     f"training.seed={seed}",
                     *args.override,
                 ]
-                points, wall = run_training(config, run_overrides)
+                run = run_training(config, run_overrides)
+                points, wall = run.validation, run.wall_s
                 gram, total = planned_gram_matrices(config, run_overrides)
                 fields = dict(
                     zip(
@@ -191,7 +128,7 @@ def ensure_runs(args: argparse.Namespace) -> list[dict[str, str]]:
                     )
                 )
                 append_rows(results, [{**fields, "iteration": it, "val_loss": f"{loss:.5f}", "gram_matrices": gram,
-                                       "matrices": total, "wall_s": f"{wall:.0f}"} for it, loss in points])  # fmt: skip
+                                       "matrices": total, "wall_s": f"{wall:.0f}"} for it, loss in points], FIELDS)  # fmt: skip
                 print(
                     f"  final validation loss {points[-1][1]:.4f}, Gram on {gram} of {total} matrices, {wall:.0f} s"
                 )
