@@ -141,10 +141,10 @@ def reference_losses(single_process):
     return single_process["canonical"]["auto"]
 
 
-@pytest.mark.parametrize(  # expert-TP 2 and pipelining are checked exactly in test_parallel_muon, in CI
-    "name",
-    [pytest.param(n, marks=pytest.mark.extended) if n in ("tp2_etp2", "tp2_pp2") else n for n in LAYOUTS],
-)
+# The full suite only: every mode's update over two steps (momentum carried) at these layouts is test_parallel_muon's,
+# and four steps' losses at every layout against world 1 the layout cycle's (test_checkpoint_layouts), both in CI.
+@pytest.mark.extended
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_ten_steps_match_single_process_at_every_layout_and_mode(name, reference_losses):
     layout = LAYOUTS[name]
     per_rank = run_distributed(

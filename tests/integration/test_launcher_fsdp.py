@@ -43,6 +43,10 @@ def _close(a: dict[int, float], b: dict[int, float], iterations, tolerance: floa
     assert worst <= tolerance, f"{what}: {a} vs {b}"
 
 
+# The full suite only: FSDP's exactness is tests/distributed/test_parallel_muon.py's (TP·DP·EP and DP4), its
+# checkpoints' crossing to and from other layouts the layout cycle's (dp4_ep2_fsdp), its GPU program CI's
+# rehearsal (tests/unit/test_rehearsal.py), all in CI.
+@pytest.mark.extended
 def test_fsdp_trains_and_its_checkpoint_resumes_without_fsdp_at_another_layout(
     tmp_path, shakespeare_data, launcher_env
 ):

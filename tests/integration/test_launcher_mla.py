@@ -53,6 +53,9 @@ def _train(tmp_path: Path, launcher_env, layout: list[str]) -> tuple[subprocess.
     return result, tensorboard_dir
 
 
+# The full suite only: MLA is exact at TP2·EP2 in tests/distributed/test_parallel_muon.py (tp2_ep2_mla, per-head
+# matrices), its QK-clip in test_qk_clip_mla.py, and this config's GPU program is rehearsed by CI stage 3.
+@pytest.mark.extended
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_mla_moonlight_proxy_trains_through_the_cli(name, tmp_path, shakespeare_data, launcher_env):
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
