@@ -89,7 +89,7 @@ def planned_gram_matrices(config: str, overrides: list[str]) -> tuple[int, int]:
 def ensure_runs(args: argparse.Namespace) -> list[dict[str, str]]:
     """Run every (config, algorithm, seed) not yet in the results; return the rows of this study's keys."""
     results = REPO / args.results
-    version, overrides = code_version(), " ".join(args.override)
+    version, overrides = args.code_version, " ".join(args.override)
     accepted = [version, *args.same_numerics_as]  # this tree's first
     wanted: list[tuple[str, ...]] = []
     missing: list[str] = args.missing
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--same-numerics-as {bad[0]!r}: a code version is 16 lowercase hex digits, as in the results"
         )
     args.missing = []
+    args.code_version = code_version()  # hashed once: the runs' keys and the section's versions line
     rows = ensure_runs(args)
     publish(
         markdown(
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             argv,
             args.algorithms[-1],
             args.missing,
-            code_versions_line(rows, code_version()),
+            code_versions_line(rows, args.code_version),
         ),
         args.markdown,
         START,
