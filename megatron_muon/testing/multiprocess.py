@@ -155,6 +155,32 @@ def _reset_process_state() -> None:
     num_microbatches_calculator.destroy_num_microbatches_calculator()
     get_cuda_rng_tracker().reset()
     torch.set_default_dtype(torch.float32)
+    _clear_dtensor_caches()
+
+
+def _clear_dtensor_caches() -> None:
+    """DTensor's sharding-propagation and redistribution caches, as a fresh process has them (empty).
+
+    Their keys do not tell one call's mesh from the next (``DeviceMesh`` equality ignores the process groups): a
+    DTensor op in a later call can get back an output spec holding an earlier call's mesh, whose collectives then
+    ask for a group name that went with the destroyed process group ("Could not resolve the process group
+    registered under the name 5"), or that now names another group. FSDP2 (``fully_shard``) parameters are
+    DTensors.
+    """
+    import sys
+
+    if "torch.distributed.tensor" not in sys.modules:
+        return  # nothing imported DTensor, so nothing is cached
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._collective_utils import MeshTopoInfo
+    from torch.distributed.tensor._redistribute import _gen_transform_infos, clear_redistribute_planner_cache
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()  # type: ignore[no-untyped-call]  # the Python and the C++ fast path's caches
+    DTensor._op_dispatcher.sharding_propagator._propagate_tensor_meta_cached.cache_clear()
+    _gen_transform_infos.cache_clear()
+    clear_redistribute_planner_cache()
+    MeshTopoInfo.build_from_mesh.cache_clear()
 
 
 @dataclass(frozen=True, slots=True)

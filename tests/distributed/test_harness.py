@@ -122,6 +122,19 @@ def _default_dtype():
     return torch.get_default_dtype()
 
 
+def _dtensor_op_on_a_new_group(groups_before: int):
+    """A DTensor op (``.data``, as FSDP2 parameters see it) on a mesh over a group made after ``groups_before``
+    others, so that calls with different counts give the group different names."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for _ in range(groups_before):
+        torch.distributed.new_group([0, 1])
+    mesh = DeviceMesh.from_group(torch.distributed.new_group([0, 1]), "cpu")
+    sharded = distribute_tensor(torch.arange(8.0).reshape(4, 2), mesh, [Shard(0)])
+    return sharded.data.device_mesh.get_local_rank()
+
+
 @pytest.mark.slow
 def test_kept_rank_processes_take_the_callers_environment_and_start_clean(tmp_path, monkeypatch):
     with keep_rank_processes():
@@ -131,6 +144,10 @@ def test_kept_rank_processes_take_the_callers_environment_and_start_clean(tmp_pa
         monkeypatch.chdir(tmp_path)
         second = run_distributed(_pid_and_state, 2, tp=1)
         assert run_distributed(_default_dtype, 2) == [torch.float32, torch.float32]
+        # DTensor's caches ignore a mesh's groups: a kept process must not hand back the last call's mesh, whose
+        # group name is gone ("Could not resolve the process group registered under the name ...").
+        assert run_distributed(_dtensor_op_on_a_new_group, 2, args=(3,)) == [0, 1]
+        assert run_distributed(_dtensor_op_on_a_new_group, 2, args=(0,)) == [0, 1]
         with pytest.raises(DistributedRunError):
             run_distributed(_raise_on_rank_one, 2, timeout_s=120)
         after_failure = run_distributed(_pid_and_state, 2)
