@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from megatron_muon.platform.cpu import apply_cpu_stand_ins
+from megatron_muon.platform.gloo import share_one_gloo_device
 from megatron_muon.platform.megatron_fixes import apply_megatron_fixes
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ def choose_device(local_rank: int | None = None) -> Device:
 def use_device(device: Device, *, num_threads: int | None = None) -> Device:
     """Make ``device`` this process's device (before any model or process group exists); returns it.
 
-    Everywhere: megatron-core's logic workarounds (``megatron_fixes.py``). On a GPU: select it. On the CPU:
+    Everywhere: megatron-core's logic workarounds (``megatron_fixes.py``) and one gloo device for all gloo groups
+    (``gloo.py``). On a GPU: select it. On the CPU:
     ``num_threads`` torch threads (default ``OMP_NUM_THREADS``, else 1) and the CPU (hardware) stand-ins, forced
     even where CUDA is available (a CPU chosen by ``MEGATRON_MUON_DEVICE=cpu`` on a GPU machine computes on the CPU
     all the same). The point of choice for everything that trains or converts (the meta-device planner, which never
@@ -125,6 +127,7 @@ def use_device(device: Device, *, num_threads: int | None = None) -> Device:
     """
     global _chosen
     apply_megatron_fixes()  # megatron logic every device needs (platform/megatron_fixes.py)
+    share_one_gloo_device()  # megatron's gloo groups (all of them on the CPU) on one gloo device (platform/gloo.py)
     if device.type == "cuda":
         torch.cuda.set_device(device.index)
     else:

@@ -135,6 +135,39 @@ def _dtensor_op_on_a_new_group(groups_before: int):
     return sharded.data.device_mesh.get_local_rank()
 
 
+def _gloo_loops_and_group_sums():
+    """The gloo TCP loop threads of this rank, and an all-reduce on each of megatron's groups of this layout."""
+    from megatron.core import parallel_state
+
+    names = []
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{thread}/comm") as comm:
+                names.append(comm.read().strip())
+        except OSError:
+            pass  # a thread that ended meanwhile
+    sums = {}
+    for name, group in [
+        ("tp", parallel_state.get_tensor_model_parallel_group()),
+        ("dp", parallel_state.get_data_parallel_group()),
+        ("ep", parallel_state.get_expert_model_parallel_group()),
+        ("world", None),
+    ]:
+        value = torch.ones(())
+        torch.distributed.all_reduce(value, group=group)
+        sums[name] = float(value)
+    return names.count("gloo_tcp_loop"), sums
+
+
+@pytest.mark.slow
+def test_megatrons_gloo_groups_share_one_device():
+    """torch gives each gloo group a device whose TCP loop thread wakes every 10 ms (24 of them per rank here);
+    platform/gloo.py puts every group on one device, and each group still reduces over its own ranks."""
+    values = run_distributed(_gloo_loops_and_group_sums, 4, tp=2, ep=2)
+    assert [loops for loops, _ in values] == [1] * 4
+    assert [sums for _, sums in values] == [{"tp": 2.0, "dp": 2.0, "ep": 2.0, "world": 4.0}] * 4
+
+
 @pytest.mark.slow
 def test_kept_rank_processes_take_the_callers_environment_and_start_clean(tmp_path, monkeypatch):
     with keep_rank_processes():
