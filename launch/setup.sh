@@ -49,7 +49,7 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
 
 # The installer: uv by default. torch's CUDA build brings ~6 GB of packages (nvidia-*, triton); pip unpacks and
-# compiles them one by one (~3 minutes on 2 cores with nothing cached), uv in parallel (~1 minute, bytecode
+# compiles them one by one (~3 minutes on 2 cores with nothing cached), uv in parallel (~80 s, bytecode
 # included). uv comes from PATH or is installed into the environment with pip; INSTALLER=pip uses pip alone. uv
 # reads no pip configuration, so pip's configured constraint file (a machine-wide cap on torch, say) is passed on.
 installer=${INSTALLER:-uv}
