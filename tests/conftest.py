@@ -25,9 +25,9 @@ LONGEST_FILES_FIRST = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest files first; tests under ``tests/unit`` are marked ``unit`` (CI's first stage runs ``unit and not slow``, its second
-    ``slow or not unit``); tests marked ``gpu`` are skipped on machines without CUDA (both markers are declared in
-    pyproject.toml)."""
+    """The longest files first; tests under ``tests/unit`` are marked ``unit`` (CI's first stage runs ``unit and not
+    slow``, its second ``slow or not unit``); tests marked ``gpu`` are skipped on machines without CUDA (both markers
+    are declared in pyproject.toml)."""
     tests = Path(__file__).parent
     rank = {tests / name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path, len(rank)))  # stable: the rest keep their order

@@ -24,6 +24,13 @@ ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/(\d+) \|", re.MULTILINE)
 REQUEUE_GRACE_S = 10  # seconds between a requeue and forcing the job's next start (see wait_until_gone)
 LOCAL_CLUSTER_DIR = "MEGATRON_MUON_TEST_SLURM_DIR"  # in the fixture's environment: where the daemons log
 SIGNAL_EXIT_LINE = re.compile(r"exit requested by a signal: checkpoint saved at iteration (\d+)")
+UNFINISHED_STATES = (
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+)  # a job's states before its end
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +125,7 @@ def wait_until_gone(env: dict[str, str], job: str, timeout: float) -> dict[str, 
         # only an answer without it means it has left the queue, and its fields must say it finished.
         if done.returncode == 0 and not queued:
             fields = job_fields(env, job)
-            if fields is not None and fields.get("JobState") not in (
-                "PENDING",
-                "RUNNING",
-                "REQUEUED",
-                "CONFIGURING",
-                "COMPLETING",
-            ):
+            if fields is not None and fields.get("JobState") not in UNFINISHED_STATES:
                 return fields
         # A requeued job waits ~2 minutes (BeginTime) before it may start again; let it start sooner, but not
         # within seconds of the requeue: slurmd revokes the first run's credential, and a relaunch issued in
