@@ -24,13 +24,8 @@ ITERATION_LINE = re.compile(r"^ iteration\s+(\d+)/(\d+) \|", re.MULTILINE)
 REQUEUE_GRACE_S = 10  # seconds between a requeue and forcing the job's next start (see wait_until_gone)
 LOCAL_CLUSTER_DIR = "MEGATRON_MUON_TEST_SLURM_DIR"  # in the fixture's environment: where the daemons log
 SIGNAL_EXIT_LINE = re.compile(r"exit requested by a signal: checkpoint saved at iteration (\d+)")
-UNFINISHED_STATES = (
-    "PENDING",
-    "RUNNING",
-    "REQUEUED",
-    "CONFIGURING",
-    "COMPLETING",
-)  # a job's states before its end
+# A job's states before its end.
+UNFINISHED_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING")
 
 
 @pytest.fixture(scope="module")
