@@ -28,8 +28,12 @@ through ``launch/pretrain_muon.sh``, every run evaluating the same validation sa
 The budget must give at least ``--min-steps`` optimizer steps at the largest batch (256 by default: with 64 steps
 the warm-up and the schedule dominated the batch-32 result of the first study).
 
-Results: ``<out-dir>/evaluations.csv`` (one row per evaluation of every run; a rerun skips finished runs, so the
-study resumes), ``summary.csv``, ``loss_vs_tokens.png``, ``token_ratio.png``, and a section of ``--markdown``.
+Results: ``<out-dir>/evaluations.csv`` (one row per evaluation of every run), ``summary.csv``,
+``loss_vs_tokens.png``, ``token_ratio.png``, and a section of ``--markdown``. A rerun skips every finished run made
+in the same setting (:func:`study_setting`: config path and SHA-256, model overrides, sequence length, micro-batch,
+evaluations, code version), so a killed study resumes; runs of another setting stay in the file but are neither
+reused nor reported. ``--report-only`` trains nothing and writes the report from the file as it is (also from a
+study written before runs were keyed by their setting, ``LEGACY_FIELDS``).
 """
 
 from __future__ import annotations
@@ -38,9 +42,7 @@ import argparse
 import csv
 import math
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,12 +50,20 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_muon.bench.launcher_runs import code_version, file_sha, run_training
 from megatron_muon.bench.report import cpu_description, load_average, rerun_command, write_section
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATION = re.compile(r"validation at iteration\s+(\d+) \| lm loss ([\d.]+|nan|inf)")
 START, END = "<!-- compare_optimizers:start -->", "<!-- compare_optimizers:end -->"
-FIELDS = ["optimizer", "batch_size", "lr", "adamw_lr", "seed", "budget", "iteration", "tokens", "val_loss"]
+RUN_FIELDS = ["optimizer", "batch_size", "lr", "adamw_lr", "seed", "budget"]  # what the study varies
+# What the study holds fixed and a rerun must match to reuse a run (:func:`study_setting`): the model, the data
+# shapes, the evaluations and the code a run executes.
+SETTING_FIELDS = ["config", "config_sha", "model_overrides", "seq_length", "micro_batch_size", "evals",
+                  "eval_samples", "code_version"]  # fmt: skip
+FIELDS = [*RUN_FIELDS, *SETTING_FIELDS, "iteration", "tokens", "val_loss"]
+# Studies written before runs were keyed by their setting (docs/compare_optimizers*/): read for reports only.
+LEGACY_FIELDS = [*RUN_FIELDS, "iteration", "tokens", "val_loss"]
 # A smaller MoE than tiny_cpu.yaml (hidden 64, 2 layers: 1 dense + 1 MoE with 4 experts top-2), one process.
 MODEL = [
     "model.num_layers=2",
@@ -104,6 +114,7 @@ class RunSpec:
 
 
 def row_key(row: dict) -> tuple[str, ...]:
+    """The run a row belongs to, in :attr:`RunSpec.key`'s spelling."""
     return (
         row["optimizer"],
         str(int(row["batch_size"])),
@@ -112,6 +123,43 @@ def row_key(row: dict) -> tuple[str, ...]:
         str(int(row["seed"])),
         str(int(row["budget"])),
     )
+
+
+def study_setting(args) -> dict[str, str]:
+    """Everything a run's result depends on besides :data:`RUN_FIELDS`: the config (path and SHA-256), the model
+    overrides, sequence length, micro-batch, evaluations, and the code version (``launcher_runs.code_version``)."""
+    return dict(
+        config=args.config,
+        config_sha=file_sha(REPO / args.config),
+        model_overrides=" ".join(MODEL),
+        seq_length=str(args.seq_length),
+        micro_batch_size=str(args.micro_batch_size),
+        evals=str(args.evals),
+        eval_samples=str(args.eval_samples),
+        code_version=code_version(),
+    )
+
+
+def in_setting(rows: list[dict], setting: dict[str, str]) -> list[dict]:
+    """The rows of runs made in ``setting`` (every field equal)."""
+    return [row for row in rows if all(row.get(k) == v for k, v in setting.items())]
+
+
+def check_one_setting_per_run(rows: list[dict], source: object) -> None:
+    """Refuse rows in which one run (:func:`row_key`) was made in two settings: a report would mix their curves.
+
+    Raises:
+        ValueError: naming the first such run and ``source``.
+    """
+    seen: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for row in rows:
+        setting = tuple(row.get(k, "") for k in SETTING_FIELDS)
+        if seen.setdefault(row_key(row), setting) != setting:
+            raise ValueError(
+                f"{source}: the run {row_key(row)} was made in two settings (code or config changed between runs); "
+                f"report from one setting: rerun the study (it trains only the runs of the new setting) into a new "
+                f"--out-dir"
+            )
 
 
 def trial_overrides(spec: RunSpec, args) -> list[str]:
@@ -140,28 +188,6 @@ def trial_overrides(spec: RunSpec, args) -> list[str]:
     else:
         overrides += [f"optimizer.muon.lr={spec.lr}", f"optimizer.muon.min_lr={spec.lr / 10}"]
     return overrides
-
-
-def run_trial(overrides: list[str], config: str) -> list[tuple[int, float]]:
-    """One training run through the launcher; its (iteration, validation loss) points."""
-    with tempfile.TemporaryDirectory() as workdir:
-        command = [
-            "bash",
-            str(REPO / "launch" / "pretrain_muon.sh"),
-            config,
-            *overrides,
-            f"checkpoint.save_dir={workdir}/checkpoints",
-            f"logging.tensorboard_dir={workdir}/tensorboard",
-        ]
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"run failed (exit {result.returncode}): {' '.join(overrides)}\n{result.stderr[-2000:]}"
-        )
-    points = [(int(m[1]), float(m[2])) for m in VALIDATION.finditer(result.stdout)]
-    if not points:
-        raise RuntimeError(f"no validation loss in the output of: {' '.join(overrides)}")
-    return points
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
@@ -267,9 +293,20 @@ class Study:
     """The runs of the comparison, in order, each run at most once (``rows`` holds the finished ones; new ones are
     appended to ``results`` as they finish, so a killed study resumes)."""
 
-    def __init__(self, args, runner: Runner, rows: list[dict], results: Path | None) -> None:
-        self.args, self.runner, self.rows, self.results = args, runner, rows, results
-        self.done = {row_key(r) for r in rows}
+    def __init__(
+        self,
+        args,
+        runner: Runner,
+        rows: list[dict],
+        results: Path | None,
+        setting: dict[str, str] | None = None,
+    ) -> None:
+        """``rows``: the results file's rows; only those made in ``setting`` (:func:`study_setting`; None: the
+        study holds nothing fixed, as on synthetic runs) are reused and decide the sweeps."""
+        self.args, self.runner, self.results = args, runner, results
+        self.setting = setting or {}
+        self.rows = in_setting(rows, self.setting)
+        self.done = {row_key(r) for r in self.rows}
         self.made = 0
 
     def ensure(self, spec: RunSpec) -> None:
@@ -285,6 +322,7 @@ class Study:
                 adamw_lr=_num(spec.adamw_lr),
                 seed=spec.seed,
                 budget=spec.budget,
+                **self.setting,
                 iteration=i,
                 tokens=i * spec.batch_size * self.args.seq_length,
                 val_loss=loss,
@@ -295,7 +333,7 @@ class Study:
             with self.results.open(
                 "a", newline=""
             ) as f:  # one run's rows at once: a killed study resumes cleanly
-                csv.DictWriter(f, FIELDS).writerows(new)
+                csv.DictWriter(f, FIELDS).writerows(new)  # setting fields blank without one
         self.rows += [{k: str(v) for k, v in row.items()} for row in new]
         self.done.add(spec.key)
         self.made += 1
@@ -647,6 +685,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--markdown", default=None, help="markdown file whose compare_optimizers section is rewritten"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the summary, figures and section from --out-dir's evaluations.csv as it is",
+    )
     args = parser.parse_args(argv)
     check_arguments(parser, args)
 
@@ -657,17 +700,35 @@ def main(argv=None) -> int:
     if results.exists():
         with results.open(newline="") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames != FIELDS:
+            legacy = reader.fieldnames == LEGACY_FIELDS
+            if reader.fieldnames != FIELDS and not (legacy and args.report_only):
                 parser.error(
-                    f"{results} has columns {reader.fieldnames}, not {FIELDS} (an older study): use another --out-dir"
-                )
+                    f"{results} has columns {reader.fieldnames}, not {FIELDS}"
+                    + (" (a study from before runs were keyed by their setting: --report-only rewrites its report)"
+                       if legacy else "") + ": use another --out-dir"
+                )  # fmt: skip
             rows = list(reader)
+    elif args.report_only:
+        parser.error(f"--report-only: {results} does not exist")
     else:
         with results.open("w", newline="") as f:
             csv.DictWriter(f, FIELDS).writeheader()
     start, load_before = time.time(), load_average()
-    study = Study(args, lambda spec: run_trial(trial_overrides(spec, args), args.config), rows, results)
-    study.run()
+    if args.report_only:
+        try:
+            check_one_setting_per_run(rows, results)
+        except ValueError as error:
+            parser.error(str(error))
+        study = Study(args, runner=_no_training, rows=rows, results=None)
+    else:
+        study = Study(
+            args,
+            lambda spec: run_training(args.config, trial_overrides(spec, args)).validation,
+            rows,
+            results,
+            setting=study_setting(args),
+        )
+        study.run()
     summary = summarize(study.rows, args.batch_sizes, args.tokens, args.seq_length)
     with (out_dir / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, list(summary[0]) if summary else ["batch_size"])
@@ -683,6 +744,10 @@ def main(argv=None) -> int:
     if args.markdown:
         write_section(Path(args.markdown), section, START, END)
     return 0
+
+
+def _no_training(spec: RunSpec) -> list[tuple[int, float]]:
+    raise AssertionError(f"--report-only trains nothing, yet {spec} was asked for")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args) -> None:

@@ -33,8 +33,8 @@ Both are reported relative to the first row that reaches the target (AdamW at th
 Where the numbers come from: the step times are inputs (neither ``compare_optimizers`` nor ``bench_pretrain``
 records them in a file): the ``ms/iter`` the launcher logs, or ``tools/bench_pretrain.py``'s medians, of each
 optimizer at the per-device micro-batch m on the hardware the frontier is drawn for. N_active and the logical
-matrices come from ``--config`` (``compare_optimizers``' default ``launch/configs/tiny_cpu.yaml``; the results do
-not record it, so pass the study's own) with ``compare_optimizers``' model overrides, the matrices from the model
+matrices come from the config the study's rows record (a study written before they recorded it: ``--config``,
+default ``launch/configs/tiny_cpu.yaml``) with ``compare_optimizers``' model overrides, the matrices from the model
 built on the meta device (``planning/meta_build.py``, ~30 s on 2 cores); ``--flops-per-token`` and
 ``--ns-flops-per-step`` replace them.
 
@@ -53,7 +53,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_muon.bench.compare_optimizers import FIELDS, MODEL, best_sweeps, tokens_to_reach
+from megatron_muon.bench.compare_optimizers import (
+    FIELDS,
+    LEGACY_FIELDS,
+    MODEL,
+    best_sweeps,
+    check_one_setting_per_run,
+    tokens_to_reach,
+)
 from megatron_muon.bench.report import publish, rerun_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +116,8 @@ def read_evaluations(path: Path) -> list[dict[str, str]]:
     """The rows of a ``compare_optimizers`` ``evaluations.csv``.
 
     Raises:
-        ValueError: the file is missing, has other columns than ``compare_optimizers.FIELDS``, or no rows.
+        ValueError: the file is missing, has other columns than ``compare_optimizers.FIELDS`` (or its
+            ``LEGACY_FIELDS``), no rows, or a run made in two settings.
     """
     if not path.is_file():
         raise ValueError(
@@ -117,13 +125,14 @@ def read_evaluations(path: Path) -> list[dict[str, str]]:
         )
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != FIELDS:
+        if reader.fieldnames not in (FIELDS, LEGACY_FIELDS):
             raise ValueError(
                 f"--results {path} has columns {reader.fieldnames}; compare_optimizers writes {FIELDS}"
             )
         rows = list(reader)
     if not rows:
         raise ValueError(f"--results {path} has no evaluations (only its header)")
+    check_one_setting_per_run(rows, f"--results {path}")
     return rows
 
 
@@ -504,6 +513,40 @@ def _check_inputs(args: argparse.Namespace, rows: list[dict[str, str]], budget: 
     return step_seconds
 
 
+LEGACY_CONFIG = (
+    "launch/configs/tiny_cpu.yaml"  # compare_optimizers' default before its rows recorded the config
+)
+
+
+def study_config(rows: list[dict[str, str]], given: str | None) -> str:
+    """The config the study ran: the one its rows record (``--config``, when given, must name the same), or for a
+    study written before rows recorded it, ``given`` (default :data:`LEGACY_CONFIG`).
+
+    Raises:
+        ValueError: the rows record several configs or other model overrides than this code's, or ``given``
+            differs from the recorded config.
+    """
+    recorded = {row.get("config") or "" for row in rows} - {""}
+    overrides = {row.get("model_overrides") or "" for row in rows} - {""}
+    if overrides and overrides != {" ".join(MODEL)}:
+        raise ValueError(
+            f"the study ran model overrides {sorted(overrides)}, not compare_optimizers' {' '.join(MODEL)!r}: "
+            "count its FLOPs with --flops-per-token and --ns-flops-per-step"
+        )
+    if len(recorded) > 1:
+        raise ValueError(
+            f"the study's rows record several configs {sorted(recorded)}: one study per results file"
+        )
+    if recorded:
+        (config,) = recorded
+        if given is not None and _resolve_config(given) != _resolve_config(config):
+            raise ValueError(
+                f"--config {given}: the study ran {config} (its rows record it); leave --config out"
+            )
+        return config
+    return given or LEGACY_CONFIG
+
+
 def _resolve_config(config: str) -> Path:
     """``config`` as given, else under the repository (as the launcher resolves it for compare_optimizers)."""
     path = Path(config)
@@ -543,7 +586,9 @@ def _parser() -> argparse.ArgumentParser:
         help="default: AdamW's best final loss at the smallest batch",
     )
     parser.add_argument(
-        "--config", default="launch/configs/tiny_cpu.yaml", help="the config the study ran (for the FLOPs)"
+        "--config",
+        default=None,
+        help=f"the config the study ran (for the FLOPs): default the one its rows record, else {LEGACY_CONFIG}",
     )
     parser.add_argument(
         "--flops-per-token", type=float, default=None, help="replaces 6 · N_active from --config"
@@ -583,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             target_source = f"AdamW's best final loss at the smallest batch, B = {batch}, mean over seeds"
         else:
             target, target_source = args.target_loss, "given by --target-loss"
-        config = _resolve_config(args.config)
+        config = _resolve_config(study_config(rows, args.config))
         flops = model_flops(
             config, args.flops_per_token, args.ns_flops_per_step, any(r["optimizer"] == "muon" for r in rows)
         )

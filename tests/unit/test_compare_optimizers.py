@@ -4,7 +4,9 @@ loss curves: no training (the runs themselves are an experiment, not a test)."""
 from __future__ import annotations
 
 import argparse
+import csv
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -162,7 +164,7 @@ def test_command_line_writes_the_table_plots_and_resumes(tmp_path, monkeypatch, 
     args = _args()
     runs = SyntheticRuns(adamw_optimum={8: 3e-3, 32: 3e-3}, muon_optimum=5e-3, k={1: 2.0, 2: 2.0}, args=args)
     monkeypatch.setattr(tool, "trial_overrides", lambda spec, _: spec)
-    monkeypatch.setattr(tool, "run_trial", lambda spec, _: runs(spec))
+    monkeypatch.setattr(tool, "run_training", lambda _, spec: SimpleNamespace(validation=runs(spec)))
     page = tmp_path / "benchmarks.md"
     page.write_text(f"# Benchmarks\n\n{tool.START}\nold\n{tool.END}\n\nafter\n")
     argv = [
@@ -185,3 +187,57 @@ def test_command_line_writes_the_table_plots_and_resumes(tmp_path, monkeypatch, 
         assert (tmp_path / "out" / name).stat().st_size > 0
     made = len(runs.specs)
     assert tool.main(argv) == 0 and len(runs.specs) == made  # resumed from evaluations.csv: nothing reruns
+
+
+def test_runs_are_reused_only_in_their_setting_and_reported_from_one(tmp_path, monkeypatch, capsys):
+    """A run is reused only when everything it depends on is unchanged (here the code version); the rows of the
+    older setting stay in the file, and a report over both is refused rather than mixing their curves."""
+    args = _args()
+    runs = SyntheticRuns(adamw_optimum={8: 3e-3, 32: 3e-3}, muon_optimum=5e-3, k={1: 2.0, 2: 2.0}, args=args)
+    monkeypatch.setattr(tool, "trial_overrides", lambda spec, _: spec)
+    monkeypatch.setattr(tool, "run_training", lambda _, spec: SimpleNamespace(validation=runs(spec)))
+    out = tmp_path / "out"
+    argv = ["--tokens", str(args.tokens), "--seq-length", "64", "--seeds", "1", "2", "--out-dir", str(out)]
+    assert tool.main(argv) == 0
+    made = len(runs.specs)
+    with (out / "evaluations.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["code_version"] for row in rows} == {tool.code_version()}
+    assert {row["config_sha"] for row in rows} == {tool.file_sha(tool.REPO / "launch/configs/tiny_cpu.yaml")}
+    assert {row["model_overrides"] for row in rows} == {" ".join(tool.MODEL)}
+
+    monkeypatch.setattr(tool, "code_version", lambda: "another-version")
+    assert tool.main(argv) == 0
+    assert len(runs.specs) == 2 * made  # every run again, in the new setting
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*argv, "--report-only"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was made in two settings" in error and "--out-dir" in error
+
+
+def test_a_study_from_before_the_setting_was_recorded_is_reported_not_extended(tmp_path, monkeypatch, capsys):
+    """A results file with the legacy columns (docs/compare_optimizers_16/) is reported from as it is; training into
+    it is refused, since its runs' setting is unknown."""
+    args = _args()
+    runs = SyntheticRuns(adamw_optimum={8: 3e-3, 32: 3e-3}, muon_optimum=5e-3, k={1: 2.0, 2: 2.0}, args=args)
+    out = tmp_path / "out"
+    out.mkdir()
+    study = tool.Study(args, runs, rows=[], results=None)
+    study.run()
+    with (out / "evaluations.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, tool.LEGACY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(study.rows)
+    argv = ["--tokens", str(args.tokens), "--seq-length", "64", "--seeds", "1", "2", "--out-dir", str(out)]
+    monkeypatch.setattr(tool, "run_training", lambda *_: pytest.fail("trained in --report-only"))
+    page = tmp_path / "benchmarks.md"
+    assert tool.main([*argv, "--report-only", "--markdown", str(page)]) == 0
+    assert "0.50 ± 0.00 [0.50–0.50] (2/2)" in next(
+        line for line in page.read_text().splitlines() if line.startswith("| 32 |")
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(argv)
+    assert exit_info.value.code == 2
+    assert "--report-only rewrites its report" in capsys.readouterr().err

@@ -228,7 +228,7 @@ def test_bad_input_is_refused_in_one_line_with_status_2(results, tmp_path, capsy
 
 def test_a_study_without_adamw_needs_a_target(tmp_path, capsys):
     rows = [["muon", "2", "0.005", "0.01", "1", "128", "4", "32", "3.8"]]
-    results = _write_rows(tmp_path / "evaluations.csv", study_tool.FIELDS, rows)
+    results = _write_rows(tmp_path / "evaluations.csv", study_tool.LEGACY_FIELDS, rows)
     with pytest.raises(SystemExit) as exit_info:
         tool.main(["--results", str(results), "--step-seconds", "muon=1", *FAST])
     assert exit_info.value.code == 2
@@ -236,3 +236,18 @@ def test_a_study_without_adamw_needs_a_target(tmp_path, capsys):
         "no adamw runs at budget 128 tokens for the default target; give --target-loss"
         in capsys.readouterr().err
     )
+
+
+def test_the_config_is_the_one_the_study_recorded():
+    recorded = {"config": "launch/configs/tiny_cpu.yaml", "model_overrides": " ".join(study_tool.MODEL)}
+    assert tool.study_config([recorded], None) == "launch/configs/tiny_cpu.yaml"
+    assert tool.study_config([recorded], "launch/configs/tiny_cpu.yaml") == "launch/configs/tiny_cpu.yaml"
+    with pytest.raises(ValueError, match="the study ran launch/configs/tiny_cpu.yaml"):
+        tool.study_config([recorded], "launch/configs/moe_1b_8gpu.yaml")
+    with pytest.raises(ValueError, match="not compare_optimizers'"):
+        tool.study_config([{**recorded, "model_overrides": "model.hidden_size=128"}], None)
+    with pytest.raises(ValueError, match="several configs"):
+        tool.study_config([recorded, {**recorded, "config": "launch/configs/moe_1b_8gpu.yaml"}], None)
+    legacy = {"optimizer": "adamw"}  # a study from before rows recorded their config
+    assert tool.study_config([legacy], None) == tool.LEGACY_CONFIG
+    assert tool.study_config([legacy], "launch/configs/moe_1b_8gpu.yaml") == "launch/configs/moe_1b_8gpu.yaml"
