@@ -32,7 +32,7 @@ Results: ``<out-dir>/evaluations.csv`` (one row per evaluation of every run), ``
 ``loss_vs_tokens.png``, ``token_ratio.png``, and a section of ``--markdown``. A rerun skips every finished run made
 in the same setting (:func:`study_setting`: config path and SHA-256, model overrides, sequence length, micro-batch,
 evaluations, code version), so a killed study resumes; runs of another setting stay in the file but are neither
-reused nor reported. ``--report-only`` trains nothing and writes the report from the file as it is (also from a
+reused nor reported. ``--publish-only`` trains nothing and writes the report from the file as it is (also from a
 study written before runs were keyed by their setting, ``LEGACY_FIELDS``).
 """
 
@@ -686,7 +686,7 @@ def main(argv=None) -> int:
         "--markdown", default=None, help="markdown file whose compare_optimizers section is rewritten"
     )
     parser.add_argument(
-        "--report-only",
+        "--publish-only",
         action="store_true",
         help="train nothing: write the summary, figures and section from --out-dir's evaluations.csv as it is",
     )
@@ -701,20 +701,20 @@ def main(argv=None) -> int:
         with results.open(newline="") as f:
             reader = csv.DictReader(f)
             legacy = reader.fieldnames == LEGACY_FIELDS
-            if reader.fieldnames != FIELDS and not (legacy and args.report_only):
+            if reader.fieldnames != FIELDS and not (legacy and args.publish_only):
                 parser.error(
                     f"{results} has columns {reader.fieldnames}, not {FIELDS}"
-                    + (" (a study from before runs were keyed by their setting: --report-only rewrites its report)"
+                    + (" (a study from before runs were keyed by their setting: --publish-only rewrites its report)"
                        if legacy else "") + ": use another --out-dir"
                 )  # fmt: skip
             rows = list(reader)
-    elif args.report_only:
-        parser.error(f"--report-only: {results} does not exist")
+    elif args.publish_only:
+        parser.error(f"--publish-only: {results} does not exist")
     else:
         with results.open("w", newline="") as f:
             csv.DictWriter(f, FIELDS).writeheader()
     start, load_before = time.time(), load_average()
-    if args.report_only:
+    if args.publish_only:
         try:
             check_one_setting_per_run(rows, results)
         except ValueError as error:
@@ -747,7 +747,7 @@ def main(argv=None) -> int:
 
 
 def _no_training(spec: RunSpec) -> list[tuple[int, float]]:
-    raise AssertionError(f"--report-only trains nothing, yet {spec} was asked for")
+    raise AssertionError(f"--publish-only trains nothing, yet {spec} was asked for")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args) -> None:

@@ -32,6 +32,42 @@ def cross_entropy_nats(train_counts: np.ndarray, eval_counts: np.ndarray) -> flo
     return float(-(eval_counts * np.log(q)).sum() / eval_counts.sum())
 
 
+def _token_counts(dataset, first: int, last: int, vocab: int) -> np.ndarray:
+    """Occurrences of every token id in documents ``first`` .. ``last`` - 1 of an indexed dataset."""
+    total = np.zeros(vocab, dtype=np.float64)
+    for i in range(first, last):
+        total += np.bincount(dataset[i], minlength=vocab)
+    return total
+
+
+def _vocabulary(dataset) -> int:
+    """One more than the largest token id in the dataset."""
+    return int(max(int(dataset[i].max()) for i in range(len(dataset)) if len(dataset[i])) + 1)
+
+
+def validation_unigram_nats(prefix: str | Path, split: str) -> float:
+    """The loss (nats/token) on the validation documents of a unigram model of the training documents (add-one
+    smoothed), the documents divided by ``split`` as the trainer divides them.
+
+    Raises:
+        ValueError: the dataset is missing or ``split`` leaves no validation documents.
+    """
+    missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
+    if missing:
+        raise ValueError(f"cannot read the indexed dataset {str(prefix)!r}: missing {', '.join(missing)}")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_muon.data.datasets import split_document_counts
+
+    dataset = IndexedDataset(str(prefix), mmap=True)
+    vocab = _vocabulary(dataset)
+    train, valid, _ = split_document_counts(len(dataset), split)
+    valid_counts = _token_counts(dataset, train, train + valid, vocab)
+    if valid_counts.sum() == 0:
+        raise ValueError(f"split {split!r} leaves no validation documents")
+    return cross_entropy_nats(_token_counts(dataset, 0, train, vocab), valid_counts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the corpus's unigram entropy (with ``--split``, the validation split's under the training split's
     frequencies too); the exit status."""
@@ -57,13 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = IndexedDataset(args.prefix, mmap=True)
     documents = len(dataset)
-    vocab = int(max(int(dataset[i].max()) for i in range(documents) if len(dataset[i])) + 1)
+    vocab = _vocabulary(dataset)
 
     def counts(first: int, last: int) -> np.ndarray:
-        total = np.zeros(vocab, dtype=np.float64)
-        for i in range(first, last):
-            total += np.bincount(dataset[i], minlength=vocab)
-        return total
+        return _token_counts(dataset, first, last, vocab)
 
     everything = counts(0, documents)
     print(

@@ -211,7 +211,7 @@ def test_runs_are_reused_only_in_their_setting_and_reported_from_one(tmp_path, m
     assert len(runs.specs) == 2 * made  # every run again, in the new setting
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        tool.main([*argv, "--report-only"])
+        tool.main([*argv, "--publish-only"])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "was made in two settings" in error and "--out-dir" in error
@@ -231,13 +231,13 @@ def test_a_study_from_before_the_setting_was_recorded_is_reported_not_extended(t
         writer.writeheader()
         writer.writerows(study.rows)
     argv = ["--tokens", str(args.tokens), "--seq-length", "64", "--seeds", "1", "2", "--out-dir", str(out)]
-    monkeypatch.setattr(tool, "run_training", lambda *_: pytest.fail("trained in --report-only"))
+    monkeypatch.setattr(tool, "run_training", lambda *_: pytest.fail("trained in --publish-only"))
     page = tmp_path / "benchmarks.md"
-    assert tool.main([*argv, "--report-only", "--markdown", str(page)]) == 0
+    assert tool.main([*argv, "--publish-only", "--markdown", str(page)]) == 0
     assert "0.50 ± 0.00 [0.50–0.50] (2/2)" in next(
         line for line in page.read_text().splitlines() if line.startswith("| 32 |")
     )
     with pytest.raises(SystemExit) as exit_info:
         tool.main(argv)
     assert exit_info.value.code == 2
-    assert "--report-only rewrites its report" in capsys.readouterr().err
+    assert "--publish-only rewrites its report" in capsys.readouterr().err
