@@ -188,8 +188,9 @@ def run_key(row: dict[str, str]) -> tuple[str, ...]:
 
 
 def ensure_runs(args: argparse.Namespace, models: GridModels) -> tuple[list[dict[str, str]], list[str]]:
-    """Run every (attention, optimizer, seed) not yet in the results (none with ``--publish-only``); return the rows
-    of this study's keys and the runs still missing."""
+    """Run every (attention, optimizer, seed) not yet in the results for this code version; return the rows of this
+    study's keys and the runs still missing. ``--publish-only`` runs nothing and takes a run missing in this code
+    version from its latest code version in the file."""
     results = REPO / args.results
     version, sha, overrides = code_version(), file_sha(REPO / args.config), " ".join(args.override)
     wanted: set[tuple[str, ...]] = set()
@@ -202,13 +203,24 @@ def ensure_runs(args: argparse.Namespace, models: GridModels) -> tuple[list[dict
                            model_overrides=" ".join(model_overrides), code_version=version, attention=attention,
                            optimizer=optimizer, adamw_lr=lr_text(args.adamw_lr),
                            muon_lr=lr_text(args.muon_lr) if optimizer == "muon" else "", seed=str(seed))  # fmt: skip
-                wanted.add(run_key(key))
                 if run_key(key) in {run_key(row) for row in read_rows(results)}:
+                    wanted.add(run_key(key))
                     continue
                 name = f"{ATTENTION_NAMES[attention]} + {OPTIMIZER_NAMES[optimizer]} seed {seed}"
-                if args.publish_only:
-                    missing.append(name)
+                if (
+                    args.publish_only
+                ):  # the run's latest code version in the file (the section lists versions)
+                    earlier = [
+                        run_key(row)
+                        for row in read_rows(results)
+                        if run_key({**row, "code_version": version}) == run_key(key)
+                    ]
+                    if earlier:
+                        wanted.add(earlier[-1])
+                    else:
+                        missing.append(name)
                     continue
+                wanted.add(run_key(key))
                 print(f"run {name} ({time.strftime('%H:%M:%S')})", flush=True)
                 launch = [*run_overrides(cfg, model_overrides, optimizer, args.adamw_lr, args.muon_lr, seed),
                           *args.override]  # fmt: skip

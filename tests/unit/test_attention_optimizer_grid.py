@@ -189,6 +189,14 @@ def test_claims_that_the_numbers_do_not_carry_are_not_called_held(tmp_path, caps
     assert "(+ AdamW): **does not hold**" in section and "(not lower on every seed)" in section
 
 
+def test_publishing_takes_runs_of_an_earlier_code_version(tmp_path, capsys, monkeypatch):
+    """Runs committed with the results keep publishing after the code moves on; a new run would train again."""
+    _write_results(tmp_path / "evaluations.csv", FINALS)
+    monkeypatch.setattr(grid, "code_version", lambda: "a-later-version")
+    section = _section(tmp_path, capsys)
+    assert "Not run yet" not in section and "4.8000 / 4.8200 (seeds 1, 2; iteration 200)" in section
+
+
 def test_missing_cells_are_named_and_not_read(tmp_path, capsys):
     _write_results(tmp_path / "evaluations.csv", {k: v for k, v in FINALS.items() if k[0] == "mla_moe"})
     section = _section(tmp_path, capsys)
