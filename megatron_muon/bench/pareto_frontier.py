@@ -5,7 +5,8 @@
 
 Reads the evaluations ``tools/compare_optimizers.py`` wrote (``evaluations.csv``: one row per evaluation of every
 run; nothing is trained here). The target loss is ``--target-loss``, by default AdamW's best final validation loss
-at the smallest batch size (its best LR, averaged over the seeds). Per optimizer and global batch B (sequences):
+(its best LR, averaged over the seeds) at the smallest batch size, or at ``--target-batch``: at the largest batch,
+every batch whose AdamW ends no higher at the same budget reaches it. Per optimizer and global batch B (sequences):
 
 1. its best LR at B, as ``compare_optimizers`` picks it (:func:`~megatron_muon.bench.compare_optimizers.best_sweeps`:
    the lowest final loss averaged over seeds; Muon's among the runs whose AdamW part ran at AdamW's best LR);
@@ -163,17 +164,23 @@ def batch_sizes(rows: list[dict[str, str]], budget: int) -> list[int]:
     return sorted({int(r["batch_size"]) for r in rows if int(r["budget"]) == budget})
 
 
-def default_target(rows: list[dict[str, str]], budget: int) -> tuple[float, int]:
-    """(loss, batch): AdamW's best final validation loss (mean over seeds) at the smallest batch with AdamW runs.
+def default_target(rows: list[dict[str, str]], budget: int, batch: int | None = None) -> tuple[float, int]:
+    """(loss, batch): AdamW's best final validation loss (mean over seeds) at ``batch``, by default the smallest
+    batch with AdamW runs.
 
     Raises:
-        ValueError: no AdamW runs at ``budget``.
+        ValueError: no AdamW runs at ``budget`` (at ``batch``, when given).
     """
-    for batch in batch_sizes(rows, budget):
-        sweep = best_sweeps(rows, batch, budget).get("adamw")
+    candidates = batch_sizes(rows, budget) if batch is None else [batch]
+    for candidate in candidates:
+        sweep = best_sweeps(rows, candidate, budget).get("adamw")
         if sweep is not None:
-            return mean_curve(sweep.best_curves())[-1][1], batch
-    raise ValueError(f"no adamw runs at budget {budget:,} tokens for the default target; give --target-loss")
+            return mean_curve(sweep.best_curves())[-1][1], candidate
+    where = "" if batch is None else f" at batch {batch}"
+    raise ValueError(
+        f"no adamw runs{where} at budget {budget:,} tokens for the target; batch sizes with runs: "
+        f"{', '.join(map(str, batch_sizes(rows, budget)))}; or give --target-loss"
+    )
 
 
 def frontier_points(
@@ -502,6 +509,8 @@ def _check_inputs(args: argparse.Namespace, rows: list[dict[str, str]], budget: 
             )
     if args.target_loss is not None and not (math.isfinite(args.target_loss) and args.target_loss > 0):
         raise ValueError(f"--target-loss {args.target_loss}: must be a positive validation loss")
+    if args.target_batch is not None and args.target_loss is not None:
+        raise ValueError("--target-batch and --target-loss: give one of them")
     if args.flops_per_token is not None and not (
         math.isfinite(args.flops_per_token) and args.flops_per_token > 0
     ):
@@ -583,7 +592,14 @@ def _parser() -> argparse.ArgumentParser:
         "--target-loss",
         type=float,
         default=None,
-        help="default: AdamW's best final loss at the smallest batch",
+        help="default: AdamW's best final loss at the smallest batch (or at --target-batch)",
+    )
+    parser.add_argument(
+        "--target-batch",
+        type=int,
+        default=None,
+        help="the target is AdamW's best final loss at this global batch (default: the smallest); the largest "
+        "batch gives a target every batch's AdamW reaches when a larger batch ends higher at the same budget",
     )
     parser.add_argument(
         "--config",
@@ -624,8 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         seq_length = sequence_length(rows)
         step_seconds = _check_inputs(args, rows, budget)
         if args.target_loss is None:
-            target, batch = default_target(rows, budget)
-            target_source = f"AdamW's best final loss at the smallest batch, B = {batch}, mean over seeds"
+            target, batch = default_target(rows, budget, args.target_batch)
+            which = "the smallest batch" if args.target_batch is None else "batch"
+            target_source = f"AdamW's best final loss at {which}, B = {batch}, mean over seeds"
         else:
             target, target_source = args.target_loss, "given by --target-loss"
         config = _resolve_config(study_config(rows, args.config))

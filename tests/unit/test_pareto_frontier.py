@@ -83,6 +83,12 @@ def test_default_target_is_adamws_best_final_loss_at_the_smallest_batch(results)
     assert (target, batch) == (pytest.approx(3.1, abs=1e-12), 2)
     # AdamW at B=2 reaches it exactly at its last evaluation
     assert _point(_points(results), "adamw", 2).tokens == pytest.approx(128.0)
+    # At the largest batch instead: lr 0.03 at B=4 ends at 3.2 (both seeds), which B=2's AdamW also reaches.
+    target, batch = tool.default_target(rows, BUDGET, 4)
+    assert (target, batch) == (pytest.approx(3.2, abs=1e-12), 4)
+    assert all(p.reached for p in _points(results, target) if p.optimizer == "adamw")
+    with pytest.raises(ValueError, match="no adamw runs at batch 8 at budget 128 tokens.*runs: 2, 4"):
+        tool.default_target(rows, BUDGET, 8)
 
 
 def test_tokens_to_target_interpolate_the_seed_mean_at_the_best_lr(results):
@@ -210,6 +216,8 @@ def _write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
         (["--micro-batch-per-device", "0"], "--micro-batch-per-device 0: must be a positive integer"),
         (["--micro-batch-per-device", "4"], "--micro-batch-per-device 4 does not divide global batch size 2"),
         (["--target-loss", "-1"], "--target-loss -1.0: must be a positive validation loss"),
+        (["--target-loss", "3", "--target-batch", "4"], "--target-batch and --target-loss: give one of them"),
+        (["--target-batch", "3"], "no adamw runs at batch 3 at budget 128 tokens for the target"),
         (["--config", "{tmp}/none.yaml"], "--config {tmp}/none.yaml: no such file"),
     ],
 )
@@ -233,7 +241,7 @@ def test_a_study_without_adamw_needs_a_target(tmp_path, capsys):
         tool.main(["--results", str(results), "--step-seconds", "muon=1", *FAST])
     assert exit_info.value.code == 2
     assert (
-        "no adamw runs at budget 128 tokens for the default target; give --target-loss"
+        "no adamw runs at budget 128 tokens for the target; batch sizes with runs: 2; or give --target-loss"
         in capsys.readouterr().err
     )
 
