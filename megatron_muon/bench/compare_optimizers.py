@@ -624,7 +624,9 @@ def markdown(
         "[range] (seeds where Muon reached it / seeds). Conservative: Muon is measured mid-schedule.",
         f"- Marin's reading: AdamW at its best LR also trained to {args.budget_fractions} · T; per seed "
         "L(D) = α·D^−β + γ fitted to its final losses; T / D_eq, D_eq = the AdamW budget that reaches Muon's final "
-        "loss (< 1: Muon is worth more data than it saw; — when Muon's loss is below the fit's γ).",
+        "loss (< 1: Muon is worth more data than it saw; — when Muon's loss is below the fit's γ)."
+        if args.budget_fractions
+        else "- Marin's reading: not made (`--budget-fractions` empty: no shorter AdamW budgets were trained).",
         "",
         "| global batch | steps | AdamW best lr (grid) | AdamW final loss | Muon best lr (grid) | Muon final loss "
         "| token ratio | T / D_eq (Marin) | fit α, β, γ (first seed) |",
@@ -668,9 +670,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--budget-fractions",
         type=float,
-        nargs="+",
+        nargs="*",
         default=[0.125, 0.25, 0.5],
-        help="shorter AdamW budgets (fractions of --tokens) for the L(D) fit; with T, >= 3 budgets",
+        help="shorter AdamW budgets (fractions of --tokens) for the L(D) fit; with T, >= 3 budgets; none: no "
+        "Marin reading (its runs skipped)",
     )
     parser.add_argument(
         "--min-steps", type=int, default=256, help="optimizer steps required at the largest batch"
@@ -762,10 +765,11 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error(
             f"--seeds {args.seeds}: at least 2 distinct seeds (the ratio is reported with its spread)"
         )
-    if len({f for f in args.budget_fractions if 0 < f < 1}) < 2 or any(
-        not 0 < f < 1 for f in args.budget_fractions
-    ):
-        parser.error(f"--budget-fractions {args.budget_fractions}: at least 2 distinct fractions in (0, 1)")
+    fractions = args.budget_fractions
+    if fractions and (len({f for f in fractions if 0 < f < 1}) < 2 or any(not 0 < f < 1 for f in fractions)):
+        parser.error(
+            f"--budget-fractions {fractions}: none (no Marin reading) or at least 2 distinct fractions in (0, 1)"
+        )
     largest = max(args.batch_sizes)
     steps = args.tokens // (largest * args.seq_length)
     if steps < args.min_steps:
@@ -774,7 +778,7 @@ def check_arguments(parser: argparse.ArgumentParser, args) -> None:
             f"--min-steps={args.min_steps} needs --tokens >= {args.min_steps * largest * args.seq_length}"
         )
     for batch in args.batch_sizes:
-        shortest = int(round(args.tokens * min(args.budget_fractions)))
+        shortest = int(round(args.tokens * min(args.budget_fractions, default=1.0)))
         if batch < 1 or shortest < batch * args.seq_length * args.evals:
             parser.error(
                 f"--batch-sizes {batch}: the shortest budget {shortest} must hold at least --evals={args.evals} "

@@ -149,6 +149,7 @@ def test_study_is_fair_and_reports_both_readings():
             "at least 4 distinct",
         ),
         (["--seeds", "1"], "at least 2 distinct seeds"),
+        (["--budget-fractions", "0.5"], "none (no Marin reading) or at least 2 distinct fractions"),
         (["--muon-lrs", "1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2"], "equal tuning effort"),
     ],
 )
@@ -241,3 +242,13 @@ def test_a_study_from_before_the_setting_was_recorded_is_reported_not_extended(t
         tool.main(argv)
     assert exit_info.value.code == 2
     assert "--publish-only rewrites its report" in capsys.readouterr().err
+
+
+def test_without_budget_fractions_no_marin_runs_are_made(tmp_path, monkeypatch):
+    args = _args(budget_fractions=[])
+    runs = SyntheticRuns(adamw_optimum={8: 3e-3, 32: 3e-3}, muon_optimum=5e-3, k={1: 2.0, 2: 2.0}, args=args)
+    study = tool.Study(args, runs, rows=[], results=None)
+    study.run()
+    assert {spec.budget for spec in runs.specs} == {args.tokens}
+    (_, large) = tool.summarize(study.rows, args.batch_sizes, args.tokens, args.seq_length)
+    assert large["token_ratios"][0] == pytest.approx(0.5, rel=1e-6) and large["marin_ratios"] == [None, None]
