@@ -189,10 +189,13 @@ def run_key(row: dict[str, str]) -> tuple[str, ...]:
 
 def ensure_runs(args: argparse.Namespace, models: GridModels) -> tuple[list[dict[str, str]], list[str]]:
     """Run every (attention, optimizer, seed) not yet in the results for this code version; return the rows of this
-    study's keys and the runs still missing. ``--publish-only`` runs nothing and takes a run missing in this code
-    version from its latest code version in the file."""
+    study's keys and the runs still missing. ``--publish-only`` runs nothing; when the file has no run of this code
+    version it publishes the runs of the file's latest code version (one version for every cell)."""
     results = REPO / args.results
     version, sha, overrides = code_version(), file_sha(REPO / args.config), " ".join(args.override)
+    finished = read_rows(results)
+    if args.publish_only and finished and version not in {row["code_version"] for row in finished}:
+        version = finished[-1]["code_version"]  # the study's latest code: every cell from that one version
     wanted: set[tuple[str, ...]] = set()
     missing: list[str] = []
     for attention in ATTENTIONS:
@@ -207,18 +210,8 @@ def ensure_runs(args: argparse.Namespace, models: GridModels) -> tuple[list[dict
                     wanted.add(run_key(key))
                     continue
                 name = f"{ATTENTION_NAMES[attention]} + {OPTIMIZER_NAMES[optimizer]} seed {seed}"
-                if (
-                    args.publish_only
-                ):  # the run's latest code version in the file (the section lists versions)
-                    earlier = [
-                        run_key(row)
-                        for row in read_rows(results)
-                        if run_key({**row, "code_version": version}) == run_key(key)
-                    ]
-                    if earlier:
-                        wanted.add(earlier[-1])
-                    else:
-                        missing.append(name)
+                if args.publish_only:
+                    missing.append(name)
                     continue
                 wanted.add(run_key(key))
                 print(f"run {name} ({time.strftime('%H:%M:%S')})", flush=True)

@@ -31,16 +31,20 @@ the warm-up and the schedule dominated the batch-32 result of the first study).
 Results: ``<out-dir>/evaluations.csv`` (one row per evaluation of every run), ``summary.csv``,
 ``loss_vs_tokens.png``, ``token_ratio.png``, and a section of ``--markdown``. A rerun skips every finished run made
 in the same setting (:func:`study_setting`: config path and SHA-256, model overrides, sequence length, micro-batch,
-evaluations, code version), so a killed study resumes; runs of another setting stay in the file but are neither
-reused nor reported. ``--publish-only`` trains nothing and writes the report from the file as it is (also from a
-study written before runs were keyed by their setting, ``LEGACY_FIELDS``).
+evaluations, the rules of :func:`trial_overrides`, code version), so a killed study resumes; runs of another
+setting stay in the file but are neither reused nor reported. ``--publish-only`` trains nothing and reports the runs
+of the file's latest setting, described by the setting they recorded (a study written before runs were keyed by
+their setting, ``LEGACY_FIELDS``: all its runs, described by the command line).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import inspect
 import math
+import os
 import re
 import sys
 import time
@@ -60,7 +64,7 @@ RUN_FIELDS = ["optimizer", "batch_size", "lr", "adamw_lr", "seed", "budget"]  # 
 # What the study holds fixed and a rerun must match to reuse a run (:func:`study_setting`): the model, the data
 # shapes, the evaluations and the code a run executes.
 SETTING_FIELDS = ["config", "config_sha", "model_overrides", "seq_length", "micro_batch_size", "evals",
-                  "eval_samples", "code_version"]  # fmt: skip
+                  "eval_samples", "run_rules", "code_version"]  # fmt: skip
 FIELDS = [*RUN_FIELDS, *SETTING_FIELDS, "iteration", "tokens", "val_loss"]
 # Studies written before runs were keyed by their setting (docs/compare_optimizers*/): read for reports only.
 LEGACY_FIELDS = [*RUN_FIELDS, "iteration", "tokens", "val_loss"]
@@ -127,15 +131,18 @@ def row_key(row: dict) -> tuple[str, ...]:
 
 def study_setting(args) -> dict[str, str]:
     """Everything a run's result depends on besides :data:`RUN_FIELDS`: the config (path and SHA-256), the model
-    overrides, sequence length, micro-batch, evaluations, and the code version (``launcher_runs.code_version``)."""
+    overrides, sequence length, micro-batch, evaluations, the rules that turn a run into launcher overrides
+    (:func:`trial_overrides`' source: schedule, warm-up, final LR, evaluation spacing) and the code version
+    (``launcher_runs.code_version``: the code a training run executes)."""
     return dict(
-        config=args.config,
+        config=os.path.normpath(args.config),
         config_sha=file_sha(REPO / args.config),
         model_overrides=" ".join(MODEL),
         seq_length=str(args.seq_length),
         micro_batch_size=str(args.micro_batch_size),
         evals=str(args.evals),
         eval_samples=str(args.eval_samples),
+        run_rules=hashlib.sha256(inspect.getsource(trial_overrides).encode()).hexdigest()[:16],
         code_version=code_version(),
     )
 
@@ -145,21 +152,11 @@ def in_setting(rows: list[dict], setting: dict[str, str]) -> list[dict]:
     return [row for row in rows if all(row.get(k) == v for k, v in setting.items())]
 
 
-def check_one_setting_per_run(rows: list[dict], source: object) -> None:
-    """Refuse rows in which one run (:func:`row_key`) was made in two settings: a report would mix their curves.
-
-    Raises:
-        ValueError: naming the first such run and ``source``.
-    """
-    seen: dict[tuple[str, ...], tuple[str, ...]] = {}
-    for row in rows:
-        setting = tuple(row.get(k, "") for k in SETTING_FIELDS)
-        if seen.setdefault(row_key(row), setting) != setting:
-            raise ValueError(
-                f"{source}: the run {row_key(row)} was made in two settings (code or config changed between runs); "
-                f"report from one setting: rerun the study (it trains only the runs of the new setting) into a new "
-                f"--out-dir"
-            )
+def latest_setting(rows: list[dict]) -> dict[str, str]:
+    """The setting of the last row (the study's latest runs); empty for a file from before rows recorded one."""
+    if not rows or SETTING_FIELDS[0] not in rows[-1]:
+        return {}
+    return {field: rows[-1][field] for field in SETTING_FIELDS}
 
 
 def trial_overrides(spec: RunSpec, args) -> list[str]:
@@ -717,12 +714,13 @@ def main(argv=None) -> int:
         with results.open("w", newline="") as f:
             csv.DictWriter(f, FIELDS).writeheader()
     start, load_before = time.time(), load_average()
-    if args.publish_only:
-        try:
-            check_one_setting_per_run(rows, results)
-        except ValueError as error:
-            parser.error(str(error))
-        study = Study(args, runner=_no_training, rows=rows, results=None)
+    if args.publish_only:  # the latest setting's runs, described by what they recorded
+        setting = latest_setting(rows)
+        if setting:
+            args.config, args.micro_batch_size = setting["config"], int(setting["micro_batch_size"])
+            args.seq_length, args.evals = int(setting["seq_length"]), int(setting["evals"])
+            args.eval_samples = int(setting["eval_samples"])
+        study = Study(args, runner=_no_training, rows=rows, results=None, setting=setting)
     else:
         study = Study(
             args,

@@ -31,9 +31,9 @@ every batch whose AdamW ends no higher at the same budget reaches it. Per optimi
 
 Both are reported relative to the first row that reaches the target (AdamW at the smallest batch when it does).
 
-Where the numbers come from: the step times are inputs (neither ``compare_optimizers`` nor ``bench_pretrain``
-records them in a file): the ``ms/iter`` the launcher logs, or ``tools/bench_pretrain.py``'s medians, of each
-optimizer at the per-device micro-batch m on the hardware the frontier is drawn for. N_active and the logical
+Where the numbers come from: the step times are inputs, each optimizer's seconds per step at the per-device
+micro-batch m on the hardware the frontier is drawn for, or with ``--step-seconds measure`` timed here through the
+launcher at the study's model and sequence length (``bench/step_time.py``; on an otherwise idle machine). N_active and the logical
 matrices come from the config the study's rows record (a study written before they recorded it: ``--config``,
 default ``launch/configs/tiny_cpu.yaml``) with ``compare_optimizers``' model overrides, the matrices from the model
 built on the meta device (``planning/meta_build.py``, ~30 s on 2 cores); ``--flops-per-token`` and
@@ -59,14 +59,18 @@ from megatron_muon.bench.compare_optimizers import (
     LEGACY_FIELDS,
     MODEL,
     best_sweeps,
-    check_one_setting_per_run,
+    in_setting,
+    latest_setting,
     tokens_to_reach,
 )
+from megatron_muon.bench.launcher_runs import file_sha
 from megatron_muon.bench.report import publish, rerun_command
+from megatron_muon.bench.step_time import measure_step_seconds
 
 REPO = Path(__file__).resolve().parents[2]
 START, END = "<!-- pareto_frontier:start -->", "<!-- pareto_frontier:end -->"
 REFERENCE_OPTIMIZER = "adamw"
+MEASURE = "measure"  # --step-seconds measure: time each optimizer's step here
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,7 +122,10 @@ def read_evaluations(path: Path) -> list[dict[str, str]]:
 
     Raises:
         ValueError: the file is missing, has other columns than ``compare_optimizers.FIELDS`` (or its
-            ``LEGACY_FIELDS``), no rows, or a run made in two settings.
+            ``LEGACY_FIELDS``), or no rows.
+
+    Returns:
+        The rows of the file's latest setting (``compare_optimizers.latest_setting``; every row of a legacy file).
     """
     if not path.is_file():
         raise ValueError(
@@ -133,8 +140,7 @@ def read_evaluations(path: Path) -> list[dict[str, str]]:
         rows = list(reader)
     if not rows:
         raise ValueError(f"--results {path} has no evaluations (only its header)")
-    check_one_setting_per_run(rows, f"--results {path}")
-    return rows
+    return in_setting(rows, latest_setting(rows))  # runs of an older setting stay in the file, unreported
 
 
 def sequence_length(rows: list[dict[str, str]]) -> int:
@@ -354,6 +360,8 @@ class SectionFacts:
     budget: int
     seq_length: int
     costs: FrontierCosts
+    timing: str
+    """Where the step times came from."""
     flops: ModelFlops
     figure: str
     data: str
@@ -389,7 +397,7 @@ def markdown_section(points: list[FrontierPoint], facts: SectionFacts) -> str:
         f"Budget: {facts.budget:,} tokens per run; a row that never reaches the target says so and is left off the "
         "figure.",
         f"- Model of time: wall-clock = S(B) × the measured step time at a fixed micro-batch of {m} sequences per "
-        f"device ({times}; given by --step-seconds; Muon's includes its optimizer overhead), on B / {m} devices: "
+        f"device ({times}; {facts.timing}; Muon's includes its optimizer overhead), on B / {m} devices: "
         "perfect data-parallel scaling assumed.",
         f"- Model of compute: compute = T(B) × {facts.flops.flops_per_token:,.0f} FLOPs per token "
         f"({facts.flops.flops_source}) + S(B) × {facts.flops.ns_flops_per_step:,.0f} Newton–Schulz FLOPs per Muon "
@@ -482,10 +490,16 @@ def parse_step_seconds(values: list[str]) -> dict[str, float]:
     return seconds
 
 
-def _check_inputs(args: argparse.Namespace, rows: list[dict[str, str]], budget: int) -> dict[str, float]:
-    """The step times, once every value is checked against the results (ValueError: one line)."""
-    step_seconds = parse_step_seconds(args.step_seconds)
+def _check_inputs(
+    args: argparse.Namespace, rows: list[dict[str, str]], budget: int
+) -> dict[str, float] | None:
+    """The step times (None: ``--step-seconds measure``), once every value is checked against the results
+    (ValueError: one line)."""
     with_runs = sorted({r["optimizer"] for r in rows})
+    measure = args.step_seconds == [MEASURE]
+    step_seconds = {} if measure else parse_step_seconds(args.step_seconds)
+    if args.measure_iterations < 1:
+        raise ValueError(f"--measure-iterations {args.measure_iterations}: must be a positive integer")
     for name in step_seconds:
         if name not in with_runs:
             raise ValueError(
@@ -493,7 +507,7 @@ def _check_inputs(args: argparse.Namespace, rows: list[dict[str, str]], budget: 
                 f"optimizers with runs: {', '.join(with_runs)}"
             )
     missing = [name for name in with_runs if name not in step_seconds]
-    if missing:
+    if missing and not measure:
         raise ValueError(
             f"--step-seconds has no time for {', '.join(missing)}; give one for each optimizer with runs: "
             f"{', '.join(with_runs)}"
@@ -519,7 +533,7 @@ def _check_inputs(args: argparse.Namespace, rows: list[dict[str, str]], budget: 
         math.isfinite(args.ns_flops_per_step) and args.ns_flops_per_step >= 0
     ):
         raise ValueError(f"--ns-flops-per-step {args.ns_flops_per_step}: must be a number >= 0")
-    return step_seconds
+    return None if measure else step_seconds
 
 
 LEGACY_CONFIG = (
@@ -527,13 +541,14 @@ LEGACY_CONFIG = (
 )
 
 
-def study_config(rows: list[dict[str, str]], given: str | None) -> str:
+def study_config(rows: list[dict[str, str]], given: str | None, unchanged: bool = True) -> str:
     """The config the study ran: the one its rows record (``--config``, when given, must name the same), or for a
     study written before rows recorded it, ``given`` (default :data:`LEGACY_CONFIG`).
 
     Raises:
-        ValueError: the rows record several configs or other model overrides than this code's, or ``given``
-            differs from the recorded config.
+        ValueError: the rows record several configs or other model overrides than this code's, ``given`` differs
+            from the recorded config, or (``unchanged``: the FLOPs are counted from it) the file's SHA-256 is not
+            the recorded one.
     """
     recorded = {row.get("config") or "" for row in rows} - {""}
     overrides = {row.get("model_overrides") or "" for row in rows} - {""}
@@ -551,6 +566,12 @@ def study_config(rows: list[dict[str, str]], given: str | None) -> str:
         if given is not None and _resolve_config(given) != _resolve_config(config):
             raise ValueError(
                 f"--config {given}: the study ran {config} (its rows record it); leave --config out"
+            )
+        shas = {row.get("config_sha") or "" for row in rows}
+        if unchanged and shas != {file_sha(_resolve_config(config))}:
+            raise ValueError(
+                f"{config} has changed since the study ran it (recorded SHA-256 {', '.join(sorted(shas))}): "
+                "give --flops-per-token and --ns-flops-per-step, or restore the file"
             )
         return config
     return given or LEGACY_CONFIG
@@ -580,7 +601,14 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="OPTIMIZER=SECONDS",
-        help="measured seconds per step of each optimizer at --micro-batch-per-device, e.g. adamw=0.8 muon=0.9",
+        help="measured seconds per step of each optimizer at --micro-batch-per-device, e.g. adamw=0.8 muon=0.9; "
+        f"or {MEASURE}: time them here through the launcher (bench/step_time.py; on an idle machine)",
+    )
+    parser.add_argument(
+        "--measure-iterations",
+        type=int,
+        default=100,
+        help=f"with --step-seconds {MEASURE}: timed iterations per optimizer (after 10 of warm-up)",
     )
     parser.add_argument(
         "--micro-batch-per-device",
@@ -645,7 +673,21 @@ def main(argv: list[str] | None = None) -> int:
             target_source = f"AdamW's best final loss at {which}, B = {batch}, mean over seeds"
         else:
             target, target_source = args.target_loss, "given by --target-loss"
-        config = _resolve_config(study_config(rows, args.config))
+        counted = args.flops_per_token is None or args.ns_flops_per_step is None or step_seconds is None
+        config = _resolve_config(study_config(rows, args.config, unchanged=counted))
+        timing = "given by --step-seconds"
+        if step_seconds is None:
+            measured = measure_step_seconds(
+                str(config), MODEL, seq_length, args.micro_batch_per_device,
+                sorted({r["optimizer"] for r in rows}), args.measure_iterations,
+            )  # fmt: skip
+            step_seconds, timing = (
+                measured.seconds,
+                (
+                    f"measured by this command through the launcher: median of {measured.timed_iterations} iterations "
+                    f"after 10 of warm-up, one process; load average {measured.load[0]} before, {measured.load[1]} after"
+                ),
+            )
         flops = model_flops(
             config, args.flops_per_token, args.ns_flops_per_step, any(r["optimizer"] == "muon" for r in rows)
         )
@@ -668,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         budget=budget,
         seq_length=seq_length,
         costs=costs,
+        timing=timing,
         flops=flops,
         figure=str(figure),
         data=str(data),

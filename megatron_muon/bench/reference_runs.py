@@ -36,7 +36,6 @@ from megatron_muon.bench.launcher_runs import (
 from megatron_muon.bench.report import cpu_description, load_average, publish, rerun_command
 from megatron_muon.bench.unigram_entropy import validation_unigram_nats
 from megatron_muon.config.loading import load_config
-from megatron_muon.config.schema import PretrainConfig
 
 RUNS = {  # name -> config, in the order the section gives them
     "default": "launch/configs/tiny_cpu.yaml",
@@ -47,7 +46,8 @@ TITLES = {
     "moonlight_proxy": "The Moonlight proxy (MLA + MoE)",
 }
 KEY_FIELDS = ("name", "config", "config_sha", "code_version")
-FIELDS = [*KEY_FIELDS, "kind", "iteration", "loss", "wall_s", "load_before", "load_after"]
+FIELDS = [*KEY_FIELDS, "train_iters", "tokens_per_step", "kind", "iteration", "loss", "wall_s", "load_before",
+          "load_after"]  # fmt: skip
 TRAINING_LOG = re.compile(r"iteration\s+(\d+)/\d+ \|.*?\| lm loss ([\d.]+|nan|inf) \|")
 START, END = "<!-- reference_runs:start -->", "<!-- reference_runs:end -->"
 
@@ -63,19 +63,22 @@ def training_losses(stdout: str) -> list[tuple[int, float]]:
 
 
 def run_rows(name: str, config: str, key: dict[str, str]) -> list[dict[str, object]]:
-    """Train ``config`` once through the launcher; its rows (validation and training losses)."""
+    """Train ``config`` once through the launcher; its rows (validation and training losses, then the unigram
+    entropy of its validation documents)."""
     cfg = load_config(REPO / config)
     before = load_average()
     run = run_training(config, [f"logging.log_interval={cfg.training.eval_interval}"])
     after = load_average()
-    common = {**key, "wall_s": f"{run.wall_s:.1f}", "load_before": before, "load_after": after}
+    common = {**key, "train_iters": cfg.training.train_iters,
+              "tokens_per_step": cfg.training.global_batch_size * cfg.model.seq_length,
+              "wall_s": f"{run.wall_s:.1f}", "load_before": before, "load_after": after}  # fmt: skip
     rows: list[dict[str, object]] = [
         {**common, "kind": "validation", "iteration": i, "loss": loss} for i, loss in run.validation
     ]
-    training = training_losses(run.stdout)
-    if not training:
-        raise RuntimeError(f"{name}: the launcher logged no training loss")
-    rows += [{**common, "kind": "training", "iteration": i, "loss": loss} for i, loss in training]
+    rows += [
+        {**common, "kind": "training", "iteration": i, "loss": loss}
+        for i, loss in training_losses(run.stdout)
+    ]
     unigram = validation_unigram_nats(
         REPO / cfg.data.blend[0].prefix, cfg.data.split
     )  # the launcher made the data
@@ -109,11 +112,11 @@ def _losses(rows: list[dict[str, str]], kind: str) -> list[tuple[int, float]]:
     return sorted((int(row["iteration"]), float(row["loss"])) for row in rows if row["kind"] == kind)
 
 
-def run_section(name: str, rows: list[dict[str, str]], cfg: PretrainConfig, unigram: float) -> list[str]:
-    """The table and reading of one run."""
+def run_section(name: str, rows: list[dict[str, str]]) -> list[str]:
+    """The table and reading of one run, from its rows alone."""
     validation, training = _losses(rows, "validation"), _losses(rows, "training")
-    tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
-    iterations = cfg.training.train_iters
+    (unigram,) = (loss for _, loss in _losses(rows, "unigram"))
+    tokens_per_step, iterations = int(rows[0]["tokens_per_step"]), int(rows[0]["train_iters"])
     final = validation[-1][1]
     first_row = rows[0]
     slash = " / ".join
@@ -125,8 +128,9 @@ def run_section(name: str, rows: list[dict[str, str]], cfg: PretrainConfig, unig
         f"{first_row['load_after']} after); code version `{first_row['code_version']}`"
         + (
             "."
-            if file_sha(REPO / first_row["config"]) == first_row["config_sha"]
-            else f", config SHA-256 `{first_row['config_sha']}` (the file has changed since)."
+            if (REPO / first_row["config"]).is_file()
+            and file_sha(REPO / first_row["config"]) == first_row["config_sha"]
+            else f", config SHA-256 `{first_row['config_sha']}` (the file has changed or gone since)."
         )
         + "",
         "",
@@ -138,8 +142,12 @@ def run_section(name: str, rows: list[dict[str, str]], cfg: PretrainConfig, unig
         f"{slash(f'{loss:.3f}' for _, loss in validation[:-1])}{' / ' if len(validation) > 1 else ''}"
         f"**{final:.3f}** | {slash(f'{math.exp(loss):.0f}' for _, loss in validation[:-1])}"
         f"{' / ' if len(validation) > 1 else ''}**{math.exp(final):.0f}** |",
-        f"| training loss at iteration {training[0][0]} / {training[-1][0]} | {training[0][1]:.3f} / "
-        f"{training[-1][1]:.3f} | |",
+        (
+            f"| training loss at iteration {training[0][0]} / {training[-1][0]} | {training[0][1]:.3f} / "
+            f"{training[-1][1]:.3f} | |"
+            if training
+            else "| training loss | — (none logged) | |"
+        ),
         "",
         f"The run ends **{unigram - final:.2f} nats/token below the unigram entropy** "
         f"({iterations * tokens_per_step:,} training tokens).",
@@ -147,14 +155,14 @@ def run_section(name: str, rows: list[dict[str, str]], cfg: PretrainConfig, unig
     ]
 
 
-def markdown(found: dict[str, list[dict[str, str]]], argv: Sequence[str] | None) -> str:
+def markdown(found: dict[str, list[dict[str, str]]], results: str, argv: Sequence[str] | None) -> str:
     """The section: one table per run found."""
     lines = [
         START,
         "## The shipped CPU configs trained in full, against the unigram entropy",
         "",
-        "Written by `tools/reference_runs.py` from `docs/reference_runs/evaluations.csv`; rerun it to refresh this "
-        "section (it trains only what the file lacks for this code version):",
+        f"Written by `tools/reference_runs.py` from `{results}`; rerun it to refresh this section (it trains only "
+        "what the file lacks for this code version; `--publish-only` trains nothing):",
         "",
         f"```bash\n{rerun_command('reference_runs.py', None if argv is None else list(argv))}\n```",
         "",
@@ -162,9 +170,7 @@ def markdown(found: dict[str, list[dict[str, str]]], argv: Sequence[str] | None)
         "",
     ]
     for name, rows in found.items():
-        cfg = load_config(REPO / rows[0]["config"])
-        (unigram,) = (loss for _, loss in _losses(rows, "unigram"))
-        lines += run_section(name, rows, cfg, unigram)
+        lines += run_section(name, rows)
     missing = [name for name in RUNS if name not in found]
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]
@@ -190,12 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = REPO / args.results
     if results.exists() and read_rows(results) and list(read_rows(results)[0]) != FIELDS:
         parser.error(f"--results {args.results}: its columns are not {FIELDS}; use another file")
-    found = ensure_runs(args.runs, results, args.publish_only)
-    if not found:
+    trained = ensure_runs(args.runs, results, args.publish_only)
+    others = ensure_runs([name for name in RUNS if name not in args.runs], results, publish_only=True)
+    found = {
+        name: {**trained, **others}[name] for name in RUNS if name in {**trained, **others}
+    }  # section order
+    if not trained:
         parser.error(
             f"--results {args.results}: no finished run of {' '.join(args.runs)} (drop --publish-only)"
         )
-    publish(markdown(found, argv), args.markdown, START, END)
+    publish(markdown(found, args.results, argv), args.markdown, START, END)
     return 0
 
 

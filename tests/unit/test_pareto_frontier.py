@@ -27,6 +27,7 @@ import pytest
 
 from megatron_muon.bench import compare_optimizers as study_tool
 from megatron_muon.bench import pareto_frontier as tool
+from megatron_muon.bench import step_time
 
 SEQ, BUDGET = 4, 128
 FAST = ["--flops-per-token", "100", "--ns-flops-per-step", "1000"]
@@ -247,7 +248,9 @@ def test_a_study_without_adamw_needs_a_target(tmp_path, capsys):
 
 
 def test_the_config_is_the_one_the_study_recorded():
-    recorded = {"config": "launch/configs/tiny_cpu.yaml", "model_overrides": " ".join(study_tool.MODEL)}
+    sha = study_tool.file_sha(tool.REPO / "launch/configs/tiny_cpu.yaml")
+    recorded = {"config": "launch/configs/tiny_cpu.yaml", "model_overrides": " ".join(study_tool.MODEL),
+                "config_sha": sha}  # fmt: skip
     assert tool.study_config([recorded], None) == "launch/configs/tiny_cpu.yaml"
     assert tool.study_config([recorded], "launch/configs/tiny_cpu.yaml") == "launch/configs/tiny_cpu.yaml"
     with pytest.raises(ValueError, match="the study ran launch/configs/tiny_cpu.yaml"):
@@ -256,6 +259,40 @@ def test_the_config_is_the_one_the_study_recorded():
         tool.study_config([{**recorded, "model_overrides": "model.hidden_size=128"}], None)
     with pytest.raises(ValueError, match="several configs"):
         tool.study_config([recorded, {**recorded, "config": "launch/configs/moe_1b_8gpu.yaml"}], None)
+    changed = {**recorded, "config_sha": "0123456789abcdef"}  # the config was edited after the study
+    with pytest.raises(ValueError, match="has changed since the study ran it"):
+        tool.study_config([changed], None)
+    assert tool.study_config([changed], None, unchanged=False) == "launch/configs/tiny_cpu.yaml"
     legacy = {"optimizer": "adamw"}  # a study from before rows recorded their config
     assert tool.study_config([legacy], None) == tool.LEGACY_CONFIG
     assert tool.study_config([legacy], "launch/configs/moe_1b_8gpu.yaml") == "launch/configs/moe_1b_8gpu.yaml"
+
+
+def test_step_seconds_can_be_measured_here(results, tmp_path, capsys, monkeypatch):
+    """--step-seconds measure times each optimizer at the study's sequence length and the device's micro-batch."""
+    asked = []
+
+    def measure(config, model_overrides, seq_length, micro_batch, optimizers, iterations):
+        asked.append((seq_length, micro_batch, tuple(optimizers), iterations))
+        return step_time.StepTimes({"adamw": 0.5, "muon": 0.65}, iterations, ("0.10", "0.20"))
+
+    monkeypatch.setattr(tool, "measure_step_seconds", measure)
+    argv = ["--results", str(results), "--step-seconds", "measure", "--measure-iterations", "7", *FAST]
+    assert tool.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    assert asked == [(SEQ, 1, ("adamw", "muon"), 7)]
+    out = capsys.readouterr().out
+    assert (
+        "adamw 0.5 s, muon 0.65 s; measured by this command through the launcher: median of 7 iterations"
+        in out
+    )
+    assert "load average 0.10 before, 0.20 after" in out
+
+
+def test_only_the_latest_settings_runs_are_read(results):
+    """Rows of an earlier setting (other code) stay in the file and are left out of the frontier."""
+    rows = tool.read_evaluations(results)
+    with results.open("a", newline="") as f:
+        writer = csv.DictWriter(f, study_tool.FIELDS)
+        writer.writerows([{**row, "code_version": "newer", "val_loss": "9.0"} for row in rows[:4]])
+    latest = tool.read_evaluations(results)
+    assert len(latest) == 4 and {row["val_loss"] for row in latest} == {"9.0"}

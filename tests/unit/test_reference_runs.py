@@ -13,9 +13,9 @@ from megatron_muon.bench.launcher_runs import VALIDATION
 
 LOG = """\
  iteration      1/500 | consumed samples        16 | consumed tokens       2,048 | ms/iter   1000.0 | tokens/s      2048 | lr muon 1.000e-04 adamw 1.000e-04 | lm loss 8.3400 | grad norm 1.000 | MFU n/a | skipped 0
-validation at iteration    250 | lm loss 4.7000 | lm loss PPL 109.9
+ validation at iteration 250 | lm loss 4.7000 | perplexity 109.95
  iteration    500/500 | consumed samples      8000 | consumed tokens   1,024,000 | ms/iter   1000.0 | tokens/s      2048 | lr muon 1.000e-04 adamw 1.000e-04 | lm loss 4.0210 | grad norm 1.000 | MFU n/a | skipped 0
-validation at iteration    500 | lm loss 4.3800 | lm loss PPL 79.8
+ validation at iteration 500 | lm loss 4.3800 | perplexity 79.84
 """
 
 
@@ -56,6 +56,11 @@ def test_runs_train_once_per_code_version_and_the_section_comes_from_the_rows(
     )  # the latest run, named by its version
     assert f"code version `{tool.read_rows(results)[0]['code_version']}`" in page.read_text()
     assert tool.main(argv) == 0 and len(launcher) == 2  # new code: the run trains again
+    # Training one run keeps the other runs' tables already in the file.
+    assert tool.main(["--runs", "moonlight_proxy", "--results", str(results), "--markdown", str(page)]) == 0
+    text = page.read_text()
+    assert "`launch/configs/tiny_cpu.yaml`" in text and "`launch/configs/moonlight_proxy_cpu.yaml`" in text
+    assert "Not run yet" not in text and len(launcher) == 3
 
 
 @pytest.mark.parametrize(
