@@ -15,8 +15,12 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 
 def entropy_nats(counts: np.ndarray) -> float:
@@ -32,7 +36,7 @@ def cross_entropy_nats(train_counts: np.ndarray, eval_counts: np.ndarray) -> flo
     return float(-(eval_counts * np.log(q)).sum() / eval_counts.sum())
 
 
-def _token_counts(dataset, first: int, last: int, vocab: int) -> np.ndarray:
+def _token_counts(dataset: IndexedDataset, first: int, last: int, vocab: int) -> np.ndarray:
     """Occurrences of every token id in documents ``first`` .. ``last`` - 1 of an indexed dataset."""
     total = np.zeros(vocab, dtype=np.float64)
     for i in range(first, last):
@@ -40,7 +44,7 @@ def _token_counts(dataset, first: int, last: int, vocab: int) -> np.ndarray:
     return total
 
 
-def _vocabulary(dataset) -> int:
+def _vocabulary(dataset: IndexedDataset) -> int:
     """One more than the largest token id in the dataset."""
     return int(max(int(dataset[i].max()) for i in range(len(dataset)) if len(dataset[i])) + 1)
 
