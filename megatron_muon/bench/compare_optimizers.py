@@ -541,6 +541,8 @@ def plot(rows: list[dict], summary: list[dict], out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not summary:  # no batch has both sweeps yet: nothing to draw
+        return
     fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 4), squeeze=False)
     for ax, entry in zip(axes[0], summary, strict=True):
         batch, budget = str(entry["batch_size"]), str(entry["budget"])
