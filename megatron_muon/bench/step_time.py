@@ -88,7 +88,9 @@ def measure_step_seconds(
     seconds, counts = {}, set()
     for optimizer in optimizers:
         run = run_training(
-            config, step_overrides(model_overrides, seq_length, micro_batch, optimizer, iterations)
+            config,
+            step_overrides(model_overrides, seq_length, micro_batch, optimizer, iterations),
+            evaluates=False,
         )
         seconds[optimizer], count = median_seconds_per_step(run.stdout)
         counts.add(count)

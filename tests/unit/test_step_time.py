@@ -29,7 +29,8 @@ def test_the_median_leaves_out_the_warm_up_iterations():
 def test_each_optimizer_is_timed_on_one_devices_batch(monkeypatch):
     launches = []
 
-    def run_training(config, overrides):
+    def run_training(config, overrides, evaluates=True):
+        assert not evaluates  # no evaluation in a timing run
         launches.append((config, overrides))
         muon = "optimizer.use_muon=true" in overrides
         return SimpleNamespace(stdout=_log({i: 30.0 if muon else 25.0 for i in range(1, 13)}))
