@@ -45,7 +45,6 @@ import hashlib
 import inspect
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -54,11 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_muon.bench.launcher_runs import code_version, file_sha, run_training
+from megatron_muon.bench.launcher_runs import REPO, code_version, file_sha, run_training
 from megatron_muon.bench.report import cpu_description, load_average, rerun_command, write_section
 
-REPO = Path(__file__).resolve().parents[2]
-VALIDATION = re.compile(r"validation at iteration\s+(\d+) \| lm loss ([\d.]+|nan|inf)")
 START, END = "<!-- compare_optimizers:start -->", "<!-- compare_optimizers:end -->"
 RUN_FIELDS = ["optimizer", "batch_size", "lr", "adamw_lr", "seed", "budget"]  # what the study varies
 # What the study holds fixed and a rerun must match to reuse a run (:func:`study_setting`): the model, the data
