@@ -295,20 +295,28 @@ def model_flops(
         return ModelFlops(per_token, per_token_source, ns_flops_per_step, "given by --ns-flops-per-step")
     if not muon_in_results:
         return ModelFlops(per_token, per_token_source, 0.0, "no Muon runs")
+    assert cfg is not None
+    ns, matrices = newton_schulz_flops_of(cfg)
+    source = (
+        f"Σ ns_algorithm_flops over the {matrices} logical matrices Muon orthogonalizes in {label}, "
+        f"{cfg.optimizer.muon.ns_steps} steps, algorithm {cfg.optimizer.muon.planned_ns_algorithm}"
+    )
+    return ModelFlops(per_token, per_token_source, ns, source)
+
+
+def newton_schulz_flops_of(cfg) -> tuple[float, int]:
+    """(Newton–Schulz FLOPs of one Muon step, how many logical matrices) of ``cfg``'s model, built on the meta
+    device as one process sees it (every logical matrix whole, counted once)."""
     from megatron_muon.config import validate
     from megatron_muon.planning.meta_build import build_rank_on_meta
 
-    assert cfg is not None
-    built = build_rank_on_meta(cfg, validate(cfg), 0)  # one process: every logical matrix whole, once
+    built = build_rank_on_meta(cfg, validate(cfg), 0)
     shapes = [piece.shape for _, pieces, _ in built.muon_pieces for piece in pieces]
     muon = cfg.optimizer.muon
-    algorithm, restarts = muon.planned_ns_algorithm, muon.planned_gram_restarts
-    ns = newton_schulz_flops_per_step(shapes, muon.ns_steps, algorithm, restarts)
-    source = (
-        f"Σ ns_algorithm_flops over the {len(shapes)} logical matrices Muon orthogonalizes in {label}, "
-        f"{muon.ns_steps} steps, algorithm {algorithm}"
+    ns = newton_schulz_flops_per_step(
+        shapes, muon.ns_steps, muon.planned_ns_algorithm, muon.planned_gram_restarts
     )
-    return ModelFlops(per_token, per_token_source, ns, source)
+    return ns, len(shapes)
 
 
 def _count(value: float) -> str:
