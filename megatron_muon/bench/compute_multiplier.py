@@ -45,7 +45,9 @@ from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
+from megatron_muon.bench.compute_multiplier_report import StudyRuns, markdown_section, write_figure_and_data
 from megatron_muon.bench.launcher_runs import REPO, append_rows, code_version, file_sha, read_rows
+from megatron_muon.bench.report import publish
 
 CONFIG = "launch/configs/mup_shakespeare.yaml"
 KEY_FIELDS = (
@@ -154,7 +156,6 @@ class Study:
     """The runs of one setting (config and code version) in ``results``; trains what is missing."""
 
     def __init__(self, config: str, results: Path, jobs: int, publish_only: bool) -> None:
-        from megatron_muon.bench.local_run import width_overrides
         from megatron_muon.config import load_config
 
         self.config, self.results, self.jobs, self.publish_only = config, results, jobs, publish_only
@@ -167,10 +168,15 @@ class Study:
         recorded = [row for row in read_rows(results) if row["config"] == config]
         if publish_only and recorded and not any(_in(row, self.setting) for row in recorded):
             self.setting = {name: recorded[-1][name] for name in self.setting}  # the file's latest setting
-        self.width_dims = lambda width: width_overrides(self.base, width)
         self.min_lr_ratio = self.base.optimizer.min_lr / self.base.optimizer.lr
         self._ns_per_step: dict[int, float] = {}
         self._executor: ProcessPoolExecutor | None = None
+
+    def width_dims(self, width: int) -> list[str]:
+        """The overrides that widen the config to ``width`` (``local_run.width_overrides``)."""
+        from megatron_muon.bench.local_run import width_overrides
+
+        return width_overrides(self.base, width)
 
     def rows(self) -> dict[tuple[str, ...], dict[str, str]]:
         """Every recorded row by its key."""
@@ -194,7 +200,10 @@ class Study:
     def ensure(self, trials: Iterable[Trial]) -> None:
         """Train the trials not in the results yet (largest first), appending each row as it finishes."""
         done = self.rows()
-        missing = list({t.key(self.setting): t for t in trials if t.key(self.setting) not in done}.values())
+        first: dict[tuple[str, ...], Trial] = {}
+        for trial in trials:  # a run asked for twice is trained once, under the phase that asked first
+            first.setdefault(trial.key(self.setting), trial)
+        missing = [trial for key, trial in first.items() if key not in done]
         if not missing:
             return
         if self.publish_only:
@@ -271,10 +280,11 @@ class Plan:
         return sorted(self.steps)[len(self.steps) // 2]
 
 
-def run_study(study: Study, plan: Plan) -> dict[str, object]:
-    """The three phases; returns what the report needs (the tuned trials, the grids, the runs, the check)."""
+def run_study(study: Study, plan: Plan) -> StudyRuns:
+    """The three phases (training what is missing); returns the recorded rows the report is written from."""
     base, largest, seed = min(plan.widths), max(plan.widths), plan.seeds[0]
-    tuned, grids = {}, {}
+    tuned: dict[str, Trial] = {}
+    grids: dict[str, list[Trial]] = {}
     for optimizer in OPTIMIZERS:
         tuned[optimizer], grids[optimizer] = study.tune(
             optimizer, base, plan.tune_steps, seed, plan.grid_points
@@ -294,22 +304,18 @@ def run_study(study: Study, plan: Plan) -> dict[str, object]:
     study.ensure([*transfer, *check])
     rows = study.rows()
 
-    def row(trial: Trial) -> dict[str, str]:
-        return rows[trial.key(study.setting)]
+    def recorded(trials: Sequence[Trial]) -> list[dict[str, str]]:
+        return [rows[trial.key(study.setting)] for trial in trials]
 
-    return {
-        "tuned": tuned,
-        "grids": {o: [(t, row(t)) for t in grids[o]] for o in OPTIMIZERS},
-        "transfer": [(t, row(t)) for t in transfer],
-        "check": [(t, row(t)) for t in check],
-    }
+    return StudyRuns(
+        grids={optimizer: recorded(grids[optimizer]) for optimizer in OPTIMIZERS},
+        transfer=recorded(transfer),
+        check=recorded(check),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train what is missing, then write the figure, the frontier data and the section."""
-    from megatron_muon.bench.compute_multiplier_report import markdown_section, write_figure_and_data
-    from megatron_muon.bench.report import publish
-
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--config", default=CONFIG, help="a muP config (model.mup_base_hidden_size set)")
     parser.add_argument(
@@ -375,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         study.close()
     write_figure_and_data(found, results.parent)
-    publish(markdown_section(found, plan, study.setting, args.results, argv), args.markdown, START, END)
+    section = markdown_section(found, plan.steps, plan.tune_steps, study.setting, args.results, argv)
+    publish(section, args.markdown, START, END)
     return 0
 
 

@@ -3,42 +3,71 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_muon.bench.report import cpu_description, rerun_command
-from megatron_muon.bench.scaling_fit import Point, compute_ratios, frontier, shared_losses
+from megatron_muon.bench.scaling_fit import (
+    ComputeRatio,
+    Point,
+    PowerLaw,
+    compute_ratios,
+    frontier,
+    shared_losses,
+)
 
 OPTIMIZERS = ("adamw", "muon")
 NAMES = {"adamw": "AdamW", "muon": "Muon"}
 COMPUTE = {"model": "model FLOPs", "with_ns": "model + Newton–Schulz FLOPs"}
+
+Row = dict[str, str]
+"""One recorded run (``compute_multiplier.FIELDS``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StudyRuns:
+    """The recorded runs the section is written from."""
+
+    grids: dict[str, list[Row]]
+    """Per optimizer, its LR grid at the base width (the tuned LR is the grid's best)."""
+    transfer: list[Row]
+    """Every width × budget × seed × optimizer at the tuned LRs."""
+    check: list[Row]
+    """At the largest width: per optimizer the tuned LR ×½, ×1, ×2, in that order."""
+
+
+def _lr(row: Row) -> float:
+    return float(row["adamw_lr"] if row["optimizer"] == "adamw" else row["muon_lr"])
 
 
 def _compute(row: dict[str, str], kind: str) -> float:
     return float(row["flops"]) + (float(row["ns_flops"]) if kind == "with_ns" else 0.0)
 
 
-def run_points(transfer, optimizer: str, kind: str, seed: int | None = None) -> list[Point]:
+def run_points(transfer: Sequence[Row], optimizer: str, kind: str, seed: int | None = None) -> list[Point]:
     """(compute, loss) per width × budget of ``optimizer``: one seed's, or (``seed=None``) the mean over seeds."""
-    by_run: dict[tuple[int, int], list[tuple[float, float]]] = {}
-    for trial, row in transfer:
-        if trial.optimizer == optimizer and (seed is None or trial.seed == seed):
-            by_run.setdefault((trial.width, trial.steps), []).append(
-                (_compute(row, kind), float(row["val_loss"]))
-            )
+    by_run: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for row in transfer:
+        if row["optimizer"] == optimizer and (seed is None or int(row["seed"]) == seed):
+            point = (_compute(row, kind), float(row["val_loss"]))
+            by_run.setdefault((row["width"], row["steps"]), []).append(point)
     return [(values[0][0], statistics.fmean(loss for _, loss in values)) for values in by_run.values()]
 
 
-def comparison(transfer, kind: str, seed: int | None = None, losses: Sequence[float] | None = None):
+def comparison(
+    transfer: Sequence[Row], kind: str, seed: int | None = None, losses: Sequence[float] | None = None
+) -> tuple[PowerLaw, PowerLaw, list[ComputeRatio]]:
     """(AdamW law, Muon law, ratios at ``losses`` or at 3 losses both frontiers cover) for one seed or the mean."""
     adamw, muon = (frontier(run_points(transfer, o, kind, seed)) for o in OPTIMIZERS)
     return compute_ratios(adamw, muon, shared_losses(adamw, muon) if losses is None else losses)
 
 
-def _seeds(transfer) -> list[int]:
-    return sorted({trial.seed for trial, _ in transfer})
+def _seeds(transfer: Sequence[Row]) -> list[int]:
+    return sorted({int(row["seed"]) for row in transfer})
 
 
 def _best_marked(values: Sequence[float]) -> list[str]:
@@ -46,13 +75,21 @@ def _best_marked(values: Sequence[float]) -> list[str]:
     return [f"**{v:.4f}**" if v == best else f"{v:.4f}" for v in values]
 
 
-def markdown_section(found, plan, setting: dict[str, str], results: str, argv) -> str:
+def markdown_section(
+    found: StudyRuns,
+    steps: Sequence[int],
+    tune_steps: int,
+    setting: dict[str, str],
+    results: str,
+    argv: Sequence[str] | None,
+) -> str:
     """The section: setup, the base LR grids, the transfer check, every run, and the compute ratios."""
-    tuned, grids, transfer, check = found["tuned"], found["grids"], found["transfer"], found["check"]
+    grids, transfer, check = found.grids, found.transfer, found.check
     seeds = _seeds(transfer)
-    rows_by_width = {}
-    for trial, row in transfer:
-        rows_by_width.setdefault(trial.width, row)
+    rows_by_width: dict[int, Row] = {}
+    for row in transfer:
+        rows_by_width.setdefault(int(row["width"]), row)
+    muon_adamw_lr = float(min(grids["muon"], key=lambda row: float(row["val_loss"]))["adamw_lr"])
     widths = sorted(rows_by_width)
     n_active = ", ".join(f"{w}: {int(rows_by_width[w]['active_params']) / 1e6:.2f} M" for w in widths)
     lines = [
@@ -70,56 +107,56 @@ def markdown_section(found, plan, setting: dict[str, str], results: str, argv) -
         f"- Model: `{setting['config']}` (muP, base width {widths[0]}; 2 layers, dense then MoE with 4 experts "
         f"top-2) at widths {', '.join(map(str, widths))}, every hidden dim in proportion; N_active = {n_active} "
         "(embedding and output layer included). Budgets: "
-        f"{' / '.join(map(str, plan.steps))} steps × 512 tokens, cosine with 10 warm-up steps; seeds {seeds} "
+        f"{' / '.join(map(str, steps))} steps × 512 tokens, cosine with 10 warm-up steps; seeds {seeds} "
         "(a seed changes the init and the data order). Score: validation loss on the same 8 × 512 held-out tokens.",
-        f"- LRs tuned once, at width {widths[0]}, {plan.tune_steps} steps, seed {seeds[0]}, on grids ×2 apart "
+        f"- LRs tuned once, at width {widths[0]}, {tune_steps} steps, seed {seeds[0]}, on grids ×2 apart "
         "(extended while the best was on an edge), then used at every width and budget (muP transfer). Muon's "
-        f"AdamW part (embeddings, output layer, norms, router) at the config's {tuned['muon'].adamw_lr:g}.",
+        f"AdamW part (embeddings, output layer, norms, router) at the config's {muon_adamw_lr:g}.",
         "- Compute C = 6 · N_active · tokens + attention (`local_run.trial_flops`). Muon's Newton–Schulz FLOPs "
         "(every logical matrix once per step) are shown separately: at 512 tokens per step they are "
         f"{_ns_share(transfer, widths[0])} of the model FLOPs at width {widths[0]} and "
         f"{_ns_share(transfer, widths[-1])} at {widths[-1]}, where at a real batch (millions of tokens per step) "
         "they are under 1 %; the model-FLOPs reading is the one comparable to Moonlight's.",
         "",
-        f"### LR tuning at width {widths[0]} ({plan.tune_steps} steps, seed {seeds[0]})",
+        f"### LR tuning at width {widths[0]} ({tune_steps} steps, seed {seeds[0]})",
         "",
         "| optimizer | LR | validation loss |",
         "|---|---:|---:|",
     ]
     for optimizer in OPTIMIZERS:
         grid = grids[optimizer]
-        cells = _best_marked([float(row["val_loss"]) for _, row in grid])
-        for (trial, _), cell in zip(grid, cells, strict=True):
-            lr = trial.adamw_lr if optimizer == "adamw" else trial.muon_lr
-            lines.append(f"| {NAMES[optimizer]} | {lr:g} | {cell} |")
+        cells = _best_marked([float(row["val_loss"]) for row in grid])
+        for row, cell in zip(grid, cells, strict=True):
+            lines.append(f"| {NAMES[optimizer]} | {_lr(row):g} | {cell} |")
     lines += [
         "",
-        f"### The transferred LR at width {widths[-1]} ({plan.tune_steps} steps, seed {seeds[0]}): ×½, ×1, ×2",
+        f"### The transferred LR at width {widths[-1]} ({tune_steps} steps, seed {seeds[0]}): ×½, ×1, ×2",
         "",
         "| optimizer | LR ×½ | LR ×1 (transferred) | LR ×2 | transferred LR best of three |",
         "|---|---:|---:|---:|---|",
     ]
     for optimizer in OPTIMIZERS:
-        points = [(t, row) for t, row in check if t.optimizer == optimizer]
-        losses = [float(row["val_loss"]) for _, row in points]
-        lr = [t.adamw_lr if optimizer == "adamw" else t.muon_lr for t, _ in points]
-        cells = [f"{c} ({v:g})" for c, v in zip(_best_marked(losses), lr, strict=True)]
+        points = [row for row in check if row["optimizer"] == optimizer]
+        losses = [float(row["val_loss"]) for row in points]
+        cells = [f"{c} ({_lr(row):g})" for c, row in zip(_best_marked(losses), points, strict=True)]
         verdict = "yes" if losses[1] == min(losses) else f"no: {min(losses) - losses[1]:+.4f} at the best"
         lines.append(f"| {NAMES[optimizer]} | {' | '.join(cells)} | {verdict} |")
-    lines += _runs_table(transfer, widths, plan.steps, seeds)
+    lines += _runs_table(transfer, widths, steps, seeds)
     lines += _fit_tables(transfer, seeds)
     lines += ["", "<!-- compute_multiplier:end -->"]
     return "\n".join(lines) + "\n"
 
 
-def _ns_share(transfer, width: int) -> str:
-    for trial, row in transfer:
-        if trial.optimizer == "muon" and trial.width == width:
+def _ns_share(transfer: Sequence[Row], width: int) -> str:
+    for row in transfer:
+        if row["optimizer"] == "muon" and int(row["width"]) == width:
             return f"{float(row['ns_flops']) / float(row['flops']):.0%}"
     return "n/a"
 
 
-def _runs_table(transfer, widths, steps, seeds) -> list[str]:
+def _runs_table(
+    transfer: Sequence[Row], widths: Sequence[int], steps: Sequence[int], seeds: Sequence[int]
+) -> list[str]:
     on_frontier = {o: set(frontier(run_points(transfer, o, "model"))) for o in OPTIMIZERS}
     lines = [
         "",
@@ -130,9 +167,14 @@ def _runs_table(transfer, widths, steps, seeds) -> list[str]:
     ]
     for width in widths:
         for step in steps:
-            cells, compute, with_ns = {}, 0.0, 0.0
+            cells: dict[str, tuple[float, str]] = {}
+            compute, with_ns = 0.0, 0.0
             for optimizer in OPTIMIZERS:
-                rows = [r for t, r in transfer if (t.optimizer, t.width, t.steps) == (optimizer, width, step)]
+                rows = [
+                    r
+                    for r in transfer
+                    if (r["optimizer"], r["width"], r["steps"]) == (optimizer, str(width), str(step))
+                ]
                 loss = statistics.fmean(float(r["val_loss"]) for r in rows)
                 compute = float(rows[0]["flops"])
                 if optimizer == "muon":
@@ -147,15 +189,15 @@ def _runs_table(transfer, widths, steps, seeds) -> list[str]:
     return lines
 
 
-def _fit_tables(transfer, seeds) -> list[str]:
-    lines = []
+def _fit_tables(transfer: Sequence[Row], seeds: Sequence[int]) -> list[str]:
+    lines: list[str] = []
     for kind in ("model", "with_ns"):
         try:
             adamw_law, muon_law, ratios = comparison(transfer, kind)
         except ValueError as error:
             lines += ["", f"### {COMPUTE[kind]}: no fit ({error})"]
             continue
-        per_seed = {}
+        per_seed: dict[int, tuple[PowerLaw, PowerLaw, list[ComputeRatio]]] = {}
         for seed in seeds:
             try:
                 per_seed[seed] = comparison(transfer, kind, seed, [r.loss for r in ratios])
@@ -190,24 +232,23 @@ def _fit_tables(transfer, seeds) -> list[str]:
     return lines
 
 
-def write_figure_and_data(found, out_dir: Path) -> None:
+def write_figure_and_data(found: StudyRuns, out_dir: Path) -> None:
     """``loss_vs_compute.png`` (every run, each frontier and its law, log–log) and ``frontier.csv``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    transfer = found["transfer"]
+    transfer = found.transfer
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     with (out_dir / "frontier.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["optimizer", "compute", "flops", "val_loss_mean"])
         for kind in ("model", "with_ns"):
-            try:
+            laws: tuple[PowerLaw | None, PowerLaw | None] = (None, None)
+            with contextlib.suppress(ValueError):
                 laws = comparison(transfer, kind)[:2]
-            except ValueError:
-                laws = (None, None)
             for optimizer, law, colour in zip(OPTIMIZERS, laws, ("tab:blue", "tab:orange"), strict=True):
                 points = run_points(transfer, optimizer, kind)
                 edge = frontier(points)
@@ -218,8 +259,17 @@ def write_figure_and_data(found, out_dir: Path) -> None:
                 style = "-" if kind == "model" else ":"
                 label = NAMES[optimizer] + ("" if kind == "model" else " incl. Newton–Schulz")
                 if kind == "model":
-                    ax.scatter(*zip(*points, strict=True), s=12, color=colour, alpha=0.5)
-                ax.plot(*zip(*edge, strict=True), style, marker="o", color=colour, label=label)
+                    ax.scatter(
+                        [c for c, _ in points], [loss for _, loss in points], s=12, color=colour, alpha=0.5
+                    )
+                ax.plot(
+                    [c for c, _ in edge],
+                    [loss for _, loss in edge],
+                    style,
+                    marker="o",
+                    color=colour,
+                    label=label,
+                )
                 if law is not None:
                     xs = [edge[0][0], edge[-1][0]]
                     ax.plot(xs, [law.loss(x) for x in xs], "--", color=colour, linewidth=0.8)

@@ -66,6 +66,7 @@ from megatron_muon.bench.compare_optimizers import (
 from megatron_muon.bench.launcher_runs import file_sha
 from megatron_muon.bench.report import publish, rerun_command
 from megatron_muon.bench.step_time import measure_step_seconds
+from megatron_muon.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 START, END = "<!-- pareto_frontier:start -->", "<!-- pareto_frontier:end -->"
@@ -304,7 +305,7 @@ def model_flops(
     return ModelFlops(per_token, per_token_source, ns, source)
 
 
-def newton_schulz_flops_of(cfg) -> tuple[float, int]:
+def newton_schulz_flops_of(cfg: PretrainConfig) -> tuple[float, int]:
     """(Newton–Schulz FLOPs of one Muon step, how many logical matrices) of ``cfg``'s model, built on the meta
     device as one process sees it (every logical matrix whole, counted once)."""
     from megatron_muon.config import validate

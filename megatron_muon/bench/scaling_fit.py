@@ -37,11 +37,11 @@ class PowerLaw:
 
     def loss(self, compute: float) -> float:
         """The fitted loss at ``compute``."""
-        return self.a * compute ** (-self.alpha)
+        return float(self.a * compute ** (-self.alpha))
 
     def compute(self, loss: float) -> float:
         """The compute at which the fitted law reaches ``loss``."""
-        return (loss / self.a) ** (-1.0 / self.alpha)
+        return float((loss / self.a) ** (-1.0 / self.alpha))
 
 
 def fit_power_law(points: Sequence[Point]) -> PowerLaw:
