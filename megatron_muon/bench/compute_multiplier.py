@@ -73,7 +73,6 @@ FIELDS = [
     "seconds",
 ]
 OPTIMIZERS = ("adamw", "muon")
-MAX_EXTENSIONS = 2
 START, END = "<!-- compute_multiplier:start -->", "<!-- compute_multiplier:end -->"
 
 
@@ -237,9 +236,10 @@ class Study:
             self._executor.shutdown()
 
     def tune(
-        self, optimizer: str, width: int, steps: int, seed: int, points: int
+        self, optimizer: str, width: int, steps: int, seed: int, points: int, extensions: int
     ) -> tuple[Trial, list[Trial]]:
-        """The best trial of ``optimizer``'s LR grid (×2 apart, extended while its best is on an edge) and the grid."""
+        """The best trial of ``optimizer``'s LR grid (×2 apart, extended by a point while its best is on an edge,
+        at most ``extensions`` times) and the grid."""
         adamw_center, muon_center = self.base.optimizer.lr, self.base.optimizer.muon.lr
         center = adamw_center if optimizer == "adamw" else muon_center
 
@@ -250,7 +250,7 @@ class Study:
             return Trial("muon", width, steps, seed, adamw_center, lr, "tune")
 
         low, high = -(points // 2), points - 1 - points // 2
-        for _ in range(MAX_EXTENSIONS + 1):
+        for _ in range(extensions + 1):
             grid = [trial(k) for k in range(low, high + 1)]
             self.ensure(grid)
             losses = [self.loss(t) for t in grid]
@@ -273,6 +273,7 @@ class Plan:
     steps: list[int]
     seeds: list[int]
     grid_points: int
+    max_extensions: int = 2
 
     @property
     def tune_steps(self) -> int:
@@ -287,7 +288,7 @@ def run_study(study: Study, plan: Plan) -> StudyRuns:
     grids: dict[str, list[Trial]] = {}
     for optimizer in OPTIMIZERS:
         tuned[optimizer], grids[optimizer] = study.tune(
-            optimizer, base, plan.tune_steps, seed, plan.grid_points
+            optimizer, base, plan.tune_steps, seed, plan.grid_points, plan.max_extensions
         )
     transfer = [
         replace(tuned[o], width=w, steps=s, seed=sd, phase="transfer")
@@ -338,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--grid-points", type=int, default=5, help="LR grid points per optimizer at the base (x2 apart)"
     )
+    parser.add_argument(
+        "--max-extensions",
+        type=int,
+        default=2,
+        help="points added to a base grid while its best is on an edge",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
     parser.add_argument("--results", default="docs/compute_multiplier/evaluations.csv")
     parser.add_argument(
@@ -361,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             or len(values) < least
         ):
             parser.error(f"{name} {' '.join(map(str, values))}: >= {least} distinct positive integers")
+    if args.max_extensions < 0:
+        parser.error(f"--max-extensions {args.max_extensions}: >= 0")
     if args.grid_points < 3:
         parser.error(f"--grid-points {args.grid_points}: >= 3 (an optimum needs a point each side)")
     if args.jobs < 1:
@@ -375,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if existing and list(existing[0]) != FIELDS:
         parser.error(f"--results {args.results}: its columns are not {FIELDS}; use another file")
     study = Study(args.config, results, args.jobs, args.publish_only)
-    plan = Plan(sorted(args.widths), sorted(args.steps), args.seeds, args.grid_points)
+    plan = Plan(sorted(args.widths), sorted(args.steps), args.seeds, args.grid_points, args.max_extensions)
     try:
         found = run_study(study, plan)
     finally:

@@ -128,6 +128,10 @@ def markdown_section(
         cells = _best_marked([float(row["val_loss"]) for row in grid])
         for row, cell in zip(grid, cells, strict=True):
             lines.append(f"| {NAMES[optimizer]} | {_lr(row):g} | {cell} |")
+    edges = [NAMES[o] for o in OPTIMIZERS if _best_on_edge(grids[o])]
+    if edges:
+        lines += ["", f"(edge) {' and '.join(edges)}: the best LR is still the end of its grid after the "
+                  "extensions; the optimum may lie beyond it."]  # fmt: skip
     lines += [
         "",
         f"### The transferred LR at width {widths[-1]} ({tune_steps} steps, seed {seeds[0]}): ×½, ×1, ×2",
@@ -145,6 +149,13 @@ def markdown_section(
     lines += _fit_tables(transfer, seeds)
     lines += ["", "<!-- compute_multiplier:end -->"]
     return "\n".join(lines) + "\n"
+
+
+def _best_on_edge(grid: Sequence[Row]) -> bool:
+    """Whether the grid's (ordered by LR) best run is its first or last."""
+    ordered = sorted(grid, key=_lr)
+    best = min(range(len(ordered)), key=lambda i: float(ordered[i]["val_loss"]))
+    return best in (0, len(ordered) - 1)
 
 
 def _ns_share(transfer: Sequence[Row], width: int) -> str:

@@ -12,10 +12,13 @@ from megatron_muon.bench import compute_multiplier as tool
 ARGS = ["--widths", "64", "96", "128", "192", "--steps", "100", "200", "400", "--seeds", "1", "2"]
 
 
+ADAMW_BEST = {"lr": 0.012}
+
+
 def fake_loss(trial) -> float:
     """A smooth surface: AdamW best at LR 0.012, Muon at 0.04 and 0.3 nats lower; larger and longer is better."""
     if trial.optimizer == "adamw":
-        lr_term, offset = math.log2(trial.adamw_lr / 0.012) ** 2, 0.0
+        lr_term, offset = math.log2(trial.adamw_lr / ADAMW_BEST["lr"]) ** 2, 0.0
     else:
         lr_term, offset = math.log2(trial.muon_lr / 0.04) ** 2, -0.3
     size = (trial.width**2 * trial.steps) ** -0.15
@@ -62,7 +65,9 @@ def test_tunes_at_the_base_transfers_checks_and_reports(tmp_path, trained, monke
     ]  # fmt: skip
     text = page.read_text()
     assert "| AdamW | 0.012 | **" in text and "| Muon | 0.04 | **" in text
-    assert text.count("| yes |") == 2  # the transferred LR is the best of three at 192 for both
+    assert (
+        text.count("| yes |") == 2 and "(edge)" not in text
+    )  # the transferred LR is the best of three at 192 for both
     assert (
         "code version `version-a`" in text
         and "### C_Muon ÷ C_AdamW at equal loss, compute = model FLOPs" in text
@@ -89,6 +94,15 @@ def test_muon_needs_less_compute_on_the_fake_surface(tmp_path, trained):
     found = tool.run_study(study, tool.Plan([64, 96, 128, 192], [100, 200, 400], [1, 2], 5))
     _, _, ratios = comparison(found.transfer, "model")
     assert ratios and all(r.fitted < 1 for r in ratios)
+
+
+def test_an_optimum_beyond_the_extended_grid_is_flagged(tmp_path, trained, monkeypatch):
+    monkeypatch.setitem(ADAMW_BEST, "lr", 0.0005)
+    page = tmp_path / "page.md"
+    assert tool.main([*ARGS, "--results", str(tmp_path / "e.csv"), "--markdown", str(page)]) == 0
+    adamw_lrs = sorted(t.adamw_lr for t in trained if t.phase == "tune" and t.optimizer == "adamw")
+    assert adamw_lrs[0] == pytest.approx(0.003) and len(adamw_lrs) == 7  # two extensions, then it stops
+    assert "(edge) AdamW: the best LR is still the end of its grid" in page.read_text()
 
 
 @pytest.mark.parametrize(
