@@ -67,6 +67,17 @@ FIRST_TIMED_ITERATION = 11  # tokens/s from here on: the first iterations includ
 KEY_FIELDS = ("config", "config_sha", "overrides", "model_overrides", "code_version", "attention", "optimizer",
               "adamw_lr", "muon_lr", "seed")  # fmt: skip
 FIELDS = [*KEY_FIELDS, "iteration", "val_loss", "tokens_per_s", "timed_iterations", "wall_s"]
+# --throughput-iterations: one short run per cell on the otherwise idle machine, no evaluation (throughput.csv)
+THROUGHPUT_KEY = (
+    "config",
+    "config_sha",
+    "overrides",
+    "model_overrides",
+    "code_version",
+    "attention",
+    "optimizer",
+)
+THROUGHPUT_FIELDS = [*THROUGHPUT_KEY, "tokens_per_s", "timed_iterations", "load_before", "load_after"]
 ITERATION_LOG = re.compile(r"iteration\s+(\d+)/\d+ \|.*?\| tokens/s\s+([\d.]+|nan|inf) \|")
 START, END = "<!-- attention_optimizer_grid:start -->", "<!-- attention_optimizer_grid:end -->"
 # Keys each cell sets itself: an --override of one would silently change what a cell is.
@@ -228,6 +239,51 @@ def ensure_runs(args: argparse.Namespace, models: GridModels) -> tuple[list[dict
     return [row for row in read_rows(results) if run_key(row) in wanted], missing
 
 
+def throughput_path(results: str) -> Path:
+    """Where the quiet throughput measurements of a results file go: ``throughput.csv`` beside it."""
+    return (REPO / results).parent / "throughput.csv"
+
+
+def measure_throughput(args: argparse.Namespace, models: GridModels, iterations: int) -> None:
+    """Per cell, one run of ``iterations`` timed steps (after the warm-up ones) with no evaluation and no
+    checkpoint, one after another: the cells' tokens/s on the otherwise idle machine, appended to
+    ``throughput.csv`` with the load average around each run."""
+    sha, overrides = file_sha(REPO / args.config), " ".join(args.override)
+    for attention in ATTENTIONS:
+        cfg, model_overrides = models.configs[attention], models.model_overrides[attention]
+        for optimizer in OPTIMIZERS:
+            launch = [*run_overrides(cfg, model_overrides, optimizer, args.adamw_lr, args.muon_lr, args.seeds[0]),
+                      *args.override, f"training.train_iters={iterations + FIRST_TIMED_ITERATION - 1}",
+                      "training.eval_interval=0", "logging.log_interval=1", "checkpoint.resume=none",
+                      "checkpoint.save_interval=0"]  # fmt: skip
+            before = load_average()
+            run = run_training(args.config, launch, evaluates=False)
+            tokens_per_s, timed = median_tokens_per_second(run.stdout)
+            row = dict(config=args.config, config_sha=sha, overrides=overrides,
+                       model_overrides=" ".join(model_overrides), code_version=code_version(), attention=attention,
+                       optimizer=optimizer, tokens_per_s=f"{tokens_per_s:.0f}", timed_iterations=timed,
+                       load_before=before, load_after=load_average())  # fmt: skip
+            append_rows(throughput_path(args.results), [row], THROUGHPUT_FIELDS)
+            print(f"throughput {ATTENTION_NAMES[attention]} + {OPTIMIZER_NAMES[optimizer]}: {tokens_per_s:.0f} "
+                  f"tokens/s ({timed} iterations; load {before} -> {row['load_after']})", flush=True)  # fmt: skip
+
+
+def quiet_throughput(args: argparse.Namespace, models: GridModels) -> dict[tuple[str, str], dict[str, str]]:
+    """Per cell, its latest quiet measurement of this config and ``--override`` (any code version)."""
+    sha, overrides = file_sha(REPO / args.config), " ".join(args.override)
+    found: dict[tuple[str, str], dict[str, str]] = {}
+    for row in read_rows(throughput_path(args.results)):
+        cell = (row["attention"], row["optimizer"])
+        same_model = row["model_overrides"] == " ".join(models.model_overrides[row["attention"]])
+        if (row["config"], row["config_sha"], row["overrides"]) == (
+            args.config,
+            sha,
+            overrides,
+        ) and same_model:
+            found[cell] = row
+    return found
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class CellResult:
     """One cell's finished runs."""
@@ -362,8 +418,10 @@ def markdown(
     argv: Sequence[str] | None,
     missing: Sequence[str],
     versions: Sequence[str],
+    quiet: dict[tuple[str, str], dict[str, str]] | None = None,
 ) -> str:
     """The section: how to rerun it, the setting, one row per cell, the reading."""
+    quiet = quiet or {}
     counts = {a: count_parameters(models.configs[a].model) for a in ATTENTIONS}
     kv_bytes = {a: kv_cache_bytes_per_token(models.configs[a].model) for a in ATTENTIONS}
     dense, mla = models.configs["mha_dense"], models.configs["mla_moe"]
@@ -400,26 +458,43 @@ def markdown(
         f" {mla.model.qk_pos_emb_head_dim}",
         "- Code version of the runs (SHA-256 of the tracked files a training run executes): "
         + (", ".join(f"`{v}`" for v in versions) or "none yet"),
+        *_quiet_bullet(quiet),
         "",
         "| attention | optimizer | parameters total / active | KV cache bytes/token | final validation loss per"
-        " seed | mean (perplexity) | tokens/s per seed (CPU) |",
-        "|---|---|---:|---:|---|---:|---|",
+        " seed | mean (perplexity) | tokens/s per seed during training (CPU) | tokens/s, quiet (CPU) |",
+        "|---|---|---:|---:|---|---:|---|---:|",
     ]
     for (attention, optimizer), cell in cells.items():
         seeds = list(cell.final_loss)
         total, active = counts[attention]
         losses = " / ".join(f"{cell.final_loss[s]:.4f}" for s in seeds)
         throughput = " / ".join(f"{cell.tokens_per_s[s]:,.0f}" for s in seeds)
+        measured = quiet.get((attention, optimizer))
+        quiet_cell = "—" if measured is None else f"{float(measured['tokens_per_s']):,.0f}"
         lines.append(
             f"| {ATTENTION_NAMES[attention]} | {OPTIMIZER_NAMES[optimizer]} | {total:,} / {active:,} |"
             f" {kv_bytes[attention]:,} | {losses} (seeds {', '.join(seeds)}; iteration {cell.iteration}) |"
-            f" {cell.mean_loss:.4f} ({math.exp(cell.mean_loss):.1f}) | {throughput} |"
+            f" {cell.mean_loss:.4f} ({math.exp(cell.mean_loss):.1f}) | {throughput} | {quiet_cell} |"
         )
     lines += ["", *claim_lines(cells, kv_bytes)]
     if missing:
         lines += ["", f"Not run yet (rerun the command without `--publish-only`): {', '.join(missing)}."]
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def _quiet_bullet(quiet: dict[tuple[str, str], dict[str, str]]) -> list[str]:
+    if not quiet:
+        return [
+            "- Tokens/s, quiet: not measured (`--throughput-iterations N` runs each cell alone on the idle machine)"
+        ]
+    loads = "; ".join(f"{ATTENTION_NAMES[a]} + {OPTIMIZER_NAMES[o]} {row['load_before']} → {row['load_after']}"
+                      for (a, o), row in quiet.items())  # fmt: skip
+    versions = ", ".join(sorted({f"`{row['code_version']}`" for row in quiet.values()}))
+    timed = sorted({row["timed_iterations"] for row in quiet.values()})
+    return [f"- Tokens/s, quiet: each cell run alone for {'/'.join(timed)} timed iterations after the warm-up, no"
+            f" evaluation (`throughput.csv` beside the results; code version {versions}); load average before →"
+            f" after: {loads}"]  # fmt: skip
 
 
 def _origin(value: float, configured: float) -> str:
@@ -447,7 +522,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--markdown", default=None, help="write the section into this file (default: print it)"
     )
+    parser.add_argument(
+        "--throughput-iterations",
+        type=int,
+        default=0,
+        help="also time each cell alone for this many iterations (no evaluation; run on an idle machine)",
+    )
     args = parser.parse_args(argv)
+    if args.throughput_iterations < 0:
+        parser.error(f"--throughput-iterations {args.throughput_iterations}: >= 0 (0: no quiet measurement)")
     if not (REPO / args.config).is_file():
         parser.error(f"--config {args.config}: not a file under {REPO}")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
@@ -475,8 +558,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _positive_lr(parser, "--adamw-lr", args.adamw_lr)
     _positive_lr(parser, "--muon-lr", args.muon_lr)
     rows, missing = ensure_runs(args, models)
+    if args.throughput_iterations and not args.publish_only:
+        measure_throughput(args, models, args.throughput_iterations)
     versions = sorted({row["code_version"] for row in rows})
-    publish(markdown(summarize(rows), models, args, argv, missing, versions), args.markdown, START, END)
+    quiet = quiet_throughput(args, models)
+    publish(
+        markdown(summarize(rows), models, args, argv, missing, versions, quiet), args.markdown, START, END
+    )
     return 0
 
 

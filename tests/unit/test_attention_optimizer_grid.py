@@ -245,6 +245,37 @@ def test_finished_runs_are_skipped_and_new_ones_appended(tmp_path, capsys, monke
     assert len(launched) == 8 and all(run[-1] == "training.eval_iters=2" for run in launched)  # another key
 
 
+def test_quiet_throughput_times_each_cell_alone_and_fills_its_column(tmp_path, capsys, monkeypatch):
+    results = tmp_path / "evaluations.csv"
+    _write_results(results, FINALS)
+    launched: list[tuple[list[str], bool]] = []
+
+    def fake_run(config: str, overrides: list[str], evaluates: bool = True) -> LaunchedRun:
+        launched.append((overrides, evaluates))
+        return LaunchedRun(
+            validation=[], stdout=_stdout({11: 1_000.0, 12: 1_200.0, 13: 1_100.0}, {}), wall_s=9.0
+        )
+
+    monkeypatch.setattr(grid, "run_training", fake_run)
+    args = ["--seeds", "1", "2", "--results", str(results)]
+    assert grid.main(args) == 0
+    assert launched == [] and "| — |" in capsys.readouterr().out  # finished runs, no quiet measurement yet
+    assert grid.main([*args, "--throughput-iterations", "3"]) == 0
+    assert len(launched) == 4 and not any(
+        evaluates for _, evaluates in launched
+    )  # one per cell, no evaluation
+    assert all(
+        {"training.train_iters=13", "training.eval_interval=0", "training.seed=1"} <= set(o)
+        for o, _ in launched
+    )
+    out = capsys.readouterr().out
+    assert out.count("| 901 / 902 | 1,100 |") == 4  # during training (per seed) and quiet (the median)
+    assert "- Tokens/s, quiet: each cell run alone for 3 timed iterations" in out
+    assert (tmp_path / "throughput.csv").exists()
+    assert grid.main([*args, "--publish-only"]) == 0 and len(launched) == 4  # publishing reads it back
+    assert capsys.readouterr().out.count("| 1,100 |") == 4
+
+
 def test_a_learning_rate_is_part_of_the_key(tmp_path, capsys, monkeypatch):
     _write_results(tmp_path / "evaluations.csv", FINALS)
     section = _section(tmp_path, capsys, "--adamw-lr", "0.01")
