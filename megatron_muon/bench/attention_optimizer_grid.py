@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import re
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ from megatron_muon.bench.launcher_runs import (
     append_rows,
     code_version,
     file_sha,
+    iteration_values,
     read_rows,
     run_training,
 )
@@ -78,7 +78,6 @@ THROUGHPUT_KEY = (
     "optimizer",
 )
 THROUGHPUT_FIELDS = [*THROUGHPUT_KEY, "tokens_per_s", "timed_iterations", "load_before", "load_after"]
-ITERATION_LOG = re.compile(r"iteration\s+(\d+)/\d+ \|.*?\| tokens/s\s+([\d.]+|nan|inf) \|")
 START, END = "<!-- attention_optimizer_grid:start -->", "<!-- attention_optimizer_grid:end -->"
 # Keys each cell sets itself: an --override of one would silently change what a cell is.
 CELL_KEYS = ("model.multi_latent_attention", "model.num_query_groups", "model.qk_layernorm", "model.num_moe_experts",
@@ -163,7 +162,7 @@ def grid_models(config: str, overrides: Sequence[str], ffn_multiple: int) -> Gri
 def median_tokens_per_second(stdout: str, first_iteration: int = FIRST_TIMED_ITERATION) -> tuple[float, int]:
     """(median, count) of the ``tokens/s`` the launcher logs for iterations ≥ ``first_iteration``.
     Raises ``ValueError`` when it logged none there."""
-    values = [float(m[2]) for m in ITERATION_LOG.finditer(stdout) if int(m[1]) >= first_iteration]
+    values = [tokens for _, tokens in iteration_values(stdout, "tokens/s", first_iteration)]
     if not values:
         raise ValueError(f"no tokens/s logged at iteration >= {first_iteration}")
     return statistics.median(values), len(values)

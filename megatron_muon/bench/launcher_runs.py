@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "launch" / "pretrain_muon.sh"
 VALIDATION = re.compile(r"validation at iteration\s+(\d+) \| lm loss ([\d.]+|nan|inf)")
+ITERATION_LINE = re.compile(r"^\s*iteration\s+(\d+)/\d+ (\|.*)$", re.MULTILINE)
 NOT_RUN = ("megatron_muon/bench/", "megatron_muon/testing/")  # no training run imports these
 
 
@@ -81,6 +82,19 @@ def run_training(config: str, overrides: Sequence[str], evaluates: bool = True) 
     if evaluates and not points:
         raise RuntimeError(f"no validation loss in the output of: {config} {' '.join(overrides)}")
     return LaunchedRun(validation=points, stdout=result.stdout, wall_s=wall)
+
+
+def iteration_values(stdout: str, field: str, first_iteration: int = 1) -> list[tuple[int, float]]:
+    """(iteration, value) of one field of the trainer's per-iteration log line (``ms/iter``, ``tokens/s``,
+    ``lm loss``, ...: the name before the value between ``|`` separators) for every logged iteration
+    ≥ ``first_iteration``, in order; iterations whose line lacks the field are left out."""
+    value = re.compile(rf"\|\s*{re.escape(field)}\s+([\d.,]+|nan|inf)\s*(?:\||$)")
+    found = []
+    for line in ITERATION_LINE.finditer(stdout):
+        iteration, match = int(line[1]), value.search(line[2])
+        if match and iteration >= first_iteration:
+            found.append((iteration, float(match[1].replace(",", ""))))
+    return found
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -20,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from megatron_muon.bench.launcher_runs import iteration_values
 from megatron_muon.bench.report import cpu_description, write_section
 
 REPO = Path(__file__).resolve().parents[2]
-LINE = re.compile(r"iteration\s+(\d+)/\d+ .*?ms/iter\s+([\d.]+) \| tokens/s\s+(\d+)")
 LAYOUTS = {
     "TP2·PP2·EP2": ["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "parallel.etp=1"],
     "TP2·EP2·DP2": ["parallel.tp=2", "parallel.pp=1", "parallel.ep=2", "parallel.etp=1"],
@@ -52,8 +51,10 @@ def _run(layout: list[str], use_muon: bool, iters: int, workdir: str) -> tuple[l
     )
     if result.returncode != 0:
         raise RuntimeError(f"run failed ({result.returncode}): {result.stderr[-2000:]}")
-    rows = [(int(m[1]), float(m[2]), float(m[3])) for m in LINE.finditer(result.stdout)]
-    return [ms for _, ms, _ in rows], [tps for _, _, tps in rows]
+    ms_per_iter = dict(iteration_values(result.stdout, "ms/iter"))
+    tokens_per_s = dict(iteration_values(result.stdout, "tokens/s"))
+    both = [iteration for iteration in ms_per_iter if iteration in tokens_per_s]
+    return [ms_per_iter[i] for i in both], [tokens_per_s[i] for i in both]
 
 
 def main(argv: list[str] | None = None) -> int:

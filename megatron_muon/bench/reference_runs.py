@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from megatron_muon.bench.launcher_runs import (
     append_rows,
     code_version,
     file_sha,
+    iteration_values,
     read_rows,
     run_training,
 )
@@ -48,7 +48,6 @@ TITLES = {
 KEY_FIELDS = ("name", "config", "config_sha", "code_version")
 FIELDS = [*KEY_FIELDS, "train_iters", "tokens_per_step", "kind", "iteration", "loss", "wall_s", "load_before",
           "load_after"]  # fmt: skip
-TRAINING_LOG = re.compile(r"iteration\s+(\d+)/\d+ \|.*?\| lm loss ([\d.]+|nan|inf) \|")
 START, END = "<!-- reference_runs:start -->", "<!-- reference_runs:end -->"
 
 
@@ -59,7 +58,7 @@ def run_key(row: dict[str, str]) -> tuple[str, ...]:
 
 def training_losses(stdout: str) -> list[tuple[int, float]]:
     """(iteration, training loss) of every iteration the launcher logged, in order."""
-    return [(int(m[1]), float(m[2])) for m in TRAINING_LOG.finditer(stdout)]
+    return iteration_values(stdout, "lm loss")
 
 
 def run_rows(name: str, config: str, key: dict[str, str]) -> list[dict[str, object]]:

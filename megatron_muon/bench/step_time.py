@@ -12,15 +12,13 @@ idle machine: the section it feeds prints the load average around the measuremen
 from __future__ import annotations
 
 import dataclasses
-import re
 import statistics
 from collections.abc import Sequence
 
-from megatron_muon.bench.launcher_runs import run_training
+from megatron_muon.bench.launcher_runs import iteration_values, run_training
 from megatron_muon.bench.report import load_average
 
 FIRST_TIMED_ITERATION = 11
-ITERATION_MS = re.compile(r"iteration\s+(\d+)/\d+ \|.*?\| ms/iter\s+([\d.]+) \|")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -41,7 +39,7 @@ def median_seconds_per_step(stdout: str, first_iteration: int = FIRST_TIMED_ITER
     Raises:
         ValueError: it logged none there.
     """
-    values = [float(m[2]) / 1e3 for m in ITERATION_MS.finditer(stdout) if int(m[1]) >= first_iteration]
+    values = [ms / 1e3 for _, ms in iteration_values(stdout, "ms/iter", first_iteration)]
     if not values:
         raise ValueError(f"no ms/iter logged at iteration >= {first_iteration}")
     return statistics.median(values), len(values)
