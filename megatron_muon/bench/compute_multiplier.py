@@ -236,18 +236,27 @@ class Study:
             self._executor.shutdown()
 
     def tune(
-        self, optimizer: str, width: int, steps: int, seed: int, points: int, extensions: int
+        self,
+        optimizer: str,
+        width: int,
+        steps: int,
+        seed: int,
+        points: int,
+        extensions: int,
+        adamw_part: float | None = None,
     ) -> tuple[Trial, list[Trial]]:
-        """The best trial of ``optimizer``'s LR grid (×2 apart, extended by a point while its best is on an edge,
-        at most ``extensions`` times) and the grid."""
+        """The best trial of ``optimizer``'s LR grid (×2 apart around the config's LR, extended by a point while its
+        best is on an edge, at most ``extensions`` times) and the grid. ``adamw_part``: Muon's AdamW LR (default:
+        the config's ``optimizer.lr``)."""
         adamw_center, muon_center = self.base.optimizer.lr, self.base.optimizer.muon.lr
         center = adamw_center if optimizer == "adamw" else muon_center
+        beside_muon = adamw_center if adamw_part is None else adamw_part
 
         def trial(exponent: int) -> Trial:
             lr = center * 2.0**exponent
             if optimizer == "adamw":
                 return Trial("adamw", width, steps, seed, lr, None, "tune")
-            return Trial("muon", width, steps, seed, adamw_center, lr, "tune")
+            return Trial("muon", width, steps, seed, beside_muon, lr, "tune")
 
         low, high = -(points // 2), points - 1 - points // 2
         for _ in range(extensions + 1):
@@ -274,6 +283,9 @@ class Plan:
     seeds: list[int]
     grid_points: int
     max_extensions: int = 2
+    muon_adamw_part: str = "adamw"
+    """``adamw``: Muon's AdamW part at AdamW's tuned LR (Moonlight's protocol, and #16's); ``config``: at the
+    config's ``optimizer.lr`` (tuned jointly with the Muon LR at the base, issue #16)."""
 
     @property
     def tune_steps(self) -> int:
@@ -286,9 +298,12 @@ def run_study(study: Study, plan: Plan) -> StudyRuns:
     base, largest, seed = min(plan.widths), max(plan.widths), plan.seeds[0]
     tuned: dict[str, Trial] = {}
     grids: dict[str, list[Trial]] = {}
-    for optimizer in OPTIMIZERS:
+    for optimizer in OPTIMIZERS:  # AdamW first: Muon's AdamW part may take its LR
+        adamw_part = (
+            tuned["adamw"].adamw_lr if optimizer == "muon" and plan.muon_adamw_part == "adamw" else None
+        )
         tuned[optimizer], grids[optimizer] = study.tune(
-            optimizer, base, plan.tune_steps, seed, plan.grid_points, plan.max_extensions
+            optimizer, base, plan.tune_steps, seed, plan.grid_points, plan.max_extensions, adamw_part
         )
     transfer = [
         replace(tuned[o], width=w, steps=s, seed=sd, phase="transfer")
@@ -345,6 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=2,
         help="points added to a base grid while its best is on an edge",
     )
+    parser.add_argument(
+        "--muon-adamw-part",
+        choices=("adamw", "config"),
+        default="adamw",
+        help="Muon's AdamW LR (embeddings, output, norms, router): AdamW's tuned LR (Moonlight's protocol), or the "
+        "config's optimizer.lr (tuned with Muon at the base)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
     parser.add_argument("--results", default="docs/compute_multiplier/evaluations.csv")
     parser.add_argument(
@@ -384,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if existing and list(existing[0]) != FIELDS:
         parser.error(f"--results {args.results}: its columns are not {FIELDS}; use another file")
     study = Study(args.config, results, args.jobs, args.publish_only)
-    plan = Plan(sorted(args.widths), sorted(args.steps), args.seeds, args.grid_points, args.max_extensions)
+    plan = Plan(sorted(args.widths), sorted(args.steps), args.seeds, args.grid_points, args.max_extensions,
+                args.muon_adamw_part)  # fmt: skip
     try:
         found = run_study(study, plan)
     finally:

@@ -90,6 +90,14 @@ def markdown_section(
     for row in transfer:
         rows_by_width.setdefault(int(row["width"]), row)
     muon_adamw_lr = float(min(grids["muon"], key=lambda row: float(row["val_loss"]))["adamw_lr"])
+    adamw_lr = _lr(min(grids["adamw"], key=lambda row: float(row["val_loss"])))
+    if muon_adamw_lr == adamw_lr:
+        muon_adamw = (
+            f"at AdamW's tuned LR ({adamw_lr:g}; Moonlight's protocol: one LR for what AdamW updates)"
+        )
+    else:
+        muon_adamw = (f"at {muon_adamw_lr:g}, the config's (tuned jointly with the Muon LR at the base, issue #16), "
+                      f"not AdamW's tuned {adamw_lr:g}: Muon's runs have two tuned LRs, AdamW's one")  # fmt: skip
     widths = sorted(rows_by_width)
     n_active = ", ".join(f"{w}: {int(rows_by_width[w]['active_params']) / 1e6:.2f} M" for w in widths)
     lines = [
@@ -111,7 +119,7 @@ def markdown_section(
         "(a seed changes the init and the data order). Score: validation loss on the same 8 × 512 held-out tokens.",
         f"- LRs tuned once, at width {widths[0]}, {tune_steps} steps, seed {seeds[0]}, on grids ×2 apart "
         "(extended while the best was on an edge), then used at every width and budget (muP transfer). Muon's "
-        f"AdamW part (embeddings, output layer, norms, router) at the config's {muon_adamw_lr:g}.",
+        f"AdamW part (embeddings, output layer, norms, router) {muon_adamw}.",
         "- Compute C = 6 · N_active · tokens + attention (`local_run.trial_flops`). Muon's Newton–Schulz FLOPs "
         "(every logical matrix once per step) are shown separately: at 512 tokens per step they are "
         f"{_ns_share(transfer, widths[0])} of the model FLOPs at width {widths[0]} and "

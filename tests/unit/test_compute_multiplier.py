@@ -54,6 +54,8 @@ def test_tunes_at_the_base_transfers_checks_and_reports(tmp_path, trained, monke
         [0.005, 0.01, 0.02, 0.04, 0.08]
     )
     assert all((t.width, t.steps, t.seed) == (64, 200, 1) for t in tuning)
+    # Muon's AdamW part at AdamW's tuned LR (Moonlight's protocol), from its grid on.
+    assert {round(t.adamw_lr, 9) for t in trained if t.optimizer == "muon"} == {0.012}
     transfer = [t for t in trained if t.phase == "transfer"]
     # 4 widths x 3 budgets x 2 seeds x 2 optimizers, minus the two already trained while tuning (64, 200, seed 1).
     assert len(transfer) == 4 * 3 * 2 * 2 - 2
@@ -61,7 +63,7 @@ def test_tunes_at_the_base_transfers_checks_and_reports(tmp_path, trained, monke
     assert {round(t.muon_lr, 9) for t in transfer if t.optimizer == "muon"} == {0.04}
     check = [t for t in trained if t.phase == "check"]
     assert sorted((t.optimizer, t.width, round(t.adamw_lr, 9), t.muon_lr and round(t.muon_lr, 9)) for t in check) == [
-        ("adamw", 192, 0.006, None), ("adamw", 192, 0.024, None), ("muon", 192, 0.048, 0.02), ("muon", 192, 0.048, 0.08),
+        ("adamw", 192, 0.006, None), ("adamw", 192, 0.024, None), ("muon", 192, 0.012, 0.02), ("muon", 192, 0.012, 0.08),
     ]  # fmt: skip
     text = page.read_text()
     assert "| AdamW | 0.012 | **" in text and "| Muon | 0.04 | **" in text
@@ -83,6 +85,24 @@ def test_tunes_at_the_base_transfers_checks_and_reports(tmp_path, trained, monke
         tool.main([*ARGS, "--widths", "64", "96", "128", "256", "--results", str(results), "--publish-only"])
     assert tool.main(argv) == 0 and len(trained) == 2 * count  # new code: everything again, old rows kept
     assert len(tool.read_rows(results)) == 2 * count
+
+
+def test_muons_adamw_part_can_stay_at_the_configs_lr(tmp_path, trained):
+    page = tmp_path / "page.md"
+    argv = [
+        *ARGS,
+        "--muon-adamw-part",
+        "config",
+        "--results",
+        str(tmp_path / "e.csv"),
+        "--markdown",
+        str(page),
+    ]
+    assert tool.main(argv) == 0
+    assert {t.adamw_lr for t in trained if t.optimizer == "muon"} == {
+        0.048
+    }  # mup_shakespeare.yaml's optimizer.lr
+    assert "at 0.048, the config's (tuned jointly with the Muon LR" in page.read_text()
 
 
 def test_muon_needs_less_compute_on_the_fake_surface(tmp_path, trained):
