@@ -166,6 +166,10 @@ def _best_on_edge(grid: Sequence[Row]) -> bool:
     return best in (0, len(ordered) - 1)
 
 
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def _ns_share(transfer: Sequence[Row], width: int) -> str:
     for row in transfer:
         if row["optimizer"] == "muon" and int(row["width"]) == width:
@@ -226,7 +230,9 @@ def _fit_tables(transfer: Sequence[Row], seeds: Sequence[int]) -> list[str]:
             "",
             f"### C_Muon ÷ C_AdamW at equal loss, compute = {COMPUTE[kind]}",
             "",
-            f"Power laws L = a·C^−α fitted to each optimizer's frontier (seeds averaged): AdamW α = "
+            "At three losses both frontiers reach (the ends of their shared range and its middle): read from the "
+            "frontiers themselves (log–log interpolation between neighbouring runs, no model), and from power laws "
+            f"L = a·C^−α fitted to each optimizer's frontier (seeds averaged): AdamW α = "
             f"{adamw_law.alpha:.4f} ({adamw_law.points} points), Muon α = {muon_law.alpha:.4f} ({muon_law.points} "
             "points)"
             + "".join(
@@ -235,19 +241,20 @@ def _fit_tables(transfer: Sequence[Row], seeds: Sequence[int]) -> list[str]:
             )
             + ".",
             "",
-            "| loss | C_Muon ÷ C_AdamW (fits, seeds averaged) | per seed (fits) | from the frontiers (no fit) | "
-            "compute multiplier (1 / fits) |",
-            "|---:|---:|---:|---:|---:|",
+            "| loss | from the frontiers, no fit: seeds averaged | per seed | compute multiplier (1 / no fit) | "
+            "power-law fits: seeds averaged | per seed |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for index, ratio in enumerate(ratios):
-            seed_cells = ", ".join(f"{v[2][index].fitted:.2f}" for v in per_seed.values()) or "—"
-            interpolated = "—" if ratio.interpolated is None else f"{ratio.interpolated:.2f}"
+            fitted = ", ".join(f"{v[2][index].fitted:.2f}" for v in per_seed.values()) or "—"
+            seeds_free = ", ".join(_ratio(v[2][index].interpolated) for v in per_seed.values()) or "—"
+            multiplier = "—" if ratio.interpolated is None else f"{1 / ratio.interpolated:.2f}×"
             lines.append(
-                f"| {ratio.loss:.4f} | {ratio.fitted:.2f} | {seed_cells} | {interpolated} | "
-                f"{1 / ratio.fitted:.2f}× |"
+                f"| {ratio.loss:.4f} | {_ratio(ratio.interpolated)} | {seeds_free} | {multiplier} | "
+                f"{ratio.fitted:.2f} | {fitted} |"
             )
         if not ratios:
-            lines.append("| — | the two frontiers cover no common loss | | | |")
+            lines.append("| — | the two frontiers cover no common loss | | | | |")
     return lines
 
 
@@ -294,6 +301,11 @@ def write_figure_and_data(found: StudyRuns, out_dir: Path) -> None:
                     ax.plot(xs, [law.loss(x) for x in xs], "--", color=colour, linewidth=0.8)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss (nats/token)",
            title="compute-optimal frontiers (dashed: fitted power laws)")  # fmt: skip
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 5.2, not 5.2 × 10⁰
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "loss_vs_compute.png", dpi=120)
