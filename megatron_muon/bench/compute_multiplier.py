@@ -37,6 +37,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import hashlib
+import inspect
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,6 +55,7 @@ CONFIG = "launch/configs/mup_shakespeare.yaml"
 KEY_FIELDS = (
     "config",
     "config_sha",
+    "run_rules",
     "code_version",
     "optimizer",
     "width",
@@ -100,6 +103,16 @@ class Trial:
                   "seed": str(self.seed), "adamw_lr": _lr(self.adamw_lr),
                   "muon_lr": "" if self.muon_lr is None else _lr(self.muon_lr)}  # fmt: skip
         return tuple(values[name] for name in KEY_FIELDS)
+
+
+def run_rules() -> str:
+    """SHA-256 (16 hex digits) of what turns a trial into a run outside the code version (which leaves ``bench/``
+    out): :func:`trial_overrides` and ``local_run.py`` (how a trial is configured, trained and scored)."""
+    from megatron_muon.bench import local_run
+
+    digest = hashlib.sha256(inspect.getsource(trial_overrides).encode())
+    digest.update(Path(local_run.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _in(row: dict[str, str], setting: dict[str, str]) -> bool:
@@ -162,6 +175,7 @@ class Study:
         self.setting = {
             "config": config,
             "config_sha": file_sha(REPO / config),
+            "run_rules": run_rules(),
             "code_version": code_version(),
         }
         recorded = [row for row in read_rows(results) if row["config"] == config]

@@ -78,6 +78,8 @@ def transfer_table(root: Path) -> list[str]:
                  for par in ("mup", "sp")}  # fmt: skip
         per_width = {par: widths(sweeps[par][0]) for par in sweeps}
         base = {par: per_width[par][0]["best"] for par in sweeps}
+        if [w["width"] for w in per_width["mup"]] != [w["width"] for w in per_width["sp"]]:
+            raise SystemExit(f"{root}: mup_transfer_{seed} and sp_transfer_{seed} have different widths")
         for index, mup in enumerate(per_width["mup"]):
             sp = per_width["sp"][index]
             width = int(mup["width"])  # type: ignore[call-overload]
@@ -104,6 +106,8 @@ def telescoping_table(root: Path, seed: int) -> list[str]:
         "points (re-centrings) | its best | loss |",
         "|---:|---|---|---:|---:|---|---:|",
     ]
+    if [w["width"] for w in widths(telescoping)] != [w["width"] for w in widths(full)]:
+        raise SystemExit(f"{root}: telescoping and mup_transfer_{seed} have different widths")
     for tele, grid in zip(widths(telescoping), widths(full), strict=True):
         factor = tele["spacing_factor"][MUON]  # type: ignore[index]
         spacing = "×2" if math.isclose(factor, 2.0) else f"×2^{math.log2(factor):.3g}"
