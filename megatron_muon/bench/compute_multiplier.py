@@ -6,13 +6,15 @@ Scalable": the compute AdamW needs for the loss Muon reaches, from loss-against-
 The model is ``launch/configs/mup_shakespeare.yaml`` (2 layers, dense then MoE with 4 experts top-2; muP with base
 width 64), widened with every hidden dim in proportion (``local_run.width_overrides``) to each of ``--widths``, and
 trained for each of ``--steps`` (steps of 8 × 64 tokens, cosine to the config's minimum) by each optimizer:
-Muon (hidden matrices; AdamW for the rest, at the config's tuned LR) and AdamW for everything
-(``optimizer.use_muon=false``; muP gives its hidden matrices LR / m through megatron's own overrides). Three phases:
+Muon (hidden matrices; AdamW for the rest) and AdamW for everything (``optimizer.use_muon=false``; muP gives its
+hidden matrices LR / m through megatron's own overrides; the router multiplier, a base multiplier of Muon's runs,
+is 1 there because the config refuses it without Muon). Three phases:
 
 1. **tune** at the base width, the middle budget and the first seed: each optimizer's LR on a grid ×2 apart
    (``--grid-points``, centred on the config's value; extended by a point while the best is on an edge, at most
-   twice); Muon's AdamW part stays at the config's ``optimizer.lr``, tuned jointly with the Muon LR at the base
-   (issue #16);
+   ``--max-extensions`` times), AdamW first; Muon's AdamW part at AdamW's tuned LR (``--muon-adamw-part adamw``,
+   Moonlight's protocol and #16's) or at the config's ``optimizer.lr`` (``config``: tuned jointly with the Muon LR
+   at the base in issue #16, which gives Muon's runs two tuned LRs and AdamW's one);
 2. **transfer**: every width × budget × seed × optimizer at its base-tuned LR (muP's promise: the same numbers at
    every width);
 3. **check** at the largest width (middle budget, first seed): each tuned LR ×½ and ×2, so a reader sees whether

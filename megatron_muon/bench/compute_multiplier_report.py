@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_muon.bench.launcher_runs import REPO
 from megatron_muon.bench.report import cpu_description, rerun_command
 from megatron_muon.bench.scaling_fit import (
     ComputeRatio,
@@ -19,6 +20,7 @@ from megatron_muon.bench.scaling_fit import (
     frontier,
     shared_losses,
 )
+from megatron_muon.config import load_config
 
 OPTIMIZERS = ("adamw", "muon")
 NAMES = {"adamw": "AdamW", "muon": "Muon"}
@@ -99,6 +101,14 @@ def markdown_section(
         muon_adamw = (f"at {muon_adamw_lr:g}, the config's (tuned jointly with the Muon LR at the base, issue #16), "
                       f"not AdamW's tuned {adamw_lr:g}: Muon's runs have two tuned LRs, AdamW's one")  # fmt: skip
     widths = sorted(rows_by_width)
+    cfg = load_config(REPO / setting["config"])
+    model, training = cfg.model, cfg.training
+    step_tokens = training.global_batch_size * model.seq_length
+    architecture = f"{model.num_layers} layers" + (
+        f", {model.num_moe_experts} experts top-{model.moe_router_topk} in its MoE layers"
+        if model.num_moe_experts
+        else ""
+    )
     n_active = ", ".join(f"{w}: {int(rows_by_width[w]['active_params']) / 1e6:.2f} M" for w in widths)
     lines = [
         "<!-- compute_multiplier:start -->",
@@ -112,16 +122,18 @@ def markdown_section(
         "```",
         "",
         f"- CPU: {cpu_description()}; one thread per run; code version `{setting['code_version']}`.",
-        f"- Model: `{setting['config']}` (muP, base width {widths[0]}; 2 layers, dense then MoE with 4 experts "
-        f"top-2) at widths {', '.join(map(str, widths))}, every hidden dim in proportion; N_active = {n_active} "
+        f"- Model: `{setting['config']}` (muP, base width {widths[0]}; {architecture}) at widths {', '.join(map(str, widths))}, every hidden dim in proportion; N_active = {n_active} "
         "(embedding and output layer included). Budgets: "
-        f"{' / '.join(map(str, steps))} steps × 512 tokens, cosine with 10 warm-up steps; seeds {seeds} "
-        "(a seed changes the init and the data order). Score: validation loss on the same 8 × 512 held-out tokens.",
+        f"{' / '.join(map(str, steps))} steps × {step_tokens:,} tokens, {cfg.optimizer.decay_style} with "
+        f"{cfg.optimizer.warmup_iters} warm-up steps; seeds {seeds} (a seed changes the init and the data order). "
+        f"Score: validation loss on the same {training.eval_iters} × {step_tokens:,} held-out tokens.",
         f"- LRs tuned once, at width {widths[0]}, {tune_steps} steps, seed {seeds[0]}, on grids ×2 apart "
         "(extended while the best was on an edge), then used at every width and budget (muP transfer). Muon's "
-        f"AdamW part (embeddings, output layer, norms, router) {muon_adamw}.",
+        f"AdamW part (embeddings, output layer, norms, router) {muon_adamw}. The router's LR is × "
+        f"{cfg.optimizer.router_lr_multiplier:g} of that in Muon's runs (a base multiplier tuned with Muon, issue "
+        "#16) and × 1 in AdamW's (the config refuses the multiplier without Muon).",
         "- Compute C = 6 · N_active · tokens + attention (`local_run.trial_flops`). Muon's Newton–Schulz FLOPs "
-        "(every logical matrix once per step) are shown separately: at 512 tokens per step they are "
+        f"(every logical matrix once per step) are shown separately: at {step_tokens:,} tokens per step they are "
         f"{_ns_share(transfer, widths[0])} of the model FLOPs at width {widths[0]} and "
         f"{_ns_share(transfer, widths[-1])} at {widths[-1]}, where at a real batch (millions of tokens per step) "
         "they are under 1 %; the model-FLOPs reading is the one comparable to Moonlight's.",
@@ -230,7 +242,7 @@ def _fit_tables(transfer: Sequence[Row], seeds: Sequence[int]) -> list[str]:
             "",
             f"### C_Muon ÷ C_AdamW at equal loss, compute = {COMPUTE[kind]}",
             "",
-            "At three losses both frontiers reach (the ends of their shared range and its middle): read from the "
+            f"At {len(ratios)} loss(es) both frontiers reach (the ends of their shared range and its middle): read from the "
             "frontiers themselves (log–log interpolation between neighbouring runs, no model), and from power laws "
             f"L = a·C^−α fitted to each optimizer's frontier (seeds averaged): AdamW α = "
             f"{adamw_law.alpha:.4f} ({adamw_law.points} points), Muon α = {muon_law.alpha:.4f} ({muon_law.points} "
