@@ -47,6 +47,7 @@ from megatron_muon.bench.launcher_runs import (
     code_version,
     file_sha,
     iteration_values,
+    lr_text,
     read_rows,
     run_training,
 )
@@ -83,11 +84,6 @@ START, END = "<!-- attention_optimizer_grid:start -->", "<!-- attention_optimize
 CELL_KEYS = ("model.multi_latent_attention", "model.num_query_groups", "model.qk_layernorm", "model.num_moe_experts",
              "model.ffn_hidden_size", "parallel.ep", "optimizer.use_muon", "optimizer.lr", "optimizer.min_lr",
              "optimizer.muon.lr", "optimizer.muon.min_lr", "training.seed")  # fmt: skip
-
-
-def lr_text(value: float) -> str:
-    """The canonical spelling of a learning rate (6 significant digits): keys are matched on it."""
-    return f"{float(value):.6g}"
 
 
 def kv_cache_bytes_per_token(model: ModelConfig, bytes_per_element: int = BYTES_PER_ELEMENT) -> int:

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_muon.bench.launcher_runs import REPO, code_version, file_sha, run_training
+from megatron_muon.bench.launcher_runs import REPO, code_version, file_sha, lr_text, run_training
 from megatron_muon.bench.report import cpu_description, load_average, rerun_command, write_section
 
 START, END = "<!-- compare_optimizers:start -->", "<!-- compare_optimizers:end -->"
@@ -82,11 +82,6 @@ MODEL = [
 ]
 
 
-def _num(value: float) -> str:
-    """The canonical spelling of a learning rate (6 significant digits): rows are matched on it."""
-    return f"{float(value):.6g}"
-
-
 @dataclass(frozen=True, slots=True)
 class RunSpec:
     """One training run of the study."""
@@ -107,8 +102,8 @@ class RunSpec:
         return (
             self.optimizer,
             str(self.batch_size),
-            _num(self.lr),
-            _num(self.adamw_lr),
+            lr_text(self.lr),
+            lr_text(self.adamw_lr),
             str(self.seed),
             str(self.budget),
         )
@@ -119,8 +114,8 @@ def row_key(row: dict) -> tuple[str, ...]:
     return (
         row["optimizer"],
         str(int(row["batch_size"])),
-        _num(row["lr"]),
-        _num(row["adamw_lr"]),
+        lr_text(row["lr"]),
+        lr_text(row["adamw_lr"]),
         str(int(row["seed"])),
         str(int(row["budget"])),
     )
@@ -266,17 +261,19 @@ def fit_power_law(tokens: list[float], losses: list[float], beta_range=(1e-3, 4.
 
 
 def next_learning_rate(grid: list[float], mean_final: dict[str, float]) -> float | None:
-    """The point to add to ``grid`` when its best (lowest mean final loss, ``mean_final`` keyed by :func:`_num`)
+    """The point to add to ``grid`` when its best (lowest mean final loss, ``mean_final`` keyed by :func:`~megatron_muon.bench.launcher_runs.lr_text`)
     is its smallest or largest: one more step of the grid's own spacing beyond it; None when the best is inside."""
     grid = sorted(grid)
-    finite = {lr: mean_final[_num(lr)] for lr in grid if math.isfinite(mean_final.get(_num(lr), math.nan))}
+    finite = {
+        lr: mean_final[lr_text(lr)] for lr in grid if math.isfinite(mean_final.get(lr_text(lr), math.nan))
+    }
     if not finite:
         raise SystemExit(f"every run of the grid {grid} diverged or is missing; move the grid")
     best = min(finite, key=finite.get)
     if best == grid[0]:
-        return float(_num(grid[0] ** 2 / grid[1]))
+        return float(lr_text(grid[0] ** 2 / grid[1]))
     if best == grid[-1]:
-        return float(_num(grid[-1] ** 2 / grid[-2]))
+        return float(lr_text(grid[-1] ** 2 / grid[-2]))
     return None
 
 
@@ -312,8 +309,8 @@ class Study:
             dict(
                 optimizer=spec.optimizer,
                 batch_size=spec.batch_size,
-                lr=_num(spec.lr),
-                adamw_lr=_num(spec.adamw_lr),
+                lr=lr_text(spec.lr),
+                adamw_lr=lr_text(spec.adamw_lr),
                 seed=spec.seed,
                 budget=spec.budget,
                 **self.setting,
@@ -344,11 +341,11 @@ class Study:
         for row in self.rows:
             if (row["optimizer"], int(row["batch_size"]), int(row["budget"])) != (optimizer, batch, budget):
                 continue
-            if adamw_lr is not None and _num(row["adamw_lr"]) != _num(adamw_lr):
+            if adamw_lr is not None and lr_text(row["adamw_lr"]) != lr_text(adamw_lr):
                 continue
-            last = finals.setdefault(_num(row["lr"]), {}).get(row["seed"], (-1, math.nan))
+            last = finals.setdefault(lr_text(row["lr"]), {}).get(row["seed"], (-1, math.nan))
             if int(row["tokens"]) > last[0]:
-                finals[_num(row["lr"])][row["seed"]] = (int(row["tokens"]), float(row["val_loss"]))
+                finals[lr_text(row["lr"])][row["seed"]] = (int(row["tokens"]), float(row["val_loss"]))
         return {
             lr: (sum(v for _, v in per_seed.values()) / len(per_seed))
             if all(math.isfinite(v) for _, v in per_seed.values())
@@ -373,7 +370,7 @@ class Study:
                 flush=True,
             )
             grid = sorted([*grid, beyond])
-        scored = {lr: finals[_num(lr)] for lr in grid}
+        scored = {lr: finals[lr_text(lr)] for lr in grid}
         return min(scored, key=scored.get)
 
     def run(self) -> None:
@@ -398,12 +395,12 @@ def _spread(values: list[float]) -> dict:
 
 
 def _canonical(row: dict) -> dict[str, str]:
-    """A row's identifying fields in one spelling (learning rates by :func:`_num`, integers without decoration)."""
+    """A row's identifying fields in one spelling (learning rates by :func:`~megatron_muon.bench.launcher_runs.lr_text`, integers without decoration)."""
     return dict(
         optimizer=row["optimizer"],
         batch_size=str(int(row["batch_size"])),
-        lr=_num(row["lr"]),
-        adamw_lr=_num(row["adamw_lr"]),
+        lr=lr_text(row["lr"]),
+        adamw_lr=lr_text(row["adamw_lr"]),
         seed=str(int(row["seed"])),
         budget=str(int(row["budget"])),
     )
@@ -425,11 +422,11 @@ class Sweep:
     """One optimizer's runs at one batch size and budget, and the learning rate the study reports for it."""
 
     curves: dict[tuple[str, str], list[tuple[int, float]]]
-    """(lr, seed) → sorted (tokens, validation loss); lr spelled by :func:`_num`, seed a decimal string."""
+    """(lr, seed) → sorted (tokens, validation loss); lr spelled by :func:`~megatron_muon.bench.launcher_runs.lr_text`, seed a decimal string."""
     mean_final: dict[str, float]
     """lr → final validation loss averaged over the seeds (inf when a seed diverged)."""
     best_lr: str
-    """The lr with the lowest ``mean_final`` (its :func:`_num` spelling)."""
+    """The lr with the lowest ``mean_final`` (its :func:`~megatron_muon.bench.launcher_runs.lr_text` spelling)."""
 
     def best_curves(self) -> dict[str, list[tuple[int, float]]]:
         """seed → (tokens, validation loss) of the runs at ``best_lr``."""
@@ -552,8 +549,8 @@ def plot(rows: list[dict], summary: list[dict], out_dir: Path) -> None:
                 optimizer=optimizer,
                 batch_size=batch,
                 budget=budget,
-                lr=_num(lr),
-                adamw_lr=_num(adamw_lr),
+                lr=lr_text(lr),
+                adamw_lr=lr_text(adamw_lr),
             )
             for (_, seed), points in sorted(curves.items()):
                 ax.plot(

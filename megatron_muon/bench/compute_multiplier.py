@@ -50,7 +50,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from megatron_muon.bench.compute_multiplier_report import StudyRuns, markdown_section, write_figure_and_data
-from megatron_muon.bench.launcher_runs import REPO, append_rows, code_version, file_sha, read_rows
+from megatron_muon.bench.launcher_runs import REPO, append_rows, code_version, file_sha, lr_text, read_rows
 from megatron_muon.bench.report import publish
 
 CONFIG = "launch/configs/mup_shakespeare.yaml"
@@ -81,10 +81,6 @@ OPTIMIZERS = ("adamw", "muon")
 START, END = "<!-- compute_multiplier:start -->", "<!-- compute_multiplier:end -->"
 
 
-def _lr(value: float) -> str:
-    return f"{value:.6g}"
-
-
 @dataclass(frozen=True, slots=True)
 class Trial:
     """One training run of the study."""
@@ -102,8 +98,8 @@ class Trial:
     def key(self, setting: dict[str, str]) -> tuple[str, ...]:
         """What identifies this run in the results within ``setting`` (config, its SHA-256, code version)."""
         values = {**setting, "optimizer": self.optimizer, "width": str(self.width), "steps": str(self.steps),
-                  "seed": str(self.seed), "adamw_lr": _lr(self.adamw_lr),
-                  "muon_lr": "" if self.muon_lr is None else _lr(self.muon_lr)}  # fmt: skip
+                  "seed": str(self.seed), "adamw_lr": lr_text(self.adamw_lr),
+                  "muon_lr": "" if self.muon_lr is None else lr_text(self.muon_lr)}  # fmt: skip
         return tuple(values[name] for name in KEY_FIELDS)
 
 
@@ -130,11 +126,11 @@ def trial_overrides(trial: Trial, width_dims: Sequence[str], min_lr_ratio: float
     """The config overrides of one run. AdamW alone keeps the config's LR schedule shape (min_lr / lr) and drops
     the router multiplier, a Muon-only base multiplier (the config refuses it without Muon)."""
     common = [*width_dims, f"training.train_iters={trial.steps}", f"training.seed={trial.seed}",
-              f"optimizer.lr={_lr(trial.adamw_lr)}", f"optimizer.min_lr={_lr(trial.adamw_lr * min_lr_ratio)}"]  # fmt: skip
+              f"optimizer.lr={lr_text(trial.adamw_lr)}", f"optimizer.min_lr={lr_text(trial.adamw_lr * min_lr_ratio)}"]  # fmt: skip
     if trial.optimizer == "adamw":
         return [*common, "optimizer.use_muon=false", "optimizer.router_lr_multiplier=1.0"]
     assert trial.muon_lr is not None
-    return [*common, "optimizer.use_muon=true", f"optimizer.muon.lr={_lr(trial.muon_lr)}"]
+    return [*common, "optimizer.use_muon=true", f"optimizer.muon.lr={lr_text(trial.muon_lr)}"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +226,7 @@ class Study:
             values = dict(zip(KEY_FIELDS, trial.key(self.setting), strict=True))
             append_rows(self.results, [{**values, "phase": trial.phase, **outcome, "ns_flops": ns}], FIELDS)
             print(f"[compute_multiplier] {trial.phase} {trial.optimizer} width {trial.width} steps {trial.steps} "
-                  f"seed {trial.seed} lr {_lr(trial.adamw_lr)}/{trial.muon_lr}: {outcome['val_loss']:.4f} "
+                  f"seed {trial.seed} lr {lr_text(trial.adamw_lr)}/{trial.muon_lr}: {outcome['val_loss']:.4f} "
                   f"({outcome['seconds']} s)", file=sys.stderr)  # fmt: skip
 
     def train(self, trials: Sequence[Trial]) -> Iterator[tuple[Trial, dict[str, object]]]:

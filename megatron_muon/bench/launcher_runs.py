@@ -23,6 +23,11 @@ ITERATION_LINE = re.compile(r"^\s*iteration\s+(\d+)/\d+ (\|.*)$", re.MULTILINE)
 NOT_RUN = ("megatron_muon/bench/", "megatron_muon/testing/")  # no training run imports these
 
 
+def lr_text(value: float) -> str:
+    """The canonical spelling of a learning rate (6 significant digits): recorded runs are matched on it."""
+    return f"{float(value):.6g}"
+
+
 def file_sha(path: Path) -> str:
     """The first 16 hex digits of the SHA-256 of a file."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

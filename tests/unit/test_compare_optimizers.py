@@ -56,7 +56,7 @@ def test_power_law_fit_refuses_what_it_cannot_fit():
 
 def test_grid_is_extended_only_when_the_best_is_on_an_edge():
     grid = [1e-3, 3e-3, 1e-2, 3e-2]
-    loss = lambda best: {tool._num(lr): abs(math.log(lr / best)) for lr in grid}  # noqa: E731
+    loss = lambda best: {tool.lr_text(lr): abs(math.log(lr / best)) for lr in grid}  # noqa: E731
     assert tool.next_learning_rate(grid, loss(3e-3)) is None
     assert tool.next_learning_rate(grid, loss(1e-1)) == pytest.approx(9e-2)  # one step of ×3 beyond 3e-2
     assert tool.next_learning_rate(grid, loss(1e-4)) == pytest.approx(1e-3 / 3, rel=1e-5)
